@@ -1,0 +1,182 @@
+"""MAE pretraining with random patches or SAM segments as masks.
+
+    python main_pretrain.py --data_path DIR --mask_method four_channels --model mae_vit_base_patch16
+    torchrun --nproc_per_node 8 main_pretrain.py ...   (same command on N GPUs)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+
+import models_mae
+import util.misc as misc
+from engine_pretrain import NonFiniteLossError, train_one_epoch
+from util.args import add_mask_method_args, add_training_args, mask_ratio_type, positive_int
+from util.datasets import DataError, build_pretrain_dataset
+from util.masking import uses_segments
+from util.sam_masks import MaskFileError
+from util.optim import adamw, param_groups_weight_decay
+from util.transforms import PretrainTransform, as_hw
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('MAE pre-training', add_help=False)
+    add_training_args(parser)
+    parser.add_argument('--model', default='mae_vit_large_patch16', type=str, metavar='MODEL',
+                        help='Name of model to train')
+    parser.add_argument('--mask_ratio', default=0.75, type=mask_ratio_type,
+                        help='Masking ratio (percentage of removed patches), patches method only')
+    parser.add_argument('--norm_pix_loss', action='store_true',
+                        help='Use (per-patch) normalized pixels as targets for computing loss')
+    parser.set_defaults(norm_pix_loss=False)
+    add_mask_method_args(parser)
+    parser.add_argument('--save_freq', default=20, type=positive_int,
+                        help='save a checkpoint every N epochs (and after the last)')
+    parser.add_argument('--allow_missing_masks', action='store_true',
+                        help='skip images without a mask file instead of stopping')
+    return parser
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Errors that depend on several flags, before any data is read."""
+    try:
+        patch = models_mae.model_patch_size(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    if len(args.input_size) > 2:
+        parser.error(f"--input_size takes one or two integers (H W), got {args.input_size}")
+    h, w = as_hw(args.input_size)
+    if h % patch or w % patch:
+        parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")
+    if args.warmup_epochs > args.epochs:
+        parser.error(f"--warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseeds every epoch from (seed, epoch, rank), so a run resumed at epoch k draws the same
+    random patch masks as one that never stopped (augmentations are seeded per sample)."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def main(args: argparse.Namespace) -> None:
+    misc.init_distributed_mode(args)
+    print(f'job dir: {os.path.dirname(os.path.realpath(__file__))}')
+    print(str(args).replace(', ', ',\n'))
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no GPU is visible; use --device cpu")
+    args.amp = misc.resolve_amp(args.amp, device)
+    seed_epoch(args.seed, 0, misc.get_rank())
+    cudnn.benchmark = True
+
+    input_size = as_hw(args.input_size)
+    with_masks = uses_segments(args.mask_method)
+    transform_train = PretrainTransform(input_size)
+    dataset_train = build_pretrain_dataset(args.data_path, transform_train, with_masks=with_masks,
+                                           coverage_ratio=args.coverage_ratio,
+                                           allow_missing_masks=args.allow_missing_masks, seed=args.seed)
+    print(dataset_train)
+
+    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
+    # A seeded DistributedSampler also for one process: its order depends only on (seed, epoch).
+    sampler_train = torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)
+    if len(dataset_train) < args.batch_size * num_tasks:
+        raise SystemExit(f"only {len(dataset_train)} images for a global batch of "
+                         f"{args.batch_size * num_tasks}: lower --batch_size")
+
+    if global_rank == 0 and args.log_dir is not None:
+        os.makedirs(args.log_dir, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+    else:
+        log_writer = None
+
+    data_loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == "cuda",
+        drop_last=True,
+    )
+
+    model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,
+                                 mask_method=args.mask_method)
+    # recorded in the checkpoint's args for finetuning / segmentation
+    args.in_chans = model.encoder_in_chans
+    args.input_size = list(input_size)
+    model.to(device)
+    model_without_ddp = model
+    print(f"Model = {model_without_ddp}")
+
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
+    print(f"actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}")
+    print(f"effective batch size: {eff_batch_size}")
+
+    if args.compile:
+        model = torch.compile(model)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
+                                             model_without_ddp.no_weight_decay_keys())
+    optimizer = adamw(param_groups, lr=args.lr, device=device)
+    print(optimizer)
+    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+
+    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, global_rank)
+        sampler_train.set_epoch(epoch)
+        dataset_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      log_writer=log_writer, args=args)
+        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch)
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if args.output_dir:
+            if log_writer is not None:
+                log_writer.flush()
+            misc.append_log(args.output_dir, log_stats)
+
+    total_time = time.time() - start_time
+    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    if log_writer is not None:
+        log_writer.close()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    try:
+        main(args)
+    except (DataError, MaskFileError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == '__main__':
+    cli()

@@ -1,0 +1,298 @@
+"""Masked autoencoder ViT with the paper's random-patch masking and three SAM-segment methods.
+
+Parameter names are the facebookresearch/mae reference's, so its checkpoints load as they are.
+The mask methods' input construction and loss weights live in util/masking.py.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from util.masking import (check_mask_method, encoder_in_chans, patch_loss_weights, random_masking,
+                          visible_input, weighted_patch_loss)
+from util.pos_embed import get_2d_sincos_pos_embed
+
+
+class PreEncoder(nn.Module):
+    """Conv2d(in, out*p*p, kernel=stride=p) + PixelShuffle(p): a learned per-patch map from
+    ``concat(x * v, v)`` back to an image-shaped input. Starts as identity on the image channels
+    and zero on the mask channel, so at initialisation the ViT sees exactly ``x * v``."""
+
+    def __init__(self, patch_size: int, in_chans: int = 4, out_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.out_chans = out_chans
+        self.proj = nn.Conv2d(in_chans, out_chans * patch_size ** 2, kernel_size=patch_size, stride=patch_size)
+        self.shuffle = nn.PixelShuffle(patch_size)
+        self.reset_to_identity()
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        p = self.patch_size
+        self.proj.weight.zero_()
+        self.proj.bias.zero_()
+        # PixelShuffle sends channel c*p*p + i*p + j to channel c, pixel (i, j) of each p x p block.
+        for c in range(self.out_chans):
+            for i in range(p):
+                for j in range(p):
+                    self.proj.weight[c * p * p + i * p + j, c, i, j] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.proj(x))
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT backbone.
+
+    ``in_chans`` is the number of image channels (the reconstruction target). The encoder's patch
+    embedding takes one more channel with ``mask_method="four_channels"``; see
+    ``self.encoder_in_chans``. ``img_size`` may be an int or an ``(H, W)`` pair.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
+                 mask_method: str = "patches"):
+        super().__init__()
+        self.mask_method = check_mask_method(mask_method)
+        self.in_chans = in_chans
+        self.encoder_in_chans = encoder_in_chans(mask_method, in_chans)
+        self.norm_pix_loss = norm_pix_loss
+
+        # --------------------------------------------------------------------------
+        # encoder
+        self.preencoder = PreEncoder(patch_size, in_chans + 1, in_chans) if mask_method == "preencoder" else None
+        self.patch_embed = PatchEmbed(img_size, patch_size, self.encoder_in_chans, embed_dim)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)  # fixed sin-cos
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # --------------------------------------------------------------------------
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        self.initialize_weights()
+        if self.mask_method != "patches":
+            # Segment methods never drop tokens; the parameter stays (checkpoint keys) but is frozen
+            # so DDP and the optimizer do not see an unused parameter.
+            self.mask_token.requires_grad_(False)
+
+    def initialize_weights(self) -> None:
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        dec_pos = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(dec_pos).float().unsqueeze(0))
+
+        # patch_embed like nn.Linear rather than nn.Conv2d
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        torch.nn.init.normal_(self.mask_token, std=.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    def no_weight_decay_keys(self) -> set[str]:
+        """Parameters kept out of weight decay beyond norms and biases: the pre-encoder, so that
+        it stays at identity unless the loss asks otherwise."""
+        return {n for n, _ in self.named_parameters() if n.startswith("preencoder.")}
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), pixels in (row, col, channel) order within a patch."""
+        p = self.patch_size
+        n, c, h, w = imgs.shape
+        assert h % p == 0 and w % p == 0
+        gh, gw = h // p, w // p
+        x = imgs.reshape(n, c, gh, p, gw, p)
+        x = torch.einsum('nchpwq->nhwpqc', x)
+        return x.reshape(n, gh * gw, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W) on this model's patch grid."""
+        p = self.patch_size
+        gh, gw = self.grid_size
+        c = x.shape[-1] // (p * p)
+        assert gh * gw == x.shape[1]
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        x = torch.einsum('nhwpqc->nchpwq', x)
+        return x.reshape(x.shape[0], c, gh * p, gw * p)
+
+    def encoder_input(self, imgs: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
+        """The image-shaped tensor the patch embedding sees."""
+        if self.mask_method == "patches":
+            return imgs
+        if seg_mask is None:
+            raise ValueError(f"mask_method={self.mask_method!r} needs seg_mask (N, 1, H, W) with 1 = hidden")
+        x = visible_input(imgs, seg_mask, self.mask_method)
+        return self.preencoder(x) if self.preencoder is not None else x
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+                        seg_mask: torch.Tensor | None = None):
+        """Returns (latent, mask, ids_restore). For ``patches`` latent holds only the kept tokens
+        and mask is 0/1; for segment methods every token is kept, ids_restore is None and mask is
+        the per-patch hidden fraction."""
+        x = self.patch_embed(self.encoder_input(imgs, seg_mask))
+        x = x + self.pos_embed[:, 1:, :]
+
+        if self.mask_method == "patches":
+            x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+        else:
+            mask, ids_restore = patch_loss_weights(seg_mask, self.patch_size), None
+
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor | None) -> torch.Tensor:
+        x = self.decoder_embed(x)
+
+        if ids_restore is not None:
+            # append mask tokens and put every token back in its original position
+            n_mask = ids_restore.shape[1] + 1 - x.shape[1]
+            mask_tokens = self.mask_token.to(x.dtype).expand(x.shape[0], n_mask, -1)
+            x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+            x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+            x = torch.cat([x[:, :1, :], x_], dim=1)
+
+        x = x + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]  # drop the cls token
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L) per-patch loss weights."""
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6) ** .5
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # mean loss per patch
+        return weighted_patch_loss(loss, mask.float())
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                seg_mask: torch.Tensor | None = None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seg_mask)
+        pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry. Every function takes keyword overrides (img_size, norm_pix_loss, mask_method, depth...).
+
+def _mae(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
+    cfg = dict(mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(defaults)
+    cfg.update(kwargs)
+    return MaskedAutoencoderViT(**cfg)
+
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_HUGE = dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def mae_vit_tiny_patch16_dec128d4b(**kwargs):
+    return _mae(dict(_TINY, patch_size=16), kwargs)
+
+
+def mae_vit_tiny_patch8_dec128d4b(**kwargs):
+    return _mae(dict(_TINY, patch_size=8), kwargs)
+
+
+def mae_vit_tiny_patch4_dec128d4b(**kwargs):
+    return _mae(dict(_TINY, patch_size=4), kwargs)
+
+
+def mae_vit_small_patch16_dec256d4b(**kwargs):
+    return _mae(dict(_SMALL, patch_size=16), kwargs)
+
+
+def mae_vit_small_patch8_dec256d4b(**kwargs):
+    return _mae(dict(_SMALL, patch_size=8), kwargs)
+
+
+def mae_vit_small_patch4_dec256d4b(**kwargs):
+    return _mae(dict(_SMALL, patch_size=4), kwargs)
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return _mae(dict(_BASE, patch_size=16), kwargs)
+
+
+def mae_vit_base_patch8_dec512d8b(**kwargs):
+    return _mae(dict(_BASE, patch_size=8), kwargs)
+
+
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return _mae(dict(_LARGE, patch_size=16), kwargs)
+
+
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    return _mae(dict(_HUGE, patch_size=14), kwargs)
+
+
+# recommended architectures (the reference's names)
+mae_vit_tiny_patch16 = mae_vit_tiny_patch16_dec128d4b
+mae_vit_tiny_patch8 = mae_vit_tiny_patch8_dec128d4b
+mae_vit_tiny_patch4 = mae_vit_tiny_patch4_dec128d4b
+mae_vit_small_patch16 = mae_vit_small_patch16_dec256d4b
+mae_vit_small_patch8 = mae_vit_small_patch8_dec256d4b
+mae_vit_small_patch4 = mae_vit_small_patch4_dec256d4b
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_base_patch8 = mae_vit_base_patch8_dec512d8b
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
+
+MODEL_NAMES = sorted(n for n, f in list(globals().items()) if n.startswith("mae_vit_") and callable(f))
+
+
+def build_mae(name: str, **kwargs) -> MaskedAutoencoderViT:
+    """Builds a registered model by name, with a clear error for an unknown one."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return globals()[name](**kwargs)
+
+
+def model_patch_size(name: str) -> int:
+    """Patch size of a registered model, without building it (for argument checks)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return int(name.split("_patch")[1].split("_")[0])

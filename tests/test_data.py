@@ -1,0 +1,251 @@
+"""SAM mask files, segment choice, joint augmentation and the pretraining dataset."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from tools.make_toy_data import make_toy_dataset
+from util.datasets import DataError, PretrainDataset, SegmentMaskImageFolder, build_pretrain_dataset
+from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation, load_annotations,
+                            load_segment, select_annotation)
+from util.transforms import PretrainTransform
+
+
+def ann(area, h=10, w=10, counts="not-decoded"):
+    return {"segmentation": {"size": [h, w], "counts": counts}, "area": area}
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing and decoding segments
+
+def test_select_annotation_closest_coverage_ties_first():
+    anns = [ann(10), ann(40), ann(60), ann(90)]  # coverage 10, 40, 60, 90 %
+    assert select_annotation(anns, 45) is anns[1]
+    assert select_annotation(anns, 85) is anns[3]
+    assert select_annotation(anns, 50) is anns[1]  # 40 and 60 tie: the first wins
+    assert select_annotation(anns, 100) is anns[3]
+    assert select_annotation([], 50) is None
+    # coverage is relative to each annotation's own size
+    assert select_annotation([ann(50, 10, 10), ann(50, 20, 20)], 12.5) is not None
+    assert select_annotation([ann(50, 10, 10), ann(50, 20, 20)], 12.5)["segmentation"]["size"] == [20, 20]
+
+
+def test_selection_never_decodes(monkeypatch):
+    """Only area and size are read: an annotation with garbage counts can still be chosen."""
+    import util.sam_masks as sm
+    calls = []
+    monkeypatch.setattr(sm, "decode_segmentation", lambda seg: calls.append(seg) or np.ones((10, 10), np.uint8))
+    path_anns = [ann(10, counts="garbage-1"), ann(50, counts="garbage-2"), ann(90, counts="garbage-3")]
+    assert select_annotation(path_anns, 55)["segmentation"]["counts"] == "garbage-2"
+    assert calls == []
+
+
+def test_rle_roundtrip_string_and_list_counts():
+    rng = np.random.RandomState(0)
+    m = (rng.rand(13, 17) > 0.6).astype(np.uint8)
+    seg = encode_segmentation(m)
+    assert isinstance(seg["counts"], str) and seg["size"] == [13, 17]
+    assert np.array_equal(decode_segmentation(seg), m)
+    # uncompressed RLE: run lengths in column-major order starting with zeros
+    flat = m.flatten(order="F")
+    runs, current, n = [], 0, 0
+    for v in flat:
+        if v == current:
+            n += 1
+        else:
+            runs.append(n)
+            current, n = v, 1
+    runs.append(n)
+    assert np.array_equal(decode_segmentation({"size": [13, 17], "counts": runs}), m)
+
+
+def test_mask_file_forms_and_errors(tmp_path):
+    m = np.zeros((8, 8), np.uint8)
+    m[2:6, 2:6] = 1
+    a = {"segmentation": encode_segmentation(m), "area": int(m.sum())}
+    sa1b, bare = tmp_path / "a.json", tmp_path / "b.json"
+    sa1b.write_text(json.dumps({"image": {"width": 8, "height": 8}, "annotations": [a]}))
+    bare.write_text(json.dumps([a]))
+    for p in (sa1b, bare):
+        assert len(load_annotations(str(p))) == 1
+        assert np.array_equal(load_segment(str(p), 25.0), m)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert load_segment(str(empty), 50, image_size=(5, 3)).shape == (3, 5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MaskFileError, match="bad.json"):
+        load_segment(str(bad), 50)
+    with pytest.raises(MaskFileError, match="not found"):
+        load_segment(str(tmp_path / "missing.json"), 50)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"segmentation": {"size": [8, 8]}}]))
+    with pytest.raises(MaskFileError, match="wrong.json"):
+        load_segment(str(wrong), 50)
+
+
+# ------------------------------------------------------------------------------------------------
+# joint augmentation
+
+def test_transform_without_mask_is_the_reference_transform():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (50, 70, 3), dtype=np.uint8))
+    reference = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                           T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    ours = PretrainTransform(32)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = reference(img)
+        torch.manual_seed(seed)
+        b = ours(img)
+        assert torch.equal(a, b)
+
+
+def test_mask_stays_aligned_with_image():
+    """The mask is drawn from the image's own colours: after crop, resize and flip the two agree."""
+    rng = np.random.RandomState(0)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[10:45, 5:40] = 1
+    mask[30:58, 55:88] = 1
+    pixels = np.where(mask[..., None] == 1, 255, 0).astype(np.uint8).repeat(3, axis=2)
+    img = Image.fromarray(pixels)
+    t = PretrainTransform((24, 40), scale=(0.2, 1.0))
+    flips = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x, m = t(img, mask)
+        assert x.shape == (3, 24, 40) and m.shape == (1, 24, 40)
+        assert set(m.unique().tolist()) <= {0.0, 1.0}  # nearest: still binary
+        white = (x[0] > 0).float()  # normalised: 0 maps below zero, 255 above
+        agreement = (white == m[0]).float().mean().item()
+        assert agreement > 0.95, (seed, agreement)
+        torch.manual_seed(seed)
+        T.RandomResizedCrop.get_params(img, (0.2, 1.0), t.ratio)
+        flips += torch.rand(1).item() < 0.5
+    assert 0 < flips < 40  # both branches were exercised
+
+
+# ------------------------------------------------------------------------------------------------
+# the dataset
+
+def test_dataset_items(toy_root):
+    t = PretrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    folder = SegmentMaskImageFolder(toy_root, with_masks=True, coverage_ratio=30)
+    assert len(folder) == 32 and folder.classes == ["boxes", "discs", "stripes", "triangles"]
+    seg = PretrainDataset([folder], t)
+    img, mask, target = seg[0]
+    assert img.shape == (3, 32, 32) and mask.shape == (1, 32, 32) and target == 0
+    assert 0 < mask.mean() < 1
+    plain = build_pretrain_dataset(toy_root, t, with_masks=False)
+    img, target = plain[0]
+    assert img.shape == (3, 32, 32)
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch(toy_root):
+    ds = build_pretrain_dataset(toy_root, PretrainTransform(24), with_masks=True, seed=7)
+    torch.manual_seed(0)
+    a = ds[5]
+    torch.manual_seed(123)  # the global generator plays no part
+    b = ds[5]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    ds.set_epoch(1)
+    c = ds[5]
+    assert not torch.equal(a[0], c[0])
+    other_seed = build_pretrain_dataset(toy_root, PretrainTransform(24), with_masks=True, seed=8)
+    assert not torch.equal(a[0], other_seed[5][0])
+
+
+@pytest.mark.parametrize("coverage", [5.0, 30.0, 60.0, 95.0])
+def test_dataset_serves_the_segment_closest_to_the_coverage_ratio(toy_root, coverage):
+    # full-image crop at the native 32x32 size: the served mask is the decoded annotation itself
+    t = PretrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    ds = PretrainDataset([SegmentMaskImageFolder(toy_root, with_masks=True, coverage_ratio=coverage)], t)
+    for i in range(0, 32, 5):
+        folder = ds.folders[0]
+        path, _ = folder.samples[i]
+        anns = load_annotations(folder.mask_root + path[len(folder.image_root):].rsplit(".", 1)[0] + ".json")
+        coverages = [100.0 * a["area"] / (32 * 32) for a in anns]
+        best = min(range(len(anns)), key=lambda k: (abs(coverages[k] - coverage), k))
+        served = ds[i][1][0].numpy().astype(np.uint8)
+        assert np.array_equal(served, decode_segmentation(anns[best]["segmentation"]))
+
+
+def test_toy_data_is_deterministic_and_in_format(tmp_path):
+    a = make_toy_dataset(str(tmp_path / "a"), 2, 1, 32, 48, seed=3)
+    b = make_toy_dataset(str(tmp_path / "b"), 2, 1, 32, 48, seed=3)
+    files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
+    assert len(files) == 4 * 2 * 2 + 4  # train images + masks, val images
+    for rel in files:
+        assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read()
+    forms = set()
+    for rel in files:
+        if rel.endswith(".json"):
+            data = json.load(open(os.path.join(a, rel)))
+            forms.add(type(data).__name__)
+            anns = data["annotations"] if isinstance(data, dict) else data
+            assert len(anns) >= 4
+            areas = [x["area"] for x in anns]
+            assert len(set(areas)) >= 3  # segments of different sizes
+            for x in anns:
+                assert x["segmentation"]["size"] == [32, 48]
+                assert decode_segmentation(x["segmentation"]).sum() == x["area"]
+    assert forms == {"dict", "list"}
+
+
+def test_missing_masks_reported_at_start(toy_root, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(toy_root, root)
+    os.remove(os.path.join(root, "masks", "discs", "discs_train_0003.json"))
+    os.remove(os.path.join(root, "masks", "boxes", "boxes_train_0001.json"))
+    with pytest.raises(DataError, match=r"2 of 32 images .* no mask file(.|\n)*discs_train_0003.json"):
+        SegmentMaskImageFolder(root, with_masks=True)
+    ds = SegmentMaskImageFolder(root, with_masks=True, allow_missing_masks=True)
+    assert len(ds) == 30
+    assert all("discs_train_0003" not in p for p, _ in ds.samples)
+    # patches needs no masks at all
+    shutil.rmtree(os.path.join(root, "masks"))
+    assert len(SegmentMaskImageFolder(root, with_masks=False)) == 32
+    with pytest.raises(DataError, match="no masks/ folder"):
+        SegmentMaskImageFolder(root, with_masks=True)
+
+
+def test_bad_paths_and_corrupt_image(toy_root, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_pretrain_dataset(str(tmp_path / "nowhere"), PretrainTransform(32), with_masks=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no train/ folder"):
+        build_pretrain_dataset(str(tmp_path / "empty"), PretrainTransform(32), with_masks=False)
+    root = str(tmp_path / "corrupt")
+    shutil.copytree(toy_root, root)
+    victim = os.path.join(root, "train", "boxes", "boxes_train_0000.png")
+    with open(victim, "r+b") as f:
+        f.truncate(60)
+    ds = build_pretrain_dataset(root, PretrainTransform(32), with_masks=True)
+    with pytest.raises(DataError, match="boxes_train_0000.png"):
+        ds[0]
+
+
+def test_several_roots_are_concatenated(toy_root, tmp_path):
+    other = make_toy_dataset(str(tmp_path / "other"), 3, 1, 32, 32, seed=5)
+    ds = build_pretrain_dataset([toy_root, other], PretrainTransform(32), with_masks=True)
+    assert len(ds) == 32 + 12
+    assert ds[40][0].shape == (3, 32, 32)
+
+
+def test_mask_of_other_resolution_is_resized(tmp_path):
+    root = tmp_path / "r"
+    (root / "train" / "c").mkdir(parents=True)
+    (root / "masks" / "c").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "train" / "c" / "x.jpg")
+    m = np.zeros((20, 30), np.uint8)
+    m[:, :15] = 1
+    (root / "masks" / "c" / "x.json").write_text(json.dumps([{"segmentation": encode_segmentation(m), "area": int(m.sum())}]))
+    t = PretrainTransform((40, 60), scale=(1.0, 1.0), ratio=(1.5, 1.5), hflip=0.0)
+    _, mask, _ = build_pretrain_dataset(str(root), t, with_masks=True)[0]
+    assert mask.shape == (1, 40, 60) and mask[0, :, :30].eq(1).all() and mask[0, :, 30:].eq(0).all()

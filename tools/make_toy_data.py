@@ -1,0 +1,126 @@
+"""Writes a small deterministic pretraining dataset in the real on-disk formats.
+
+    <out>/train/<class>/<name>.png, <out>/val/<class>/<name>.png
+    <out>/masks/<class>/<name>.json   SA-1B-style SAM masks (COCO RLE via pycocotools)
+
+Each image shows shapes of its class (discs, boxes, triangles or stripes) on a textured
+background; its mask file holds several overlapping segments of very different areas (each shape,
+the background, all shapes together, image halves), as SAM's automatic generator gives. Every
+fifth mask file is a bare annotation list instead of the SA-1B dict, as SAM's own script writes.
+
+    python tools/make_toy_data.py --out data/toy
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util.sam_masks import encode_segmentation, write_mask_file  # noqa: E402
+
+CLASSES = ("discs", "boxes", "triangles", "stripes")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "discs":
+        draw.ellipse(box, fill=fill)
+    elif kind == "boxes":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangles":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # stripes: a striped patch
+        step = max(2, (x1 - x0) // 5)
+        for x in range(x0, x1, 2 * step):
+            draw.rectangle((x, y0, min(x + step - 1, x1), y1), fill=fill)
+
+
+def make_sample(rng: np.random.RandomState, kind: str, height: int, width: int):
+    """Returns (RGB uint8 image, list of binary segment masks)."""
+    base = rng.randint(40, 200, size=3)
+    noise = rng.randint(-25, 26, size=(height, width, 3))
+    yy, xx = np.mgrid[0:height, 0:width]
+    wave = (12 * np.sin(xx / rng.uniform(2, 6)) * np.cos(yy / rng.uniform(2, 6)))[..., None]
+    img = np.clip(base + noise + wave, 0, 255).astype(np.uint8)
+
+    canvas = Image.fromarray(img)
+    segments = []
+    union = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(rng.randint(1, 4)):
+        side = rng.randint(min(height, width) // 4, min(height, width) * 3 // 4)
+        x0 = rng.randint(0, width - side)
+        y0 = rng.randint(0, height - side)
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)
+        colour = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        _draw_shape(ImageDraw.Draw(canvas), kind, box, colour)
+        shape_mask = Image.new("L", (width, height), 0)
+        _draw_shape(ImageDraw.Draw(shape_mask), kind, box, 1)
+        m = np.asarray(shape_mask, dtype=np.uint8)
+        segments.append(m)
+        union |= m
+    segments.append(union)
+    segments.append(1 - union)  # background
+    top = np.zeros((height, width), dtype=np.uint8)
+    top[: height // 2] = 1
+    left = np.zeros((height, width), dtype=np.uint8)
+    left[:, : width // 3] = 1
+    segments += [top, left]
+    return np.asarray(canvas), [s for s in segments if s.any()]
+
+
+def annotation(seg: np.ndarray, ann_id: int, rng: np.random.RandomState) -> dict:
+    ys, xs = np.nonzero(seg)
+    return {
+        "id": ann_id,
+        "segmentation": encode_segmentation(seg),
+        "area": int(seg.sum()),
+        "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+        "predicted_iou": float(rng.uniform(0.85, 1.0)),
+        "stability_score": float(rng.uniform(0.9, 1.0)),
+        "point_coords": [[float(xs.mean()), float(ys.mean())]],
+        "crop_box": [0, 0, seg.shape[1], seg.shape[0]],
+    }
+
+
+def make_toy_dataset(out: str, train_per_class: int = 24, val_per_class: int = 6, height: int = 64,
+                     width: int = 64, seed: int = 0, classes=CLASSES) -> str:
+    rng = np.random.RandomState(seed)
+    image_id = 0
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for kind in classes:
+            os.makedirs(os.path.join(out, split, kind), exist_ok=True)
+            for i in range(per_class):
+                name = f"{kind}_{split}_{i:04d}"
+                img, segments = make_sample(rng, kind, height, width)
+                Image.fromarray(img).save(os.path.join(out, split, kind, name + ".png"))
+                if split != "train":
+                    continue
+                annotations = [annotation(s, k, rng) for k, s in enumerate(segments)]
+                path = os.path.join(out, "masks", kind, name + ".json")
+                info = {"image_id": image_id, "width": width, "height": height, "file_name": name + ".png"}
+                # every fifth file is a bare list, the form SAM's amg.py script writes
+                write_mask_file(path, annotations, info, bare_list=image_id % 5 == 4)
+                image_id += 1
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/toy", help="output folder")
+    parser.add_argument("--train_per_class", type=int, default=24)
+    parser.add_argument("--val_per_class", type=int, default=6)
+    parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed)
+    n = len(CLASSES) * args.train_per_class
+    print(f"wrote {n} training images with SAM-style masks and {len(CLASSES) * args.val_per_class} "
+          f"validation images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Command-line arguments shared by the main_*.py scripts (same names and defaults as the MAE
+reference), and range-checked argument types so bad values fail before any data is read."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from util.masking import MASK_METHODS
+
+
+def positive_int(value: str) -> int:
+    v = int(value)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return v
+
+
+def non_negative_int(value: str) -> int:
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def non_negative_float(value: str) -> float:
+    v = float(value)
+    if not v >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def mask_ratio_type(value: str) -> float:
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): the fraction of patches dropped, got {value}")
+    return v
+
+
+def coverage_ratio_type(value: str) -> float:
+    v = float(value)
+    if not 0.0 < v <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be a percentage in (0, 100], got {value}")
+    return v
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Batch, schedule, data, output, device and distributed flags common to every script."""
+    parser.add_argument('--batch_size', default=64, type=positive_int,
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+    parser.add_argument('--epochs', default=400, type=positive_int)
+    parser.add_argument('--accum_iter', default=1, type=positive_int,
+                        help='Accumulate gradient iterations (for increasing the effective batch size under memory constraints)')
+    parser.add_argument('--input_size', default=[224], type=positive_int, nargs='+',
+                        help='images input size: one value (square) or two (H W), each divisible by the patch size')
+
+    # Optimizer parameters
+    parser.add_argument('--weight_decay', type=non_negative_float, default=0.05,
+                        help='weight decay (default: 0.05)')
+    parser.add_argument('--lr', type=non_negative_float, default=None, metavar='LR',
+                        help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=non_negative_float, default=1e-3, metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--min_lr', type=non_negative_float, default=0., metavar='LR',
+                        help='lower lr bound for cyclic schedulers that hit 0')
+    parser.add_argument('--warmup_epochs', type=non_negative_int, default=40, metavar='N',
+                        help='epochs to warmup LR')
+
+    # Dataset parameters
+    parser.add_argument('--data_path', default=['/datasets01/imagenet_full_size/061417/'], type=str, nargs='+',
+                        help='dataset path(s): each holds train/ (and masks/ for segment methods); several are concatenated')
+    parser.add_argument('--output_dir', default='./output_dir',
+                        help='path where to save, empty for no saving')
+    parser.add_argument('--log_dir', default='./output_dir',
+                        help='path where to tensorboard log')
+    parser.add_argument('--device', default=default_device(),
+                        help='device to use for training / testing (default: cuda if available, else cpu)')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='',
+                        help='resume from checkpoint')
+    parser.add_argument('--start_epoch', default=0, type=non_negative_int, metavar='N',
+                        help='start epoch')
+    parser.add_argument('--num_workers', default=10, type=non_negative_int)
+    parser.add_argument('--pin_mem', action='store_true',
+                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument('--print_freq', default=20, type=positive_int, help='print progress every N iterations')
+
+    # Speed
+    parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                        help='mixed precision (default: bf16 on GPUs that support it, else none)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+
+    # distributed training parameters
+    parser.add_argument('--world_size', default=1, type=int,
+                        help='number of distributed processes')
+    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://',
+                        help='url used to set up distributed training')
+    return parser
+
+
+def add_mask_method_args(parser: argparse.ArgumentParser, default_method: str | None = "patches"):
+    parser.add_argument('--mask_method', default=default_method, choices=MASK_METHODS,
+                        help='patches: random patch dropping (MAE); segments: hide one SAM segment; '
+                             'four_channels: hide it and add the visibility as a 4th channel; '
+                             'preencoder: a learned pre-encoder maps image + visibility to 3 channels')
+    parser.add_argument('--coverage_ratio', default=50.0, type=coverage_ratio_type,
+                        help='percent of the image the hidden SAM segment should cover: the annotation '
+                             'whose coverage is closest is used (segment methods only)')
+    return parser

@@ -1,0 +1,161 @@
+"""Pretraining datasets: ImageNet-style folders with SAM mask files beside them.
+
+    <root>/train/<class>/<image>          images (torchvision ImageFolder layout)
+    <root>/masks/<class>/<image stem>.json SAM masks mirroring train/
+
+Several roots can be pretrained on together. Problems a user can fix (no train/, no masks/,
+missing mask files) are found when the dataset is built, not in the middle of an epoch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from util.sam_masks import MASK_SUFFIX, load_segment, mask_path_for
+
+
+class DataError(RuntimeError):
+    """A dataset problem the user must fix (wrong path, missing files); the message says how."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Opens an image as RGB; a corrupt or truncated file raises an error naming it."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+
+
+def _existing_mask_files(mask_root: str) -> set[str]:
+    """Relative paths of every mask file under mask_root, by one walk (cheap on 1M files)."""
+    found = set()
+    for dirpath, _, filenames in os.walk(mask_root, followlinks=True):
+        rel_dir = os.path.relpath(dirpath, mask_root)
+        for name in filenames:
+            if name.endswith(MASK_SUFFIX):
+                found.add(os.path.normpath(os.path.join(rel_dir, name)))
+    return found
+
+
+class SegmentMaskImageFolder(Dataset):
+    """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class).
+
+    The segment is the annotation whose coverage is closest to ``coverage_ratio`` percent, as an
+    (H, W) uint8 array on the image's pixel grid, 1 = hidden.
+    """
+
+    def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
+                 split: str = "train", allow_missing_masks: bool = False):
+        self.root = root
+        self.image_root = os.path.join(root, split)
+        self.mask_root = os.path.join(root, "masks")
+        self.with_masks = with_masks
+        self.coverage_ratio = coverage_ratio
+
+        if not os.path.isdir(root):
+            raise DataError(f"--data_path {root} does not exist or is not a folder")
+        if not os.path.isdir(self.image_root):
+            raise DataError(f"--data_path {root} has no {split}/ folder: expected {split}/<class>/<image> "
+                            f"(ImageFolder layout). Make a toy one with: python tools/make_toy_data.py")
+        if with_masks and not os.path.isdir(self.mask_root):
+            raise DataError(f"--data_path {root} has no masks/ folder, which segment mask methods need "
+                            f"(masks/<class>/<image stem>.json). Generate SAM masks for it, or pretrain "
+                            f"with --mask_method patches.")
+        try:
+            self.classes, self.class_to_idx = find_classes(self.image_root)
+            self.samples = make_dataset(self.image_root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as e:
+            raise DataError(f"no images under {self.image_root}: {e}") from None
+        if not self.samples:
+            raise DataError(f"no images found under {self.image_root}")
+        if with_masks:
+            self._check_masks(allow_missing_masks)
+
+    def mask_path(self, image_path: str) -> str:
+        return mask_path_for(self.mask_root, os.path.relpath(image_path, self.image_root))
+
+    def _check_masks(self, allow_missing: bool) -> None:
+        existing = _existing_mask_files(self.mask_root)
+        missing = [self.mask_path(path) for path, _ in self.samples
+                   if os.path.relpath(self.mask_path(path), self.mask_root) not in existing]
+        if not missing:
+            return
+        first = "\n  ".join(missing[:5])
+        msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file, "
+               f"for example:\n  {first}")
+        if not allow_missing:
+            raise DataError(msg + "\nGenerate the missing masks, or pass --allow_missing_masks to "
+                                  "pretrain without those images.")
+        print(f"WARNING: {msg}\nThose images are skipped (--allow_missing_masks).")
+        missing_set = set(missing)
+        self.samples = [s for s in self.samples if self.mask_path(s[0]) not in missing_set]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = load_rgb(path)
+        if not self.with_masks:
+            return img, None, target
+        mask = load_segment(self.mask_path(path), self.coverage_ratio, image_size=img.size)
+        if mask.shape != (img.height, img.width):
+            # SAM may have run on a resized copy: bring the mask onto the image's pixel grid.
+            mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
+        return img, mask, target
+
+
+class PretrainDataset(Dataset):
+    """Augmented samples from one or several roots: (image, mask, class) with masks, else
+    (image, class).
+
+    Each sample's augmentation draws from its own generator seeded by (seed, epoch, index), so the
+    batches of an epoch are the same for any number of workers or ranks and after a resume.
+    Call ``set_epoch`` before iterating an epoch (workers are re-created every epoch).
+    """
+
+    def __init__(self, folders: Sequence[SegmentMaskImageFolder], transform: Callable, seed: int = 0):
+        self.folders = list(folders)
+        self.samples = ConcatDataset(self.folders)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.with_masks = self.folders[0].with_masks
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        img, mask, target = self.samples[index]
+        generator = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2 ** 63)
+        if mask is None:
+            return self.transform(img, generator=generator), target
+        img_t, mask_t = self.transform(img, mask, generator=generator)
+        return img_t, mask_t, target
+
+    def __repr__(self) -> str:
+        roots = ", ".join(f.root for f in self.folders)
+        return f"PretrainDataset({len(self)} images from {roots}, masks={self.with_masks}, transform={self.transform})"
+
+
+def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable, with_masks: bool,
+                           coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
+                           seed: int = 0) -> PretrainDataset:
+    """One dataset over one or several roots."""
+    if isinstance(data_paths, str):
+        data_paths = [data_paths]
+    folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks)
+               for root in data_paths]
+    return PretrainDataset(folders, transform, seed)

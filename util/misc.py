@@ -1,0 +1,336 @@
+"""Distributed set-up, metric logging, mixed precision and checkpoints."""
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import glob
+import json
+import os
+import re
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+# Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
+# torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+_builtin_print = builtins.print  # wrapped (not re-wrapped) by setup_for_distributed
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silences print() on every rank but the first (print(..., force=True) still prints)."""
+    builtin_print = _builtin_print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        force = force or (get_world_size() > 8)
+        if is_master or force:
+            now = datetime.datetime.now().time()
+            builtin_print(f"[{now}] ", end="")
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Reads torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (--dist_on_itp) or SLURM variables.
+    One process without any of them runs undistributed. NCCL on GPUs, gloo on CPU."""
+    env = os.environ
+    if args.dist_on_itp:
+        args.rank = int(env["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(env["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        args.rank = int(env["RANK"])
+        args.world_size = int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(env["SLURM_PROCID"])
+        args.world_size = int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+    else:
+        print("Not using distributed mode")
+        setup_for_distributed(is_master=True)
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def all_reduce_mean(x: float) -> float:
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return (t / world_size).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# logging without a host-device sync per step: tensors are kept on device and read at print time
+
+class SmoothedValue:
+    """Window and global averages of a stream of numbers or 0-d tensors."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n: int = 1) -> None:
+        self.deque.append(value)
+        self.total = self.total + value * n  # stays a device tensor when value is one
+        self.count += n
+
+    def _window(self) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in self.deque])
+
+    def synchronize_between_processes(self) -> None:
+        """Sums the global totals over ranks (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([float(self.count), float(self.total)], dtype=torch.float64, device=device)
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        return self._window().median().item()
+
+    @property
+    def avg(self) -> float:
+        return self._window().mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return float(self.total) / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return self._window().max().item()
+
+    @property
+    def value(self) -> float:
+        return float(self.deque[-1])
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.detach()
+            self.meters[k].update(v)
+
+    def __getattr__(self, attr):
+        if attr in self.meters:
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq: int, header: str = "", batch_size: int | None = None,
+                  on_print=None):
+        """Yields from iterable; every print_freq steps prints meters, ETA and img/s. ``on_print`` is
+        called just before each print (e.g. to check a device-side flag)."""
+        total = len(iterable)
+        start = last = time.time()
+        width = len(str(total))
+        for i, obj in enumerate(iterable):
+            yield obj
+            if i % print_freq == 0 or i == total - 1:
+                if on_print is not None:
+                    on_print(i)
+                now = time.time()
+                steps = print_freq if i > 0 else 1
+                iter_time = (now - last) / steps
+                eta = datetime.timedelta(seconds=int(iter_time * (total - i - 1)))
+                speed = f"  {batch_size * get_world_size() / max(iter_time, 1e-9):.1f} img/s" if batch_size else ""
+                mem = ""
+                if torch.cuda.is_available():
+                    mem = f"  max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB"
+                print(f"{header} [{i:>{width}}/{total}]  eta: {eta}  {self}  "
+                      f"time: {iter_time:.4f}{speed}{mem}")
+                last = now
+        total_time = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / max(total, 1):.4f} s / it)")
+
+
+# ------------------------------------------------------------------------------------------------
+# mixed precision
+
+def resolve_amp(amp: str | None, device: torch.device) -> str:
+    """'bf16' | 'fp16' | 'none'. None picks bf16 on GPUs that support it, else none."""
+    if amp is None:
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on CPU")
+    return amp
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class LossScaler:
+    """Backward + (optional clip) + step. Scales the loss only for fp16; a no-op scaler otherwise.
+    Its state_dict is GradScaler's, stored under the checkpoint key 'scaler' as in the reference."""
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, enabled: bool = False):
+        self._scaler = torch.amp.GradScaler("cuda", enabled=enabled)
+
+    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, create_graph=False, update_grad=True):
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not update_grad:
+            return None
+        norm = None
+        if clip_grad is not None:
+            assert parameters is not None
+            self._scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        return norm
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._scaler.load_state_dict(state_dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Writes to a temporary file in the same folder, fsyncs, then renames over ``path``: a crash
+    at any moment leaves either the old file or the new one, never a truncated one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler) -> str | None:
+    """checkpoint-<epoch>.pth with the reference's keys; only the main process writes."""
+    path = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+    if is_main_process():
+        atomic_torch_save({
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "scaler": loss_scaler.state_dict(),
+            "args": args,
+        }, path)
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
+    """--resume: restores model, optimizer, scaler and sets args.start_epoch."""
+    if not args.resume:
+        return
+    checkpoint = load_checkpoint(args.resume)
+    model_without_ddp.load_state_dict(checkpoint["model"])
+    print(f"Resume checkpoint {args.resume}")
+    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        args.start_epoch = checkpoint["epoch"] + 1
+        if "scaler" in checkpoint:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        print("With optim & sched!")
+
+
+def find_last_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint-<epoch>.pth with the highest epoch in output_dir, if any."""
+    best, best_epoch = None, -1
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match and int(match.group(1)) > best_epoch:
+            best, best_epoch = path, int(match.group(1))
+    return best
+
+
+def append_log(output_dir: str, stats: dict) -> None:
+    """One JSON line per epoch in output_dir/log.txt (main process only)."""
+    if is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(stats) + "\n")

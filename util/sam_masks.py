@@ -1,0 +1,105 @@
+"""SAM mask files: reading them, choosing one segment by coverage, decoding its RLE.
+
+A mask file is what SAM's automatic mask generator writes with ``output_mode="coco_rle"``: either
+SA-1B's per-image form ``{"image": {...}, "annotations": [...]}`` or a bare list of annotations,
+each with ``segmentation: {"size": [H, W], "counts": RLE}`` and ``area`` in pixels.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+MASK_SUFFIX = ".json"
+
+
+class MaskFileError(RuntimeError):
+    """A mask file that is missing, unreadable or not in the SAM format."""
+
+
+def load_annotations(path: str) -> list[dict]:
+    """Reads a SAM mask file and returns its list of annotations."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        raise MaskFileError(f"mask file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise MaskFileError(f"cannot read mask file {path}: {e}") from None
+    annotations = data.get("annotations") if isinstance(data, dict) else data
+    if not isinstance(annotations, list):
+        raise MaskFileError(f"{path} is not a SAM mask file: expected a list of annotations or a dict "
+                            f"with an 'annotations' list")
+    return annotations
+
+
+def annotation_coverage(annotation: dict) -> float:
+    """Percent of the image covered: 100 * area / (H * W)."""
+    h, w = annotation["segmentation"]["size"]
+    return 100.0 * float(annotation["area"]) / float(h * w)
+
+
+def select_annotation(annotations: list[dict], coverage_ratio: float) -> dict | None:
+    """The annotation whose coverage (percent) is closest to ``coverage_ratio``; ties go to the
+    first. Only ``area`` and ``size`` are read; no RLE is decoded. None for an empty list."""
+    best, best_dist = None, float("inf")
+    for ann in annotations:
+        dist = abs(annotation_coverage(ann) - coverage_ratio)
+        if dist < best_dist:
+            best, best_dist = ann, dist
+    return best
+
+
+def decode_segmentation(segmentation: dict) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list of counts) -> (H, W) uint8 array of 0/1."""
+    h, w = segmentation["size"]
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    else:
+        rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle)
+
+
+def encode_segmentation(mask: np.ndarray) -> dict:
+    """(H, W) binary array -> SAM's coco_rle dict {"size": [H, W], "counts": str}."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def load_segment(path: str, coverage_ratio: float, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The chosen segment of a mask file as an (H, W) uint8 array, 1 = hidden.
+
+    A file without annotations gives an all-zero mask (nothing hidden); ``image_size`` (W, H) is
+    only used for that case.
+    """
+    annotations = load_annotations(path)
+    try:
+        ann = select_annotation(annotations, coverage_ratio)
+        if ann is not None:
+            return decode_segmentation(ann["segmentation"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs "
+                            f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
+    if image_size is None:
+        raise MaskFileError(f"{path} has no annotations")
+    w, h = image_size
+    return np.zeros((h, w), dtype=np.uint8)
+
+
+def mask_path_for(mask_root: str, image_rel_path: str) -> str:
+    """masks/<class>/<image stem>.json for the image train/<class>/<image>."""
+    return os.path.join(mask_root, os.path.splitext(image_rel_path)[0] + MASK_SUFFIX)
+
+
+def write_mask_file(path: str, annotations: list[dict], image_info: dict | None = None,
+                    bare_list: bool = False) -> None:
+    """Writes a mask file atomically: SA-1B's {"image", "annotations"} form, or a bare list."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    payload = annotations if bare_list else {"image": image_info or {}, "annotations": annotations}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
