@@ -16,6 +16,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops before anything is saved."""
 
 
+def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Turns sum(w * mse) / sum_local(w) into sum(w * mse) / mean_over_ranks(sum(w)).
+
+    DDP averages gradients over ranks, so with this every rank's share is weighted by how much of
+    the global batch's hidden area it holds, and N ranks compute the gradient of one process with
+    the whole batch. One small all-reduce on device; no host sync."""
+    local = weights.detach().sum().float()
+    mean = local.clone()
+    torch.distributed.all_reduce(mean)
+    mean = mean / torch.distributed.get_world_size()
+    return loss * (local / mean.clamp_min(1e-12))
+
+
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler: misc.LossScaler,
                     log_writer=None, args=None) -> dict:
@@ -31,7 +44,13 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     empty_segments = torch.zeros((), dtype=torch.int64, device=device)
 
     def check_and_log(step: int) -> None:
-        if nonfinite_steps.item() > 0:
+        """At print time only: every rank learns whether any rank saw a non-finite loss (so all stop
+        together), and rank 0 logs the loss averaged over ranks."""
+        state = torch.stack([nonfinite_steps.double(), metric_logger.loss.deque[-1].double()])
+        if args.distributed:
+            torch.distributed.all_reduce(state)
+        bad, loss_sum = state.tolist()
+        if bad > 0:
             raise NonFiniteLossError(
                 f"loss is not finite (NaN or inf) at epoch {epoch}, step <= {step}; stopping. Nothing was "
                 f"saved for this epoch, the last checkpoint in {args.output_dir or 'output_dir'} is intact. "
@@ -39,7 +58,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         if log_writer is not None:
             # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
             epoch_1000x = int((step / steps_per_epoch + epoch) * 1000)
-            log_writer.add_scalar('train_loss', misc.all_reduce_mean(metric_logger.loss.value), epoch_1000x)
+            log_writer.add_scalar('train_loss', loss_sum / misc.get_world_size(), epoch_1000x)
             log_writer.add_scalar('lr', metric_logger.lr.value, epoch_1000x)
 
     optimizer.zero_grad(set_to_none=True)
@@ -63,6 +82,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         with sync_ctx:
             with misc.autocast(device, args.amp):
                 loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
+            if args.distributed and seg_mask is not None:
+                loss = normalise_by_global_weight(loss, weights)
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
@@ -75,7 +96,6 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         metric_logger.update(loss=loss)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 
-    check_and_log(steps_per_epoch - 1)
     epoch_time = time.time() - start
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

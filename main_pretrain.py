@@ -56,7 +56,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if h % patch or w % patch:
         parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")
     if args.warmup_epochs > args.epochs:
-        parser.error(f"--warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+        print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
+              f"never reaches its peak", file=sys.stderr)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:

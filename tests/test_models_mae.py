@@ -237,3 +237,19 @@ def test_pretrain_autocast_bf16_on_cpu_runs():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _, _ = model(torch.randn(2, 3, 32, 32), seg_mask=block_mask())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """--compile path: the compiled model gives the eager loss and gradients (CPU inductor)."""
+    model = tiny("four_channels")
+    imgs, m = torch.randn(2, 3, 32, 32), block_mask()
+    loss, _, _ = model(imgs, seg_mask=m)
+    loss.backward()
+    eager_grad = model.patch_embed.proj.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model)
+    loss_c, _, _ = compiled(imgs, seg_mask=m)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.patch_embed.proj.weight.grad, eager_grad, rtol=1e-3, atol=1e-5)

@@ -1,0 +1,31 @@
+"""Repository hygiene that users rely on."""
+import os
+import re
+
+from conftest import REPO
+
+
+def _requirements():
+    reqs = {}
+    for line in open(os.path.join(REPO, "requirements.txt")):
+        line = line.split("#")[0].strip()
+        if line:
+            name, spec = re.match(r"([A-Za-z0-9_.-]+)(.*)", line).groups()
+            reqs[name.lower()] = spec.strip()
+    return reqs
+
+
+def test_pipfile_lists_the_same_packages_as_requirements():
+    text = open(os.path.join(REPO, "Pipfile")).read()
+    section = text.split("[packages]")[1].split("[")[0]
+    pip = {}
+    for line in section.strip().splitlines():
+        name, spec = line.split("=", 1)
+        pip[name.strip().lower()] = spec.strip().strip('"')
+    assert pip == _requirements()
+
+
+def test_readme_names_the_two_commands_and_ci_runs_make_test():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert "make demo" in readme and "make test" in readme
+    assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
