@@ -10,9 +10,10 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; training stops before anything is saved."""
 
 

@@ -17,11 +17,11 @@ import torch.backends.cudnn as cudnn
 
 import models_mae
 import util.misc as misc
-from engine_pretrain import NonFiniteLossError, train_one_epoch
+from engine_pretrain import train_one_epoch
 from util.args import add_mask_method_args, add_training_args, mask_ratio_type, positive_int
-from util.datasets import DataError, build_pretrain_dataset
+from util.datasets import build_pretrain_dataset
+from util.errors import UserError
 from util.masking import uses_segments
-from util.sam_masks import MaskFileError
 from util.optim import adamw, param_groups_weight_decay
 from util.transforms import PretrainTransform, as_hw
 
@@ -174,7 +174,7 @@ def cli(argv: list[str] | None = None) -> None:
     check_args(args, parser)
     try:
         main(args)
-    except (DataError, MaskFileError, NonFiniteLossError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

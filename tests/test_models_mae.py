@@ -124,6 +124,8 @@ def test_encoder_input_of_segment_methods(method):
         torch.testing.assert_close(x, imgs * (1 - m), rtol=0, atol=1e-6)
     # the decoder always predicts the 3 image channels of every patch
     assert model.decoder_pred.out_features == 8 * 8 * 3
+    # attention runs through F.scaled_dot_product_attention (timm's fused path)
+    assert all(blk.attn.fused_attn for blk in [*model.blocks, *model.decoder_blocks])
 
 
 def test_visible_input_shapes():

@@ -161,3 +161,22 @@ def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monke
     assert sha(path) == before
     assert os.listdir(tmp_path) == ["checkpoint-0.pth"]
     assert misc.find_last_checkpoint(str(tmp_path)) == path
+
+
+def test_resume_with_another_mask_method_or_a_broken_file_is_a_clear_error(toy_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    main_pretrain.cli(common(toy_root, out, "--mask_method", "four_channels"))
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.cli(common(toy_root, tmp_path / "b", "--mask_method", "segments",
+                                 "--resume", str(out / "checkpoint-0.pth")))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "--mask_method four_channels" in err and "this run has --mask_method segments" in err
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(open(out / "checkpoint-0.pth", "rb").read()[:1000])
+    with pytest.raises(SystemExit):
+        main_pretrain.cli(common(toy_root, tmp_path / "c", "--mask_method", "four_channels", "--resume", str(broken)))
+    assert "cannot load checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_pretrain.cli(common(toy_root, tmp_path / "d", "--resume", str(tmp_path / "nope.pth")))
+    assert "checkpoint not found" in capsys.readouterr().err

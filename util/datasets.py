@@ -17,10 +17,11 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from util.errors import UserError
 from util.sam_masks import MASK_SUFFIX, load_segment, mask_path_for
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A dataset problem the user must fix (wrong path, missing files); the message says how."""
 
 

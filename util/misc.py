@@ -14,6 +14,8 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
+from util.errors import UserError
+
 # Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
 # torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
 torch.serialization.add_safe_globals([argparse.Namespace])
@@ -294,14 +296,18 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler) -> s
     return path
 
 
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable or does not fit the run."""
+
+
 def load_checkpoint(path: str) -> dict:
     """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {e}") from None
 
 
 def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
@@ -309,7 +315,16 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
     if not args.resume:
         return
     checkpoint = load_checkpoint(args.resume)
-    model_without_ddp.load_state_dict(checkpoint["model"])
+    saved = checkpoint.get("args")
+    for key in ("mask_method", "model"):
+        ours, theirs = getattr(args, key, None), getattr(saved, key, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointError(f"--resume {args.resume} was trained with --{key} {theirs}, but this run has "
+                                  f"--{key} {ours}: pass --{key} {theirs} to continue it, or start a new run")
+    try:
+        model_without_ddp.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"--resume {args.resume} does not fit this model: {e}") from None
     print(f"Resume checkpoint {args.resume}")
     if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -12,10 +12,12 @@ import os
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from util.errors import UserError
+
 MASK_SUFFIX = ".json"
 
 
-class MaskFileError(RuntimeError):
+class MaskFileError(UserError):
     """A mask file that is missing, unreadable or not in the SAM format."""
 
 
