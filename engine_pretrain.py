@@ -10,11 +10,6 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.errors import UserError
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; training stops before anything is saved."""
 
 
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -40,27 +35,9 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     accum_iter = args.accum_iter
     steps_per_epoch = len(data_loader)
 
-    # Device-side accumulators: read only when printing, so the loop never waits on the GPU.
-    nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
-    empty_segments = torch.zeros((), dtype=torch.int64, device=device)
-
-    def check_and_log(step: int) -> None:
-        """At print time only: every rank learns whether any rank saw a non-finite loss (so all stop
-        together), and rank 0 logs the loss averaged over ranks."""
-        state = torch.stack([nonfinite_steps.double(), metric_logger.loss.deque[-1].double()])
-        if args.distributed:
-            torch.distributed.all_reduce(state)
-        bad, loss_sum = state.tolist()
-        if bad > 0:
-            raise NonFiniteLossError(
-                f"loss is not finite (NaN or inf) at epoch {epoch}, step <= {step}; stopping. Nothing was "
-                f"saved for this epoch, the last checkpoint in {args.output_dir or 'output_dir'} is intact. "
-                f"Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
-        if log_writer is not None:
-            # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
-            epoch_1000x = int((step / steps_per_epoch + epoch) * 1000)
-            log_writer.add_scalar('train_loss', loss_sum / misc.get_world_size(), epoch_1000x)
-            log_writer.add_scalar('lr', metric_logger.lr.value, epoch_1000x)
+    monitor = misc.LossMonitor(metric_logger, device, epoch, steps_per_epoch, args, log_writer,
+                               hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
+    empty_segments = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
 
     optimizer.zero_grad(set_to_none=True)
     if log_writer is not None:
@@ -69,7 +46,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     start = time.time()
     images_seen = 0
     iterator = metric_logger.log_every(data_loader, args.print_freq, header, batch_size=args.batch_size,
-                                       on_print=check_and_log)
+                                       on_print=monitor)
     for data_iter_step, batch in enumerate(iterator):
         # per-iteration (instead of per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
@@ -89,12 +66,10 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         if update:
             optimizer.zero_grad(set_to_none=True)
 
-        loss = loss.detach()
-        nonfinite_steps += (~torch.isfinite(loss)).long()
+        monitor.record(loss.detach())
         if seg_mask is not None:
             empty_segments += (weights.sum(dim=1) == 0).sum()
         images_seen += samples.shape[0]
-        metric_logger.update(loss=loss)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 
     epoch_time = time.time() - start
@@ -107,5 +82,5 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         # samples whose chosen segment hides nothing (they add no loss)
         stats["empty_segments"] = int(round(misc.all_reduce_mean(float(empty_segments.item())) * misc.get_world_size()))
     if not math.isfinite(stats.get("loss", 0.0)):
-        raise NonFiniteLossError(f"average loss of epoch {epoch} is not finite; stopping.")
+        raise misc.NonFiniteLossError(f"average loss of epoch {epoch} is not finite; stopping.")
     return stats

@@ -11,16 +11,15 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.backends.cudnn as cudnn
 
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.args import add_mask_method_args, add_training_args, mask_ratio_type, positive_int
+from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
+                       positive_int)
+from util.checkpoint_adapt import stack_official_into_mae
 from util.datasets import build_pretrain_dataset
-from util.errors import UserError
 from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.transforms import PretrainTransform, as_hw
@@ -41,44 +40,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='save a checkpoint every N epochs (and after the last)')
     parser.add_argument('--allow_missing_masks', action='store_true',
                         help='skip images without a mask file instead of stopping')
+    parser.add_argument('--stack', default='', metavar='CHECKPOINT',
+                        help='start from an official MAE checkpoint (e.g. mae_pretrain_vit_base.pth) with any '
+                             'mask method: a 4th input channel starts at zero weight, the pre-encoder at identity')
     return parser
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Errors that depend on several flags, before any data is read."""
-    try:
-        patch = models_mae.model_patch_size(args.model)
-    except ValueError as e:
-        parser.error(str(e))
-    if len(args.input_size) > 2:
-        parser.error(f"--input_size takes one or two integers (H W), got {args.input_size}")
-    h, w = as_hw(args.input_size)
-    if h % patch or w % patch:
-        parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")
+    check_model_and_input_size(args, parser, models_mae.model_patch_size)
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Reseeds every epoch from (seed, epoch, rank), so a run resumed at epoch k draws the same
-    random patch masks as one that never stopped (augmentations are seeded per sample)."""
-    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
-    torch.manual_seed(s)
-    np.random.seed(s)
-
-
 def main(args: argparse.Namespace) -> None:
-    misc.init_distributed_mode(args)
-    print(f'job dir: {os.path.dirname(os.path.realpath(__file__))}')
-    print(str(args).replace(', ', ',\n'))
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no GPU is visible; use --device cpu")
-    args.amp = misc.resolve_amp(args.amp, device)
-    seed_epoch(args.seed, 0, misc.get_rank())
-    cudnn.benchmark = True
+    device = misc.setup_run(args, __file__)
 
     input_size = as_hw(args.input_size)
     with_masks = uses_segments(args.mask_method)
@@ -120,19 +97,9 @@ def main(args: argparse.Namespace) -> None:
     model_without_ddp = model
     print(f"Model = {model_without_ddp}")
 
-    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
-    if args.lr is None:  # only base_lr is specified
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}")
-    print(f"actual lr: {args.lr:.2e}")
-    print(f"accumulate grad iterations: {args.accum_iter}")
-    print(f"effective batch size: {eff_batch_size}")
+    misc.set_lr_from_blr(args)
 
-    if args.compile:
-        model = torch.compile(model)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    model = misc.wrap_model(model, args, device)
 
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
@@ -140,6 +107,8 @@ def main(args: argparse.Namespace) -> None:
     print(optimizer)
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
 
+    if args.stack and not args.resume:
+        stack_official_into_mae(model_without_ddp, args.stack)
     misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
 
     if args.output_dir:
@@ -147,7 +116,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        seed_epoch(args.seed, epoch, global_rank)
+        misc.seed_epoch(args.seed, epoch, global_rank)
         sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
@@ -168,15 +137,8 @@ def main(args: argparse.Namespace) -> None:
         log_writer.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    check_args(args, parser)
-    try:
-        main(args)
-    except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+def cli(argv: list[str] | None = None):
+    return misc.run_cli(get_args_parser(), check_args, main, argv)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from models_vit import ARCHITECTURES, check_registered
 from util.masking import (check_mask_method, encoder_in_chans, patch_loss_weights, random_masking,
                           visible_input, weighted_patch_loss)
 from util.pos_embed import get_2d_sincos_pos_embed
@@ -222,11 +223,13 @@ def _mae(defaults: dict, kwargs: dict) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(**cfg)
 
 
-_TINY = dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
-_SMALL = dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
-_BASE = dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-_LARGE = dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-_HUGE = dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+# encoder sizes are models_vit's; decoders: the reference's 512-d x 8 blocks, lighter for tiny/small
+_DEC512 = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_TINY = dict(ARCHITECTURES["tiny"], decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
+_SMALL = dict(ARCHITECTURES["small"], decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
+_BASE = dict(ARCHITECTURES["base"], **_DEC512)
+_LARGE = dict(ARCHITECTURES["large"], **_DEC512)
+_HUGE = dict(ARCHITECTURES["huge"], **_DEC512)
 
 
 def mae_vit_tiny_patch16_dec128d4b(**kwargs):
@@ -286,13 +289,9 @@ MODEL_NAMES = sorted(n for n, f in list(globals().items()) if n.startswith("mae_
 
 def build_mae(name: str, **kwargs) -> MaskedAutoencoderViT:
     """Builds a registered model by name, with a clear error for an unknown one."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    return globals()[name](**kwargs)
+    return globals()[check_registered(name, MODEL_NAMES)](**kwargs)
 
 
 def model_patch_size(name: str) -> int:
-    """Patch size of a registered model, without building it (for argument checks)."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    return int(name.split("_patch")[1].split("_")[0])
+    """Patch size of a registered model, without building it: 'mae_vit_base_patch16' -> 16."""
+    return int(check_registered(name, MODEL_NAMES).split("_patch")[1].split("_")[0])

@@ -109,7 +109,6 @@ def test_transform_without_mask_is_the_reference_transform():
 
 def test_mask_stays_aligned_with_image():
     """The mask is drawn from the image's own colours: after crop, resize and flip the two agree."""
-    rng = np.random.RandomState(0)
     mask = np.zeros((60, 90), np.uint8)
     mask[10:45, 5:40] = 1
     mask[30:58, 55:88] = 1

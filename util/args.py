@@ -115,3 +115,44 @@ def add_mask_method_args(parser: argparse.ArgumentParser, default_method: str | 
                         help='percent of the image the hidden SAM segment should cover: the annotation '
                              'whose coverage is closest is used (segment methods only)')
     return parser
+
+
+def add_downstream_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags shared by finetuning and linear probing: which checkpoint, how to adapt it, evaluation."""
+    parser.add_argument('--finetune', default='',
+                        help='finetune from checkpoint (a pretraining checkpoint of any mask method, or an official MAE one)')
+    parser.add_argument('--global_pool', action='store_true')
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='Use class token instead of global pool for classification')
+    parser.add_argument('--nb_classes', default=1000, type=positive_int,
+                        help='number of the classification types')
+    parser.add_argument('--eval', action='store_true',
+                        help='Perform evaluation only')
+    parser.add_argument('--dist_eval', action='store_true', default=False,
+                        help='Enabling distributed evaluation (recommended during training for faster monitor')
+    parser.add_argument('--mask_method', default=None, choices=MASK_METHODS,
+                        help='pretraining method of --finetune; read from the checkpoint, an error if it disagrees')
+    parser.add_argument('--fold_mask_channel', action='store_true',
+                        help='four_channels checkpoints: fold the constant-1 visibility channel into a '
+                             '3-channel patch embedding (default)')
+    parser.add_argument('--no_fold_mask_channel', action='store_false', dest='fold_mask_channel',
+                        help='keep the 4-channel patch embedding and feed it a constant-1 fourth channel')
+    parser.set_defaults(fold_mask_channel=True)
+    parser.add_argument('--save_freq', default=1, type=positive_int,
+                        help='save a checkpoint every N epochs (and after the last); the best one is '
+                             'also kept as checkpoint-best.pth')
+    return parser
+
+
+def check_model_and_input_size(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                               patch_size_of) -> None:
+    """--model must be registered and each side of --input_size divisible by its patch size."""
+    try:
+        patch = patch_size_of(args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    if len(args.input_size) > 2:
+        parser.error(f"--input_size takes one or two integers (H W), got {args.input_size}")
+    h, w = args.input_size[0], args.input_size[-1]
+    if h % patch or w % patch:
+        parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")

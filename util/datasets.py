@@ -1,4 +1,5 @@
-"""Pretraining datasets: ImageNet-style folders with SAM mask files beside them.
+"""Datasets: ImageNet-style folders with SAM mask files beside them (pretraining), and plain
+ImageFolders with the reference's finetuning / linear-probing transforms.
 
     <root>/train/<class>/<image>          images (torchvision ImageFolder layout)
     <root>/masks/<class>/<image stem>.json SAM masks mirroring train/
@@ -13,12 +14,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
 from util.sam_masks import MASK_SUFFIX, load_segment, mask_path_for
+from util.transforms import as_hw
 
 
 class DataError(UserError):
@@ -160,3 +165,63 @@ def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable,
     folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks)
                for root in data_paths]
     return PretrainDataset(folders, transform, seed)
+
+
+def build_eval_transform(input_size, crop_pct: float = 224 / 256):
+    """Resize (short side, or both sides for a rectangular size) to size / crop_pct, centre crop."""
+    h, w = as_hw(input_size)
+    resize = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((h, w)),
+                      T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def build_finetune_transform(is_train: bool, args):
+    """timm's training pipeline (RandAugment, random erasing, ...) as the MAE reference, or the
+    evaluation resize + centre crop."""
+    if not is_train:
+        return build_eval_transform(args.input_size)
+    h, w = as_hw(args.input_size)
+    return create_transform(input_size=(3, h, w), is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount,
+                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def build_linprobe_transform(is_train: bool, args):
+    """The reference's linear-probing augmentation: RandomResizedCrop + flip only."""
+    if not is_train:
+        return build_eval_transform(args.input_size)
+    return T.Compose([T.RandomResizedCrop(as_hw(args.input_size), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class CheckedImageFolder(Dataset):
+    """ImageFolder whose unreadable images raise an error naming the file."""
+
+    def __init__(self, root: str, transform: Callable):
+        if not os.path.isdir(root):
+            raise DataError(f"{root} does not exist: expected <data_path>/{os.path.basename(root)}/<class>/<image>")
+        self.classes, self.class_to_idx = find_classes(root)
+        self.samples = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        self.root, self.transform = root, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.transform(load_rgb(path)), target
+
+
+def build_classification_dataset(is_train: bool, args, build_transform: Callable) -> CheckedImageFolder:
+    """<data_path>/train or <data_path>/val as an ImageFolder (one root: the classes must agree)."""
+    paths = [args.data_path] if isinstance(args.data_path, str) else list(args.data_path)
+    if len(paths) != 1:
+        raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
+    root = os.path.join(paths[0], "train" if is_train else "val")
+    dataset = CheckedImageFolder(root, build_transform(is_train, args))
+    if args.nb_classes < len(dataset.classes):
+        raise DataError(f"{root} has {len(dataset.classes)} classes but --nb_classes is {args.nb_classes}: "
+                        f"pass --nb_classes {len(dataset.classes)}")
+    return dataset

@@ -282,9 +282,10 @@ def atomic_torch_save(obj, path: str) -> None:
         raise
 
 
-def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler) -> str | None:
-    """checkpoint-<epoch>.pth with the reference's keys; only the main process writes."""
-    path = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
+    """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
+    process writes."""
+    path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
     if is_main_process():
         atomic_torch_save({
             "model": model_without_ddp.state_dict(),
@@ -305,7 +306,8 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {e}") from None
 
@@ -349,3 +351,98 @@ def append_log(output_dir: str, stats: dict) -> None:
     if is_main_process():
         with open(os.path.join(output_dir, "log.txt"), "a", encoding="utf-8") as f:
             f.write(json.dumps(stats) + "\n")
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; training stops before anything more is saved."""
+
+
+class LossMonitor:
+    """Counts non-finite losses on the device and, only when a progress line is printed, checks the
+    count (all ranks together, so they stop together) and logs the rank-averaged loss and the lr
+    to TensorBoard. The training loop itself never waits for the GPU."""
+
+    def __init__(self, metric_logger: MetricLogger, device: torch.device, epoch: int, steps_per_epoch: int,
+                 args, log_writer=None, loss_tag: str = "train_loss", hint: str = "Lower --blr."):
+        self.metric_logger, self.epoch, self.steps_per_epoch = metric_logger, epoch, steps_per_epoch
+        self.args, self.log_writer, self.loss_tag, self.hint = args, log_writer, loss_tag, hint
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+
+    def record(self, loss: torch.Tensor) -> None:
+        """Call every step with the detached loss."""
+        self.nonfinite_steps += (~torch.isfinite(loss)).long()
+        self.metric_logger.update(loss=loss)
+
+    def __call__(self, step: int) -> None:
+        state = torch.stack([self.nonfinite_steps.double(), self.metric_logger.loss.deque[-1].double()])
+        if self.args.distributed:
+            dist.all_reduce(state)
+        bad, loss_sum = state.tolist()
+        if bad > 0:
+            raise NonFiniteLossError(
+                f"loss is not finite (NaN or inf) at epoch {self.epoch}, step <= {step}; stopping. Nothing "
+                f"was saved for this epoch, the last checkpoint in {self.args.output_dir or 'output_dir'} is "
+                f"intact. {self.hint}")
+        if self.log_writer is not None:
+            # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
+            epoch_1000x = int((step / self.steps_per_epoch + self.epoch) * 1000)
+            self.log_writer.add_scalar(self.loss_tag, loss_sum / get_world_size(), epoch_1000x)
+            self.log_writer.add_scalar('lr', self.metric_logger.lr.value, epoch_1000x)
+
+
+# ------------------------------------------------------------------------------------------------
+# the start and the command line of every main_*.py
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseeds every epoch from (seed, epoch, rank), so a run resumed at epoch k draws the same
+    random numbers (e.g. patch masks) as one that never stopped."""
+    import numpy as np
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def setup_run(args: argparse.Namespace, script: str) -> torch.device:
+    """Distributed init, the argument dump, device and mixed-precision choice, seeding."""
+    init_distributed_mode(args)
+    print(f'job dir: {os.path.dirname(os.path.realpath(script))}')
+    print(str(args).replace(', ', ',\n'))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    args.amp = resolve_amp(args.amp, device)
+    seed_epoch(args.seed, 0, get_rank())
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
+def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] | None = None):
+    """Parse, check (argparse errors, exit 2), run; a UserError prints its message and exits 1."""
+    import sys
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def set_lr_from_blr(args: argparse.Namespace) -> int:
+    """lr = blr * effective batch / 256 unless --lr is given; returns the effective batch size."""
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
+          f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
+    return eff_batch_size
+
+
+def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """Optional torch.compile, then DDP when distributed. Save and optimise the unwrapped model."""
+    if args.compile:
+        model = torch.compile(model)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    return model

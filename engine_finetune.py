@@ -1,0 +1,84 @@
+"""One epoch of supervised finetuning / linear probing, and top-1 / top-5 evaluation."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterable
+
+import torch
+from timm.data import Mixup
+
+import util.lr_sched as lr_sched
+import util.misc as misc
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    loss_scaler: misc.LossScaler, max_norm: float | None = None,
+                    mixup_fn: Mixup | None = None, log_writer=None, args=None) -> dict:
+    model.train(True)
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    header = f'Epoch: [{epoch}]'
+    accum_iter = args.accum_iter
+    steps_per_epoch = len(data_loader)
+    monitor = misc.LossMonitor(metric_logger, device, epoch, steps_per_epoch, args, log_writer,
+                               loss_tag="loss", hint="Lower --blr or set --clip_grad.")
+
+    optimizer.zero_grad(set_to_none=True)
+    iterator = metric_logger.log_every(data_loader, args.print_freq, header, batch_size=args.batch_size,
+                                       on_print=monitor)
+    for data_iter_step, (samples, targets) in enumerate(iterator):
+        if data_iter_step % accum_iter == 0:
+            lr_sched.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
+
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        update = (data_iter_step + 1) % accum_iter == 0
+        sync_ctx = model.no_sync() if (args.distributed and not update) else nullcontext()
+        with sync_ctx:
+            with misc.autocast(device, args.amp):
+                outputs = model(samples)
+                loss = criterion(outputs.float(), targets)
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm,
+                        parameters=model.parameters(), update_grad=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        monitor.record(loss.detach())
+        metric_logger.update(lr=max(group["lr"] for group in optimizer.param_groups))
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device, amp: str = "none",
+             print_freq: int = 10) -> dict:
+    """Top-1 / top-5 accuracy (percent) and cross-entropy, summed over every rank's share."""
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with misc.autocast(device, amp):
+            output = model(images)
+        output = output.float()
+        k = min(5, output.shape[1])
+        topk = output.topk(k, dim=1).indices
+        correct = topk.eq(target.unsqueeze(1))
+        totals += torch.stack([criterion(output, target).double(), correct[:, :1].sum().double(),
+                               correct.sum().double(), torch.tensor(float(len(target)), device=device,
+                                                                    dtype=torch.float64)])
+    if misc.is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    stats = {"loss": loss / max(count, 1), "acc1": 100.0 * top1 / max(count, 1),
+             "acc5": 100.0 * top5 / max(count, 1), "count": int(count)}
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({stats['count']} images)")
+    return stats

@@ -1,0 +1,240 @@
+"""Finetune a pretrained encoder (any mask method, or an official MAE checkpoint) for image
+classification, or evaluate a finetuned checkpoint.
+
+    python main_finetune.py --finetune pretrain/checkpoint-799.pth --data_path DIR --model vit_base_patch16
+    python main_finetune.py --eval --resume finetune/checkpoint-best.pth --data_path DIR --model vit_base_patch16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+
+import torch
+from timm.data.mixup import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import models_vit
+import util.misc as misc
+from engine_finetune import evaluate, train_one_epoch
+from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
+                       non_negative_int)
+from util.checkpoint_adapt import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
+from util.datasets import build_classification_dataset, build_finetune_transform
+from util.errors import UserError
+from util.optim import adamw, param_groups_layer_decay
+from util.transforms import as_hw
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
+    add_training_args(parser)
+    parser.set_defaults(epochs=50, warmup_epochs=5, min_lr=1e-6, blr=1e-3)
+    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+                        help='Name of model to train')
+    parser.add_argument('--drop_path', type=non_negative_float, default=0.1, metavar='PCT',
+                        help='Drop path rate (default: 0.1)')
+    parser.add_argument('--clip_grad', type=non_negative_float, default=None, metavar='NORM',
+                        help='Clip gradient norm (default: None, no clipping)')
+    parser.add_argument('--layer_decay', type=non_negative_float, default=0.75,
+                        help='layer-wise lr decay from ELECTRA/BEiT')
+
+    # Augmentation parameters
+    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
+                        help='Color jitter factor (enabled only when not using Auto/RandAug)')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                        help='Use AutoAugment policy. "v0" or "original". " + "(default: rand-m9-mstd0.5-inc1)')
+    parser.add_argument('--smoothing', type=non_negative_float, default=0.1,
+                        help='Label smoothing (default: 0.1)')
+
+    # * Random Erase params
+    parser.add_argument('--reprob', type=non_negative_float, default=0.25, metavar='PCT',
+                        help='Random erase prob (default: 0.25)')
+    parser.add_argument('--remode', type=str, default='pixel',
+                        help='Random erase mode (default: "pixel")')
+    parser.add_argument('--recount', type=non_negative_int, default=1,
+                        help='Random erase count (default: 1)')
+    parser.add_argument('--resplit', action='store_true', default=False,
+                        help='Do not random erase first (clean) augmentation split')
+
+    # * Mixup params
+    parser.add_argument('--mixup', type=non_negative_float, default=0,
+                        help='mixup alpha, mixup enabled if > 0.')
+    parser.add_argument('--cutmix', type=non_negative_float, default=0,
+                        help='cutmix alpha, cutmix enabled if > 0.')
+    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+                        help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    parser.add_argument('--mixup_prob', type=float, default=1.0,
+                        help='Probability of performing mixup or cutmix when either/both is enabled')
+    parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                        help='Probability of switching to cutmix when both mixup and cutmix enabled')
+    parser.add_argument('--mixup_mode', type=str, default='batch', choices=['batch', 'pair', 'elem'],
+                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+
+    add_downstream_args(parser)
+    parser.set_defaults(global_pool=True)
+    return parser
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    check_model_and_input_size(args, parser, models_vit.model_patch_size)
+    if args.eval and not args.resume:
+        parser.error("--eval needs --resume CHECKPOINT (a finetuned or probed model)")
+    if getattr(args, "cutmix_minmax", None) is not None and len(args.cutmix_minmax) != 2:
+        parser.error("--cutmix_minmax takes two values: min max")
+
+
+def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module:
+    """The ViT for --model, with the input channels and adapted encoder of --finetune (if any).
+    Records the pretraining method and in_chans in args."""
+    checkpoint = misc.load_checkpoint(args.finetune) if args.finetune and not args.eval else None
+    if checkpoint is not None:
+        method = resolve_mask_method(checkpoint, args.mask_method, args.finetune)
+        in_chans = downstream_in_chans(method, args.fold_mask_channel)
+    elif args.resume:
+        # a finetuned checkpoint: its own args say which pretraining method and input it has
+        saved = misc.load_checkpoint(args.resume).get("args")
+        method = resolve_mask_method({"args": saved}, args.mask_method, args.resume)
+        in_chans = getattr(saved, "in_chans", 3)
+    else:
+        method = args.mask_method or "patches"
+        in_chans = downstream_in_chans(method, args.fold_mask_channel)
+    args.mask_method, args.in_chans = method, in_chans
+    model = models_vit.build_vit(args.model, img_size=as_hw(args.input_size), num_classes=args.nb_classes,
+                                 global_pool=args.global_pool, in_chans=args.in_chans, **extra)
+    if checkpoint is not None:
+        load_pretrained_encoder(model, args.finetune, method, args.fold_mask_channel, checkpoint=checkpoint)
+        trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer, as the reference
+    return model
+
+
+def build_loaders(args, build_transform):
+    dataset_train = build_classification_dataset(True, args, build_transform)
+    dataset_val = build_classification_dataset(False, args, build_transform)
+    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
+    sampler_train = torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)
+    if args.dist_eval and num_tasks > 1:
+        if len(dataset_val) % num_tasks != 0:
+            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
+                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
+                  'equal num of samples per-process.')
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=global_rank,
+                                                          shuffle=False)
+    else:
+        # every rank evaluates the whole set; summed counts over ranks leave the accuracy unchanged
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    pin = args.pin_mem and str(args.device).startswith("cuda")
+    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {len(dataset_train.classes)} classes")
+    if len(dataset_train) < args.batch_size * num_tasks:
+        raise UserError(f"only {len(dataset_train)} training images for a global batch of "
+                        f"{args.batch_size * num_tasks}: lower --batch_size")
+    return dataset_train, sampler_train, loader_train, loader_val
+
+
+def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train, sampler_train,
+                 loader_val, device, mixup_fn=None, max_norm=None) -> dict:
+    """The epoch loop shared by finetuning and linear probing: train, evaluate, keep the best."""
+    if misc.is_main_process() and args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+    else:
+        log_writer = None
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    max_accuracy = getattr(args, "max_accuracy", 0.0)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        misc.seed_epoch(args.seed, epoch, misc.get_rank())
+        sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                                      max_norm, mixup_fn, log_writer=log_writer, args=args)
+        test_stats = evaluate(loader_val, model, device, args.amp)
+        print(f"Accuracy of the network on the {test_stats['count']} test images: {test_stats['acc1']:.1f}%")
+        improved = test_stats["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        args.max_accuracy = max_accuracy
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch)
+        if args.output_dir and improved:
+            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch, name="best")
+        if log_writer is not None:
+            for key in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
+            log_writer.flush()
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'max_accuracy': max_accuracy}
+        if args.output_dir:
+            misc.append_log(args.output_dir, log_stats)
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    if log_writer is not None:
+        log_writer.close()
+    return {"max_accuracy": max_accuracy}
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = misc.setup_run(args, __file__)
+
+    _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active:
+        print("Mixup is activated!")
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+    model = build_downstream_model(args, drop_path_rate=args.drop_path)
+    model.to(device)
+    model_without_ddp = model
+    print(f"Model = {model_without_ddp}")
+    print(f'number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1.e6:.2f}')
+
+    misc.set_lr_from_blr(args)
+
+    model = misc.wrap_model(model, args, device)
+
+    param_groups = param_groups_layer_decay(model_without_ddp, args.weight_decay,
+                                            no_weight_decay=model_without_ddp.no_weight_decay(),
+                                            layer_decay=args.layer_decay)
+    optimizer = adamw(param_groups, lr=args.lr, device=device, betas=(0.9, 0.999))
+    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # smoothing is handled with mixup label transform
+    elif args.smoothing > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    print(f"criterion = {criterion}")
+
+    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+
+    if args.eval:
+        test_stats = evaluate(loader_val, model, device, args.amp)
+        print(f"Accuracy of the network on the {test_stats['count']} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+    return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
+                        sampler_train, loader_val, device, mixup_fn=mixup_fn, max_norm=args.clip_grad)
+
+
+def cli(argv: list[str] | None = None):
+    return misc.run_cli(get_args_parser(), check_args, main, argv)
+
+
+if __name__ == '__main__':
+    cli()

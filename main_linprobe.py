@@ -1,0 +1,73 @@
+"""Linear probing: a frozen pretrained encoder (any mask method, or an official MAE checkpoint),
+BatchNorm without affine parameters, and a linear head trained with LARS, as the MAE reference.
+
+    python main_linprobe.py --finetune pretrain/checkpoint-799.pth --data_path DIR --model vit_base_patch16
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from timm.layers import trunc_normal_
+
+import util.misc as misc
+from engine_finetune import evaluate
+from main_finetune import build_downstream_model, build_loaders, check_args, run_training
+from util.args import add_downstream_args, add_training_args
+from util.datasets import build_linprobe_transform
+from util.optim import LARS
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
+    add_training_args(parser)
+    parser.set_defaults(batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
+    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+                        help='Name of model to train')
+    add_downstream_args(parser)
+    parser.set_defaults(global_pool=False)
+    return parser
+
+
+def linear_probe_head(model: torch.nn.Module) -> None:
+    """head := BatchNorm1d(affine=False) -> Linear; everything but the head is frozen."""
+    trunc_normal_(model.head.weight, std=0.01)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6),
+                                     model.head)
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("head.")
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = misc.setup_run(args, __file__)
+
+    _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
+    model = build_downstream_model(args)
+    linear_probe_head(model)
+    model.to(device)
+    model_without_ddp = model
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"Model = {model_without_ddp}\nnumber of trainable params (M): {n_trainable / 1.e6:.4f}")
+
+    misc.set_lr_from_blr(args)
+
+    model = misc.wrap_model(model, args, device)
+
+    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    print(optimizer)
+    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    criterion = torch.nn.CrossEntropyLoss()
+
+    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    if args.eval:
+        return evaluate(loader_val, model, device, args.amp)
+    return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
+                        sampler_train, loader_val, device)
+
+
+def cli(argv: list[str] | None = None):
+    return misc.run_cli(get_args_parser(), check_args, main, argv)
+
+
+if __name__ == '__main__':
+    cli()

@@ -1,0 +1,183 @@
+"""Checkpoint adaptation, in one place: from a pretraining checkpoint (any mask method, ours or the
+reference's, or an official MAE encoder) to the encoder of a downstream model, and from an
+official encoder into an MAE for continued pretraining (--stack).
+
+- The pretraining method is read from the checkpoint's ``args``; official checkpoints (no args)
+  count as ``patches``. A requested method that disagrees is an error naming both.
+- Decoder, mask token and pre-encoder weights are dropped.
+- ``four_channels``: the 4-channel patch embedding is kept (the downstream model is fed a
+  constant-1 fourth channel) or folded exactly into a 3-channel one: with the 4th input constantly
+  1, its kernel only adds ``sum(W[:, 3])`` to the bias.
+- Position embeddings are bicubically resized to the downstream patch grid.
+- An encoder of another shape is refused with a message saying which model it fits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from util.errors import UserError
+from util.masking import MASK_METHODS
+from util.misc import load_checkpoint
+from util.pos_embed import resize_pos_embed
+
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "preencoder.")
+
+
+class AdaptationError(UserError):
+    """A checkpoint that does not fit the requested model or method."""
+
+
+def pretrain_mask_method(checkpoint: dict) -> str:
+    """The mask method a checkpoint was pretrained with ('patches' for official/reference ones)."""
+    saved = checkpoint.get("args")
+    method = getattr(saved, "mask_method", None) if saved is not None else None
+    if method is None and isinstance(saved, dict):
+        method = saved.get("mask_method")
+    return method or "patches"
+
+
+def resolve_mask_method(checkpoint: dict, requested: str | None, path: str = "the checkpoint") -> str:
+    """The checkpoint's method; a --mask_method flag that disagrees is an error naming both."""
+    method = pretrain_mask_method(checkpoint)
+    if method not in MASK_METHODS:
+        raise AdaptationError(f"{path} records an unknown mask_method {method!r}")
+    if requested is not None and requested != method:
+        raise AdaptationError(f"--mask_method {requested} disagrees with {path}, which was pretrained with "
+                              f"--mask_method {method}: drop the flag or pass --mask_method {method}")
+    return method
+
+
+def downstream_in_chans(mask_method: str, fold_mask_channel: bool) -> int:
+    """Input channels of the downstream encoder for a pretraining method."""
+    return 4 if mask_method == "four_channels" and not fold_mask_channel else 3
+
+
+def fold_visibility_channel(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, 4, p, p) conv + bias -> (D, 3, p, p) conv + bias, exact for a constant-1 4th input."""
+    folded_bias = bias + weight[:, 3].sum(dim=(1, 2))
+    return weight[:, :3].contiguous(), folded_bias
+
+
+def state_dict_of(checkpoint: dict) -> dict:
+    """The weights in a checkpoint dict ('model', 'state_dict' or the dict itself)."""
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _grid_of(num_patches: int, checkpoint: dict) -> tuple[int, int]:
+    saved = checkpoint.get("args")
+    size, patch = getattr(saved, "input_size", None), None
+    sd = state_dict_of(checkpoint)
+    if "patch_embed.proj.weight" in sd:
+        patch = sd["patch_embed.proj.weight"].shape[-1]
+    if size is not None and patch:
+        h, w = (size, size) if isinstance(size, int) else (size[0], size[-1])
+        if (h // patch) * (w // patch) == num_patches:
+            return h // patch, w // patch
+    side = int(math.isqrt(num_patches))
+    if side * side != num_patches:
+        raise AdaptationError(f"cannot infer the patch grid of a position embedding with {num_patches} patches")
+    return side, side
+
+
+def describe_encoder(sd: dict) -> str:
+    """'embed_dim 768, 12 blocks, patch 16, 3 input channels (fits --model vit_base_patch16)'."""
+    from models_vit import name_for  # local: models_vit is a heavier import
+    dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    w = sd.get("patch_embed.proj.weight")
+    patch, chans = (w.shape[-1], w.shape[1]) if w is not None else (None, None)
+    name = name_for(dim, depth, patch) if dim and patch else None
+    fits = f" (fits --model {name})" if name else ""
+    return f"embed_dim {dim}, {depth} blocks, patch {patch}, {chans} input channels{fits}"
+
+
+def encoder_state_dict(checkpoint: dict, mask_method: str, fold_mask_channel: bool = True) -> dict:
+    """The checkpoint's encoder weights, ready for a downstream ViT (before pos-embed resizing)."""
+    sd = {k: v for k, v in state_dict_of(checkpoint).items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.shape[1] == 4 and fold_mask_channel:
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_visibility_channel(
+            w, sd["patch_embed.proj.bias"])
+    return sd
+
+
+def check_encoder_fits(sd: dict, model: nn.Module, path: str) -> None:
+    """Refuses an encoder whose width, depth, patch size or channels differ from the model's."""
+    own = model.state_dict()
+    problems = []
+    for key in ("cls_token", "patch_embed.proj.weight"):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            problems.append(f"{key} {tuple(sd[key].shape)} vs {tuple(own[key].shape)}")
+    depth_ckpt = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    depth_model = len({k.split(".")[1] for k in own if k.startswith("blocks.")})
+    if depth_ckpt != depth_model:
+        problems.append(f"{depth_ckpt} blocks vs {depth_model}")
+    if problems:
+        raise AdaptationError(f"{path} holds an encoder with {describe_encoder(sd)}, which does not fit "
+                              f"this model ({describe_encoder(own)}): " + "; ".join(problems))
+
+
+def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
+    """Bicubic resize of sd['pos_embed'] to the model's patch grid (in place)."""
+    if "pos_embed" not in sd:
+        return
+    pos = sd["pos_embed"]
+    extra = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    old_grid = _grid_of(pos.shape[1] - extra, checkpoint)
+    new_grid = tuple(model.patch_embed.grid_size)
+    if old_grid != new_grid:
+        print(f"Position embedding interpolated from {old_grid[0]}x{old_grid[1]} to {new_grid[0]}x{new_grid[1]}")
+        sd["pos_embed"] = resize_pos_embed(pos, old_grid, new_grid, num_extra_tokens=extra)
+
+
+def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None = None,
+                            fold_mask_channel: bool = True, checkpoint: dict | None = None):
+    """Loads a pretraining checkpoint's encoder into a downstream ViT (non-strict: the head and,
+    with global pooling, fc_norm are new). Prints and returns (missing, unexpected) keys."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
+    method = resolve_mask_method(checkpoint, mask_method, path)
+    sd = encoder_state_dict(checkpoint, method, fold_mask_channel)
+    check_encoder_fits(sd, model, path)
+    resize_pos_embed_to(model, sd, checkpoint)
+    own = model.state_dict()
+    for key in [k for k in ("head.weight", "head.bias") if k in sd and sd[k].shape != own.get(k, sd[k]).shape]:
+        print(f"Removing key {key} from pretrained checkpoint (other number of classes)")
+        del sd[key]
+    if getattr(model, "global_pool", None) == "avg":
+        # the pretrained final norm has no place behind average pooling (fc_norm is new)
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    print(f"Loaded {method} encoder from {path}; missing keys: {sorted(missing)}; unexpected keys: {sorted(unexpected)}")
+    return method, missing, unexpected
+
+
+def stack_official_into_mae(mae: nn.Module, path: str) -> None:
+    """--stack: an official (or any patches-pretrained) MAE encoder into an MAE of any method.
+
+    A 4-channel patch embedding gets the official RGB kernel and a zero mask-channel kernel; the
+    pre-encoder stays at identity; the decoder keeps its fresh initialisation unless the
+    checkpoint has one. With a zero mask channel the first forward equals the official model's."""
+    checkpoint = load_checkpoint(path)
+    sd = dict(state_dict_of(checkpoint))
+    sd = {k: v for k, v in sd.items() if not k.startswith("preencoder.")}
+    own = mae.state_dict()
+    w = sd.get("patch_embed.proj.weight")
+    target = own["patch_embed.proj.weight"]
+    if w is not None and w.shape[1] == 3 and target.shape[1] == 4:
+        sd["patch_embed.proj.weight"] = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token"))}
+    check_encoder_fits(encoder_only, mae, path)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in sd and sd[key].shape != own[key].shape:
+            del sd[key]  # fixed sin-cos tables: the model's own are right for its grid
+    missing, unexpected = mae.load_state_dict(sd, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
+    if unexpected:
+        raise AdaptationError(f"--stack {path} has weights this MAE does not know: {unexpected[:5]}")
+    print(f"Stacked {path} into the MAE; kept fresh: {sorted(missing)}")
