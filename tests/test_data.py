@@ -248,3 +248,14 @@ def test_mask_of_other_resolution_is_resized(tmp_path):
     t = PretrainTransform((40, 60), scale=(1.0, 1.0), ratio=(1.5, 1.5), hflip=0.0)
     _, mask, _ = build_pretrain_dataset(str(root), t, with_masks=True)[0]
     assert mask.shape == (1, 40, 60) and mask[0, :, :30].eq(1).all() and mask[0, :, 30:].eq(0).all()
+
+
+def test_randaugment_strongest_posterize_does_not_crash():
+    """Pillow 13 rejects posterize(0 bits), which timm's 'inc1' RandAugment asks for at magnitude 10."""
+    from timm.data import auto_augment
+    import util.datasets  # noqa: F401  (installs the fix)
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = op(img)
+    assert np.asarray(out).max() == 0  # 0 bits kept: black, as older Pillow gave
+    assert np.asarray(auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(img)).max() == 200 & 0xF0

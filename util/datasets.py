@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image
-from timm.data import create_transform
+from PIL import Image, ImageOps
+from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -173,6 +173,28 @@ def build_eval_transform(input_size, crop_pct: float = 224 / 256):
     resize = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((h, w)),
                       T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's RandAugment posterize, except that keeping 0 bits gives a black image as it did before
+    Pillow 13, which raises for it: RandAugment's strongest posterize would crash a run."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+    except ValueError:
+        for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+            if name in auto_augment.NAME_TO_OP:
+                auto_augment.NAME_TO_OP[name] = _posterize
+
+
+_patch_timm_posterize()
 
 
 def build_finetune_transform(is_train: bool, args):

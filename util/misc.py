@@ -396,10 +396,13 @@ class LossMonitor:
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseeds every epoch from (seed, epoch, rank), so a run resumed at epoch k draws the same
     random numbers (e.g. patch masks) as one that never stopped."""
+    import random
+
     import numpy as np
     s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
     torch.manual_seed(s)
     np.random.seed(s)
+    random.seed(s)  # timm's RandAugment draws from Python's generator
 
 
 def setup_run(args: argparse.Namespace, script: str) -> torch.device:
