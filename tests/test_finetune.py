@@ -234,3 +234,16 @@ def test_lars_scales_weight_updates_by_the_trust_ratio():
     # ||w|| = 6, ||g|| = 1: update = 0.001 * 6 / 1 * g = 0.003
     torch.testing.assert_close(w.detach(), torch.full((2, 2), 3.0 - 0.003))
     torch.testing.assert_close(b.detach(), torch.full((2,), -1.0))  # plain SGD step for 1-d params
+
+
+def test_finetune_resume_is_exact_and_keeps_the_best_accuracy(toy_root, pretrained, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ["--finetune", pretrained["segments"], "--epochs", "2", "--mixup", "0.5", "--blr", "5e-3"]
+    main_finetune.cli(downstream(toy_root, straight, *flags))
+    main_finetune.cli(downstream(toy_root, resumed, *flags, "--resume", str(straight / "checkpoint-0.pth")))
+    a = torch.load(straight / "checkpoint-1.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint-1.pth", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    best_after_epoch0 = json.loads((straight / "log.txt").read_text().splitlines()[0])["max_accuracy"]
+    assert json.loads((resumed / "log.txt").read_text())["max_accuracy"] >= best_after_epoch0
+    assert a["args"].max_accuracy == b["args"].max_accuracy

@@ -331,6 +331,8 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
     if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
         optimizer.load_state_dict(checkpoint["optimizer"])
         args.start_epoch = checkpoint["epoch"] + 1
+        if hasattr(saved, "max_accuracy"):  # finetuning's best top-1 so far
+            args.max_accuracy = saved.max_accuracy
         if "scaler" in checkpoint:
             loss_scaler.load_state_dict(checkpoint["scaler"])
         print("With optim & sched!")
