@@ -27,3 +27,30 @@ def toy_root(tmp_path_factory):
     from tools.make_toy_data import make_toy_dataset
     root = tmp_path_factory.mktemp("toy")
     return make_toy_dataset(str(root), train_per_class=8, val_per_class=2, height=32, width=32, seed=1)
+
+
+METHODS = ["patches", "segments", "four_channels", "preencoder"]
+
+
+@pytest.fixture(scope="session")
+def toy_ade20k(tmp_path_factory):
+    """A toy ADE20k: 24 training and 6 validation images (64x96 and 96x64)."""
+    from tools.make_toy_data import make_toy_ade20k
+    return make_toy_ade20k(str(tmp_path_factory.mktemp("ade")), n_train=24, n_val=6, seed=2)
+
+
+@pytest.fixture(scope="session")
+def pretrained(toy_root, tmp_path_factory):
+    """One-epoch pretraining checkpoints of every method (tiny ViT, patch 8, 32x32)."""
+    import main_pretrain
+    out = {}
+    for method in METHODS:
+        d = tmp_path_factory.mktemp(f"pre_{method}")
+        main_pretrain.cli(["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32",
+                           "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+                           "--output_dir", str(d), "--log_dir", str(d), "--device", "cpu",
+                           "--mask_method", method, "--print_freq", "10"])
+        out[method] = str(d / "checkpoint-0.pth")
+    return out
+
+

@@ -14,21 +14,7 @@ from util.checkpoint_adapt import (encoder_state_dict, fold_visibility_channel, 
                                    stack_official_into_mae)
 from util.optim import LARS, param_groups_layer_decay
 
-METHODS = ["patches", "segments", "four_channels", "preencoder"]
-
-
-@pytest.fixture(scope="session")
-def pretrained(toy_root, tmp_path_factory):
-    """One-epoch pretraining checkpoints of every method (tiny ViT, patch 8, 32x32)."""
-    out = {}
-    for method in METHODS:
-        d = tmp_path_factory.mktemp(f"pre_{method}")
-        main_pretrain.cli(["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32",
-                           "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
-                           "--output_dir", str(d), "--log_dir", str(d), "--device", "cpu",
-                           "--mask_method", method, "--print_freq", "10"])
-        out[method] = str(d / "checkpoint-0.pth")
-    return out
+from conftest import METHODS
 
 
 def downstream(toy_root, out, *extra):

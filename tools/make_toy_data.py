@@ -1,4 +1,5 @@
-"""Writes a small deterministic pretraining dataset in the real on-disk formats.
+"""Writes small deterministic datasets in the real on-disk formats: an ImageNet-style pretraining
+set with SAM masks and (with --ade20k_out) a toy ADE20k for the Segmenter.
 
     <out>/train/<class>/<name>.png, <out>/val/<class>/<name>.png
     <out>/masks/<class>/<name>.json   SA-1B-style SAM masks (COCO RLE via pycocotools)
@@ -8,7 +9,7 @@ background; its mask file holds several overlapping segments of very different a
 the background, all shapes together, image halves), as SAM's automatic generator gives. Every
 fifth mask file is a bare annotation list instead of the SA-1B dict, as SAM's own script writes.
 
-    python tools/make_toy_data.py --out data/toy
+    python tools/make_toy_data.py --out data/toy --ade20k_out data/toy_ade20k
 """
 from __future__ import annotations
 
@@ -108,6 +109,53 @@ def make_toy_dataset(out: str, train_per_class: int = 24, val_per_class: int = 6
     return out
 
 
+# toy ADE20k: label -> colour; 0 ("other", ignored in training) is a thin frame
+ADE_TOY_CLASSES = {1: (120, 120, 120), 3: (40, 160, 40), 5: (200, 60, 60), 13: (60, 80, 210),
+                   21: (230, 200, 40), 40: (160, 60, 200)}
+
+
+def make_ade_sample(rng: np.random.RandomState, height: int, width: int):
+    """(RGB image, label map): a background class and 2-4 shapes of other classes, each class with
+    its own colour and a noisy texture, so that a pixel's class can be learned from its looks."""
+    labels = list(ADE_TOY_CLASSES)
+    background = labels[rng.randint(len(labels))]
+    label = np.full((height, width), background, dtype=np.uint8)
+    canvas = Image.fromarray(label)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.randint(2, 5)):
+        cls = labels[rng.randint(len(labels))]
+        h = rng.randint(height // 4, height * 2 // 3)
+        w = rng.randint(width // 4, width * 2 // 3)
+        y0, x0 = rng.randint(0, height - h), rng.randint(0, width - w)
+        kind = ("discs", "boxes", "triangles")[rng.randint(3)]
+        _draw_shape(draw, kind, (x0, y0, x0 + w - 1, y0 + h - 1), int(cls))
+    label = np.array(canvas)
+    label[:2], label[-2:], label[:, :2], label[:, -2:] = 0, 0, 0, 0
+    colours = np.zeros((256, 3), dtype=np.int64)
+    for cls, colour in ADE_TOY_CLASSES.items():
+        colours[cls] = colour
+    colours[0] = (0, 0, 0)
+    img = colours[label] + rng.randint(-30, 31, size=(height, width, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+def make_toy_ade20k(out: str, n_train: int = 40, n_val: int = 10, height: int = 64, width: int = 96,
+                    seed: int = 0) -> str:
+    """ADEChallengeData2016 layout: images/{training,validation}/*.jpg, annotations/.../*.png."""
+    rng = np.random.RandomState(seed)
+    for split, n in (("training", n_train), ("validation", n_val)):
+        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+        os.makedirs(os.path.join(out, "annotations", split), exist_ok=True)
+        for i in range(n):
+            # alternate portrait and landscape, as real photos come
+            h, w = (height, width) if i % 2 == 0 else (width, height)
+            img, label = make_ade_sample(rng, h, w)
+            name = f"ADE_{'train' if split == 'training' else 'val'}_{i:08d}"
+            Image.fromarray(img).save(os.path.join(out, "images", split, name + ".jpg"), quality=95)
+            Image.fromarray(label).save(os.path.join(out, "annotations", split, name + ".png"))
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/toy", help="output folder")
@@ -115,11 +163,20 @@ def main(argv=None) -> None:
     parser.add_argument("--val_per_class", type=int, default=6)
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ade20k_out", default=None,
+                        help="also write a toy ADE20k (ADEChallengeData2016 layout) to this folder")
+    parser.add_argument("--ade20k_train", type=int, default=40)
+    parser.add_argument("--ade20k_val", type=int, default=10)
     args = parser.parse_args(argv)
-    make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed)
-    n = len(CLASSES) * args.train_per_class
-    print(f"wrote {n} training images with SAM-style masks and {len(CLASSES) * args.val_per_class} "
-          f"validation images to {args.out}")
+    if args.out:
+        make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed)
+        n = len(CLASSES) * args.train_per_class
+        print(f"wrote {n} training images with SAM-style masks and {len(CLASSES) * args.val_per_class} "
+              f"validation images to {args.out}")
+    if args.ade20k_out:
+        make_toy_ade20k(args.ade20k_out, args.ade20k_train, args.ade20k_val, seed=args.seed)
+        print(f"wrote a toy ADE20k ({args.ade20k_train} training, {args.ade20k_val} validation images) "
+              f"to {args.ade20k_out}")
 
 
 if __name__ == "__main__":

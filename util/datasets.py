@@ -119,6 +119,12 @@ class SegmentMaskImageFolder(Dataset):
         return img, mask, target
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random generator of one sample in one epoch: augmentations drawn from it do not depend
+    on how samples are spread over workers and ranks, nor on where a run was resumed."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63)
+
+
 class PretrainDataset(Dataset):
     """Augmented samples from one or several roots: (image, mask, class) with masks, else
     (image, class).
@@ -144,8 +150,7 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, index: int):
         img, mask, target = self.samples[index]
-        generator = torch.Generator().manual_seed(
-            ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2 ** 63)
+        generator = sample_generator(self.seed, self.epoch, index)
         if mask is None:
             return self.transform(img, generator=generator), target
         img_t, mask_t = self.transform(img, mask, generator=generator)

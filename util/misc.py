@@ -424,6 +424,8 @@ def setup_run(args: argparse.Namespace, script: str) -> torch.device:
 def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] | None = None):
     """Parse, check (argparse errors, exit 2), run; a UserError prints its message and exits 1."""
     import sys
+    if not parser.add_help:  # the reference's parsers are parents without -h
+        parser = argparse.ArgumentParser(description=parser.prog, parents=[parser])
     args = parser.parse_args(argv)
     check_args(args, parser)
     try:

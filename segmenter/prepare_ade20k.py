@@ -1,0 +1,103 @@
+"""Download and unpack ADE20k (the official ADEChallengeData2016.zip, about 923 MB).
+
+    python -m segmenter.prepare_ade20k --out data          # -> data/ADEChallengeData2016/
+
+Skips the download when a complete copy is already there, checks the archive's SHA-1 before
+unpacking, and unpacks into a temporary folder that is renamed at the end, so an interrupted run
+never leaves a half dataset that looks complete.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import time
+import urllib.request
+import zipfile
+
+ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
+ADE20K_SHA1 = "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"
+DATASET_DIR = "ADEChallengeData2016"
+REQUIRED = ("images/training", "images/validation", "annotations/training", "annotations/validation")
+
+
+def is_complete(root: str) -> bool:
+    return all(os.path.isdir(os.path.join(root, d)) and os.listdir(os.path.join(root, d)) for d in REQUIRED)
+
+
+def sha1_of(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, path: str) -> None:
+    """Streams url to path (via path.part) with a progress line."""
+    part = path + ".part"
+    with urllib.request.urlopen(url) as response, open(part, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        done, start, last = 0, time.time(), 0.0
+        while True:
+            block = response.read(1 << 20)
+            if not block:
+                break
+            f.write(block)
+            done += len(block)
+            now = time.time()
+            if now - last > 0.5 or (total and done == total):
+                speed = done / max(now - start, 1e-6) / 2 ** 20
+                pct = f"{100 * done / total:5.1f}% of {total / 2 ** 20:.0f} MB" if total else f"{done / 2 ** 20:.0f} MB"
+                print(f"\rdownloading {os.path.basename(path)}: {pct}  {speed:.1f} MB/s", end="", file=sys.stderr)
+                last = now
+    print(file=sys.stderr)
+    os.replace(part, path)
+
+
+def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, keep_zip: bool = False) -> str:
+    """Returns the path of the ADEChallengeData2016 folder, downloading and unpacking if needed."""
+    root = os.path.join(out, DATASET_DIR)
+    if is_complete(root):
+        print(f"{root} is already complete; nothing to do")
+        return root
+    os.makedirs(out, exist_ok=True)
+    archive = os.path.join(out, os.path.basename(url) or "ADEChallengeData2016.zip")
+    if not os.path.exists(archive) or (sha1 and sha1_of(archive) != sha1):
+        download(url, archive)
+    if sha1:
+        got = sha1_of(archive)
+        if got != sha1:
+            os.replace(archive, archive + ".bad")
+            raise SystemExit(f"checksum mismatch for {archive}: SHA-1 {got}, expected {sha1}. The file was moved "
+                             f"to {archive}.bad; run again to download it anew.")
+    tmp = os.path.join(out, f".{DATASET_DIR}.unpacking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)
+    unpacked = os.path.join(tmp, DATASET_DIR)
+    if not is_complete(unpacked):
+        raise SystemExit(f"{archive} does not contain {DATASET_DIR}/ with {', '.join(REQUIRED)}")
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(unpacked, root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not keep_zip:
+        os.remove(archive)
+    print(f"ADE20k ready in {root}")
+    return root
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data", help="folder that will hold ADEChallengeData2016/")
+    p.add_argument("--url", default=ADE20K_URL)
+    p.add_argument("--sha1", default=ADE20K_SHA1, help="expected SHA-1 of the archive ('' to skip the check)")
+    p.add_argument("--keep-zip", action="store_true")
+    args = p.parse_args(argv)
+    prepare(args.out, args.url, args.sha1 or None, args.keep_zip)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Train a Segmenter on ADE20k from a pretrained encoder and score it by single-scale mIoU.
+
+    python -m segmenter.train --dataset-dir data/ADEChallengeData2016 --log-dir seg_out \\
+        --backbone vit_base_patch16 --decoder mask_transformer --mae-chp pretrain/checkpoint-799.pth
+    torchrun --nproc_per_node 8 -m segmenter.train ...       (same command on N GPUs)
+
+Defaults are Segmenter's for ADE20k: 64 epochs, batch 8, SGD lr 0.001 (momentum 0.9, polynomial
+decay with power 0.9), crop 512, sliding windows 512 / stride 512.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: python segmenter/train.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+import util.misc as misc
+from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
+from segmenter.inference import sliding_window_probs
+from segmenter.metrics import ConfusionMatrix
+from segmenter.model import BACKBONES, DECODERS, build_segmenter
+from util.args import non_negative_float, non_negative_int, positive_int
+from util.checkpoint_adapt import load_pretrained_encoder
+from util.errors import UserError
+from util.masking import MASK_METHODS
+
+CHECKPOINT = "checkpoint.pth"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Segmenter training on ADE20k", add_help=True)
+    p.add_argument("--dataset-dir", required=True, help="ADEChallengeData2016 folder (images/, annotations/)")
+    p.add_argument("--log-dir", required=True, help="checkpoints, log.txt, metrics and TensorBoard logs")
+    p.add_argument("--backbone", default="vit_base_patch16", choices=BACKBONES)
+    p.add_argument("--decoder", default="mask_transformer", choices=DECODERS)
+    p.add_argument("--mae-chp", default="", help="pretraining checkpoint (any mask method, or official MAE)")
+    p.add_argument("--mask-method", default=None, choices=MASK_METHODS,
+                   help="pretraining method of --mae-chp: read from it; an error if it disagrees")
+    p.add_argument("--channels", type=int, default=3, choices=[3, 4],
+                   help="encoder input channels: 4 keeps a four_channels encoder's visibility channel "
+                        "(fed constant 1), 3 folds it into the RGB kernel")
+    p.add_argument("--n-cls", type=positive_int, default=ADE20K_CLASSES)
+    p.add_argument("--crop-size", type=positive_int, default=512)
+    p.add_argument("--window-size", type=positive_int, default=None, help="default: the crop size")
+    p.add_argument("--window-stride", type=positive_int, default=None, help="default: the window size")
+    p.add_argument("--eval-short-side", type=positive_int, default=None,
+                   help="validation images are resized to this short side (default: the crop size)")
+    p.add_argument("--epochs", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="per process")
+    p.add_argument("--lr", type=non_negative_float, default=0.001)
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--drop-path", type=non_negative_float, default=0.1)
+    p.add_argument("--eval-freq", type=positive_int, default=4, help="evaluate every N epochs and after the last")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --log-dir (or --mae-chp "
+                                                            "with a fresh decoder) and exit")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16", "none"],
+                   help="mixed precision (bare --amp: bf16; default: bf16 on GPUs that support it)")
+    p.add_argument("--no-amp", action="store_const", const="none", dest="amp")
+    p.add_argument("--resume", action="store_true", default=True,
+                   help="continue from <log-dir>/checkpoint.pth if it exists (default)")
+    p.add_argument("--no-resume", action="store_false", dest="resume")
+    p.add_argument("--num-workers", type=non_negative_int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--print-freq", type=positive_int, default=50)
+    p.add_argument("--dist-url", dest="dist_url", default="env://")
+    return p
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    args.window_size = args.window_size or args.crop_size
+    args.window_stride = args.window_stride or args.window_size
+    args.eval_short_side = args.eval_short_side or args.crop_size
+    if args.window_stride > args.window_size:
+        parser.error(f"--window-stride {args.window_stride} > --window-size {args.window_size} leaves pixels unseen")
+    # names the shared distributed and run set-up expects
+    args.dist_on_itp, args.output_dir = False, args.log_dir
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, args) -> float:
+    lr = (args.lr - args.min_lr) * (1 - step / total_steps) ** 0.9 + args.min_lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def collate_eval(batch):
+    return batch  # variable image sizes: a list of (image, label)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args) -> dict:
+    """Single-scale sliding-window evaluation; each rank scores its share, matrices are summed."""
+    model.eval()
+    cm = ConfusionMatrix(args.n_cls, device)
+    indices = list(range(misc.get_rank(), len(dataset), misc.get_world_size()))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                         num_workers=args.num_workers, collate_fn=collate_eval)
+    start = time.time()
+    for [(img, label)] in loader:
+        img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        with misc.autocast(device, args.amp):
+            probs = sliding_window_probs(model, img, args.n_cls, args.window_size, args.window_stride)
+        probs = F.interpolate(probs[None].float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        cm.update(probs[0].argmax(0), label)
+    cm.reduce()
+    metrics = cm.compute()
+    print(f"* mIoU {metrics['mIoU']:.2f}  pixel acc {metrics['pixel_accuracy']:.2f}  "
+          f"mean class acc {metrics['mean_class_accuracy']:.2f}  ({len(dataset)} images, "
+          f"{time.time() - start:.0f}s)")
+    return metrics
+
+
+def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch, step, total_steps,
+                    args, log_writer=None) -> tuple[dict, int]:
+    model.train()
+    metric_logger = misc.MetricLogger()
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    monitor = misc.LossMonitor(metric_logger, device, epoch, len(loader), args, log_writer,
+                               hint="Lower --lr.")
+    for img, label in metric_logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]",
+                                              batch_size=args.batch_size, on_print=monitor):
+        lr = poly_lr(optimizer, step, total_steps, args)
+        img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        with misc.autocast(device, args.amp):
+            logits = model(img)
+        loss = criterion(logits.float(), label)
+        loss_scaler(loss, optimizer, parameters=model.parameters())
+        optimizer.zero_grad(set_to_none=True)
+        monitor.record(loss.detach())
+        metric_logger.update(lr=lr)
+        step += 1
+    metric_logger.synchronize_between_processes()
+    return {k: m.global_avg for k, m in metric_logger.meters.items()}, step
+
+
+def write_metrics(args, epoch: int, metrics: dict) -> None:
+    if misc.is_main_process():
+        for name in (f"metrics_epoch{epoch}.json", "metrics.json"):
+            tmp = os.path.join(args.log_dir, f".{name}.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"epoch": epoch, **metrics}, f, indent=1)
+            os.replace(tmp, os.path.join(args.log_dir, name))
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = misc.setup_run(args, __file__)
+    os.makedirs(args.log_dir, exist_ok=True)
+    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size), seed=args.seed)
+    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side))
+    print(f"{len(train_set)} training and {len(val_set)} validation images")
+
+    model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
+                            drop_path_rate=args.drop_path)
+    ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
+    resuming = args.resume and os.path.exists(ckpt_path)
+    if args.mae_chp and not resuming:
+        method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
+                                               fold_mask_channel=args.channels == 3)
+        args.mask_method = method
+    elif not args.mae_chp and not resuming:
+        print("WARNING: no --mae-chp: the encoder starts from random weights")
+    model.to(device)
+    model_without_ddp = model
+    model = misc.wrap_model(model, args, device)
+
+    optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=0.9,
+                                weight_decay=args.weight_decay)
+    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    start_epoch = 0
+    if resuming:
+        ckpt = misc.load_checkpoint(ckpt_path)
+        model_without_ddp.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loss_scaler.load_state_dict(ckpt.get("scaler", {}))
+        start_epoch = ckpt["epoch"] + 1
+        args.mask_method = getattr(ckpt.get("args"), "mask_method", args.mask_method)
+        print(f"Resumed from {ckpt_path} at epoch {start_epoch}")
+
+    if args.eval_only:
+        metrics = evaluate(model_without_ddp, val_set, device, args)
+        write_metrics(args, start_epoch - 1, metrics)
+        return metrics
+
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=misc.get_world_size(),
+                                                  rank=misc.get_rank(), shuffle=True, seed=args.seed)
+    if len(train_set) < args.batch_size * misc.get_world_size():
+        raise UserError(f"only {len(train_set)} training images for a global batch of "
+                        f"{args.batch_size * misc.get_world_size()}: lower --batch-size")
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    total_steps = args.epochs * len(loader)
+    log_writer = None
+    if misc.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+
+    metrics: dict = {}
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        misc.seed_epoch(args.seed, epoch, misc.get_rank())
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch,
+                                   epoch * len(loader), total_steps, args, log_writer)
+        log_stats = {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]}
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+            metrics = evaluate(model_without_ddp, val_set, device, args)
+            write_metrics(args, epoch, metrics)
+            log_stats.update({k: metrics[k] for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy")})
+            if log_writer is not None:
+                for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy"):
+                    log_writer.add_scalar(f"val/{k}", metrics[k], epoch)
+        if misc.is_main_process():
+            misc.atomic_torch_save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
+            misc.append_log(args.log_dir, log_stats)
+            if log_writer is not None:
+                log_writer.add_scalar("train/loss", stats["loss"], epoch)
+                log_writer.flush()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
+    if log_writer is not None:
+        log_writer.close()
+    if not metrics:  # nothing was left to train: score the checkpoint
+        metrics = evaluate(model_without_ddp, val_set, device, args)
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> dict:
+    return misc.run_cli(get_args_parser(), check_args, main, argv)
+
+
+if __name__ == "__main__":
+    cli()
