@@ -1,4 +1,5 @@
 """Two-process DDP (gloo, CPU) through torchrun matches one process with the same global batch."""
+import json
 import subprocess
 import sys
 
@@ -34,3 +35,20 @@ def test_two_process_ddp_matches_one_process(toy_root, tmp_path, method):
         la = float(open(one / "log.txt").read().split('"train_loss": ')[1].split(",")[0])
         lb = float(open(two / "log.txt").read().split('"train_loss": ')[1].split(",")[0])
         assert abs(la - lb) < 0.1 * la
+
+
+@pytest.mark.slow
+def test_segmenter_evaluation_is_the_same_on_two_ranks(toy_ade20k, pretrained, tmp_path):
+    """Each rank scores half the validation images; the summed confusion matrix gives the same mIoU."""
+    base = ["--dataset-dir", toy_ade20k, "--backbone", "vit_tiny_patch8", "--decoder", "linear",
+            "--crop-size", "32", "--num-workers", "0", "--device", "cpu", "--mae-chp", pretrained["segments"],
+            "--eval-only"]
+    one = subprocess.run([sys.executable, "-m", "segmenter.train", *base, "--log-dir", str(tmp_path / "one")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "segmenter.train", *base, "--log-dir", str(tmp_path / "two")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"])
