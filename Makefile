@@ -1,4 +1,4 @@
-# make demo: set up .venv if needed, make the toy dataset, pretrain a tiny MAE on CPU.
+# make demo: set up .venv if needed, make the toy datasets, run the benchmark on CPU (a few minutes).
 # make test: set up .venv if needed, run the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,16 +17,20 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	@touch $(STAMP)
 
+TOY_ADE := data/toy_ade20k
+
 $(TOY)/.done: tools/make_toy_data.py | $(STAMP)
-	$(PY) tools/make_toy_data.py --out $(TOY)
+	$(PY) tools/make_toy_data.py --out $(TOY) --ade20k_out $(TOY_ADE)
 	@touch $@
 
+# The benchmark on the toy data: a tiny MAE pretrained in two chunks, a Segmenter trained and
+# scored after each; ends with the results table and output_demo/miou_vs_epochs.png.
 demo: $(STAMP) $(TOY)/.done
-	$(PY) main_pretrain.py --data_path $(TOY) --mask_method four_channels --coverage_ratio 40 \
-		--model mae_vit_tiny_patch8 --input_size 64 --batch_size 16 --epochs 8 --warmup_epochs 1 \
-		--blr 1e-3 --num_workers 2 --print_freq 6 --save_freq 4 \
-		--output_dir output_demo/pretrain --log_dir output_demo/pretrain
-	@echo "Demo done: checkpoints, log.txt and TensorBoard logs are in output_demo/pretrain"
+	$(PY) benchmark.py --in1k-dir $(TOY) --ade20k-dir $(TOY_ADE) --output-dir output_demo \
+		--mask-method four_channels --coverage-ratio 40 --model mae_vit_tiny_patch8 \
+		--pretrain-epochs 8 --eval-freq 4 --seg-epochs 8 --crop-size 32 --seg-decoder linear \
+		--pretrain-args "--input_size 64 --batch_size 16 --warmup_epochs 1 --blr 1e-3 --num_workers 2 --print_freq 6" \
+		--seg-args "--batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -35,4 +39,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean-demo:
-	rm -rf output_demo $(TOY)
+	rm -rf output_demo $(TOY) $(TOY_ADE)

@@ -38,6 +38,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_mask_method_args(parser)
     parser.add_argument('--save_freq', default=20, type=positive_int,
                         help='save a checkpoint every N epochs (and after the last)')
+    parser.add_argument('--stop_epoch', default=None, type=positive_int, metavar='N',
+                        help='stop (with a checkpoint) once N epochs are done, keeping the lr schedule of '
+                             '--epochs: pretraining in chunks, continued later with --resume')
+    parser.add_argument('--checkpoint_name', default='epoch', choices=['epoch', 'epochs_done'],
+                        help="checkpoint-<epoch>.pth names files by the 0-based epoch index (the reference's "
+                             "way); epochs_done by the number of epochs pretrained (checkpoint-<epoch+1>.pth)")
     parser.add_argument('--allow_missing_masks', action='store_true',
                         help='skip images without a mask file instead of stopping')
     parser.add_argument('--stack', default='', metavar='CHECKPOINT',
@@ -115,15 +121,17 @@ def main(args: argparse.Namespace) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
     print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
+    for epoch in range(args.start_epoch, last_epoch):
         misc.seed_epoch(args.seed, epoch, global_rank)
         sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
-        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
             misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch)
+                            loss_scaler=loss_scaler, epoch=epoch,
+                            name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
 
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if args.output_dir:

@@ -1,0 +1,329 @@
+"""The benchmark: pretrain in chunks of --eval-freq epochs and, after each chunk, train and score a
+Segmenter on ADE20k from that checkpoint, to see how a mask method's downstream quality evolves.
+
+    python benchmark.py --in1k-dir /datasets/imagenet --ade20k-dir data/ADEChallengeData2016 \\
+        --mask-method four_channels --pretrain-epochs 800 --eval-freq 100 --num-gpus 8
+    python benchmark.py compare --output-dir .          # overlay every run found: miou_vs_epochs.png
+
+Outputs under --output-dir:
+    pretrain_output/<method>/checkpoint-<epochs>.pth     one pretraining run, chunk by chunk
+    eval_output/<method>_<epochs>/                       Segmenter logs, metrics.json, done.json
+    results.jsonl                                        one row per finished evaluation
+    miou_vs_epochs.png
+
+The chunks are one pretraining run (the lr schedule spans --pretrain-epochs; each chunk resumes the
+previous checkpoint with its optimizer state). Run the same command again after a crash or kill:
+finished chunks and evaluations are kept and never redone or overwritten; an interrupted stage
+continues from its own last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, REPO)
+
+from util.errors import UserError  # noqa: E402
+from util.masking import MASK_METHODS  # noqa: E402
+
+OFFICIAL_MAE = {  # official MAE encoders for --stack official
+    "mae_vit_base_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    "mae_vit_large_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
+    "mae_vit_huge_patch14": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth",
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Pretraining chunks alternated with ADE20k evaluation", add_help=True)
+    p.add_argument("--in1k-dir", required=True, help="pretraining data: train/, val/, masks/")
+    p.add_argument("--ade20k-dir", required=True, help="ADEChallengeData2016 folder")
+    p.add_argument("--output-dir", default=".")
+    p.add_argument("--mask-method", default="patches", choices=MASK_METHODS)
+    p.add_argument("--coverage-ratio", type=float, default=50.0)
+    p.add_argument("--model", default="mae_vit_base_patch16", help="MAE model for pretraining")
+    p.add_argument("--seg-backbone", default=None, help="Segmenter backbone (default: the MAE's encoder)")
+    p.add_argument("--seg-decoder", default="mask_transformer", choices=["linear", "mask_transformer"])
+    p.add_argument("--pretrain-epochs", type=int, default=800)
+    p.add_argument("--eval-freq", type=int, default=100, help="evaluate every N pretraining epochs")
+    p.add_argument("--eval", type=int, default=-1, metavar="N",
+                   help="only evaluate the checkpoint after N epochs (-1: run the whole pipeline)")
+    p.add_argument("--stack", default="", help="start pretraining from an official MAE checkpoint: a path, "
+                                               "or 'official' to download the one matching --model")
+    p.add_argument("--stack-sha256", default="", help="expected SHA-256 of the downloaded --stack official file")
+    p.add_argument("--seg-epochs", type=int, default=64)
+    p.add_argument("--crop-size", type=int, default=512)
+    p.add_argument("--num-gpus", type=int, default=1, help=">1: every stage runs with torchrun on this node")
+    p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the stages (e.g. 0 or 2,3)")
+    p.add_argument("--pretrain-args", default="", help="extra flags for main_pretrain.py, one quoted string")
+    p.add_argument("--seg-args", default="", help="extra flags for segmenter.train, one quoted string")
+    p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
+                   help="how a one-process stage runs (inprocess: in this Python process)")
+    return p
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.eval_freq < 1 or args.pretrain_epochs < 1:
+        parser.error("--eval-freq and --pretrain-epochs must be positive")
+    if not 0 < args.coverage_ratio <= 100:
+        parser.error(f"--coverage-ratio must be a percentage in (0, 100], got {args.coverage_ratio}")
+    if args.num_gpus < 1:
+        parser.error("--num-gpus must be >= 1")
+    if args.seg_backbone is None:
+        args.seg_backbone = args.model.replace("mae_", "", 1).split("_dec")[0]
+
+
+def eval_points(args) -> list[int]:
+    """Pretraining epochs after which to evaluate: every eval_freq, and the last."""
+    points = list(range(args.eval_freq, args.pretrain_epochs + 1, args.eval_freq))
+    if not points or points[-1] != args.pretrain_epochs:
+        points.append(args.pretrain_epochs)
+    return points
+
+
+def paths(args, epochs: int | None = None) -> dict:
+    method = args.mask_method
+    d = {"pretrain": os.path.join(args.output_dir, "pretrain_output", method),
+         "results": os.path.join(args.output_dir, "results.jsonl")}
+    if epochs is not None:
+        d["checkpoint"] = os.path.join(d["pretrain"], f"checkpoint-{epochs}.pth")
+        d["eval"] = os.path.join(args.output_dir, "eval_output", f"{method}_{epochs}")
+    return d
+
+
+def run_stage(module: str, argv: list[str], args, inprocess) -> None:
+    """One stage: torchrun for several GPUs, else a subprocess or an in-process call."""
+    env = dict(os.environ)
+    if args.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    if args.num_gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_gpus}",
+               "-m", module, *argv]
+    elif args.launcher == "inprocess":
+        print(f"[benchmark] {module} {shlex.join(argv)}", flush=True)
+        inprocess(argv)
+        return
+    else:
+        cmd = [sys.executable, "-m", module, *argv]
+    print(f"[benchmark] {shlex.join(cmd)}", flush=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env)
+    if result.returncode != 0:
+        raise UserError(f"stage {module} failed with exit status {result.returncode}; fix the cause and run the "
+                        f"same benchmark command again: it continues from the last finished stage")
+
+
+def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
+    """The newest readable pretraining checkpoint and its number of epochs done (by content)."""
+    import util.misc as misc
+    best, best_done = None, 0
+    for name in os.listdir(pretrain_dir) if os.path.isdir(pretrain_dir) else []:
+        if not (name.startswith("checkpoint-") and name.endswith(".pth")):
+            continue
+        path = os.path.join(pretrain_dir, name)
+        try:
+            done = int(misc.load_checkpoint(path)["epoch"]) + 1
+        except (UserError, KeyError, ValueError):
+            print(f"[benchmark] ignoring unreadable checkpoint {path}")
+            continue
+        if done > best_done:
+            best, best_done = path, done
+    return best, best_done
+
+
+def resolve_stack(args) -> str:
+    if not args.stack or args.stack != "official":
+        if args.stack and not os.path.isfile(args.stack):
+            raise UserError(f"--stack {args.stack} does not exist")
+        return args.stack
+    if args.model not in OFFICIAL_MAE:
+        raise UserError(f"no official MAE checkpoint for --model {args.model}; give --stack a path")
+    url = OFFICIAL_MAE[args.model]
+    path = os.path.join(args.output_dir, "official", os.path.basename(url))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print(f"[benchmark] downloading {url}")
+        urllib.request.urlretrieve(url, path + ".part")
+        os.replace(path + ".part", path)
+    if args.stack_sha256:
+        got = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        if got != args.stack_sha256:
+            os.replace(path, path + ".bad")
+            raise UserError(f"{path} has SHA-256 {got}, expected {args.stack_sha256}; moved to {path}.bad")
+    return path
+
+
+def pretrain_until(epochs: int, args, stack: str) -> float:
+    """Continues the pretraining run until `epochs` are done; returns the stage's wall-clock."""
+    import main_pretrain
+    p = paths(args, epochs)
+    last, done = latest_checkpoint(p["pretrain"])
+    if done >= epochs:
+        return 0.0
+    argv = ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
+            "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
+            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", str(10 ** 9),
+            "--output_dir", p["pretrain"], "--log_dir", p["pretrain"], *shlex.split(args.pretrain_args)]
+    if last:
+        argv += ["--resume", last]
+    elif stack:
+        argv += ["--stack", stack]
+    start = time.time()
+    run_stage("main_pretrain", argv, args, main_pretrain.cli)
+    if not os.path.exists(p["checkpoint"]):
+        raise UserError(f"pretraining stopped without writing {p['checkpoint']}")
+    return time.time() - start
+
+
+def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) -> float | None:
+    """Mean img/s of the pretraining epochs [first_epoch, last_epoch) from its log.txt."""
+    log = os.path.join(pretrain_dir, "log.txt")
+    if not os.path.exists(log):
+        return None
+    speeds = [row["train_img_per_sec"] for row in map(json.loads, open(log))
+              if first_epoch <= row["epoch"] < last_epoch and "train_img_per_sec" in row]
+    return sum(speeds) / len(speeds) if speeds else None
+
+
+def evaluate(epochs: int, args, pretrain_time: float) -> dict:
+    """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already."""
+    import segmenter.train
+    p = paths(args, epochs)
+    done_file = os.path.join(p["eval"], "done.json")
+    if os.path.exists(done_file):
+        print(f"[benchmark] evaluation after {epochs} epochs already done: {done_file}")
+        return json.load(open(done_file))
+    if not os.path.exists(p["checkpoint"]):
+        raise UserError(f"no pretraining checkpoint {p['checkpoint']}: run the benchmark without --eval first "
+                        f"(or check --output-dir and --mask-method)")
+    argv = ["--dataset-dir", args.ade20k_dir, "--log-dir", p["eval"], "--backbone", args.seg_backbone,
+            "--decoder", args.seg_decoder, "--mae-chp", p["checkpoint"], "--epochs", str(args.seg_epochs),
+            "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs),
+            *shlex.split(args.seg_args)]
+    start = time.time()
+    run_stage("segmenter.train", argv, args, segmenter.train.cli)
+    metrics = json.load(open(os.path.join(p["eval"], "metrics.json")))
+    row = {"method": args.mask_method, "coverage_ratio": args.coverage_ratio, "epochs": epochs,
+           "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
+           "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": round(pretrain_time, 1),
+           "eval_time_s": round(time.time() - start, 1),
+           "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
+           "model": args.model, "seg_backbone": args.seg_backbone}
+    tmp = done_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(row, f, indent=1)
+    os.replace(tmp, done_file)  # the stage counts as finished only now
+    append_result(p["results"], row)
+    return row
+
+
+def append_result(results_path: str, row: dict) -> None:
+    """One row per (method, coverage, epochs): a re-run never duplicates a row."""
+    key = (row["method"], row["coverage_ratio"], row["epochs"])
+    if os.path.exists(results_path):
+        for old in map(json.loads, open(results_path)):
+            if (old["method"], old["coverage_ratio"], old["epochs"]) == key:
+                return
+    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+    with open(results_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_results(output_dir: str) -> list[dict]:
+    rows = []
+    for root, _, files in os.walk(output_dir):
+        if "results.jsonl" in files:
+            rows += [json.loads(line) for line in open(os.path.join(root, "results.jsonl")) if line.strip()]
+    seen, unique = set(), []
+    for r in rows:
+        key = (r["method"], r["coverage_ratio"], r["epochs"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return sorted(unique, key=lambda r: (r["method"], r["coverage_ratio"], r["epochs"]))
+
+
+def results_table(rows: list[dict]) -> str:
+    head = f"{'method':<14} {'coverage':>8} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'pretrain s':>11} " \
+           f"{'eval s':>8} {'img/s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        speed = r.get("pretrain_img_per_sec")
+        lines.append(f"{r['method']:<14} {r['coverage_ratio']:>8.1f} {r['epochs']:>7d} {r['mIoU']:>7.2f} "
+                     f"{r['pixel_accuracy']:>8.2f} {r.get('pretrain_time_s', 0):>11.1f} {r.get('eval_time_s', 0):>8.1f} "
+                     f"{speed if speed is None else round(speed, 1)!s:>8}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(6, 4))
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["method"], r["coverage_ratio"]), []).append((r["epochs"], r["mIoU"]))
+    for (method, coverage), points in sorted(runs.items()):
+        points.sort()
+        label = method if method == "patches" else f"{method} ({coverage:g}%)"
+        ax.plot([e for e, _ in points], [m for _, m in points], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("pretraining epochs")
+    ax.set_ylabel("ADE20k mIoU (%)")
+    ax.set_title("Segmenter mIoU vs pretraining")
+    ax.grid(alpha=0.3)
+    if runs:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    for d, what in ((args.in1k_dir, "--in1k-dir"), (args.ade20k_dir, "--ade20k-dir")):
+        if not os.path.isdir(d):
+            raise UserError(f"{what} {d} does not exist")
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.eval >= 0:
+        evaluate(args.eval, args, pretrain_time=0.0)
+    else:
+        stack = resolve_stack(args)
+        for epochs in eval_points(args):
+            pretrain_time = pretrain_until(epochs, args, stack)
+            evaluate(epochs, args, pretrain_time)
+    rows = read_results(args.output_dir)
+    print(results_table(rows))
+    print(f"plot: {plot(rows, os.path.join(args.output_dir, 'miou_vs_epochs.png'))}")
+    return rows
+
+
+def compare_cli(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("benchmark.py compare: overlay every run's mIoU curve")
+    p.add_argument("--output-dir", default=".", help="searched recursively for results.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: <output-dir>/miou_vs_epochs.png)")
+    a = p.parse_args(argv)
+    rows = read_results(a.output_dir)
+    if not rows:
+        raise SystemExit(f"no results.jsonl under {a.output_dir}")
+    print(results_table(rows))
+    print(f"plot: {plot(rows, a.out or os.path.join(a.output_dir, 'miou_vs_epochs.png'))}")
+
+
+def cli(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare_cli(argv[1:])
+    import util.misc as misc
+    return misc.run_cli(get_args_parser(), check_args, run, argv)
+
+
+if __name__ == "__main__":
+    cli()

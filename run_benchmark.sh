@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The benchmark on one node: pretrain a mask method in chunks of EVAL_FREQ epochs on ImageNet-1k
+# (+ SAM masks) and train/score a Segmenter on ADE20k after each chunk. Re-run the same command
+# after a crash: it continues from the last finished stage.
+# Adapt: IN1K, ADE20K, OUT, NGPUS, METHOD. Batch sizes are per GPU: MAE's effective batch 4096 =
+# BATCH * ACCUM * NGPUS; the Segmenter keeps Segmenter's global batch 8 and lr 0.001 on 8 GPUs
+# (1 image per GPU; with fewer GPUs the lr is scaled down with the batch).
+set -euo pipefail
+
+IN1K=${IN1K:-/datasets/imagenet}                       # train/, val/, masks/
+ADE20K=${ADE20K:-data/ADEChallengeData2016}            # python -m segmenter.prepare_ade20k --out data
+OUT=${OUT:-./benchmark_output}
+METHOD=${METHOD:-four_channels}                        # patches | segments | four_channels | preencoder
+COVERAGE=${COVERAGE:-50}
+MODEL=${MODEL:-mae_vit_base_patch16}
+NGPUS=${NGPUS:-8}
+BATCH=${BATCH:-256}
+ACCUM=${ACCUM:-$((4096 / (BATCH * NGPUS)))}
+EPOCHS=${EPOCHS:-800}
+EVAL_FREQ=${EVAL_FREQ:-100}
+STACK=${STACK:-}                                       # official | path to an MAE checkpoint | empty
+
+python benchmark.py --in1k-dir "$IN1K" --ade20k-dir "$ADE20K" --output-dir "$OUT" \
+    --mask-method "$METHOD" --coverage-ratio "$COVERAGE" --model "$MODEL" --num-gpus "$NGPUS" \
+    --pretrain-epochs "$EPOCHS" --eval-freq "$EVAL_FREQ" ${STACK:+--stack "$STACK"} \
+    --seg-epochs 64 --crop-size 512 --seg-decoder mask_transformer \
+    --pretrain-args "--batch_size $BATCH --accum_iter $ACCUM --norm_pix_loss --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --num_workers 10 --amp bf16" \
+    --seg-args "--batch-size 1 --lr $(python -c "print(0.001 * $NGPUS / 8)") --num-workers 8 --amp bf16" "$@"

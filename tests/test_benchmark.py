@@ -1,0 +1,141 @@
+"""benchmark.py: chunks + evaluations end to end, resuming after a kill, --eval, compare, errors."""
+import json
+import os
+
+import pytest
+import torch
+
+import benchmark
+import main_pretrain
+from util.errors import UserError
+
+
+def bench_args(toy_root, toy_ade20k, out, *extra, method="segments"):
+    return ["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(out),
+            "--mask-method", method, "--coverage-ratio", "30", "--model", "mae_vit_tiny_patch8",
+            "--pretrain-epochs", "2", "--eval-freq", "1", "--seg-epochs", "1", "--crop-size", "32",
+            "--seg-decoder", "linear", "--launcher", "inprocess",
+            "--pretrain-args", "--input_size 32 --batch_size 16 --warmup_epochs 0 --num_workers 0 --device cpu",
+            "--seg-args", "--batch-size 8 --lr 0.01 --num-workers 0 --device cpu", *extra]
+
+
+@pytest.fixture
+def count_stages(monkeypatch):
+    calls = []
+    real = benchmark.run_stage
+
+    def counting(module, argv, args, inprocess):
+        calls.append(module)
+        return real(module, argv, args, inprocess)
+
+    monkeypatch.setattr(benchmark, "run_stage", counting)
+    return calls
+
+
+@pytest.mark.slow
+def test_two_chunks_end_to_end_continue_one_pretraining_run(toy_root, toy_ade20k, tmp_path, count_stages):
+    out = tmp_path / "bench"
+    rows = benchmark.cli(bench_args(toy_root, toy_ade20k, out))
+    assert count_stages == ["main_pretrain", "segmenter.train"] * 2
+    pre = out / "pretrain_output" / "segments"
+    assert sorted(os.listdir(pre)) >= ["checkpoint-1.pth", "checkpoint-2.pth"]
+    for epochs in (1, 2):
+        done = json.loads((out / "eval_output" / f"segments_{epochs}" / "done.json").read_text())
+        assert done["epochs"] == epochs and 0 <= done["mIoU"] <= 100
+        assert (out / "eval_output" / f"segments_{epochs}" / "metrics.json").exists()
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["coverage_ratio"], r["epochs"]) for r in lines] == [("segments", 30.0, 1),
+                                                                                 ("segments", 30.0, 2)]
+    assert all(r["pretrain_img_per_sec"] > 0 and r["eval_time_s"] > 0 for r in lines) and rows == lines
+    assert (out / "miou_vs_epochs.png").stat().st_size > 1000
+    # the two chunks are one run: the same weights as two epochs straight
+    straight = tmp_path / "straight"
+    main_pretrain.cli(["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--mask_method", "segments",
+                       "--coverage_ratio", "30", "--epochs", "2", "--input_size", "32", "--batch_size", "16",
+                       "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
+                       "--output_dir", str(straight), "--log_dir", str(straight)])
+    a = torch.load(pre / "checkpoint-2.pth", weights_only=True)["model"]
+    b = torch.load(straight / "checkpoint-1.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_does_only_the_rest(toy_root, toy_ade20k, tmp_path, monkeypatch, count_stages):
+    out = tmp_path / "bench"
+    real = benchmark.pretrain_until
+
+    def killed_in_second_chunk(epochs, args, stack):
+        if epochs == 2:
+            raise KeyboardInterrupt  # as if the job was killed after the first evaluation
+        return real(epochs, args, stack)
+
+    monkeypatch.setattr(benchmark, "pretrain_until", killed_in_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.cli(bench_args(toy_root, toy_ade20k, out))
+    first_done = out / "eval_output" / "segments_1" / "done.json"
+    stamp = first_done.stat().st_mtime_ns
+    monkeypatch.setattr(benchmark, "pretrain_until", real)
+    count_stages.clear()
+    benchmark.cli(bench_args(toy_root, toy_ade20k, out))
+    assert count_stages == ["main_pretrain", "segmenter.train"]  # only the second chunk and its evaluation
+    assert first_done.stat().st_mtime_ns == stamp  # never redone, never overwritten
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    # a third run has nothing left to do
+    count_stages.clear()
+    benchmark.cli(bench_args(toy_root, toy_ade20k, out))
+    assert count_stages == []
+
+
+@pytest.mark.slow
+def test_eval_of_an_existing_checkpoint_and_errors(toy_root, toy_ade20k, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "1")
+    benchmark.cli(args)
+    (out / "results.jsonl").unlink()
+    import shutil
+    shutil.rmtree(out / "eval_output" / "segments_1")
+    # --eval N through a subprocess stage: evaluates that checkpoint only
+    sub = [a if a != "inprocess" else "subprocess" for a in args]
+    benchmark.cli(sub + ["--eval", "1"])
+    assert (out / "eval_output" / "segments_1" / "done.json").exists()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        benchmark.cli(args + ["--eval", "5"])
+    assert exc.value.code == 1 and "no pretraining checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.cli(bench_args(toy_root, str(tmp_path / "no_ade"), out))
+    assert "--ade20k-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.cli(bench_args(str(tmp_path), toy_ade20k, tmp_path / "b2"))
+    assert "has no train/ folder" in capsys.readouterr().err
+
+
+def test_compare_overlays_runs_and_table(tmp_path, capsys):
+    for method, mious in (("patches", [10.0, 20.0]), ("four_channels", [12.0, 25.0])):
+        d = tmp_path / method
+        d.mkdir()
+        for epochs, miou in zip((100, 200), mious):
+            benchmark.append_result(str(d / "results.jsonl"), {"method": method, "coverage_ratio": 50.0,
+                                                               "epochs": epochs, "mIoU": miou,
+                                                               "pixel_accuracy": 50.0})
+        # a repeated row is not duplicated
+        benchmark.append_result(str(d / "results.jsonl"), {"method": method, "coverage_ratio": 50.0,
+                                                           "epochs": 100, "mIoU": 0.0, "pixel_accuracy": 0.0})
+    benchmark.cli(["compare", "--output-dir", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "patches" in text and "four_channels" in text and text.count("\n") >= 6
+    assert (tmp_path / "miou_vs_epochs.png").stat().st_size > 1000
+    assert len(benchmark.read_results(str(tmp_path))) == 4
+
+
+def test_eval_points_and_backbone_default():
+    parser = benchmark.get_args_parser()
+    args = parser.parse_args(["--in1k-dir", "a", "--ade20k-dir", "b", "--pretrain-epochs", "250",
+                              "--eval-freq", "100", "--model", "mae_vit_large_patch16"])
+    benchmark.check_args(args, parser)
+    assert benchmark.eval_points(args) == [100, 200, 250]
+    assert args.seg_backbone == "vit_large_patch16"
+    with pytest.raises(UserError, match="no official MAE"):
+        args.stack, args.model = "official", "mae_vit_tiny_patch16"
+        benchmark.resolve_stack(args)
