@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from typing import Iterable
@@ -10,6 +11,7 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.errors import UserError
 
 
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -23,6 +25,23 @@ def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> tor
     torch.distributed.all_reduce(mean)
     mean = mean / torch.distributed.get_world_size()
     return loss * (local / mean.clamp_min(1e-12))
+
+
+def all_ranks_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on every rank (one host sync; ranks must skip a step together)."""
+    bad = (~torch.isfinite(loss.detach())).float()
+    if distributed:
+        torch.distributed.all_reduce(bad)
+    return bad.item() == 0
+
+
+def gather_lists(items: list) -> list:
+    """Concatenates a list from every rank (at epoch end only)."""
+    if not misc.is_dist_avail_and_initialized():
+        return items
+    out: list = [None] * misc.get_world_size()
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -45,6 +64,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
 
     start = time.time()
     images_seen = 0
+    bad_samples: list[str] = []  # unreadable samples skipped with --skip_bad_samples
+    skipped_steps: list[int] = []  # non-finite steps skipped with --skip_nonfinite
     iterator = metric_logger.log_every(data_loader, args.print_freq, header, batch_size=args.batch_size,
                                        on_print=monitor)
     for data_iter_step, batch in enumerate(iterator):
@@ -52,8 +73,14 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
 
-        samples = batch[0].to(device, non_blocking=True)
-        seg_mask = batch[1].to(device, non_blocking=True) if len(batch) == 3 else None
+        samples, seg_mask, bad = batch
+        bad_samples += bad
+        if samples is None:
+            if args.distributed:  # the other ranks would wait for this one's gradients forever
+                raise UserError(f"every sample of a batch was unreadable ({bad[:3]}...); fix the data")
+            continue
+        samples = samples.to(device, non_blocking=True)
+        seg_mask = seg_mask.to(device, non_blocking=True) if seg_mask is not None else None
         update = (data_iter_step + 1) % accum_iter == 0
         # skip DDP's gradient all-reduce on accumulation steps
         sync_ctx = model.no_sync() if (args.distributed and not update) else nullcontext()
@@ -62,6 +89,16 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
                 loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
             if args.distributed and seg_mask is not None:
                 loss = normalise_by_global_weight(loss, weights)
+            if args.skip_nonfinite and not all_ranks_finite(loss, args.distributed):
+                skipped_steps.append(data_iter_step)
+                print(f"WARNING: non-finite loss at epoch {epoch}, step {data_iter_step}: step skipped "
+                      f"({len(skipped_steps)}/{args.skip_nonfinite} this epoch)", force=True)
+                if len(skipped_steps) > args.skip_nonfinite:
+                    raise misc.NonFiniteLossError(
+                        f"more than --skip_nonfinite {args.skip_nonfinite} non-finite losses in epoch {epoch} "
+                        f"(steps {skipped_steps}); stopping. The last checkpoint in {args.output_dir} is intact.")
+                optimizer.zero_grad(set_to_none=True)
+                continue
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
@@ -81,6 +118,16 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     if args.mask_method != "patches":
         # samples whose chosen segment hides nothing (they add no loss)
         stats["empty_segments"] = int(round(misc.all_reduce_mean(float(empty_segments.item())) * misc.get_world_size()))
+    if args.skip_bad_samples:
+        all_bad = gather_lists(bad_samples)
+        stats["bad_samples"] = len(all_bad)
+        if all_bad:
+            print(f"{len(all_bad)} unreadable samples skipped in epoch {epoch}:\n  " + "\n  ".join(all_bad))
+            if args.output_dir and misc.is_main_process():
+                with open(os.path.join(args.output_dir, "bad_samples.txt"), "a") as f:
+                    f.writelines(f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad)
+    if args.skip_nonfinite:
+        stats["skipped_nonfinite_steps"] = len(skipped_steps)
     if not math.isfinite(stats.get("loss", 0.0)):
         raise misc.NonFiniteLossError(f"average loss of epoch {epoch} is not finite; stopping.")
     return stats

@@ -187,6 +187,8 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
 
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
+    if not args.eval:
+        misc.auto_resume(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
 

@@ -40,6 +40,8 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
+    if not args.eval:
+        misc.auto_resume(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
     model = build_downstream_model(args)

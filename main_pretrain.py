@@ -17,9 +17,9 @@ import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
-                       positive_int)
+                       non_negative_int, positive_int)
 from util.checkpoint_adapt import stack_official_into_mae
-from util.datasets import build_pretrain_dataset
+from util.datasets import build_pretrain_dataset, collate_pretrain
 from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.transforms import PretrainTransform, as_hw
@@ -44,6 +44,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--checkpoint_name', default='epoch', choices=['epoch', 'epochs_done'],
                         help="checkpoint-<epoch>.pth names files by the 0-based epoch index (the reference's "
                              "way); epochs_done by the number of epochs pretrained (checkpoint-<epoch+1>.pth)")
+    parser.add_argument('--skip_bad_samples', action='store_true',
+                        help='skip unreadable images / mask files (counted and listed at the end of each '
+                             'epoch) instead of stopping')
+    parser.add_argument('--skip_nonfinite', default=0, type=non_negative_int, metavar='N',
+                        help='skip up to N optimizer steps per epoch whose loss is NaN/inf (logged) instead of '
+                             'stopping at the first; costs one host-device sync per step')
     parser.add_argument('--allow_missing_masks', action='store_true',
                         help='skip images without a mask file instead of stopping')
     parser.add_argument('--stack', default='', metavar='CHECKPOINT',
@@ -62,13 +68,15 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 def main(args: argparse.Namespace) -> None:
     device = misc.setup_run(args, __file__)
+    misc.auto_resume(args)
 
     input_size = as_hw(args.input_size)
     with_masks = uses_segments(args.mask_method)
     transform_train = PretrainTransform(input_size)
     dataset_train = build_pretrain_dataset(args.data_path, transform_train, with_masks=with_masks,
                                            coverage_ratio=args.coverage_ratio,
-                                           allow_missing_masks=args.allow_missing_masks, seed=args.seed)
+                                           allow_missing_masks=args.allow_missing_masks, seed=args.seed,
+                                           skip_bad_samples=args.skip_bad_samples)
     print(dataset_train)
 
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
@@ -92,6 +100,7 @@ def main(args: argparse.Namespace) -> None:
         num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda",
         drop_last=True,
+        collate_fn=collate_pretrain,
     )
 
     model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,

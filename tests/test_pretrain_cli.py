@@ -146,7 +146,7 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys, toy_root):
 
 def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint-0.pth")
-    misc.atomic_torch_save({"w": torch.ones(3)}, path)
+    misc.atomic_torch_save({"w": torch.ones(3), "epoch": 0}, path)
     before = sha(path)
     real_save = torch.save
 
@@ -156,7 +156,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monke
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="No space"):
-        misc.atomic_torch_save({"w": torch.zeros(3)}, path)
+        misc.atomic_torch_save({"w": torch.zeros(3), "epoch": 1}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert sha(path) == before
     assert os.listdir(tmp_path) == ["checkpoint-0.pth"]

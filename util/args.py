@@ -90,6 +90,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
     parser.set_defaults(pin_mem=True)
     parser.add_argument('--print_freq', default=20, type=positive_int, help='print progress every N iterations')
+    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
+                        help='do not continue from the newest checkpoint in --output_dir when --resume is not given')
+    parser.add_argument('--keep_last', default=0, type=non_negative_int, metavar='K',
+                        help='keep only the newest K checkpoint-<epoch>.pth files (0: keep all)')
 
     # Speed
     parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],

@@ -18,7 +18,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
@@ -125,6 +125,24 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63)
 
 
+class BadSample:
+    """Stands in for a sample that could not be read (with --skip_bad_samples)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def collate_pretrain(batch: list):
+    """(images, segment masks or None, messages of skipped samples); (None, None, messages) when
+    every sample of the batch was unreadable."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [b.message for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return None, None, bad
+    columns = default_collate(good)
+    return columns[0], (columns[1] if len(columns) == 3 else None), bad
+
+
 class PretrainDataset(Dataset):
     """Augmented samples from one or several roots: (image, mask, class) with masks, else
     (image, class).
@@ -134,8 +152,10 @@ class PretrainDataset(Dataset):
     Call ``set_epoch`` before iterating an epoch (workers are re-created every epoch).
     """
 
-    def __init__(self, folders: Sequence[SegmentMaskImageFolder], transform: Callable, seed: int = 0):
+    def __init__(self, folders: Sequence[SegmentMaskImageFolder], transform: Callable, seed: int = 0,
+                 skip_bad_samples: bool = False):
         self.folders = list(folders)
+        self.skip_bad_samples = skip_bad_samples
         self.samples = ConcatDataset(self.folders)
         self.transform = transform
         self.seed = seed
@@ -149,7 +169,12 @@ class PretrainDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        img, mask, target = self.samples[index]
+        try:
+            img, mask, target = self.samples[index]
+        except UserError as e:
+            if not self.skip_bad_samples:
+                raise
+            return BadSample(str(e))
         generator = sample_generator(self.seed, self.epoch, index)
         if mask is None:
             return self.transform(img, generator=generator), target
@@ -163,13 +188,13 @@ class PretrainDataset(Dataset):
 
 def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable, with_masks: bool,
                            coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
-                           seed: int = 0) -> PretrainDataset:
+                           seed: int = 0, skip_bad_samples: bool = False) -> PretrainDataset:
     """One dataset over one or several roots."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
     folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks)
                for root in data_paths]
-    return PretrainDataset(folders, transform, seed)
+    return PretrainDataset(folders, transform, seed, skip_bad_samples)
 
 
 def build_eval_transform(input_size, crop_pct: float = 224 / 256):

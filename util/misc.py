@@ -74,6 +74,10 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         args.rank = int(env["SLURM_PROCID"])
         args.world_size = int(env["SLURM_NTASKS"])
         args.gpu = int(env.get("SLURM_LOCALID", 0))
+        if args.dist_url == "env://":
+            # the first node of the allocation hosts the rendezvous
+            os.environ.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     else:
         print("Not using distributed mode")
         setup_for_distributed(is_master=True)
@@ -92,6 +96,17 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
                             world_size=args.world_size, rank=args.rank)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[003-005,010],cpu1' -> 'gpu003' (SLURM's compressed host list, first entry)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return nodelist
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 def all_reduce_mean(x: float) -> float:
@@ -284,17 +299,44 @@ def atomic_torch_save(obj, path: str) -> None:
 
 def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
     """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
-    process writes."""
+    process writes. A failed write (full disk, I/O error) stops the run with a message and leaves
+    every earlier checkpoint as it was; with --keep_last K older epoch checkpoints are pruned."""
     path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
     if is_main_process():
-        atomic_torch_save({
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "scaler": loss_scaler.state_dict(),
-            "args": args,
-        }, path)
+        try:
+            atomic_torch_save({
+                "model": model_without_ddp.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "scaler": loss_scaler.state_dict(),
+                "args": args,
+            }, path)
+        except OSError as e:
+            previous = find_last_checkpoint(args.output_dir)
+            raise CheckpointError(
+                f"could not write {path}: {e.strerror or e}. Nothing was overwritten"
+                + (f"; the newest complete checkpoint is {previous}" if previous else "")
+                + ". Free space (or fix the path) and resume.") from None
+        if getattr(args, "keep_last", 0) and name is None:
+            prune_checkpoints(args.output_dir, args.keep_last)
     return path
+
+
+def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(number in the name, path) of every checkpoint-<number>.pth, ascending."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: str, keep_last: int) -> None:
+    """Deletes all but the newest keep_last numbered checkpoints (never the newest one)."""
+    found = checkpoint_epochs(output_dir)
+    for _, path in found[:-max(keep_last, 1)]:
+        os.remove(path)
 
 
 class CheckpointError(UserError):
@@ -339,13 +381,29 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
 
 
 def find_last_checkpoint(output_dir: str) -> str | None:
-    """The checkpoint-<epoch>.pth with the highest epoch in output_dir, if any."""
+    """The newest complete checkpoint in output_dir, judged by content: the readable
+    checkpoint-*.pth with the highest stored epoch (a truncated or foreign file is skipped)."""
     best, best_epoch = None, -1
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if match and int(match.group(1)) > best_epoch:
-            best, best_epoch = path, int(match.group(1))
+    for _, path in reversed(checkpoint_epochs(output_dir)):
+        try:
+            epoch = int(load_checkpoint(path)["epoch"])
+        except (UserError, KeyError, TypeError, ValueError):
+            print(f"WARNING: skipping unreadable checkpoint {path}")
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = path, epoch
     return best
+
+
+def auto_resume(args) -> None:
+    """Without --resume, continue from the newest complete checkpoint in --output_dir (a plain
+    rerun after a crash or a preemption picks up where the run stopped)."""
+    if args.resume or not args.output_dir or not getattr(args, "auto_resume", True):
+        return
+    last = find_last_checkpoint(args.output_dir)
+    if last:
+        print(f"Auto-resume: found {last} in --output_dir")
+        args.resume = last
 
 
 def append_log(output_dir: str, stats: dict) -> None:
