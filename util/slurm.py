@@ -1,0 +1,115 @@
+"""SLURM jobs through submitit, for every main_*.py: the reference's flags (--nodes, --ngpus,
+--timeout, --partition, --job_dir, --comment, --use_volta32), requeue on preemption or timeout, and
+automatic resumption from the newest complete checkpoint in the job's output folder."""
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--ngpus", default=8, type=int, help="Number of gpus to request on each node")
+    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
+    parser.add_argument("--timeout", default=4320, type=int, help="Duration of the job, in minutes")
+    parser.add_argument("--job_dir", default="", type=str, help="Job dir. Leave empty for automatic.")
+    parser.add_argument("--partition", default="learnfair", type=str, help="Partition where to submit")
+    parser.add_argument("--use_volta32", action="store_true", help="Request 32G V100 GPUs")
+    parser.add_argument("--comment", default="", type=str, help="Comment to pass to scheduler")
+    parser.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                        help="submitit executor (default: slurm where sbatch exists, else local)")
+    parser.add_argument("--dry_run", action="store_true", help="print the sbatch script and exit")
+    # a preempted job loses at most one epoch
+    parser.set_defaults(save_freq=1)
+    return parser
+
+
+def shared_folder() -> Path:
+    user = os.getenv("USER", "user")
+    for base in ("/checkpoint", os.path.expanduser("~/checkpoint")):
+        if os.path.isdir(base):
+            p = Path(base) / user / "experiments"
+            p.mkdir(parents=True, exist_ok=True)
+            return p
+    raise RuntimeError("No shared folder available: pass --job_dir")
+
+
+def get_init_file(job_dir: str) -> Path:
+    """A fresh file:// rendezvous for torch.distributed (deleted first if it exists)."""
+    os.makedirs(job_dir, exist_ok=True)
+    init_file = Path(job_dir) / f"{uuid.uuid4().hex}_init"
+    if init_file.exists():
+        os.remove(str(init_file))
+    return init_file
+
+
+class Trainer:
+    """The callable submitit runs on every task; on preemption or timeout submitit calls
+    ``checkpoint``, which requeues the same training: it resumes from the newest complete
+    checkpoint in the output folder (util.misc.auto_resume)."""
+
+    def __init__(self, main: Callable, args: argparse.Namespace):
+        self.main, self.args = main, args
+
+    def __call__(self):
+        self._setup_distributed_env()
+        return self.main(self.args)
+
+    def checkpoint(self):
+        import submitit
+        self.args.dist_url = get_init_file(self.args.job_dir).as_uri()
+        self.args.resume = ""  # auto-resume picks the newest complete checkpoint by content
+        print("Requeuing", self.args)
+        return submitit.helpers.DelayedSubmission(type(self)(self.main, self.args))
+
+    def _setup_distributed_env(self) -> None:
+        import submitit
+        job_env = submitit.JobEnvironment()
+        for key in ("output_dir", "log_dir"):
+            if getattr(self.args, key, None):
+                setattr(self.args, key, str(getattr(self.args, key)).replace("%j", str(job_env.job_id)))
+        if job_env.num_tasks > 1:
+            # read by util.misc.init_distributed_mode, as torchrun's variables
+            os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
+                              LOCAL_RANK=str(job_env.local_rank))
+        print(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}")
+
+
+def submit(main: Callable, args: argparse.Namespace, name: str):
+    """Submits (or, with --dry_run, prints) the job; returns the submitit job."""
+    import submitit
+    if not args.job_dir:
+        args.job_dir = str(shared_folder() / "%j")
+    if not args.output_dir or args.output_dir == "./output_dir":
+        args.output_dir = args.job_dir
+    if not args.log_dir or args.log_dir == "./output_dir":
+        args.log_dir = args.output_dir
+    kwargs = {"slurm_constraint": "volta32gb"} if args.use_volta32 else {}
+    if args.comment:
+        kwargs["slurm_comment"] = args.comment
+    params = dict(mem_gb=40 * args.ngpus, gpus_per_node=args.ngpus, tasks_per_node=args.ngpus,
+                  cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout)
+    if args.dry_run:
+        from submitit.slurm.slurm import _make_sbatch_string
+        script = _make_sbatch_string(
+            command=f"python -m submitit.core._submit {args.job_dir}", folder=args.job_dir, job_name=name,
+            partition=args.partition, time=args.timeout, nodes=args.nodes, ntasks_per_node=args.ngpus,
+            gpus_per_node=args.ngpus, cpus_per_task=10, mem=f"{40 * args.ngpus}GB", signal_delay_s=120,
+            comment=args.comment or None, constraint="volta32gb" if args.use_volta32 else None)
+        print(script)
+        return None
+    executor = submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=30, cluster=args.cluster)
+    if executor.cluster == "slurm":
+        params.update(slurm_partition=args.partition, slurm_signal_delay_s=120, **kwargs)
+    elif executor.cluster == "local":  # one machine: --ngpus processes (CPU processes without a GPU)
+        params = dict(gpus_per_node=args.ngpus if torch.cuda.is_available() else 0,
+                      tasks_per_node=args.ngpus, nodes=1, timeout_min=args.timeout)
+    executor.update_parameters(name=name, **params)
+    args.dist_url = get_init_file(args.job_dir.split("%j")[0] or ".").as_uri()
+    job = executor.submit(Trainer(main, args))
+    print(f"Submitted job_id: {job.job_id}; logs and checkpoints in {args.job_dir}")
+    return job
