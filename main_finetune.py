@@ -156,6 +156,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
     for epoch in range(args.start_epoch, args.epochs):
         misc.seed_epoch(args.seed, epoch, misc.get_rank())
         sampler_train.set_epoch(epoch)
+        loader_train.dataset.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
                                       max_norm, mixup_fn, log_writer=log_writer, args=args)
         test_stats = evaluate(loader_val, model, device, args.amp)

@@ -253,7 +253,9 @@ def test_mask_of_other_resolution_is_resized(tmp_path):
 def test_randaugment_strongest_posterize_does_not_crash():
     """Pillow 13 rejects posterize(0 bits), which timm's 'inc1' RandAugment asks for at magnitude 10."""
     from timm.data import auto_augment
-    import util.datasets  # noqa: F401  (installs the fix)
+
+    from util.datasets import _patch_timm_posterize
+    _patch_timm_posterize()  # as importing util.datasets does
     img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     out = op(img)

@@ -52,3 +52,28 @@ def test_segmenter_evaluation_is_the_same_on_two_ranks(toy_ade20k, pretrained, t
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"])
+
+
+@pytest.mark.slow
+def test_two_process_finetuning_matches_one_process(toy_root, pretrained, tmp_path):
+    """Augmentations are seeded per sample, so with drop_path/mixup off two ranks see the same
+    global batches as one process and end with the same weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--data_path", toy_root, "--model", "vit_tiny_patch8", "--input_size", "32", "--nb_classes", "4",
+             "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
+             "--finetune", pretrained["segments"], "--drop_path", "0", "--blr", "5e-3", "--dist_eval"]
+    res = subprocess.run([sys.executable, "main_finetune.py", *flags, "--batch_size", "8",
+                          "--output_dir", str(one), "--log_dir", str(one)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "main_finetune.py", *flags, "--batch_size", "4", "--output_dir", str(two),
+                          "--log_dir", str(two)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a = torch.load(one / "checkpoint-0.pth", weights_only=True)["model"]
+    b = torch.load(two / "checkpoint-0.pth", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+    la = json.loads((one / "log.txt").read_text())
+    lb = json.loads((two / "log.txt").read_text())
+    assert la["test_acc1"] == pytest.approx(lb["test_acc1"]) and lb["test_count"] == 8

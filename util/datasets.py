@@ -10,6 +10,8 @@ missing mask files) are found when the dataset is built, not in the middle of an
 from __future__ import annotations
 
 import os
+import random
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -248,22 +250,46 @@ def build_linprobe_transform(is_train: bool, args):
                       T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
-class CheckedImageFolder(Dataset):
-    """ImageFolder whose unreadable images raise an error naming the file."""
+@contextmanager
+def seeded_global_rng(generator: torch.Generator):
+    """Runs a block with Python's, NumPy's and torch's global generators seeded from ``generator``
+    and restores them afterwards: for transforms (timm's) that only draw from the global ones."""
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
-    def __init__(self, root: str, transform: Callable):
+
+class CheckedImageFolder(Dataset):
+    """ImageFolder whose unreadable images raise an error naming the file. Augmentations are seeded
+    per (seed, epoch, sample), so batches do not depend on the number of workers or ranks."""
+
+    def __init__(self, root: str, transform: Callable, seed: int = 0):
         if not os.path.isdir(root):
             raise DataError(f"{root} does not exist: expected <data_path>/{os.path.basename(root)}/<class>/<image>")
         self.classes, self.class_to_idx = find_classes(root)
         self.samples = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
         self.root, self.transform = root, transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        return self.transform(load_rgb(path)), target
+        img = load_rgb(path)
+        with seeded_global_rng(sample_generator(self.seed, self.epoch, index)):
+            return self.transform(img), target
 
 
 def build_classification_dataset(is_train: bool, args, build_transform: Callable) -> CheckedImageFolder:
@@ -272,7 +298,7 @@ def build_classification_dataset(is_train: bool, args, build_transform: Callable
     if len(paths) != 1:
         raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
     root = os.path.join(paths[0], "train" if is_train else "val")
-    dataset = CheckedImageFolder(root, build_transform(is_train, args))
+    dataset = CheckedImageFolder(root, build_transform(is_train, args), seed=args.seed)
     if args.nb_classes < len(dataset.classes):
         raise DataError(f"{root} has {len(dataset.classes)} classes but --nb_classes is {args.nb_classes}: "
                         f"pass --nb_classes {len(dataset.classes)}")
