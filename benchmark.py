@@ -66,6 +66,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-args", default="", help="extra flags for segmenter.train, one quoted string")
     p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
                    help="how a one-process stage runs (inprocess: in this Python process)")
+    p.add_argument("--slurm", action="store_true",
+                   help="run the whole benchmark as one SLURM job on one node with --num-gpus GPUs "
+                        "(requeued on preemption; it continues from the last finished stage)")
+    slurm = p.add_argument_group("SLURM (with --slurm)")
+    slurm.add_argument("--partition", default="learnfair")
+    slurm.add_argument("--timeout", default=4320, type=int, help="minutes")
+    slurm.add_argument("--job_dir", default="", help="submitit logs (default: <output-dir>/slurm/%%j)")
+    slurm.add_argument("--comment", default="")
+    slurm.add_argument("--use_volta32", action="store_true")
+    slurm.add_argument("--dry_run", action="store_true", help="print the sbatch script and exit")
     return p
 
 
@@ -322,7 +332,19 @@ def cli(argv: list[str] | None = None):
     if argv[:1] == ["compare"]:
         return compare_cli(argv[1:])
     import util.misc as misc
-    return misc.run_cli(get_args_parser(), check_args, run, argv)
+    return misc.run_cli(get_args_parser(), check_args, run_or_submit, argv)
+
+
+def run_or_submit(args: argparse.Namespace):
+    if not args.slurm:
+        return run(args)
+    from util.slurm import submit
+    args.nodes, args.ngpus, args.cluster = 1, args.num_gpus, None
+    args.job_dir = args.job_dir or os.path.join(os.path.abspath(args.output_dir), "slurm", "%j")
+    args.log_dir = ""  # not a trainer: no log_dir
+    args.dist_url = "env://"
+    args.resume = ""
+    return submit(run, args, name="mae_benchmark", tasks_per_node=1)
 
 
 if __name__ == "__main__":

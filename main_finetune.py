@@ -180,6 +180,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
                      'epoch': epoch, 'max_accuracy': max_accuracy}
         if args.output_dir:
             misc.append_log(args.output_dir, log_stats)
+    misc.print_weights_fingerprint(model_without_ddp)
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if log_writer is not None:
         log_writer.close()

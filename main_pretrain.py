@@ -148,6 +148,7 @@ def main(args: argparse.Namespace) -> None:
                 log_writer.flush()
             misc.append_log(args.output_dir, log_stats)
 
+    misc.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
     if log_writer is not None:

@@ -1,5 +1,6 @@
 """Two-process DDP (gloo, CPU) through torchrun matches one process with the same global batch."""
 import json
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,13 @@ import torch
 
 from conftest import REPO
 from test_pretrain_cli import common
+
+
+def assert_ranks_in_sync(stdout: str) -> None:
+    """Both ranks print the same weights fingerprint at the end of training."""
+    prints = re.findall(r"rank (\d) weights fingerprint (\S+)", stdout)
+    assert sorted(r for r, _ in prints) == ["0", "1"], stdout[-2000:]
+    assert prints[0][1] == prints[1][1]
 
 
 @pytest.mark.slow
@@ -23,6 +31,7 @@ def test_two_process_ddp_matches_one_process(toy_root, tmp_path, method):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "distributed init (rank 0/2, gloo)" in res.stdout
+    assert_ranks_in_sync(res.stdout)
     a = torch.load(one / "checkpoint-0.pth", weights_only=True)
     b = torch.load(two / "checkpoint-0.pth", weights_only=True)
     assert a["args"].lr == b["args"].lr  # same effective batch, same lr
@@ -70,6 +79,7 @@ def test_two_process_finetuning_matches_one_process(toy_root, pretrained, tmp_pa
                           "main_finetune.py", *flags, "--batch_size", "4", "--output_dir", str(two),
                           "--log_dir", str(two)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_ranks_in_sync(res.stdout)
     a = torch.load(one / "checkpoint-0.pth", weights_only=True)["model"]
     b = torch.load(two / "checkpoint-0.pth", weights_only=True)["model"]
     for k in a:

@@ -193,3 +193,14 @@ def test_submitit_local_executor_runs_the_job(toy_root, tmp_path):
                                   "--device", "cpu", "--mask_method", "segments"])
     job.result()
     assert torch.load(tmp_path / "checkpoint-1.pth", weights_only=True)["epoch"] == 1
+
+
+def test_benchmark_slurm_dry_run_is_one_task_with_all_gpus(toy_root, toy_ade20k, tmp_path, capsys):
+    import benchmark
+    benchmark.cli(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path),
+                   "--num-gpus", "8", "--slurm", "--dry_run", "--partition", "gpu", "--timeout", "2880"])
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --job-name=mae_benchmark"):
+        assert line in script, line
+    assert not (tmp_path / "pretrain_output").exists()  # nothing ran

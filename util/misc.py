@@ -493,6 +493,14 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         raise SystemExit(1) from None
 
 
+def print_weights_fingerprint(model: torch.nn.Module) -> float:
+    """Prints, on every rank, a checksum of the weights: equal lines mean the ranks ended in sync."""
+    with torch.no_grad():
+        value = float(sum(p.detach().double().abs().sum() for p in model.parameters()).item())
+    print(f"rank {get_rank()} weights fingerprint {value:.12e}", force=True)
+    return value
+
+
 def set_lr_from_blr(args: argparse.Namespace) -> int:
     """lr = blr * effective batch / 256 unless --lr is given; returns the effective batch size."""
     eff_batch_size = args.batch_size * args.accum_iter * get_world_size()

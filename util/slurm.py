@@ -69,7 +69,7 @@ class Trainer:
     def _setup_distributed_env(self) -> None:
         import submitit
         job_env = submitit.JobEnvironment()
-        for key in ("output_dir", "log_dir"):
+        for key in ("output_dir", "log_dir"):  # (the benchmark's --output-dir is output_dir too)
             if getattr(self.args, key, None):
                 setattr(self.args, key, str(getattr(self.args, key)).replace("%j", str(job_env.job_id)))
         if job_env.num_tasks > 1:
@@ -79,26 +79,29 @@ class Trainer:
         print(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}")
 
 
-def submit(main: Callable, args: argparse.Namespace, name: str):
-    """Submits (or, with --dry_run, prints) the job; returns the submitit job."""
+def submit(main: Callable, args: argparse.Namespace, name: str, tasks_per_node: int | None = None):
+    """Submits (or, with --dry_run, prints) the job; returns the submitit job. One task per GPU by
+    default; the benchmark runs one task that starts torchrun for its stages."""
     import submitit
     if not args.job_dir:
         args.job_dir = str(shared_folder() / "%j")
-    if not args.output_dir or args.output_dir == "./output_dir":
+    tasks = args.ngpus if tasks_per_node is None else tasks_per_node
+    if getattr(args, "output_dir", None) in (None, "", "./output_dir"):
         args.output_dir = args.job_dir
-    if not args.log_dir or args.log_dir == "./output_dir":
+    if getattr(args, "log_dir", "") in ("", "./output_dir"):
         args.log_dir = args.output_dir
     kwargs = {"slurm_constraint": "volta32gb"} if args.use_volta32 else {}
     if args.comment:
         kwargs["slurm_comment"] = args.comment
-    params = dict(mem_gb=40 * args.ngpus, gpus_per_node=args.ngpus, tasks_per_node=args.ngpus,
-                  cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout)
+    cpus = 10 * args.ngpus // tasks
+    params = dict(mem_gb=40 * args.ngpus, gpus_per_node=args.ngpus, tasks_per_node=tasks,
+                  cpus_per_task=cpus, nodes=args.nodes, timeout_min=args.timeout)
     if args.dry_run:
         from submitit.slurm.slurm import _make_sbatch_string
         script = _make_sbatch_string(
             command=f"python -m submitit.core._submit {args.job_dir}", folder=args.job_dir, job_name=name,
-            partition=args.partition, time=args.timeout, nodes=args.nodes, ntasks_per_node=args.ngpus,
-            gpus_per_node=args.ngpus, cpus_per_task=10, mem=f"{40 * args.ngpus}GB", signal_delay_s=120,
+            partition=args.partition, time=args.timeout, nodes=args.nodes, ntasks_per_node=tasks,
+            gpus_per_node=args.ngpus, cpus_per_task=cpus, mem=f"{40 * args.ngpus}GB", signal_delay_s=120,
             comment=args.comment or None, constraint="volta32gb" if args.use_volta32 else None)
         print(script)
         return None
@@ -107,7 +110,7 @@ def submit(main: Callable, args: argparse.Namespace, name: str):
         params.update(slurm_partition=args.partition, slurm_signal_delay_s=120, **kwargs)
     elif executor.cluster == "local":  # one machine: --ngpus processes (CPU processes without a GPU)
         params = dict(gpus_per_node=args.ngpus if torch.cuda.is_available() else 0,
-                      tasks_per_node=args.ngpus, nodes=1, timeout_min=args.timeout)
+                      tasks_per_node=tasks, nodes=1, timeout_min=args.timeout)
     executor.update_parameters(name=name, **params)
     args.dist_url = get_init_file(args.job_dir.split("%j")[0] or ".").as_uri()
     job = executor.submit(Trainer(main, args))
