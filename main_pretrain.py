@@ -19,10 +19,11 @@ from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
                        non_negative_int, positive_int)
 from util.checkpoint_adapt import stack_official_into_mae
-from util.datasets import build_pretrain_dataset, collate_pretrain
+from util.datasets import BadSample, build_pretrain_dataset, collate_pretrain
 from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.transforms import PretrainTransform, as_hw
+from util.visualize import grid_image, reconstruction_panels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_mask_method_args(parser)
     parser.add_argument('--save_freq', default=20, type=positive_int,
                         help='save a checkpoint every N epochs (and after the last)')
+    parser.add_argument('--vis_freq', default=20, type=non_negative_int,
+                        help='log a grid of inputs and reconstructions to TensorBoard every N epochs (0: never)')
     parser.add_argument('--stop_epoch', default=None, type=positive_int, metavar='N',
                         help='stop (with a checkpoint) once N epochs are done, keeping the lr schedule of '
                              '--epochs: pretraining in chunks, continued later with --resume')
@@ -64,6 +67,20 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
+
+
+def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4) -> None:
+    """TensorBoard image 'reconstructions': the first n training images, what the encoder saw and
+    what the model made of it (util/visualize.py)."""
+    samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    samples = [s for s in samples if not isinstance(s, BadSample)]
+    if not samples:
+        return
+    imgs = torch.stack([s[0] for s in samples]).to(device)
+    seg = torch.stack([s[1] for s in samples]).to(device) if len(samples[0]) == 3 else None
+    with misc.autocast(device, args.amp):
+        panels = reconstruction_panels(model, imgs, seg, args.mask_ratio)
+    log_writer.add_image('reconstructions', grid_image(panels.float()), epoch)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -141,6 +158,9 @@ def main(args: argparse.Namespace) -> None:
             misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                             loss_scaler=loss_scaler, epoch=epoch,
                             name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
+
+        if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
+            log_reconstructions(log_writer, model_without_ddp, dataset_train, device, args, epoch)
 
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if args.output_dir:

@@ -1,0 +1,143 @@
+"""tools/: mask generation (superpixels, SAM with a stand-in), the dataset checker, visualisation."""
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_pretrain
+from conftest import METHODS
+from tools import check_dataset, generate_masks, visualize
+from util.sam_masks import decode_segmentation, encode_segmentation, load_annotations
+
+
+@pytest.fixture
+def images_only(toy_root, tmp_path):
+    root = tmp_path / "imgs"
+    shutil.copytree(os.path.join(toy_root, "train"), root / "train")
+    return str(root)
+
+
+def test_superpixels_backend_writes_valid_varied_masks(images_only):
+    summary = generate_masks.generate(images_only, generate_masks.superpixel_backend, workers=2, log_every=0)
+    assert summary["images"] == 32 and summary["generated"] == 32 and not summary["failed"]
+    assert summary["masks_per_image"] > 5
+    files = glob.glob(os.path.join(images_only, "masks", "*", "*.json"))
+    assert len(files) == 32
+    data = json.load(open(files[0]))
+    assert data["image"]["height"] == 32 and data["image"]["width"] == 32
+    areas = [a["area"] for a in data["annotations"]]
+    assert min(areas) < 0.2 * 1024 and max(areas) > 0.3 * 1024  # small parts and large regions
+    for a in data["annotations"]:
+        assert decode_segmentation(a["segmentation"]).sum() == a["area"]
+    assert sum(summary["coverage_histogram"].values()) == pytest.approx(summary["masks_per_image"] * 32)
+
+
+class StandInSam:
+    """Has SamAutomaticMaskGenerator's generate(); returns two coco_rle records and one binary mask."""
+    calls = 0
+
+    def generate(self, img):
+        StandInSam.calls += 1
+        h, w = img.shape[:2]
+        left = np.zeros((h, w), np.uint8)
+        left[:, : w // 2] = 1
+        top = np.zeros((h, w), np.uint8)
+        top[: h // 4] = 1
+        return [{"segmentation": encode_segmentation(left), "area": int(left.sum()), "bbox": [0, 0, w // 2, h],
+                 "predicted_iou": 0.95, "stability_score": 0.97},
+                {"segmentation": encode_segmentation(top), "area": int(top.sum()), "predicted_iou": 0.9},
+                {"segmentation": np.ones((h, w), bool), "area": h * w}]
+
+
+def test_sam_backend_with_a_stand_in_and_resumability(images_only):
+    factory = lambda: generate_masks.SamBackend(generator=StandInSam())  # noqa: E731
+    StandInSam.calls = 0
+    generate_masks.generate(images_only, factory, workers=1, log_every=0)
+    assert StandInSam.calls == 32
+    path = glob.glob(os.path.join(images_only, "masks", "discs", "*.json"))[0]
+    anns = load_annotations(path)
+    assert [a["area"] for a in anns] == [512, 256, 1024] and anns[0]["stability_score"] == 0.97
+    assert isinstance(anns[2]["segmentation"]["counts"], str)  # binary masks are stored as RLE
+    # a second run does nothing; a damaged file is made again, alone
+    StandInSam.calls = 0
+    again = generate_masks.generate(images_only, factory, workers=1, log_every=0)
+    assert StandInSam.calls == 0 and again["skipped_existing"] == 32
+    open(path, "w").write("{broken")
+    generate_masks.generate(images_only, factory, workers=1, log_every=0)
+    assert StandInSam.calls == 1 and len(load_annotations(path)) == 3
+    # sharding over ranks covers every image once
+    shards = [generate_masks.list_images(os.path.join(images_only, "train"))[r::3] for r in range(3)]
+    assert sorted(sum(shards, [])) == generate_masks.list_images(os.path.join(images_only, "train"))
+
+
+def test_sam_backend_without_the_package_says_how_to_install(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError())
+                        if name.startswith("segment_anything") else real_import(name, *a, **k))
+    with pytest.raises(SystemExit, match="pip install segment-anything"):
+        generate_masks.SamBackend(checkpoint="x.pth")
+
+
+def test_checker_catches_each_planted_problem(toy_root, tmp_path, capsys):
+    assert check_dataset.main(["--data_path", toy_root, "--workers", "1"]) == 0
+    root = tmp_path / "planted"
+    shutil.copytree(toy_root, root)
+    with open(root / "train" / "discs" / "discs_train_0001.png", "r+b") as f:
+        f.truncate(40)  # does not decode
+    os.remove(root / "masks" / "boxes" / "boxes_train_0002.json")  # missing mask
+    (root / "masks" / "stripes" / "stripes_train_0003.json").write_text("[{")  # does not parse
+    m = np.ones((16, 16), np.uint8)  # wrong size
+    (root / "masks" / "triangles" / "triangles_train_0004.json").write_text(
+        json.dumps([{"segmentation": encode_segmentation(m), "area": 256}]))
+    capsys.readouterr()
+    assert check_dataset.main(["--data_path", str(root), "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "discs_train_0001.png: image does not decode" in out
+    assert "boxes_train_0002.json" in out and "no mask file" in out
+    assert "stripes_train_0003.json" in out and "does not parse" in out
+    assert "mask 16x16 but image 32x32" in out
+    assert "have an annotation within +-5 points of 50% coverage" in out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_visualize_writes_grids_for_each_method(pretrained, toy_root, tmp_path, method):
+    out = visualize.main(["--checkpoint", pretrained[method], "--data_path", toy_root, "--num", "2",
+                          "--out", str(tmp_path)])
+    assert len(out) == 2
+    panels = 4 if method == "patches" else 5
+    with Image.open(out[0]) as im:
+        im.verify()
+    with Image.open(out[0]) as im:
+        assert im.size == (panels * 34, 34) and im.mode == "RGB"
+
+
+def test_visualize_an_official_encoder_checkpoint(tmp_path):
+    import models_vit
+    vit = models_vit.vit_tiny_patch8(img_size=32, num_classes=0)
+    torch.save({"model": vit.state_dict()}, tmp_path / "official.pth")
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 50, 3), np.uint8)).save(tmp_path / "a.jpg")
+    with pytest.raises(SystemExit, match="pass --model"):
+        visualize.main(["--checkpoint", str(tmp_path / "official.pth"), "--images", str(tmp_path / "a.jpg")])
+    out = visualize.main(["--checkpoint", str(tmp_path / "official.pth"), "--model", "mae_vit_tiny_patch8",
+                          "--input_size", "32", "--images", str(tmp_path / "a.jpg"), "--out", str(tmp_path / "v")])
+    with Image.open(out[0]) as im:
+        assert im.size == (4 * 34, 34)
+
+
+def test_pretraining_logs_a_reconstruction_grid(toy_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    main_pretrain.cli(["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32",
+                       "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0",
+                       "--device", "cpu", "--mask_method", "segments", "--vis_freq", "2",
+                       "--output_dir", str(out), "--log_dir", str(out)])
+    ea = EventAccumulator(glob.glob(str(out / "events*"))[0])
+    ea.Reload()
+    images = ea.Images("reconstructions")
+    assert [e.step for e in images] == [1] and (images[0].width, images[0].height) == (5 * 34, 4 * 34)

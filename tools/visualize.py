@@ -1,0 +1,102 @@
+"""PNG grids of what a pretrained MAE's encoder sees and what it reconstructs, per image:
+original | encoder view (dropped patches or hidden segment greyed) | mask channel (segment methods)
+| reconstruction | reconstruction pasted into the hidden part.
+
+    python tools/visualize.py --checkpoint out/checkpoint-799.pth --data_path data/toy --num 4 --out vis/
+    python tools/visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 \\
+        --images a.jpg b.jpg --out vis/          # official checkpoints: give --model
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models_mae  # noqa: E402
+from util.checkpoint_adapt import pretrain_mask_method, state_dict_of  # noqa: E402
+from util.datasets import build_eval_transform, load_rgb  # noqa: E402
+from util.misc import load_checkpoint  # noqa: E402
+from util.sam_masks import load_segment, mask_path_for  # noqa: E402
+from util.transforms import as_hw  # noqa: E402
+from util.visualize import grid_image, reconstruction_panels  # noqa: E402
+
+
+def load_mae(path: str, model: str | None = None, input_size=None):
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("args")
+    name = model or getattr(saved, "model", None)
+    if name is None:
+        raise SystemExit(f"{path} records no model name: pass --model (e.g. mae_vit_large_patch16)")
+    size = as_hw(input_size or getattr(saved, "input_size", 224))
+    method = pretrain_mask_method(ckpt)
+    mae = models_mae.build_mae(name, img_size=size, mask_method=method,
+                               norm_pix_loss=bool(getattr(saved, "norm_pix_loss", False)))
+    missing, _ = mae.load_state_dict(state_dict_of(ckpt), strict=False)
+    if missing:
+        print(f"note: {len(missing)} weights not in the checkpoint (e.g. {missing[0]}): an encoder-only "
+              f"checkpoint reconstructs with a random decoder")
+    return mae.eval(), size, getattr(saved, "coverage_ratio", 50.0)
+
+
+def main(argv=None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
+    p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
+    p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--coverage_ratio", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--input_size", type=int, nargs="+", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="vis")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size)
+    coverage = args.coverage_ratio or coverage
+    images = list(args.images)
+    if args.data_path:
+        train = os.path.join(args.data_path, "train")
+        for d, _, files in sorted(os.walk(train)):
+            images += [os.path.join(d, f) for f in sorted(files)][:max(0, args.num - len(images))]
+    if not images:
+        raise SystemExit("no images: give --images or --data_path")
+    to_tensor = build_eval_transform(size, crop_pct=1.0)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for path in images[:args.num] if args.data_path else images:
+        img = load_rgb(path)
+        x = to_tensor(img).unsqueeze(0)
+        seg = None
+        if model.mask_method != "patches":
+            if not args.data_path:
+                raise SystemExit(f"{model.mask_method} needs SAM masks: give --data_path (with masks/)")
+            rel = os.path.relpath(path, os.path.join(args.data_path, "train"))
+            m = load_segment(mask_path_for(os.path.join(args.data_path, "masks"), rel), coverage, img.size)
+            m = Image.fromarray(m).resize((img.width, img.height), Image.NEAREST)
+            seg = torch.from_numpy(np.asarray(to_mask(m, size), dtype=np.float32))[None, None]
+        panels = reconstruction_panels(model, x, seg, args.mask_ratio)
+        grid = (grid_image(panels).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + f"_{model.mask_method}.png")
+        Image.fromarray(grid).save(out)
+        written.append(out)
+    print(f"wrote {len(written)} grids to {args.out}")
+    return written
+
+
+def to_mask(mask: Image.Image, size) -> np.ndarray:
+    """The mask through the same resize + centre crop as the image (nearest)."""
+    h, w = size
+    scale = max(h / mask.height, w / mask.width)
+    resized = mask.resize((max(w, round(mask.width * scale)), max(h, round(mask.height * scale))), Image.NEAREST)
+    top, left = (resized.height - h) // 2, (resized.width - w) // 2
+    return np.asarray(resized)[top:top + h, left:left + w]
+
+
+if __name__ == "__main__":
+    main()
