@@ -39,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_mask_method_args(parser)
     parser.add_argument('--save_freq', default=20, type=positive_int,
                         help='save a checkpoint every N epochs (and after the last)')
+    parser.add_argument('--grad_checkpointing', action='store_true',
+                        help='activation checkpointing of the transformer blocks (ViT-L/H at large batch)')
     parser.add_argument('--vis_freq', default=20, type=non_negative_int,
                         help='log a grid of inputs and reconstructions to TensorBoard every N epochs (0: never)')
     parser.add_argument('--stop_epoch', default=None, type=positive_int, metavar='N',
@@ -121,7 +123,7 @@ def main(args: argparse.Namespace) -> None:
     )
 
     model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,
-                                 mask_method=args.mask_method)
+                                 mask_method=args.mask_method, grad_checkpointing=args.grad_checkpointing)
     # recorded in the checkpoint's args for finetuning / segmentation
     args.in_chans = model.encoder_in_chans
     args.input_size = list(input_size)

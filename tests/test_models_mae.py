@@ -255,3 +255,14 @@ def test_torch_compile_matches_eager():
     loss_c.backward()
     torch.testing.assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.patch_embed.proj.weight.grad, eager_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    imgs, m = torch.randn(2, 3, 32, 32), block_mask()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny("four_channels", grad_checkpointing=ckpt)
+        loss, _, _ = model(imgs, seg_mask=m)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])

@@ -141,3 +141,15 @@ def test_pretraining_logs_a_reconstruction_grid(toy_root, tmp_path):
     ea.Reload()
     images = ea.Images("reconstructions")
     assert [e.step for e in images] == [1] and (images[0].width, images[0].height) == (5 * 34, 4 * 34)
+
+
+def test_throughput_tool_runs_on_cpu(tmp_path):
+    from tools import throughput
+    rows = throughput.main(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "4",
+                            "--device", "cpu", "--warmup", "1", "--iters", "2", "--mask_method", "four_channels",
+                            "--grad_checkpointing", "--json", str(tmp_path / "t.json")])
+    ours = rows[0]
+    assert ours["img_per_sec"] > 0 and ours["tflops"] > 0
+    # forward + backward of a tiny ViT on 16 patches: a few hundred MFLOP per image
+    assert 0.05 < ours["gflop_per_img"] < 5
+    assert json.load(open(tmp_path / "t.json"))["results"][0]["name"] == "ours"
