@@ -153,3 +153,25 @@ def test_throughput_tool_runs_on_cpu(tmp_path):
     # forward + backward of a tiny ViT on 16 patches: a few hundred MFLOP per image
     assert 0.05 < ours["gflop_per_img"] < 5
     assert json.load(open(tmp_path / "t.json"))["results"][0]["name"] == "ours"
+
+
+def test_mask_cache_serves_the_same_segments_as_the_json_files(toy_root, tmp_path):
+    from tools import build_mask_cache
+    from util.datasets import SegmentMaskImageFolder
+    root = tmp_path / "cached"
+    shutil.copytree(toy_root, root)
+    plain = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30)
+    expected = [plain[i][1] for i in range(len(plain))]
+    build_mask_cache.main(["--data_path", str(root), "--coverage_ratio", "30"])
+    cached = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30)
+    assert cached.cache is not None
+    # the JSON files are no longer read: break them all
+    for f in glob.glob(str(root / "masks" / "*" / "*.json")):
+        open(f, "w").write("{broken")
+    for i in range(len(cached)):
+        assert np.array_equal(cached[i][1], expected[i])
+    # another coverage ratio has no cache and falls back to the (now broken) JSON files
+    other = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=60)
+    assert other.cache is None
+    with pytest.raises(Exception, match="broken|cannot read"):
+        other[0]

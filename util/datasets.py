@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
-from util.sam_masks import MASK_SUFFIX, load_segment, mask_path_for
+from util.sam_masks import MASK_SUFFIX, MaskCache, load_segment, mask_path_for
 from util.transforms import as_hw
 
 
@@ -84,6 +84,12 @@ class SegmentMaskImageFolder(Dataset):
             raise DataError(f"no images under {self.image_root}: {e}") from None
         if not self.samples:
             raise DataError(f"no images found under {self.image_root}")
+        self.cache = None
+        if with_masks and MaskCache.exists(root, coverage_ratio):
+            self.cache = MaskCache(root, coverage_ratio)
+            uncached = sum(os.path.relpath(p, self.image_root) not in self.cache for p, _ in self.samples)
+            print(f"Using the mask cache {self.cache.bin_path}" +
+                  (f" ({uncached} images not in it are read from their JSON files)" if uncached else ""))
         if with_masks:
             self._check_masks(allow_missing_masks)
 
@@ -91,8 +97,10 @@ class SegmentMaskImageFolder(Dataset):
         return mask_path_for(self.mask_root, os.path.relpath(image_path, self.image_root))
 
     def _check_masks(self, allow_missing: bool) -> None:
-        existing = _existing_mask_files(self.mask_root)
-        missing = [self.mask_path(path) for path, _ in self.samples
+        to_check = [s for s in self.samples
+                    if self.cache is None or os.path.relpath(s[0], self.image_root) not in self.cache]
+        existing = _existing_mask_files(self.mask_root) if to_check else set()
+        missing = [self.mask_path(path) for path, _ in to_check
                    if os.path.relpath(self.mask_path(path), self.mask_root) not in existing]
         if not missing:
             return
@@ -114,7 +122,11 @@ class SegmentMaskImageFolder(Dataset):
         img = load_rgb(path)
         if not self.with_masks:
             return img, None, target
-        mask = load_segment(self.mask_path(path), self.coverage_ratio, image_size=img.size)
+        rel = os.path.relpath(path, self.image_root)
+        if self.cache is not None and rel in self.cache:
+            mask = self.cache.load(rel, img.size)
+        else:
+            mask = load_segment(self.mask_path(path), self.coverage_ratio, image_size=img.size)
         if mask.shape != (img.height, img.width):
             # SAM may have run on a resized copy: bring the mask onto the image's pixel grid.
             mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))

@@ -105,3 +105,81 @@ def write_mask_file(path: str, annotations: list[dict], image_info: dict | None 
     with open(tmp, "w") as f:
         json.dump(payload, f)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The compact mask cache: for one coverage ratio, only the chosen segment of every mask file, so
+# that training never parses a full SAM JSON file (tools/build_mask_cache.py writes it).
+#   <root>/masks_cache/coverage_<C>.bin        the chosen RLE count strings, concatenated (ASCII)
+#   <root>/masks_cache/coverage_<C>.npz        keys (relative image paths, sorted), offset, length,
+#                                              height, width (length -1: no annotation)
+
+def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
+    base = os.path.join(root, "masks_cache", f"coverage_{coverage_ratio:g}")
+    return base + ".bin", base + ".npz"
+
+
+def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float) -> str:
+    """Writes the cache for these images (their mask files must exist); returns the .bin path."""
+    bin_path, index_path = mask_cache_paths(root, coverage_ratio)
+    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
+    keys = sorted(image_rel_paths)
+    offset = np.zeros(len(keys), np.int64)
+    length = np.full(len(keys), -1, np.int64)
+    height = np.zeros(len(keys), np.int32)
+    width = np.zeros(len(keys), np.int32)
+    tmp_bin = f"{bin_path}.tmp{os.getpid()}"
+    with open(tmp_bin, "wb") as out:
+        pos = 0
+        for i, rel in enumerate(keys):
+            ann = select_annotation(load_annotations(mask_path_for(os.path.join(root, "masks"), rel)), coverage_ratio)
+            if ann is None:
+                continue
+            seg = ann["segmentation"]
+            if isinstance(seg["counts"], list):  # store uncompressed RLE compressed
+                seg = encode_segmentation(decode_segmentation(seg))
+            counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else bytes(seg["counts"])
+            out.write(counts)
+            offset[i], length[i] = pos, len(counts)
+            height[i], width[i] = seg["size"]
+            pos += len(counts)
+    tmp_index = f"{index_path}.tmp{os.getpid()}.npz"
+    np.savez(tmp_index, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
+             coverage_ratio=np.float64(coverage_ratio))
+    os.replace(tmp_bin, bin_path)
+    os.replace(tmp_index, index_path)
+    return bin_path
+
+
+class MaskCache:
+    """Reads chosen segments from the cache: one pread and one RLE decode per sample."""
+
+    def __init__(self, root: str, coverage_ratio: float):
+        self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
+        index = np.load(index_path)
+        self.row = {k: i for i, k in enumerate(index["keys"].tolist())}
+        self.offset, self.length = index["offset"], index["length"]
+        self.height, self.width = index["height"], index["width"]
+        self._fd = None  # opened lazily: one descriptor per data-loader worker
+
+    @staticmethod
+    def exists(root: str, coverage_ratio: float) -> bool:
+        return all(os.path.exists(p) for p in mask_cache_paths(root, coverage_ratio))
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self.row
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        return state
+
+    def load(self, rel: str, image_size: tuple[int, int]) -> np.ndarray:
+        i = self.row[rel]
+        if self.length[i] < 0:
+            w, h = image_size
+            return np.zeros((h, w), dtype=np.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.bin_path, os.O_RDONLY)
+        counts = os.pread(self._fd, int(self.length[i]), int(self.offset[i]))
+        return mask_utils.decode({"size": [int(self.height[i]), int(self.width[i])], "counts": counts})
