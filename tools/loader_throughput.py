@@ -1,0 +1,80 @@
+"""Steady-state samples/s of the real pretraining loader (image + mask file -> augmented batch on
+the device), measured after the prefetch buffers are drained so they do not count.
+
+    python tools/loader_throughput.py --data_path /datasets/imagenet --mask_method four_channels \\
+        --batch_size 256 --num_workers 16 --steps 200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util.datasets import build_pretrain_dataset, collate_pretrain  # noqa: E402
+from util.masking import MASK_METHODS, uses_segments  # noqa: E402
+from util.transforms import PretrainTransform, as_hw  # noqa: E402
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device)
+    dataset = build_pretrain_dataset(args.data_path, PretrainTransform(as_hw(args.input_size)),
+                                     with_masks=uses_segments(args.mask_method), coverage_ratio=args.coverage_ratio)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         shuffle=True, drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0, collate_fn=collate_pretrain,
+                                         prefetch_factor=2 if args.num_workers > 0 else None)
+    # skip the start-up and the prefetched batches, then time a window of steps
+    skip = args.num_workers * 2 + 2
+    seen, timed, start, it = 0, 0, None, iter(loader)
+    while timed < args.steps:
+        try:
+            imgs, masks, _ = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        imgs = imgs.to(device, non_blocking=True)
+        if masks is not None:
+            masks = masks.to(device, non_blocking=True)
+        seen += 1
+        if seen == skip:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        elif seen > skip:
+            timed += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    result = {"samples_per_sec": timed * args.batch_size / elapsed, "steps": timed, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "mask_method": args.mask_method}
+    print(f"{result['samples_per_sec']:,.1f} samples/s over {timed} steps of {args.batch_size} "
+          f"({args.num_workers} workers, {args.mask_method})")
+    return result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", nargs="+", required=True)
+    p.add_argument("--mask_method", default="four_channels", choices=MASK_METHODS)
+    p.add_argument("--coverage_ratio", type=float, default=50.0)
+    p.add_argument("--input_size", type=int, nargs="+", default=[224])
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=10)
+    p.add_argument("--steps", type=int, default=100, help="timed steps after the warm-up")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    result = measure(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
