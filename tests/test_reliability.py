@@ -1,5 +1,6 @@
 """Faults a week-long run meets, tried one by one: the run continues correctly, or stops with the
 promised message and intact checkpoints. docs/RELIABILITY.md tabulates them."""
+import glob
 import hashlib
 import os
 import shutil
@@ -186,13 +187,25 @@ def test_requeue_resumes_from_the_newest_checkpoint(toy_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_local_executor_runs_the_job(toy_root, tmp_path):
+def test_submitit_local_job_preempted_requeues_and_resumes(toy_root, tmp_path):
+    """SIGUSR2 (SLURM's preemption signal) to the running task: submitit calls Trainer.checkpoint,
+    the local executor starts the task again, and it resumes from the newest checkpoint."""
     job = submitit_pretrain.main(["--cluster", "local", "--ngpus", "1", "--nodes", "1", "--job_dir", str(tmp_path),
                                   "--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32",
-                                  "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0",
+                                  "--batch_size", "16", "--epochs", "5", "--warmup_epochs", "0", "--num_workers", "0",
                                   "--device", "cpu", "--mask_method", "segments"])
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint-0.pth").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    tasks = subprocess.run(["pgrep", "-P", str(job._process.pid)], capture_output=True, text=True).stdout.split()
+    assert tasks, "the local job's task process was not found"
+    for pid in tasks:
+        os.kill(int(pid), signal.SIGUSR2)
     job.result()
-    assert torch.load(tmp_path / "checkpoint-1.pth", weights_only=True)["epoch"] == 1
+    logs = "".join(open(f).read() for f in glob.glob(str(tmp_path / "*_log.*")))
+    assert "this job is preempted" in logs and "Requeued job" in logs
+    assert "Auto-resume: found" in logs
+    assert torch.load(tmp_path / "checkpoint-4.pth", weights_only=True)["epoch"] == 4
 
 
 def test_benchmark_slurm_dry_run_is_one_task_with_all_gpus(toy_root, toy_ade20k, tmp_path, capsys):
