@@ -19,13 +19,13 @@ $(STAMP): requirements.txt
 
 TOY_ADE := data/toy_ade20k
 
-$(TOY)/.done: tools/make_toy_data.py | $(STAMP)
+data/.toy_done: tools/make_toy_data.py | $(STAMP)
 	$(PY) tools/make_toy_data.py --out $(TOY) --ade20k_out $(TOY_ADE)
 	@touch $@
 
 # The benchmark on the toy data: a tiny MAE pretrained in two chunks, a Segmenter trained and
 # scored after each; ends with the results table and output_demo/miou_vs_epochs.png.
-demo: $(STAMP) $(TOY)/.done
+demo: $(STAMP) data/.toy_done
 	$(PY) benchmark.py --in1k-dir $(TOY) --ade20k-dir $(TOY_ADE) --output-dir output_demo \
 		--mask-method four_channels --coverage-ratio 40 --model mae_vit_tiny_patch8 \
 		--pretrain-epochs 8 --eval-freq 4 --seg-epochs 8 --crop-size 32 --seg-decoder linear \
