@@ -19,7 +19,6 @@ continues from its own last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -130,21 +129,10 @@ def run_stage(module: str, argv: list[str], args, inprocess) -> None:
 
 
 def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
-    """The newest readable pretraining checkpoint and its number of epochs done (by content)."""
+    """The newest complete pretraining checkpoint (by content) and its number of epochs done."""
     import util.misc as misc
-    best, best_done = None, 0
-    for name in os.listdir(pretrain_dir) if os.path.isdir(pretrain_dir) else []:
-        if not (name.startswith("checkpoint-") and name.endswith(".pth")):
-            continue
-        path = os.path.join(pretrain_dir, name)
-        try:
-            done = int(misc.load_checkpoint(path)["epoch"]) + 1
-        except (UserError, KeyError, ValueError):
-            print(f"[benchmark] ignoring unreadable checkpoint {path}")
-            continue
-        if done > best_done:
-            best, best_done = path, done
-    return best, best_done
+    path = misc.find_last_checkpoint(pretrain_dir)
+    return (path, int(misc.load_checkpoint(path)["epoch"]) + 1) if path else (None, 0)
 
 
 def resolve_stack(args) -> str:
@@ -162,7 +150,8 @@ def resolve_stack(args) -> str:
         urllib.request.urlretrieve(url, path + ".part")
         os.replace(path + ".part", path)
     if args.stack_sha256:
-        got = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        from util.misc import file_digest
+        got = file_digest(path, "sha256")
         if got != args.stack_sha256:
             os.replace(path, path + ".bad")
             raise UserError(f"{path} has SHA-256 {got}, expected {args.stack_sha256}; moved to {path}.bad")

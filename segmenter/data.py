@@ -138,8 +138,9 @@ class ADE20K(Dataset):
             if not os.path.isdir(d):
                 raise DataError(f"--dataset-dir {root} has no {os.path.relpath(d, root)}/: expected the "
                                 f"ADEChallengeData2016 layout; download it with python -m segmenter.prepare_ade20k")
-        names = sorted(os.path.splitext(f)[0] for f in os.listdir(self.image_dir)
-                       if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        self.image_files = {os.path.splitext(f)[0]: f for f in os.listdir(self.image_dir)
+                            if f.lower().endswith((".jpg", ".jpeg", ".png"))}
+        names = sorted(self.image_files)
         missing = [n for n in names if not os.path.exists(os.path.join(self.label_dir, n + ".png"))]
         if missing:
             raise DataError(f"{len(missing)} images in {self.image_dir} have no label PNG in {self.label_dir}, "
@@ -147,7 +148,6 @@ class ADE20K(Dataset):
         if not names:
             raise DataError(f"no images in {self.image_dir}")
         self.names = names
-        self.image_files = {os.path.splitext(f)[0]: f for f in os.listdir(self.image_dir)}
         self.transform, self.seed, self.epoch = transform, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

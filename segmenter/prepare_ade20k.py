@@ -9,13 +9,17 @@ never leaves a half dataset that looks complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
 import time
 import urllib.request
 import zipfile
+
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util.misc import file_digest  # noqa: E402
 
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 ADE20K_SHA1 = "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"
@@ -25,14 +29,6 @@ REQUIRED = ("images/training", "images/validation", "annotations/training", "ann
 
 def is_complete(root: str) -> bool:
     return all(os.path.isdir(os.path.join(root, d)) and os.listdir(os.path.join(root, d)) for d in REQUIRED)
-
-
-def sha1_of(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(url: str, path: str) -> None:
@@ -65,10 +61,10 @@ def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, kee
         return root
     os.makedirs(out, exist_ok=True)
     archive = os.path.join(out, os.path.basename(url) or "ADEChallengeData2016.zip")
-    if not os.path.exists(archive) or (sha1 and sha1_of(archive) != sha1):
+    if not os.path.exists(archive) or (sha1 and file_digest(archive, "sha1") != sha1):
         download(url, archive)
     if sha1:
-        got = sha1_of(archive)
+        got = file_digest(archive, "sha1")
         if got != sha1:
             os.replace(archive, archive + ".bad")
             raise SystemExit(f"checksum mismatch for {archive}: SHA-1 {got}, expected {sha1}. The file was moved "

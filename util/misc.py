@@ -5,6 +5,7 @@ import argparse
 import builtins
 import datetime
 import glob
+import hashlib
 import json
 import os
 import re
@@ -279,6 +280,15 @@ class LossScaler:
 
 # ------------------------------------------------------------------------------------------------
 # checkpoints
+
+def file_digest(path: str, algorithm: str = "sha1", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read in chunks (checkpoints and archives are large)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def atomic_torch_save(obj, path: str) -> None:
     """Writes to a temporary file in the same folder, fsyncs, then renames over ``path``: a crash
