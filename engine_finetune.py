@@ -9,6 +9,7 @@ from timm.data import Mixup
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.speed import mark_step_begin
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -38,6 +39,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         update = (data_iter_step + 1) % accum_iter == 0
         sync_ctx = model.no_sync() if (args.distributed and not update) else nullcontext()
+        mark_step_begin(args.compile_mode if args.compile else None)
         with sync_ctx:
             with misc.autocast(device, args.amp):
                 outputs = model(samples)

@@ -12,6 +12,7 @@ import torch
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.errors import UserError
+from util.speed import mark_step_begin
 
 
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         update = (data_iter_step + 1) % accum_iter == 0
         # skip DDP's gradient all-reduce on accumulation steps
         sync_ctx = model.no_sync() if (args.distributed and not update) else nullcontext()
+        mark_step_begin(args.compile_mode if args.compile else None)
         with sync_ctx:
             with misc.autocast(device, args.amp):
                 loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
@@ -103,7 +105,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         if update:
             optimizer.zero_grad(set_to_none=True)
 
-        monitor.record(loss.detach())
+        monitor.record(loss.detach().clone())  # a copy: CUDA graphs reuse the output buffer
         if seg_mask is not None:
             empty_segments += (weights.sum(dim=1) == 0).sum()
         images_seen += samples.shape[0]

@@ -19,10 +19,11 @@ from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
                        non_negative_int, positive_int)
 from util.checkpoint_adapt import stack_official_into_mae
-from util.datasets import BadSample, build_pretrain_dataset, collate_pretrain
+from util.datasets import build_pretrain_dataset, collate_pretrain
 from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
-from util.transforms import PretrainTransform, as_hw
+from util.speed import convert_to_fp8
+from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform
 from util.visualize import grid_image, reconstruction_panels
 
 
@@ -41,6 +42,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='save a checkpoint every N epochs (and after the last)')
     parser.add_argument('--grad_checkpointing', action='store_true',
                         help='activation checkpointing of the transformer blocks (ViT-L/H at large batch)')
+    parser.add_argument('--data_backend', default='cpu', choices=DATA_BACKENDS,
+                        help='cpu: workers decode and augment (Pillow); gpu: workers only read the files, the '
+                             'batch is decoded (nvjpeg) and cropped on the training device: same crops, flips '
+                             'and masks, for when the CPU cores cannot keep up with the GPU')
+    parser.add_argument('--fp8', action='store_true',
+                        help='FP8 matmuls in the transformer Linear layers (torchao; Hopper/Ada GPUs)')
     parser.add_argument('--vis_freq', default=20, type=non_negative_int,
                         help='log a grid of inputs and reconstructions to TensorBoard every N epochs (0: never)')
     parser.add_argument('--stop_epoch', default=None, type=positive_int, metavar='N',
@@ -74,12 +81,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4) -> None:
     """TensorBoard image 'reconstructions': the first n training images, what the encoder saw and
     what the model made of it (util/visualize.py)."""
-    samples = [dataset[i] for i in range(min(n, len(dataset)))]
-    samples = [s for s in samples if not isinstance(s, BadSample)]
-    if not samples:
+    imgs, seg, _ = collate_pretrain([dataset[i] for i in range(min(n, len(dataset)))])
+    if imgs is None:
         return
-    imgs = torch.stack([s[0] for s in samples]).to(device)
-    seg = torch.stack([s[1] for s in samples]).to(device) if len(samples[0]) == 3 else None
+    imgs = imgs.to(device)
+    seg = seg.to(device) if seg is not None else None
     with misc.autocast(device, args.amp):
         panels = reconstruction_panels(model, imgs, seg, args.mask_ratio)
     log_writer.add_image('reconstructions', grid_image(panels.float()), epoch)
@@ -91,7 +97,7 @@ def main(args: argparse.Namespace) -> None:
 
     input_size = as_hw(args.input_size)
     with_masks = uses_segments(args.mask_method)
-    transform_train = PretrainTransform(input_size)
+    transform_train = build_pretrain_transform(input_size, args.data_backend)
     dataset_train = build_pretrain_dataset(args.data_path, transform_train, with_masks=with_masks,
                                            coverage_ratio=args.coverage_ratio,
                                            allow_missing_masks=args.allow_missing_masks, seed=args.seed,
@@ -128,6 +134,8 @@ def main(args: argparse.Namespace) -> None:
     args.in_chans = model.encoder_in_chans
     args.input_size = list(input_size)
     model.to(device)
+    if args.fp8:
+        print(f"FP8: {convert_to_fp8(model, device)} Linear layers converted")
     model_without_ddp = model
     print(f"Model = {model_without_ddp}")
 

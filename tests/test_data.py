@@ -261,3 +261,78 @@ def test_randaugment_strongest_posterize_does_not_crash():
     out = op(img)
     assert np.asarray(out).max() == 0  # 0 bits kept: black, as older Pillow gave
     assert np.asarray(auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(img)).max() == 200 & 0xF0
+
+
+# ------------------------------------------------------------------------------------------------
+# --data_backend gpu: decode and crop on the training device (run here on the CPU device)
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory):
+    """A toy dataset of 160x120 JPEG images (with their SAM mask files)."""
+    return make_toy_dataset(str(tmp_path_factory.mktemp("jpeg")), train_per_class=3, val_per_class=1,
+                            height=120, width=160, seed=3, image_format="jpg")
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root, toy_root):
+    """Same seeds -> the same boxes and flips: masks identical, pixels within interpolation noise
+    (torch's antialiased bicubic vs Pillow's), for JPEG (decoded by decode_jpeg on the device) and
+    PNG (decoded in the worker)."""
+    from util.datasets import collate_pretrain
+    from util.transforms import PendingBatch, build_pretrain_transform
+    root = jpeg_root if fmt == "jpeg" else toy_root
+    size = 64 if fmt == "jpeg" else 24
+    cpu = build_pretrain_dataset(root, build_pretrain_transform(size, "cpu"), with_masks=True, seed=5)
+    gpu = build_pretrain_dataset(root, build_pretrain_transform(size, "gpu"), with_masks=True, seed=5)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    for epoch in (0, 1):
+        cpu.set_epoch(epoch)
+        gpu.set_epoch(epoch)
+        idx = range(len(cpu))
+        a_imgs, a_masks, _ = collate_pretrain([cpu[i] for i in idx])
+        pending, b_masks, _ = collate_pretrain([gpu[i] for i in idx])
+        assert isinstance(pending, PendingBatch)
+        assert all(item.encoded == (fmt == "jpeg") for item in pending.items)
+        b_imgs = pending.to("cpu")
+        assert b_imgs.shape == a_imgs.shape == (len(cpu), 3, size, size)
+        assert torch.equal(a_masks, b_masks)
+        diff = ((a_imgs - b_imgs) * std * 255).abs()  # in 8-bit levels
+        assert diff.mean() < 1.0, diff.mean()
+        # a wrong box or a missed flip moves whole edges: many pixels off by tens of levels
+        assert (diff > 24).float().mean() < 0.01
+    # the flips and crop scales of the device path: both flips, areas spread over (0.2, 1)
+    t = build_pretrain_transform(size, "gpu")
+    draws = [t.draw(120, 160, torch.Generator().manual_seed(i)) for i in range(400)]
+    flips = sum(f for _, f in draws) / len(draws)
+    areas = torch.tensor([h * w / (120 * 160) for (_, _, h, w), _ in draws])
+    assert 0.42 < flips < 0.58 and areas.min() > 0.18 and areas.max() <= 1.0 and 0.45 < areas.mean() < 0.7
+
+
+def test_gpu_data_path_names_a_broken_jpeg(jpeg_root, tmp_path):
+    from util.datasets import collate_pretrain
+    from util.errors import UserError
+    from util.transforms import build_pretrain_transform
+    root = tmp_path / "broken"
+    shutil.copytree(jpeg_root, root)
+    victim = sorted((root / "train").rglob("*.jpg"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:400] + b"\x00" * (len(data) - 400))  # header intact, pixels garbage
+    ds = build_pretrain_dataset(str(root), build_pretrain_transform(32, "gpu"), with_masks=False)
+    pending, _, _ = collate_pretrain([ds[i] for i in range(len(ds))])
+    with pytest.raises(UserError, match=f"cannot decode image .*{victim.name}.*check_dataset"):
+        pending.to("cpu")
+
+
+def test_gpu_data_path_pretrains_like_the_cpu_path(jpeg_root, tmp_path):
+    import main_pretrain
+
+    def loss(backend):
+        out = tmp_path / backend
+        main_pretrain.cli(["--data_path", jpeg_root, "--model", "mae_vit_tiny_patch16", "--input_size", "64",
+                           "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "1",
+                           "--output_dir", str(out), "--log_dir", str(out), "--device", "cpu",
+                           "--mask_method", "four_channels", "--data_backend", backend, "--vis_freq", "1"])
+        return json.loads(open(out / "log.txt").read().splitlines()[-1])["train_loss"]
+
+    cpu, gpu = loss("cpu"), loss("gpu")
+    assert abs(cpu - gpu) / cpu < 0.02, (cpu, gpu)

@@ -177,8 +177,9 @@ def test_mask_cache_serves_the_same_segments_as_the_json_files(toy_root, tmp_pat
         other[0]
 
 
-def test_loader_throughput_tool(toy_root):
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_loader_throughput_tool(toy_root, backend):
     from tools import loader_throughput
     r = loader_throughput.main(["--data_path", toy_root, "--input_size", "32", "--batch_size", "8",
-                                "--num_workers", "1", "--steps", "6", "--device", "cpu"])
-    assert r["samples_per_sec"] > 0 and r["steps"] == 6
+                                "--num_workers", "1", "--steps", "6", "--device", "cpu", "--data_backend", backend])
+    assert r["samples_per_sec"] > 0 and r["steps"] == 6 and r["data_backend"] == backend

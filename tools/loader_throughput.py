@@ -2,7 +2,10 @@
 the device), measured after the prefetch buffers are drained so they do not count.
 
     python tools/loader_throughput.py --data_path /datasets/imagenet --mask_method four_channels \\
-        --batch_size 256 --num_workers 16 --steps 200
+        --batch_size 256 --num_workers 16 --steps 200 [--data_backend gpu]
+
+--data_backend gpu: the workers only read the files (and crop the masks); decoding (nvjpeg),
+cropping and resizing happen on the device, as in main_pretrain.py --data_backend gpu.
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.datasets import build_pretrain_dataset, collate_pretrain  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
-from util.transforms import PretrainTransform, as_hw  # noqa: E402
+from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform  # noqa: E402
 
 
 def measure(args) -> dict:
     device = torch.device(args.device)
-    dataset = build_pretrain_dataset(args.data_path, PretrainTransform(as_hw(args.input_size)),
+    transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend)
+    dataset = build_pretrain_dataset(args.data_path, transform,
                                      with_masks=uses_segments(args.mask_method), coverage_ratio=args.coverage_ratio)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                          shuffle=True, drop_last=True, pin_memory=device.type == "cuda",
@@ -51,9 +55,9 @@ def measure(args) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     result = {"samples_per_sec": timed * args.batch_size / elapsed, "steps": timed, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "mask_method": args.mask_method}
+              "num_workers": args.num_workers, "mask_method": args.mask_method, "data_backend": args.data_backend}
     print(f"{result['samples_per_sec']:,.1f} samples/s over {timed} steps of {args.batch_size} "
-          f"({args.num_workers} workers, {args.mask_method})")
+          f"({args.num_workers} workers, {args.mask_method}, data_backend {args.data_backend})")
     return result
 
 
@@ -66,6 +70,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=10)
     p.add_argument("--steps", type=int, default=100, help="timed steps after the warm-up")
+    p.add_argument("--data_backend", default="cpu", choices=DATA_BACKENDS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -88,8 +88,11 @@ def annotation(seg: np.ndarray, ann_id: int, rng: np.random.RandomState) -> dict
 
 
 def make_toy_dataset(out: str, train_per_class: int = 24, val_per_class: int = 6, height: int = 64,
-                     width: int = 64, seed: int = 0, classes=CLASSES) -> str:
+                     width: int = 64, seed: int = 0, classes=CLASSES, image_format: str = "png") -> str:
+    """ImageNet-style folders with SAM-style mask files; ``image_format`` png (lossless) or jpg
+    (quality 90, like ImageNet: for loader benchmarks)."""
     rng = np.random.RandomState(seed)
+    ext = {"png": ".png", "jpg": ".jpg"}[image_format]
     image_id = 0
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for kind in classes:
@@ -97,12 +100,12 @@ def make_toy_dataset(out: str, train_per_class: int = 24, val_per_class: int = 6
             for i in range(per_class):
                 name = f"{kind}_{split}_{i:04d}"
                 img, segments = make_sample(rng, kind, height, width)
-                Image.fromarray(img).save(os.path.join(out, split, kind, name + ".png"))
+                Image.fromarray(img).save(os.path.join(out, split, kind, name + ext), quality=90)
                 if split != "train":
                     continue
                 annotations = [annotation(s, k, rng) for k, s in enumerate(segments)]
                 path = os.path.join(out, "masks", kind, name + ".json")
-                info = {"image_id": image_id, "width": width, "height": height, "file_name": name + ".png"}
+                info = {"image_id": image_id, "width": width, "height": height, "file_name": name + ext}
                 # every fifth file is a bare list, the form SAM's amg.py script writes
                 write_mask_file(path, annotations, info, bare_list=image_id % 5 == 4)
                 image_id += 1
@@ -163,13 +166,15 @@ def main(argv=None) -> None:
     parser.add_argument("--val_per_class", type=int, default=6)
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image_format", default="png", choices=["png", "jpg"])
     parser.add_argument("--ade20k_out", default=None,
                         help="also write a toy ADE20k (ADEChallengeData2016 layout) to this folder")
     parser.add_argument("--ade20k_train", type=int, default=40)
     parser.add_argument("--ade20k_val", type=int, default=10)
     args = parser.parse_args(argv)
     if args.out:
-        make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed)
+        make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed,
+                         image_format=args.image_format)
         n = len(CLASSES) * args.train_per_class
         print(f"wrote {n} training images with SAM-style masks and {len(CLASSES) * args.val_per_class} "
               f"validation images to {args.out}")

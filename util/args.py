@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from util.masking import MASK_METHODS
+from util.speed import COMPILE_MODES
 
 
 def positive_int(value: str) -> int:
@@ -99,6 +100,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                         help='mixed precision (default: bf16 on GPUs that support it, else none)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                        help='torch.compile mode with --compile; reduce-overhead also uses CUDA graphs')
 
     # distributed training parameters
     parser.add_argument('--world_size', default=1, type=int,

@@ -9,6 +9,7 @@ missing mask files) are found when the dataset is built, not in the middle of an
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from util.errors import UserError
 from util.sam_masks import MASK_SUFFIX, MaskCache, load_segment, mask_path_for
-from util.transforms import as_hw
+from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage, as_hw
 
 
 class DataError(UserError):
@@ -40,6 +41,30 @@ def load_rgb(path: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+
+
+class EncodedImage:
+    """An image file's bytes and size, read without decoding the pixels (``--data_backend gpu``
+    decodes them on the training device); unreadable headers raise an error naming the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.data = f.read()
+            with Image.open(io.BytesIO(self.data)) as img:
+                self.width, self.height = img.size
+                self.is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def decode(self) -> Image.Image:
+        """The RGB pixels (for formats the GPU decoder does not read)."""
+        return load_rgb(self.path)
 
 
 def _existing_mask_files(mask_root: str) -> set[str]:
@@ -57,12 +82,14 @@ class SegmentMaskImageFolder(Dataset):
     """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class).
 
     The segment is the annotation whose coverage is closest to ``coverage_ratio`` percent, as an
-    (H, W) uint8 array on the image's pixel grid, 1 = hidden.
+    (H, W) uint8 array on the image's pixel grid, 1 = hidden. With ``decode=False`` the image is an
+    EncodedImage (the file's bytes) instead of a PIL image.
     """
 
     def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
-                 split: str = "train", allow_missing_masks: bool = False):
+                 split: str = "train", allow_missing_masks: bool = False, decode: bool = True):
         self.root = root
+        self.decode = decode
         self.image_root = os.path.join(root, split)
         self.mask_root = os.path.join(root, "masks")
         self.with_masks = with_masks
@@ -119,7 +146,7 @@ class SegmentMaskImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        img = load_rgb(path)
+        img = load_rgb(path) if self.decode else EncodedImage(path)
         if not self.with_masks:
             return img, None, target
         rel = os.path.relpath(path, self.image_root)
@@ -153,7 +180,10 @@ def collate_pretrain(batch: list):
     bad = [b.message for b in batch if isinstance(b, BadSample)]
     if not good:
         return None, None, bad
-    columns = default_collate(good)
+    if isinstance(good[0][0], PendingImage):  # --data_backend gpu: decoded when moved to the device
+        columns = [PendingBatch([g[0] for g in good])] + default_collate([g[1:] for g in good])
+    else:
+        columns = default_collate(good)
     return columns[0], (columns[1] if len(columns) == 3 else None), bad
 
 
@@ -203,10 +233,12 @@ class PretrainDataset(Dataset):
 def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable, with_masks: bool,
                            coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
                            seed: int = 0, skip_bad_samples: bool = False) -> PretrainDataset:
-    """One dataset over one or several roots."""
+    """One dataset over one or several roots. A DeferredPretrainTransform gets the encoded files."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
-    folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks)
+    decode = not isinstance(transform, DeferredPretrainTransform)
+    folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks,
+                                      decode=decode)
                for root in data_paths]
     return PretrainDataset(folders, transform, seed, skip_bad_samples)
 

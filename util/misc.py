@@ -524,7 +524,8 @@ def set_lr_from_blr(args: argparse.Namespace) -> int:
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """Optional torch.compile, then DDP when distributed. Save and optimise the unwrapped model."""
     if args.compile:
-        model = torch.compile(model)
+        from util.speed import compile_model
+        model = compile_model(model, getattr(args, "compile_mode", "default"))
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

@@ -23,10 +23,21 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def adamw(param_groups: list[dict], lr: float, device: torch.device, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW with the fused CUDA kernel on GPUs (one launch for all parameters)."""
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+ADAMW_IMPLS = ("auto", "fused", "foreach", "forloop")
+
+
+def adamw(param_groups: list[dict], lr: float, device: torch.device, betas=(0.9, 0.95),
+          impl: str = "auto") -> torch.optim.AdamW:
+    """AdamW. ``auto``: the fused kernel on GPUs (one launch for all parameters), PyTorch's default
+    elsewhere; ``fused`` / ``foreach`` / ``forloop`` force an implementation (same numbers, different
+    speed; tools/throughput.py compares them)."""
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"unknown AdamW implementation {impl!r}; choose one of {', '.join(ADAMW_IMPLS)}")
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "default"
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False},
+              "default": {}}[impl]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, **kwargs)
 
 
 def layer_id_for_vit(name: str, num_layers: int) -> int:

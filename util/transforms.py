@@ -5,6 +5,13 @@ the mask). Random numbers are drawn exactly as torchvision's RandomResizedCrop f
 RandomHorizontalFlip draw them, so with ``mask=None`` and the global generator this is the MAE
 reference's pretraining transform, sample for sample. A per-sample ``generator`` makes the
 augmentation independent of worker and rank layout (see util/datasets.PretrainDataset).
+
+Two data paths share the crop and flip draws (``PretrainTransform.draw``):
+- ``PretrainTransform``: decode, crop, resize and flip in the CPU workers (``--data_backend cpu``);
+- ``DeferredPretrainTransform``: the workers only read the file and crop the mask; the batch is
+  decoded (nvjpeg on a GPU), cropped, resized and flipped on the training device when it is moved
+  there (``PendingBatch.to``, ``--data_backend gpu``). Same boxes, same flips, same masks; image
+  pixels differ only by the resize implementation (torch's antialiased bicubic vs Pillow's).
 """
 from __future__ import annotations
 
@@ -12,9 +19,12 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
+
+from util.errors import UserError
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
@@ -71,22 +81,134 @@ class PretrainTransform:
         self.hflip = hflip
         self.normalize = T.Normalize(mean, std)
 
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None):
+        """The random crop box (top, left, h, w) and flip of one sample, in the reference's order."""
+        box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
+        flip = torch.rand(1, generator=generator).item() < self.hflip
+        return box, flip
+
     def __call__(self, img: Image.Image, mask: np.ndarray | None = None,
                  generator: torch.Generator | None = None):
-        top, left, height, width = random_resized_crop_params(img.height, img.width, self.scale, self.ratio, generator)
-        img = TF.resized_crop(img, top, left, height, width, list(self.size), T.InterpolationMode.BICUBIC)
-        flip = torch.rand(1, generator=generator).item() < self.hflip
+        box, flip = self.draw(img.height, img.width, generator)
+        img = TF.resized_crop(img, *box, list(self.size), T.InterpolationMode.BICUBIC)
         if flip:
             img = TF.hflip(img)
         img = self.normalize(TF.to_tensor(img))
         if mask is None:
             return img
-        mask_img = Image.fromarray(mask.astype(np.uint8))
-        mask_img = TF.resized_crop(mask_img, top, left, height, width, list(self.size), T.InterpolationMode.NEAREST)
-        if flip:
-            mask_img = TF.hflip(mask_img)
-        return img, torch.from_numpy(np.asarray(mask_img, dtype=np.float32).copy()).unsqueeze(0)
+        return img, crop_mask(mask, box, flip, self.size)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
                 f"ratio=({self.ratio[0]:.3f}, {self.ratio[1]:.3f}), hflip={self.hflip})")
+
+
+def crop_mask(mask: np.ndarray, box: tuple[int, int, int, int], flip: bool, size: tuple[int, int]) -> torch.Tensor:
+    """The segment mask under a crop box and flip, nearest-neighbour resized: (1, H, W) float."""
+    mask_img = TF.resized_crop(Image.fromarray(mask.astype(np.uint8)), *box, list(size), T.InterpolationMode.NEAREST)
+    if flip:
+        mask_img = TF.hflip(mask_img)
+    return torch.from_numpy(np.asarray(mask_img, dtype=np.float32).copy()).unsqueeze(0)
+
+
+class PendingImage:
+    """One sample's image on its way to the training device: the encoded JPEG file (or, for other
+    formats, the pixels decoded in the worker, uint8 (3, h, w)), its crop box and flip, and the
+    output size and normalisation of the transform that drew them."""
+
+    def __init__(self, data: torch.Tensor, encoded: bool, box: tuple[int, int, int, int], flip: bool,
+                 size: tuple[int, int], mean, std, path: str = ""):
+        self.data, self.encoded, self.box, self.flip = data, encoded, box, flip
+        self.size, self.mean, self.std, self.path = size, tuple(mean), tuple(std), path
+
+
+class PendingBatch:
+    """A batch of PendingImage. ``.to(device)`` decodes it there (nvjpeg on a GPU, in one batched
+    call), crops, resizes (bicubic, antialiased), flips and normalises each image, and returns the
+    (N, 3, H, W) float tensor the model takes, so a training loop's ``samples.to(device)`` works
+    unchanged for either data path."""
+
+    def __init__(self, items: list[PendingImage]):
+        self.items, self.size = items, items[0].size
+        self.mean = torch.tensor(items[0].mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(items[0].std).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pin_memory(self) -> "PendingBatch":
+        for item in self.items:
+            item.data = item.data.pin_memory()
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        device = torch.device(device)
+        jpegs = [i for i, item in enumerate(self.items) if item.encoded]
+        pixels: dict[int, torch.Tensor] = {}
+        if jpegs:
+            pixels.update(zip(jpegs, self._decode([self.items[i] for i in jpegs], device)))
+        out = torch.empty(len(self.items), 3, *self.size, device=device)
+        for i, item in enumerate(self.items):
+            img = pixels[i] if i in pixels else item.data.to(device, non_blocking=non_blocking)
+            top, left, h, w = item.box
+            crop = img[None, :, top:top + h, left:left + w].float()
+            crop = F.interpolate(crop, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+            if item.flip:
+                crop = crop.flip(-1)
+            out[i] = crop[0]
+        # uint8 rounding and range as Pillow's resize, then ToTensor + Normalize
+        out = out.clamp_(0, 255).round_().div_(255)
+        return (out - self.mean.to(device)) / self.std.to(device)
+
+    @staticmethod
+    def _decode(items: list[PendingImage], device: torch.device) -> list[torch.Tensor]:
+        """One batched decode; if the GPU decoder refuses the batch (a JPEG variant it does not
+        read), each file is decoded on the CPU instead, and a broken one is named."""
+        try:  # torchvision 0.29 deprecates its decoders (for TorchCodec, which needs FFmpeg)
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            raise UserError("--data_backend gpu needs torchvision.io.decode_jpeg, which this torchvision no "
+                            "longer has: use --data_backend cpu") from None
+        try:
+            return decode_jpeg([item.data for item in items], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass  # one by one on the CPU, below
+        out = []
+        for item in items:
+            try:
+                out.append(decode_jpeg(item.data, mode=ImageReadMode.RGB).to(device))
+            except RuntimeError as e:
+                raise UserError(f"cannot decode image {item.path}: {e}. Replace or delete the file "
+                                f"(python tools/check_dataset.py finds every such file).") from None
+        return out
+
+
+class DeferredPretrainTransform(PretrainTransform):
+    """The worker side of ``--data_backend gpu``: draws the crop and flip exactly as
+    PretrainTransform (same generator, same order), crops the mask on the CPU (cheap), and leaves
+    the image encoded for PendingBatch.to to decode and crop on the training device.
+
+    Takes a util.datasets.EncodedImage instead of a PIL image."""
+
+    def __call__(self, img, mask: np.ndarray | None = None, generator: torch.Generator | None = None):
+        box, flip = self.draw(img.height, img.width, generator)
+        if img.is_jpeg:
+            data, encoded = torch.frombuffer(bytearray(img.data), dtype=torch.uint8), True
+        else:  # PNG and others: nvjpeg only reads JPEG, so the worker decodes these
+            data, encoded = torch.from_numpy(np.asarray(img.decode(), dtype=np.uint8).copy()).permute(2, 0, 1), False
+        pending = PendingImage(data, encoded, box, flip, self.size, self.normalize.mean, self.normalize.std,
+                               img.path)
+        if mask is None:
+            return pending
+        return pending, crop_mask(mask, box, flip, self.size)
+
+
+DATA_BACKENDS = ("cpu", "gpu")
+
+
+def build_pretrain_transform(input_size, data_backend: str = "cpu") -> PretrainTransform:
+    """The pretraining augmentation of a data path: ``cpu`` (PretrainTransform) or ``gpu``
+    (DeferredPretrainTransform, decoded and cropped on the training device)."""
+    if data_backend not in DATA_BACKENDS:
+        raise ValueError(f"unknown data backend {data_backend!r}; choose one of {', '.join(DATA_BACKENDS)}")
+    return (DeferredPretrainTransform if data_backend == "gpu" else PretrainTransform)(input_size)
