@@ -25,6 +25,19 @@ def batch(method, n=4, seed=1):
     return imgs, seg, noise
 
 
+def block_import(monkeypatch, package: str) -> None:
+    """Makes ``import package`` fail, as where it is not installed."""
+    import builtins
+    real_import = builtins.__import__
+
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] == package:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded)
+
+
 def loss_and_grads(model, method, amp="none"):
     imgs, seg, noise = batch(method)
     with autocast(torch.device("cpu"), amp):
@@ -117,15 +130,7 @@ def test_fp8_errors_name_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(UserError, match="compute capability 8.9.*8.0.*without --fp8"):
         convert_to_fp8(tiny(), torch.device("cuda"))
-    import builtins
-    real_import = builtins.__import__
-
-    def no_torchao(name, *args, **kwargs):
-        if name.startswith("torchao"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    block_import(monkeypatch, "torchao")
     with pytest.raises(UserError, match="pip install torchao"):
         convert_to_fp8(tiny(), torch.device("cpu"))
 
@@ -203,3 +208,12 @@ def test_throughput_ablation_and_max_batch_on_cpu(tmp_path):
     assert [(r["grad_checkpointing"], r["max_batch"]) for r in rows] == [(False, 16), (True, 16)]
     with pytest.raises(SystemExit):
         throughput.main(common + ["--ablation", "warp_drive"])
+
+
+def test_throughput_peer_without_transformers_says_how_to_install(monkeypatch, capsys):
+    from tools import throughput
+    block_import(monkeypatch, "transformers")
+    rows = throughput.main(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "2",
+                            "--device", "cpu", "--warmup", "0", "--iters", "1", "--peer"])
+    assert [r["name"] for r in rows] == ["ours"]
+    assert "pip install transformers" in capsys.readouterr().out
