@@ -183,3 +183,19 @@ def test_loader_throughput_tool(toy_root, backend):
     r = loader_throughput.main(["--data_path", toy_root, "--input_size", "32", "--batch_size", "8",
                                 "--num_workers", "1", "--steps", "6", "--device", "cpu", "--data_backend", backend])
     assert r["samples_per_sec"] > 0 and r["steps"] == 6 and r["data_backend"] == backend
+
+
+@pytest.mark.slow
+def test_perf_report_smoke_writes_every_part(tmp_path):
+    from tools import perf_report
+    report = perf_report.main(["--out", str(tmp_path), "--smoke", "--num_workers", "1"])
+    assert set(report) == {"step", "memory", "loader"}
+    step = open(tmp_path / "step.md").read()
+    assert "+ fused attention (SDPA)" in step and "| mae_vit_tiny_patch8 | four_channels | ours |" in step
+    assert [r["rows"][0]["max_batch"] for r in report["memory"]] == [8]
+    assert [(r["data_backend"], r["mask_method"]) for r in report["loader"]] == [
+        ("cpu", "patches"), ("cpu", "four_channels"), ("gpu", "patches"), ("gpu", "four_channels")]
+    assert all(r["samples_per_sec"] > 0 for r in report["loader"])
+    assert json.load(open(tmp_path / "loader.json"))[0]["steps"] == 2
+    with pytest.raises(SystemExit):
+        perf_report.main(["--out", str(tmp_path), "--parts", "speed_of_light"])
