@@ -147,6 +147,18 @@ def test_find_max_batch_finds_the_boundary_in_few_tries(capacity):
     assert len(tries) <= 2 * 11 + 2  # doubling then bisection: logarithmic
 
 
+def test_a_compile_mode_implies_compile():
+    from argparse import Namespace
+
+    from util.speed import resolve_compile_flags
+    args = Namespace(compile=False, compile_mode="reduce-overhead")
+    resolve_compile_flags(args)
+    assert args.compile
+    args = Namespace(compile=False, compile_mode="default")
+    resolve_compile_flags(args)
+    assert not args.compile
+
+
 def test_mark_step_begin_only_under_cuda_graph_modes(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))

@@ -101,7 +101,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help='mixed precision (default: bf16 on GPUs that support it, else none)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
-                        help='torch.compile mode with --compile; reduce-overhead also uses CUDA graphs')
+                        help='torch.compile mode (a mode other than default implies --compile); reduce-overhead also uses CUDA graphs')
 
     # distributed training parameters
     parser.add_argument('--world_size', default=1, type=int,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from util.errors import UserError
+from util.speed import compile_model, resolve_compile_flags
 
 # Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
 # torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
@@ -484,6 +485,7 @@ def setup_run(args: argparse.Namespace, script: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
     args.amp = resolve_amp(args.amp, device)
+    resolve_compile_flags(args)
     seed_epoch(args.seed, 0, get_rank())
     torch.backends.cudnn.benchmark = True
     return device
@@ -524,7 +526,6 @@ def set_lr_from_blr(args: argparse.Namespace) -> int:
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """Optional torch.compile, then DDP when distributed. Save and optimise the unwrapped model."""
     if args.compile:
-        from util.speed import compile_model
         model = compile_model(model, getattr(args, "compile_mode", "default"))
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

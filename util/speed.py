@@ -38,6 +38,12 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+def resolve_compile_flags(args) -> None:
+    """``--compile_mode`` other than default implies ``--compile``."""
+    if getattr(args, "compile_mode", "default") != "default":
+        args.compile = True
+
+
 def mark_step_begin(compile_mode: str | None) -> None:
     """Call at the start of every training step under a CUDA-graph compile mode: tells the graph
     runner that the previous step's outputs may be overwritten."""
