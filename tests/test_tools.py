@@ -189,9 +189,9 @@ def test_loader_throughput_tool(toy_root, backend):
 def test_perf_report_smoke_writes_every_part(tmp_path):
     from tools import perf_report
     report = perf_report.main(["--out", str(tmp_path), "--smoke", "--num_workers", "1"])
-    assert set(report) == {"step", "memory", "loader"}
-    step = open(tmp_path / "step.md").read()
-    assert "+ fused attention (SDPA)" in step and "| mae_vit_tiny_patch8 | four_channels | ours |" in step
+    assert set(report) == {"ablation_b", "ablation_l", "methods", "memory", "loader"}
+    assert "+ fused attention (SDPA)" in open(tmp_path / "ablation_b.md").read()
+    assert "| mae_vit_tiny_patch8 | four_channels | ours |" in open(tmp_path / "methods.md").read()
     assert [r["rows"][0]["max_batch"] for r in report["memory"]] == [8]
     assert [(r["data_backend"], r["mask_method"]) for r in report["loader"]] == [
         ("cpu", "patches"), ("cpu", "four_channels"), ("gpu", "patches"), ("gpu", "four_channels")]

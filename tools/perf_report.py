@@ -2,10 +2,14 @@
 the training step (each option's gain, every mask method), the largest batch with and without
 activation checkpointing, and the data loader on both data paths.
 
-    python tools/perf_report.py --out perf/ --parts step           # on one H100, ~6 min
-    python tools/perf_report.py --out perf/ --parts memory         # ~6 min
+    python tools/perf_report.py --out perf/ --parts ablation_b   # ViT-B@256, each option's gain
+    python tools/perf_report.py --out perf/ --parts ablation_l   # ViT-L@128
+    python tools/perf_report.py --out perf/ --parts methods      # segment methods, ViT-B@256
+    python tools/perf_report.py --out perf/ --parts memory       # max batch B/L/H
     python tools/perf_report.py --out perf/ --parts loader --num_workers 16
-    python tools/perf_report.py --out /tmp/smoke --smoke           # tiny models on the CPU (tests)
+    python tools/perf_report.py --out /tmp/smoke --smoke         # tiny models on the CPU (tests)
+
+Each part is meant to fit one 10-minute call on a lent H100 (compiling takes a minute per row).
 
 Each part writes <out>/<part>.json and <out>/<part>.md (a markdown table with a target column).
 """
@@ -33,8 +37,9 @@ def plan(args) -> dict:
     if args.smoke:
         tiny = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--device", "cpu", "--warmup", "0", "--iters", "1"]
         return {
-            "ablation": [(("mae_vit_base_patch16", "patches"), tiny + ["--batch_size", "4",
-                                                                         "--ablation", "reference,sdpa,fused_adamw"])],
+            "ablation_b": [(("mae_vit_base_patch16", "patches"), tiny + ["--batch_size", "4",
+                                                                           "--ablation", "reference,sdpa,fused_adamw"])],
+            "ablation_l": [],
             "methods": [(("mae_vit_base_patch16", "four_channels"), tiny + ["--batch_size", "4", "--mask_method",
                                                                               "four_channels"])],
             "memory": [tiny + ["--batch_size", "4", "--max_batch", "--max_batch_limit", "8"]],
@@ -42,10 +47,10 @@ def plan(args) -> dict:
         }
     best = ["--amp", "bf16", "--compile"]
     return {
-        "ablation": [(("mae_vit_base_patch16", "patches"), ["--model", "mae_vit_base_patch16", "--batch_size", "256",
-                                                            "--ablation"]),
-                     (("mae_vit_large_patch16", "patches"), ["--model", "mae_vit_large_patch16", "--batch_size", "128",
-                                                             "--ablation"])],
+        "ablation_b": [(("mae_vit_base_patch16", "patches"), ["--model", "mae_vit_base_patch16", "--batch_size",
+                                                              "256", "--ablation"])],
+        "ablation_l": [(("mae_vit_large_patch16", "patches"), ["--model", "mae_vit_large_patch16", "--batch_size",
+                                                               "128", "--ablation"])],
         "methods": [(("mae_vit_base_patch16", m), ["--model", "mae_vit_base_patch16", "--batch_size", "256",
                                                    "--mask_method", m] + best)
                     for m in ("segments", "four_channels", "preencoder")],
@@ -62,10 +67,11 @@ def check(value: float | None, target: float | None, higher_is_better: bool = Tr
     return f"{'met' if ok else 'NOT met'} ({target:,g})"
 
 
-def part_step(args, runs: dict) -> tuple[list, list[str]]:
+def step_rows(args, runs: list) -> tuple[list, list[str]]:
+    """Training-step runs of tools/throughput.py, the best row of each checked against its target."""
     results, lines = [], ["| model | method | configuration | img/s | gain | TFLOP/s | peak GiB | target img/s | target GiB |",
                           "|---|---|---|---|---|---|---|---|---|"]
-    for target_key, argv in runs["ablation"] + runs["methods"]:
+    for target_key, argv in runs:
         rows = throughput.main(argv)
         model, method = argv[argv.index("--model") + 1], target_key[1]
         target_speed, target_mem = (None, None) if args.smoke else STEP_TARGETS[target_key]
@@ -112,13 +118,16 @@ def part_loader(args, runs: dict) -> tuple[list, list[str]]:
     return results, lines
 
 
-PARTS = {"step": part_step, "memory": part_memory, "loader": part_loader}
+PARTS = {"ablation_b": lambda args, runs: step_rows(args, runs["ablation_b"]),
+         "ablation_l": lambda args, runs: step_rows(args, runs["ablation_l"]),
+         "methods": lambda args, runs: step_rows(args, runs["methods"]),
+         "memory": part_memory, "loader": part_loader}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for <part>.json and <part>.md")
-    p.add_argument("--parts", default="step,memory,loader", help="comma list of: " + ", ".join(PARTS))
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of: " + ", ".join(PARTS))
     p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="loader workers")
     p.add_argument("--loader_data", default=None,
                    help="dataset for the loader part (default: a JPEG toy set of ImageNet size made in --out)")
