@@ -19,7 +19,7 @@ from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
                        non_negative_int, positive_int)
 from util.checkpoint_adapt import stack_official_into_mae
-from util.datasets import build_pretrain_dataset, collate_pretrain
+from util.datasets import DevicePrefetcher, build_pretrain_dataset, collate_pretrain
 from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.speed import convert_to_fp8
@@ -127,6 +127,8 @@ def main(args: argparse.Namespace) -> None:
         drop_last=True,
         collate_fn=collate_pretrain,
     )
+    if args.data_backend == "gpu":  # decode and crop batch k+1 on the device while step k runs
+        data_loader_train = DevicePrefetcher(data_loader_train, device)
 
     model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,
                                  mask_method=args.mask_method, grad_checkpointing=args.grad_checkpointing)

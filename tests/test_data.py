@@ -336,3 +336,81 @@ def test_gpu_data_path_pretrains_like_the_cpu_path(jpeg_root, tmp_path):
 
     cpu, gpu = loss("cpu"), loss("gpu")
     assert abs(cpu - gpu) / cpu < 0.02, (cpu, gpu)
+
+
+def test_device_prefetcher_yields_the_loaders_batches_in_order_and_passes_errors(jpeg_root):
+    import threading
+
+    from torch.utils.data import DataLoader
+
+    from util.datasets import DevicePrefetcher, collate_pretrain
+    from util.transforms import build_pretrain_transform
+    ds = build_pretrain_dataset(jpeg_root, build_pretrain_transform(32, "gpu"), with_masks=True, seed=2)
+    loader = DataLoader(ds, batch_size=3, collate_fn=collate_pretrain, num_workers=1)
+    prefetched = DevicePrefetcher(loader, torch.device("cpu"))
+    assert len(prefetched) == len(loader) == 4
+    expected = [(b[0].to("cpu"), b[1]) for b in loader]
+    got = list(prefetched)
+    assert len(got) == 4
+    for (imgs, masks, bad), (e_imgs, e_masks) in zip(got, expected):
+        assert isinstance(imgs, torch.Tensor) and torch.equal(imgs, e_imgs) and torch.equal(masks, e_masks)
+        assert bad == []
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i == 4:
+                raise DataError("cannot read image broken.jpg")
+            return torch.zeros(3, 2, 2), torch.zeros(1, 2, 2), 0
+
+    seen = []
+    with pytest.raises(DataError, match="broken.jpg"):
+        for batch in DevicePrefetcher(DataLoader(Broken(), batch_size=2, collate_fn=collate_pretrain), "cpu"):
+            seen.append(batch)
+    assert len(seen) == 2  # the batches before the broken one arrived first
+
+    # leaving the loop early stops the background thread
+    for _ in DevicePrefetcher(DataLoader(Broken(), batch_size=1, collate_fn=collate_pretrain), "cpu"):
+        break
+    import gc
+    import time
+    gc.collect()
+    deadline = time.time() + 5
+    while any(t.name == "device-prefetcher" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "device-prefetcher" for t in threading.enumerate())
+
+
+def test_gpu_data_path_resumes_exactly(jpeg_root, tmp_path):
+    """Two epochs straight == one epoch, then a resumed second: the device path and its
+    prefetcher keep the batches deterministic."""
+    import main_pretrain
+
+    def run(out, epochs, resume):
+        main_pretrain.cli(["--data_path", jpeg_root, "--model", "mae_vit_tiny_patch16", "--input_size", "32",
+                           "--batch_size", "4", "--epochs", str(epochs), "--warmup_epochs", "0", "--num_workers", "1",
+                           "--output_dir", str(out), "--log_dir", str(out), "--device", "cpu",
+                           "--mask_method", "segments", "--data_backend", "gpu", "--save_freq", "1",
+                           "--no_auto_resume"] + (["--resume", resume] if resume else []))
+
+    run(tmp_path / "straight", 2, None)
+    run(tmp_path / "resumed", 2, resume=str(tmp_path / "straight" / "checkpoint-0.pth"))
+    a = torch.load(tmp_path / "straight" / "checkpoint-1.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint-1.pth", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dataloader_pinning_reaches_the_pending_batch(monkeypatch):
+    """pin_memory=True in the DataLoader pins the encoded files (the DataLoader's pin thread calls
+    PendingBatch.pin_memory), so their copy to the GPU can be asynchronous."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from util.transforms import PendingBatch, PendingImage
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.numel()) or self)
+    items = [PendingImage(torch.zeros(n, dtype=torch.uint8), True, (0, 0, 1, 1), False, (4, 4), (0, 0, 0), (1, 1, 1))
+             for n in (10, 20)]
+    out = pin_memory((PendingBatch(items), None, []), device=None)
+    assert isinstance(out[0], PendingBatch) and pinned == [10, 20]
