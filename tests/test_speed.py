@@ -229,3 +229,19 @@ def test_throughput_peer_without_transformers_says_how_to_install(monkeypatch, c
                             "--device", "cpu", "--warmup", "0", "--iters", "1", "--peer"])
     assert [r["name"] for r in rows] == ["ours"]
     assert "pip install transformers" in capsys.readouterr().out
+
+
+def test_max_batch_counts_allocation_failures_as_not_fitting(monkeypatch, capsys):
+    from tools import throughput
+    real_build = throughput.build_step
+
+    def build(cfg, device):
+        if cfg.batch_size > 5:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+        return real_build(cfg, device)
+
+    monkeypatch.setattr(throughput, "build_step", build)
+    rows = throughput.main(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "2",
+                            "--device", "cpu", "--max_batch", "--max_batch_limit", "64"])
+    assert [r["max_batch"] for r in rows] == [5, 5]
+    assert "batch 8 does not train: RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED" in capsys.readouterr().out

@@ -222,7 +222,8 @@ def max_batch_rows(args, device) -> list[dict]:
                 step, inputs = build_step(cfg, device)
                 time_steps(step, inputs, warmup=1, iters=1, device=device)
                 return True
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # cuBLAS/cuDNN report OOM as RuntimeError
+                print(f"  batch {batch} does not train: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
                 return False
             finally:
                 step = inputs = None  # noqa: F841 (frees the memory before the next try)
