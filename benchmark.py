@@ -30,8 +30,11 @@ import urllib.request
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
+import util.misc as misc  # noqa: E402
+from util.args import coverage_ratio_type, positive_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS  # noqa: E402
+from util.slurm import add_slurm_job_args, submit  # noqa: E402
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
     "mae_vit_base_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
@@ -46,12 +49,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ade20k-dir", required=True, help="ADEChallengeData2016 folder")
     p.add_argument("--output-dir", default=".")
     p.add_argument("--mask-method", default="patches", choices=MASK_METHODS)
-    p.add_argument("--coverage-ratio", type=float, default=50.0)
+    p.add_argument("--coverage-ratio", type=coverage_ratio_type, default=50.0)
     p.add_argument("--model", default="mae_vit_base_patch16", help="MAE model for pretraining")
     p.add_argument("--seg-backbone", default=None, help="Segmenter backbone (default: the MAE's encoder)")
     p.add_argument("--seg-decoder", default="mask_transformer", choices=["linear", "mask_transformer"])
-    p.add_argument("--pretrain-epochs", type=int, default=800)
-    p.add_argument("--eval-freq", type=int, default=100, help="evaluate every N pretraining epochs")
+    p.add_argument("--pretrain-epochs", type=positive_int, default=800)
+    p.add_argument("--eval-freq", type=positive_int, default=100, help="evaluate every N pretraining epochs")
     p.add_argument("--eval", type=int, default=-1, metavar="N",
                    help="only evaluate the checkpoint after N epochs (-1: run the whole pipeline)")
     p.add_argument("--stack", default="", help="start pretraining from an official MAE checkpoint: a path, "
@@ -59,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack-sha256", default="", help="expected SHA-256 of the downloaded --stack official file")
     p.add_argument("--seg-epochs", type=int, default=64)
     p.add_argument("--crop-size", type=int, default=512)
-    p.add_argument("--num-gpus", type=int, default=1, help=">1: every stage runs with torchrun on this node")
+    p.add_argument("--num-gpus", type=positive_int, default=1, help=">1: every stage runs with torchrun on this node")
     p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the stages (e.g. 0 or 2,3)")
     p.add_argument("--pretrain-args", default="", help="extra flags for main_pretrain.py, one quoted string")
     p.add_argument("--seg-args", default="", help="extra flags for segmenter.train, one quoted string")
@@ -68,23 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm", action="store_true",
                    help="run the whole benchmark as one SLURM job on one node with --num-gpus GPUs "
                         "(requeued on preemption; it continues from the last finished stage)")
-    slurm = p.add_argument_group("SLURM (with --slurm)")
-    slurm.add_argument("--partition", default="learnfair")
-    slurm.add_argument("--timeout", default=4320, type=int, help="minutes")
-    slurm.add_argument("--job_dir", default="", help="submitit logs (default: <output-dir>/slurm/%%j)")
-    slurm.add_argument("--comment", default="")
-    slurm.add_argument("--use_volta32", action="store_true")
-    slurm.add_argument("--dry_run", action="store_true", help="print the sbatch script and exit")
+    add_slurm_job_args(p.add_argument_group("SLURM (with --slurm; default job dir: <output-dir>/slurm/<job id>)"))
     return p
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.eval_freq < 1 or args.pretrain_epochs < 1:
-        parser.error("--eval-freq and --pretrain-epochs must be positive")
-    if not 0 < args.coverage_ratio <= 100:
-        parser.error(f"--coverage-ratio must be a percentage in (0, 100], got {args.coverage_ratio}")
-    if args.num_gpus < 1:
-        parser.error("--num-gpus must be >= 1")
     if args.seg_backbone is None:
         args.seg_backbone = args.model.replace("mae_", "", 1).split("_dec")[0]
 
@@ -130,7 +121,6 @@ def run_stage(module: str, argv: list[str], args, inprocess) -> None:
 
 def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
     """The newest complete pretraining checkpoint (by content) and its number of epochs done."""
-    import util.misc as misc
     path = misc.find_last_checkpoint(pretrain_dir)
     return (path, int(misc.load_checkpoint(path)["epoch"]) + 1) if path else (None, 0)
 
@@ -150,8 +140,7 @@ def resolve_stack(args) -> str:
         urllib.request.urlretrieve(url, path + ".part")
         os.replace(path + ".part", path)
     if args.stack_sha256:
-        from util.misc import file_digest
-        got = file_digest(path, "sha256")
+        got = misc.file_digest(path, "sha256")
         if got != args.stack_sha256:
             os.replace(path, path + ".bad")
             raise UserError(f"{path} has SHA-256 {got}, expected {args.stack_sha256}; moved to {path}.bad")
@@ -214,10 +203,7 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
            "eval_time_s": round(time.time() - start, 1),
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone}
-    tmp = done_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(row, f, indent=1)
-    os.replace(tmp, done_file)  # the stage counts as finished only now
+    misc.atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
     append_result(p["results"], row)
     return row
 
@@ -320,14 +306,12 @@ def cli(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_cli(argv[1:])
-    import util.misc as misc
     return misc.run_cli(get_args_parser(), check_args, run_or_submit, argv)
 
 
 def run_or_submit(args: argparse.Namespace):
     if not args.slurm:
         return run(args)
-    from util.slurm import submit
     args.nodes, args.ngpus, args.cluster = 1, args.num_gpus, None
     args.job_dir = args.job_dir or os.path.join(os.path.abspath(args.output_dir), "slurm", "%j")
     args.log_dir = ""  # not a trainer: no log_dir

@@ -17,17 +17,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     loss_scaler: misc.LossScaler, max_norm: float | None = None,
                     mixup_fn: Mixup | None = None, log_writer=None, args=None) -> dict:
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
-    header = f'Epoch: [{epoch}]'
+    metric_logger, monitor, iterator = misc.epoch_progress(data_loader, epoch, device, args, log_writer,
+                                                           loss_tag="loss", hint="Lower --blr or set --clip_grad.")
     accum_iter = args.accum_iter
     steps_per_epoch = len(data_loader)
-    monitor = misc.LossMonitor(metric_logger, device, epoch, steps_per_epoch, args, log_writer,
-                               loss_tag="loss", hint="Lower --blr or set --clip_grad.")
 
     optimizer.zero_grad(set_to_none=True)
-    iterator = metric_logger.log_every(data_loader, args.print_freq, header, batch_size=args.batch_size,
-                                       on_print=monitor)
     for data_iter_step, (samples, targets) in enumerate(iterator):
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
@@ -49,7 +44,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if update:
             optimizer.zero_grad(set_to_none=True)
 
-        monitor.record(loss.detach())
+        monitor.record(loss)
         metric_logger.update(lr=max(group["lr"] for group in optimizer.param_groups))
 
     metric_logger.synchronize_between_processes()

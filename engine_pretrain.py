@@ -49,14 +49,11 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
                     device: torch.device, epoch: int, loss_scaler: misc.LossScaler,
                     log_writer=None, args=None) -> dict:
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
-    header = f'Epoch: [{epoch}]'
+    metric_logger, monitor, iterator = misc.epoch_progress(
+        data_loader, epoch, device, args, log_writer,
+        hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
     accum_iter = args.accum_iter
     steps_per_epoch = len(data_loader)
-
-    monitor = misc.LossMonitor(metric_logger, device, epoch, steps_per_epoch, args, log_writer,
-                               hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
     empty_segments = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
 
     optimizer.zero_grad(set_to_none=True)
@@ -67,8 +64,6 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     images_seen = 0
     bad_samples: list[str] = []  # unreadable samples skipped with --skip_bad_samples
     skipped_steps: list[int] = []  # non-finite steps skipped with --skip_nonfinite
-    iterator = metric_logger.log_every(data_loader, args.print_freq, header, batch_size=args.batch_size,
-                                       on_print=monitor)
     for data_iter_step, batch in enumerate(iterator):
         # per-iteration (instead of per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
@@ -105,7 +100,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         if update:
             optimizer.zero_grad(set_to_none=True)
 
-        monitor.record(loss.detach().clone())  # a copy: CUDA graphs reuse the output buffer
+        monitor.record(loss)
         if seg_mask is not None:
             empty_segments += (weights.sum(dim=1) == 0).sum()
         images_seen += samples.shape[0]

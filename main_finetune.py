@@ -141,12 +141,7 @@ def build_loaders(args, build_transform):
 def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train, sampler_train,
                  loader_val, device, mixup_fn=None, max_norm=None) -> dict:
     """The epoch loop shared by finetuning and linear probing: train, evaluate, keep the best."""
-    if misc.is_main_process() and args.log_dir:
-        os.makedirs(args.log_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir)
-    else:
-        log_writer = None
+    log_writer = misc.tensorboard_writer(args.log_dir)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 

@@ -112,12 +112,7 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"only {len(dataset_train)} images for a global batch of "
                          f"{args.batch_size * num_tasks}: lower --batch_size")
 
-    if global_rank == 0 and args.log_dir is not None:
-        os.makedirs(args.log_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir)
-    else:
-        log_writer = None
+    log_writer = misc.tensorboard_writer(args.log_dir)
 
     data_loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -124,12 +123,9 @@ def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args
 def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch, step, total_steps,
                     args, log_writer=None) -> tuple[dict, int]:
     model.train()
-    metric_logger = misc.MetricLogger()
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    monitor = misc.LossMonitor(metric_logger, device, epoch, len(loader), args, log_writer,
-                               hint="Lower --lr.")
-    for img, label in metric_logger.log_every(loader, args.print_freq, f"Epoch: [{epoch}]",
-                                              batch_size=args.batch_size, on_print=monitor):
+    metric_logger, monitor, iterator = misc.epoch_progress(loader, epoch, device, args, log_writer,
+                                                           hint="Lower --lr.")
+    for img, label in iterator:
         lr = poly_lr(optimizer, step, total_steps, args)
         img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
         with misc.autocast(device, args.amp):
@@ -137,7 +133,7 @@ def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, ep
         loss = criterion(logits.float(), label)
         loss_scaler(loss, optimizer, parameters=model.parameters())
         optimizer.zero_grad(set_to_none=True)
-        monitor.record(loss.detach())
+        monitor.record(loss)
         metric_logger.update(lr=lr)
         step += 1
     metric_logger.synchronize_between_processes()
@@ -147,10 +143,7 @@ def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, ep
 def write_metrics(args, epoch: int, metrics: dict) -> None:
     if misc.is_main_process():
         for name in (f"metrics_epoch{epoch}.json", "metrics.json"):
-            tmp = os.path.join(args.log_dir, f".{name}.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"epoch": epoch, **metrics}, f, indent=1)
-            os.replace(tmp, os.path.join(args.log_dir, name))
+            misc.atomic_write_json(os.path.join(args.log_dir, name), {"epoch": epoch, **metrics}, indent=1)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -202,10 +195,7 @@ def main(args: argparse.Namespace) -> dict:
                                          num_workers=args.num_workers, drop_last=True,
                                          pin_memory=device.type == "cuda")
     total_steps = args.epochs * len(loader)
-    log_writer = None
-    if misc.is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir)
+    log_writer = misc.tensorboard_writer(args.log_dir)
 
     metrics: dict = {}
     start = time.time()

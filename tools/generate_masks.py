@@ -23,11 +23,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.sam_masks import encode_segmentation, load_annotations, mask_path_for, write_mask_file  # noqa: E402
+from util.sam_masks import (annotation_coverage, encode_segmentation, load_annotations, mask_path_for,  # noqa: E402
+                            write_mask_file)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def list_images(image_root: str) -> list[str]:
@@ -35,7 +36,7 @@ def list_images(image_root: str) -> list[str]:
     found = []
     for dirpath, _, files in os.walk(image_root, followlinks=True):
         for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS):
+            if f.lower().endswith(IMG_EXTENSIONS):  # the extensions the training datasets read
                 found.append(os.path.relpath(os.path.join(dirpath, f), image_root))
     return sorted(found)
 
@@ -136,7 +137,7 @@ def process_one(job: tuple[str, str, str], backend: Callable) -> tuple[str, int,
         h, w = img.shape[:2]
         write_mask_file(mask_path_for(mask_root, rel), anns,
                         {"file_name": os.path.basename(rel), "height": h, "width": w})
-        return rel, len(anns), [100.0 * a["area"] / (h * w) for a in anns], None
+        return rel, len(anns), [annotation_coverage(a) for a in anns], None
     except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
         return rel, 0, [], f"{type(e).__name__}: {e}"
 

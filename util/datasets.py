@@ -35,10 +35,11 @@ class DataError(UserError):
     """A dataset problem the user must fix (wrong path, missing files); the message says how."""
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Opens an image as RGB; a corrupt or truncated file raises an error naming it."""
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Opens an image as RGB (from ``data`` when the file was already read); a corrupt or
+    truncated file raises an error naming it."""
     try:
-        with open(path, "rb") as f:
+        with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
@@ -66,7 +67,7 @@ class EncodedImage:
 
     def decode(self) -> Image.Image:
         """The RGB pixels (for formats the GPU decoder does not read)."""
-        return load_rgb(self.path)
+        return load_rgb(self.path, self.data)
 
 
 def _existing_mask_files(mask_root: str) -> set[str]:
@@ -113,27 +114,24 @@ class SegmentMaskImageFolder(Dataset):
             raise DataError(f"no images under {self.image_root}: {e}") from None
         if not self.samples:
             raise DataError(f"no images found under {self.image_root}")
+        # paths relative to train/, once: the mask cache's keys and the mask files' names
+        self.rel_paths = [os.path.relpath(p, self.image_root) for p, _ in self.samples]
         self.cache = None
         if with_masks and MaskCache.exists(root, coverage_ratio):
             self.cache = MaskCache(root, coverage_ratio)
-            uncached = sum(os.path.relpath(p, self.image_root) not in self.cache for p, _ in self.samples)
+            uncached = sum(rel not in self.cache for rel in self.rel_paths)
             print(f"Using the mask cache {self.cache.bin_path}" +
                   (f" ({uncached} images not in it are read from their JSON files)" if uncached else ""))
         if with_masks:
             self._check_masks(allow_missing_masks)
 
-    def mask_path(self, image_path: str) -> str:
-        return mask_path_for(self.mask_root, os.path.relpath(image_path, self.image_root))
-
     def _check_masks(self, allow_missing: bool) -> None:
-        to_check = [s for s in self.samples
-                    if self.cache is None or os.path.relpath(s[0], self.image_root) not in self.cache]
+        to_check = [i for i, rel in enumerate(self.rel_paths) if self.cache is None or rel not in self.cache]
         existing = _existing_mask_files(self.mask_root) if to_check else set()
-        missing = [self.mask_path(path) for path, _ in to_check
-                   if os.path.relpath(self.mask_path(path), self.mask_root) not in existing]
+        missing = [i for i in to_check if os.path.splitext(self.rel_paths[i])[0] + MASK_SUFFIX not in existing]
         if not missing:
             return
-        first = "\n  ".join(missing[:5])
+        first = "\n  ".join(mask_path_for(self.mask_root, self.rel_paths[i]) for i in missing[:5])
         msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file, "
                f"for example:\n  {first}")
         if not allow_missing:
@@ -141,7 +139,9 @@ class SegmentMaskImageFolder(Dataset):
                                   "pretrain without those images.")
         print(f"WARNING: {msg}\nThose images are skipped (--allow_missing_masks).")
         missing_set = set(missing)
-        self.samples = [s for s in self.samples if self.mask_path(s[0]) not in missing_set]
+        keep = [i for i in range(len(self.samples)) if i not in missing_set]
+        self.samples = [self.samples[i] for i in keep]
+        self.rel_paths = [self.rel_paths[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -151,11 +151,11 @@ class SegmentMaskImageFolder(Dataset):
         img = load_rgb(path) if self.decode else EncodedImage(path)
         if not self.with_masks:
             return img, None, target
-        rel = os.path.relpath(path, self.image_root)
+        rel = self.rel_paths[index]
         if self.cache is not None and rel in self.cache:
             mask = self.cache.load(rel, img.size)
         else:
-            mask = load_segment(self.mask_path(path), self.coverage_ratio, image_size=img.size)
+            mask = load_segment(mask_path_for(self.mask_root, rel), self.coverage_ratio, image_size=img.size)
         if mask.shape != (img.height, img.width):
             # SAM may have run on a resized copy: bring the mask onto the image's pixel grid.
             mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))

@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections import defaultdict, deque
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -291,14 +292,16 @@ def file_digest(path: str, algorithm: str = "sha1", chunk: int = 1 << 20) -> str
     return h.hexdigest()
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """Writes to a temporary file in the same folder, fsyncs, then renames over ``path``: a crash
-    at any moment leaves either the old file or the new one, never a truncated one."""
+@contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """A file to write ``path`` through: a temporary file in the same folder, flushed, fsynced and
+    renamed over ``path`` when the block ends, so a crash at any moment leaves either the old file
+    or the new one, never a truncated one. On an error the temporary file is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -306,6 +309,16 @@ def atomic_torch_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write_json(path: str, obj, indent: int | None = None) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=indent)
 
 
 def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
@@ -440,7 +453,9 @@ class LossMonitor:
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
 
     def record(self, loss: torch.Tensor) -> None:
-        """Call every step with the detached loss."""
+        """Call every step with the loss. A detached copy is kept: under CUDA graphs the loss
+        tensor itself is overwritten by the next step."""
+        loss = loss.detach().clone()
         self.nonfinite_steps += (~torch.isfinite(loss)).long()
         self.metric_logger.update(loss=loss)
 
@@ -459,6 +474,29 @@ class LossMonitor:
             epoch_1000x = int((step / self.steps_per_epoch + self.epoch) * 1000)
             self.log_writer.add_scalar(self.loss_tag, loss_sum / get_world_size(), epoch_1000x)
             self.log_writer.add_scalar('lr', self.metric_logger.lr.value, epoch_1000x)
+
+
+def tensorboard_writer(log_dir: str | None):
+    """A TensorBoard SummaryWriter for log_dir on the main process; None elsewhere or without one."""
+    if not is_main_process() or not log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
+    os.makedirs(log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=log_dir)
+
+
+def epoch_progress(data_loader, epoch: int, device: torch.device, args, log_writer=None,
+                   loss_tag: str = "train_loss", hint: str = "Lower --blr."):
+    """The progress logging of one training epoch, shared by every training loop: a MetricLogger
+    with an lr meter, the LossMonitor that checks the losses when a line is printed, and the
+    iterator over data_loader that prints. Returns (metric_logger, monitor, iterator)."""
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    monitor = LossMonitor(metric_logger, device, epoch, len(data_loader), args, log_writer,
+                          loss_tag=loss_tag, hint=hint)
+    iterator = metric_logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
+                                       batch_size=args.batch_size, on_print=monitor)
+    return metric_logger, monitor, iterator
 
 
 # ------------------------------------------------------------------------------------------------

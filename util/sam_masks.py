@@ -13,6 +13,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from util.errors import UserError
+from util.misc import atomic_write, atomic_write_json
 
 MASK_SUFFIX = ".json"
 
@@ -100,11 +101,7 @@ def write_mask_file(path: str, annotations: list[dict], image_info: dict | None 
                     bare_list: bool = False) -> None:
     """Writes a mask file atomically: SA-1B's {"image", "annotations"} form, or a bare list."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    payload = annotations if bare_list else {"image": image_info or {}, "annotations": annotations}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
+    atomic_write_json(path, annotations if bare_list else {"image": image_info or {}, "annotations": annotations})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,8 +125,7 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
     length = np.full(len(keys), -1, np.int64)
     height = np.zeros(len(keys), np.int32)
     width = np.zeros(len(keys), np.int32)
-    tmp_bin = f"{bin_path}.tmp{os.getpid()}"
-    with open(tmp_bin, "wb") as out:
+    with atomic_write(bin_path) as out:
         pos = 0
         for i, rel in enumerate(keys):
             ann = select_annotation(load_annotations(mask_path_for(os.path.join(root, "masks"), rel)), coverage_ratio)
@@ -143,11 +139,9 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
             offset[i], length[i] = pos, len(counts)
             height[i], width[i] = seg["size"]
             pos += len(counts)
-    tmp_index = f"{index_path}.tmp{os.getpid()}.npz"
-    np.savez(tmp_index, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
-             coverage_ratio=np.float64(coverage_ratio))
-    os.replace(tmp_bin, bin_path)
-    os.replace(tmp_index, index_path)
+    with atomic_write(index_path) as f:  # written last: the cache counts as present only now
+        np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
+                 coverage_ratio=np.float64(coverage_ratio))
     return bin_path
 
 

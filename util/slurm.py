@@ -12,17 +12,22 @@ from typing import Callable
 import torch
 
 
-def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--ngpus", default=8, type=int, help="Number of gpus to request on each node")
-    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
+def add_slurm_job_args(parser) -> None:
+    """The job's flags (time, folder, partition, ...), shared with benchmark.py --slurm."""
     parser.add_argument("--timeout", default=4320, type=int, help="Duration of the job, in minutes")
     parser.add_argument("--job_dir", default="", type=str, help="Job dir. Leave empty for automatic.")
     parser.add_argument("--partition", default="learnfair", type=str, help="Partition where to submit")
     parser.add_argument("--use_volta32", action="store_true", help="Request 32G V100 GPUs")
     parser.add_argument("--comment", default="", type=str, help="Comment to pass to scheduler")
+    parser.add_argument("--dry_run", action="store_true", help="print the sbatch script and exit")
+
+
+def add_slurm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--ngpus", default=8, type=int, help="Number of gpus to request on each node")
+    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
     parser.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
                         help="submitit executor (default: slurm where sbatch exists, else local)")
-    parser.add_argument("--dry_run", action="store_true", help="print the sbatch script and exit")
+    add_slurm_job_args(parser)
     # a preempted job loses at most one epoch
     parser.set_defaults(save_freq=1)
     return parser
