@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import util.misc as misc  # noqa: E402
+from util.checkpoint import atomic_write_json, file_digest, find_last_checkpoint, load_checkpoint  # noqa: E402
 from util.args import coverage_ratio_type, positive_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS  # noqa: E402
@@ -121,8 +122,8 @@ def run_stage(module: str, argv: list[str], args, inprocess) -> None:
 
 def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
     """The newest complete pretraining checkpoint (by content) and its number of epochs done."""
-    path = misc.find_last_checkpoint(pretrain_dir)
-    return (path, int(misc.load_checkpoint(path)["epoch"]) + 1) if path else (None, 0)
+    path = find_last_checkpoint(pretrain_dir)
+    return (path, int(load_checkpoint(path)["epoch"]) + 1) if path else (None, 0)
 
 
 def resolve_stack(args) -> str:
@@ -140,7 +141,7 @@ def resolve_stack(args) -> str:
         urllib.request.urlretrieve(url, path + ".part")
         os.replace(path + ".part", path)
     if args.stack_sha256:
-        got = misc.file_digest(path, "sha256")
+        got = file_digest(path, "sha256")
         if got != args.stack_sha256:
             os.replace(path, path + ".bad")
             raise UserError(f"{path} has SHA-256 {got}, expected {args.stack_sha256}; moved to {path}.bad")
@@ -203,7 +204,7 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
            "eval_time_s": round(time.time() - start, 1),
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone}
-    misc.atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
+    atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
     append_result(p["results"], row)
     return row
 

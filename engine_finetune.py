@@ -9,6 +9,7 @@ from timm.data import Mixup
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.distributed import is_dist_avail_and_initialized
 from util.speed import mark_step_begin
 
 
@@ -72,7 +73,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         totals += torch.stack([criterion(output, target).double(), correct[:, :1].sum().double(),
                                correct.sum().double(), torch.tensor(float(len(target)), device=device,
                                                                     dtype=torch.float64)])
-    if misc.is_dist_avail_and_initialized():
+    if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
     stats = {"loss": loss / max(count, 1), "acc1": 100.0 * top1 / max(count, 1),

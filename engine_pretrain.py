@@ -11,6 +11,7 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
 from util.speed import mark_step_begin
 
@@ -38,9 +39,9 @@ def all_ranks_finite(loss: torch.Tensor, distributed: bool) -> bool:
 
 def gather_lists(items: list) -> list:
     """Concatenates a list from every rank (at epoch end only)."""
-    if not misc.is_dist_avail_and_initialized():
+    if not is_dist_avail_and_initialized():
         return items
-    out: list = [None] * misc.get_world_size()
+    out: list = [None] * get_world_size()
     torch.distributed.all_gather_object(out, items)
     return [x for part in out for x in part]
 
@@ -110,17 +111,17 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    stats["img_per_sec"] = images_seen * misc.get_world_size() / max(epoch_time, 1e-9)
+    stats["img_per_sec"] = images_seen * get_world_size() / max(epoch_time, 1e-9)
     stats["epoch_time"] = epoch_time
     if args.mask_method != "patches":
         # samples whose chosen segment hides nothing (they add no loss)
-        stats["empty_segments"] = int(round(misc.all_reduce_mean(float(empty_segments.item())) * misc.get_world_size()))
+        stats["empty_segments"] = int(round(all_reduce_mean(float(empty_segments.item())) * get_world_size()))
     if args.skip_bad_samples:
         all_bad = gather_lists(bad_samples)
         stats["bad_samples"] = len(all_bad)
         if all_bad:
             print(f"{len(all_bad)} unreadable samples skipped in epoch {epoch}:\n  " + "\n  ".join(all_bad))
-            if args.output_dir and misc.is_main_process():
+            if args.output_dir and is_main_process():
                 with open(os.path.join(args.output_dir, "bad_samples.txt"), "a") as f:
                     f.writelines(f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad)
     if args.skip_nonfinite:

@@ -18,6 +18,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 import util.misc as misc
+from util.checkpoint import append_log, auto_resume, load_checkpoint, load_model, save_model
+from util.distributed import get_rank, get_world_size
 from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
                        non_negative_int)
@@ -89,13 +91,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module:
     """The ViT for --model, with the input channels and adapted encoder of --finetune (if any).
     Records the pretraining method and in_chans in args."""
-    checkpoint = misc.load_checkpoint(args.finetune) if args.finetune and not args.eval else None
+    checkpoint = load_checkpoint(args.finetune) if args.finetune and not args.eval else None
     if checkpoint is not None:
         method = resolve_mask_method(checkpoint, args.mask_method, args.finetune)
         in_chans = downstream_in_chans(method, args.fold_mask_channel)
     elif args.resume:
         # a finetuned checkpoint: its own args say which pretraining method and input it has
-        saved = misc.load_checkpoint(args.resume).get("args")
+        saved = load_checkpoint(args.resume).get("args")
         method = resolve_mask_method({"args": saved}, args.mask_method, args.resume)
         in_chans = getattr(saved, "in_chans", 3)
     else:
@@ -113,7 +115,7 @@ def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module
 def build_loaders(args, build_transform):
     dataset_train = build_classification_dataset(True, args, build_transform)
     dataset_val = build_classification_dataset(False, args, build_transform)
-    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
+    num_tasks, global_rank = get_world_size(), get_rank()
     sampler_train = torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)
     if args.dist_eval and num_tasks > 1:
@@ -149,7 +151,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.seed_epoch(args.seed, epoch, misc.get_rank())
+        misc.seed_epoch(args.seed, epoch, get_rank())
         sampler_train.set_epoch(epoch)
         loader_train.dataset.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
@@ -161,10 +163,10 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         args.max_accuracy = max_accuracy
         print(f'Max accuracy: {max_accuracy:.2f}%')
         if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+            save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                             loss_scaler=loss_scaler, epoch=epoch)
         if args.output_dir and improved:
-            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+            save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                             loss_scaler=loss_scaler, epoch=epoch, name="best")
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
@@ -174,7 +176,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch, 'max_accuracy': max_accuracy}
         if args.output_dir:
-            misc.append_log(args.output_dir, log_stats)
+            append_log(args.output_dir, log_stats)
     misc.print_weights_fingerprint(model_without_ddp)
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if log_writer is not None:
@@ -185,7 +187,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
     if not args.eval:
-        misc.auto_resume(args)
+        auto_resume(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
 
@@ -221,7 +223,7 @@ def main(args: argparse.Namespace) -> dict:
         criterion = torch.nn.CrossEntropyLoss()
     print(f"criterion = {criterion}")
 
-    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
 
     if args.eval:
         test_stats = evaluate(loader_val, model, device, args.amp)

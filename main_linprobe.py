@@ -11,6 +11,7 @@ import torch
 from timm.layers import trunc_normal_
 
 import util.misc as misc
+from util.checkpoint import auto_resume, load_model
 from engine_finetune import evaluate
 from main_finetune import build_downstream_model, build_loaders, check_args, run_training
 from util.args import add_downstream_args, add_training_args
@@ -41,7 +42,7 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
     if not args.eval:
-        misc.auto_resume(args)
+        auto_resume(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
     model = build_downstream_model(args)
@@ -60,7 +61,7 @@ def main(args: argparse.Namespace) -> dict:
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
 
-    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
     if args.eval:
         return evaluate(loader_val, model, device, args.amp)
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,

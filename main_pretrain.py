@@ -15,6 +15,8 @@ import torch
 
 import models_mae
 import util.misc as misc
+from util.checkpoint import append_log, auto_resume, load_model, save_model
+from util.distributed import get_rank, get_world_size
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
                        non_negative_int, positive_int)
@@ -93,7 +95,7 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
 
 def main(args: argparse.Namespace) -> None:
     device = misc.setup_run(args, __file__)
-    misc.auto_resume(args)
+    auto_resume(args)
 
     input_size = as_hw(args.input_size)
     with_masks = uses_segments(args.mask_method)
@@ -104,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
                                            skip_bad_samples=args.skip_bad_samples)
     print(dataset_train)
 
-    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
+    num_tasks, global_rank = get_world_size(), get_rank()
     # A seeded DistributedSampler also for one process: its order depends only on (seed, epoch).
     sampler_train = torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)
@@ -148,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
 
     if args.stack and not args.resume:
         stack_official_into_mae(model_without_ddp, args.stack)
-    misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
 
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -162,7 +164,7 @@ def main(args: argparse.Namespace) -> None:
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
         if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
-            misc.save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+            save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                             loss_scaler=loss_scaler, epoch=epoch,
                             name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
 
@@ -173,7 +175,7 @@ def main(args: argparse.Namespace) -> None:
         if args.output_dir:
             if log_writer is not None:
                 log_writer.flush()
-            misc.append_log(args.output_dir, log_stats)
+            append_log(args.output_dir, log_stats)
 
     misc.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time

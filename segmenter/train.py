@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import util.misc as misc
+from util.checkpoint import append_log, atomic_torch_save, atomic_write_json, load_checkpoint
+from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
 from segmenter.inference import sliding_window_probs
 from segmenter.metrics import ConfusionMatrix
@@ -102,7 +104,7 @@ def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args
     """Single-scale sliding-window evaluation; each rank scores its share, matrices are summed."""
     model.eval()
     cm = ConfusionMatrix(args.n_cls, device)
-    indices = list(range(misc.get_rank(), len(dataset), misc.get_world_size()))
+    indices = list(range(get_rank(), len(dataset), get_world_size()))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          num_workers=args.num_workers, collate_fn=collate_eval)
     start = time.time()
@@ -141,9 +143,9 @@ def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, ep
 
 
 def write_metrics(args, epoch: int, metrics: dict) -> None:
-    if misc.is_main_process():
+    if is_main_process():
         for name in (f"metrics_epoch{epoch}.json", "metrics.json"):
-            misc.atomic_write_json(os.path.join(args.log_dir, name), {"epoch": epoch, **metrics}, indent=1)
+            atomic_write_json(os.path.join(args.log_dir, name), {"epoch": epoch, **metrics}, indent=1)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -173,7 +175,7 @@ def main(args: argparse.Namespace) -> dict:
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     start_epoch = 0
     if resuming:
-        ckpt = misc.load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
         model_without_ddp.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_scaler.load_state_dict(ckpt.get("scaler", {}))
@@ -186,11 +188,11 @@ def main(args: argparse.Namespace) -> dict:
         write_metrics(args, start_epoch - 1, metrics)
         return metrics
 
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=misc.get_world_size(),
-                                                  rank=misc.get_rank(), shuffle=True, seed=args.seed)
-    if len(train_set) < args.batch_size * misc.get_world_size():
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=get_world_size(),
+                                                  rank=get_rank(), shuffle=True, seed=args.seed)
+    if len(train_set) < args.batch_size * get_world_size():
         raise UserError(f"only {len(train_set)} training images for a global batch of "
-                        f"{args.batch_size * misc.get_world_size()}: lower --batch-size")
+                        f"{args.batch_size * get_world_size()}: lower --batch-size")
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
                                          num_workers=args.num_workers, drop_last=True,
                                          pin_memory=device.type == "cuda")
@@ -200,7 +202,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics: dict = {}
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
-        misc.seed_epoch(args.seed, epoch, misc.get_rank())
+        misc.seed_epoch(args.seed, epoch, get_rank())
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch,
@@ -213,10 +215,10 @@ def main(args: argparse.Namespace) -> dict:
             if log_writer is not None:
                 for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy"):
                     log_writer.add_scalar(f"val/{k}", metrics[k], epoch)
-        if misc.is_main_process():
-            misc.atomic_torch_save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+        if is_main_process():
+            atomic_torch_save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                                     "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
-            misc.append_log(args.log_dir, log_stats)
+            append_log(args.log_dir, log_stats)
             if log_writer is not None:
                 log_writer.add_scalar("train/loss", stats["loss"], epoch)
                 log_writer.flush()

@@ -10,7 +10,7 @@ import torch
 
 import main_pretrain
 import models_mae
-import util.misc as misc
+from util.checkpoint import StorageError, atomic_torch_save, find_last_checkpoint
 from conftest import REPO
 
 
@@ -146,7 +146,7 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys, toy_root):
 
 def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint-0.pth")
-    misc.atomic_torch_save({"w": torch.ones(3), "epoch": 0}, path)
+    atomic_torch_save({"w": torch.ones(3), "epoch": 0}, path)
     before = sha(path)
     real_save = torch.save
 
@@ -155,12 +155,12 @@ def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space"):
-        misc.atomic_torch_save({"w": torch.zeros(3), "epoch": 1}, path)
+    with pytest.raises(StorageError, match=r"could not write .*checkpoint-0.pth: No space left on device \(.* free there\)"):
+        atomic_torch_save({"w": torch.zeros(3), "epoch": 1}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert sha(path) == before
     assert os.listdir(tmp_path) == ["checkpoint-0.pth"]
-    assert misc.find_last_checkpoint(str(tmp_path)) == path
+    assert find_last_checkpoint(str(tmp_path)) == path
 
 
 def test_resume_with_another_mask_method_or_a_broken_file_is_a_clear_error(toy_root, tmp_path, capsys):

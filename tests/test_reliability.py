@@ -15,7 +15,7 @@ import torch
 import main_pretrain
 import models_mae
 import submitit_pretrain
-import util.misc as misc
+from util.checkpoint import atomic_torch_save, auto_resume, find_last_checkpoint, prune_checkpoints
 from conftest import REPO
 from test_pretrain_cli import common
 from util.slurm import Trainer
@@ -27,7 +27,7 @@ def sha(path):
 
 def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint_readable(tmp_path):
     path = tmp_path / "checkpoint-0.pth"
-    misc.atomic_torch_save({"epoch": 0, "w": torch.ones(4)}, str(path))
+    atomic_torch_save({"epoch": 0, "w": torch.ones(4)}, str(path))
     before = sha(path)
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, torch; sys.path.insert(0, sys.argv[1]); import util.misc as m; "
@@ -42,14 +42,14 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint_readable(tmp
     writer.wait()
     assert sha(path) == before
     assert torch.load(path, weights_only=True)["epoch"] == 0
-    assert misc.find_last_checkpoint(str(tmp_path)) == str(path)  # the leftover temp file is ignored
+    assert find_last_checkpoint(str(tmp_path)) == str(path)  # the leftover temp file is ignored
 
 
 def test_newest_checkpoint_is_found_by_content(tmp_path):
-    misc.atomic_torch_save({"epoch": 3}, str(tmp_path / "checkpoint-3.pth"))
+    atomic_torch_save({"epoch": 3}, str(tmp_path / "checkpoint-3.pth"))
     (tmp_path / "checkpoint-5.pth").write_bytes(b"truncated by a crash")
-    misc.atomic_torch_save({"epoch": 4}, str(tmp_path / "checkpoint-0.pth"))  # renamed by hand
-    assert misc.find_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-0.pth")
+    atomic_torch_save({"epoch": 4}, str(tmp_path / "checkpoint-0.pth"))  # renamed by hand
+    assert find_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-0.pth")
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_keep_last_prunes_old_checkpoints_but_never_the_newest(toy_root, tmp_pat
     out = tmp_path / "keep"
     main_pretrain.cli(common(toy_root, out, "--epochs", "4", "--save_freq", "1", "--keep_last", "2"))
     assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint-2.pth", "checkpoint-3.pth"]
-    misc.prune_checkpoints(str(out), 0)  # even K = 0 keeps the newest
+    prune_checkpoints(str(out), 0)  # even K = 0 keeps the newest
     assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint-3.pth"]
 
 
@@ -181,8 +181,8 @@ def test_requeue_resumes_from_the_newest_checkpoint(toy_root, tmp_path):
     requeued = delayed.function
     assert isinstance(requeued, Trainer) and requeued.args.resume == ""
     assert requeued.args.dist_url.startswith("file://")
-    misc.atomic_torch_save({"epoch": 7}, str(tmp_path / "checkpoint-7.pth"))
-    misc.auto_resume(requeued.args)
+    atomic_torch_save({"epoch": 7}, str(tmp_path / "checkpoint-7.pth"))
+    auto_resume(requeued.args)
     assert requeued.args.resume == str(tmp_path / "checkpoint-7.pth")
 
 

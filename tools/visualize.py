@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.checkpoint_adapt import pretrain_mask_method, state_dict_of  # noqa: E402
 from util.datasets import build_eval_transform, load_rgb  # noqa: E402
-from util.misc import load_checkpoint  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
 from util.sam_masks import load_segment, mask_path_for  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 from util.visualize import grid_image, reconstruction_panels  # noqa: E402

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from util.errors import UserError
 from util.masking import MASK_METHODS
-from util.misc import load_checkpoint
+from util.checkpoint import load_checkpoint
 from util.pos_embed import resize_pos_embed
 
 PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "preencoder.")

@@ -1,124 +1,20 @@
-"""Distributed set-up, metric logging, mixed precision and checkpoints."""
+"""Metric logging, mixed precision and the run set-up every main_*.py shares."""
 from __future__ import annotations
 
 import argparse
-import builtins
 import datetime
-import glob
-import hashlib
-import json
 import os
-import re
 import time
 from collections import defaultdict, deque
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
+from util.checkpoint import lock_output_dir, release_output_dir_locks
+from util.distributed import get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, \
+    is_main_process
 from util.errors import UserError
 from util.speed import compile_model, resolve_compile_flags
-
-# Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
-# torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
-torch.serialization.add_safe_globals([argparse.Namespace])
-
-_builtin_print = builtins.print  # wrapped (not re-wrapped) by setup_for_distributed
-
-
-# ------------------------------------------------------------------------------------------------
-# distributed
-
-def is_dist_avail_and_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist_avail_and_initialized() else 0
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def setup_for_distributed(is_master: bool) -> None:
-    """Silences print() on every rank but the first (print(..., force=True) still prints)."""
-    builtin_print = _builtin_print
-
-    def print(*args, **kwargs):
-        force = kwargs.pop("force", False)
-        force = force or (get_world_size() > 8)
-        if is_master or force:
-            now = datetime.datetime.now().time()
-            builtin_print(f"[{now}] ", end="")
-            builtin_print(*args, **kwargs)
-
-    builtins.print = print
-
-
-def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Reads torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (--dist_on_itp) or SLURM variables.
-    One process without any of them runs undistributed. NCCL on GPUs, gloo on CPU."""
-    env = os.environ
-    if args.dist_on_itp:
-        args.rank = int(env["OMPI_COMM_WORLD_RANK"])
-        args.world_size = int(env["OMPI_COMM_WORLD_SIZE"])
-        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
-        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        args.rank = int(env["RANK"])
-        args.world_size = int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank = int(env["SLURM_PROCID"])
-        args.world_size = int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
-        if args.dist_url == "env://":
-            # the first node of the allocation hosts the rendezvous
-            os.environ.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-    else:
-        print("Not using distributed mode")
-        setup_for_distributed(is_master=True)
-        args.distributed = False
-        args.rank, args.world_size, args.gpu = 0, 1, 0
-        return
-
-    args.distributed = True
-    use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
-    args.dist_backend = "nccl" if use_cuda else "gloo"
-    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
-    dist.barrier()
-    setup_for_distributed(args.rank == 0)
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """'gpu[003-005,010],cpu1' -> 'gpu003' (SLURM's compressed host list, first entry)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        return nodelist
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
-
-
-def all_reduce_mean(x: float) -> float:
-    world_size = get_world_size()
-    if world_size == 1:
-        return x
-    t = torch.tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return (t / world_size).item()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +138,7 @@ def resolve_amp(amp: str | None, device: torch.device) -> str:
             return "bf16"
         return "none"
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on CPU")
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on CPU")
     return amp
 
 
@@ -280,163 +176,6 @@ class LossScaler:
             self._scaler.load_state_dict(state_dict)
 
 
-# ------------------------------------------------------------------------------------------------
-# checkpoints
-
-def file_digest(path: str, algorithm: str = "sha1", chunk: int = 1 << 20) -> str:
-    """Hex digest of a file, read in chunks (checkpoints and archives are large)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextmanager
-def atomic_write(path: str, mode: str = "wb"):
-    """A file to write ``path`` through: a temporary file in the same folder, flushed, fsynced and
-    renamed over ``path`` when the block ends, so a crash at any moment leaves either the old file
-    or the new one, never a truncated one. On an error the temporary file is removed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-def atomic_write_json(path: str, obj, indent: int | None = None) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=indent)
-
-
-def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
-    """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
-    process writes. A failed write (full disk, I/O error) stops the run with a message and leaves
-    every earlier checkpoint as it was; with --keep_last K older epoch checkpoints are pruned."""
-    path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
-    if is_main_process():
-        try:
-            atomic_torch_save({
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "scaler": loss_scaler.state_dict(),
-                "args": args,
-            }, path)
-        except OSError as e:
-            previous = find_last_checkpoint(args.output_dir)
-            raise CheckpointError(
-                f"could not write {path}: {e.strerror or e}. Nothing was overwritten"
-                + (f"; the newest complete checkpoint is {previous}" if previous else "")
-                + ". Free space (or fix the path) and resume.") from None
-        if getattr(args, "keep_last", 0) and name is None:
-            prune_checkpoints(args.output_dir, args.keep_last)
-    return path
-
-
-def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
-    """(number in the name, path) of every checkpoint-<number>.pth, ascending."""
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def prune_checkpoints(output_dir: str, keep_last: int) -> None:
-    """Deletes all but the newest keep_last numbered checkpoints (never the newest one)."""
-    found = checkpoint_epochs(output_dir)
-    for _, path in found[:-max(keep_last, 1)]:
-        os.remove(path)
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable or does not fit the run."""
-
-
-def load_checkpoint(path: str) -> dict:
-    """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {e}") from None
-
-
-def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
-    """--resume: restores model, optimizer, scaler and sets args.start_epoch."""
-    if not args.resume:
-        return
-    checkpoint = load_checkpoint(args.resume)
-    saved = checkpoint.get("args")
-    for key in ("mask_method", "model"):
-        ours, theirs = getattr(args, key, None), getattr(saved, key, None)
-        if ours is not None and theirs is not None and ours != theirs:
-            raise CheckpointError(f"--resume {args.resume} was trained with --{key} {theirs}, but this run has "
-                                  f"--{key} {ours}: pass --{key} {theirs} to continue it, or start a new run")
-    try:
-        model_without_ddp.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"--resume {args.resume} does not fit this model: {e}") from None
-    print(f"Resume checkpoint {args.resume}")
-    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        args.start_epoch = checkpoint["epoch"] + 1
-        if hasattr(saved, "max_accuracy"):  # finetuning's best top-1 so far
-            args.max_accuracy = saved.max_accuracy
-        if "scaler" in checkpoint:
-            loss_scaler.load_state_dict(checkpoint["scaler"])
-        print("With optim & sched!")
-
-
-def find_last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint in output_dir, judged by content: the readable
-    checkpoint-*.pth with the highest stored epoch (a truncated or foreign file is skipped)."""
-    best, best_epoch = None, -1
-    for _, path in reversed(checkpoint_epochs(output_dir)):
-        try:
-            epoch = int(load_checkpoint(path)["epoch"])
-        except (UserError, KeyError, TypeError, ValueError):
-            print(f"WARNING: skipping unreadable checkpoint {path}")
-            continue
-        if epoch > best_epoch:
-            best, best_epoch = path, epoch
-    return best
-
-
-def auto_resume(args) -> None:
-    """Without --resume, continue from the newest complete checkpoint in --output_dir (a plain
-    rerun after a crash or a preemption picks up where the run stopped)."""
-    if args.resume or not args.output_dir or not getattr(args, "auto_resume", True):
-        return
-    last = find_last_checkpoint(args.output_dir)
-    if last:
-        print(f"Auto-resume: found {last} in --output_dir")
-        args.resume = last
-
-
-def append_log(output_dir: str, stats: dict) -> None:
-    """One JSON line per epoch in output_dir/log.txt (main process only)."""
-    if is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(stats) + "\n")
-
-
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; training stops before anything more is saved."""
 
@@ -460,7 +199,9 @@ class LossMonitor:
         self.metric_logger.update(loss=loss)
 
     def __call__(self, step: int) -> None:
-        state = torch.stack([self.nonfinite_steps.double(), self.metric_logger.loss.deque[-1].double()])
+        recorded = "loss" in self.metric_logger.meters  # not yet when every step so far was skipped
+        last_loss = self.metric_logger.loss.deque[-1].double() if recorded else self.nonfinite_steps.new_zeros((), dtype=torch.float64)
+        state = torch.stack([self.nonfinite_steps.double(), last_loss])
         if self.args.distributed:
             dist.all_reduce(state)
         bad, loss_sum = state.tolist()
@@ -469,7 +210,7 @@ class LossMonitor:
                 f"loss is not finite (NaN or inf) at epoch {self.epoch}, step <= {step}; stopping. Nothing "
                 f"was saved for this epoch, the last checkpoint in {self.args.output_dir or 'output_dir'} is "
                 f"intact. {self.hint}")
-        if self.log_writer is not None:
+        if self.log_writer is not None and recorded:
             # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
             epoch_1000x = int((step / self.steps_per_epoch + self.epoch) * 1000)
             self.log_writer.add_scalar(self.loss_tag, loss_sum / get_world_size(), epoch_1000x)
@@ -517,6 +258,7 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 def setup_run(args: argparse.Namespace, script: str) -> torch.device:
     """Distributed init, the argument dump, device and mixed-precision choice, seeding."""
     init_distributed_mode(args)
+    lock_output_dir(getattr(args, "output_dir", ""))  # one writer per folder; removes stale temp files
     print(f'job dir: {os.path.dirname(os.path.realpath(script))}')
     print(str(args).replace(', ', ',\n'))
     device = torch.device(args.device)
@@ -534,14 +276,46 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     import sys
     if not parser.add_help:  # the reference's parsers are parents without -h
         parser = argparse.ArgumentParser(description=parser.prog, parents=[parser])
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)
     check_args(args, parser)
     try:
         return main(args)
     except UserError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    finally:
+        release_output_dir_locks()
 
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The destinations set on the command line (not by a default): an explicit flag wins over a
+    checkpoint's setting, and a conflict between the two is an error."""
+    actions = [(a, a.default) for a in parser._actions]
+    defaults = dict(parser._defaults)
+    try:
+        for a, _ in actions:
+            a.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for a, default in actions:
+            a.default = default
+        parser._defaults.update(defaults)
+    return sorted(vars(given))
+
+
+def check_trains_something(args: argparse.Namespace, steps_per_epoch: int, last_epoch: int) -> bool:
+    """False (with a message) when a resumed run has no epoch left; an error when the flags would
+    make an epoch without a single optimizer step."""
+    if args.accum_iter > steps_per_epoch:
+        raise UserError(f"--accum_iter {args.accum_iter} is more than the {steps_per_epoch} steps of an epoch: "
+                        f"no optimizer step would ever be taken. Lower --accum_iter (or --batch_size)")
+    if args.start_epoch >= last_epoch:
+        print(f"Already finished ({args.start_epoch} epochs done, --epochs {last_epoch}): nothing to train")
+        return False
+    return True
 
 def print_weights_fingerprint(model: torch.nn.Module) -> float:
     """Prints, on every rank, a checksum of the weights: equal lines mean the ranks ended in sync."""

@@ -13,7 +13,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from util.errors import UserError
-from util.misc import atomic_write, atomic_write_json
+from util.checkpoint import atomic_write, atomic_write_json
 
 MASK_SUFFIX = ".json"
 

@@ -55,7 +55,7 @@ def get_init_file(job_dir: str) -> Path:
 class Trainer:
     """The callable submitit runs on every task; on preemption or timeout submitit calls
     ``checkpoint``, which requeues the same training: it resumes from the newest complete
-    checkpoint in the output folder (util.misc.auto_resume)."""
+    checkpoint in the output folder (util.checkpoint.auto_resume)."""
 
     def __init__(self, main: Callable, args: argparse.Namespace):
         self.main, self.args = main, args
@@ -78,7 +78,7 @@ class Trainer:
             if getattr(self.args, key, None):
                 setattr(self.args, key, str(getattr(self.args, key)).replace("%j", str(job_env.job_id)))
         if job_env.num_tasks > 1:
-            # read by util.misc.init_distributed_mode, as torchrun's variables
+            # read by util.distributed.init_distributed_mode, as torchrun's variables
             os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
                               LOCAL_RANK=str(job_env.local_rank))
         print(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}")

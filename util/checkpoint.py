@@ -1,0 +1,367 @@
+"""Files a run writes and reads back: atomic writes, checkpoints (save, load, newest, prune, resume),
+the per-epoch log, and the lock that keeps one writer per output folder.
+
+Every write goes through ``atomic_write``: a crash at any moment leaves the old file or the new one,
+and a full disk is one message naming the file and the free space. A checkpoint is written only
+when its weights are finite, so the newest checkpoint is always one a run can continue from."""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+from contextlib import contextmanager
+
+import torch
+
+from util.distributed import is_main_process
+from util.errors import UserError
+
+# Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
+# torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, not finite or does not fit the run."""
+
+
+class StorageError(UserError):
+    """A file could not be written (full disk, quota, I/O error, read-only folder)."""
+
+
+def file_digest(path: str, algorithm: str = "sha1", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read in chunks (checkpoints and archives are large)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def free_space(path: str) -> str:
+    """'1.2 GB free' on the file system holding path (or its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if free < 1000 or unit == "TB":
+            return f"{free:.1f} {unit} free" if unit != "B" else f"{free} B free"
+        free /= 1000
+    return ""
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    # torch.save reports a failed write of its zip stream as a RuntimeError from PytorchStreamWriter
+    text = str(e)
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and not isinstance(e, UserError) and any(
+        s in text for s in ("inline_container", "unexpected pos", "PytorchStreamWriter", "file write failed")))
+
+
+@contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """A file to write ``path`` through: a temporary file in the same folder, flushed, fsynced and
+    renamed over ``path`` when the block ends, so a crash at any moment leaves either the old file
+    or the new one, never a truncated one. On an error the temporary file is removed; a failed
+    write (full disk, I/O error) becomes a StorageError naming the file and the free space."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if _is_write_failure(e):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise StorageError(f"could not write {path}: {reason} ({free_space(directory)} there)") from None
+        raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write_json(path: str, obj, indent: int | None = None) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON-lines files (log.txt, results.jsonl): a torn last line (a crash mid-append) is dropped
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file; a torn (unparsable) line is skipped with a warning naming it."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"WARNING: {path} line {n} is not JSON (torn by a crash?); ignored")
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def append_log(output_dir: str, stats: dict) -> None:
+    """Adds this epoch's row to output_dir/log.txt (main process only). The file is rewritten
+    atomically: rows of this epoch or later (left by a run resumed from an older checkpoint) and a
+    torn last line are dropped, so the log has one row per epoch whatever crashed when."""
+    if not is_main_process():
+        return
+    path = os.path.join(output_dir, "log.txt")
+    rows = [r for r in read_jsonl(path) if not (isinstance(r, dict) and r.get("epoch", -1) >= stats["epoch"])]
+    write_jsonl(path, rows + [stats])
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def first_nonfinite(state_dict: dict) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None (one device sync)."""
+    floats = [(k, v) for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).cpu()
+    return None if bool(finite.all()) else floats[int((~finite).nonzero()[0])][0]
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Writes a checkpoint dict atomically, refusing non-finite weights: a run never leaves behind a
+    checkpoint it cannot continue from. Errors name the newest intact checkpoint in the folder."""
+    output_dir = os.path.dirname(os.path.abspath(path))
+    bad = first_nonfinite(obj["model"])
+    if bad is not None:
+        previous = find_last_checkpoint(output_dir)
+        raise CheckpointError(
+            f"the weights are not finite (NaN/inf in '{bad}') at epoch {obj.get('epoch')}: {path} was not "
+            f"written. " + (f"The last good checkpoint is {previous}. " if previous else "No earlier checkpoint. ")
+            + "Lower the learning rate (--blr / --lr), raise --warmup_epochs, or set --clip_grad.")
+    try:
+        atomic_torch_save(obj, path)
+    except StorageError as e:
+        previous = find_last_checkpoint(output_dir)
+        raise StorageError(f"{e}. Nothing was overwritten"
+                           + (f"; the newest intact checkpoint is {previous}" if previous else "")
+                           + ". Free space (or fix the path) and rerun the same command to resume.") from None
+
+
+def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
+    """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
+    process writes. With --keep_last K older epoch checkpoints are pruned."""
+    path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
+    if is_main_process():
+        save_checkpoint({
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "scaler": loss_scaler.state_dict(),
+            "args": args,
+        }, path)
+        if getattr(args, "keep_last", 0) and (name is None or name.isdigit()):
+            prune_checkpoints(args.output_dir, args.keep_last, just_written=path)
+    return path
+
+
+def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(number in the name, path) of every checkpoint-<number>.pth, ascending."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {e}") from None
+
+
+def stored_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(stored epoch, path) of every readable checkpoint-<number>.pth, oldest first (ties: by name).
+    The stored epoch, not the name, says which is newest: resume and pruning both use this."""
+    found = []
+    for number, path in checkpoint_epochs(output_dir):
+        try:
+            found.append((int(load_checkpoint(path)["epoch"]), number, path))
+        except (UserError, KeyError, TypeError, ValueError):
+            print(f"WARNING: skipping unreadable checkpoint {path}")
+    return [(epoch, path) for epoch, _, path in sorted(found)]
+
+
+def find_last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir, judged by content: the readable
+    checkpoint-*.pth with the highest stored epoch (a truncated or foreign file is skipped)."""
+    found = stored_epochs(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: str, keep_last: int, just_written: str | None = None) -> None:
+    """Deletes all but the newest keep_last readable numbered checkpoints, newest by stored epoch
+    (as resume judges it). Never deletes just_written, and never a file it cannot read (a stray or
+    foreign file is not ours to delete)."""
+    found = [path for _, path in stored_epochs(output_dir)]
+    keep = set(found[-max(keep_last, 1):])
+    if just_written:
+        keep.add(os.path.abspath(just_written))
+    for path in found:
+        if path not in keep and os.path.abspath(path) not in keep:
+            os.remove(path)
+
+
+def _normalised(key: str, value):
+    if key == "input_size" and isinstance(value, (list, tuple)):
+        return [int(value[0]), int(value[-1])]
+    return value
+
+
+def reconcile_with_checkpoint(args, keys: list[str]) -> None:
+    """Flags that define a run must agree with the --resume checkpoint: a flag given on the command
+    line that disagrees is an error naming both values; one left at its default takes the
+    checkpoint's value (so resuming needs no retyping)."""
+    if not getattr(args, "resume", ""):
+        return
+    saved = load_checkpoint(args.resume).get("args")
+    if saved is None:
+        return
+    given = set(getattr(args, "given_flags", []))
+    for key in keys:
+        if not hasattr(saved, key):
+            continue
+        ours, theirs = _normalised(key, getattr(args, key, None)), _normalised(key, getattr(saved, key))
+        if ours == theirs:
+            continue
+        if key in given:
+            raise CheckpointError(
+                f"--resume {args.resume} was trained with --{key} {_flag_value(theirs)}, but this command has "
+                f"--{key} {_flag_value(ours)}: pass --{key} {_flag_value(theirs)} (or leave it out) to continue that "
+                f"run, or start a new run in another --output_dir")
+        print(f"--{key} {_flag_value(theirs)} taken from {args.resume}")
+        setattr(args, key, getattr(saved, key))
+
+
+def _flag_value(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
+    """--resume: restores model, optimizer, scaler and sets args.start_epoch."""
+    if not args.resume:
+        return
+    checkpoint = load_checkpoint(args.resume)
+    saved = checkpoint.get("args")
+    for key in ("mask_method", "model"):
+        ours, theirs = getattr(args, key, None), getattr(saved, key, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointError(f"--resume {args.resume} was trained with --{key} {theirs}, but this run has "
+                                  f"--{key} {ours}: pass --{key} {theirs} to continue it, or start a new run")
+    bad = first_nonfinite(checkpoint["model"]) if "model" in checkpoint else None
+    if bad is not None:
+        raise CheckpointError(f"--resume {args.resume} holds non-finite weights (NaN/inf in '{bad}'): resume "
+                              f"from an earlier checkpoint (--resume PATH) or move this one away")
+    try:
+        model_without_ddp.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"--resume {args.resume} does not fit this model: {e}") from None
+    print(f"Resume checkpoint {args.resume}")
+    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        args.start_epoch = checkpoint["epoch"] + 1
+        if hasattr(saved, "max_accuracy"):  # finetuning's best top-1 so far
+            args.max_accuracy = saved.max_accuracy
+        if "scaler" in checkpoint:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        print("With optim & sched!")
+
+
+def auto_resume(args) -> None:
+    """Without --resume, continue from the newest complete checkpoint in --output_dir (a plain
+    rerun after a crash or a preemption picks up where the run stopped)."""
+    if args.resume or not args.output_dir or not getattr(args, "auto_resume", True):
+        return
+    last = find_last_checkpoint(args.output_dir)
+    if last:
+        print(f"Auto-resume: found {last} in --output_dir")
+        args.resume = last
+
+
+# ------------------------------------------------------------------------------------------------
+# one writer per output folder
+
+_held_locks: dict[str, int] = {}
+_TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Takes an exclusive lock on output_dir/.lock for the life of this process (released by the
+    kernel when it dies, so a killed run leaves no stale lock). A second run writing into the same
+    folder (e.g. a stage orphaned by a killed benchmark) stops with the holder's pid. Holding the
+    lock, temporary files left by killed writers are removed."""
+    if not output_dir or not is_main_process():
+        return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"output folder {output_dir} is a file: pass a folder (or a new path) as the output folder")
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:
+        return
+    fd = os.open(os.path.join(output_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"another process ({holder}) is writing to {output_dir}: wait for it to end or stop "
+                        f"it, or use another output folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held_locks[key] = fd
+    remove_stale_temp_files(output_dir)
+
+
+def release_output_dir_locks() -> None:
+    for fd in _held_locks.values():
+        os.close(fd)
+    _held_locks.clear()
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Removes the temporary files of writers that were killed mid-save (GBs for a ViT-L checkpoint).
+    Called with the folder's lock held, so no live writer of this folder owns one."""
+    removed = 0
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if _TEMP_FILE.match(name) and os.path.isfile(path):
+            removed += os.path.getsize(path)
+            os.remove(path)
+            print(f"removed {path}, left by a writer that was killed")
+    if removed:
+        print(f"{removed / 1e6:.1f} MB of stale temporary files removed from {output_dir}")

@@ -1,0 +1,110 @@
+"""Ranks and the process group: torchrun, SLURM or OpenMPI variables; NCCL on GPUs, gloo on CPU."""
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+_builtin_print = builtins.print  # wrapped (not re-wrapped) by setup_for_distributed
+
+DEFAULT_DIST_TIMEOUT_S = 600
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silences print() on every rank but the first (print(..., force=True) still prints)."""
+    builtin_print = _builtin_print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        force = force or (get_world_size() > 8)
+        if is_master or force:
+            now = datetime.datetime.now().time()
+            builtin_print(f"[{now}] ", end="")
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Reads torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (--dist_on_itp) or SLURM variables.
+    One process without any of them runs undistributed. NCCL on GPUs, gloo on CPU. Collectives
+    time out after --dist_timeout seconds, so a stuck rank stops the job instead of hanging it."""
+    env = os.environ
+    if args.dist_on_itp:
+        args.rank = int(env["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(env["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        args.rank = int(env["RANK"])
+        args.world_size = int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(env["SLURM_PROCID"])
+        args.world_size = int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        if args.dist_url == "env://":
+            # the first node of the allocation hosts the rendezvous
+            os.environ.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        print("Not using distributed mode")
+        setup_for_distributed(is_master=True)
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT_S))
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}, collective timeout "
+          f"{timeout}): {args.dist_url}", flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[003-005,010],cpu1' -> 'gpu003' (SLURM's compressed host list, first entry)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return nodelist
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def all_reduce_mean(x: float) -> float:
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return (t / world_size).item()
