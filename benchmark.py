@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import util.misc as misc  # noqa: E402
-from util.checkpoint import atomic_write_json, file_digest, find_last_checkpoint, load_checkpoint  # noqa: E402
+from util.checkpoint import (atomic_write_json, file_digest, find_last_checkpoint, load_checkpoint,  # noqa: E402
+                             read_jsonl, write_jsonl)
 from util.args import coverage_ratio_type, positive_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS  # noqa: E402
@@ -77,8 +79,57 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    encoder = args.model.replace("mae_", "", 1).split("_dec")[0]
     if args.seg_backbone is None:
-        args.seg_backbone = args.model.replace("mae_", "", 1).split("_dec")[0]
+        args.seg_backbone = encoder
+    elif args.seg_backbone != encoder:
+        parser.error(f"--seg-backbone {args.seg_backbone} is not the encoder of --model {args.model} ({encoder}): "
+                     f"the Segmenter starts from that encoder's weights; leave --seg-backbone out")
+
+
+# Flags of the stages that the benchmark sets itself: given in --pretrain-args / --seg-args they would
+# make a run other than the one the benchmark names, stores and reports.
+PRETRAIN_FLAGS_SET_HERE = {"data_path": "--in1k-dir", "model": "--model", "mask_method": "--mask-method",
+                           "coverage_ratio": "--coverage-ratio", "epochs": "--pretrain-epochs",
+                           "stop_epoch": "--eval-freq", "checkpoint_name": None, "save_freq": None,
+                           "output_dir": "--output-dir", "log_dir": "--output-dir", "resume": None,
+                           "stack": "--stack"}
+SEG_FLAGS_SET_HERE = {"dataset_dir": "--ade20k-dir", "log_dir": "--output-dir", "output_dir": "--output-dir",
+                      "backbone": "--seg-backbone", "decoder": "--seg-decoder", "mae_chp": None,
+                      "epochs": "--seg-epochs", "crop_size": "--crop-size", "eval_freq": None, "eval_only": None}
+
+
+class _StageArgsParser(argparse.ArgumentParser):
+    """A stage's parser whose errors are raised (and reported as the benchmark's flag) instead of
+    exiting."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def check_stage_args(args: argparse.Namespace) -> None:
+    """Parses and checks --pretrain-args and --seg-args as the stages will, before any stage runs:
+    a typo or a conflict with the benchmark's own flags is found now, not after hours of
+    pretraining."""
+    import main_pretrain
+    import segmenter.train
+    stages = (("--pretrain-args", args.pretrain_args, main_pretrain, PRETRAIN_FLAGS_SET_HERE,
+               pretrain_argv(args, eval_points(args)[0])),
+              ("--seg-args", args.seg_args, segmenter.train, SEG_FLAGS_SET_HERE,
+               seg_argv(args, os.path.join(args.output_dir, "checkpoint.pth"), "eval")))
+    for option, extra, module, set_here, base in stages:
+        parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
+        try:
+            extra_argv = shlex.split(extra)
+            conflicts = sorted(set(misc.given_flags(parser, extra_argv)) & set(set_here))
+            if conflicts:
+                names = ", ".join(f"--{c}" + (f" (use the benchmark's {set_here[c]})" if set_here[c] else "")
+                                  for c in conflicts)
+                raise UserError(f"sets {names}, which the benchmark sets itself")
+            stage_args = parser.parse_args(base + extra_argv)
+            module.check_args(stage_args, parser)
+        except (UserError, ValueError) as e:
+            raise UserError(f"{option} {extra!r}: {e}") from None
 
 
 def eval_points(args) -> list[int]:
@@ -99,6 +150,21 @@ def paths(args, epochs: int | None = None) -> dict:
     return d
 
 
+def die_with_parent(parent_pid: int):
+    """A preexec_fn: on Linux the stage gets SIGTERM when the benchmark process dies, even by
+    SIGKILL, so a killed benchmark leaves no stage training on (and the rerun finds no second
+    writer; the stage's folder lock refuses one anyway)."""
+    def set_death_signal():
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return  # not Linux: the folder lock still keeps a second writer out
+        if os.getppid() != parent_pid:  # the parent died before the signal was set
+            os._exit(1)
+    return set_death_signal
+
+
 def run_stage(module: str, argv: list[str], args, inprocess) -> None:
     """One stage: torchrun for several GPUs, else a subprocess or an in-process call."""
     env = dict(os.environ)
@@ -114,7 +180,7 @@ def run_stage(module: str, argv: list[str], args, inprocess) -> None:
     else:
         cmd = [sys.executable, "-m", module, *argv]
     print(f"[benchmark] {shlex.join(cmd)}", flush=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env)
+    result = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=die_with_parent(os.getpid()))
     if result.returncode != 0:
         raise UserError(f"stage {module} failed with exit status {result.returncode}; fix the cause and run the "
                         f"same benchmark command again: it continues from the last finished stage")
@@ -127,25 +193,67 @@ def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
 
 
 def resolve_stack(args) -> str:
-    if not args.stack or args.stack != "official":
-        if args.stack and not os.path.isfile(args.stack):
+    """The --stack checkpoint's path; sets args.stack_sha256_used (stored in every results row).
+    An official checkpoint is downloaded once; its SHA-256 is recorded beside it (<file>.sha256) at
+    the download and checked at every later use, so a file that changed is refused by name."""
+    args.stack_sha256_used = ""
+    if not args.stack:
+        return ""
+    if args.stack != "official":
+        if not os.path.isfile(args.stack):
             raise UserError(f"--stack {args.stack} does not exist")
+        args.stack_sha256_used = file_digest(args.stack, "sha256")
         return args.stack
     if args.model not in OFFICIAL_MAE:
         raise UserError(f"no official MAE checkpoint for --model {args.model}; give --stack a path")
     url = OFFICIAL_MAE[args.model]
     path = os.path.join(args.output_dir, "official", os.path.basename(url))
+    record = path + ".sha256"
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         print(f"[benchmark] downloading {url}")
-        urllib.request.urlretrieve(url, path + ".part")
+        try:
+            urllib.request.urlretrieve(url, path + ".part")
+        except OSError as e:  # URLError is an OSError
+            raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); without network, copy the file "
+                            f"to {path} (or pass --stack PATH)") from None
+        got = file_digest(path + ".part", "sha256")
+        if args.stack_sha256 and got != args.stack_sha256:
+            os.replace(path + ".part", path + ".bad")
+            raise UserError(f"{url} downloaded with SHA-256 {got}, expected --stack-sha256 {args.stack_sha256}; "
+                            f"kept as {path}.bad")
         os.replace(path + ".part", path)
-    if args.stack_sha256:
-        got = file_digest(path, "sha256")
-        if got != args.stack_sha256:
-            os.replace(path, path + ".bad")
-            raise UserError(f"{path} has SHA-256 {got}, expected {args.stack_sha256}; moved to {path}.bad")
+        with open(record, "w") as f:
+            f.write(f"{got}  {os.path.basename(path)}\n")
+        print(f"[benchmark] {path}: SHA-256 {got} (recorded in {record}; checked at every later use)")
+    got = file_digest(path, "sha256")
+    expected = [h for h in (args.stack_sha256, open(record).read().split()[0] if os.path.exists(record) else "") if h]
+    for want in expected:
+        if got != want:
+            raise UserError(f"{path} has SHA-256 {got}, but {want} was recorded when it was downloaded (or given as "
+                            f"--stack-sha256): the file changed. Delete it (and {record}) to download it again")
+    if not os.path.exists(record):
+        with open(record, "w") as f:
+            f.write(f"{got}  {os.path.basename(path)}\n")
+    print(f"[benchmark] --stack {path} SHA-256 {got}")
+    args.stack_sha256_used = got
     return path
+
+
+def pretrain_argv(args, epochs: int) -> list[str]:
+    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs."""
+    out = paths(args)["pretrain"]
+    return ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
+            "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
+            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", str(10 ** 9),
+            "--output_dir", out, "--log_dir", out, *shlex.split(args.pretrain_args)]
+
+
+def seg_argv(args, checkpoint: str, eval_dir: str) -> list[str]:
+    """segmenter.train's flags for the evaluation of one pretraining checkpoint."""
+    return ["--dataset-dir", args.ade20k_dir, "--log-dir", eval_dir, "--backbone", args.seg_backbone,
+            "--decoder", args.seg_decoder, "--mae-chp", checkpoint, "--epochs", str(args.seg_epochs),
+            "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs), *shlex.split(args.seg_args)]
 
 
 def pretrain_until(epochs: int, args, stack: str) -> float:
@@ -155,10 +263,7 @@ def pretrain_until(epochs: int, args, stack: str) -> float:
     last, done = latest_checkpoint(p["pretrain"])
     if done >= epochs:
         return 0.0
-    argv = ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
-            "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
-            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", str(10 ** 9),
-            "--output_dir", p["pretrain"], "--log_dir", p["pretrain"], *shlex.split(args.pretrain_args)]
+    argv = pretrain_argv(args, epochs)
     if last:
         argv += ["--resume", last]
     elif stack:
@@ -175,8 +280,8 @@ def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) ->
     log = os.path.join(pretrain_dir, "log.txt")
     if not os.path.exists(log):
         return None
-    speeds = [row["train_img_per_sec"] for row in map(json.loads, open(log))
-              if first_epoch <= row["epoch"] < last_epoch and "train_img_per_sec" in row]
+    speeds = [row["train_img_per_sec"] for row in read_jsonl(log)
+              if first_epoch <= row.get("epoch", -1) < last_epoch and "train_img_per_sec" in row]
     return sum(speeds) / len(speeds) if speeds else None
 
 
@@ -187,14 +292,13 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
     done_file = os.path.join(p["eval"], "done.json")
     if os.path.exists(done_file):
         print(f"[benchmark] evaluation after {epochs} epochs already done: {done_file}")
-        return json.load(open(done_file))
+        row = json.load(open(done_file))
+        append_result(p["results"], row)  # a kill after done.json but before the row: add it now
+        return row
     if not os.path.exists(p["checkpoint"]):
         raise UserError(f"no pretraining checkpoint {p['checkpoint']}: run the benchmark without --eval first "
                         f"(or check --output-dir and --mask-method)")
-    argv = ["--dataset-dir", args.ade20k_dir, "--log-dir", p["eval"], "--backbone", args.seg_backbone,
-            "--decoder", args.seg_decoder, "--mae-chp", p["checkpoint"], "--epochs", str(args.seg_epochs),
-            "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs),
-            *shlex.split(args.seg_args)]
+    argv = seg_argv(args, p["checkpoint"], p["eval"])
     start = time.time()
     run_stage("segmenter.train", argv, args, segmenter.train.cli)
     metrics = json.load(open(os.path.join(p["eval"], "metrics.json")))
@@ -203,29 +307,29 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
            "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": round(pretrain_time, 1),
            "eval_time_s": round(time.time() - start, 1),
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
-           "model": args.model, "seg_backbone": args.seg_backbone}
+           "model": args.model, "seg_backbone": args.seg_backbone,
+           "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", "")}
+    append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
     atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
-    append_result(p["results"], row)
     return row
 
 
 def append_result(results_path: str, row: dict) -> None:
-    """One row per (method, coverage, epochs): a re-run never duplicates a row."""
+    """One row per (method, coverage, epochs): a re-run never duplicates a row. The file is
+    rewritten atomically, which also drops a line torn by a crash mid-write."""
     key = (row["method"], row["coverage_ratio"], row["epochs"])
-    if os.path.exists(results_path):
-        for old in map(json.loads, open(results_path)):
-            if (old["method"], old["coverage_ratio"], old["epochs"]) == key:
-                return
+    rows = read_jsonl(results_path)
+    if any((old["method"], old["coverage_ratio"], old["epochs"]) == key for old in rows):
+        return
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-    with open(results_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    write_jsonl(results_path, rows + [row])
 
 
 def read_results(output_dir: str) -> list[dict]:
     rows = []
     for root, _, files in os.walk(output_dir):
         if "results.jsonl" in files:
-            rows += [json.loads(line) for line in open(os.path.join(root, "results.jsonl")) if line.strip()]
+            rows += read_jsonl(os.path.join(root, "results.jsonl"))
     seen, unique = set(), []
     for r in rows:
         key = (r["method"], r["coverage_ratio"], r["epochs"])
@@ -278,6 +382,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if not os.path.isdir(d):
             raise UserError(f"{what} {d} does not exist")
     os.makedirs(args.output_dir, exist_ok=True)
+    check_stage_args(args)
     if args.eval >= 0:
         evaluate(args.eval, args, pretrain_time=0.0)
     else:

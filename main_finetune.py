@@ -84,6 +84,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     check_model_and_input_size(args, parser, models_vit.model_patch_size)
     if args.eval and not args.resume:
         parser.error("--eval needs --resume CHECKPOINT (a finetuned or probed model)")
+    if not args.eval and args.start_epoch >= args.epochs:
+        parser.error(f"--start_epoch {args.start_epoch} >= --epochs {args.epochs}: there is no epoch to train")
     if getattr(args, "cutmix_minmax", None) is not None and len(args.cutmix_minmax) != 2:
         parser.error("--cutmix_minmax takes two values: min max")
 
@@ -148,6 +150,8 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         os.makedirs(args.output_dir, exist_ok=True)
 
     max_accuracy = getattr(args, "max_accuracy", 0.0)
+    if not misc.check_trains_something(args, len(loader_train), args.epochs):
+        return {"max_accuracy": max_accuracy}
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -162,21 +166,24 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         args.max_accuracy = max_accuracy
         print(f'Max accuracy: {max_accuracy:.2f}%')
-        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
-            save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch)
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'max_accuracy': max_accuracy}
+        # Order matters for a kill at any point: the log row, then the best checkpoint, then the
+        # epoch checkpoint that resume continues from. A kill before the last write repeats the
+        # epoch, which rewrites the row and (if it improves again) the best checkpoint.
+        if args.output_dir:
+            append_log(args.output_dir, log_stats)
         if args.output_dir and improved:
             save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch, name="best")
+                       loss_scaler=loss_scaler, epoch=epoch, name="best")
+        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
+            save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                       loss_scaler=loss_scaler, epoch=epoch)
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
             log_writer.flush()
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'max_accuracy': max_accuracy}
-        if args.output_dir:
-            append_log(args.output_dir, log_stats)
     misc.print_weights_fingerprint(model_without_ddp)
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if log_writer is not None:

@@ -15,7 +15,7 @@ import torch
 
 import models_mae
 import util.misc as misc
-from util.checkpoint import append_log, auto_resume, load_model, save_model
+from util.checkpoint import append_log, auto_resume, load_model, reconcile_with_checkpoint, save_model
 from util.distributed import get_rank, get_world_size
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
@@ -75,6 +75,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Errors that depend on several flags, before any data is read."""
     check_model_and_input_size(args, parser, models_mae.model_patch_size)
+    if args.mask_method == "patches" and args.mask_ratio == 0:
+        parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
+    if args.start_epoch >= args.epochs:
+        parser.error(f"--start_epoch {args.start_epoch} >= --epochs {args.epochs}: there is no epoch to train")
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
@@ -96,6 +100,9 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
 def main(args: argparse.Namespace) -> None:
     device = misc.setup_run(args, __file__)
     auto_resume(args)
+    # the flags that define the run must be the checkpoint's (a default is taken from it)
+    reconcile_with_checkpoint(args, ["model", "mask_method", "norm_pix_loss", "input_size"])
+    reconcile_with_checkpoint(args, ["coverage_ratio"] if uses_segments(args.mask_method) else ["mask_ratio"])
 
     input_size = as_hw(args.input_size)
     with_masks = uses_segments(args.mask_method)
@@ -103,7 +110,7 @@ def main(args: argparse.Namespace) -> None:
     dataset_train = build_pretrain_dataset(args.data_path, transform_train, with_masks=with_masks,
                                            coverage_ratio=args.coverage_ratio,
                                            allow_missing_masks=args.allow_missing_masks, seed=args.seed,
-                                           skip_bad_samples=args.skip_bad_samples)
+                                           skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout)
     print(dataset_train)
 
     num_tasks, global_rank = get_world_size(), get_rank()
@@ -154,28 +161,30 @@ def main(args: argparse.Namespace) -> None:
 
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+    last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
+    if not misc.check_trains_something(args, len(data_loader_train), last_epoch):
+        return
     print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
     start_time = time.time()
-    last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
     for epoch in range(args.start_epoch, last_epoch):
         misc.seed_epoch(args.seed, epoch, global_rank)
         sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if args.output_dir:
+            # the log row first: a failed or killed save then only repeats the epoch (and its row)
+            append_log(args.output_dir, log_stats)
         if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
             save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch,
-                            name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
+                       loss_scaler=loss_scaler, epoch=epoch,
+                       name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
 
         if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
             log_reconstructions(log_writer, model_without_ddp, dataset_train, device, args, epoch)
-
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        if args.output_dir:
-            if log_writer is not None:
-                log_writer.flush()
-            append_log(args.output_dir, log_stats)
+        if log_writer is not None:
+            log_writer.flush()
 
     misc.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time

@@ -131,7 +131,7 @@ class SegEvalTransform:
 class ADE20K(Dataset):
     """Pairs images/<split>/<name>.jpg with annotations/<split>/<name>.png."""
 
-    def __init__(self, root: str, split: str, transform, seed: int = 0):
+    def __init__(self, root: str, split: str, transform, seed: int = 0, num_classes: int = ADE20K_CLASSES):
         self.image_dir = os.path.join(root, "images", SPLITS[split])
         self.label_dir = os.path.join(root, "annotations", SPLITS[split])
         for d in (self.image_dir, self.label_dir):
@@ -149,6 +149,7 @@ class ADE20K(Dataset):
             raise DataError(f"no images in {self.image_dir}")
         self.names = names
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.num_classes = num_classes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -164,9 +165,16 @@ class ADE20K(Dataset):
             label = np.asarray(Image.open(label_path))
         except OSError as e:
             raise DataError(f"cannot read label {label_path}: {e}") from None
+        if label.ndim != 2:
+            raise DataError(f"label {label_path} has {label.shape[2] if label.ndim == 3 else label.ndim} channels: "
+                            f"expected a single-channel PNG of class indices (0 = other, 1..{self.num_classes}), "
+                            f"not a colour rendering")
         if label.shape != (img.height, img.width):
             raise DataError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image is "
                             f"{img.width}x{img.height}")
+        if label.size and int(label.max()) > self.num_classes:
+            raise DataError(f"label {label_path} holds class {int(label.max())}, but there are {self.num_classes} "
+                            f"classes (0 = other, 1..{self.num_classes}); fix the file or set --n-cls")
         img_t = tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
         label_t = tv_tensors.Mask(torch.from_numpy(reduce_zero_label(label)).unsqueeze(0))
         return img_t, label_t

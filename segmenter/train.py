@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import util.misc as misc
-from util.checkpoint import append_log, atomic_torch_save, atomic_write_json, load_checkpoint
+from util.checkpoint import append_log, atomic_write_json, load_checkpoint, read_jsonl, save_checkpoint
 from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
 from segmenter.inference import sliding_window_probs
@@ -30,6 +30,7 @@ from segmenter.metrics import ConfusionMatrix
 from segmenter.model import BACKBONES, DECODERS, build_segmenter
 from util.args import non_negative_float, non_negative_int, positive_int
 from util.checkpoint_adapt import load_pretrained_encoder
+from util.distributed import DEFAULT_DIST_TIMEOUT_S
 from util.errors import UserError
 from util.masking import MASK_METHODS
 
@@ -75,6 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--print-freq", type=positive_int, default=50)
     p.add_argument("--dist-url", dest="dist_url", default="env://")
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=positive_int, default=DEFAULT_DIST_TIMEOUT_S,
+                   metavar="SECONDS", help="a collective that waits longer (a stuck rank) stops every rank")
     return p
 
 
@@ -151,8 +154,9 @@ def write_metrics(args, epoch: int, metrics: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
     os.makedirs(args.log_dir, exist_ok=True)
-    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size), seed=args.seed)
-    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side))
+    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size), seed=args.seed,
+                       num_classes=args.n_cls)
+    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side), num_classes=args.n_cls)
     print(f"{len(train_set)} training and {len(val_set)} validation images")
 
     model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
@@ -199,7 +203,28 @@ def main(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * len(loader)
     log_writer = misc.tensorboard_writer(args.log_dir)
 
+    def evaluate_and_record(epoch: int) -> dict:
+        """Scores the model after `epoch` and adds the scores to that epoch's log row."""
+        scores = evaluate(model_without_ddp, val_set, device, args)
+        write_metrics(args, epoch, scores)
+        if is_main_process():
+            row = next((r for r in read_jsonl(os.path.join(args.log_dir, "log.txt")) if r.get("epoch") == epoch),
+                       {"epoch": epoch})
+            append_log(args.log_dir, {**row, **{k: scores[k] for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy")}})
+        if log_writer is not None:
+            for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy"):
+                log_writer.add_scalar(f"val/{k}", scores[k], epoch)
+        return scores
+
+    def evaluation_due(epoch: int) -> bool:
+        return (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs
+
     metrics: dict = {}
+    last_done = start_epoch - 1
+    if (resuming and last_done >= 0 and evaluation_due(last_done)
+            and not os.path.exists(os.path.join(args.log_dir, f"metrics_epoch{last_done}.json"))):
+        print(f"The evaluation after epoch {last_done} did not finish: running it now")
+        metrics = evaluate_and_record(last_done)
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         misc.seed_epoch(args.seed, epoch, get_rank())
@@ -207,21 +232,17 @@ def main(args: argparse.Namespace) -> dict:
         train_set.set_epoch(epoch)
         stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch,
                                    epoch * len(loader), total_steps, args, log_writer)
-        log_stats = {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]}
-        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
-            metrics = evaluate(model_without_ddp, val_set, device, args)
-            write_metrics(args, epoch, metrics)
-            log_stats.update({k: metrics[k] for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy")})
-            if log_writer is not None:
-                for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy"):
-                    log_writer.add_scalar(f"val/{k}", metrics[k], epoch)
         if is_main_process():
-            atomic_torch_save({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
-            append_log(args.log_dir, log_stats)
+            # the row, then the checkpoint (a failed save repeats the epoch and its row), then the
+            # evaluation: a bad validation file loses no training
+            append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
+            save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                             "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
             if log_writer is not None:
                 log_writer.add_scalar("train/loss", stats["loss"], epoch)
                 log_writer.flush()
+        if evaluation_due(epoch):
+            metrics = evaluate_and_record(epoch)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     if log_writer is not None:
         log_writer.close()

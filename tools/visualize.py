@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.checkpoint_adapt import pretrain_mask_method, state_dict_of  # noqa: E402
 from util.datasets import build_eval_transform, load_rgb  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
+from util.errors import run_tool  # noqa: E402
+from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from util.sam_masks import load_segment, mask_path_for  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 from util.visualize import grid_image, reconstruction_panels  # noqa: E402
@@ -36,7 +37,11 @@ def load_mae(path: str, model: str | None = None, input_size=None):
     method = pretrain_mask_method(ckpt)
     mae = models_mae.build_mae(name, img_size=size, mask_method=method,
                                norm_pix_loss=bool(getattr(saved, "norm_pix_loss", False)))
-    missing, _ = mae.load_state_dict(state_dict_of(ckpt), strict=False)
+    try:
+        missing, _ = mae.load_state_dict(state_dict_of(ckpt), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit {name} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}): "
+                              f"pass the --model it was trained with") from None
     if missing:
         print(f"note: {len(missing)} weights not in the checkpoint (e.g. {missing[0]}): an encoder-only "
               f"checkpoint reconstructs with a random decoder")
@@ -99,4 +104,4 @@ def to_mask(mask: Image.Image, size) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

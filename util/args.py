@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from util.datasets import DEFAULT_DATA_TIMEOUT_S
+from util.distributed import DEFAULT_DIST_TIMEOUT_S
 from util.masking import MASK_METHODS
 from util.speed import COMPILE_MODES
 
@@ -110,6 +112,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--dist_on_itp', action='store_true')
     parser.add_argument('--dist_url', default='env://',
                         help='url used to set up distributed training')
+    parser.add_argument('--dist_timeout', default=DEFAULT_DIST_TIMEOUT_S, type=positive_int, metavar='SECONDS',
+                        help='a collective that waits longer (a stuck or dead rank) stops every rank with an error')
+    parser.add_argument('--data_timeout', default=DEFAULT_DATA_TIMEOUT_S, type=non_negative_float, metavar='SECONDS',
+                        help='reading one image or mask file longer than this (hung file system, FIFO) is an error '
+                             'naming the file (0: no limit); keep it below --dist_timeout')
     return parser
 
 

@@ -85,7 +85,8 @@ def atomic_write(path: str, mode: str = "wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         if _is_write_failure(e):
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            reason = (e.strerror or str(e)) if isinstance(e, OSError) else \
+                "the write failed (file system full or failing)"  # torch's zip writer names no errno
             raise StorageError(f"could not write {path}: {reason} ({free_space(directory)} there)") from None
         raise
 
@@ -150,10 +151,9 @@ def first_nonfinite(state_dict: dict) -> str | None:
 def save_checkpoint(obj: dict, path: str) -> None:
     """Writes a checkpoint dict atomically, refusing non-finite weights: a run never leaves behind a
     checkpoint it cannot continue from. Errors name the newest intact checkpoint in the folder."""
-    output_dir = os.path.dirname(os.path.abspath(path))
     bad = first_nonfinite(obj["model"])
     if bad is not None:
-        previous = find_last_checkpoint(output_dir)
+        previous = _newest_intact(path)
         raise CheckpointError(
             f"the weights are not finite (NaN/inf in '{bad}') at epoch {obj.get('epoch')}: {path} was not "
             f"written. " + (f"The last good checkpoint is {previous}. " if previous else "No earlier checkpoint. ")
@@ -161,10 +161,15 @@ def save_checkpoint(obj: dict, path: str) -> None:
     try:
         atomic_torch_save(obj, path)
     except StorageError as e:
-        previous = find_last_checkpoint(output_dir)
+        previous = _newest_intact(path)
         raise StorageError(f"{e}. Nothing was overwritten"
                            + (f"; the newest intact checkpoint is {previous}" if previous else "")
                            + ". Free space (or fix the path) and rerun the same command to resume.") from None
+
+
+def _newest_intact(path: str) -> str | None:
+    found = find_last_checkpoint(os.path.dirname(os.path.abspath(path)))
+    return found or (path if os.path.exists(path) else None)
 
 
 def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
@@ -261,7 +266,7 @@ def reconcile_with_checkpoint(args, keys: list[str]) -> None:
             continue
         if key in given:
             raise CheckpointError(
-                f"--resume {args.resume} was trained with --{key} {_flag_value(theirs)}, but this command has "
+                f"--resume {args.resume} was trained with --{key} {_flag_value(theirs)}, but this run has "
                 f"--{key} {_flag_value(ours)}: pass --{key} {_flag_value(theirs)} (or leave it out) to continue that "
                 f"run, or start a new run in another --output_dir")
         print(f"--{key} {_flag_value(theirs)} taken from {args.resume}")

@@ -13,6 +13,7 @@ import io
 import os
 import queue
 import random
+import signal
 import threading
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Sequence
@@ -70,13 +71,43 @@ class EncodedImage:
         return load_rgb(self.path, self.data)
 
 
+DEFAULT_DATA_TIMEOUT_S = 120
+
+
+@contextmanager
+def read_deadline(path: str, seconds: float):
+    """Raises a DataError naming ``path`` if the block (reading it) takes longer than ``seconds``: a
+    FIFO, a hung network file system or a dead disk then stops the run with the file named,
+    before the other ranks' collectives time out. SIGALRM, so only in a process's main thread
+    (data-loader workers and the main loop); elsewhere, or with seconds <= 0, no deadline."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise DataError(f"reading {path} took more than {seconds:g}s (--data_timeout): a FIFO, a hung network "
+                        f"file system or a failing disk? Fix or remove the file")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _existing_mask_files(mask_root: str) -> set[str]:
-    """Relative paths of every mask file under mask_root, by one walk (cheap on 1M files)."""
+    """Relative paths of every mask file under mask_root, by one walk (cheap on 1M files). A
+    symlink whose target is gone counts as missing."""
     found = set()
     for dirpath, _, filenames in os.walk(mask_root, followlinks=True):
         rel_dir = os.path.relpath(dirpath, mask_root)
         for name in filenames:
             if name.endswith(MASK_SUFFIX):
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path) and not os.path.exists(path):
+                    continue
                 found.add(os.path.normpath(os.path.join(rel_dir, name)))
     return found
 
@@ -90,9 +121,11 @@ class SegmentMaskImageFolder(Dataset):
     """
 
     def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
-                 split: str = "train", allow_missing_masks: bool = False, decode: bool = True):
+                 split: str = "train", allow_missing_masks: bool = False, decode: bool = True,
+                 skip_bad_samples: bool = False, read_timeout: float = DEFAULT_DATA_TIMEOUT_S):
         self.root = root
         self.decode = decode
+        self.read_timeout = read_timeout
         self.image_root = os.path.join(root, split)
         self.mask_root = os.path.join(root, "masks")
         self.with_masks = with_masks
@@ -109,9 +142,17 @@ class SegmentMaskImageFolder(Dataset):
                             f"with --mask_method patches.")
         try:
             self.classes, self.class_to_idx = find_classes(self.image_root)
-            self.samples = make_dataset(self.image_root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+            self.samples = make_dataset(self.image_root, self.class_to_idx, extensions=IMG_EXTENSIONS,
+                                        allow_empty=True)
         except FileNotFoundError as e:
             raise DataError(f"no images under {self.image_root}: {e}") from None
+        empty = sorted(set(self.classes) - {self.classes[t] for _, t in self.samples})
+        if empty and self.samples:
+            listed = ", ".join(os.path.join(self.image_root, c) for c in empty[:5])
+            if not skip_bad_samples:
+                raise DataError(f"{len(empty)} class folder(s) hold no image: {listed}. Remove them, or pass "
+                                f"--skip_bad_samples to pretrain without them")
+            print(f"WARNING: {len(empty)} class folder(s) hold no image and are skipped: {listed}")
         if not self.samples:
             raise DataError(f"no images found under {self.image_root}")
         # paths relative to train/, once: the mask cache's keys and the mask files' names
@@ -148,14 +189,18 @@ class SegmentMaskImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        img = load_rgb(path) if self.decode else EncodedImage(path)
+        with read_deadline(path, self.read_timeout):
+            img = load_rgb(path) if self.decode else EncodedImage(path)
         if not self.with_masks:
             return img, None, target
         rel = self.rel_paths[index]
         if self.cache is not None and rel in self.cache:
-            mask = self.cache.load(rel, img.size)
+            with read_deadline(self.cache.bin_path, self.read_timeout):
+                mask = self.cache.load(rel, img.size)
         else:
-            mask = load_segment(mask_path_for(self.mask_root, rel), self.coverage_ratio, image_size=img.size)
+            mask_path = mask_path_for(self.mask_root, rel)
+            with read_deadline(mask_path, self.read_timeout):
+                mask = load_segment(mask_path, self.coverage_ratio, image_size=img.size)
         if mask.shape != (img.height, img.width):
             # SAM may have run on a resized copy: bring the mask onto the image's pixel grid.
             mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
@@ -310,13 +355,14 @@ class PretrainDataset(Dataset):
 
 def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable, with_masks: bool,
                            coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
-                           seed: int = 0, skip_bad_samples: bool = False) -> PretrainDataset:
+                           seed: int = 0, skip_bad_samples: bool = False,
+                           read_timeout: float = DEFAULT_DATA_TIMEOUT_S) -> PretrainDataset:
     """One dataset over one or several roots. A DeferredPretrainTransform gets the encoded files."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
     decode = not isinstance(transform, DeferredPretrainTransform)
     folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks,
-                                      decode=decode)
+                                      decode=decode, skip_bad_samples=skip_bad_samples, read_timeout=read_timeout)
                for root in data_paths]
     return PretrainDataset(folders, transform, seed, skip_bad_samples)
 

@@ -82,8 +82,8 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         args.device = f"cuda:{args.gpu}"
     args.dist_backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT_S))
-    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}, collective timeout "
-          f"{timeout}): {args.dist_url}", flush=True)
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}, "
+          f"collective timeout {timeout}", flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank, timeout=timeout)
     dist.barrier()

@@ -4,3 +4,13 @@ problem and the fix) without a traceback and exit with status 1."""
 
 class UserError(RuntimeError):
     """Base class: wrong paths, missing or corrupt files, mismatched checkpoints, NaN losses."""
+
+
+def run_tool(main, argv=None):
+    """Runs a tool's main(argv); a UserError prints its message (no traceback) and exits 1."""
+    import sys
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

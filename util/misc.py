@@ -68,6 +68,8 @@ class SmoothedValue:
         return float(self.deque[-1])
 
     def __str__(self) -> str:
+        if not self.deque:  # nothing recorded yet (e.g. every step so far was skipped)
+            return "-"
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
                                max=self.max, value=self.value)
 
@@ -292,16 +294,16 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """The destinations set on the command line (not by a default): an explicit flag wins over a
     checkpoint's setting, and a conflict between the two is an error."""
-    actions = [(a, a.default) for a in parser._actions]
+    actions = [(a, a.default, a.required) for a in parser._actions]
     defaults = dict(parser._defaults)
     try:
-        for a, _ in actions:
-            a.default = argparse.SUPPRESS
+        for a, _, _ in actions:
+            a.default, a.required = argparse.SUPPRESS, False
         parser._defaults.clear()
         given, _ = parser.parse_known_args(argv)
     finally:
-        for a, default in actions:
-            a.default = default
+        for a, default, required in actions:
+            a.default, a.required = default, required
         parser._defaults.update(defaults)
     return sorted(vars(given))
 

@@ -7,6 +7,7 @@ each with ``segmentation: {"size": [H, W], "counts": RLE}`` and ``area`` in pixe
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -38,10 +39,23 @@ def load_annotations(path: str) -> list[dict]:
     return annotations
 
 
+def mask_size(segmentation: dict) -> tuple[int, int]:
+    """(H, W) of an RLE; a size that is not two positive integers raises ValueError."""
+    size = segmentation["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"size {size!r} is not [H, W] with positive integers")
+    return int(size[0]), int(size[1])
+
+
 def annotation_coverage(annotation: dict) -> float:
-    """Percent of the image covered: 100 * area / (H * W)."""
-    h, w = annotation["segmentation"]["size"]
-    return 100.0 * float(annotation["area"]) / float(h * w)
+    """Percent of the image covered: 100 * area / (H * W). A non-finite area raises ValueError
+    (it would otherwise never be chosen, without a word)."""
+    h, w = mask_size(annotation["segmentation"])
+    area = float(annotation["area"])
+    if not math.isfinite(area) or area < 0:
+        raise ValueError(f"area {annotation['area']!r} is not a finite number >= 0")
+    return 100.0 * area / float(h * w)
 
 
 def select_annotation(annotations: list[dict], coverage_ratio: float) -> dict | None:
@@ -55,15 +69,75 @@ def select_annotation(annotations: list[dict], coverage_ratio: float) -> dict | 
     return best
 
 
-def decode_segmentation(segmentation: dict) -> np.ndarray:
-    """COCO RLE (compressed string or uncompressed list of counts) -> (H, W) uint8 array of 0/1."""
-    h, w = segmentation["size"]
+def rle_string_counts(counts: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' format: 5 bits per character
+    with a continuation bit, counts after the second stored as differences). ValueError if the
+    string is not valid."""
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(counts):
+                raise ValueError("the RLE string ends inside a count (truncated)")
+            c = counts[pos] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {chr(counts[pos])!r} is not part of a COCO RLE string")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def check_rle(segmentation: dict) -> tuple[int, int, list | bytes]:
+    """(H, W, counts) of an RLE whose run lengths are non-negative and add up to H * W; anything
+    else raises ValueError. pycocotools decodes short counts to uninitialised memory and long ones
+    to an error naming no file, so every reader checks first (the check costs far less than a
+    decode)."""
+    h, w = mask_size(segmentation)
     counts = segmentation["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            raise ValueError("uncompressed RLE counts must be integers")
+        runs = counts
+    elif isinstance(counts, (str, bytes)):
+        counts = counts.encode("ascii", errors="replace") if isinstance(counts, str) else counts
+        runs = rle_string_counts(counts)
+    else:
+        raise ValueError(f"counts is a {type(counts).__name__}, not an RLE string or list")
+    if any(r < 0 for r in runs):
+        raise ValueError("the RLE has a negative run length")
+    if sum(runs) != h * w:
+        raise ValueError(f"the RLE's run lengths add up to {sum(runs)} pixels, but its size {h}x{w} has {h * w}")
+    return h, w, counts
+
+
+def decode_segmentation(segmentation: dict) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list of counts) -> (H, W) uint8 array of 0/1.
+    An invalid RLE raises ValueError (see check_rle)."""
+    h, w, counts = check_rle(segmentation)
     if isinstance(counts, list):
         rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     else:
-        rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = {"size": [h, w], "counts": counts}
     return mask_utils.decode(rle)
+
+
+def choose_segment(path: str, coverage_ratio: float) -> dict | None:
+    """The annotation of a mask file closest to coverage_ratio (None if it has none); a malformed
+    file raises MaskFileError naming it."""
+    annotations = load_annotations(path)
+    try:
+        return select_annotation(annotations, coverage_ratio)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs a finite "
+                            f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
 
 
 def encode_segmentation(mask: np.ndarray) -> dict:
@@ -78,14 +152,12 @@ def load_segment(path: str, coverage_ratio: float, image_size: tuple[int, int] |
     A file without annotations gives an all-zero mask (nothing hidden); ``image_size`` (W, H) is
     only used for that case.
     """
-    annotations = load_annotations(path)
-    try:
-        ann = select_annotation(annotations, coverage_ratio)
-        if ann is not None:
+    ann = choose_segment(path, coverage_ratio)
+    if ann is not None:
+        try:
             return decode_segmentation(ann["segmentation"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs "
-                            f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise MaskFileError(f"invalid RLE in {path}: {e}. Regenerate this mask file") from None
     if image_size is None:
         raise MaskFileError(f"{path} has no annotations")
     w, h = image_size
@@ -128,12 +200,17 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
     with atomic_write(bin_path) as out:
         pos = 0
         for i, rel in enumerate(keys):
-            ann = select_annotation(load_annotations(mask_path_for(os.path.join(root, "masks"), rel)), coverage_ratio)
+            path = mask_path_for(os.path.join(root, "masks"), rel)
+            ann = choose_segment(path, coverage_ratio)
             if ann is None:
                 continue
             seg = ann["segmentation"]
-            if isinstance(seg["counts"], list):  # store uncompressed RLE compressed
-                seg = encode_segmentation(decode_segmentation(seg))
+            try:
+                check_rle(seg)
+                if isinstance(seg["counts"], list):  # store uncompressed RLE compressed
+                    seg = encode_segmentation(decode_segmentation(seg))
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                raise MaskFileError(f"invalid RLE in {path}: {e}. Regenerate this mask file") from None
             counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else bytes(seg["counts"])
             out.write(counts)
             offset[i], length[i] = pos, len(counts)
@@ -150,10 +227,29 @@ class MaskCache:
 
     def __init__(self, root: str, coverage_ratio: float):
         self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
-        index = np.load(index_path)
-        self.row = {k: i for i, k in enumerate(index["keys"].tolist())}
-        self.offset, self.length = index["offset"], index["length"]
-        self.height, self.width = index["height"], index["width"]
+        rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {root} --coverage_ratio "
+                   f"{coverage_ratio:g} (or delete {os.path.dirname(index_path)} to read the JSON files)")
+        try:
+            with np.load(index_path) as index:
+                keys = index["keys"].tolist()
+                self.offset, self.length = index["offset"], index["length"]
+                self.height, self.width = index["height"], index["width"]
+        except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
+            raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
+                                f"{rebuild}") from None
+        n = len(keys)
+        used = self.length >= 0
+        if not (len(self.offset) == len(self.length) == len(self.height) == len(self.width) == n):
+            raise MaskFileError(f"mask cache index {index_path} is inconsistent (array lengths differ). {rebuild}")
+        expected = int(self.length[used].sum()) if used.any() else 0
+        actual = os.path.getsize(self.bin_path)
+        ends = self.offset[used] + self.length[used]
+        if (actual != expected or (used.any() and (self.offset[used].min() < 0 or ends.max() > actual))
+                or (self.height[used] <= 0).any() or (self.width[used] <= 0).any()):
+            raise MaskFileError(f"mask cache {self.bin_path} is {actual} bytes but its index describes "
+                                f"{expected} (truncated or from another build). {rebuild}")
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.rebuild_hint = rebuild
         self._fd = None  # opened lazily: one descriptor per data-loader worker
 
     @staticmethod
@@ -176,4 +272,8 @@ class MaskCache:
         if self._fd is None:
             self._fd = os.open(self.bin_path, os.O_RDONLY)
         counts = os.pread(self._fd, int(self.length[i]), int(self.offset[i]))
-        return mask_utils.decode({"size": [int(self.height[i]), int(self.width[i])], "counts": counts})
+        segmentation = {"size": [int(self.height[i]), int(self.width[i])], "counts": counts}
+        try:
+            return decode_segmentation(segmentation)
+        except ValueError as e:
+            raise MaskFileError(f"mask cache {self.bin_path}, entry {rel}: {e}. {self.rebuild_hint}") from None
