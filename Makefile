@@ -10,11 +10,13 @@ TOY := data/toy
 
 venv: $(STAMP)
 
-# Re-installs only when requirements.txt changes (or the venv is missing).
+# Re-installs only when requirements.txt changes (or the venv is missing). SAM 2 ships as a source
+# archive whose build would fetch a second torch: it is built against ours, without its CUDA extension.
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is needed, found " + sys.version.split()[0]'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --disable-pip-version-check -q --no-build-isolation 'sam2>=1.1'
 	@touch $(STAMP)
 
 TOY_ADE := data/toy_ade20k

@@ -16,7 +16,7 @@ import torch
 import models_mae
 import util.misc as misc
 from util.checkpoint import append_log, auto_resume, load_model, reconcile_with_checkpoint, save_model
-from util.distributed import get_rank, get_world_size
+from util.distributed import all_reduce_mean, get_rank, get_world_size
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
                        non_negative_int, positive_int)
@@ -166,12 +166,19 @@ def main(args: argparse.Namespace) -> None:
         return
     print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
     start_time = time.time()
+    told_rotated = False
     for epoch in range(args.start_epoch, last_epoch):
         misc.seed_epoch(args.seed, epoch, global_rank)
         sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
+        if with_masks and not told_rotated:  # once per run: masks made on the EXIF-rotated picture
+            rotated = round(all_reduce_mean(float(dataset_train.rotated_masks())) * get_world_size())
+            if rotated:
+                print(f"NOTE: {rotated} mask(s) had the transposed size of an image with EXIF orientation 5-8 "
+                      f"(made on the rotated picture, as SAM's amg.py does) and were rotated into the image's frame")
+                told_rotated = True
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if args.output_dir:
             # the log row first: a failed or killed save then only repeats the epoch (and its row)

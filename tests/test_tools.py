@@ -92,8 +92,11 @@ def test_checker_catches_each_planted_problem(toy_root, tmp_path, capsys):
         f.truncate(40)  # does not decode
     os.remove(root / "masks" / "boxes" / "boxes_train_0002.json")  # missing mask
     (root / "masks" / "stripes" / "stripes_train_0003.json").write_text("[{")  # does not parse
-    m = np.ones((16, 16), np.uint8)  # wrong size
+    m = np.ones((16, 24), np.uint8)  # wrong size: another aspect ratio
     (root / "masks" / "triangles" / "triangles_train_0004.json").write_text(
+        json.dumps([{"segmentation": encode_segmentation(m), "area": 384}]))
+    m = np.ones((16, 16), np.uint8)  # a mask made on a half-size copy: resized, accepted
+    (root / "masks" / "triangles" / "triangles_train_0005.json").write_text(
         json.dumps([{"segmentation": encode_segmentation(m), "area": 256}]))
     capsys.readouterr()
     assert check_dataset.main(["--data_path", str(root), "--workers", "2"]) == 1
@@ -101,7 +104,9 @@ def test_checker_catches_each_planted_problem(toy_root, tmp_path, capsys):
     assert "discs_train_0001.png: image does not decode" in out
     assert "boxes_train_0002.json" in out and "no mask file" in out
     assert "stripes_train_0003.json" in out and "does not parse" in out
-    assert "mask 16x16 but image 32x32" in out
+    assert "triangles_train_0004.png: " in out and "the mask is 24x16 but its image is 32x32" in out
+    assert "triangles_train_0005" not in out.split("problems:")[1]
+    assert "1 masks were made at another resolution" in out
     assert "have an annotation within +-5 points of 50% coverage" in out
 
 

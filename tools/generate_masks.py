@@ -1,15 +1,22 @@
 """Writes SAM-style mask files for an ImageFolder tree: <data_path>/masks/<class>/<stem>.json.
 
     # Segment-Anything (pip install segment-anything; a checkpoint from its model zoo)
-    python tools/generate_masks.py --data_path /datasets/imagenet --backend sam \\
+    python tools/generate_masks.py --data_path /datasets/imagenet --backend sam \
         --sam_checkpoint sam_vit_h_4b8939.pth --sam_model vit_h
+    # SAM 2 (pip install sam2; a checkpoint such as sam2.1_hiera_large.pt)
+    python tools/generate_masks.py --data_path DATA --backend sam2 --sam_checkpoint sam2.1_hiera_large.pt \
+        --sam_model hiera_large --amp bf16
     torchrun --nproc_per_node 8 tools/generate_masks.py ... --backend sam     # shards the file list
     # without SAM: superpixels (scikit-image), overlapping segments at several scales
     python tools/generate_masks.py --data_path data/mydataset --backend superpixels --workers 16
 
-Resumable: images whose mask file exists and parses are skipped. Every file is written atomically,
-in SA-1B's {"image", "annotations"} form with COCO RLE segmentations. Ends with a summary: images,
-masks per image and a coverage histogram.
+Images are read as training reads them (Pillow, EXIF orientation not applied, 16-bit scaled to 8
+bit), so every mask is on its image's pixel grid. Resumable: images whose mask file exists and
+parses are skipped (--redo_empty also redoes files in which nothing was found). Every file is
+written atomically in SA-1B's layout ({"image": {image_id, width, height, file_name},
+"annotations": [{bbox, area, segmentation, predicted_iou, point_coords, crop_box, id,
+stability_score}]}, COCO RLE) plus a "generator" entry with the backend and every setting used,
+so a mask set can be reproduced. Ends with a summary; the exit status is 1 if any image failed.
 """
 from __future__ import annotations
 
@@ -22,13 +29,18 @@ from multiprocessing import Pool
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.sam_masks import (annotation_coverage, encode_segmentation, load_annotations, mask_path_for,  # noqa: E402
-                            write_mask_file)
+from util.datasets import load_rgb  # noqa: E402
+from util.sam_masks import (annotation_coverage, duplicate_stems, encode_segmentation,  # noqa: E402
+                            load_annotations, mask_path_for, write_mask_file)
 
+# SA-1B's key order of an annotation; keys a backend does not give are left out
+SA1B_ANNOTATION_KEYS = ("bbox", "area", "segmentation", "predicted_iou", "point_coords", "crop_box", "id",
+                        "stability_score")
+SAM_MODELS = ("vit_h", "vit_l", "vit_b")
+SAM2_MODELS = {"hiera_tiny": "t", "hiera_small": "s", "hiera_base_plus": "b+", "hiera_large": "l"}
 
 
 def list_images(image_root: str) -> list[str]:
@@ -41,12 +53,12 @@ def list_images(image_root: str) -> list[str]:
     return sorted(found)
 
 
-def mask_file_ok(path: str) -> bool:
+def mask_file_state(path: str) -> str:
+    """'ok', 'empty' (parses, no annotation) or 'redo' (missing or broken)."""
     try:
-        load_annotations(path)
-        return True
+        return "ok" if load_annotations(path) else "empty"
     except Exception:  # noqa: BLE001 - any failure means "generate it again"
-        return False
+        return "redo"
 
 
 def annotations_from_masks(masks: Iterable[np.ndarray], scores: Iterable[float] | None = None) -> list[dict]:
@@ -66,8 +78,29 @@ def annotations_from_masks(masks: Iterable[np.ndarray], scores: Iterable[float] 
     return out
 
 
+def cap_annotations(anns: list[dict], min_area: int = 0, max_masks: int = 0) -> list[dict]:
+    """Drops masks smaller than min_area pixels, then keeps at most max_masks spread evenly over the
+    range of areas (so every coverage ratio still finds a segment near it)."""
+    anns = [a for a in anns if a["area"] >= min_area]
+    if max_masks and len(anns) > max_masks:
+        by_area = sorted(anns, key=lambda a: a["area"])
+        picks = np.unique(np.round(np.linspace(0, len(by_area) - 1, max_masks)).astype(int))
+        anns = [by_area[i] for i in picks]
+    return anns
+
+
+def sa1b_layout(anns: list[dict], image_id: int) -> list[dict]:
+    """Annotations in SA-1B's key order, numbered (id) within their file."""
+    out = []
+    for k, a in enumerate(anns):
+        a = {**a, "id": a.get("id", image_id * 100_000 + k)}
+        out.append({key: a[key] for key in SA1B_ANNOTATION_KEYS if key in a}
+                   | {key: v for key, v in a.items() if key not in SA1B_ANNOTATION_KEYS})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
-# backends: a callable (H, W, 3) uint8 image -> list of annotations
+# backends: a callable (H, W, 3) uint8 image -> list of annotations, with a `settings` dict
 
 def superpixel_segments(img: np.ndarray, scales=(100, 300, 1000), n_slic=(8, 32)) -> list[dict]:
     """Felzenszwalb at several scales and SLIC at several sizes: overlapping segments of varied
@@ -83,60 +116,100 @@ def superpixel_segments(img: np.ndarray, scales=(100, 300, 1000), n_slic=(8, 32)
     return annotations_from_masks(masks)
 
 
+superpixel_segments.settings = {"backend": "superpixels", "felzenszwalb_scales": [100, 300, 1000],
+                                "slic_segments": [8, 32]}
+
+
 def superpixel_backend() -> Callable:
     return superpixel_segments
 
 
-class SamBackend:
-    """Segment-Anything's automatic mask generator (``segment_anything`` package); ``generator``
-    may be given directly (tests inject a stand-in with the same ``generate`` method)."""
+GENERATOR_DEFAULTS = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
+                      "stability_score_thresh": 0.95, "box_nms_thresh": 0.7, "crop_n_layers": 0,
+                      "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0}
 
-    def __init__(self, checkpoint: str = "", model_type: str = "vit_h", device: str = "cuda",
-                 points_per_side: int = 32, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
-                 generator=None):
+
+def build_sam_generator(backend: str, checkpoint: str, model: str, device: str, sam2_config: str = "",
+                        **settings):
+    """SAM's or SAM 2's automatic mask generator, coco_rle output. Errors a user can fix (package
+    missing, checkpoint missing, checkpoint of another model) end in one line (SystemExit)."""
+    if backend == "sam":
+        try:
+            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+        except ImportError:
+            raise SystemExit("the sam backend needs the segment-anything package: pip install "
+                             "segment-anything (or use --backend superpixels)") from None
+        if model not in SAM_MODELS:
+            raise SystemExit(f"--sam_model {model} is not a SAM model ({', '.join(SAM_MODELS)})")
+    else:
+        try:
+            from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+            from sam2.build_sam import build_sam2
+        except ImportError:
+            raise SystemExit("the sam2 backend needs the sam2 package: pip install sam2 (or use --backend sam)") from None
+        if model not in SAM2_MODELS and not sam2_config:
+            raise SystemExit(f"--sam_model {model} is not a SAM 2 model ({', '.join(SAM2_MODELS)}); or pass "
+                             f"--sam2_config")
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise SystemExit(f"--sam_checkpoint {checkpoint!r} not found: download one from the "
+                         f"{'segment-anything' if backend == 'sam' else 'sam2'} model zoo")
+    try:
+        if backend == "sam":
+            net = sam_model_registry[model](checkpoint=checkpoint or None).to(device)
+            return SamAutomaticMaskGenerator(net, output_mode="coco_rle", **settings)
+        config = sam2_config or f"configs/sam2.1/sam2.1_{'hiera_' + SAM2_MODELS[model]}.yaml"
+        net = build_sam2(config, checkpoint or None, device=device)
+        return SAM2AutomaticMaskGenerator(net, output_mode="coco_rle", **settings)
+    except RuntimeError as e:
+        if "state_dict" in str(e) or "size mismatch" in str(e):
+            raise SystemExit(f"--sam_checkpoint {checkpoint} does not fit --sam_model {model}: give the model the "
+                             f"checkpoint was made for (e.g. sam_vit_b_01ec64.pth is vit_b)") from None
+        raise
+
+
+class SamBackend:
+    """Segment-Anything's (or SAM 2's) automatic mask generator; ``generator`` may be given
+    directly (tests inject a stand-in with the same ``generate`` method). ``amp`` runs it under
+    bf16 / fp16 autocast on a GPU."""
+
+    def __init__(self, checkpoint: str = "", model_type: str = "vit_h", device: str = "cuda", generator=None,
+                 backend: str = "sam", amp: str = "none", sam2_config: str = "", **settings):
+        settings = {**GENERATOR_DEFAULTS, **settings}
         if generator is None:
-            try:
-                from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
-            except ImportError:
-                raise SystemExit("the sam backend needs the segment-anything package: pip install "
-                                 "segment-anything (or use --backend superpixels)") from None
-            if not os.path.isfile(checkpoint):
-                raise SystemExit(f"--sam_checkpoint {checkpoint!r} not found: download one from the "
-                                 f"segment-anything model zoo")
-            sam = sam_model_registry[model_type](checkpoint=checkpoint).to(device)
-            generator = SamAutomaticMaskGenerator(sam, points_per_side=points_per_side,
-                                                  pred_iou_thresh=pred_iou_thresh,
-                                                  stability_score_thresh=stability_score_thresh,
-                                                  output_mode="coco_rle")
-        self.generator = generator
+            generator = build_sam_generator(backend, checkpoint, model_type, device, sam2_config, **settings)
+        self.generator, self.device, self.amp = generator, device, amp
+        self.settings = {"backend": backend, "model": model_type, "checkpoint": os.path.basename(checkpoint),
+                         "amp": amp, **({"sam2_config": sam2_config} if sam2_config else {}), **settings}
 
     def __call__(self, img: np.ndarray) -> list[dict]:
-        records = self.generator.generate(img)
+        import torch
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        device_type = str(self.device).split(":")[0]
+        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None and device_type == "cuda"):
+            records = self.generator.generate(img)
         anns = []
         for r in records:
-            seg = r["segmentation"]
-            if isinstance(seg, np.ndarray):  # binary_mask output mode
-                seg = encode_segmentation(seg)
-            ann = {"segmentation": seg, "area": int(r["area"])}
-            for key in ("bbox", "predicted_iou", "stability_score", "point_coords", "crop_box"):
-                if key in r:
-                    ann[key] = r[key]
+            ann = dict(r)
+            if isinstance(ann["segmentation"], np.ndarray):  # binary_mask output mode
+                ann["segmentation"] = encode_segmentation(ann["segmentation"])
+            ann["area"] = int(ann["area"])
             anns.append(ann)
         return anns
 
 
 # ------------------------------------------------------------------------------------------------
 
-def process_one(job: tuple[str, str, str], backend: Callable) -> tuple[str, int, list[float], str | None]:
+def process_one(job: tuple, backend: Callable) -> tuple[str, int, list[float], str | None]:
     """(relative path, number of masks, coverages, error) for one image."""
-    rel, image_root, mask_root = job
+    rel, image_root, mask_root, image_id, min_area, max_masks = job
     try:
-        with Image.open(os.path.join(image_root, rel)) as im:
-            img = np.asarray(im.convert("RGB"))
-        anns = backend(img)
+        img = np.asarray(load_rgb(os.path.join(image_root, rel)))
+        anns = sa1b_layout(cap_annotations(backend(img), min_area, max_masks), image_id)
         h, w = img.shape[:2]
         write_mask_file(mask_path_for(mask_root, rel), anns,
-                        {"file_name": os.path.basename(rel), "height": h, "width": w})
+                        {"image_id": image_id, "width": w, "height": h, "file_name": os.path.basename(rel)},
+                        generator=getattr(backend, "settings", None))
         return rel, len(anns), [annotation_coverage(a) for a in anns], None
     except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
         return rel, 0, [], f"{type(e).__name__}: {e}"
@@ -155,16 +228,28 @@ def _work(job):
 
 
 def generate(data_path: str, backend_factory: Callable, split: str = "train", workers: int = 1,
-             rank: int = 0, world_size: int = 1, log_every: float = 2.0) -> dict:
+             rank: int = 0, world_size: int = 1, log_every: float = 2.0, redo_empty: bool = False,
+             min_area: int = 0, max_masks: int = 0) -> dict:
     """Generates the missing mask files of this rank's share of the images; returns a summary."""
     image_root = os.path.join(data_path, split)
     mask_root = os.path.join(data_path, "masks")
     if not os.path.isdir(image_root):
         raise SystemExit(f"--data_path {data_path} has no {split}/ folder (expected {split}/<class>/<image>)")
-    images = list_images(image_root)[rank::world_size]
-    todo = [rel for rel in images if not mask_file_ok(mask_path_for(mask_root, rel))]
-    print(f"{len(images)} images, {len(images) - len(todo)} already have a mask file, {len(todo)} to do")
-    jobs = [(rel, image_root, mask_root) for rel in todo]
+    all_images = list_images(image_root)
+    pairs = duplicate_stems(all_images)
+    if pairs:
+        raise SystemExit(f"{len(pairs)} pair(s) of images would share one mask file, e.g. "
+                         f"{os.path.join(image_root, pairs[0][0])} and {os.path.join(image_root, pairs[0][1])}: "
+                         f"rename or remove one of each pair")
+    image_ids = {rel: i for i, rel in enumerate(all_images)}  # stable for the same tree
+    images = all_images[rank::world_size]
+    states = {rel: mask_file_state(mask_path_for(mask_root, rel)) for rel in images}
+    todo = [rel for rel in images if states[rel] == "redo" or (redo_empty and states[rel] == "empty")]
+    empty_before = sum(state == "empty" for state in states.values())
+    print(f"{len(images)} images, {len(images) - len(todo)} already have a mask file"
+          + (f" ({empty_before} of them empty; --redo_empty regenerates those)" if empty_before and not redo_empty
+             else "") + f", {len(todo)} to do")
+    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks) for rel in todo]
     counts, coverages, errors = [], [], []
     start = last = time.time()
     if workers > 1 and jobs:
@@ -173,28 +258,37 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
     else:
         pool, backend = None, backend_factory()
         results = (process_one(job, backend) for job in jobs)
+    written_bytes = 0
     for i, (rel, n, cov, err) in enumerate(results, 1):
         if err:
             errors.append(f"{rel}: {err}")
         else:
             counts.append(n)
             coverages += cov
+            written_bytes += os.path.getsize(mask_path_for(mask_root, rel))
         now = time.time()
         if now - last > log_every or i == len(jobs):
             speed = i / max(now - start, 1e-9)
             eta = (len(jobs) - i) / max(speed, 1e-9)
-            print(f"\r[{i}/{len(jobs)}] {speed:.2f} images/s, ETA {eta / 60:.1f} min", end="", flush=True)
+            print(f"\r[{i}/{len(jobs)}] {speed:.2f} images/s, ETA {eta / 60:.1f} min, "
+                  f"{written_bytes / max(len(counts), 1) / 1e3:.0f} KB/image", end="", flush=True)
             last = now
     if pool is not None:
         pool.close()
         pool.join()
     print()
     hist, edges = np.histogram(coverages, bins=[0, 1, 5, 10, 25, 50, 75, 100.0001])
+    seconds = time.time() - start
     summary = {"images": len(images), "generated": len(counts), "skipped_existing": len(images) - len(todo),
+               "empty": sum(n == 0 for n in counts) + (0 if redo_empty else empty_before),
                "failed": errors, "masks_per_image": float(np.mean(counts)) if counts else 0.0,
+               "kb_per_image": round(written_bytes / max(len(counts), 1) / 1e3, 1),
+               "images_per_s": round(len(counts) / max(seconds, 1e-9), 3),
                "coverage_histogram": {f"{edges[k]:g}-{min(edges[k + 1], 100):g}%": int(hist[k]) for k in range(len(hist))},
-               "seconds": round(time.time() - start, 1)}
+               "seconds": round(seconds, 1)}
     print(json.dumps(summary, indent=1))
+    if errors:
+        print(f"{len(errors)} image(s) failed, e.g. {errors[0]}; rerun the same command to retry them", file=sys.stderr)
     return summary
 
 
@@ -202,13 +296,20 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", required=True)
     p.add_argument("--split", default="train")
-    p.add_argument("--backend", default=None, choices=["sam", "superpixels"],
+    p.add_argument("--backend", default=None, choices=["sam", "sam2", "superpixels"],
                    help="default: sam if segment-anything is installed and --sam_checkpoint given, else superpixels")
     p.add_argument("--sam_checkpoint", default="")
-    p.add_argument("--sam_model", default="vit_h", choices=["vit_h", "vit_l", "vit_b"])
-    p.add_argument("--points_per_side", type=int, default=32)
-    p.add_argument("--pred_iou_thresh", type=float, default=0.88)
-    p.add_argument("--stability_score_thresh", type=float, default=0.95)
+    p.add_argument("--sam_model", default=None, choices=[*SAM_MODELS, *SAM2_MODELS],
+                   help="SAM: vit_h (default), vit_l, vit_b; SAM 2: hiera_tiny .. hiera_large (default hiera_large)")
+    p.add_argument("--sam2_config", default="", help="SAM 2 model config (default: the sam2.1 one of --sam_model)")
+    for name, default in GENERATOR_DEFAULTS.items():
+        p.add_argument(f"--{name}", type=type(default), default=default,
+                       help="the automatic mask generator's setting (SAM's default; SA-1B used crop_n_layers 1+)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for SAM on a GPU")
+    p.add_argument("--min_area", type=int, default=0, help="drop masks smaller than this many pixels")
+    p.add_argument("--max_masks", type=int, default=0,
+                   help="keep at most N masks per image, spread over the range of areas (0: all); caps disk use")
+    p.add_argument("--redo_empty", action="store_true", help="also regenerate mask files in which nothing was found")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU processes (superpixels)")
     args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -219,18 +320,26 @@ def main(argv=None) -> dict:
             backend = "sam" if args.sam_checkpoint else "superpixels"
         except ImportError:
             backend = "superpixels"
-    if backend == "sam":
+    if backend in ("sam", "sam2"):
         import functools
+
         import torch
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        factory = functools.partial(SamBackend, args.sam_checkpoint, args.sam_model, device, args.points_per_side,
-                                    args.pred_iou_thresh, args.stability_score_thresh)
+        model = args.sam_model or ("vit_h" if backend == "sam" else "hiera_large")
+        settings = {name: getattr(args, name) for name in GENERATOR_DEFAULTS}
+        # built here, before any mask file is listed: a missing package or checkpoint fails at once
+        generator = build_sam_generator(backend, args.sam_checkpoint, model, device, args.sam2_config, **settings)
+        print(f"{backend} {model} on {device}" + ("" if device != "cpu" else
+              " (no GPU visible: SAM on a CPU takes seconds to minutes per image)"))
+        factory = functools.partial(SamBackend, args.sam_checkpoint, model, device, generator, backend, args.amp,
+                                    args.sam2_config, **settings)
         workers = 1  # the GPU does the work
     else:
         factory, workers = superpixel_backend, args.workers
     print(f"backend {backend}, rank {rank}/{world}")
-    return generate(args.data_path, factory, args.split, workers, rank, world)
+    return generate(args.data_path, factory, args.split, workers, rank, world, redo_empty=args.redo_empty,
+                    min_area=args.min_area, max_masks=args.max_masks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed"] else 0)

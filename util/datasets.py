@@ -10,6 +10,7 @@ missing mask files) are found when the dataset is built, not in the middle of an
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import queue
 import random
@@ -28,7 +29,8 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
-from util.sam_masks import MASK_SUFFIX, MaskCache, load_segment, mask_path_for
+from util.sam_masks import (MASK_SUFFIX, MaskCache, check_unique_stems, exif_orientation, fit_mask, load_segment,
+                             mask_path_for)
 from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage, as_hw
 
 
@@ -42,9 +44,20 @@ def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
     try:
         with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
             img = Image.open(f)
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                return _high_bit_depth_to_rgb(img)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (Pillow modes I;16*, I) scaled to 8 bit: convert('RGB') clips every value
+    above 255 and turns such images white."""
+    values = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
+    grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 class EncodedImage:
@@ -163,7 +176,10 @@ class SegmentMaskImageFolder(Dataset):
             uncached = sum(rel not in self.cache for rel in self.rel_paths)
             print(f"Using the mask cache {self.cache.bin_path}" +
                   (f" ({uncached} images not in it are read from their JSON files)" if uncached else ""))
+        # masks turned into the image's frame for EXIF-rotated images, counted over the loader's workers
+        self.rotated_masks = multiprocessing.Value("q", 0)
         if with_masks:
+            check_unique_stems(self.rel_paths, self.image_root)
             self._check_masks(allow_missing_masks)
 
     def _check_masks(self, allow_missing: bool) -> None:
@@ -201,9 +217,12 @@ class SegmentMaskImageFolder(Dataset):
             mask_path = mask_path_for(self.mask_root, rel)
             with read_deadline(mask_path, self.read_timeout):
                 mask = load_segment(mask_path, self.coverage_ratio, image_size=img.size)
-        if mask.shape != (img.height, img.width):
-            # SAM may have run on a resized copy: bring the mask onto the image's pixel grid.
-            mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.NEAREST))
+        if mask.shape != (img.height, img.width):  # the size policy of util/sam_masks.py
+            orientation = exif_orientation(path) if self.decode else exif_orientation(Image.open(io.BytesIO(img.data)))
+            mask, rule = fit_mask(mask, img.size, orientation, mask_path_for(self.mask_root, rel))
+            if rule == "rotate":
+                with self.rotated_masks.get_lock():
+                    self.rotated_masks.value += 1
         return img, mask, target
 
 
@@ -347,6 +366,11 @@ class PretrainDataset(Dataset):
             return self.transform(img, generator=generator), target
         img_t, mask_t = self.transform(img, mask, generator=generator)
         return img_t, mask_t, target
+
+    def rotated_masks(self) -> int:
+        """How many masks so far were rotated into their EXIF-rotated image's frame (this process
+        and its loader workers)."""
+        return sum(f.rotated_masks.value for f in self.folders)
 
     def __repr__(self) -> str:
         roots = ", ".join(f.root for f in self.folders)

@@ -11,6 +11,7 @@ import math
 import os
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from util.errors import UserError
@@ -164,16 +165,109 @@ def load_segment(path: str, coverage_ratio: float, image_size: tuple[int, int] |
     return np.zeros((h, w), dtype=np.uint8)
 
 
+# ------------------------------------------------------------------------------------------------
+# Which masks fit which images. One policy for training, the mask cache, check_dataset.py and
+# generate_masks.py. The image is always read as the reference MAE reads it (Pillow, EXIF
+# orientation NOT applied); a mask (H_m, W_m) for an image of W x H pixels is
+#   - used as is when it has the image's size;
+#   - resized (nearest) when it has the image's aspect ratio at another resolution (SAM run on a
+#     downscaled copy);
+#   - rotated into the file's pixel frame, then resized if needed, when its size is the transposed
+#     one and the image carries EXIF orientation 5-8 (SAM's scripts/amg.py reads images with cv2,
+#     which applies the orientation, so its masks are in the displayed frame);
+#   - refused (MaskFileError naming the file and both sizes) in every other case.
+
+EXIF_ORIENTATION_TAG = 0x0112
+# display frame -> file frame: the inverse of the transpose that EXIF orientation 5-8 asks for
+_DISPLAY_TO_FILE = {5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+                    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def exif_orientation(image: Image.Image | str) -> int:
+    """The EXIF orientation (1-8; 1 when absent or unreadable) of an open image or a file."""
+    try:
+        if isinstance(image, str):
+            with Image.open(image) as im:
+                return int(im.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+        return int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return 1
+
+
+def _same_aspect(mh: int, mw: int, h: int, w: int) -> bool:
+    # up to the rounding of a resized copy: one pixel at the larger of the two resolutions
+    return abs(mw * h - w * mh) <= max(h, mh, w, mw)
+
+
+def mask_fit(mask_hw: tuple[int, int], image_wh: tuple[int, int], orientation: int = 1) -> str:
+    """'same', 'resize' or 'rotate' for a mask of size (H, W) on an image of size (W, H); ValueError
+    (naming both sizes) when the mask belongs to no such image."""
+    (mh, mw), (w, h) = mask_hw, image_wh
+    if (mh, mw) == (h, w):
+        return "same"
+    if _same_aspect(mh, mw, h, w):
+        return "resize"
+    if orientation in _DISPLAY_TO_FILE and _same_aspect(mw, mh, h, w):
+        return "rotate"
+    hint = (" (the image has EXIF orientation %d, which keeps its size)" % orientation if orientation != 1
+            else "")
+    raise ValueError(f"the mask is {mw}x{mh} but its image is {w}x{h}{hint}: not the same picture, nor a "
+                     f"resized or EXIF-rotated copy of it")
+
+
+def fit_mask(mask: np.ndarray, image_wh: tuple[int, int], orientation: int, path: str) -> tuple[np.ndarray, str]:
+    """The mask on the image's pixel grid under the policy above, and which rule applied."""
+    try:
+        rule = mask_fit(mask.shape, image_wh, orientation)
+    except ValueError as e:
+        raise MaskFileError(f"{path}: {e}. Regenerate its masks from the image as Pillow reads it") from None
+    if rule == "same":
+        return mask, rule
+    img = Image.fromarray(mask)
+    if rule == "rotate":
+        img = img.transpose(_DISPLAY_TO_FILE[orientation])
+    if img.size != tuple(image_wh):
+        img = img.resize(tuple(image_wh), Image.NEAREST)
+    return np.asarray(img), rule
+
+
+def duplicate_stems(rel_paths: list[str]) -> list[tuple[str, str]]:
+    """Pairs of images that would share one mask file (same folder and stem: x.JPEG and x.png)."""
+    seen: dict[str, str] = {}
+    pairs = []
+    for rel in rel_paths:
+        stem = os.path.splitext(rel)[0]
+        if stem in seen:
+            pairs.append((seen[stem], rel))
+        else:
+            seen[stem] = rel
+    return pairs
+
+
+def check_unique_stems(rel_paths: list[str], image_root: str) -> None:
+    pairs = duplicate_stems(rel_paths)
+    if pairs:
+        a, b = pairs[0]
+        raise MaskFileError(
+            f"{len(pairs)} pair(s) of images share a mask file name, e.g. {os.path.join(image_root, a)} and "
+            f"{os.path.join(image_root, b)} (both would use {os.path.splitext(a)[0] + MASK_SUFFIX}): rename or remove "
+            f"one of each pair")
+
+
 def mask_path_for(mask_root: str, image_rel_path: str) -> str:
     """masks/<class>/<image stem>.json for the image train/<class>/<image>."""
     return os.path.join(mask_root, os.path.splitext(image_rel_path)[0] + MASK_SUFFIX)
 
 
 def write_mask_file(path: str, annotations: list[dict], image_info: dict | None = None,
-                    bare_list: bool = False) -> None:
-    """Writes a mask file atomically: SA-1B's {"image", "annotations"} form, or a bare list."""
+                    bare_list: bool = False, generator: dict | None = None) -> None:
+    """Writes a mask file atomically: SA-1B's {"image", "annotations"} form (plus "generator", the
+    settings that made it, when given), or a bare list."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write_json(path, annotations if bare_list else {"image": image_info or {}, "annotations": annotations})
+    data = {"image": image_info or {}, "annotations": annotations}
+    if generator:
+        data["generator"] = generator
+    atomic_write_json(path, annotations if bare_list else data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,18 +283,25 @@ def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
 
 
 def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float) -> str:
-    """Writes the cache for these images (their mask files must exist); returns the .bin path."""
+    """Writes the cache for these images (their mask files must exist); returns the .bin path.
+    Every entry is checked as training checks it (valid RLE, the size policy against the image's
+    header) and records its mask file's size and mtime, so a cache older than its masks is refused."""
     bin_path, index_path = mask_cache_paths(root, coverage_ratio)
     os.makedirs(os.path.dirname(bin_path), exist_ok=True)
     keys = sorted(image_rel_paths)
+    check_unique_stems(keys, os.path.join(root, "train"))
     offset = np.zeros(len(keys), np.int64)
     length = np.full(len(keys), -1, np.int64)
     height = np.zeros(len(keys), np.int32)
     width = np.zeros(len(keys), np.int32)
+    mask_bytes = np.zeros(len(keys), np.int64)
+    mask_mtime_ns = np.zeros(len(keys), np.int64)
     with atomic_write(bin_path) as out:
         pos = 0
         for i, rel in enumerate(keys):
             path = mask_path_for(os.path.join(root, "masks"), rel)
+            stat = os.stat(path)
+            mask_bytes[i], mask_mtime_ns[i] = stat.st_size, stat.st_mtime_ns
             ann = choose_segment(path, coverage_ratio)
             if ann is None:
                 continue
@@ -211,6 +312,14 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
                     seg = encode_segmentation(decode_segmentation(seg))
             except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise MaskFileError(f"invalid RLE in {path}: {e}. Regenerate this mask file") from None
+            image_path = os.path.join(root, "train", rel)
+            try:
+                with Image.open(image_path) as im:
+                    mask_fit(tuple(seg["size"]), im.size, exif_orientation(im))
+            except ValueError as e:
+                raise MaskFileError(f"{path}: {e}") from None
+            except OSError as e:
+                raise MaskFileError(f"cannot read image {image_path}: {e}") from None
             counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else bytes(seg["counts"])
             out.write(counts)
             offset[i], length[i] = pos, len(counts)
@@ -218,7 +327,7 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
             pos += len(counts)
     with atomic_write(index_path) as f:  # written last: the cache counts as present only now
         np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
-                 coverage_ratio=np.float64(coverage_ratio))
+                 coverage_ratio=np.float64(coverage_ratio), mask_bytes=mask_bytes, mask_mtime_ns=mask_mtime_ns)
     return bin_path
 
 
@@ -234,6 +343,8 @@ class MaskCache:
                 keys = index["keys"].tolist()
                 self.offset, self.length = index["offset"], index["length"]
                 self.height, self.width = index["height"], index["width"]
+                built_from = (index["mask_bytes"], index["mask_mtime_ns"]) if "mask_bytes" in index else None
+                built_for = float(index["coverage_ratio"])
         except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
             raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
                                 f"{rebuild}") from None
@@ -248,9 +359,35 @@ class MaskCache:
                 or (self.height[used] <= 0).any() or (self.width[used] <= 0).any()):
             raise MaskFileError(f"mask cache {self.bin_path} is {actual} bytes but its index describes "
                                 f"{expected} (truncated or from another build). {rebuild}")
+        if built_for != float(coverage_ratio):
+            raise MaskFileError(f"mask cache {index_path} was built for coverage {built_for:g}, not {coverage_ratio:g}. "
+                                f"{rebuild}")
+        if built_from is None:
+            raise MaskFileError(f"mask cache {index_path} records no mask file dates (an older version built it), "
+                                f"so it cannot be checked against the mask files. {rebuild}")
+        stale = self._stale_entries(root, keys, *built_from)
+        if stale:
+            raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
+                                f"deleted since it was built), e.g. {stale[0]}. {rebuild}")
         self.row = {k: i for i, k in enumerate(keys)}
         self.rebuild_hint = rebuild
         self._fd = None  # opened lazily: one descriptor per data-loader worker
+
+    @staticmethod
+    def _stale_entries(root: str, keys: list[str], sizes: np.ndarray, mtimes: np.ndarray) -> list[str]:
+        """Mask files whose size or mtime differ from when the cache was built (one stat each)."""
+        stale = []
+        mask_root = os.path.join(root, "masks")
+        for rel, size, mtime in zip(keys, sizes.tolist(), mtimes.tolist()):
+            path = mask_path_for(mask_root, rel)
+            try:
+                st = os.stat(path)
+            except OSError:
+                stale.append(path)
+                continue
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                stale.append(path)
+        return stale
 
     @staticmethod
     def exists(root: str, coverage_ratio: float) -> bool:
