@@ -5,11 +5,13 @@ Segmenter on ADE20k from that checkpoint, to see how a mask method's downstream 
         --mask-method four_channels --pretrain-epochs 800 --eval-freq 100 --num-gpus 8
     python benchmark.py compare --output-dir .          # overlay every run found: miou_vs_epochs.png
 
-Outputs under --output-dir:
-    pretrain_output/<method>/checkpoint-<epochs>.pth     one pretraining run, chunk by chunk
-    eval_output/<method>_<epochs>/                       Segmenter logs, metrics.json, done.json
-    results.jsonl                                        one row per finished evaluation
-    miou_vs_epochs.png
+Outputs under --output-dir, keyed by the run's identity RUN = <method>[-cov<C>]-<model>[-stacked]-seed<S>-<digest>
+(the digest covers every setting of the pretraining run: schedule, --stack and its SHA-256, --pretrain-args):
+    pretrain_output/RUN/checkpoint-<epochs>.pth, config.json   one pretraining run, chunk by chunk
+    eval_output/RUN/<epochs>ep-seg<digest>/                     Segmenter logs, metrics.json, done.json
+    results.jsonl                                               one row per finished evaluation, full config
+    miou_vs_epochs.png                                          one curve per run (and Segmenter settings)
+A rerun with the same flags continues its run; other flags (e.g. another --coverage-ratio) make another run.
 
 The chunks are one pretraining run (the lr schedule spans --pretrain-epochs; each chunk resumes the
 previous checkpoint with its optimizer state). Run the same command again after a crash or kill:
@@ -19,6 +21,7 @@ continues from its own last checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -36,7 +39,7 @@ from util.checkpoint import (atomic_write_json, file_digest, find_last_checkpoin
                              read_jsonl, write_jsonl)
 from util.args import coverage_ratio_type, positive_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.masking import MASK_METHODS  # noqa: E402
+from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.slurm import add_slurm_job_args, submit  # noqa: E402
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
@@ -63,6 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", default="", help="start pretraining from an official MAE checkpoint: a path, "
                                                "or 'official' to download the one matching --model")
     p.add_argument("--stack-sha256", default="", help="expected SHA-256 of the downloaded --stack official file")
+    p.add_argument("--seed", type=int, default=0, help="seed of both stages (part of the run's identity)")
     p.add_argument("--seg-epochs", type=int, default=64)
     p.add_argument("--crop-size", type=int, default=512)
     p.add_argument("--num-gpus", type=positive_int, default=1, help=">1: every stage runs with torchrun on this node")
@@ -93,10 +97,11 @@ PRETRAIN_FLAGS_SET_HERE = {"data_path": "--in1k-dir", "model": "--model", "mask_
                            "coverage_ratio": "--coverage-ratio", "epochs": "--pretrain-epochs",
                            "stop_epoch": "--eval-freq", "checkpoint_name": None, "save_freq": None,
                            "output_dir": "--output-dir", "log_dir": "--output-dir", "resume": None,
-                           "stack": "--stack"}
+                           "stack": "--stack", "seed": "--seed"}
 SEG_FLAGS_SET_HERE = {"dataset_dir": "--ade20k-dir", "log_dir": "--output-dir", "output_dir": "--output-dir",
                       "backbone": "--seg-backbone", "decoder": "--seg-decoder", "mae_chp": None,
-                      "epochs": "--seg-epochs", "crop_size": "--crop-size", "eval_freq": None, "eval_only": None}
+                      "epochs": "--seg-epochs", "crop_size": "--crop-size", "eval_freq": None, "eval_only": None,
+                      "seed": "--seed"}
 
 
 class _StageArgsParser(argparse.ArgumentParser):
@@ -114,7 +119,7 @@ def check_stage_args(args: argparse.Namespace) -> None:
     import main_pretrain
     import segmenter.train
     stages = (("--pretrain-args", args.pretrain_args, main_pretrain, PRETRAIN_FLAGS_SET_HERE,
-               pretrain_argv(args, eval_points(args)[0])),
+               pretrain_argv(args, eval_points(args)[0], os.path.join(args.output_dir, "pretrain_output"))),
               ("--seg-args", args.seg_args, segmenter.train, SEG_FLAGS_SET_HERE,
                seg_argv(args, os.path.join(args.output_dir, "checkpoint.pth"), "eval")))
     for option, extra, module, set_here, base in stages:
@@ -140,14 +145,84 @@ def eval_points(args) -> list[int]:
     return points
 
 
+# ------------------------------------------------------------------------------------------------
+# Run identity: a pretraining run's folder is named after everything that defines it, so another
+# configuration never continues (or reports as) this one.
+
+def run_config(args) -> dict:
+    """What defines the pretraining run (the data folders are recorded, not part of the identity)."""
+    return {"method": args.mask_method,
+            "coverage_ratio": args.coverage_ratio if uses_segments(args.mask_method) else None,
+            "model": args.model, "pretrain_epochs": args.pretrain_epochs, "seed": args.seed,
+            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
+            "pretrain_args": shlex.split(args.pretrain_args)}
+
+
+def eval_config(args) -> dict:
+    """What defines one evaluation of a checkpoint."""
+    return {"seg_backbone": args.seg_backbone, "seg_decoder": args.seg_decoder, "seg_epochs": args.seg_epochs,
+            "crop_size": args.crop_size, "seed": args.seed, "seg_args": shlex.split(args.seg_args)}
+
+
+def short_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def run_id(args) -> str:
+    """e.g. four_channels-cov40-vit_base_patch16-seed0-3fa2c1 (…-stacked-… from --stack)."""
+    config = run_config(args)
+    parts = [args.mask_method]
+    if config["coverage_ratio"] is not None:
+        parts.append(f"cov{args.coverage_ratio:g}")
+    parts.append(args.model.replace("mae_", "", 1))
+    if args.stack:
+        parts.append("stacked")
+    parts += [f"seed{args.seed}", short_digest(config)]
+    return "-".join(parts)
+
+
 def paths(args, epochs: int | None = None) -> dict:
-    method = args.mask_method
-    d = {"pretrain": os.path.join(args.output_dir, "pretrain_output", method),
+    rid = run_id(args)
+    d = {"pretrain": os.path.join(args.output_dir, "pretrain_output", rid),
          "results": os.path.join(args.output_dir, "results.jsonl")}
     if epochs is not None:
         d["checkpoint"] = os.path.join(d["pretrain"], f"checkpoint-{epochs}.pth")
-        d["eval"] = os.path.join(args.output_dir, "eval_output", f"{method}_{epochs}")
+        d["eval"] = os.path.join(args.output_dir, "eval_output", rid, f"{epochs}ep-seg{short_digest(eval_config(args))}")
     return d
+
+
+def record_run(args) -> None:
+    """config.json in the run's folder: the full configuration, for a person and for compare."""
+    folder = paths(args)["pretrain"]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        atomic_write_json(path, {"run_id": run_id(args), "config": run_config(args),
+                                 "in1k_dir": os.path.abspath(args.in1k_dir),
+                                 "ade20k_dir": os.path.abspath(args.ade20k_dir)}, indent=1)
+
+
+def check_old_layout(args) -> None:
+    """Folders of the earlier layout (pretrain_output/<method>/) are not continued silently: if the
+    one for this method holds a run with this configuration, say how to move it."""
+    old = os.path.join(args.output_dir, "pretrain_output", args.mask_method)
+    new = paths(args)["pretrain"]
+    if os.path.exists(new) or not os.path.isdir(old):
+        return
+    last = find_last_checkpoint(old)
+    saved = load_checkpoint(last).get("args") if last else None
+    if saved is None:
+        return
+    same = (getattr(saved, "model", None) == args.model and getattr(saved, "epochs", None) == args.pretrain_epochs
+            and getattr(saved, "seed", 0) == args.seed and (not uses_segments(args.mask_method)
+                                                            or getattr(saved, "coverage_ratio", None) == args.coverage_ratio))
+    if same:
+        raise UserError(f"{old} holds a run of this configuration in the earlier layout (one folder per method). To "
+                        f"continue it, move it: mv {old} {new} (evaluations: move each eval_output/"
+                        f"{args.mask_method}_<E> to {os.path.dirname(paths(args, 0)['eval'])}/<E>ep-seg"
+                        f"{short_digest(eval_config(args))} if they used these Segmenter settings); or move it away "
+                        f"to start afresh")
+    print(f"[benchmark] note: {old} (earlier layout) holds another configuration; it is left as it is")
 
 
 def die_with_parent(parent_pid: int):
@@ -240,20 +315,20 @@ def resolve_stack(args) -> str:
     return path
 
 
-def pretrain_argv(args, epochs: int) -> list[str]:
-    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs."""
-    out = paths(args)["pretrain"]
+def pretrain_argv(args, epochs: int, out: str) -> list[str]:
+    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs, written into out."""
     return ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
             "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
             "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", str(10 ** 9),
-            "--output_dir", out, "--log_dir", out, *shlex.split(args.pretrain_args)]
+            "--seed", str(args.seed), "--output_dir", out, "--log_dir", out, *shlex.split(args.pretrain_args)]
 
 
 def seg_argv(args, checkpoint: str, eval_dir: str) -> list[str]:
     """segmenter.train's flags for the evaluation of one pretraining checkpoint."""
     return ["--dataset-dir", args.ade20k_dir, "--log-dir", eval_dir, "--backbone", args.seg_backbone,
             "--decoder", args.seg_decoder, "--mae-chp", checkpoint, "--epochs", str(args.seg_epochs),
-            "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs), *shlex.split(args.seg_args)]
+            "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs), "--seed", str(args.seed),
+            *shlex.split(args.seg_args)]
 
 
 def pretrain_until(epochs: int, args, stack: str) -> float:
@@ -263,7 +338,7 @@ def pretrain_until(epochs: int, args, stack: str) -> float:
     last, done = latest_checkpoint(p["pretrain"])
     if done >= epochs:
         return 0.0
-    argv = pretrain_argv(args, epochs)
+    argv = pretrain_argv(args, epochs, p["pretrain"])
     if last:
         argv += ["--resume", last]
     elif stack:
@@ -302,13 +377,15 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
     start = time.time()
     run_stage("segmenter.train", argv, args, segmenter.train.cli)
     metrics = json.load(open(os.path.join(p["eval"], "metrics.json")))
-    row = {"method": args.mask_method, "coverage_ratio": args.coverage_ratio, "epochs": epochs,
+    row = {"run_id": run_id(args), "eval_id": short_digest(eval_config(args)),
+           "method": args.mask_method, "coverage_ratio": run_config(args)["coverage_ratio"], "epochs": epochs,
            "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
            "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": round(pretrain_time, 1),
            "eval_time_s": round(time.time() - start, 1),
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone,
-           "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", "")}
+           "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
+           "config": {**run_config(args), **eval_config(args)}}
     append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
     atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
     return row
@@ -317,12 +394,18 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
 def append_result(results_path: str, row: dict) -> None:
     """One row per (method, coverage, epochs): a re-run never duplicates a row. The file is
     rewritten atomically, which also drops a line torn by a crash mid-write."""
-    key = (row["method"], row["coverage_ratio"], row["epochs"])
     rows = read_jsonl(results_path)
-    if any((old["method"], old["coverage_ratio"], old["epochs"]) == key for old in rows):
+    if any(result_key(old) == result_key(row) for old in rows):
         return
     os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
     write_jsonl(results_path, rows + [row])
+
+
+def result_key(row: dict) -> tuple:
+    """One row per (run, evaluation settings, epochs); rows of the earlier layout have no run id."""
+    if "run_id" in row:
+        return row["run_id"], row.get("eval_id"), row["epochs"]
+    return row["method"], row["coverage_ratio"], row["epochs"]
 
 
 def read_results(output_dir: str) -> list[dict]:
@@ -332,20 +415,54 @@ def read_results(output_dir: str) -> list[dict]:
             rows += read_jsonl(os.path.join(root, "results.jsonl"))
     seen, unique = set(), []
     for r in rows:
-        key = (r["method"], r["coverage_ratio"], r["epochs"])
-        if key not in seen:
-            seen.add(key)
+        if result_key(r) not in seen:
+            seen.add(result_key(r))
             unique.append(r)
-    return sorted(unique, key=lambda r: (r["method"], r["coverage_ratio"], r["epochs"]))
+    labels = curve_labels(unique)
+    return sorted(unique, key=lambda r: (labels[curve_key(r)], r["epochs"]))
+
+
+def curve_key(row: dict) -> tuple:
+    return (row.get("run_id") or f"{row['method']}|{row['coverage_ratio']}", row.get("eval_id"))
+
+
+def curve_labels(rows: list[dict]) -> dict:
+    """A legend label per curve: the method (and coverage), then whatever else tells apart curves
+    that would otherwise share a label (model, stacking, seed, schedule, settings digests)."""
+    def base(r):
+        cov = r.get("coverage_ratio")
+        return r["method"] if r["method"] == "patches" or cov is None else f"{r['method']} {cov:g}%"
+
+    config = lambda r, k: (r.get("config") or {}).get(k)  # noqa: E731
+    extras = [lambda r: r.get("model", "").replace("mae_", ""),
+              lambda r: "stacked" if r.get("stack") else "",
+              lambda r: f"seed {config(r, 'seed')}" if config(r, "seed") is not None else "",
+              lambda r: f"{config(r, 'pretrain_epochs')} ep schedule" if config(r, "pretrain_epochs") else "",
+              lambda r: f"seg {r['eval_id']}" if r.get("eval_id") else "",
+              lambda r: (r.get("run_id") or "").rsplit("-", 1)[-1]]
+    first = {}
+    for r in rows:
+        first.setdefault(curve_key(r), r)
+    labels = {key: base(r) for key, r in first.items()}
+    for extra in extras:
+        groups: dict = {}
+        for key, label in labels.items():
+            groups.setdefault(label, []).append(key)
+        for label, keys in groups.items():
+            if len(keys) > 1 and len({extra(first[k]) for k in keys}) > 1:
+                for k in keys:
+                    labels[k] = ", ".join(x for x in (label, extra(first[k])) if x)
+    return labels
 
 
 def results_table(rows: list[dict]) -> str:
-    head = f"{'method':<14} {'coverage':>8} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'pretrain s':>11} " \
-           f"{'eval s':>8} {'img/s':>8}"
+    labels = curve_labels(rows)
+    width = max([len(v) for v in labels.values()] + [5])
+    head = f"{'run':<{width}} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'pretrain s':>11} {'eval s':>8} {'img/s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r.get("pretrain_img_per_sec")
-        lines.append(f"{r['method']:<14} {r['coverage_ratio']:>8.1f} {r['epochs']:>7d} {r['mIoU']:>7.2f} "
+        lines.append(f"{labels[curve_key(r)]:<{width}} {r['epochs']:>7d} {r['mIoU']:>7.2f} "
                      f"{r['pixel_accuracy']:>8.2f} {r.get('pretrain_time_s', 0):>11.1f} {r.get('eval_time_s', 0):>8.1f} "
                      f"{speed if speed is None else round(speed, 1)!s:>8}")
     return "\n".join(lines)
@@ -356,13 +473,13 @@ def plot(rows: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = curve_labels(rows)
     runs: dict = {}
     for r in rows:
-        runs.setdefault((r["method"], r["coverage_ratio"]), []).append((r["epochs"], r["mIoU"]))
-    for (method, coverage), points in sorted(runs.items()):
+        runs.setdefault(labels[curve_key(r)], []).append((r["epochs"], r["mIoU"]))
+    for label, points in sorted(runs.items()):
         points.sort()
-        label = method if method == "patches" else f"{method} ({coverage:g}%)"
         ax.plot([e for e, _ in points], [m for _, m in points], marker="o", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("pretraining epochs")
@@ -370,7 +487,7 @@ def plot(rows: list[dict], path: str) -> str:
     ax.set_title("Segmenter mIoU vs pretraining")
     ax.grid(alpha=0.3)
     if runs:
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -383,10 +500,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             raise UserError(f"{what} {d} does not exist")
     os.makedirs(args.output_dir, exist_ok=True)
     check_stage_args(args)
+    stack = resolve_stack(args)  # its SHA-256 is part of the run's identity
+    check_old_layout(args)
+    print(f"[benchmark] run {run_id(args)}: {paths(args)['pretrain']}")
     if args.eval >= 0:
         evaluate(args.eval, args, pretrain_time=0.0)
     else:
-        stack = resolve_stack(args)
+        record_run(args)
         for epochs in eval_points(args):
             pretrain_time = pretrain_until(epochs, args, stack)
             evaluate(epochs, args, pretrain_time)

@@ -1,6 +1,8 @@
 """benchmark.py: chunks + evaluations end to end, resuming after a kill, --eval, compare, errors."""
+import glob
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -17,6 +19,15 @@ def bench_args(toy_root, toy_ade20k, out, *extra, method="segments"):
             "--seg-decoder", "linear", "--launcher", "inprocess",
             "--pretrain-args", "--input_size 32 --batch_size 16 --warmup_epochs 0 --num_workers 0 --device cpu",
             "--seg-args", "--batch-size 8 --lr 0.01 --num-workers 0 --device cpu", *extra]
+
+
+def run_dir(out, epochs=None):
+    """The one pretraining run folder under out (or its evaluation after `epochs`)."""
+    [pre] = glob.glob(str(out / "pretrain_output" / "*-seed0-*"))
+    if epochs is None:
+        return pathlib.Path(pre)
+    [ev] = glob.glob(str(out / "eval_output" / os.path.basename(pre) / f"{epochs}ep-seg*"))
+    return pathlib.Path(ev)
 
 
 @pytest.fixture
@@ -37,12 +48,14 @@ def test_two_chunks_end_to_end_continue_one_pretraining_run(toy_root, toy_ade20k
     out = tmp_path / "bench"
     rows = benchmark.cli(bench_args(toy_root, toy_ade20k, out))
     assert count_stages == ["main_pretrain", "segmenter.train"] * 2
-    pre = out / "pretrain_output" / "segments"
+    pre = run_dir(out)
+    assert pre.name.startswith("segments-cov30-vit_tiny_patch8-seed0-")
+    assert json.loads((pre / "config.json").read_text())["config"]["coverage_ratio"] == 30.0
     assert {"checkpoint-1.pth", "checkpoint-2.pth"} <= set(os.listdir(pre))
     for epochs in (1, 2):
-        done = json.loads((out / "eval_output" / f"segments_{epochs}" / "done.json").read_text())
+        done = json.loads((run_dir(out, epochs) / "done.json").read_text())
         assert done["epochs"] == epochs and 0 <= done["mIoU"] <= 100
-        assert (out / "eval_output" / f"segments_{epochs}" / "metrics.json").exists()
+        assert (run_dir(out, epochs) / "metrics.json").exists()
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["method"], r["coverage_ratio"], r["epochs"]) for r in lines] == [("segments", 30.0, 1),
                                                                                  ("segments", 30.0, 2)]
@@ -72,7 +85,7 @@ def test_rerun_after_a_kill_does_only_the_rest(toy_root, toy_ade20k, tmp_path, m
     monkeypatch.setattr(benchmark, "pretrain_until", killed_in_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         benchmark.cli(bench_args(toy_root, toy_ade20k, out))
-    first_done = out / "eval_output" / "segments_1" / "done.json"
+    first_done = run_dir(out, 1) / "done.json"
     stamp = first_done.stat().st_mtime_ns
     monkeypatch.setattr(benchmark, "pretrain_until", real)
     count_stages.clear()
@@ -93,11 +106,11 @@ def test_eval_of_an_existing_checkpoint_and_errors(toy_root, toy_ade20k, tmp_pat
     benchmark.cli(args)
     (out / "results.jsonl").unlink()
     import shutil
-    shutil.rmtree(out / "eval_output" / "segments_1")
+    shutil.rmtree(run_dir(out, 1))
     # --eval N through a subprocess stage: evaluates that checkpoint only
     sub = [a if a != "inprocess" else "subprocess" for a in args]
     benchmark.cli(sub + ["--eval", "1"])
-    assert (out / "eval_output" / "segments_1" / "done.json").exists()
+    assert (run_dir(out, 1) / "done.json").exists()
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -139,3 +152,52 @@ def test_eval_points_and_backbone_default():
     with pytest.raises(UserError, match="no official MAE"):
         args.stack, args.model = "official", "mae_vit_tiny_patch16"
         benchmark.resolve_stack(args)
+
+
+@pytest.mark.slow
+def test_another_configuration_is_another_run_with_its_own_curve(toy_root, toy_ade20k, tmp_path, capsys):
+    out = tmp_path / "bench"
+    one = ["--pretrain-epochs", "1"]
+    benchmark.cli(bench_args(toy_root, toy_ade20k, out, *one))
+    cov60 = [a if a != "30" else "60" for a in bench_args(toy_root, toy_ade20k, out, *one)]
+    benchmark.cli(cov60)  # nothing of the 30 % run is reused
+    runs = sorted(os.path.basename(p) for p in glob.glob(str(out / "pretrain_output" / "*")))
+    assert [r.split("-seed0-")[0] for r in runs] == ["segments-cov30-vit_tiny_patch8", "segments-cov60-vit_tiny_patch8"]
+    rows = benchmark.read_results(str(out))
+    assert sorted(r["coverage_ratio"] for r in rows) == [30.0, 60.0]
+    assert all(r["config"]["pretrain_args"] and r["run_id"] in runs for r in rows)
+    capsys.readouterr()
+    benchmark.cli(["compare", "--output-dir", str(out)])
+    table = capsys.readouterr().out
+    assert "segments 30%" in table and "segments 60%" in table
+    assert set(benchmark.curve_labels(rows).values()) == {"segments 30%", "segments 60%"}
+    # the same flags again: resumed, nothing trained
+    capsys.readouterr()
+    benchmark.cli(cov60)
+    assert "already done" in capsys.readouterr().out
+
+
+def test_curve_labels_tell_apart_what_differs():
+    def row(run_id, **config):
+        return {"run_id": run_id, "eval_id": "e", "method": "patches", "coverage_ratio": None, "epochs": 1,
+                "mIoU": 1.0, "pixel_accuracy": 1.0, "model": "mae_vit_base_patch16", "stack": config.pop("stack", ""),
+                "config": {"seed": 0, "pretrain_epochs": 800, **config}}
+    rows = [row("a"), row("b", stack="official"), row("c", seed=1), row("d", pretrain_epochs=400)]
+    labels = benchmark.curve_labels(rows)
+    assert len(set(labels.values())) == 4
+    assert labels[("b", "e")] == "patches, stacked" and labels[("c", "e")] == "patches, seed 1"
+    legacy = {"method": "four_channels", "coverage_ratio": 40.0, "epochs": 1, "mIoU": 1.0, "pixel_accuracy": 1.0}
+    assert benchmark.curve_labels([legacy]) == {("four_channels|40.0", None): "four_channels 40%"}
+
+
+def test_a_run_in_the_earlier_layout_is_not_continued_silently(toy_root, toy_ade20k, tmp_path, capsys):
+    out = tmp_path / "bench"
+    old = out / "pretrain_output" / "segments"
+    main_pretrain.cli(["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--mask_method", "segments",
+                       "--coverage_ratio", "30", "--epochs", "2", "--stop_epoch", "1", "--input_size", "32",
+                       "--batch_size", "16", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
+                       "--output_dir", str(old), "--log_dir", str(old)])
+    with pytest.raises(SystemExit) as exc:
+        benchmark.cli(bench_args(toy_root, toy_ade20k, out))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and f"mv {old} {out / 'pretrain_output'}/segments-cov30-" in err

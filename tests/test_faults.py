@@ -2,8 +2,10 @@
 test may mount one), NaN weights, flags that would train nothing or another run, damaged files.
 Each fault either leaves every result intact and correct, or stops with one line naming the problem.
 docs/RELIABILITY.md lists them with their outcome."""
+import glob
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -145,10 +147,12 @@ def test_a_killed_benchmark_takes_its_stage_with_it(toy_root, toy_ade20k, tmp_pa
     argv[argv.index("--launcher") + 1] = "subprocess"
     bench = subprocess.Popen([sys.executable, "benchmark.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    lock = out / "pretrain_output" / "segments" / ".lock"
     deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+    locks = []
+    while not (locks and open(locks[0]).read()) and time.time() < deadline:
+        locks = glob.glob(str(out / "pretrain_output" / "*" / ".lock"))
         time.sleep(0.1)
+    lock = pathlib.Path(locks[0])
     stage_pid = int(lock.read_text().split()[1])
     bench.send_signal(signal.SIGKILL)  # the benchmark alone, not its process group
     bench.wait()
