@@ -385,7 +385,7 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone,
            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
-           "config": {**run_config(args), **eval_config(args)}}
+           "config": {**run_config(args), **eval_config(args)}, "record": misc.run_record(args.num_gpus)}
     append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
     atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
     return row

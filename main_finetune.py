@@ -18,7 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 import util.misc as misc
-from util.checkpoint import append_log, auto_resume, load_checkpoint, load_model, save_model
+from util.checkpoint import append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start, save_model
 from util.distributed import get_rank, get_world_size
 from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
@@ -114,6 +114,14 @@ def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module
     return model
 
 
+def start_and_reconcile(args: argparse.Namespace) -> None:
+    """Auto-resume (training) only a run that started from the same --finetune file; then the
+    model's settings come from the checkpoint being continued or evaluated unless given."""
+    if not args.eval:
+        auto_resume(args, run_start(args, files=["finetune"]))
+    reconcile_with_checkpoint(args, ["model", "nb_classes", "input_size", "global_pool"])
+
+
 def build_loaders(args, build_transform):
     dataset_train = build_classification_dataset(True, args, build_transform)
     dataset_val = build_classification_dataset(False, args, build_transform)
@@ -136,7 +144,7 @@ def build_loaders(args, build_transform):
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                                              num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {len(dataset_train.classes)} classes")
-    if len(dataset_train) < args.batch_size * num_tasks:
+    if len(dataset_train) < args.batch_size * num_tasks and not args.eval:
         raise UserError(f"only {len(dataset_train)} training images for a global batch of "
                         f"{args.batch_size * num_tasks}: lower --batch_size")
     return dataset_train, sampler_train, loader_train, loader_val
@@ -193,8 +201,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
 
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
-    if not args.eval:
-        auto_resume(args)
+    start_and_reconcile(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
 

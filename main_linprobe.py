@@ -11,9 +11,9 @@ import torch
 from timm.layers import trunc_normal_
 
 import util.misc as misc
-from util.checkpoint import auto_resume, load_model
+from util.checkpoint import load_model
 from engine_finetune import evaluate
-from main_finetune import build_downstream_model, build_loaders, check_args, run_training
+from main_finetune import build_downstream_model, build_loaders, check_args, run_training, start_and_reconcile
 from util.args import add_downstream_args, add_training_args
 from util.datasets import build_linprobe_transform
 from util.optim import LARS
@@ -41,8 +41,7 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
-    if not args.eval:
-        auto_resume(args)
+    start_and_reconcile(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
     model = build_downstream_model(args)

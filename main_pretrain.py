@@ -15,7 +15,7 @@ import torch
 
 import models_mae
 import util.misc as misc
-from util.checkpoint import append_log, auto_resume, load_model, reconcile_with_checkpoint, save_model
+from util.checkpoint import append_log, auto_resume, load_model, reconcile_with_checkpoint, run_start, save_model
 from util.distributed import all_reduce_mean, get_rank, get_world_size
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
@@ -99,7 +99,7 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
 
 def main(args: argparse.Namespace) -> None:
     device = misc.setup_run(args, __file__)
-    auto_resume(args)
+    auto_resume(args, run_start(args, files=["stack"]))
     # the flags that define the run must be the checkpoint's (a default is taken from it)
     reconcile_with_checkpoint(args, ["model", "mask_method", "norm_pix_loss", "input_size"])
     reconcile_with_checkpoint(args, ["coverage_ratio"] if uses_segments(args.mask_method) else ["mask_ratio"])

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import util.misc as misc
-from util.checkpoint import append_log, atomic_write_json, load_checkpoint, read_jsonl, save_checkpoint
+from util.checkpoint import (append_log, atomic_write_json, load_checkpoint, mismatch_hint, read_jsonl,
+                             reconcile_with_checkpoint, save_checkpoint)
 from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
 from segmenter.inference import sliding_window_probs
@@ -81,10 +82,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    args.window_size = args.window_size or args.crop_size
-    args.window_stride = args.window_stride or args.window_size
-    args.eval_short_side = args.eval_short_side or args.crop_size
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None, derive_only: bool = False) -> None:
+    """Window and evaluation sizes default to the crop size (derived again when the crop size is
+    taken from a checkpoint)."""
+    given = set(getattr(args, "given_flags", []))
+    if derive_only or not args.window_size:
+        args.window_size = args.window_size if "window_size" in given else args.crop_size
+    if derive_only or not args.window_stride:
+        args.window_stride = args.window_stride if "window_stride" in given else args.window_size
+    if derive_only or not args.eval_short_side:
+        args.eval_short_side = args.eval_short_side if "eval_short_side" in given else args.crop_size
+    if derive_only:
+        return
     if args.window_stride > args.window_size:
         parser.error(f"--window-stride {args.window_stride} > --window-size {args.window_size} leaves pixels unseen")
     # names the shared distributed and run set-up expects
@@ -154,6 +163,14 @@ def write_metrics(args, epoch: int, metrics: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     device = misc.setup_run(args, __file__)
     os.makedirs(args.log_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
+    resuming = args.resume and os.path.exists(ckpt_path)
+    if resuming:  # the model's settings are the checkpoint's unless given (a conflict is an error)
+        reconcile_with_checkpoint(args, ["backbone", "decoder", "n_cls", "crop_size", "channels"], path=ckpt_path,
+                                  dashes=True)
+        check_args(args, None, derive_only=True)
+    elif args.eval_only and not args.mae_chp:
+        raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")
     train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size), seed=args.seed,
                        num_classes=args.n_cls)
     val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side), num_classes=args.n_cls)
@@ -161,8 +178,6 @@ def main(args: argparse.Namespace) -> dict:
 
     model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
                             drop_path_rate=args.drop_path)
-    ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
-    resuming = args.resume and os.path.exists(ckpt_path)
     if args.mae_chp and not resuming:
         method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
                                                fold_mask_channel=args.channels == 3)
@@ -180,7 +195,11 @@ def main(args: argparse.Namespace) -> dict:
     start_epoch = 0
     if resuming:
         ckpt = load_checkpoint(ckpt_path)
-        model_without_ddp.load_state_dict(ckpt["model"])
+        try:
+            model_without_ddp.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{ckpt_path} does not fit this Segmenter ({mismatch_hint(str(e))}): "
+                            f"{str(e).splitlines()[-1].strip()}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch = ckpt["epoch"] + 1

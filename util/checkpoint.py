@@ -179,7 +179,7 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name
     if is_main_process():
         save_checkpoint({
             "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
             "epoch": epoch,
             "scaler": loss_scaler.state_dict(),
             "args": args,
@@ -248,15 +248,18 @@ def _normalised(key: str, value):
     return value
 
 
-def reconcile_with_checkpoint(args, keys: list[str]) -> None:
-    """Flags that define a run must agree with the --resume checkpoint: a flag given on the command
-    line that disagrees is an error naming both values; one left at its default takes the
-    checkpoint's value (so resuming needs no retyping)."""
-    if not getattr(args, "resume", ""):
+def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, dashes: bool = False) -> None:
+    """Flags that define a run (or a model to evaluate) must agree with the checkpoint (--resume
+    unless path is given): a flag given on the command line that disagrees is an error naming both
+    values; one left at its default takes the checkpoint's value (so resuming or evaluating needs
+    no retyping). dashes: the command spells its flags --crop-size rather than --crop_size."""
+    path = path if path is not None else getattr(args, "resume", "")
+    if not path:
         return
-    saved = load_checkpoint(args.resume).get("args")
+    saved = load_checkpoint(path).get("args")
     if saved is None:
         return
+    flag = (lambda k: "--" + k.replace("_", "-")) if dashes else (lambda k: "--" + k)
     given = set(getattr(args, "given_flags", []))
     for key in keys:
         if not hasattr(saved, key):
@@ -266,10 +269,10 @@ def reconcile_with_checkpoint(args, keys: list[str]) -> None:
             continue
         if key in given:
             raise CheckpointError(
-                f"--resume {args.resume} was trained with --{key} {_flag_value(theirs)}, but this run has "
-                f"--{key} {_flag_value(ours)}: pass --{key} {_flag_value(theirs)} (or leave it out) to continue that "
-                f"run, or start a new run in another --output_dir")
-        print(f"--{key} {_flag_value(theirs)} taken from {args.resume}")
+                f"{path} was trained with {flag(key)} {_flag_value(theirs)}, but this run has "
+                f"{flag(key)} {_flag_value(ours)}: pass {flag(key)} {_flag_value(theirs)} (or leave it out) to use that "
+                f"checkpoint, or start a new run in another output folder")
+        print(f"{flag(key)} {_flag_value(theirs)} taken from {path}")
         setattr(args, key, getattr(saved, key))
 
 
@@ -295,10 +298,11 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
     try:
         model_without_ddp.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"--resume {args.resume} does not fit this model: {e}") from None
+        raise CheckpointError(f"--resume {args.resume} does not fit this model ({mismatch_hint(str(e))}): "
+                              f"{str(e).splitlines()[-1].strip()}") from None
     print(f"Resume checkpoint {args.resume}")
     if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"], model_without_ddp)
         args.start_epoch = checkpoint["epoch"] + 1
         if hasattr(saved, "max_accuracy"):  # finetuning's best top-1 so far
             args.max_accuracy = saved.max_accuracy
@@ -307,15 +311,141 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
         print("With optim & sched!")
 
 
-def auto_resume(args) -> None:
+def run_start(args, files: list[str], keys: list[str] = ("data_path",)) -> dict:
+    """Where a run starts: the flags in keys (paths made absolute) and, for each flag in files
+    (e.g. --finetune, --stack), the file's absolute path and SHA-256. Stored in the checkpoint's
+    args, it lets auto-resume continue only the run this command would start."""
+    start: dict = {}
+    for key in keys:
+        value = getattr(args, key, None)
+        if key == "data_path" and value is not None:
+            value = [os.path.abspath(p) for p in ([value] if isinstance(value, str) else value)]
+        start[key] = value
+    for key in files:
+        path = getattr(args, key, "") or ""
+        start[key] = os.path.abspath(path) if path else ""
+        start[key + "_sha256"] = file_digest(path, "sha256") if path and os.path.isfile(path) else ""
+    return start
+
+
+def _describe(start: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in start.items() if v and not k.endswith("_sha256")) or "scratch"
+
+
+def mismatch_hint(error: str) -> str:
+    """Which flag to look at for a load_state_dict size mismatch."""
+    if "head." in error or "head.weight" in error:
+        return "check --nb_classes / --n-cls"
+    if "pos_embed" in error:
+        return "check --input_size / --crop-size"
+    if "patch_embed" in error:
+        return "check --model (patch size) and the input channels"
+    return "check --model"
+
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of each of the optimizer's groups, in order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """optimizer.state_dict() with each group's parameter names ('param_names', as PyTorch writes for
+    named parameters), so the state can be matched by name when the order changes."""
+    state = optimizer.state_dict()
+    for group, names in zip(state["param_groups"], optimizer_param_names(optimizer, model)):
+        group.setdefault("param_names", names)
+    return state
+
+
+def _reference_group_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]] | None:
+    """The groups the original MAE code (timm 0.3.2) made for this model: there fc_norm is
+    registered after head, so the layer-decay groups come in another order."""
+    from util.optim import param_groups_layer_decay
+    params = list(model.named_parameters())
+    if not any(n.startswith("fc_norm.") for n, _ in params) or not hasattr(model, "blocks"):
+        return None
+    moved = [x for x in params if not x[0].startswith("fc_norm.")]
+    at = max(i for i, (n, _) in enumerate(moved) if n.startswith("head.") or n.startswith("head")) + 1
+    moved[at:at] = [x for x in params if x[0].startswith("fc_norm.")]
+
+    class ReferenceOrder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = model.blocks
+
+        def named_parameters(self, *a, **k):
+            return iter(moved)
+
+    names = {id(p): n for n, p in params}
+    groups = param_groups_layer_decay(ReferenceOrder(), no_weight_decay=model.no_weight_decay()
+                                      if hasattr(model, "no_weight_decay") else ())
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: torch.nn.Module) -> None:
+    """Loads an optimizer state, matching parameters by name: names stored with the state, or, for
+    a state written by the original MAE code, the names its parameter order implies."""
+    ours = optimizer_param_names(optimizer, model)
+    saved_groups = state["param_groups"]
+    theirs = [g.get("param_names") for g in saved_groups]
+    same_shape = [len(g["params"]) for g in saved_groups] == [len(n) for n in ours]
+    if any(t is None for t in theirs):
+        theirs = None if same_shape else _reference_group_names(optimizer, model)
+    if theirs is None or theirs == ours:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); resume "
+                                  f"with the same model and flags, or start the optimizer afresh") from None
+        return
+    where = {name: idx for names, g in zip(theirs, saved_groups) for name, idx in zip(names, g["params"])}
+    missing = [n for names in ours for n in names if n not in where]
+    if missing:
+        raise CheckpointError(f"the checkpoint's optimizer state has no entry for {missing[:3]}: it was made for "
+                              f"another model")
+    remapped, index = {}, 0
+    groups = []
+    for names, group in zip(ours, optimizer.state_dict()["param_groups"]):
+        new_ids = []
+        for name in names:
+            if where[name] in state["state"]:
+                remapped[index] = state["state"][where[name]]
+            new_ids.append(index)
+            index += 1
+        groups.append({**group, "params": new_ids})
+    optimizer.load_state_dict({"state": remapped, "param_groups": groups})
+    print("optimizer state matched to the parameters by name")
+
+
+def auto_resume(args, start: dict | None = None) -> None:
     """Without --resume, continue from the newest complete checkpoint in --output_dir (a plain
-    rerun after a crash or a preemption picks up where the run stopped)."""
+    rerun after a crash or a preemption picks up where the run stopped) -- but only a run that
+    started where this command starts (``start``, see run_start); another one is an error that
+    names both. The run's start is kept in args.run_start (a continued run keeps its own)."""
+    if start is not None:
+        args.run_start = start
     if args.resume or not args.output_dir or not getattr(args, "auto_resume", True):
         return
     last = find_last_checkpoint(args.output_dir)
-    if last:
-        print(f"Auto-resume: found {last} in --output_dir")
-        args.resume = last
+    if not last:
+        return
+    saved = load_checkpoint(last).get("args")
+    theirs = getattr(saved, "run_start", None)
+    if start is not None and theirs is not None:
+        differ = [k for k in start if k in theirs and start[k] != theirs[k]]
+        if differ:
+            changed = [k for k in differ if k.endswith("_sha256") and start[k[:-7]] == theirs.get(k[:-7])]
+            what = (f"{', '.join(k[:-7] for k in changed)} has the same path but other contents" if changed
+                    else f"this command starts from {_describe(start)}, that run from {_describe(theirs)}")
+            raise CheckpointError(
+                f"--output_dir {args.output_dir} holds {last}, a run that did not start where this command "
+                f"starts ({what}). Use another --output_dir for a new run, or pass --resume {last} to continue "
+                f"that one")
+    print(f"Auto-resume: found {last} in --output_dir")
+    args.resume = last
+    if theirs is not None:
+        args.run_start = theirs
 
 
 # ------------------------------------------------------------------------------------------------

@@ -257,6 +257,36 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)  # timm's RandAugment draws from Python's generator
 
 
+def run_record(world_size: int | None = None) -> dict:
+    """What a reader of a results table needs to rerun a row: the code (git commit, and whether
+    the tree had uncommitted changes), the library versions, the GPUs, the command line."""
+    import platform
+    import subprocess
+    import sys
+
+    import timm
+    import torchvision
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", repo, *cmd], capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None,
+            "python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+            "timm": str(timm.__version__), "gpu": gpus[0] if gpus else None, "gpu_count": len(gpus),
+            "world_size": world_size if world_size is not None else get_world_size(),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "host": platform.node(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
 def setup_run(args: argparse.Namespace, script: str) -> torch.device:
     """Distributed init, the argument dump, device and mixed-precision choice, seeding."""
     init_distributed_mode(args)
@@ -268,6 +298,11 @@ def setup_run(args: argparse.Namespace, script: str) -> torch.device:
         raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
     args.amp = resolve_amp(args.amp, device)
     resolve_compile_flags(args)
+    args.record = run_record()  # stored with args in every checkpoint
+    r = args.record
+    print(f"code {r['git_commit'] or 'unknown'}{' (uncommitted changes)' if r['git_dirty'] else ''}; torch "
+          f"{r['torch']}, torchvision {r['torchvision']}, timm {r['timm']}; {r['world_size']} process(es), "
+          f"{r['gpu_count']} x {r['gpu'] or 'no GPU'}")
     seed_epoch(args.seed, 0, get_rank())
     torch.backends.cudnn.benchmark = True
     return device
