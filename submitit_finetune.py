@@ -23,6 +23,9 @@ def parse_args(argv=None):
     script = main_linprobe if linprobe else main_finetune
     parser = argparse.ArgumentParser("Submitit for MAE " + ("linear probing" if linprobe else "finetuning"),
                                      parents=[script.get_args_parser()])
+    parser.add_argument("--linprobe", action="store_true",
+                        help="linear probing (main_linprobe.py's flags and defaults) instead of finetuning; "
+                             "submitit_linprobe.py does the same")
     add_slurm_args(parser)
     args = parser.parse_args(argv)
     script.check_args(args, parser)

@@ -167,3 +167,43 @@ def test_given_flags_are_told_from_defaults():
                                                                                         "norm_pix_loss"]
     args = argparse.Namespace(resume="", given_flags=[])
     checkpoint.reconcile_with_checkpoint(args, ["model"])  # no checkpoint: nothing to do
+
+
+# ------------------------------------------------------------------------------------------------
+# SLURM helpers on first contact (submitit's local executor stands in for SLURM)
+
+def test_submitit_dry_run_without_job_dir(toy_root, tmp_path, capsys, monkeypatch):
+    import submitit_pretrain
+    monkeypatch.chdir(tmp_path)
+    submitit_pretrain.main(["--dry_run", "--data_path", toy_root, "--output_dir", "runs/a"])
+    out = capsys.readouterr().out
+    assert "#SBATCH" in out and f"job folder {tmp_path / 'runs/a/slurm/%j'}, outputs {tmp_path / 'runs/a'}" in out
+
+
+@pytest.mark.slow
+def test_submitit_local_job_with_a_relative_job_dir(toy_root, tmp_path, capsys, monkeypatch):
+    import submitit_pretrain
+    monkeypatch.chdir(tmp_path)
+    job = submitit_pretrain.main(["--cluster", "local", "--ngpus", "1", "--nodes", "1", "--job_dir", "jobs/%j",
+                                  "--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32",
+                                  "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0", "--num_workers",
+                                  "0", "--device", "cpu"])
+    job.result()
+    message = capsys.readouterr().out
+    [folder] = os.listdir(tmp_path / "jobs")
+    assert "%j" not in folder and "%j" not in message and str(tmp_path / "jobs" / folder) in message
+    assert (tmp_path / "jobs" / folder / "checkpoint-0.pth").exists()  # given --job_dir alone, checkpoints go there
+
+
+def test_slurm_flags_are_in_help_and_linprobe_has_its_script(toy_root, capsys):
+    import submitit_finetune
+    import submitit_linprobe
+    import submitit_pretrain
+    for module in (submitit_pretrain, submitit_finetune):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        text = capsys.readouterr().out
+        assert "--cluster" in text and "--job_dir" in text
+    assert "--linprobe" in text
+    submitit_linprobe.main(["--dry_run", "--data_path", toy_root, "--job_dir", "/tmp/lp/%j"])
+    assert "#SBATCH --job-name=mae_linprobe" in capsys.readouterr().out
