@@ -50,10 +50,13 @@ OFFICIAL_MAE = {  # official MAE encoders for --stack official
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Pretraining chunks alternated with ADE20k evaluation", add_help=True)
+    p = argparse.ArgumentParser(
+        "benchmark.py", description="Pretraining chunks alternated with ADE20k evaluation", add_help=True,
+        epilog="python benchmark.py compare --output-dir DIR [--out PNG]: the results table and one curve per "
+               "run found under DIR (every results.jsonl)")
     p.add_argument("--in1k-dir", required=True, help="pretraining data: train/, val/, masks/")
     p.add_argument("--ade20k-dir", required=True, help="ADEChallengeData2016 folder")
-    p.add_argument("--output-dir", default=".")
+    p.add_argument("--output-dir", default="benchmark_output")
     p.add_argument("--mask-method", default="patches", choices=MASK_METHODS)
     p.add_argument("--coverage-ratio", type=coverage_ratio_type, default=50.0)
     p.add_argument("--model", default="mae_vit_base_patch16", help="MAE model for pretraining")
@@ -518,7 +521,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def compare_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser("benchmark.py compare: overlay every run's mIoU curve")
-    p.add_argument("--output-dir", default=".", help="searched recursively for results.jsonl")
+    p.add_argument("--output-dir", required=True, help="searched recursively for results.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: <output-dir>/miou_vs_epochs.png)")
     a = p.parse_args(argv)
     rows = read_results(a.output_dir)

@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> dict:
     model = build_downstream_model(args, drop_path_rate=args.drop_path)
     model.to(device)
     model_without_ddp = model
-    print(f"Model = {model_without_ddp}")
+    misc.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
     print(f'number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1.e6:.2f}')
 
     misc.set_lr_from_blr(args)

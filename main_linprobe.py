@@ -49,14 +49,15 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device)
     model_without_ddp = model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"Model = {model_without_ddp}\nnumber of trainable params (M): {n_trainable / 1.e6:.4f}")
+    misc.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
+    print(f"number of trainable params (M): {n_trainable / 1.e6:.4f}")
 
     misc.set_lr_from_blr(args)
 
     model = misc.wrap_model(model, args, device)
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print(optimizer)
+    misc.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
 

@@ -79,6 +79,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
     if args.start_epoch >= args.epochs:
         parser.error(f"--start_epoch {args.start_epoch} >= --epochs {args.epochs}: there is no epoch to train")
+    given = set(getattr(args, "given_flags", []))
+    if args.mask_method != "patches" and "mask_ratio" in given:
+        print(f"WARNING: --mask_ratio is ignored by --mask_method {args.mask_method}: the SAM segment decides "
+              f"what is hidden (see --coverage_ratio)", file=sys.stderr)
+    if args.mask_method == "patches" and "coverage_ratio" in given:
+        print("WARNING: --coverage_ratio is ignored by --mask_method patches (it chooses SAM segments)",
+              file=sys.stderr)
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
@@ -143,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
     if args.fp8:
         print(f"FP8: {convert_to_fp8(model, device)} Linear layers converted")
     model_without_ddp = model
-    print(f"Model = {model_without_ddp}")
+    misc.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
 
     misc.set_lr_from_blr(args)
 
@@ -152,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
     optimizer = adamw(param_groups, lr=args.lr, device=device)
-    print(optimizer)
+    misc.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
 
     if args.stack and not args.resume:

@@ -4,6 +4,12 @@
 # (the paper's effective batch; the lr follows it: lr = blr * eff_batch / 256).
 set -euo pipefail
 
+# The project's virtual environment (make venv) when there is one, else the python on PATH.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY=python3
+if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; fi
+TORCHRUN=("$PY" -m torch.distributed.run)
+
 DATA=${DATA:-/datasets/imagenet}          # holds train/<class>/<img>, masks/<class>/<stem>.json
 OUT=${OUT:-./output_pretrain}
 METHOD=${METHOD:-four_channels}           # patches | segments | four_channels | preencoder
@@ -14,7 +20,7 @@ BATCH=${BATCH:-256}                       # per GPU; ViT-B bf16 fits 256 on 80 G
 ACCUM=${ACCUM:-2}
 EPOCHS=${EPOCHS:-800}
 
-torchrun --standalone --nproc_per_node "$NGPUS" main_pretrain.py \
+"${TORCHRUN[@]}" --standalone --nproc_per_node "$NGPUS" "$REPO/main_pretrain.py" \
     --data_path "$DATA" --output_dir "$OUT" --log_dir "$OUT" \
     --model "$MODEL" --mask_method "$METHOD" --coverage_ratio "$COVERAGE" \
     --batch_size "$BATCH" --accum_iter "$ACCUM" \

@@ -34,9 +34,13 @@ class ConfusionMatrix:
         iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
         acc = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, float("nan")))
         total = mat.sum()
+        if total == 0:  # no labelled pixel at all: there is no score, not a score of 0
+            import warnings
+            warnings.warn("no valid (labelled) pixel was scored: mIoU and accuracies are NaN", RuntimeWarning)
+        nan = float("nan")
         return {
-            "mIoU": 100.0 * float(iou.nanmean()) if (union > 0).any() else 0.0,
-            "pixel_accuracy": 100.0 * float(tp.sum() / total) if total > 0 else 0.0,
-            "mean_class_accuracy": 100.0 * float(acc.nanmean()) if (gt > 0).any() else 0.0,
+            "mIoU": 100.0 * float(iou.nanmean()) if (union > 0).any() else nan,
+            "pixel_accuracy": 100.0 * float(tp.sum() / total) if total > 0 else nan,
+            "mean_class_accuracy": 100.0 * float(acc.nanmean()) if (gt > 0).any() else nan,
             "per_class_iou": [None if torch.isnan(v) else 100.0 * float(v) for v in iou],
         }

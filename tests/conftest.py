@@ -6,7 +6,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-FIXTURES = os.path.join(REPO, "..", "shared", "fixtures")
+# outputs of the original facebookresearch/mae code (tests/fixtures/README.md says how they were made)
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 torch.set_num_threads(2)
 
@@ -14,10 +15,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def reference_fixture():
     path = os.path.join(FIXTURES, "mae_reference_tiny.pt")
-    if not os.path.exists(path):
-        if os.environ.get("CI"):
-            pytest.fail(f"reference fixture missing: {path} (../shared must sit beside the repo)")
-        pytest.skip(f"reference fixture not found at {path}")
+    if not os.path.exists(path):  # the tests that matter most: never skipped
+        pytest.fail(f"reference fixture missing: {path} (it is part of the repository)")
     return torch.load(path, weights_only=True)
 
 

@@ -207,3 +207,57 @@ def test_slurm_flags_are_in_help_and_linprobe_has_its_script(toy_root, capsys):
     assert "--linprobe" in text
     submitit_linprobe.main(["--dry_run", "--data_path", toy_root, "--job_dir", "/tmp/lp/%j"])
     assert "#SBATCH --job-name=mae_linprobe" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# what the user sees
+
+def test_either_flag_spelling_works(toy_root, tmp_path):
+    out = tmp_path / "o"
+    argv = [a.replace("--output_dir", "--output-dir").replace("--batch_size", "--batch-size")
+            for a in common(toy_root, out)]
+    main_pretrain.cli(argv)
+    assert (out / "checkpoint-0.pth").exists()
+
+
+def test_ignored_flags_are_named_once(toy_root, tmp_path, capsys):
+    main_pretrain.cli(common(toy_root, tmp_path / "a", "--mask_method", "segments", "--mask_ratio", "0.5"))
+    assert capsys.readouterr().err.count("--mask_ratio is ignored by --mask_method segments") == 1
+    main_pretrain.cli(common(toy_root, tmp_path / "b", "--coverage_ratio", "30"))
+    assert "--coverage_ratio is ignored by --mask_method patches" in capsys.readouterr().err
+
+
+def test_long_listings_go_to_files_and_progress_shows_the_run_eta(toy_root, tmp_path, capsys):
+    out = tmp_path / "o"
+    main_pretrain.cli(common(toy_root, out, "--epochs", "2"))
+    printed = capsys.readouterr().out
+    assert "Block(" not in printed and "Block(" in (out / "model.txt").read_text()
+    assert "Namespace(" in (out / "args.txt").read_text() and "Namespace(" not in printed
+    assert "(run 0:" in printed  # epoch 0 of 2: the whole run's ETA as well
+
+
+def test_compare_needs_an_output_dir(capsys):
+    import benchmark
+    with pytest.raises(SystemExit) as exc:
+        benchmark.cli(["compare"])
+    assert exc.value.code == 2 and "--output-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.cli(["--help"])
+    assert "benchmark.py compare --output-dir DIR" in capsys.readouterr().out
+
+
+def test_miou_without_a_labelled_pixel_is_nan():
+    from segmenter.metrics import ConfusionMatrix
+    cm = ConfusionMatrix(3, torch.device("cpu"))
+    cm.update(torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 255, dtype=torch.long))
+    with pytest.warns(RuntimeWarning, match="no valid"):
+        scores = cm.compute()
+    assert scores["mIoU"] != scores["mIoU"] and scores["pixel_accuracy"] != scores["pixel_accuracy"]
+
+
+def test_run_benchmark_sh_keeps_its_recipe(tmp_path):
+    import subprocess
+    from conftest import REPO
+    res = subprocess.run(["bash", "run_benchmark.sh", "--pretrain-args", "--blr 1"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "EXTRA_PRETRAIN_ARGS" in res.stderr

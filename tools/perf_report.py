@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools import build_mask_cache, loader_throughput, make_toy_data, throughput  # noqa: E402
 
-# issue 8's targets on one H100 (img/s at the given batch; GiB: DESIGN.md's best peak memory)
+# the targets on one H100 (img/s at the given batch; GiB: the reference code's best peak memory)
 STEP_TARGETS = {("mae_vit_base_patch16", "patches"): (5000, 13.4),
                 ("mae_vit_large_patch16", "patches"): (2500, 13.6),
                 ("mae_vit_base_patch16", "segments"): (2000, None),

@@ -103,8 +103,9 @@ class MetricLogger:
         self.meters[name] = meter
 
     def log_every(self, iterable, print_freq: int, header: str = "", batch_size: int | None = None,
-                  on_print=None):
-        """Yields from iterable; every print_freq steps prints meters, ETA and img/s. ``on_print`` is
+                  on_print=None, epochs_after: int = 0):
+        """Yields from iterable; every print_freq steps prints meters, the epoch's ETA (and the
+        run's, with epochs_after more epochs of the same length to go) and img/s. ``on_print`` is
         called just before each print (e.g. to check a device-side flag)."""
         total = len(iterable)
         start = last = time.time()
@@ -118,6 +119,9 @@ class MetricLogger:
                 steps = print_freq if i > 0 else 1
                 iter_time = (now - last) / steps
                 eta = datetime.timedelta(seconds=int(iter_time * (total - i - 1)))
+                if epochs_after > 0:
+                    run_eta = datetime.timedelta(seconds=int(iter_time * (total - i - 1 + epochs_after * total)))
+                    eta = f"{eta} (run {run_eta})"
                 speed = f"  {batch_size * get_world_size() / max(iter_time, 1e-9):.1f} img/s" if batch_size else ""
                 mem = ""
                 if torch.cuda.is_available():
@@ -237,8 +241,10 @@ def epoch_progress(data_loader, epoch: int, device: torch.device, args, log_writ
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     monitor = LossMonitor(metric_logger, device, epoch, len(data_loader), args, log_writer,
                           loss_tag=loss_tag, hint=hint)
+    last_epoch = min(args.epochs, getattr(args, "stop_epoch", None) or args.epochs)
     iterator = metric_logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
-                                       batch_size=args.batch_size, on_print=monitor)
+                                       batch_size=args.batch_size, on_print=monitor,
+                                       epochs_after=max(last_epoch - epoch - 1, 0))
     return metric_logger, monitor, iterator
 
 
@@ -292,7 +298,7 @@ def setup_run(args: argparse.Namespace, script: str) -> torch.device:
     init_distributed_mode(args)
     lock_output_dir(getattr(args, "output_dir", ""))  # one writer per folder; removes stale temp files
     print(f'job dir: {os.path.dirname(os.path.realpath(script))}')
-    print(str(args).replace(', ', ',\n'))
+    log_details(args, "args.txt", str(args).replace(', ', ',\n'), "all arguments")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
@@ -308,12 +314,41 @@ def setup_run(args: argparse.Namespace, script: str) -> torch.device:
     return device
 
 
+def log_details(args: argparse.Namespace, filename: str, text: str, what: str) -> None:
+    """Long listings (all arguments, the model's structure) go to a file in the output folder,
+    with one line on the console saying where; without an output folder they are printed."""
+    folder = getattr(args, "output_dir", "")
+    if folder and is_main_process():
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, filename), "w") as f:
+            f.write(text + "\n")
+        print(f"{what}: {os.path.join(folder, filename)}")
+    elif not folder:
+        print(text)
+
+
+def normalise_flag_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """--flag_name and --flag-name are one flag: the spelling the parser does not define is read as
+    the one it does (each command keeps one convention; the other works too)."""
+    known = {s for a in parser._actions for s in a.option_strings}
+    out = []
+    for token in argv:
+        if token.startswith("--") and " " not in token and token.split("=")[0] not in known:
+            name, eq, value = token.partition("=")
+            for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                if alt in known:
+                    token = alt + eq + value
+                    break
+        out.append(token)
+    return out
+
+
 def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] | None = None):
     """Parse, check (argparse errors, exit 2), run; a UserError prints its message and exits 1."""
     import sys
     if not parser.add_help:  # the reference's parsers are parents without -h
         parser = argparse.ArgumentParser(description=parser.prog, parents=[parser])
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
     check_args(args, parser)
