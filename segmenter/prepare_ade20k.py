@@ -1,6 +1,8 @@
 """Download and unpack ADE20k (the official ADEChallengeData2016.zip, about 923 MB).
 
     python -m segmenter.prepare_ade20k --out data          # -> data/ADEChallengeData2016/
+    python -m segmenter.prepare_ade20k --out data --zip /mnt/copy/ADEChallengeData2016.zip   # no network
+    python -m segmenter.prepare_ade20k --out data --folder /mnt/copy/ADEChallengeData2016    # unpacked copy
 
 Skips the download when a complete copy is already there, checks the archive's SHA-1 before
 unpacking, and unpacks into a temporary folder that is renamed at the end, so an interrupted run
@@ -53,20 +55,40 @@ def download(url: str, path: str) -> None:
     os.replace(part, path)
 
 
-def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, keep_zip: bool = False) -> str:
-    """Returns the path of the ADEChallengeData2016 folder, downloading and unpacking if needed."""
+def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, keep_zip: bool = False,
+            zip_path: str | None = None, folder: str | None = None) -> str:
+    """Returns the path of the ADEChallengeData2016 folder, downloading and unpacking if needed.
+    zip_path: a local copy of the archive (no network); folder: an already unpacked copy."""
     root = os.path.join(out, DATASET_DIR)
     if is_complete(root):
         print(f"{root} is already complete; nothing to do")
         return root
+    if folder:
+        if not is_complete(folder):
+            raise SystemExit(f"--folder {folder} is not a complete {DATASET_DIR} (needs {', '.join(REQUIRED)})")
+        os.makedirs(out, exist_ok=True)
+        os.symlink(os.path.abspath(folder), root)
+        print(f"ADE20k ready in {root} (a link to {folder})")
+        return root
     os.makedirs(out, exist_ok=True)
-    archive = os.path.join(out, os.path.basename(url) or "ADEChallengeData2016.zip")
-    if not os.path.exists(archive) or (sha1 and file_digest(archive, "sha1") != sha1):
-        download(url, archive)
+    if zip_path:
+        if not os.path.isfile(zip_path):
+            raise SystemExit(f"--zip {zip_path} does not exist")
+        archive, keep_zip = zip_path, True  # the user's copy is never deleted
+    else:
+        archive = os.path.join(out, os.path.basename(url) or "ADEChallengeData2016.zip")
+    if not zip_path and (not os.path.exists(archive) or (sha1 and file_digest(archive, "sha1") != sha1)):
+        try:
+            download(url, archive)
+        except OSError as e:  # URLError is an OSError: no network, DNS, refused
+            raise SystemExit(f"cannot download {url} ({getattr(e, 'reason', e)}). Without network, copy "
+                             f"ADEChallengeData2016.zip here and pass --zip PATH (or --folder for an unpacked "
+                             f"copy)") from None
     if sha1:
         got = file_digest(archive, "sha1")
         if got != sha1:
-            os.replace(archive, archive + ".bad")
+            if not zip_path:
+                os.replace(archive, archive + ".bad")
             raise SystemExit(f"checksum mismatch for {archive}: SHA-1 {got}, expected {sha1}. The file was moved "
                              f"to {archive}.bad; run again to download it anew.")
     tmp = os.path.join(out, f".{DATASET_DIR}.unpacking")
@@ -91,8 +113,11 @@ def main(argv=None) -> None:
     p.add_argument("--url", default=ADE20K_URL)
     p.add_argument("--sha1", default=ADE20K_SHA1, help="expected SHA-1 of the archive ('' to skip the check)")
     p.add_argument("--keep-zip", action="store_true")
+    p.add_argument("--zip", default=None, metavar="PATH", help="unpack this local copy of the archive (no download)")
+    p.add_argument("--folder", default=None, metavar="PATH",
+                   help="use this already unpacked ADEChallengeData2016 folder (linked from --out)")
     args = p.parse_args(argv)
-    prepare(args.out, args.url, args.sha1 or None, args.keep_zip)
+    prepare(args.out, args.url, args.sha1 or None, args.keep_zip, zip_path=args.zip, folder=args.folder)
 
 
 if __name__ == "__main__":

@@ -245,3 +245,20 @@ def test_prepare_ade20k_downloads_checks_and_unpacks(tmp_path, monkeypatch):
         prepare_ade20k.prepare(str(tmp_path / "other"), url=archive.as_uri(), sha1="0" * 40)
     assert (tmp_path / "other" / "ADEChallengeData2016.zip.bad").exists()
     assert not (tmp_path / "other" / "ADEChallengeData2016").exists()
+
+
+def test_prepare_ade20k_without_network(tmp_path, monkeypatch):
+    import urllib.error
+    archive, sha1 = make_zip(tmp_path)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(prepare_ade20k.urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit, match="cannot download .*--zip PATH"):
+        prepare_ade20k.prepare(str(tmp_path / "a"))
+    root = prepare_ade20k.main(["--out", str(tmp_path / "b"), "--zip", str(archive), "--sha1", sha1])
+    assert prepare_ade20k.is_complete(str(tmp_path / "b" / "ADEChallengeData2016")) and archive.exists()
+    prepare_ade20k.main(["--out", str(tmp_path / "c"), "--folder", str(tmp_path / "b" / "ADEChallengeData2016")])
+    assert prepare_ade20k.is_complete(str(tmp_path / "c" / "ADEChallengeData2016"))
+    assert root is None

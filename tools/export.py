@@ -1,0 +1,237 @@
+"""Exports a pretrained encoder (any mask method, ours or an official MAE checkpoint) to where
+encoders are used. The method is read from the checkpoint: a four_channels patch embedding is
+folded into 3 channels (exact for a fully visible image), the pre-encoder and decoder are dropped.
+
+    python tools/export.py --checkpoint out/checkpoint-799.pth --to timm --out export/timm
+    python tools/export.py --checkpoint out/checkpoint-799.pth --to hf --out export/hf
+    python tools/export.py --checkpoint out/checkpoint-799.pth --to hf-mae --out export/hf-mae   # patches only
+    python tools/export.py --checkpoint out/checkpoint-799.pth --to encoder --out export/encoder
+
+timm:    model.safetensors + config.json: timm.create_model('vit_base_patch16_224', pretrained=True,
+         pretrained_cfg_overlay=dict(file='export/timm/model.safetensors')) (its 1000-class head is zero:
+         add num_classes=0 for features, num_classes=N for a new head)
+hf:      a transformers ViTModel folder (save_pretrained): ViTModel.from_pretrained('export/hf')
+hf-mae:  a transformers ViTMAEForPreTraining folder, decoder included (patches checkpoints)
+encoder: checkpoint.pth = {'model': encoder weights} in the official MAE layout, which the original
+         facebookresearch/mae main_finetune.py --finetune (and this repo's) accepts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models_vit  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
+from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, pretrain_mask_method,  # noqa: E402
+                                   state_dict_of)
+from util.errors import UserError, run_tool  # noqa: E402
+from util.transforms import as_hw  # noqa: E402
+
+TARGETS = ("timm", "hf", "hf-mae", "encoder")
+
+
+def encoder_shape(sd: dict) -> dict:
+    """embed_dim, depth, heads (from the MAE registry's widths), patch size, mlp width of an encoder."""
+    w = sd["patch_embed.proj.weight"]
+    embed_dim, depth = w.shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}.get(embed_dim)
+    if heads is None:
+        raise UserError(f"cannot tell the number of attention heads of an encoder with embed_dim {embed_dim}")
+    return {"embed_dim": embed_dim, "depth": depth, "heads": heads, "patch": w.shape[-1],
+            "mlp": sd["blocks.0.mlp.fc1.weight"].shape[0], "in_chans": w.shape[1]}
+
+
+def load_encoder(path: str) -> tuple[dict, dict, str, tuple[int, int], dict]:
+    """(encoder state dict, full state dict, mask method, input size, shape) of a checkpoint."""
+    ckpt = load_checkpoint(path)
+    method = pretrain_mask_method(ckpt)
+    sd = encoder_state_dict(ckpt, method, fold_mask_channel=True)
+    if "patch_embed.proj.weight" not in sd:
+        raise UserError(f"{path} holds no ViT encoder (no patch_embed.proj.weight)")
+    saved = ckpt.get("args")
+    size = as_hw(getattr(saved, "input_size", None) or _size_from_pos_embed(sd))
+    return sd, state_dict_of(ckpt), method, size, encoder_shape(sd)
+
+
+def _size_from_pos_embed(sd: dict) -> int:
+    n = sd["pos_embed"].shape[1] - 1
+    return int(round(n ** 0.5)) * sd["patch_embed.proj.weight"].shape[-1]
+
+
+def timm_name(shape: dict) -> str:
+    name = models_vit.name_for(shape["embed_dim"], shape["depth"], shape["patch"])
+    if name is None:
+        raise UserError(f"no timm model has this encoder's shape ({shape})")
+    return name
+
+
+def build_timm_encoder(sd: dict, shape: dict, size) -> torch.nn.Module:
+    """This repo's (timm) ViT with the encoder loaded, no head: the reference features."""
+    model = models_vit.build_vit(timm_name(shape), img_size=as_hw(size), num_classes=0)
+    model.load_state_dict(sd, strict=False)
+    return model.eval()
+
+
+def export_timm(sd: dict, shape: dict, size, out: str) -> list[str]:
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in sd.items()}
+    # timm's ViT configs expect a 1000-class head: a zero one (no classifier was trained) lets
+    # timm.create_model(<name>, pretrained=True, pretrained_cfg_overlay=dict(file=...)) load strictly;
+    # with num_classes=N timm replaces it, with num_classes=0 drops it
+    tensors["head.weight"] = torch.zeros(1000, shape["embed_dim"])
+    tensors["head.bias"] = torch.zeros(1000)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    h, w = as_hw(size)
+    config = {"architecture": f"{timm_name(shape)}_224", "num_classes": 1000, "num_features": shape["embed_dim"],
+              "global_pool": "token", "head": "zero (no classifier trained): use num_classes=0 or N",
+              "pretrained_cfg": {"input_size": [3, h, w], "num_classes": 1000, "classifier": "head",
+                                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                 "interpolation": "bicubic", "crop_pct": 0.875}}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return [os.path.join(out, "model.safetensors"), os.path.join(out, "config.json")]
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers: module names differ between releases (4.x: encoder.layer.i.attention.attention.query,
+# 5.x: layers.i.attention.q_proj); each weight is mapped to the name the installed model has.
+
+_BLOCK_PARTS = {  # timm block part -> candidate transformers names (5.x first, then 4.x)
+    "norm1": ["layernorm_before"],
+    "norm2": ["layernorm_after"],
+    "attn.proj": ["attention.o_proj", "attention.output.dense"],
+    "mlp.fc1": ["mlp.fc1", "intermediate.dense"],
+    "mlp.fc2": ["mlp.fc2", "output.dense"],
+}
+_QKV = {"q": ["attention.q_proj", "attention.attention.query"], "k": ["attention.k_proj", "attention.attention.key"],
+        "v": ["attention.v_proj", "attention.attention.value"]}
+
+
+def _pick(candidates: list[str], target: set) -> str:
+    for c in candidates:
+        if c + ".weight" in target or c in target:
+            return c
+    raise UserError(f"the installed transformers has none of {candidates}: update tools/export.py's name map")
+
+
+def blocks_to_hf(sd: dict, prefix: str, block_prefixes: list[str], target: set, out: dict, ours: str = "blocks") -> None:
+    """timm-style transformer blocks (`ours`.i.*) into transformers' layers under one of block_prefixes."""
+    depth = len({k.split(".")[1] for k in sd if k.startswith(ours + ".")})
+    layer = next((p for p in block_prefixes if any(k.startswith(f"{prefix}{p}.0.") for k in target)), None)
+    if layer is None:
+        raise UserError(f"the installed transformers has no {prefix}{block_prefixes} layers")
+    for i in range(depth):
+        src, dst = f"{ours}.{i}.", f"{prefix}{layer}.{i}."
+        layer_keys = {k[len(dst):] for k in target if k.startswith(dst)}
+        for part, names in _BLOCK_PARTS.items():
+            name = _pick(names, layer_keys)
+            for t in ("weight", "bias"):
+                out[f"{dst}{name}.{t}"] = sd[f"{src}{part}.{t}"]
+        for t in ("weight", "bias"):
+            for chunk, which in zip(sd[f"{src}attn.qkv.{t}"].chunk(3, dim=0), "qkv"):
+                out[f"{dst}{_pick(_QKV[which], layer_keys)}.{t}"] = chunk
+
+
+def encoder_to_hf(sd: dict, prefix: str, target: set) -> dict:
+    out = {f"{prefix}embeddings.cls_token": sd["cls_token"],
+           f"{prefix}embeddings.position_embeddings": sd["pos_embed"],
+           f"{prefix}embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+           f"{prefix}embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           f"{prefix}layernorm.weight": sd["norm.weight"], f"{prefix}layernorm.bias": sd["norm.bias"]}
+    blocks_to_hf(sd, prefix, ["layers", "encoder.layer"], target, out)
+    return out
+
+
+def _load_exactly(model: torch.nn.Module, weights: dict) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"export mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def export_hf(sd: dict, shape: dict, size, out: str) -> list[str]:
+    from transformers import ViTConfig, ViTModel
+    h, w = as_hw(size)
+    if h != w:
+        raise UserError(f"transformers' ViT takes a square image_size; this encoder was trained at {h}x{w}")
+    config = ViTConfig(hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"],
+                       num_attention_heads=shape["heads"], intermediate_size=shape["mlp"], image_size=h,
+                       patch_size=shape["patch"], num_channels=3, qkv_bias=True, hidden_act="gelu",
+                       layer_norm_eps=1e-6)  # MAE's LayerNorm eps (transformers' default 1e-12 moves outputs)
+    model = ViTModel(config, add_pooling_layer=False)
+    _load_exactly(model, encoder_to_hf(sd, "", set(model.state_dict())))
+    model.save_pretrained(out, safe_serialization=True)
+    return sorted(os.path.join(out, f) for f in os.listdir(out))
+
+
+def export_hf_mae(full: dict, sd: dict, shape: dict, size, method: str, out: str) -> list[str]:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    if method != "patches":
+        raise UserError(f"hf-mae exports the whole MAE, which transformers implements for random patches only; this "
+                        f"checkpoint is {method}: export the encoder with --to hf")
+    if "decoder_embed.weight" not in full:
+        raise UserError("this checkpoint holds no decoder (an encoder-only checkpoint): export it with --to hf")
+    h, w = as_hw(size)
+    dec_dim = full["decoder_embed.weight"].shape[0]
+    dec_depth = len({k.split(".")[1] for k in full if k.startswith("decoder_blocks.")})
+    dec_heads = {128: 4, 256: 8, 512: 16}.get(dec_dim, 16)
+    config = ViTMAEConfig(hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"],
+                          num_attention_heads=shape["heads"], intermediate_size=shape["mlp"], image_size=h,
+                          patch_size=shape["patch"], num_channels=3, qkv_bias=True, decoder_hidden_size=dec_dim,
+                          decoder_num_hidden_layers=dec_depth, decoder_num_attention_heads=dec_heads,
+                          decoder_intermediate_size=full["decoder_blocks.0.mlp.fc1.weight"].shape[0],
+                          layer_norm_eps=1e-6, mask_ratio=0.75, hidden_act="gelu")
+    model = ViTMAEForPreTraining(config)
+    target = set(model.state_dict())
+    weights = encoder_to_hf(sd, "vit.", target)
+    dec = {k: v for k, v in full.items() if k.startswith("decoder_")}
+    for ours, theirs in (("mask_token", "decoder.mask_token"), ("decoder_pos_embed", "decoder.decoder_pos_embed")):
+        weights[theirs] = full[ours]
+    for part in ("decoder_embed", "decoder_norm", "decoder_pred"):
+        for t in ("weight", "bias"):
+            weights[f"decoder.{part}.{t}"] = full[f"{part}.{t}"]
+    blocks_to_hf(dec, "decoder.", ["decoder_layers", "decoder_layers"], target, weights, ours="decoder_blocks")
+    _load_exactly(model, weights)
+    model.save_pretrained(out, safe_serialization=True)
+    return sorted(os.path.join(out, f) for f in os.listdir(out))
+
+
+def export_encoder(sd: dict, out: str) -> list[str]:
+    """The official MAE checkpoint layout (pickle: the original code reads it with torch.load)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "checkpoint.pth")
+    torch.save({"model": {k: v.contiguous() for k, v in sd.items()}}, path)
+    return [path]
+
+
+def export(checkpoint: str, to: str, out: str) -> list[str]:
+    sd, full, method, size, shape = load_encoder(checkpoint)
+    print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
+    if to == "timm":
+        files = export_timm(sd, shape, size, out)
+    elif to == "hf":
+        files = export_hf(sd, shape, size, out)
+    elif to == "hf-mae":
+        files = export_hf_mae(full, sd, shape, size, method, out)
+    else:
+        files = export_encoder(sd, out)
+    print("wrote " + ", ".join(files))
+    return files
+
+
+def main(argv=None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint of any method, or an official one")
+    p.add_argument("--to", required=True, choices=TARGETS)
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+    return export(args.checkpoint, args.to, args.out)
+
+
+if __name__ == "__main__":
+    run_tool(main)
