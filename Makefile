@@ -32,7 +32,8 @@ demo: $(STAMP) data/.toy_done
 		--mask-method four_channels --coverage-ratio 40 --model mae_vit_tiny_patch8 \
 		--pretrain-epochs 8 --eval-freq 4 --seg-epochs 8 --crop-size 32 --seg-decoder linear \
 		--pretrain-args "--input_size 64 --batch_size 16 --warmup_epochs 1 --blr 1e-3 --num_workers 2 --print_freq 6" \
-		--seg-args "--batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5"
+		--seg-args "--batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5" \
+		--knn-eval --knn-bank-per-class 8 --knn-args "--num_workers 2 --batch_size 64"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

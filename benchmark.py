@@ -76,6 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for the stages (e.g. 0 or 2,3)")
     p.add_argument("--pretrain-args", default="", help="extra flags for main_pretrain.py, one quoted string")
     p.add_argument("--seg-args", default="", help="extra flags for segmenter.train, one quoted string")
+    p.add_argument("--knn-eval", action="store_true",
+                   help="after each chunk, before the Segmenter: weighted kNN top-1 of the encoder on --in1k-dir "
+                        "(minutes, where a Segmenter takes hours); in results.jsonl, the table and the plot")
+    p.add_argument("--knn-bank-per-class", type=int, default=100, help="training images per class in the kNN bank")
+    p.add_argument("--knn-args", default="", help="extra flags for util.knn (e.g. '--pool mean --batch_size 256')")
     p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
                    help="how a one-process stage runs (inprocess: in this Python process)")
     p.add_argument("--slurm", action="store_true",
@@ -353,6 +358,18 @@ def pretrain_until(epochs: int, args, stack: str) -> float:
     return time.time() - start
 
 
+def knn_until(epochs: int, args) -> dict | None:
+    """The kNN score of checkpoint-<epochs>.pth (computed once, kept in the run's folder)."""
+    import util.knn
+    p = paths(args, epochs)
+    out = os.path.join(p["pretrain"], f"knn-{epochs}.json")
+    if not os.path.exists(out):
+        argv = ["--checkpoint", p["checkpoint"], "--data_path", args.in1k_dir, "--bank_per_class",
+                str(args.knn_bank_per_class), "--seed", str(args.seed), "--out", out, *shlex.split(args.knn_args)]
+        run_stage("util.knn", argv, args, util.knn.cli)
+    return json.load(open(out))
+
+
 def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) -> float | None:
     """Mean img/s of the pretraining epochs [first_epoch, last_epoch) from its log.txt."""
     log = os.path.join(pretrain_dir, "log.txt")
@@ -363,7 +380,7 @@ def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) ->
     return sum(speeds) / len(speeds) if speeds else None
 
 
-def evaluate(epochs: int, args, pretrain_time: float) -> dict:
+def evaluate(epochs: int, args, pretrain_time: float, knn: dict | None = None) -> dict:
     """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already."""
     import segmenter.train
     p = paths(args, epochs)
@@ -389,6 +406,8 @@ def evaluate(epochs: int, args, pretrain_time: float) -> dict:
            "model": args.model, "seg_backbone": args.seg_backbone,
            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
            "config": {**run_config(args), **eval_config(args)}, "record": misc.run_record(args.num_gpus)}
+    if knn is not None:
+        row.update(knn_top1=knn["knn_top1"], knn_time_s=knn["seconds"], knn_bank=knn["bank_size"])
     append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
     atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
     return row
@@ -461,36 +480,52 @@ def curve_labels(rows: list[dict]) -> dict:
 def results_table(rows: list[dict]) -> str:
     labels = curve_labels(rows)
     width = max([len(v) for v in labels.values()] + [5])
-    head = f"{'run':<{width}} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'pretrain s':>11} {'eval s':>8} {'img/s':>8}"
+    head = (f"{'run':<{width}} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'kNN':>7} {'pretrain s':>11} {'eval s':>8} "
+            f"{'kNN s':>7} {'img/s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r.get("pretrain_img_per_sec")
+        knn = f"{r['knn_top1']:.2f}" if r.get("knn_top1") is not None else "-"
+        knn_s = f"{r['knn_time_s']:.1f}" if r.get("knn_time_s") is not None else "-"
         lines.append(f"{labels[curve_key(r)]:<{width}} {r['epochs']:>7d} {r['mIoU']:>7.2f} "
-                     f"{r['pixel_accuracy']:>8.2f} {r.get('pretrain_time_s', 0):>11.1f} {r.get('eval_time_s', 0):>8.1f} "
-                     f"{speed if speed is None else round(speed, 1)!s:>8}")
+                     f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s', 0):>11.1f} "
+                     f"{r.get('eval_time_s', 0):>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> str:
+    """mIoU vs pretraining epochs, one curve per run (and a kNN top-1 panel when rows have it).
+    The y-axis spans the data with a margin of at least 2 points, so a 0.3-point difference
+    does not look like a cliff."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = curve_labels(rows)
-    runs: dict = {}
-    for r in rows:
-        runs.setdefault(labels[curve_key(r)], []).append((r["epochs"], r["mIoU"]))
-    for label, points in sorted(runs.items()):
-        points.sort()
-        ax.plot([e for e, _ in points], [m for _, m in points], marker="o", label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("pretraining epochs")
-    ax.set_ylabel("ADE20k mIoU (%)")
-    ax.set_title("Segmenter mIoU vs pretraining")
-    ax.grid(alpha=0.3)
-    if runs:
-        ax.legend(fontsize="small")
+    panels = [("mIoU", "ADE20k mIoU (%)", "Segmenter mIoU vs pretraining")]
+    if any(r.get("knn_top1") is not None for r in rows):
+        panels.append(("knn_top1", "kNN top-1 (%)", "kNN top-1 vs pretraining"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, ylabel, title) in zip(axes[0], panels):
+        runs: dict = {}
+        for r in rows:
+            if r.get(key) is not None and r[key] == r[key]:  # not NaN
+                runs.setdefault(labels[curve_key(r)], []).append((r["epochs"], r[key]))
+        values = [v for points in runs.values() for _, v in points]
+        for label, points in sorted(runs.items()):
+            points.sort()
+            ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=label)
+        if values:
+            low, high = min(values), max(values)
+            margin = max(2.0, 0.15 * (high - low))
+            ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("pretraining epochs")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -512,7 +547,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         record_run(args)
         for epochs in eval_points(args):
             pretrain_time = pretrain_until(epochs, args, stack)
-            evaluate(epochs, args, pretrain_time)
+            knn = knn_until(epochs, args) if args.knn_eval else None
+            evaluate(epochs, args, pretrain_time, knn)
     rows = read_results(args.output_dir)
     print(results_table(rows))
     print(f"plot: {plot(rows, os.path.join(args.output_dir, 'miou_vs_epochs.png'))}")

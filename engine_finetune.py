@@ -19,7 +19,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     mixup_fn: Mixup | None = None, log_writer=None, args=None) -> dict:
     model.train(True)
     metric_logger, monitor, iterator = misc.epoch_progress(data_loader, epoch, device, args, log_writer,
-                                                           loss_tag="loss", hint="Lower --blr or set --clip_grad.")
+                                                           hint="Lower --blr or set --clip_grad.")
     accum_iter = args.accum_iter
     steps_per_epoch = len(data_loader)
 

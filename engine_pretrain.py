@@ -102,6 +102,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
             optimizer.zero_grad(set_to_none=True)
 
         monitor.record(loss)
+        metric_logger.update(hidden=weights.detach().float().mean())  # on the device: no sync
         if seg_mask is not None:
             empty_segments += (weights.sum(dim=1) == 0).sum()
         images_seen += samples.shape[0]

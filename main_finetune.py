@@ -190,7 +190,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
                        loss_scaler=loss_scaler, epoch=epoch)
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
-                log_writer.add_scalar(f'perf/test_{key}', test_stats[key], epoch)
+                log_writer.add_scalar(f'val/{key}', test_stats[key], epoch)
             log_writer.flush()
     misc.print_weights_fingerprint(model_without_ddp)
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')

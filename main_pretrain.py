@@ -26,7 +26,7 @@ from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.speed import convert_to_fp8
 from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform
-from util.visualize import grid_image, reconstruction_panels
+from util.visualize import labelled_grid, panel_titles, reconstruction_panels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -94,14 +94,19 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4) -> None:
     """TensorBoard image 'reconstructions': the first n training images, what the encoder saw and
     what the model made of it (util/visualize.py)."""
-    imgs, seg, _ = collate_pretrain([dataset[i] for i in range(min(n, len(dataset)))])
+    import numpy as np
+    count = min(n, len(dataset))
+    imgs, seg, _ = collate_pretrain([dataset[i] for i in range(count)])
     if imgs is None:
         return
     imgs = imgs.to(device)
     seg = seg.to(device) if seg is not None else None
     with misc.autocast(device, args.amp):
         panels = reconstruction_panels(model, imgs, seg, args.mask_ratio)
-    log_writer.add_image('reconstructions', grid_image(panels.float()), epoch)
+    rows = [os.path.basename(dataset.folders[0].samples[i][0]) if len(dataset.folders) == 1 else f"image {i}"
+            for i in range(count)]
+    grid = labelled_grid(panels.float(), panel_titles(args.mask_method), rows)
+    log_writer.add_image('train/reconstructions', np.asarray(grid), epoch, dataformats="HWC")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -198,6 +203,9 @@ def main(args: argparse.Namespace) -> None:
         if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
             log_reconstructions(log_writer, model_without_ddp, dataset_train, device, args, epoch)
         if log_writer is not None:
+            for key in ("img_per_sec", "empty_segments", "bad_samples"):
+                if key in train_stats:
+                    log_writer.add_scalar(f"train/{key}", train_stats[key], epoch)
             log_writer.flush()
 
     misc.print_weights_fingerprint(model_without_ddp)

@@ -258,7 +258,6 @@ def main(args: argparse.Namespace) -> dict:
             save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                              "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
             if log_writer is not None:
-                log_writer.add_scalar("train/loss", stats["loss"], epoch)
                 log_writer.flush()
         if evaluation_due(epoch):
             metrics = evaluate_and_record(epoch)

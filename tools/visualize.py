@@ -22,9 +22,9 @@ from util.checkpoint_adapt import pretrain_mask_method, state_dict_of  # noqa: E
 from util.datasets import build_eval_transform, load_rgb  # noqa: E402
 from util.errors import run_tool  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from util.sam_masks import load_segment, mask_path_for  # noqa: E402
+from util.sam_masks import exif_orientation, fit_mask, load_segment, mask_path_for  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
-from util.visualize import grid_image, reconstruction_panels  # noqa: E402
+from util.visualize import labelled_grid, panel_titles, reconstruction_panels  # noqa: E402
 
 
 def load_mae(path: str, model: str | None = None, input_size=None):
@@ -82,25 +82,26 @@ def main(argv=None) -> list[str]:
             if not args.data_path:
                 raise SystemExit(f"{model.mask_method} needs SAM masks: give --data_path (with masks/)")
             rel = os.path.relpath(path, os.path.join(args.data_path, "train"))
-            m = load_segment(mask_path_for(os.path.join(args.data_path, "masks"), rel), coverage, img.size)
-            m = Image.fromarray(m).resize((img.width, img.height), Image.NEAREST)
-            seg = torch.from_numpy(np.asarray(to_mask(m, size), dtype=np.float32))[None, None]
+            mask_path = mask_path_for(os.path.join(args.data_path, "masks"), rel)
+            m, _ = fit_mask(load_segment(mask_path, coverage, img.size), img.size, exif_orientation(path), mask_path)
+            seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
         panels = reconstruction_panels(model, x, seg, args.mask_ratio)
-        grid = (grid_image(panels).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        grid = labelled_grid(panels, panel_titles(model.mask_method), [os.path.basename(path)])
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + f"_{model.mask_method}.png")
-        Image.fromarray(grid).save(out)
+        grid.save(out)
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")
     return written
 
 
 def to_mask(mask: Image.Image, size) -> np.ndarray:
-    """The mask through the same resize + centre crop as the image (nearest)."""
-    h, w = size
-    scale = max(h / mask.height, w / mask.width)
-    resized = mask.resize((max(w, round(mask.width * scale)), max(h, round(mask.height * scale))), Image.NEAREST)
-    top, left = (resized.height - h) // 2, (resized.width - w) // 2
-    return np.asarray(resized)[top:top + h, left:left + w]
+    """The mask through exactly the image's geometry (build_eval_transform with crop_pct 1: the
+    same Resize and CenterCrop, with nearest interpolation), so it lines up pixel for pixel."""
+    import torchvision.transforms as T
+    h, w = as_hw(size)
+    resize = h if h == w else (h, w)
+    geometry = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop((h, w))])
+    return np.asarray(geometry(mask))
 
 
 if __name__ == "__main__":

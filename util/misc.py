@@ -70,8 +70,10 @@ class SmoothedValue:
     def __str__(self) -> str:
         if not self.deque:  # nothing recorded yet (e.g. every step so far was skipped)
             return "-"
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
-                               max=self.max, value=self.value)
+        # only the statistics the format shows: each one reads device values
+        import string
+        used = {name for _, name, _, _ in string.Formatter().parse(self.fmt) if name}
+        return self.fmt.format(**{name: getattr(self, name) for name in used})
 
 
 class MetricLogger:
@@ -192,7 +194,7 @@ class LossMonitor:
     to TensorBoard. The training loop itself never waits for the GPU."""
 
     def __init__(self, metric_logger: MetricLogger, device: torch.device, epoch: int, steps_per_epoch: int,
-                 args, log_writer=None, loss_tag: str = "train_loss", hint: str = "Lower --blr."):
+                 args, log_writer=None, loss_tag: str = "train/loss", hint: str = "Lower --blr."):
         self.metric_logger, self.epoch, self.steps_per_epoch = metric_logger, epoch, steps_per_epoch
         self.args, self.log_writer, self.loss_tag, self.hint = args, log_writer, loss_tag, hint
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -220,7 +222,9 @@ class LossMonitor:
             # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
             epoch_1000x = int((step / self.steps_per_epoch + self.epoch) * 1000)
             self.log_writer.add_scalar(self.loss_tag, loss_sum / get_world_size(), epoch_1000x)
-            self.log_writer.add_scalar('lr', self.metric_logger.lr.value, epoch_1000x)
+            self.log_writer.add_scalar('train/lr', self.metric_logger.lr.value, epoch_1000x)
+            if "hidden" in self.metric_logger.meters:  # fraction of the image hidden in this batch
+                self.log_writer.add_scalar('train/hidden_fraction', self.metric_logger.hidden.value, epoch_1000x)
 
 
 def tensorboard_writer(log_dir: str | None):
@@ -233,7 +237,7 @@ def tensorboard_writer(log_dir: str | None):
 
 
 def epoch_progress(data_loader, epoch: int, device: torch.device, args, log_writer=None,
-                   loss_tag: str = "train_loss", hint: str = "Lower --blr."):
+                   loss_tag: str = "train/loss", hint: str = "Lower --blr."):
     """The progress logging of one training epoch, shared by every training loop: a MetricLogger
     with an lr meter, the LossMonitor that checks the losses when a line is printed, and the
     iterator over data_loader that prints. Returns (metric_logger, monitor, iterator)."""
@@ -353,12 +357,24 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     args.given_flags = given_flags(parser, argv)
     check_args(args, parser)
     try:
-        return main(args)
+        result = main(args)
+        end_distributed()  # on success only: after an error the other ranks may never reach a barrier
+        return result
     except UserError as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
         release_output_dir_locks()
+
+
+def end_distributed() -> None:
+    """Ranks leave together and tear the process group down (a rank exiting with the group alive
+    can abort on the way out)."""
+    if is_dist_avail_and_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
-"""What each mask method hides and what the model reconstructs, as image grids.
+"""What each mask method hides and what the model reconstructs, as labelled image grids.
 
-Columns: original | what the encoder sees | mask channel (segment methods) | reconstruction |
-reconstruction pasted into the hidden part of the original.
+Columns (PANEL_TITLES): original | what the encoder sees (hidden part grey) | the hidden part
+(black: dropped patches or the SAM segment) | reconstruction | reconstruction pasted into the
+hidden part of the original. One row per image, labelled.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.masking import visible_input
+
+PANEL_TITLES = ("original", "encoder input", "hidden: {what}", "reconstruction", "pasted into hidden part")
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -32,21 +35,45 @@ def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | No
         p = model.patch_size
         hidden = model.unpatchify(weights.unsqueeze(-1).repeat(1, 1, p * p * 3))[:, :1]
         seen = denormalize(imgs) * (1 - hidden) + 0.5 * hidden  # dropped patches greyed
-        panels = [denormalize(imgs), seen]
+        panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]
     else:
         hidden = seg_mask.float()
         x = visible_input(imgs, seg_mask, model.mask_method)
         seen = denormalize(x[:, :3]) * (1 - hidden) + 0.5 * hidden
-        panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]  # the visibility channel
+        panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]  # the visibility (4th) channel
     panels += [denormalize(recon), denormalize(imgs * (1 - hidden) + recon * hidden)]
     return torch.stack(panels, dim=1)
 
 
-def grid_image(panels: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """(N, P, 3, H, W) -> one (3, N*(H+pad), P*(W+pad)) image, a row per sample."""
-    n, p, c, h, w = panels.shape
-    out = torch.ones(c, n * (h + pad), p * (w + pad))
+def panel_titles(mask_method: str) -> list[str]:
+    what = "dropped patches" if mask_method == "patches" else "SAM segment"
+    return [t.format(what=what) for t in PANEL_TITLES]
+
+
+def labelled_grid(panels: torch.Tensor, titles: list[str], row_labels: list[str], min_panel: int = 224,
+                  pad: int = 4) -> "Image.Image":
+    """(N, P, 3, H, W) panels in [0, 1] -> a PIL image: a title above each column, a label left of
+    each row, every panel upscaled (nearest, so pixels stay visible) to at least min_panel px."""
+    from PIL import Image, ImageDraw, ImageFont
+    n, p, _, h, w = panels.shape
+    scale = max(1, -(-min_panel // min(h, w)))  # ceil
+    ph, pw = h * scale, w * scale
+    try:
+        font = ImageFont.load_default(size=max(12, pw // 14))
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = max(measure.textbbox((0, 0), t, font=font)[3] for t in titles) + 2 * pad
+    label_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in row_labels) + 2 * pad
+    grid = Image.new("RGB", (label_w + p * (pw + pad), text_h + n * (ph + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(titles[:p]):
+        tw = measure.textbbox((0, 0), title, font=font)[2]
+        draw.text((label_w + j * (pw + pad) + max(0, (pw - tw) // 2), pad), title, fill="black", font=font)
     for i in range(n):
+        y = text_h + i * (ph + pad)
+        draw.text((pad, y + ph // 2 - text_h // 2), row_labels[i], fill="black", font=font)
         for j in range(p):
-            out[:, i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = panels[i, j].cpu()
-    return out
+            arr = (panels[i, j].float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            grid.paste(Image.fromarray(arr).resize((pw, ph), Image.NEAREST), (label_w + j * (pw + pad), y))
+    return grid
