@@ -13,10 +13,12 @@ def mae_encoder(checkpoint: str, img_size=None, num_classes: int = 0, global_poo
     img_size: default the size it was pretrained at (position embeddings are resized otherwise)."""
     import models_vit
     from tools.export import load_encoder, timm_name
+    from util.checkpoint import load_checkpoint
     from util.checkpoint_adapt import load_pretrained_encoder
     from util.transforms import as_hw
-    _, _, _, size, shape = load_encoder(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    _, _, _, size, shape = load_encoder(checkpoint, ckpt)
     model = models_vit.build_vit(timm_name(shape), img_size=as_hw(img_size or size), num_classes=num_classes,
                                  global_pool=global_pool)
-    load_pretrained_encoder(model, checkpoint, fold_mask_channel=True)
+    load_pretrained_encoder(model, checkpoint, fold_mask_channel=True, checkpoint=ckpt)
     return model.eval()

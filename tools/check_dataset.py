@@ -48,7 +48,8 @@ def check_one(job: tuple[str, str, str, float, float]) -> dict:
             coverages.append(annotation_coverage(a))
             if size is not None:
                 rule = mask_fit((h, w), size, orientation)
-                result[rule] = result.get(rule, False) or rule != "same"
+                if rule != "same":
+                    result[rule] = True
         result["near_coverage"] = any(abs(c - coverage) <= tolerance for c in coverages)
     except MaskFileError as e:
         result["problems"].append(f"mask file does not parse: {e}")

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_vit  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
-from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, pretrain_mask_method,  # noqa: E402
-                                   state_dict_of)
+from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, patch_grid,  # noqa: E402
+                                   pretrain_mask_method, state_dict_of)
 from util.errors import UserError, run_tool  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 
@@ -36,31 +36,29 @@ TARGETS = ("timm", "hf", "hf-mae", "encoder")
 
 
 def encoder_shape(sd: dict) -> dict:
-    """embed_dim, depth, heads (from the MAE registry's widths), patch size, mlp width of an encoder."""
+    """embed_dim, depth, heads (from the ViT registry's architectures), patch size, mlp width of an encoder."""
     w = sd["patch_embed.proj.weight"]
     embed_dim, depth = w.shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}.get(embed_dim)
+    heads = next((a["num_heads"] for a in models_vit.ARCHITECTURES.values()
+                  if a["embed_dim"] == embed_dim and a["depth"] == depth), None)
     if heads is None:
-        raise UserError(f"cannot tell the number of attention heads of an encoder with embed_dim {embed_dim}")
+        raise UserError(f"no registered ViT has embed_dim {embed_dim} and {depth} blocks: the number of attention "
+                        f"heads is unknown")
     return {"embed_dim": embed_dim, "depth": depth, "heads": heads, "patch": w.shape[-1],
             "mlp": sd["blocks.0.mlp.fc1.weight"].shape[0], "in_chans": w.shape[1]}
 
 
-def load_encoder(path: str) -> tuple[dict, dict, str, tuple[int, int], dict]:
-    """(encoder state dict, full state dict, mask method, input size, shape) of a checkpoint."""
-    ckpt = load_checkpoint(path)
+def load_encoder(path: str, checkpoint: dict | None = None) -> tuple[dict, dict, str, tuple[int, int], dict]:
+    """(encoder state dict, full state dict, mask method, input size, shape) of a checkpoint
+    (``checkpoint``: the file already loaded)."""
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
     method = pretrain_mask_method(ckpt)
     sd = encoder_state_dict(ckpt, method, fold_mask_channel=True)
     if "patch_embed.proj.weight" not in sd:
         raise UserError(f"{path} holds no ViT encoder (no patch_embed.proj.weight)")
-    saved = ckpt.get("args")
-    size = as_hw(getattr(saved, "input_size", None) or _size_from_pos_embed(sd))
-    return sd, state_dict_of(ckpt), method, size, encoder_shape(sd)
-
-
-def _size_from_pos_embed(sd: dict) -> int:
-    n = sd["pos_embed"].shape[1] - 1
-    return int(round(n ** 0.5)) * sd["patch_embed.proj.weight"].shape[-1]
+    gh, gw = patch_grid(sd["pos_embed"].shape[1] - 1, ckpt)  # the size it was trained at
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    return sd, state_dict_of(ckpt), method, (gh * patch, gw * patch), encoder_shape(sd)
 
 
 def timm_name(shape: dict) -> str:

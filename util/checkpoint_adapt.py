@@ -69,7 +69,8 @@ def state_dict_of(checkpoint: dict) -> dict:
     return checkpoint
 
 
-def _grid_of(num_patches: int, checkpoint: dict) -> tuple[int, int]:
+def patch_grid(num_patches: int, checkpoint: dict) -> tuple[int, int]:
+    """The (rows, cols) patch grid of a checkpoint's position embedding with num_patches patches."""
     saved = checkpoint.get("args")
     size, patch = getattr(saved, "input_size", None), None
     sd = state_dict_of(checkpoint)
@@ -129,7 +130,7 @@ def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
         return
     pos = sd["pos_embed"]
     extra = model.pos_embed.shape[1] - model.patch_embed.num_patches
-    old_grid = _grid_of(pos.shape[1] - extra, checkpoint)
+    old_grid = patch_grid(pos.shape[1] - extra, checkpoint)
     new_grid = tuple(model.patch_embed.grid_size)
     if old_grid != new_grid:
         print(f"Position embedding interpolated from {old_grid[0]}x{old_grid[1]} to {new_grid[0]}x{new_grid[1]}")

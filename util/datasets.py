@@ -87,27 +87,34 @@ class EncodedImage:
 DEFAULT_DATA_TIMEOUT_S = 120
 
 
+_reading: list[tuple[str, float]] = []  # the file being read under a deadline, in this process
+
+
+def _deadline_expired(signum, frame):
+    path, seconds = _reading[-1]
+    raise DataError(f"reading {path} took more than {seconds:g}s (--data_timeout): a FIFO, a hung network "
+                    f"file system or a failing disk? Fix or remove the file")
+
+
 @contextmanager
 def read_deadline(path: str, seconds: float):
     """Raises a DataError naming ``path`` if the block (reading it) takes longer than ``seconds``: a
     FIFO, a hung network file system or a dead disk then stops the run with the file named,
     before the other ranks' collectives time out. SIGALRM, so only in a process's main thread
-    (data-loader workers and the main loop); elsewhere, or with seconds <= 0, no deadline."""
+    (data-loader workers and the main loop); elsewhere, or with seconds <= 0, no deadline. The
+    handler is installed once per process; each read only arms and disarms the timer."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def expired(signum, frame):
-        raise DataError(f"reading {path} took more than {seconds:g}s (--data_timeout): a FIFO, a hung network "
-                        f"file system or a failing disk? Fix or remove the file")
-
-    previous = signal.signal(signal.SIGALRM, expired)
+    if signal.getsignal(signal.SIGALRM) is not _deadline_expired:
+        signal.signal(signal.SIGALRM, _deadline_expired)
+    _reading.append((path, seconds))
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        _reading.pop()
 
 
 def _existing_mask_files(mask_root: str) -> set[str]:
@@ -218,7 +225,7 @@ class SegmentMaskImageFolder(Dataset):
             with read_deadline(mask_path, self.read_timeout):
                 mask = load_segment(mask_path, self.coverage_ratio, image_size=img.size)
         if mask.shape != (img.height, img.width):  # the size policy of util/sam_masks.py
-            orientation = exif_orientation(path) if self.decode else exif_orientation(Image.open(io.BytesIO(img.data)))
+            orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
             mask, rule = fit_mask(mask, img.size, orientation, mask_path_for(self.mask_root, rel))
             if rule == "rotate":
                 with self.rotated_masks.get_lock():

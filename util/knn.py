@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchvision.datasets import ImageFolder
 
 import util.misc as misc
-from util.checkpoint import atomic_write_json
+from util.checkpoint import atomic_write_json, load_checkpoint
 from util.distributed import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
 
@@ -94,10 +94,11 @@ def knn_eval(args: argparse.Namespace) -> dict:
     from util.datasets import build_eval_transform
     device = torch.device(args.device)
     start = time.time()
-    _, _, method, size, shape = load_encoder(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint)
+    _, _, method, size, shape = load_encoder(args.checkpoint, ckpt)
     size = tuple(args.input_size) if args.input_size else size
     model = models_vit.build_vit(timm_name(shape), img_size=size, num_classes=0)
-    load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True)
+    load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True, checkpoint=ckpt)
     model.to(device)
     transform = build_eval_transform(size)
     splits = {}
@@ -152,9 +153,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def main(args: argparse.Namespace) -> dict:
-    from util.distributed import init_distributed_mode
-    init_distributed_mode(args)
-    args.amp = misc.resolve_amp(args.amp, torch.device(args.device))
+    misc.setup_run(args, __file__)  # ranks, device and mixed-precision choice, as every command
     return knn_eval(args)
 
 
