@@ -64,8 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-decoder", default="mask_transformer", choices=["linear", "mask_transformer"])
     p.add_argument("--pretrain-epochs", type=positive_int, default=800)
     p.add_argument("--eval-freq", type=positive_int, default=100, help="evaluate every N pretraining epochs")
-    p.add_argument("--eval", type=int, default=-1, metavar="N",
-                   help="only evaluate the checkpoint after N epochs (-1: run the whole pipeline)")
+    p.add_argument("--eval", type=eval_type, default=-1, metavar="N|random|official",
+                   help="only evaluate: the checkpoint after N epochs; 'random' (or -2): a Segmenter from a randomly "
+                        "initialised encoder; 'official' (or -3): from the official MAE checkpoint of --model. "
+                        "Default -1: the whole pipeline")
     p.add_argument("--stack", default="", help="start pretraining from an official MAE checkpoint: a path, "
                                                "or 'official' to download the one matching --model")
     p.add_argument("--stack-sha256", default="", help="expected SHA-256 of the downloaded --stack official file")
@@ -88,6 +90,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(requeued on preemption; it continues from the last finished stage)")
     add_slurm_job_args(p.add_argument_group("SLURM (with --slurm; default job dir: <output-dir>/slurm/<job id>)"))
     return p
+
+
+BASELINES = {"random": "random init", "official": "official MAE"}  # --eval random|official: method label
+
+
+def eval_type(value: str):
+    """--eval: epochs >= 0, -1 (the whole pipeline), or a baseline; the original segmae code's
+    spellings -2 (random) and -3 (official) are accepted."""
+    if value in BASELINES:
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of epochs, -1, 'random' or 'official', got {value!r}") from None
+    if n < -3:
+        raise argparse.ArgumentTypeError(f"{n} means nothing: give epochs >= 0, -1 (the whole pipeline), 'random' "
+                                         f"(or -2) or 'official' (or -3)")
+    return {-2: "random", -3: "official"}.get(n, n)
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -159,11 +179,26 @@ def eval_points(args) -> list[int]:
 
 def run_config(args) -> dict:
     """What defines the pretraining run (the data folders are recorded, not part of the identity)."""
-    return {"method": args.mask_method,
+    config = {"method": args.mask_method,
             "coverage_ratio": args.coverage_ratio if uses_segments(args.mask_method) else None,
             "model": args.model, "pretrain_epochs": args.pretrain_epochs, "seed": args.seed,
             "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
             "pretrain_args": shlex.split(args.pretrain_args)}
+    if uses_segments(args.mask_method):  # the loss's default changed: it is part of the identity
+        config["seg_loss"] = stage_flag(args.pretrain_args, "seg_loss", "pixel")
+    return config
+
+
+def stage_flag(stage_args: str, name: str, default: str) -> str:
+    """The value of --name (either spelling, '--name v' or '--name=v') in a stage's flag string."""
+    value = default
+    argv = shlex.split(stage_args)
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag in spellings:
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else value)
+    return value
 
 
 def eval_config(args) -> dict:
@@ -276,9 +311,7 @@ def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
 
 
 def resolve_stack(args) -> str:
-    """The --stack checkpoint's path; sets args.stack_sha256_used (stored in every results row).
-    An official checkpoint is downloaded once; its SHA-256 is recorded beside it (<file>.sha256) at
-    the download and checked at every later use, so a file that changed is refused by name."""
+    """The --stack checkpoint's path; sets args.stack_sha256_used (stored in every results row)."""
     args.stack_sha256_used = ""
     if not args.stack:
         return ""
@@ -287,8 +320,17 @@ def resolve_stack(args) -> str:
             raise UserError(f"--stack {args.stack} does not exist")
         args.stack_sha256_used = file_digest(args.stack, "sha256")
         return args.stack
+    path, args.stack_sha256_used = official_checkpoint(args)
+    return path
+
+
+def official_checkpoint(args) -> tuple[str, str]:
+    """The official MAE checkpoint of --model under <output-dir>/official/, and its SHA-256. It is
+    downloaded once; its SHA-256 is recorded beside it (<file>.sha256) at the download and checked at
+    every later use, so a file that changed is refused by name."""
     if args.model not in OFFICIAL_MAE:
-        raise UserError(f"no official MAE checkpoint for --model {args.model}; give --stack a path")
+        raise UserError(f"no official MAE checkpoint for --model {args.model} (there are: "
+                        f"{', '.join(OFFICIAL_MAE)}); give --stack a path")
     url = OFFICIAL_MAE[args.model]
     path = os.path.join(args.output_dir, "official", os.path.basename(url))
     record = path + ".sha256"
@@ -318,9 +360,8 @@ def resolve_stack(args) -> str:
     if not os.path.exists(record):
         with open(record, "w") as f:
             f.write(f"{got}  {os.path.basename(path)}\n")
-    print(f"[benchmark] --stack {path} SHA-256 {got}")
-    args.stack_sha256_used = got
-    return path
+    print(f"[benchmark] official checkpoint {path} SHA-256 {got}")
+    return path, got
 
 
 def pretrain_argv(args, epochs: int, out: str) -> list[str]:
@@ -331,10 +372,12 @@ def pretrain_argv(args, epochs: int, out: str) -> list[str]:
             "--seed", str(args.seed), "--output_dir", out, "--log_dir", out, *shlex.split(args.pretrain_args)]
 
 
-def seg_argv(args, checkpoint: str, eval_dir: str) -> list[str]:
-    """segmenter.train's flags for the evaluation of one pretraining checkpoint."""
+def seg_argv(args, checkpoint: str | None, eval_dir: str) -> list[str]:
+    """segmenter.train's flags for the evaluation of one pretraining checkpoint (None: a randomly
+    initialised encoder)."""
+    start = ["--mae-chp", checkpoint] if checkpoint else []
     return ["--dataset-dir", args.ade20k_dir, "--log-dir", eval_dir, "--backbone", args.seg_backbone,
-            "--decoder", args.seg_decoder, "--mae-chp", checkpoint, "--epochs", str(args.seg_epochs),
+            "--decoder", args.seg_decoder, *start, "--epochs", str(args.seg_epochs),
             "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs), "--seed", str(args.seed),
             *shlex.split(args.seg_args)]
 
@@ -413,6 +456,37 @@ def evaluate(epochs: int, args, pretrain_time: float, knn: dict | None = None) -
     return row
 
 
+def evaluate_baseline(kind: str, args) -> dict:
+    """The original segmae code's reference points: a Segmenter trained from a randomly initialised
+    encoder ('random', its --eval -2) or from the official MAE checkpoint of --model ('official',
+    its --eval -3). A results row of its own, drawn as a reference line by compare."""
+    import segmenter.train
+    checkpoint, sha = official_checkpoint(args) if kind == "official" else (None, "")
+    rid = f"baseline-{kind}-{args.seg_backbone}" + (f"-{sha[:6]}" if sha else "")
+    eval_id = short_digest(eval_config(args))
+    folder = os.path.join(args.output_dir, "eval_output", rid, f"seg{eval_id}")
+    results = os.path.join(args.output_dir, "results.jsonl")
+    done_file = os.path.join(folder, "done.json")
+    if os.path.exists(done_file):
+        print(f"[benchmark] {kind} baseline already done: {done_file}")
+        row = json.load(open(done_file))
+        append_result(results, row)
+        return row
+    start = time.time()
+    run_stage("segmenter.train", seg_argv(args, checkpoint, folder), args, segmenter.train.cli)
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    row = {"run_id": rid, "eval_id": eval_id, "baseline": kind, "method": BASELINES[kind], "coverage_ratio": None,
+           "epochs": 0, "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
+           "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": 0.0,
+           "eval_time_s": round(time.time() - start, 1), "pretrain_img_per_sec": None, "model": args.model,
+           "seg_backbone": args.seg_backbone, "stack": "", "stack_sha256": "", "checkpoint_sha256": sha,
+           "config": {"baseline": kind, "model": args.model, **eval_config(args)},
+           "record": misc.run_record(args.num_gpus)}
+    append_result(results, row)
+    atomic_write_json(done_file, row, indent=1)
+    return row
+
+
 def append_result(results_path: str, row: dict) -> None:
     """One row per (method, coverage, epochs): a re-run never duplicates a row. The file is
     rewritten atomically, which also drops a line torn by a crash mid-write."""
@@ -452,6 +526,8 @@ def curve_labels(rows: list[dict]) -> dict:
     """A legend label per curve: the method (and coverage), then whatever else tells apart curves
     that would otherwise share a label (model, stacking, seed, schedule, settings digests)."""
     def base(r):
+        if r.get("baseline"):
+            return f"{r['method']} (baseline)"
         cov = r.get("coverage_ratio")
         return r["method"] if r["method"] == "patches" or cov is None else f"{r['method']} {cov:g}%"
 
@@ -487,7 +563,8 @@ def results_table(rows: list[dict]) -> str:
         speed = r.get("pretrain_img_per_sec")
         knn = f"{r['knn_top1']:.2f}" if r.get("knn_top1") is not None else "-"
         knn_s = f"{r['knn_time_s']:.1f}" if r.get("knn_time_s") is not None else "-"
-        lines.append(f"{labels[curve_key(r)]:<{width}} {r['epochs']:>7d} {r['mIoU']:>7.2f} "
+        epochs = "-" if r.get("baseline") else str(r["epochs"])
+        lines.append(f"{labels[curve_key(r)]:<{width}} {epochs:>7} {r['mIoU']:>7.2f} "
                      f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s', 0):>11.1f} "
                      f"{r.get('eval_time_s', 0):>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
     return "\n".join(lines)
@@ -508,13 +585,17 @@ def plot(rows: list[dict], path: str) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (key, ylabel, title) in zip(axes[0], panels):
         runs: dict = {}
+        references: dict = {}  # baselines: one horizontal line each
         for r in rows:
             if r.get(key) is not None and r[key] == r[key]:  # not NaN
-                runs.setdefault(labels[curve_key(r)], []).append((r["epochs"], r[key]))
-        values = [v for points in runs.values() for _, v in points]
+                target = references if r.get("baseline") else runs
+                target.setdefault(labels[curve_key(r)], []).append((r["epochs"], r[key]))
+        values = [v for points in (*runs.values(), *references.values()) for _, v in points]
         for label, points in sorted(runs.items()):
             points.sort()
             ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=label)
+        for (label, points), style in zip(sorted(references.items()), ("--", ":", "-.", (0, (5, 5)))):
+            ax.axhline(points[-1][1], color="grey", linestyle=style, linewidth=1.2, label=label)
         if values:
             low, high = min(values), max(values)
             margin = max(2.0, 0.15 * (high - low))
@@ -524,7 +605,7 @@ def plot(rows: list[dict], path: str) -> str:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if runs:
+        if runs or references:
             ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -539,6 +620,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
     check_stage_args(args)
     stack = resolve_stack(args)  # its SHA-256 is part of the run's identity
+    if args.eval in BASELINES:
+        evaluate_baseline(args.eval, args)
+        rows = read_results(args.output_dir)
+        print(results_table(rows))
+        print(f"plot: {plot(rows, os.path.join(args.output_dir, 'miou_vs_epochs.png'))}")
+        return rows
     check_old_layout(args)
     print(f"[benchmark] run {run_id(args)}: {paths(args)['pretrain']}")
     if args.eval >= 0:

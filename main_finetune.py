@@ -109,7 +109,8 @@ def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module
     model = models_vit.build_vit(args.model, img_size=as_hw(args.input_size), num_classes=args.nb_classes,
                                  global_pool=args.global_pool, in_chans=args.in_chans, **extra)
     if checkpoint is not None:
-        load_pretrained_encoder(model, args.finetune, method, args.fold_mask_channel, checkpoint=checkpoint)
+        load_pretrained_encoder(model, args.finetune, method, args.fold_mask_channel, checkpoint=checkpoint,
+                                mask_channel=args.mask_channel)
         trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer, as the reference
     return model
 

@@ -15,12 +15,14 @@ import torch
 
 import models_mae
 import util.misc as misc
-from util.checkpoint import append_log, auto_resume, load_model, reconcile_with_checkpoint, run_start, save_model
+from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
+                             run_start, save_model)
 from util.distributed import all_reduce_mean, get_rank, get_world_size
 from engine_pretrain import train_one_epoch
-from util.args import (add_mask_method_args, add_training_args, check_model_and_input_size, mask_ratio_type,
-                       non_negative_int, positive_int)
-from util.checkpoint_adapt import stack_official_into_mae
+from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_args, check_model_and_input_size,
+                       mask_ratio_type, non_negative_int, positive_int)
+from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
+from util.errors import UserError
 from util.datasets import DevicePrefetcher, build_pretrain_dataset, collate_pretrain
 from util.masking import uses_segments
 from util.optim import adamw, param_groups_weight_decay
@@ -68,7 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='skip images without a mask file instead of stopping')
     parser.add_argument('--stack', default='', metavar='CHECKPOINT',
                         help='start from an official MAE checkpoint (e.g. mae_pretrain_vit_base.pth) with any '
-                             'mask method: a 4th input channel starts at zero weight, the pre-encoder at identity')
+                             'mask method: a 4th input channel starts at zero weight, the pre-encoder at identity; '
+                             'also a four_channels checkpoint of the original segmae code (converted)')
+    add_mask_channel_arg(parser)
     return parser
 
 
@@ -89,6 +93,40 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
+
+
+MASK_NOTES = {  # what the mask readers repaired, said once per run (counted over one epoch, every rank)
+    "rotated": "mask(s) had the transposed size of an image with EXIF orientation 5-8 (made on the rotated "
+               "picture, as SAM's amg.py does) and were rotated into the image's frame",
+    "thresholded": "mask PNG(s) were not strictly 0/255 (resampled or antialiased) and were thresholded at 128",
+    "unsorted": "segmae table.txt file(s) were not sorted by coverage: they were sorted before choosing (the "
+                "original code would have picked from the unsorted order)"}
+
+
+def tell_mask_notes(dataset, told: set[str]) -> None:
+    for key, count in dataset.mask_notes().items():
+        if key in told:
+            continue
+        total = round(all_reduce_mean(float(count)) * get_world_size())
+        if total:
+            print(f"NOTE: {total} {MASK_NOTES[key]}")
+            told.add(key)
+
+
+def seg_loss_of_older_checkpoint(args: argparse.Namespace) -> None:
+    """Checkpoints written before --seg_loss existed trained with the per-patch loss: a resumed
+    run keeps it (unless the flag asks otherwise, which is an error like any other conflict)."""
+    if not args.resume:
+        return
+    saved = load_checkpoint(args.resume).get("args")
+    if saved is None or hasattr(saved, "seg_loss") or not hasattr(saved, "in_chans"):
+        return  # new checkpoints record it; the original's and the reference's are refused or patches
+    if "seg_loss" in set(getattr(args, "given_flags", [])) and args.seg_loss != "patch":
+        raise UserError(f"{args.resume} was trained with the per-patch loss (it predates --seg_loss, whose "
+                         f"default is now pixel): pass --seg_loss patch (or leave it out) to continue it, or "
+                         f"start a new run in another output folder")
+    print(f"--seg_loss patch taken from {args.resume} (written before --seg_loss existed)")
+    args.seg_loss = "patch"
 
 
 def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4) -> None:
@@ -112,9 +150,15 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
 def main(args: argparse.Namespace) -> None:
     device = misc.setup_run(args, __file__)
     auto_resume(args, run_start(args, files=["stack"]))
+    if args.resume:
+        refuse_original_to_continue(load_checkpoint(args.resume), args.resume, "--resume")
     # the flags that define the run must be the checkpoint's (a default is taken from it)
     reconcile_with_checkpoint(args, ["model", "mask_method", "norm_pix_loss", "input_size"])
-    reconcile_with_checkpoint(args, ["coverage_ratio"] if uses_segments(args.mask_method) else ["mask_ratio"])
+    if uses_segments(args.mask_method):
+        seg_loss_of_older_checkpoint(args)
+        reconcile_with_checkpoint(args, ["coverage_ratio", "seg_loss"])
+    else:
+        reconcile_with_checkpoint(args, ["mask_ratio"])
 
     input_size = as_hw(args.input_size)
     with_masks = uses_segments(args.mask_method)
@@ -122,7 +166,8 @@ def main(args: argparse.Namespace) -> None:
     dataset_train = build_pretrain_dataset(args.data_path, transform_train, with_masks=with_masks,
                                            coverage_ratio=args.coverage_ratio,
                                            allow_missing_masks=args.allow_missing_masks, seed=args.seed,
-                                           skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout)
+                                           skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout,
+                                           mask_format=args.mask_format)
     print(dataset_train)
 
     num_tasks, global_rank = get_world_size(), get_rank()
@@ -147,9 +192,11 @@ def main(args: argparse.Namespace) -> None:
         data_loader_train = DevicePrefetcher(data_loader_train, device)
 
     model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,
-                                 mask_method=args.mask_method, grad_checkpointing=args.grad_checkpointing)
+                                 mask_method=args.mask_method, grad_checkpointing=args.grad_checkpointing,
+                                 seg_loss=args.seg_loss)
     # recorded in the checkpoint's args for finetuning / segmentation
     args.in_chans = model.encoder_in_chans
+    args.fourth_channel = "visible"  # a mask channel holds v = 1 - m (the original segmae code's: m)
     args.input_size = list(input_size)
     model.to(device)
     if args.fp8:
@@ -168,7 +215,7 @@ def main(args: argparse.Namespace) -> None:
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
 
     if args.stack and not args.resume:
-        stack_official_into_mae(model_without_ddp, args.stack)
+        stack_official_into_mae(model_without_ddp, args.stack, args.mask_channel)
     load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
 
     if args.output_dir:
@@ -178,19 +225,15 @@ def main(args: argparse.Namespace) -> None:
         return
     print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
     start_time = time.time()
-    told_rotated = False
+    told: set[str] = set()
     for epoch in range(args.start_epoch, last_epoch):
         misc.seed_epoch(args.seed, epoch, global_rank)
         sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
-        if with_masks and not told_rotated:  # once per run: masks made on the EXIF-rotated picture
-            rotated = round(all_reduce_mean(float(dataset_train.rotated_masks())) * get_world_size())
-            if rotated:
-                print(f"NOTE: {rotated} mask(s) had the transposed size of an image with EXIF orientation 5-8 "
-                      f"(made on the rotated picture, as SAM's amg.py does) and were rotated into the image's frame")
-                told_rotated = True
+        if with_masks:
+            tell_mask_notes(dataset_train, told)
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if args.output_dir:
             # the log row first: a failed or killed save then only repeats the epoch (and its row)

@@ -14,8 +14,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from models_vit import ARCHITECTURES, check_registered
-from util.masking import (check_mask_method, encoder_in_chans, patch_loss_weights, random_masking,
-                          visible_input, weighted_patch_loss)
+from util.masking import (SEG_LOSSES, check_mask_method, encoder_in_chans, hidden_pixel_loss, patch_loss_weights,
+                          random_masking, visible_input, weighted_patch_loss)
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -59,8 +59,11 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
-                 mask_method: str = "patches", grad_checkpointing: bool = False):
+                 mask_method: str = "patches", grad_checkpointing: bool = False, seg_loss: str = "pixel"):
         super().__init__()
+        if seg_loss not in SEG_LOSSES:
+            raise ValueError(f"unknown seg_loss {seg_loss!r}; choose one of {', '.join(SEG_LOSSES)}")
+        self.seg_loss = seg_loss  # segment methods: loss on hidden pixels, or the per-patch form
         # recompute block activations in the backward pass: less memory, about a third more compute
         self.grad_checkpointing = grad_checkpointing
         self.mask_method = check_mask_method(mask_method)
@@ -205,20 +208,32 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 1:, :]  # drop the cls token
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L) per-patch loss weights."""
+        """imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L) per-patch loss weights (the
+        reference's form), or (N, L, p*p) the patchified hidden pixels: the loss is then on hidden
+        pixels only, sum(m * e) / sum(m) over every hidden pixel and channel."""
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.e-6) ** .5
-        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # mean loss per patch
-        return weighted_patch_loss(loss, mask.float())
+        sq_error = (pred.float() - target) ** 2
+        if mask.dim() == 3:
+            return hidden_pixel_loss(sq_error, mask)
+        return weighted_patch_loss(sq_error.mean(dim=-1), mask.float())  # mean loss per patch, weighted
+
+    def loss_mask(self, mask: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
+        """What forward_loss weighs the error with: the hidden pixels for segment methods with
+        seg_loss 'pixel', else the per-patch mask."""
+        if self.mask_method == "patches" or self.seg_loss != "pixel":
+            return mask
+        hidden = seg_mask if seg_mask.dim() == 4 else seg_mask.unsqueeze(1)
+        return self.patchify(hidden.float())
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 seg_mask: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seg_mask)
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
-        loss = self.forward_loss(imgs, pred, mask)
+        loss = self.forward_loss(imgs, pred, self.loss_mask(mask, seg_mask))
         return loss, pred, mask
 
 

@@ -29,7 +29,7 @@ from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransfor
 from segmenter.inference import sliding_window_probs
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import BACKBONES, DECODERS, build_segmenter
-from util.args import non_negative_float, non_negative_int, positive_int
+from util.args import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
 from util.checkpoint_adapt import load_pretrained_encoder
 from util.distributed import DEFAULT_DIST_TIMEOUT_S
 from util.errors import UserError
@@ -50,6 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=3, choices=[3, 4],
                    help="encoder input channels: 4 keeps a four_channels encoder's visibility channel "
                         "(fed constant 1), 3 folds it into the RGB kernel")
+    add_mask_channel_arg(p, dashes=True)
     p.add_argument("--n-cls", type=positive_int, default=ADE20K_CLASSES)
     p.add_argument("--crop-size", type=positive_int, default=512)
     p.add_argument("--window-size", type=positive_int, default=None, help="default: the crop size")
@@ -180,7 +181,7 @@ def main(args: argparse.Namespace) -> dict:
                             drop_path_rate=args.drop_path)
     if args.mae_chp and not resuming:
         method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
-                                               fold_mask_channel=args.channels == 3)
+                                               fold_mask_channel=args.channels == 3, mask_channel=args.mask_channel)
         args.mask_method = method
     elif not args.mae_chp and not resuming:
         print("WARNING: no --mae-chp: the encoder starts from random weights")

@@ -201,3 +201,52 @@ def test_a_run_in_the_earlier_layout_is_not_continued_silently(toy_root, toy_ade
         benchmark.cli(bench_args(toy_root, toy_ade20k, out))
     err = capsys.readouterr().err
     assert exc.value.code == 1 and f"mv {old} {out / 'pretrain_output'}/segments-cov30-" in err
+
+
+def test_eval_spellings_of_the_baselines():
+    assert benchmark.eval_type("-2") == "random" and benchmark.eval_type("-3") == "official"
+    assert benchmark.eval_type("random") == "random" and benchmark.eval_type("-1") == -1
+    assert benchmark.eval_type("12") == 12
+    for bad in ("-4", "-100", "rand"):
+        with pytest.raises(Exception, match="means nothing|must be"):
+            benchmark.eval_type(bad)
+
+
+@pytest.mark.slow
+def test_random_and_official_baselines_have_rows_and_reference_lines(toy_root, toy_ade20k, tmp_path, pretrained,
+                                                                      monkeypatch, count_stages, capsys):
+    # an "official" encoder for the tiny model, served from a local file (no network in tests)
+    encoder = {k: v for k, v in torch.load(pretrained["patches"], weights_only=True)["model"].items()
+               if not k.startswith(("decoder_", "mask_token"))}
+    official = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": encoder}, official)
+    monkeypatch.setitem(benchmark.OFFICIAL_MAE, "mae_vit_tiny_patch8", official.as_uri())
+    out = tmp_path / "bench"
+    benchmark.cli(bench_args(toy_root, toy_ade20k, out, "--eval", "-2"))  # the original's spelling of random
+    assert "WARNING: no --mae-chp: the encoder starts from random weights" in capsys.readouterr().out
+    rows = benchmark.cli(bench_args(toy_root, toy_ade20k, out, "--eval", "official"))
+    assert count_stages == ["segmenter.train"] * 2  # no pretraining stage
+    by_kind = {r["baseline"]: r for r in rows}
+    assert set(by_kind) == {"random", "official"} and by_kind["official"]["checkpoint_sha256"]
+    assert (out / "official" / "mae_pretrain_vit_tiny.pth.sha256").exists()
+    assert all(0 <= r["mIoU"] <= 100 and r["method"] in ("random init", "official MAE") for r in rows)
+    # done once: a rerun runs no stage and adds no row
+    benchmark.cli(bench_args(toy_root, toy_ade20k, out, "--eval", "random"))
+    assert count_stages == ["segmenter.train"] * 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    # beside a real run: compare draws the baselines as horizontal reference lines
+    benchmark.cli(bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "1"))
+    drawn = {}
+    real_axhline = __import__("matplotlib.axes", fromlist=["Axes"]).Axes.axhline
+
+    def recording_axhline(self, y=0, *a, **k):
+        drawn[k.get("label")] = y
+        return real_axhline(self, y, *a, **k)
+
+    monkeypatch.setattr("matplotlib.axes.Axes.axhline", recording_axhline)
+    capsys.readouterr()
+    benchmark.compare_cli(["--output-dir", str(out)])
+    table = capsys.readouterr().out
+    assert "random init (baseline)" in table and "official MAE (baseline)" in table
+    assert drawn == {"random init (baseline)": by_kind["random"]["mIoU"],
+                     "official MAE (baseline)": by_kind["official"]["mIoU"]}

@@ -27,7 +27,8 @@ from conftest import REPO
 from test_benchmark import bench_args
 from test_pretrain_cli import common
 from util.errors import UserError
-from util.sam_masks import MaskFileError, build_mask_cache, load_segment, mask_path_for
+from util.mask_cache import build_mask_cache
+from util.sam_masks import MaskFileError, load_segment, mask_path_for
 
 
 def checkpoints(folder):

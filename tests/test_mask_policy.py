@@ -16,7 +16,8 @@ from conftest import REPO
 from test_pretrain_cli import common
 from tools import check_dataset, generate_masks
 from util.datasets import PretrainDataset, SegmentMaskImageFolder, load_rgb
-from util.sam_masks import (MaskFileError, MaskCache, build_mask_cache, decode_segmentation, encode_segmentation,
+from util.mask_cache import MaskCache, build_mask_cache
+from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation,
                             load_annotations)
 
 

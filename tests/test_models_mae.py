@@ -146,7 +146,7 @@ def test_preencoder_identity_init_and_structure():
 
 
 def test_loss_weights_are_hidden_fraction_and_loss_is_weighted_mean():
-    model = tiny("segments")
+    model = tiny("segments", seg_loss="patch")  # the per-patch form (--seg_loss patch)
     imgs, m = torch.randn(2, 3, 32, 32), block_mask()
     loss, pred, weights = model(imgs, seg_mask=m)
     # rows 4:16 and cols 6:26 on an 8-pixel grid: patch (0, 0) has rows 4-7 x cols 6-7 hidden
@@ -160,6 +160,44 @@ def test_loss_weights_are_hidden_fraction_and_loss_is_weighted_mean():
     per_patch = ((pred - model.patchify(imgs)) ** 2).mean(-1)
     torch.testing.assert_close(loss, (per_patch * weights).sum() / weights.sum())
     assert torch.equal(patch_loss_weights(m, 8), weights)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("method", ["segments", "four_channels", "preencoder"])
+def test_default_loss_is_mean_squared_error_over_hidden_pixels(method, norm_pix):
+    """loss = sum(m * e) / sum(m) over every hidden pixel and channel, computed directly on the
+    image grid (no patchify in the formula)."""
+    model = tiny(method, norm_pix_loss=norm_pix)
+    assert model.seg_loss == "pixel"
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)
+    m = block_mask()
+    m[1, :, 20:30, 2:9] = 1.0  # a second, irregular region in one sample
+    loss, pred, weights = model(imgs, seg_mask=m)
+    target = imgs
+    if norm_pix:  # per-patch normalised target, as MAE's norm_pix_loss
+        t = model.patchify(imgs)
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** .5
+        target = model.unpatchify(t)
+    e = (model.unpatchify(pred) - target) ** 2  # (N, 3, H, W)
+    hidden = m.expand(-1, 3, -1, -1)
+    torch.testing.assert_close(loss, (e * hidden).sum() / hidden.sum())
+    # visible pixels do not count: changing the prediction there changes nothing; and no gradient
+    pred_leaf = pred.detach().requires_grad_(True)
+    visible_noise = model.patchify((1 - m).expand(-1, 3, -1, -1) * 7.0)
+    same = model.forward_loss(imgs, pred_leaf + visible_noise, model.patchify(m))
+    torch.testing.assert_close(same, loss)
+    same.backward()
+    grad_img = model.unpatchify(pred_leaf.grad)
+    assert torch.count_nonzero(grad_img * (1 - m)) == 0 and torch.count_nonzero(grad_img * m) > 0
+    # the older per-patch form differs on these masks (a fifth of its weight falls on seen pixels)
+    patch_loss = model.forward_loss(imgs, pred, weights)
+    assert not torch.allclose(patch_loss, loss)
+
+
+def test_seg_loss_is_checked():
+    with pytest.raises(ValueError, match="seg_loss"):
+        tiny("segments", seg_loss="pixels")
 
 
 @pytest.mark.parametrize("method", ["segments", "four_channels", "preencoder"])

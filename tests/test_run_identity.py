@@ -261,3 +261,30 @@ def test_run_benchmark_sh_keeps_its_recipe(tmp_path):
     res = subprocess.run(["bash", "run_benchmark.sh", "--pretrain-args", "--blr 1"], cwd=REPO, capture_output=True,
                          text=True)
     assert res.returncode == 2 and "EXTRA_PRETRAIN_ARGS" in res.stderr
+
+
+def test_seg_loss_is_recorded_part_of_the_benchmark_identity_and_older_runs_keep_theirs(toy_root, tmp_path, capsys):
+    import benchmark
+    parser = benchmark.get_args_parser()
+    base = ["--in1k-dir", "a", "--ade20k-dir", "b", "--mask-method", "segments"]
+    ids = {}
+    for extra in ([], ["--pretrain-args=--seg_loss pixel"], ["--pretrain-args=--seg-loss=patch"]):
+        args = parser.parse_args(base + extra)
+        benchmark.check_args(args, parser)
+        ids[tuple(extra)] = (benchmark.run_config(args)["seg_loss"], benchmark.run_id(args))
+    assert [v[0] for v in ids.values()] == ["pixel", "pixel", "patch"]
+    assert len({v[1] for v in ids.values()}) == 3  # another flag string, another run
+    # a run's checkpoints record the loss; a checkpoint from before --seg_loss continues with its per-patch loss
+    out = tmp_path / "pre"
+    main_pretrain.cli(common(toy_root, out, "--mask_method", "segments", "--epochs", "2", "--stop_epoch", "1"))
+    ckpt = torch.load(out / "checkpoint-0.pth", weights_only=False)
+    assert ckpt["args"].seg_loss == "pixel"
+    del ckpt["args"].seg_loss
+    torch.save(ckpt, out / "checkpoint-0.pth")
+    capsys.readouterr()
+    main_pretrain.cli(common(toy_root, out, "--mask_method", "segments", "--epochs", "2"))
+    assert "--seg_loss patch taken from" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint-1.pth", weights_only=False)["args"].seg_loss == "patch"
+    assert run_exit_code(common(toy_root, out, "--mask_method", "segments", "--epochs", "3", "--seg_loss", "pixel",
+                                "--resume", str(out / "checkpoint-0.pth")), main_pretrain.cli) == 1
+    assert "predates --seg_loss" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Writes the compact mask cache of a dataset for one --coverage_ratio: the chosen segment of every
-mask file, so that pretraining reads one short RLE per sample instead of parsing a SAM JSON file.
+image (from masks/ in any layout: SAM's JSON, segmae table.txt + PNGs, amg.py folders), so that
+pretraining reads one short RLE per sample instead of parsing a mask file or decoding PNGs.
 Pretraining with the same --coverage_ratio picks it up by itself. Rebuild it after changing masks.
 
     python tools/build_mask_cache.py --data_path /datasets/imagenet --coverage_ratio 50
@@ -13,19 +14,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.generate_masks import list_images  # noqa: E402
-from util.sam_masks import build_mask_cache  # noqa: E402
+from util.mask_cache import build_mask_cache  # noqa: E402
+from util.mask_sources import MASK_FORMATS  # noqa: E402
 
 
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", nargs="+", required=True)
     p.add_argument("--coverage_ratio", type=float, default=50.0)
+    p.add_argument("--mask_format", default="auto", choices=("auto",) + MASK_FORMATS,
+                   help="layout of masks/ (default: detected): json, segmae (table.txt + PNGs) or amg (amg.py folders)")
     args = p.parse_args(argv)
     written = []
     for root in args.data_path:
         start = time.time()
         images = list_images(os.path.join(root, "train"))
-        path = build_mask_cache(root, images, args.coverage_ratio)
+        path = build_mask_cache(root, images, args.coverage_ratio, args.mask_format)
         size = os.path.getsize(path)
         print(f"{root}: {len(images)} images, {size / 2 ** 20:.1f} MB ({size / max(len(images), 1):.0f} B/image) "
               f"in {path}, {time.time() - start:.1f}s")

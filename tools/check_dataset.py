@@ -1,8 +1,9 @@
 """Checks a pretraining --data_path before a long run, by the rules training applies: every image
-decodes, every image has a mask file that parses with valid RLE (run lengths summing to H x W),
-every mask fits its image (same size, a resized copy, or made on the EXIF-rotated picture), no two
-images share a mask file; and how many images have an annotation within +-5 points of a coverage
-ratio, and how many mask files are empty (accepted). Prints a report; exits 1 if anything is wrong.
+decodes, every image has masks (in any layout training reads: SAM's JSON, the original segmae
+table.txt + PNGs, amg.py folders) that parse (valid RLE, readable PNGs), every mask fits its image
+(same size, a resized copy, or made on the EXIF-rotated picture), no two images share a mask file;
+and how many images have a segment within +-5 points of a coverage ratio, and how many have none
+(accepted: nothing is hidden). Prints a report; exits 1 if anything is wrong.
 
     python tools/check_dataset.py --data_path /datasets/imagenet --coverage_ratio 50
 """
@@ -17,15 +18,18 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.generate_masks import list_images  # noqa: E402
-from util.sam_masks import (MASK_SUFFIX, MaskFileError, annotation_coverage, check_rle, duplicate_stems,  # noqa: E402
-                            exif_orientation, load_annotations, mask_fit, mask_path_for)
+from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
+from util.sam_masks import MaskFileError, check_rle, duplicate_stems, exif_orientation, mask_fit  # noqa: E402
+
+_sources: dict[tuple[str, str], MaskSource] = {}  # one reader per worker process
 
 
-def check_one(job: tuple[str, str, str, float, float]) -> dict:
-    """One image and its mask file, under the same rules as training (util/sam_masks.py)."""
-    rel, image_root, mask_root, coverage, tolerance = job
+def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
+    """One image and its masks, under the same rules as training (util/sam_masks.py)."""
+    rel, image_root, mask_root, mask_format, coverage, tolerance = job
+    source = _sources.setdefault((mask_root, mask_format), SOURCES[mask_format](mask_root, shared_counters=False))
     result = {"image": rel, "problems": [], "near_coverage": False, "empty": False, "resize": False,
-              "rotate": False}
+              "rotate": False, "thresholded": False}
     try:
         with Image.open(os.path.join(image_root, rel)) as im:
             im.load()
@@ -33,43 +37,60 @@ def check_one(job: tuple[str, str, str, float, float]) -> dict:
     except Exception as e:  # noqa: BLE001
         result["problems"].append(f"image does not decode: {type(e).__name__}: {e}")
         size = None
-    mask_path = mask_path_for(mask_root, rel)
-    if not os.path.exists(mask_path):
-        result["problems"].append(f"no mask file {mask_path}")
+    if not os.path.exists(source.location(rel)):
+        result["problems"].append(f"no mask file {source.location(rel)}")
         return result
     try:
-        anns = load_annotations(mask_path)
-        if not anns:  # SAM found nothing: training hides nothing in this image
+        segments = source.segments(rel)
+        if not segments:  # SAM found nothing: training hides nothing in this image
             result["empty"] = True
             return result
-        coverages = []
-        for a in anns:
-            h, w, _ = check_rle(a["segmentation"])
-            coverages.append(annotation_coverage(a))
+        for seg in segments:
+            if seg.rle is not None:
+                h, w, _ = check_rle(seg.rle)
+            else:
+                h, w = seg.size or png_size(seg.where)
             if size is not None:
                 rule = mask_fit((h, w), size, orientation)
                 if rule != "same":
                     result[rule] = True
-        result["near_coverage"] = any(abs(c - coverage) <= tolerance for c in coverages)
+        chosen = source.choose(segments, coverage)
+        if chosen.rle is None:  # a PNG: decode the one training uses
+            before = source.thresholded.value
+            chosen.decode()
+            result["thresholded"] = source.thresholded.value > before
+        result["near_coverage"] = any(abs(seg.coverage - coverage) <= tolerance for seg in segments)
     except MaskFileError as e:
         result["problems"].append(f"mask file does not parse: {e}")
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
-        result["problems"].append(f"{mask_path}: {type(e).__name__}: {e}")
+        result["problems"].append(f"{source.location(rel)}: {type(e).__name__}: {e}")
     return result
 
 
-def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, workers: int = 1) -> dict:
+def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, workers: int = 1,
+          mask_format: str = "auto") -> dict:
     image_root, mask_root = os.path.join(data_path, "train"), os.path.join(data_path, "masks")
-    report = {"images": 0, "problems": [], "near_coverage": 0, "empty": 0, "resized": 0, "rotated": 0}
+    report = {"images": 0, "problems": [], "near_coverage": 0, "empty": 0, "resized": 0, "rotated": 0,
+              "thresholded": 0, "listed_empty": 0, "format": None}
     if not os.path.isdir(image_root):
         report["problems"].append(f"{data_path} has no train/ folder")
         return report
     if not os.path.isdir(mask_root):
         report["problems"].append(f"{data_path} has no masks/ folder (segment methods need it)")
     images = list_images(image_root)
-    report["problems"] += [f"{a} and {b} share the mask file {os.path.splitext(a)[0] + MASK_SUFFIX}: rename one"
-                           for a, b in duplicate_stems(images)]
-    jobs = [(rel, image_root, mask_root, coverage, tolerance) for rel in images]
+    listed = read_empty_list(data_path)
+    kept = [rel for rel in images if os.path.basename(rel) not in listed]
+    report["listed_empty"] = len(images) - len(kept)
+    images = kept
+    try:
+        source = open_mask_source(mask_root, {stem_of(r) for r in images}, mask_format)
+    except MaskFileError as e:
+        report["problems"].append(str(e))
+        return report
+    report["format"] = source.format
+    report["problems"] += [f"{a} and {b} share the mask file {os.path.relpath(source.location(a), mask_root)}: "
+                           f"rename one" for a, b in duplicate_stems(images)]
+    jobs = [(rel, image_root, mask_root, report["format"], coverage, tolerance) for rel in images]
     if workers > 1:
         with Pool(workers) as pool:
             results = pool.map(check_one, jobs, chunksize=64)
@@ -82,6 +103,7 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
         report["empty"] += r["empty"]
         report["resized"] += r["resize"]
         report["rotated"] += r["rotate"]
+        report["thresholded"] += r["thresholded"]
     return report
 
 
@@ -91,14 +113,21 @@ def main(argv=None) -> int:
     p.add_argument("--coverage_ratio", type=float, default=50.0)
     p.add_argument("--tolerance", type=float, default=5.0, help="points around --coverage_ratio")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--mask_format", default="auto", choices=("auto",) + tuple(SOURCES),
+                   help="layout of masks/ (default: detected)")
     args = p.parse_args(argv)
-    report = check(args.data_path, args.coverage_ratio, args.tolerance, args.workers)
+    report = check(args.data_path, args.coverage_ratio, args.tolerance, args.workers, args.mask_format)
     n = max(report["images"], 1)
-    print(f"{report['images']} images under {args.data_path}/train")
+    print(f"{report['images']} images under {args.data_path}/train" +
+          (f", masks in the {report['format']} layout" if report["format"] else ""))
+    if report["listed_empty"]:
+        print(f"{report['listed_empty']} images are listed in emptyfiles.txt (no masks): training leaves them out")
+    if report["thresholded"]:
+        print(f"{report['thresholded']} chosen mask PNGs are not strictly 0/255: training thresholds them at 128")
     print(f"{report['near_coverage']} ({100 * report['near_coverage'] / n:.1f}%) have an annotation within "
           f"+-{args.tolerance:g} points of {args.coverage_ratio:g}% coverage")
     if report["empty"]:
-        print(f"{report['empty']} mask files have no annotation (SAM found nothing): those images train with "
+        print(f"{report['empty']} images have no segment (SAM found nothing): those images train with "
               f"nothing hidden (regenerate them with tools/generate_masks.py --redo_empty)")
     if report["resized"] or report["rotated"]:
         print(f"{report['resized']} masks were made at another resolution (resized in training), {report['rotated']} "

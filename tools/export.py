@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_vit  # noqa: E402
+from util.args import add_mask_channel_arg  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
-from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, patch_grid,  # noqa: E402
-                                   pretrain_mask_method, state_dict_of)
+from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, is_segmae_combined,  # noqa: E402
+                                   mae_state_dict, patch_grid, pretrain_mask_method, state_dict_of)
 from util.errors import UserError, run_tool  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 
@@ -48,17 +49,23 @@ def encoder_shape(sd: dict) -> dict:
             "mlp": sd["blocks.0.mlp.fc1.weight"].shape[0], "in_chans": w.shape[1]}
 
 
-def load_encoder(path: str, checkpoint: dict | None = None) -> tuple[dict, dict, str, tuple[int, int], dict]:
+def load_encoder(path: str, checkpoint: dict | None = None,
+                 mask_channel: str = "auto") -> tuple[dict, dict, str, tuple[int, int], dict]:
     """(encoder state dict, full state dict, mask method, input size, shape) of a checkpoint
     (``checkpoint``: the file already loaded)."""
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
     method = pretrain_mask_method(ckpt)
-    sd = encoder_state_dict(ckpt, method, fold_mask_channel=True)
+    sd = encoder_state_dict(ckpt, method, fold_mask_channel=True, mask_channel=mask_channel, path=path)
     if "patch_embed.proj.weight" not in sd:
         raise UserError(f"{path} holds no ViT encoder (no patch_embed.proj.weight)")
     gh, gw = patch_grid(sd["pos_embed"].shape[1] - 1, ckpt)  # the size it was trained at
     patch = sd["patch_embed.proj.weight"].shape[-1]
-    return sd, state_dict_of(ckpt), method, (gh * patch, gw * patch), encoder_shape(sd)
+    full = state_dict_of(ckpt)
+    if is_segmae_combined(full):  # the original's preencoder: its MAE, the pre-encoder dropped
+        full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    else:
+        full = mae_state_dict(ckpt, path, mask_channel)
+    return sd, full, method, (gh * patch, gw * patch), encoder_shape(sd)
 
 
 def timm_name(shape: dict) -> str:
@@ -207,8 +214,8 @@ def export_encoder(sd: dict, out: str) -> list[str]:
     return [path]
 
 
-def export(checkpoint: str, to: str, out: str) -> list[str]:
-    sd, full, method, size, shape = load_encoder(checkpoint)
+def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto") -> list[str]:
+    sd, full, method, size, shape = load_encoder(checkpoint, mask_channel=mask_channel)
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
     if to == "timm":
         files = export_timm(sd, shape, size, out)
@@ -227,8 +234,9 @@ def main(argv=None) -> list[str]:
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint of any method, or an official one")
     p.add_argument("--to", required=True, choices=TARGETS)
     p.add_argument("--out", required=True, help="output folder")
+    add_mask_channel_arg(p)
     args = p.parse_args(argv)
-    return export(args.checkpoint, args.to, args.out)
+    return export(args.checkpoint, args.to, args.out, args.mask_channel)
 
 
 if __name__ == "__main__":

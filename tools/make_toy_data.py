@@ -87,10 +87,53 @@ def annotation(seg: np.ndarray, ann_id: int, rng: np.random.RandomState) -> dict
     }
 
 
+def write_segmae_masks(folder: str, segments: list[np.ndarray], coverages: list[float] | None = None) -> None:
+    """The original segmae code's layout: folder/table.txt, one '<coverage percent> <png>' line
+    per segment sorted by coverage, and binary 'L' PNGs (255 = segment)."""
+    os.makedirs(folder, exist_ok=True)
+    coverages = coverages or [100.0 * s.sum() / s.size for s in segments]
+    lines = []
+    for i in sorted(range(len(segments)), key=lambda k: coverages[k]):
+        Image.fromarray((segments[i] > 0).astype(np.uint8) * 255, mode="L").save(os.path.join(folder, f"{i}.png"))
+        lines.append(f"{coverages[i]:.4f} {i}.png")
+    with open(os.path.join(folder, "table.txt"), "w") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+
+
+def write_amg_masks(folder: str, annotations: list[dict], segments: list[np.ndarray]) -> None:
+    """segment-anything's scripts/amg.py default output: folder/<i>.png (mask * 255) and
+    metadata.csv with its header and one row per mask."""
+    os.makedirs(folder, exist_ok=True)
+    rows = ["id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
+            "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"]
+    for i, (ann, seg) in enumerate(zip(annotations, segments)):
+        Image.fromarray((seg > 0).astype(np.uint8) * 255, mode="L").save(os.path.join(folder, f"{i}.png"))
+        values = [i, ann["area"], *ann["bbox"], *ann["point_coords"][0], ann["predicted_iou"],
+                  ann["stability_score"], *ann["crop_box"]]
+        rows.append(",".join(str(v) for v in values))
+    with open(os.path.join(folder, "metadata.csv"), "w") as f:
+        f.write("\n".join(rows))
+
+
+def write_masks_in_layout(mask_root: str, stem: str, segments: list[np.ndarray], annotations: list[dict],
+                          mask_format: str, **json_kwargs) -> None:
+    """One image's masks under mask_root in the json, segmae or amg layout."""
+    if mask_format == "json":
+        write_mask_file(os.path.join(mask_root, stem + ".json"), annotations, **json_kwargs)
+    elif mask_format == "segmae":
+        write_segmae_masks(os.path.join(mask_root, stem), segments)
+    elif mask_format == "amg":
+        write_amg_masks(os.path.join(mask_root, stem), annotations, segments)
+    else:
+        raise ValueError(f"unknown mask format {mask_format!r}")
+
+
 def make_toy_dataset(out: str, train_per_class: int = 24, val_per_class: int = 6, height: int = 64,
-                     width: int = 64, seed: int = 0, classes=CLASSES, image_format: str = "png") -> str:
-    """ImageNet-style folders with SAM-style mask files; ``image_format`` png (lossless) or jpg
-    (quality 90, like ImageNet: for loader benchmarks)."""
+                     width: int = 64, seed: int = 0, classes=CLASSES, image_format: str = "png",
+                     mask_format: str = "json") -> str:
+    """ImageNet-style folders with SAM-style masks (``mask_format``: json, or the segmae / amg.py
+    folder layouts); ``image_format`` png (lossless) or jpg (quality 90, like ImageNet: for loader
+    benchmarks)."""
     rng = np.random.RandomState(seed)
     ext = {"png": ".png", "jpg": ".jpg"}[image_format]
     image_id = 0
@@ -104,10 +147,10 @@ def make_toy_dataset(out: str, train_per_class: int = 24, val_per_class: int = 6
                 if split != "train":
                     continue
                 annotations = [annotation(s, k, rng) for k, s in enumerate(segments)]
-                path = os.path.join(out, "masks", kind, name + ".json")
                 info = {"image_id": image_id, "width": width, "height": height, "file_name": name + ext}
-                # every fifth file is a bare list, the form SAM's amg.py script writes
-                write_mask_file(path, annotations, info, bare_list=image_id % 5 == 4)
+                # every fifth JSON file is a bare list, the form SAM's amg.py script writes with --convert-to-rle
+                write_masks_in_layout(os.path.join(out, "masks", kind), name, segments, annotations, mask_format,
+                                      image_info=info, bare_list=image_id % 5 == 4)
                 image_id += 1
     return out
 
@@ -167,6 +210,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_format", default="png", choices=["png", "jpg"])
+    parser.add_argument("--mask_format", default="json", choices=["json", "segmae", "amg"],
+                        help="layout of masks/: SAM's JSON, the original segmae table.txt + PNGs, or amg.py folders")
     parser.add_argument("--ade20k_out", default=None,
                         help="also write a toy ADE20k (ADEChallengeData2016 layout) to this folder")
     parser.add_argument("--ade20k_train", type=int, default=40)
@@ -174,7 +219,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out:
         make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed,
-                         image_format=args.image_format)
+                         image_format=args.image_format, mask_format=args.mask_format)
         n = len(CLASSES) * args.train_per_class
         print(f"wrote {n} training images with SAM-style masks and {len(CLASSES) * args.val_per_class} "
               f"validation images to {args.out}")

@@ -18,16 +18,17 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
-from util.checkpoint_adapt import pretrain_mask_method, state_dict_of  # noqa: E402
+from util.checkpoint_adapt import mae_state_dict, pretrain_mask_method  # noqa: E402
 from util.datasets import build_eval_transform, load_rgb  # noqa: E402
 from util.errors import run_tool  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from util.sam_masks import exif_orientation, fit_mask, load_segment, mask_path_for  # noqa: E402
+from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
+from util.sam_masks import exif_orientation, fit_mask  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 from util.visualize import labelled_grid, panel_titles, reconstruction_panels  # noqa: E402
 
 
-def load_mae(path: str, model: str | None = None, input_size=None):
+def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
     ckpt = load_checkpoint(path)
     saved = ckpt.get("args")
     name = model or getattr(saved, "model", None)
@@ -36,9 +37,11 @@ def load_mae(path: str, model: str | None = None, input_size=None):
     size = as_hw(input_size or getattr(saved, "input_size", 224))
     method = pretrain_mask_method(ckpt)
     mae = models_mae.build_mae(name, img_size=size, mask_method=method,
-                               norm_pix_loss=bool(getattr(saved, "norm_pix_loss", False)))
+                               norm_pix_loss=bool(getattr(saved, "norm_pix_loss", False)),
+                               seg_loss=getattr(saved, "seg_loss", "pixel"))
+    weights = mae_state_dict(ckpt, path, mask_channel)
     try:
-        missing, _ = mae.load_state_dict(state_dict_of(ckpt), strict=False)
+        missing, _ = mae.load_state_dict(weights, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit {name} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}): "
                               f"pass the --model it was trained with") from None
@@ -60,9 +63,13 @@ def main(argv=None) -> list[str]:
     p.add_argument("--input_size", type=int, nargs="+", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="vis")
+    p.add_argument("--mask_format", default="auto", choices=("auto",) + tuple(SOURCES),
+                   help="layout of <data_path>/masks (default: detected)")
+    p.add_argument("--mask_channel", default="auto", choices=["auto", "visible", "hidden"],
+                   help="four_channels: what the checkpoint's 4th channel holds (default: read from it)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size)
+    model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
     coverage = args.coverage_ratio or coverage
     images = list(args.images)
     if args.data_path:
@@ -74,16 +81,21 @@ def main(argv=None) -> list[str]:
     to_tensor = build_eval_transform(size, crop_pct=1.0)
     os.makedirs(args.out, exist_ok=True)
     written = []
-    for path in images[:args.num] if args.data_path else images:
+    images = images[:args.num] if args.data_path else images
+    source = None
+    if model.mask_method != "patches":
+        if not args.data_path:
+            raise SystemExit(f"{model.mask_method} needs SAM masks: give --data_path (with masks/)")
+        train = os.path.join(args.data_path, "train")
+        source = open_mask_source(os.path.join(args.data_path, "masks"),
+                                  {stem_of(os.path.relpath(p, train)) for p in images}, args.mask_format)
+    for path in images:
         img = load_rgb(path)
         x = to_tensor(img).unsqueeze(0)
         seg = None
-        if model.mask_method != "patches":
-            if not args.data_path:
-                raise SystemExit(f"{model.mask_method} needs SAM masks: give --data_path (with masks/)")
+        if source is not None:
             rel = os.path.relpath(path, os.path.join(args.data_path, "train"))
-            mask_path = mask_path_for(os.path.join(args.data_path, "masks"), rel)
-            m, _ = fit_mask(load_segment(mask_path, coverage, img.size), img.size, exif_orientation(path), mask_path)
+            m, _ = fit_mask(source.load(rel, coverage, img.size), img.size, exif_orientation(path), source.location(rel))
             seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
         panels = reconstruction_panels(model, x, seg, args.mask_ratio)
         grid = labelled_grid(panels, panel_titles(model.mask_method), [os.path.basename(path)])

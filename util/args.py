@@ -8,7 +8,8 @@ import torch
 
 from util.datasets import DEFAULT_DATA_TIMEOUT_S
 from util.distributed import DEFAULT_DIST_TIMEOUT_S
-from util.masking import MASK_METHODS
+from util.mask_sources import MASK_FORMATS
+from util.masking import MASK_CHANNELS, MASK_METHODS, SEG_LOSSES
 from util.speed import COMPILE_MODES
 
 
@@ -128,6 +129,24 @@ def add_mask_method_args(parser: argparse.ArgumentParser, default_method: str | 
     parser.add_argument('--coverage_ratio', default=50.0, type=coverage_ratio_type,
                         help='percent of the image the hidden SAM segment should cover: the annotation '
                              'whose coverage is closest is used (segment methods only)')
+    parser.add_argument('--mask_format', default='auto', choices=("auto",) + MASK_FORMATS,
+                        help='layout of masks/ (default auto: detected per data root): json = SAM coco_rle files '
+                             '<stem>.json; segmae = the original code\'s <stem>/table.txt + PNGs; amg = '
+                             'segment-anything amg.py folders <stem>/metadata.csv + 0.png, 1.png, ...')
+    parser.add_argument('--seg_loss', default='pixel', choices=SEG_LOSSES,
+                        help='segment methods: pixel = mean squared error over the hidden pixels only '
+                             '(sum(m * e) / sum(m)); patch = the older per-patch form (hidden fraction of a '
+                             'patch times its mean error over all its pixels), for ablations')
+    return parser
+
+
+def add_mask_channel_arg(parser: argparse.ArgumentParser, dashes: bool = False) -> argparse.ArgumentParser:
+    """How to read the 4th input channel of a four_channels checkpoint."""
+    parser.add_argument('--mask-channel' if dashes else '--mask_channel', default='auto', dest='mask_channel',
+                        choices=MASK_CHANNELS,
+                        help='meaning of a four_channels checkpoint\'s 4th input channel: visible = v = 1 - m '
+                             '(this repo), hidden = m (the original segmae code; converted exactly on load); '
+                             'auto = read from the checkpoint')
     return parser
 
 
@@ -152,6 +171,7 @@ def add_downstream_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument('--no_fold_mask_channel', action='store_false', dest='fold_mask_channel',
                         help='keep the 4-channel patch embedding and feed it a constant-1 fourth channel')
     parser.set_defaults(fold_mask_channel=True)
+    add_mask_channel_arg(parser)
     parser.add_argument('--save_freq', default=1, type=positive_int,
                         help='save a checkpoint every N epochs (and after the last); the best one is '
                              'also kept as checkpoint-best.pth')

@@ -245,6 +245,8 @@ def prune_checkpoints(output_dir: str, keep_last: int, just_written: str | None 
 def _normalised(key: str, value):
     if key == "input_size" and isinstance(value, (list, tuple)):
         return [int(value[0]), int(value[-1])]
+    if key == "input_size" and isinstance(value, int):  # the reference stores one int for a square
+        return [value, value]
     return value
 
 

@@ -10,6 +10,12 @@ official encoder into an MAE for continued pretraining (--stack).
   1, its kernel only adds ``sum(W[:, 3])`` to the bias.
 - Position embeddings are bicubically resized to the downstream patch grid.
 - An encoder of another shape is refused with a message saying which model it fits.
+- Checkpoints of the original segmae code (DeinAlptraum/mae) keep their meaning: its
+  ``four_channels`` feeds the segment ``m`` (1 = hidden) as the 4th channel where this repo feeds
+  ``v = 1 - m``, so its patch embedding is converted exactly (W_v = -W_m, bias += sum of W_m over
+  the kernel); its ``preencoder`` checkpoints (a ``CombinedModel``: ``model.*`` the MAE,
+  ``encoder.*`` a Conv2d(4, 3, 16, padding 'same')) give their MAE's encoder, the pre-encoder
+  dropped as the original does. This repo's checkpoints say their convention (``fourth_channel``).
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ import torch.nn as nn
 from util.errors import UserError
 from util.masking import MASK_METHODS
 from util.checkpoint import load_checkpoint
+
+# recorded in the args of this repo's checkpoints: a mask channel holds v = 1 - m (the original's: m)
+FOURTH_CHANNEL_KEY = "fourth_channel"
 from util.pos_embed import resize_pos_embed
 
 PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "preencoder.")
@@ -48,6 +57,87 @@ def resolve_mask_method(checkpoint: dict, requested: str | None, path: str = "th
         raise AdaptationError(f"--mask_method {requested} disagrees with {path}, which was pretrained with "
                               f"--mask_method {method}: drop the flag or pass --mask_method {method}")
     return method
+
+
+# flags that only this repo writes into a checkpoint's args (the original segmae code has none of them)
+_OWN_ARGS = ("data_timeout", "in_chans", "amp", "data_backend", "fold_mask_channel")
+
+
+def checkpoint_origin(checkpoint: dict) -> str:
+    """'repo' (this code), 'segmae' (the original segmae code: its args have mask_method and none
+    of this repo's flags) or 'reference' (facebookresearch/mae, official files: patches only)."""
+    saved = checkpoint.get("args")
+    if saved is None:
+        return "reference"
+    has = (lambda k: k in saved) if isinstance(saved, dict) else (lambda k: hasattr(saved, k))  # noqa: E731
+    if any(has(k) for k in (FOURTH_CHANNEL_KEY,) + _OWN_ARGS):
+        return "repo"
+    return "segmae" if has("mask_method") else "reference"
+
+
+def fourth_channel(checkpoint: dict, declared: str = "auto", path: str = "the checkpoint") -> str:
+    """What a checkpoint's 4th input channel holds: 'visible' (v = 1 - m) or 'hidden' (m). A
+    declared value (--mask_channel) is used where the checkpoint does not say; one that
+    contradicts the checkpoint's own record is an error."""
+    saved = checkpoint.get("args")
+    recorded = (saved.get(FOURTH_CHANNEL_KEY) if isinstance(saved, dict) else getattr(saved, FOURTH_CHANNEL_KEY, None))
+    if declared not in (None, "auto"):
+        if recorded is not None and recorded != declared:
+            raise AdaptationError(f"--mask_channel {declared} contradicts {path}, which records that its 4th channel "
+                                  f"is {recorded}: leave the flag out")
+        return declared
+    if recorded is not None:
+        return recorded
+    return "hidden" if checkpoint_origin(checkpoint) == "segmae" else "visible"
+
+
+def is_segmae_combined(sd: dict) -> bool:
+    """The original segmae code's preencoder checkpoint: model.* (the MAE) + encoder.* (its conv)."""
+    return "encoder.weight" in sd and any(k.startswith("model.") for k in sd)
+
+
+def hidden_to_visible(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-channel patch embedding fed m (1 = hidden) -> the same function fed v = 1 - m: with
+    W_m * m = W_m * (1 - v) = sum(W_m) - W_m * v, W_v = -W_m and bias += sum of W_m."""
+    weight = weight.clone()
+    bias = bias + weight[:, 3].sum(dim=(1, 2))
+    weight[:, 3] = -weight[:, 3]
+    return weight, bias
+
+
+PREENCODER_NOT_CONTINUABLE = (
+    "its pre-encoder is a Conv2d(4, 3, kernel 16, padding 'same') that mixes neighbouring patches, where this "
+    "repo's is a per-patch Conv2d(4, 3*p*p) + PixelShuffle; the weights do not map onto each other, so its "
+    "pretraining cannot be continued (or reconstructed) here. Its encoder works downstream: --finetune, "
+    "main_linprobe.py, segmenter.train --mae-chp, util.knn, tools/export.py")
+
+
+def mae_state_dict(checkpoint: dict, path: str = "the checkpoint", mask_channel: str = "auto") -> dict:
+    """A pretraining checkpoint's full MAE weights in this repo's conventions (an original segmae
+    four_channels patch embedding converted to the visibility channel)."""
+    sd = dict(state_dict_of(checkpoint))
+    if is_segmae_combined(sd):
+        raise AdaptationError(f"{path} is a preencoder checkpoint of the original segmae code: "
+                              + PREENCODER_NOT_CONTINUABLE)
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.dim() == 4 and w.shape[1] == 4 and fourth_channel(checkpoint, mask_channel, path) == "hidden":
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = hidden_to_visible(w, sd["patch_embed.proj.bias"])
+        print(f"{path}: 4th channel converted from the original segmae convention (m, 1 = hidden) to this repo's "
+              f"(v = 1 - m): W_v = -W_m, bias += sum(W_m); same outputs")
+    return sd
+
+
+def refuse_original_to_continue(checkpoint: dict, path: str, flag: str) -> None:
+    """--resume of an original segmae checkpoint whose weights needed converting is refused: its
+    optimizer state belongs to the other parametrisation (or model)."""
+    if is_segmae_combined(state_dict_of(checkpoint)):
+        raise AdaptationError(f"{flag} {path}: a preencoder checkpoint of the original segmae code; "
+                              + PREENCODER_NOT_CONTINUABLE)
+    if checkpoint_origin(checkpoint) == "segmae" and pretrain_mask_method(checkpoint) == "four_channels":
+        raise AdaptationError(f"{flag} {path}: a four_channels checkpoint of the original segmae code, whose 4th "
+                              f"channel is the hidden mask m where this repo's is v = 1 - m; its optimizer state "
+                              f"belongs to that parametrisation. Continue from its weights with --stack {path} "
+                              f"(converted exactly, fresh optimizer), or use it downstream as it is")
 
 
 def downstream_in_chans(mask_method: str, fold_mask_channel: bool) -> int:
@@ -98,9 +188,17 @@ def describe_encoder(sd: dict) -> str:
     return f"embed_dim {dim}, {depth} blocks, patch {patch}, {chans} input channels{fits}"
 
 
-def encoder_state_dict(checkpoint: dict, mask_method: str, fold_mask_channel: bool = True) -> dict:
+def encoder_state_dict(checkpoint: dict, mask_method: str, fold_mask_channel: bool = True,
+                       mask_channel: str = "auto", path: str = "the checkpoint") -> dict:
     """The checkpoint's encoder weights, ready for a downstream ViT (before pos-embed resizing)."""
-    sd = {k: v for k, v in state_dict_of(checkpoint).items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    sd = state_dict_of(checkpoint)
+    if is_segmae_combined(sd):
+        print(f"{path}: a preencoder checkpoint of the original segmae code; its MAE's encoder is used and the "
+              f"pre-encoder dropped, as the original does downstream")
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        checkpoint = {**checkpoint, "model": sd}
+    sd = {k: v for k, v in mae_state_dict(checkpoint, path, mask_channel).items()
+          if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
     w = sd.get("patch_embed.proj.weight")
     if w is not None and w.shape[1] == 4 and fold_mask_channel:
         sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_visibility_channel(
@@ -138,12 +236,13 @@ def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
 
 
 def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None = None,
-                            fold_mask_channel: bool = True, checkpoint: dict | None = None):
+                            fold_mask_channel: bool = True, checkpoint: dict | None = None,
+                            mask_channel: str = "auto"):
     """Loads a pretraining checkpoint's encoder into a downstream ViT (non-strict: the head and,
     with global pooling, fc_norm are new). Prints and returns (missing, unexpected) keys."""
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     method = resolve_mask_method(checkpoint, mask_method, path)
-    sd = encoder_state_dict(checkpoint, method, fold_mask_channel)
+    sd = encoder_state_dict(checkpoint, method, fold_mask_channel, mask_channel, path)
     check_encoder_fits(sd, model, path)
     resize_pos_embed_to(model, sd, checkpoint)
     own = model.state_dict()
@@ -158,14 +257,14 @@ def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None
     return method, missing, unexpected
 
 
-def stack_official_into_mae(mae: nn.Module, path: str) -> None:
+def stack_official_into_mae(mae: nn.Module, path: str, mask_channel: str = "auto") -> None:
     """--stack: an official (or any patches-pretrained) MAE encoder into an MAE of any method.
 
     A 4-channel patch embedding gets the official RGB kernel and a zero mask-channel kernel; the
     pre-encoder stays at identity; the decoder keeps its fresh initialisation unless the
     checkpoint has one. With a zero mask channel the first forward equals the official model's."""
     checkpoint = load_checkpoint(path)
-    sd = dict(state_dict_of(checkpoint))
+    sd = mae_state_dict(checkpoint, path, mask_channel)
     sd = {k: v for k, v in sd.items() if not k.startswith("preencoder.")}
     own = mae.state_dict()
     w = sd.get("patch_embed.proj.weight")

@@ -2,7 +2,8 @@
 ImageFolders with the reference's finetuning / linear-probing transforms.
 
     <root>/train/<class>/<image>          images (torchvision ImageFolder layout)
-    <root>/masks/<class>/<image stem>.json SAM masks mirroring train/
+    <root>/masks/<class>/<image stem>...   SAM masks mirroring train/, in any layout of
+                                           util/mask_sources.py (SAM's JSON, segmae, amg.py)
 
 Several roots can be pretrained on together. Problems a user can fix (no train/, no masks/,
 missing mask files) are found when the dataset is built, not in the middle of an epoch.
@@ -29,8 +30,9 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
-from util.sam_masks import (MASK_SUFFIX, MaskCache, check_unique_stems, exif_orientation, fit_mask, load_segment,
-                             mask_path_for)
+from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
+from util.mask_cache import MaskCache
+from util.sam_masks import check_unique_stems, exif_orientation, fit_mask
 from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage, as_hw
 
 
@@ -117,21 +119,6 @@ def read_deadline(path: str, seconds: float):
         _reading.pop()
 
 
-def _existing_mask_files(mask_root: str) -> set[str]:
-    """Relative paths of every mask file under mask_root, by one walk (cheap on 1M files). A
-    symlink whose target is gone counts as missing."""
-    found = set()
-    for dirpath, _, filenames in os.walk(mask_root, followlinks=True):
-        rel_dir = os.path.relpath(dirpath, mask_root)
-        for name in filenames:
-            if name.endswith(MASK_SUFFIX):
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path) and not os.path.exists(path):
-                    continue
-                found.add(os.path.normpath(os.path.join(rel_dir, name)))
-    return found
-
-
 class SegmentMaskImageFolder(Dataset):
     """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class).
 
@@ -142,7 +129,8 @@ class SegmentMaskImageFolder(Dataset):
 
     def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
                  split: str = "train", allow_missing_masks: bool = False, decode: bool = True,
-                 skip_bad_samples: bool = False, read_timeout: float = DEFAULT_DATA_TIMEOUT_S):
+                 skip_bad_samples: bool = False, read_timeout: float = DEFAULT_DATA_TIMEOUT_S,
+                 mask_format: str = "auto"):
         self.root = root
         self.decode = decode
         self.read_timeout = read_timeout
@@ -158,7 +146,8 @@ class SegmentMaskImageFolder(Dataset):
                             f"(ImageFolder layout). Make a toy one with: python tools/make_toy_data.py")
         if with_masks and not os.path.isdir(self.mask_root):
             raise DataError(f"--data_path {root} has no masks/ folder, which segment mask methods need "
-                            f"(masks/<class>/<image stem>.json). Generate SAM masks for it, or pretrain "
+                            f"(masks/<class>/<image stem>.json, or the segmae / amg.py folders "
+                            f"masks/<class>/<image stem>/). Generate SAM masks for it, or pretrain "
                             f"with --mask_method patches.")
         try:
             self.classes, self.class_to_idx = find_classes(self.image_root)
@@ -178,26 +167,44 @@ class SegmentMaskImageFolder(Dataset):
         # paths relative to train/, once: the mask cache's keys and the mask files' names
         self.rel_paths = [os.path.relpath(p, self.image_root) for p, _ in self.samples]
         self.cache = None
-        if with_masks and MaskCache.exists(root, coverage_ratio):
-            self.cache = MaskCache(root, coverage_ratio)
-            uncached = sum(rel not in self.cache for rel in self.rel_paths)
-            print(f"Using the mask cache {self.cache.bin_path}" +
-                  (f" ({uncached} images not in it are read from their JSON files)" if uncached else ""))
+        self.source: MaskSource | None = None
         # masks turned into the image's frame for EXIF-rotated images, counted over the loader's workers
         self.rotated_masks = multiprocessing.Value("q", 0)
         if with_masks:
+            self._leave_out_listed_empty()
             check_unique_stems(self.rel_paths, self.image_root)
+            self.source = open_mask_source(self.mask_root, {stem_of(r) for r in self.rel_paths}, mask_format)
+            if MaskCache.exists(root, coverage_ratio):
+                self.cache = MaskCache(root, coverage_ratio, self.source)
+                uncached = sum(rel not in self.cache for rel in self.rel_paths)
+                print(f"Using the mask cache {self.cache.bin_path}" +
+                      (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
             self._check_masks(allow_missing_masks)
+
+    def _leave_out_listed_empty(self) -> None:
+        """The original segmae code's emptyfiles.txt names images without masks; like the original,
+        those images are not part of the dataset."""
+        listed = read_empty_list(self.root)
+        if not listed:
+            return
+        keep = [i for i, rel in enumerate(self.rel_paths) if os.path.basename(rel) not in listed]
+        if len(keep) < len(self.samples):
+            print(f"{len(self.samples) - len(keep)} images of {self.image_root} are listed in emptyfiles.txt "
+                  f"(no masks) and left out, as the original segmae code does")
+            self.samples = [self.samples[i] for i in keep]
+            self.rel_paths = [self.rel_paths[i] for i in keep]
+        if not self.samples:
+            raise DataError(f"every image under {self.image_root} is listed in emptyfiles.txt: no image has masks")
 
     def _check_masks(self, allow_missing: bool) -> None:
         to_check = [i for i, rel in enumerate(self.rel_paths) if self.cache is None or rel not in self.cache]
-        existing = _existing_mask_files(self.mask_root) if to_check else set()
-        missing = [i for i in to_check if os.path.splitext(self.rel_paths[i])[0] + MASK_SUFFIX not in existing]
+        present = self.source.present({stem_of(self.rel_paths[i]) for i in to_check}) if to_check else set()
+        missing = [i for i in to_check if stem_of(self.rel_paths[i]) not in present]
         if not missing:
             return
-        first = "\n  ".join(mask_path_for(self.mask_root, self.rel_paths[i]) for i in missing[:5])
-        msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file, "
-               f"for example:\n  {first}")
+        first = "\n  ".join(self.source.location(self.rel_paths[i]) for i in missing[:5])
+        msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file "
+               f"({self.source.format} layout), for example:\n  {first}")
         if not allow_missing:
             raise DataError(msg + "\nGenerate the missing masks, or pass --allow_missing_masks to "
                                   "pretrain without those images.")
@@ -221,12 +228,11 @@ class SegmentMaskImageFolder(Dataset):
             with read_deadline(self.cache.bin_path, self.read_timeout):
                 mask = self.cache.load(rel, img.size)
         else:
-            mask_path = mask_path_for(self.mask_root, rel)
-            with read_deadline(mask_path, self.read_timeout):
-                mask = load_segment(mask_path, self.coverage_ratio, image_size=img.size)
+            with read_deadline(self.source.location(rel), self.read_timeout):
+                mask = self.source.load(rel, self.coverage_ratio, img.size)
         if mask.shape != (img.height, img.width):  # the size policy of util/sam_masks.py
             orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
-            mask, rule = fit_mask(mask, img.size, orientation, mask_path_for(self.mask_root, rel))
+            mask, rule = fit_mask(mask, img.size, orientation, self.source.location(rel))
             if rule == "rotate":
                 with self.rotated_masks.get_lock():
                     self.rotated_masks.value += 1
@@ -379,6 +385,14 @@ class PretrainDataset(Dataset):
         and its loader workers)."""
         return sum(f.rotated_masks.value for f in self.folders)
 
+    def mask_notes(self) -> dict[str, int]:
+        """What the mask readers had to repair so far (this process and its loader workers):
+        masks rotated into an EXIF-rotated image's frame, PNGs not strictly 0/255 that were
+        thresholded at 128, segmae tables not sorted by coverage that were sorted."""
+        sources = [f.source for f in self.folders if f.source is not None]
+        return {"rotated": self.rotated_masks(), "thresholded": sum(s.thresholded.value for s in sources),
+                "unsorted": sum(s.unsorted.value for s in sources)}
+
     def __repr__(self) -> str:
         roots = ", ".join(f.root for f in self.folders)
         return f"PretrainDataset({len(self)} images from {roots}, masks={self.with_masks}, transform={self.transform})"
@@ -387,13 +401,14 @@ class PretrainDataset(Dataset):
 def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable, with_masks: bool,
                            coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
                            seed: int = 0, skip_bad_samples: bool = False,
-                           read_timeout: float = DEFAULT_DATA_TIMEOUT_S) -> PretrainDataset:
+                           read_timeout: float = DEFAULT_DATA_TIMEOUT_S, mask_format: str = "auto") -> PretrainDataset:
     """One dataset over one or several roots. A DeferredPretrainTransform gets the encoded files."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
     decode = not isinstance(transform, DeferredPretrainTransform)
     folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks,
-                                      decode=decode, skip_bad_samples=skip_bad_samples, read_timeout=read_timeout)
+                                      decode=decode, skip_bad_samples=skip_bad_samples, read_timeout=read_timeout,
+                                      mask_format=mask_format)
                for root in data_paths]
     return PretrainDataset(folders, transform, seed, skip_bad_samples)
 

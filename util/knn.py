@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torchvision.datasets import ImageFolder
 
 import util.misc as misc
+from util.args import add_mask_channel_arg
 from util.checkpoint import atomic_write_json, load_checkpoint
 from util.distributed import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
@@ -95,10 +96,11 @@ def knn_eval(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     start = time.time()
     ckpt = load_checkpoint(args.checkpoint)
-    _, _, method, size, shape = load_encoder(args.checkpoint, ckpt)
+    _, _, method, size, shape = load_encoder(args.checkpoint, ckpt, args.mask_channel)
     size = tuple(args.input_size) if args.input_size else size
     model = models_vit.build_vit(timm_name(shape), img_size=size, num_classes=0)
-    load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True, checkpoint=ckpt)
+    load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True, checkpoint=ckpt,
+                            mask_channel=args.mask_channel)
     model.to(device)
     transform = build_eval_transform(size)
     splits = {}
@@ -143,6 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="write the result as JSON here")
     p.add_argument("--dist_url", default="env://")
+    add_mask_channel_arg(p)
     return p
 
 

@@ -7,7 +7,10 @@
 - ``four_channels``: the encoder sees ``concat(x * v, v)`` (4 channels), every token.
 - ``preencoder``:    ``concat(x * v, v)`` goes through a learned pre-encoder to 3 channels.
 
-For the segment methods each patch's loss weight is the fraction of its pixels that are hidden.
+For the segment methods the loss is on the hidden pixels only (``--seg_loss pixel``, the default):
+``sum(m * e) / sum(m)`` over every hidden pixel and channel, ``e`` the squared error against the
+target. ``--seg_loss patch`` keeps the older per-patch form: each patch's mean error weighted by
+the fraction of its pixels that are hidden.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import torch.nn.functional as F
 
 MASK_METHODS = ("patches", "segments", "four_channels", "preencoder")
 SEGMENT_METHODS = ("segments", "four_channels", "preencoder")
+SEG_LOSSES = ("pixel", "patch")
+# the 4th input channel of four_channels: this repo feeds v = 1 - m, the original segmae code m
+MASK_CHANNELS = ("auto", "visible", "hidden")
 
 
 def check_mask_method(mask_method: str) -> str:
@@ -82,3 +88,16 @@ def weighted_patch_loss(per_patch_loss: torch.Tensor, weights: torch.Tensor) -> 
     """sum(w * loss) / sum(w). All-zero weights give 0 (not NaN) and no gradient, so a sample whose
     segment is empty contributes nothing."""
     return (per_patch_loss * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def hidden_pixel_loss(sq_error: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """sum(m * e) / sum(m) over every hidden pixel and channel.
+
+    sq_error: (N, L, p*p*C) squared errors in patchify order (row, col, channel within a patch);
+    hidden: (N, L, p*p) the patchified segment mask (1 = hidden), the same for every channel.
+    Nothing hidden gives 0 (not NaN) and no gradient."""
+    n, length, values = sq_error.shape
+    chans = values // hidden.shape[-1]
+    per_pixel = sq_error.reshape(n, length, hidden.shape[-1], chans).sum(dim=-1)  # summed over channels
+    hidden = hidden.to(per_pixel.dtype)
+    return (per_pixel * hidden).sum() / (hidden.sum() * chans).clamp_min(1e-12)

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from util.errors import UserError
-from util.checkpoint import atomic_write, atomic_write_json
+from util.checkpoint import atomic_write_json
 
 MASK_SUFFIX = ".json"
 
@@ -24,8 +24,9 @@ class MaskFileError(UserError):
     """A mask file that is missing, unreadable or not in the SAM format."""
 
 
-def load_annotations(path: str) -> list[dict]:
-    """Reads a SAM mask file and returns its list of annotations."""
+def load_mask_json(path: str) -> tuple[list[dict], str]:
+    """A SAM mask file's annotations, and its tie rule: 'segmae' for a file converted from the
+    original segmae layout (it records ``"choice": "segmae"``), else 'first'."""
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read())
@@ -37,7 +38,13 @@ def load_annotations(path: str) -> list[dict]:
     if not isinstance(annotations, list):
         raise MaskFileError(f"{path} is not a SAM mask file: expected a list of annotations or a dict "
                             f"with an 'annotations' list")
-    return annotations
+    choice = data.get("choice", "first") if isinstance(data, dict) else "first"
+    return annotations, choice
+
+
+def load_annotations(path: str) -> list[dict]:
+    """Reads a SAM mask file and returns its list of annotations."""
+    return load_mask_json(path)[0]
 
 
 def mask_size(segmentation: dict) -> tuple[int, int]:
@@ -50,9 +57,15 @@ def mask_size(segmentation: dict) -> tuple[int, int]:
 
 
 def annotation_coverage(annotation: dict) -> float:
-    """Percent of the image covered: 100 * area / (H * W). A non-finite area raises ValueError
-    (it would otherwise never be chosen, without a word)."""
+    """Percent of the image covered: 100 * area / (H * W), or the annotation's own ``coverage``
+    (files converted from the original segmae layout keep its recorded value). A non-finite value
+    raises ValueError (it would otherwise never be chosen, without a word)."""
     h, w = mask_size(annotation["segmentation"])
+    if "coverage" in annotation:
+        coverage = float(annotation["coverage"])
+        if not math.isfinite(coverage) or coverage < 0:
+            raise ValueError(f"coverage {annotation['coverage']!r} is not a finite number >= 0")
+        return coverage
     area = float(annotation["area"])
     if not math.isfinite(area) or area < 0:
         raise ValueError(f"area {annotation['area']!r} is not a finite number >= 0")
@@ -263,158 +276,12 @@ def mask_path_for(mask_root: str, image_rel_path: str) -> str:
 
 
 def write_mask_file(path: str, annotations: list[dict], image_info: dict | None = None,
-                    bare_list: bool = False, generator: dict | None = None) -> None:
+                    bare_list: bool = False, generator: dict | None = None, extra: dict | None = None) -> None:
     """Writes a mask file atomically: SA-1B's {"image", "annotations"} form (plus "generator", the
     settings that made it, when given), or a bare list."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = {"image": image_info or {}, "annotations": annotations}
     if generator:
         data["generator"] = generator
+    data.update(extra or {})
     atomic_write_json(path, annotations if bare_list else data)
-
-
-# ------------------------------------------------------------------------------------------------
-# The compact mask cache: for one coverage ratio, only the chosen segment of every mask file, so
-# that training never parses a full SAM JSON file (tools/build_mask_cache.py writes it).
-#   <root>/masks_cache/coverage_<C>.bin        the chosen RLE count strings, concatenated (ASCII)
-#   <root>/masks_cache/coverage_<C>.npz        keys (relative image paths, sorted), offset, length,
-#                                              height, width (length -1: no annotation)
-
-def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
-    base = os.path.join(root, "masks_cache", f"coverage_{coverage_ratio:g}")
-    return base + ".bin", base + ".npz"
-
-
-def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float) -> str:
-    """Writes the cache for these images (their mask files must exist); returns the .bin path.
-    Every entry is checked as training checks it (valid RLE, the size policy against the image's
-    header) and records its mask file's size and mtime, so a cache older than its masks is refused."""
-    bin_path, index_path = mask_cache_paths(root, coverage_ratio)
-    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
-    keys = sorted(image_rel_paths)
-    check_unique_stems(keys, os.path.join(root, "train"))
-    offset = np.zeros(len(keys), np.int64)
-    length = np.full(len(keys), -1, np.int64)
-    height = np.zeros(len(keys), np.int32)
-    width = np.zeros(len(keys), np.int32)
-    mask_bytes = np.zeros(len(keys), np.int64)
-    mask_mtime_ns = np.zeros(len(keys), np.int64)
-    with atomic_write(bin_path) as out:
-        pos = 0
-        for i, rel in enumerate(keys):
-            path = mask_path_for(os.path.join(root, "masks"), rel)
-            stat = os.stat(path)
-            mask_bytes[i], mask_mtime_ns[i] = stat.st_size, stat.st_mtime_ns
-            ann = choose_segment(path, coverage_ratio)
-            if ann is None:
-                continue
-            seg = ann["segmentation"]
-            try:
-                if isinstance(seg["counts"], list):  # store uncompressed RLE compressed (decoding checks it)
-                    seg = encode_segmentation(decode_segmentation(seg))
-                else:
-                    check_rle(seg)
-            except (KeyError, TypeError, ValueError, OverflowError) as e:
-                raise MaskFileError(f"invalid RLE in {path}: {e}. Regenerate this mask file") from None
-            image_path = os.path.join(root, "train", rel)
-            try:
-                with Image.open(image_path) as im:
-                    mask_fit(tuple(seg["size"]), im.size, exif_orientation(im))
-            except ValueError as e:
-                raise MaskFileError(f"{path}: {e}") from None
-            except OSError as e:
-                raise MaskFileError(f"cannot read image {image_path}: {e}") from None
-            counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else bytes(seg["counts"])
-            out.write(counts)
-            offset[i], length[i] = pos, len(counts)
-            height[i], width[i] = seg["size"]
-            pos += len(counts)
-    with atomic_write(index_path) as f:  # written last: the cache counts as present only now
-        np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
-                 coverage_ratio=np.float64(coverage_ratio), mask_bytes=mask_bytes, mask_mtime_ns=mask_mtime_ns)
-    return bin_path
-
-
-class MaskCache:
-    """Reads chosen segments from the cache: one pread and one RLE decode per sample."""
-
-    def __init__(self, root: str, coverage_ratio: float):
-        self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
-        rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {root} --coverage_ratio "
-                   f"{coverage_ratio:g} (or delete {os.path.dirname(index_path)} to read the JSON files)")
-        try:
-            with np.load(index_path) as index:
-                keys = index["keys"].tolist()
-                self.offset, self.length = index["offset"], index["length"]
-                self.height, self.width = index["height"], index["width"]
-                built_from = (index["mask_bytes"], index["mask_mtime_ns"]) if "mask_bytes" in index else None
-                built_for = float(index["coverage_ratio"])
-        except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
-            raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
-                                f"{rebuild}") from None
-        n = len(keys)
-        used = self.length >= 0
-        if not (len(self.offset) == len(self.length) == len(self.height) == len(self.width) == n):
-            raise MaskFileError(f"mask cache index {index_path} is inconsistent (array lengths differ). {rebuild}")
-        expected = int(self.length[used].sum()) if used.any() else 0
-        actual = os.path.getsize(self.bin_path)
-        ends = self.offset[used] + self.length[used]
-        if (actual != expected or (used.any() and (self.offset[used].min() < 0 or ends.max() > actual))
-                or (self.height[used] <= 0).any() or (self.width[used] <= 0).any()):
-            raise MaskFileError(f"mask cache {self.bin_path} is {actual} bytes but its index describes "
-                                f"{expected} (truncated or from another build). {rebuild}")
-        if built_for != float(coverage_ratio):
-            raise MaskFileError(f"mask cache {index_path} was built for coverage {built_for:g}, not {coverage_ratio:g}. "
-                                f"{rebuild}")
-        if built_from is None:
-            raise MaskFileError(f"mask cache {index_path} records no mask file dates (an older version built it), "
-                                f"so it cannot be checked against the mask files. {rebuild}")
-        stale = self._stale_entries(root, keys, *built_from)
-        if stale:
-            raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
-                                f"deleted since it was built), e.g. {stale[0]}. {rebuild}")
-        self.row = {k: i for i, k in enumerate(keys)}
-        self.rebuild_hint = rebuild
-        self._fd = None  # opened lazily: one descriptor per data-loader worker
-
-    @staticmethod
-    def _stale_entries(root: str, keys: list[str], sizes: np.ndarray, mtimes: np.ndarray) -> list[str]:
-        """Mask files whose size or mtime differ from when the cache was built (one stat each)."""
-        stale = []
-        mask_root = os.path.join(root, "masks")
-        for rel, size, mtime in zip(keys, sizes.tolist(), mtimes.tolist()):
-            path = mask_path_for(mask_root, rel)
-            try:
-                st = os.stat(path)
-            except OSError:
-                stale.append(path)
-                continue
-            if st.st_size != size or st.st_mtime_ns != mtime:
-                stale.append(path)
-        return stale
-
-    @staticmethod
-    def exists(root: str, coverage_ratio: float) -> bool:
-        return all(os.path.exists(p) for p in mask_cache_paths(root, coverage_ratio))
-
-    def __contains__(self, rel: str) -> bool:
-        return rel in self.row
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fd"] = None
-        return state
-
-    def load(self, rel: str, image_size: tuple[int, int]) -> np.ndarray:
-        i = self.row[rel]
-        if self.length[i] < 0:
-            w, h = image_size
-            return np.zeros((h, w), dtype=np.uint8)
-        if self._fd is None:
-            self._fd = os.open(self.bin_path, os.O_RDONLY)
-        counts = os.pread(self._fd, int(self.length[i]), int(self.offset[i]))
-        segmentation = {"size": [int(self.height[i]), int(self.width[i])], "counts": counts}
-        try:
-            return decode_segmentation(segmentation)
-        except ValueError as e:
-            raise MaskFileError(f"mask cache {self.bin_path}, entry {rel}: {e}. {self.rebuild_hint}") from None

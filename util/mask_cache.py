@@ -1,0 +1,188 @@
+"""The compact mask cache: for one coverage ratio, only the chosen segment of every image, so that
+training never parses a SAM JSON file or decodes a PNG it does not use (tools/build_mask_cache.py
+writes it, from any mask layout of util/mask_sources.py).
+
+    <root>/masks_cache/coverage_<C>.bin        the chosen RLE count strings, concatenated (ASCII)
+    <root>/masks_cache/coverage_<C>.npz        keys (relative image paths, sorted), offset, length,
+                                               height, width (length -1: no segment), the mask
+                                               layout, and the size + mtime of each image's mask
+                                               index file (the JSON, table.txt or metadata.csv)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from util.checkpoint import atomic_write
+from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
+from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
+                            exif_orientation, mask_fit)
+
+
+def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
+    base = os.path.join(root, "masks_cache", f"coverage_{coverage_ratio:g}")
+    return base + ".bin", base + ".npz"
+
+
+def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path: str) -> tuple[bytes, int, int] | None:
+    """(RLE counts, H, W) of the image's chosen segment, checked as training checks it (valid
+    RLE, the size policy against the image's header); None when it has no segment."""
+    seg = source.chosen(rel, coverage_ratio)
+    if seg is None:
+        return None
+    where = source.location(rel)
+    try:
+        if seg.rle is not None and not isinstance(seg.rle["counts"], list):
+            check_rle(seg.rle)
+            rle = seg.rle
+        else:  # a PNG, or an uncompressed RLE: stored compressed (decoding checks it)
+            rle = encode_segmentation(seg.decode() if seg.rle is None else decode_segmentation(seg.rle))
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise MaskFileError(f"invalid RLE in {where}: {e}. Regenerate this mask file") from None
+    try:
+        with Image.open(image_path) as im:
+            mask_fit(tuple(rle["size"]), im.size, exif_orientation(im))
+    except ValueError as e:
+        raise MaskFileError(f"{where}: {e}") from None
+    except OSError as e:
+        raise MaskFileError(f"cannot read image {image_path}: {e}") from None
+    counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"])
+    return counts, int(rle["size"][0]), int(rle["size"][1])
+
+
+def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float,
+                     mask_format: str = "auto") -> str:
+    """Writes the cache for these images (their masks must exist; images listed in the original's
+    emptyfiles.txt are left out); returns the .bin path. Every entry is checked as training checks
+    it, and records its mask index file's size and mtime, so a cache older than its masks is
+    refused."""
+    bin_path, index_path = mask_cache_paths(root, coverage_ratio)
+    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
+    listed_empty = read_empty_list(root)
+    keys = sorted(r for r in image_rel_paths if os.path.basename(r) not in listed_empty)
+    check_unique_stems(keys, os.path.join(root, "train"))
+    source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, mask_format, shared_counters=False)
+    offset = np.zeros(len(keys), np.int64)
+    length = np.full(len(keys), -1, np.int64)
+    height = np.zeros(len(keys), np.int32)
+    width = np.zeros(len(keys), np.int32)
+    mask_bytes = np.zeros(len(keys), np.int64)
+    mask_mtime_ns = np.zeros(len(keys), np.int64)
+    with atomic_write(bin_path) as out:
+        pos = 0
+        for i, rel in enumerate(keys):
+            try:
+                stat = os.stat(source.index_file(rel))
+            except OSError:
+                raise MaskFileError(f"no masks for {os.path.join(root, 'train', rel)}: {source.index_file(rel)} is "
+                                    f"missing") from None
+            mask_bytes[i], mask_mtime_ns[i] = stat.st_size, stat.st_mtime_ns
+            entry = cache_entry(source, rel, coverage_ratio, os.path.join(root, "train", rel))
+            if entry is None:
+                continue
+            counts, height[i], width[i] = entry
+            out.write(counts)
+            offset[i], length[i] = pos, len(counts)
+            pos += len(counts)
+    if source.thresholded.value or source.unsorted.value:
+        print(f"{source.thresholded.value} mask PNG(s) were not strictly 0/255 and were thresholded at 128; "
+              f"{source.unsorted.value} table.txt file(s) were not sorted by coverage and were sorted first")
+    with atomic_write(index_path) as f:  # written last: the cache counts as present only now
+        np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
+                 coverage_ratio=np.float64(coverage_ratio), mask_bytes=mask_bytes, mask_mtime_ns=mask_mtime_ns,
+                 mask_format=np.array(source.format))
+    return bin_path
+
+
+class MaskCache:
+    """Reads chosen segments from the cache: one pread and one RLE decode per sample. ``source``
+    is the root's mask reader: the cache must come from the same layout and be newer than its
+    index files."""
+
+    def __init__(self, root: str, coverage_ratio: float, source: MaskSource | None = None):
+        self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
+        rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {root} --coverage_ratio "
+                   f"{coverage_ratio:g} (or delete {os.path.dirname(index_path)} to read masks/ itself)")
+        try:
+            with np.load(index_path) as index:
+                keys = index["keys"].tolist()
+                self.offset, self.length = index["offset"], index["length"]
+                self.height, self.width = index["height"], index["width"]
+                built_from = (index["mask_bytes"], index["mask_mtime_ns"]) if "mask_bytes" in index else None
+                built_for = float(index["coverage_ratio"])
+                built_format = str(index["mask_format"]) if "mask_format" in index else "json"
+        except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
+            raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
+                                f"{rebuild}") from None
+        if source is None:
+            source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, shared_counters=False)
+        n = len(keys)
+        used = self.length >= 0
+        if not (len(self.offset) == len(self.length) == len(self.height) == len(self.width) == n):
+            raise MaskFileError(f"mask cache index {index_path} is inconsistent (array lengths differ). {rebuild}")
+        expected = int(self.length[used].sum()) if used.any() else 0
+        actual = os.path.getsize(self.bin_path)
+        ends = self.offset[used] + self.length[used]
+        if (actual != expected or (used.any() and (self.offset[used].min() < 0 or ends.max() > actual))
+                or (self.height[used] <= 0).any() or (self.width[used] <= 0).any()):
+            raise MaskFileError(f"mask cache {self.bin_path} is {actual} bytes but its index describes "
+                                f"{expected} (truncated or from another build). {rebuild}")
+        if built_for != float(coverage_ratio):
+            raise MaskFileError(f"mask cache {index_path} was built for coverage {built_for:g}, not {coverage_ratio:g}. "
+                                f"{rebuild}")
+        if built_from is None:
+            raise MaskFileError(f"mask cache {index_path} records no mask file dates (an older version built it), "
+                                f"so it cannot be checked against the mask files. {rebuild}")
+        if built_format != source.format:
+            raise MaskFileError(f"mask cache {index_path} was built from {built_format} masks, but masks/ now holds the "
+                                f"{source.format} layout. {rebuild}")
+        stale = self._stale_entries(source, keys, *built_from)
+        if stale:
+            raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
+                                f"deleted since it was built), e.g. {stale[0]}. {rebuild}")
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.rebuild_hint = rebuild
+        self._fd = None  # opened lazily: one descriptor per data-loader worker
+
+    @staticmethod
+    def _stale_entries(source: MaskSource, keys: list[str], sizes: np.ndarray, mtimes: np.ndarray) -> list[str]:
+        """Mask index files whose size or mtime differ from when the cache was built (one stat each)."""
+        stale = []
+        for rel, size, mtime in zip(keys, sizes.tolist(), mtimes.tolist()):
+            path = source.index_file(rel)
+            try:
+                st = os.stat(path)
+            except OSError:
+                stale.append(path)
+                continue
+            if st.st_size != size or st.st_mtime_ns != mtime:
+                stale.append(path)
+        return stale
+
+    @staticmethod
+    def exists(root: str, coverage_ratio: float) -> bool:
+        return all(os.path.exists(p) for p in mask_cache_paths(root, coverage_ratio))
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self.row
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        return state
+
+    def load(self, rel: str, image_size: tuple[int, int]) -> np.ndarray:
+        i = self.row[rel]
+        if self.length[i] < 0:
+            w, h = image_size
+            return np.zeros((h, w), dtype=np.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.bin_path, os.O_RDONLY)
+        counts = os.pread(self._fd, int(self.length[i]), int(self.offset[i]))
+        segmentation = {"size": [int(self.height[i]), int(self.width[i])], "counts": counts}
+        try:
+            return decode_segmentation(segmentation)
+        except ValueError as e:
+            raise MaskFileError(f"mask cache {self.bin_path}, entry {rel}: {e}. {self.rebuild_hint}") from None
