@@ -21,7 +21,6 @@ continues from its own last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -35,11 +34,14 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import util.misc as misc  # noqa: E402
-from util.checkpoint import (atomic_write_json, file_digest, find_last_checkpoint, load_checkpoint,  # noqa: E402
-                             read_jsonl, write_jsonl)
+from util.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
+from util.files import atomic_write_json, file_digest  # noqa: E402
 from util.args import coverage_ratio_type, positive_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
+from util.bench_report import curve_labels, plot, read_results, results_table  # noqa: E402,F401
+from util.bench_runs import (append_result, eval_config, paths, pretrain_throughput, record_run, run_config,  # noqa: E402
+                             run_id, short_digest)
 from util.slurm import add_slurm_job_args, submit  # noqa: E402
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
@@ -171,78 +173,6 @@ def eval_points(args) -> list[int]:
     if not points or points[-1] != args.pretrain_epochs:
         points.append(args.pretrain_epochs)
     return points
-
-
-# ------------------------------------------------------------------------------------------------
-# Run identity: a pretraining run's folder is named after everything that defines it, so another
-# configuration never continues (or reports as) this one.
-
-def run_config(args) -> dict:
-    """What defines the pretraining run (the data folders are recorded, not part of the identity)."""
-    config = {"method": args.mask_method,
-            "coverage_ratio": args.coverage_ratio if uses_segments(args.mask_method) else None,
-            "model": args.model, "pretrain_epochs": args.pretrain_epochs, "seed": args.seed,
-            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
-            "pretrain_args": shlex.split(args.pretrain_args)}
-    if uses_segments(args.mask_method):  # the loss's default changed: it is part of the identity
-        config["seg_loss"] = stage_flag(args.pretrain_args, "seg_loss", "pixel")
-    return config
-
-
-def stage_flag(stage_args: str, name: str, default: str) -> str:
-    """The value of --name (either spelling, '--name v' or '--name=v') in a stage's flag string."""
-    value = default
-    argv = shlex.split(stage_args)
-    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
-    for i, arg in enumerate(argv):
-        flag, _, inline = arg.partition("=")
-        if flag in spellings:
-            value = inline or (argv[i + 1] if i + 1 < len(argv) else value)
-    return value
-
-
-def eval_config(args) -> dict:
-    """What defines one evaluation of a checkpoint."""
-    return {"seg_backbone": args.seg_backbone, "seg_decoder": args.seg_decoder, "seg_epochs": args.seg_epochs,
-            "crop_size": args.crop_size, "seed": args.seed, "seg_args": shlex.split(args.seg_args)}
-
-
-def short_digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
-
-
-def run_id(args) -> str:
-    """e.g. four_channels-cov40-vit_base_patch16-seed0-3fa2c1 (…-stacked-… from --stack)."""
-    config = run_config(args)
-    parts = [args.mask_method]
-    if config["coverage_ratio"] is not None:
-        parts.append(f"cov{args.coverage_ratio:g}")
-    parts.append(args.model.replace("mae_", "", 1))
-    if args.stack:
-        parts.append("stacked")
-    parts += [f"seed{args.seed}", short_digest(config)]
-    return "-".join(parts)
-
-
-def paths(args, epochs: int | None = None) -> dict:
-    rid = run_id(args)
-    d = {"pretrain": os.path.join(args.output_dir, "pretrain_output", rid),
-         "results": os.path.join(args.output_dir, "results.jsonl")}
-    if epochs is not None:
-        d["checkpoint"] = os.path.join(d["pretrain"], f"checkpoint-{epochs}.pth")
-        d["eval"] = os.path.join(args.output_dir, "eval_output", rid, f"{epochs}ep-seg{short_digest(eval_config(args))}")
-    return d
-
-
-def record_run(args) -> None:
-    """config.json in the run's folder: the full configuration, for a person and for compare."""
-    folder = paths(args)["pretrain"]
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        atomic_write_json(path, {"run_id": run_id(args), "config": run_config(args),
-                                 "in1k_dir": os.path.abspath(args.in1k_dir),
-                                 "ade20k_dir": os.path.abspath(args.ade20k_dir)}, indent=1)
 
 
 def check_old_layout(args) -> None:
@@ -413,16 +343,6 @@ def knn_until(epochs: int, args) -> dict | None:
     return json.load(open(out))
 
 
-def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) -> float | None:
-    """Mean img/s of the pretraining epochs [first_epoch, last_epoch) from its log.txt."""
-    log = os.path.join(pretrain_dir, "log.txt")
-    if not os.path.exists(log):
-        return None
-    speeds = [row["train_img_per_sec"] for row in read_jsonl(log)
-              if first_epoch <= row.get("epoch", -1) < last_epoch and "train_img_per_sec" in row]
-    return sum(speeds) / len(speeds) if speeds else None
-
-
 def evaluate(epochs: int, args, pretrain_time: float, knn: dict | None = None) -> dict:
     """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already."""
     import segmenter.train
@@ -485,132 +405,6 @@ def evaluate_baseline(kind: str, args) -> dict:
     append_result(results, row)
     atomic_write_json(done_file, row, indent=1)
     return row
-
-
-def append_result(results_path: str, row: dict) -> None:
-    """One row per (method, coverage, epochs): a re-run never duplicates a row. The file is
-    rewritten atomically, which also drops a line torn by a crash mid-write."""
-    rows = read_jsonl(results_path)
-    if any(result_key(old) == result_key(row) for old in rows):
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-    write_jsonl(results_path, rows + [row])
-
-
-def result_key(row: dict) -> tuple:
-    """One row per (run, evaluation settings, epochs); rows of the earlier layout have no run id."""
-    if "run_id" in row:
-        return row["run_id"], row.get("eval_id"), row["epochs"]
-    return row["method"], row["coverage_ratio"], row["epochs"]
-
-
-def read_results(output_dir: str) -> list[dict]:
-    rows = []
-    for root, _, files in os.walk(output_dir):
-        if "results.jsonl" in files:
-            rows += read_jsonl(os.path.join(root, "results.jsonl"))
-    seen, unique = set(), []
-    for r in rows:
-        if result_key(r) not in seen:
-            seen.add(result_key(r))
-            unique.append(r)
-    labels = curve_labels(unique)
-    return sorted(unique, key=lambda r: (labels[curve_key(r)], r["epochs"]))
-
-
-def curve_key(row: dict) -> tuple:
-    return (row.get("run_id") or f"{row['method']}|{row['coverage_ratio']}", row.get("eval_id"))
-
-
-def curve_labels(rows: list[dict]) -> dict:
-    """A legend label per curve: the method (and coverage), then whatever else tells apart curves
-    that would otherwise share a label (model, stacking, seed, schedule, settings digests)."""
-    def base(r):
-        if r.get("baseline"):
-            return f"{r['method']} (baseline)"
-        cov = r.get("coverage_ratio")
-        return r["method"] if r["method"] == "patches" or cov is None else f"{r['method']} {cov:g}%"
-
-    config = lambda r, k: (r.get("config") or {}).get(k)  # noqa: E731
-    extras = [lambda r: r.get("model", "").replace("mae_", ""),
-              lambda r: "stacked" if r.get("stack") else "",
-              lambda r: f"seed {config(r, 'seed')}" if config(r, "seed") is not None else "",
-              lambda r: f"{config(r, 'pretrain_epochs')} ep schedule" if config(r, "pretrain_epochs") else "",
-              lambda r: f"seg {r['eval_id']}" if r.get("eval_id") else "",
-              lambda r: (r.get("run_id") or "").rsplit("-", 1)[-1]]
-    first = {}
-    for r in rows:
-        first.setdefault(curve_key(r), r)
-    labels = {key: base(r) for key, r in first.items()}
-    for extra in extras:
-        groups: dict = {}
-        for key, label in labels.items():
-            groups.setdefault(label, []).append(key)
-        for label, keys in groups.items():
-            if len(keys) > 1 and len({extra(first[k]) for k in keys}) > 1:
-                for k in keys:
-                    labels[k] = ", ".join(x for x in (label, extra(first[k])) if x)
-    return labels
-
-
-def results_table(rows: list[dict]) -> str:
-    labels = curve_labels(rows)
-    width = max([len(v) for v in labels.values()] + [5])
-    head = (f"{'run':<{width}} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'kNN':>7} {'pretrain s':>11} {'eval s':>8} "
-            f"{'kNN s':>7} {'img/s':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        speed = r.get("pretrain_img_per_sec")
-        knn = f"{r['knn_top1']:.2f}" if r.get("knn_top1") is not None else "-"
-        knn_s = f"{r['knn_time_s']:.1f}" if r.get("knn_time_s") is not None else "-"
-        epochs = "-" if r.get("baseline") else str(r["epochs"])
-        lines.append(f"{labels[curve_key(r)]:<{width}} {epochs:>7} {r['mIoU']:>7.2f} "
-                     f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s', 0):>11.1f} "
-                     f"{r.get('eval_time_s', 0):>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: str) -> str:
-    """mIoU vs pretraining epochs, one curve per run (and a kNN top-1 panel when rows have it).
-    The y-axis spans the data with a margin of at least 2 points, so a 0.3-point difference
-    does not look like a cliff."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    labels = curve_labels(rows)
-    panels = [("mIoU", "ADE20k mIoU (%)", "Segmenter mIoU vs pretraining")]
-    if any(r.get("knn_top1") is not None for r in rows):
-        panels.append(("knn_top1", "kNN top-1 (%)", "kNN top-1 vs pretraining"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, (key, ylabel, title) in zip(axes[0], panels):
-        runs: dict = {}
-        references: dict = {}  # baselines: one horizontal line each
-        for r in rows:
-            if r.get(key) is not None and r[key] == r[key]:  # not NaN
-                target = references if r.get("baseline") else runs
-                target.setdefault(labels[curve_key(r)], []).append((r["epochs"], r[key]))
-        values = [v for points in (*runs.values(), *references.values()) for _, v in points]
-        for label, points in sorted(runs.items()):
-            points.sort()
-            ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=label)
-        for (label, points), style in zip(sorted(references.items()), ("--", ":", "-.", (0, (5, 5)))):
-            ax.axhline(points[-1][1], color="grey", linestyle=style, linewidth=1.2, label=label)
-        if values:
-            low, high = min(values), max(values)
-            margin = max(2.0, 0.15 * (high - low))
-            ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("pretraining epochs")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if runs or references:
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def run(args: argparse.Namespace) -> list[dict]:

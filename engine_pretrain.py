@@ -13,6 +13,7 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
+from util.masking import uses_segments
 from util.speed import mark_step_begin
 
 
@@ -35,6 +36,33 @@ def all_ranks_finite(loss: torch.Tensor, distributed: bool) -> bool:
     if distributed:
         torch.distributed.all_reduce(bad)
     return bad.item() == 0
+
+
+def skip_nonfinite_step(loss: torch.Tensor, args, epoch: int, step: int, skipped: list[int]) -> bool:
+    """--skip_nonfinite: True (and the step is recorded) when the loss is not finite on some rank;
+    more such steps in an epoch than allowed stop the run, the last checkpoint untouched."""
+    if all_ranks_finite(loss, args.distributed):
+        return False
+    skipped.append(step)
+    print(f"WARNING: non-finite loss at epoch {epoch}, step {step}: step skipped "
+          f"({len(skipped)}/{args.skip_nonfinite} this epoch)", force=True)
+    if len(skipped) > args.skip_nonfinite:
+        raise misc.NonFiniteLossError(
+            f"more than --skip_nonfinite {args.skip_nonfinite} non-finite losses in epoch {epoch} "
+            f"(steps {skipped}); stopping. The last checkpoint in {args.output_dir} is intact.")
+    return True
+
+
+def report_bad_samples(bad_samples: list[str], epoch: int, output_dir: str) -> int:
+    """--skip_bad_samples: the unreadable samples of every rank, printed and appended to
+    bad_samples.txt; returns how many."""
+    all_bad = gather_lists(bad_samples)
+    if all_bad:
+        print(f"{len(all_bad)} unreadable samples skipped in epoch {epoch}:\n  " + "\n  ".join(all_bad))
+        if output_dir and is_main_process():
+            with open(os.path.join(output_dir, "bad_samples.txt"), "a") as f:
+                f.writelines(f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad)
+    return len(all_bad)
 
 
 def gather_lists(items: list) -> list:
@@ -87,14 +115,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
                 loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
             if args.distributed and seg_mask is not None:
                 loss = normalise_by_global_weight(loss, weights)
-            if args.skip_nonfinite and not all_ranks_finite(loss, args.distributed):
-                skipped_steps.append(data_iter_step)
-                print(f"WARNING: non-finite loss at epoch {epoch}, step {data_iter_step}: step skipped "
-                      f"({len(skipped_steps)}/{args.skip_nonfinite} this epoch)", force=True)
-                if len(skipped_steps) > args.skip_nonfinite:
-                    raise misc.NonFiniteLossError(
-                        f"more than --skip_nonfinite {args.skip_nonfinite} non-finite losses in epoch {epoch} "
-                        f"(steps {skipped_steps}); stopping. The last checkpoint in {args.output_dir} is intact.")
+            if args.skip_nonfinite and skip_nonfinite_step(loss, args, epoch, data_iter_step, skipped_steps):
                 optimizer.zero_grad(set_to_none=True)
                 continue
             loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
@@ -114,17 +135,11 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["img_per_sec"] = images_seen * get_world_size() / max(epoch_time, 1e-9)
     stats["epoch_time"] = epoch_time
-    if args.mask_method != "patches":
+    if uses_segments(args.mask_method):
         # samples whose chosen segment hides nothing (they add no loss)
         stats["empty_segments"] = int(round(all_reduce_mean(float(empty_segments.item())) * get_world_size()))
     if args.skip_bad_samples:
-        all_bad = gather_lists(bad_samples)
-        stats["bad_samples"] = len(all_bad)
-        if all_bad:
-            print(f"{len(all_bad)} unreadable samples skipped in epoch {epoch}:\n  " + "\n  ".join(all_bad))
-            if args.output_dir and is_main_process():
-                with open(os.path.join(args.output_dir, "bad_samples.txt"), "a") as f:
-                    f.writelines(f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad)
+        stats["bad_samples"] = report_bad_samples(bad_samples, epoch, args.output_dir)
     if args.skip_nonfinite:
         stats["skipped_nonfinite_steps"] = len(skipped_steps)
     if not math.isfinite(stats.get("loss", 0.0)):

@@ -23,8 +23,9 @@ from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_
                        mask_ratio_type, non_negative_int, positive_int)
 from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
 from util.errors import UserError
-from util.datasets import DevicePrefetcher, build_pretrain_dataset, collate_pretrain
-from util.masking import uses_segments
+from util.datasets import build_pretrain_dataset, collate_pretrain
+from util.prefetch import DevicePrefetcher
+from util.masking import get_method, uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.speed import convert_to_fp8
 from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform
@@ -79,16 +80,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Errors that depend on several flags, before any data is read."""
     check_model_and_input_size(args, parser, models_mae.model_patch_size)
-    if args.mask_method == "patches" and args.mask_ratio == 0:
+    method = get_method(args.mask_method)
+    if method.drops_tokens and args.mask_ratio == 0:
         parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
     if args.start_epoch >= args.epochs:
         parser.error(f"--start_epoch {args.start_epoch} >= --epochs {args.epochs}: there is no epoch to train")
     given = set(getattr(args, "given_flags", []))
-    if args.mask_method != "patches" and "mask_ratio" in given:
+    if not method.drops_tokens and "mask_ratio" in given:
         print(f"WARNING: --mask_ratio is ignored by --mask_method {args.mask_method}: the SAM segment decides "
               f"what is hidden (see --coverage_ratio)", file=sys.stderr)
-    if args.mask_method == "patches" and "coverage_ratio" in given:
-        print("WARNING: --coverage_ratio is ignored by --mask_method patches (it chooses SAM segments)",
+    if not method.needs_segment and "coverage_ratio" in given:
+        print(f"WARNING: --coverage_ratio is ignored by --mask_method {args.mask_method} (it chooses SAM segments)",
               file=sys.stderr)
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "

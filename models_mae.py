@@ -1,7 +1,8 @@
 """Masked autoencoder ViT with the paper's random-patch masking and three SAM-segment methods.
 
 Parameter names are the facebookresearch/mae reference's, so its checkpoints load as they are.
-The mask methods' input construction and loss weights live in util/masking.py.
+What the encoder sees, which tokens it keeps and what the loss weighs are the mask method's
+(util/masking.py: one class per method); the model asks it.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from models_vit import ARCHITECTURES, check_registered
-from util.masking import (SEG_LOSSES, check_mask_method, encoder_in_chans, hidden_pixel_loss, patch_loss_weights,
-                          random_masking, visible_input, weighted_patch_loss)
+from util.masking import SEG_LOSSES, get_method, hidden_pixel_loss, weighted_patch_loss
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -66,14 +66,15 @@ class MaskedAutoencoderViT(nn.Module):
         self.seg_loss = seg_loss  # segment methods: loss on hidden pixels, or the per-patch form
         # recompute block activations in the backward pass: less memory, about a third more compute
         self.grad_checkpointing = grad_checkpointing
-        self.mask_method = check_mask_method(mask_method)
+        self.method = get_method(mask_method)
+        self.mask_method = self.method.name
         self.in_chans = in_chans
-        self.encoder_in_chans = encoder_in_chans(mask_method, in_chans)
+        self.encoder_in_chans = self.method.encoder_in_chans(in_chans)
         self.norm_pix_loss = norm_pix_loss
 
         # --------------------------------------------------------------------------
         # encoder
-        self.preencoder = PreEncoder(patch_size, in_chans + 1, in_chans) if mask_method == "preencoder" else None
+        self.preencoder = self.method.build_preencoder(patch_size, in_chans)
         self.patch_embed = PatchEmbed(img_size, patch_size, self.encoder_in_chans, embed_dim)
         self.grid_size = tuple(self.patch_embed.grid_size)
         num_patches = self.patch_embed.num_patches
@@ -97,9 +98,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
 
         self.initialize_weights()
-        if self.mask_method != "patches":
-            # Segment methods never drop tokens; the parameter stays (checkpoint keys) but is frozen
-            # so DDP and the optimizer do not see an unused parameter.
+        if not self.method.drops_tokens:
+            # Methods that keep every token never use it; the parameter stays (checkpoint keys) but
+            # is frozen so DDP and the optimizer do not see an unused parameter.
             self.mask_token.requires_grad_(False)
 
     def initialize_weights(self) -> None:
@@ -164,11 +165,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def encoder_input(self, imgs: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
         """The image-shaped tensor the patch embedding sees."""
-        if self.mask_method == "patches":
-            return imgs
-        if seg_mask is None:
-            raise ValueError(f"mask_method={self.mask_method!r} needs seg_mask (N, 1, H, W) with 1 = hidden")
-        x = visible_input(imgs, seg_mask, self.mask_method)
+        x = self.method.encoder_input(imgs, seg_mask)
         return self.preencoder(x) if self.preencoder is not None else x
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
@@ -178,11 +175,7 @@ class MaskedAutoencoderViT(nn.Module):
         the per-patch hidden fraction."""
         x = self.patch_embed(self.encoder_input(imgs, seg_mask))
         x = x + self.pos_embed[:, 1:, :]
-
-        if self.mask_method == "patches":
-            x, mask, ids_restore = random_masking(x, mask_ratio, noise)
-        else:
-            mask, ids_restore = patch_loss_weights(seg_mask, self.patch_size), None
+        x, mask, ids_restore = self.method.hide_tokens(x, mask_ratio, noise, seg_mask, self.patch_size)
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -221,19 +214,11 @@ class MaskedAutoencoderViT(nn.Module):
             return hidden_pixel_loss(sq_error, mask)
         return weighted_patch_loss(sq_error.mean(dim=-1), mask.float())  # mean loss per patch, weighted
 
-    def loss_mask(self, mask: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
-        """What forward_loss weighs the error with: the hidden pixels for segment methods with
-        seg_loss 'pixel', else the per-patch mask."""
-        if self.mask_method == "patches" or self.seg_loss != "pixel":
-            return mask
-        hidden = seg_mask if seg_mask.dim() == 4 else seg_mask.unsqueeze(1)
-        return self.patchify(hidden.float())
-
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 seg_mask: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seg_mask)
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
-        loss = self.forward_loss(imgs, pred, self.loss_mask(mask, seg_mask))
+        loss = self.forward_loss(imgs, pred, self.method.loss_weights(mask, seg_mask, self.seg_loss, self.patchify))
         return loss, pred, mask
 
 

@@ -26,9 +26,9 @@ class VisionTransformer(timm_vit.VisionTransformer):
         return self.patch_embed.patch_size[0]
 
     def add_visibility_channel(self, x: torch.Tensor) -> torch.Tensor:
-        """A 4-channel encoder downstream sees nothing hidden: its 4th channel is constantly 1."""
-        if self.in_chans == 4 and x.shape[1] == 3:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1, x.shape[2], x.shape[3])], dim=1)
+        """An encoder with mask channels downstream sees nothing hidden: they are constantly 1."""
+        if self.in_chans > 3 and x.shape[1] == 3:
+            x = torch.cat([x, x.new_ones(x.shape[0], self.in_chans - 3, x.shape[2], x.shape[3])], dim=1)
         return x
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

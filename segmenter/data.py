@@ -20,7 +20,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from util.datasets import DataError, load_rgb, sample_generator
+from util.datasets import sample_generator
+from util.images import DataError, load_rgb
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150

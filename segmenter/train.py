@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import util.misc as misc
-from util.checkpoint import (append_log, atomic_write_json, load_checkpoint, mismatch_hint, read_jsonl,
-                             reconcile_with_checkpoint, save_checkpoint)
+from util.checkpoint import (append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint,
+                             save_checkpoint)
+from util.files import atomic_write_json, read_jsonl
 from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
 from segmenter.inference import sliding_window_probs

@@ -255,7 +255,7 @@ def test_randaugment_strongest_posterize_does_not_crash():
     from timm.data import auto_augment
 
     from util.datasets import _patch_timm_posterize
-    _patch_timm_posterize()  # as importing util.datasets does
+    _patch_timm_posterize()  # as building the finetuning transform does
     img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     out = op(img)
@@ -343,7 +343,8 @@ def test_device_prefetcher_yields_the_loaders_batches_in_order_and_passes_errors
 
     from torch.utils.data import DataLoader
 
-    from util.datasets import DevicePrefetcher, collate_pretrain
+    from util.datasets import collate_pretrain
+    from util.prefetch import DevicePrefetcher
     from util.transforms import build_pretrain_transform
     ds = build_pretrain_dataset(jpeg_root, build_pretrain_transform(32, "gpu"), with_masks=True, seed=2)
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_pretrain, num_workers=1)

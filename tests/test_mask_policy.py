@@ -15,7 +15,8 @@ import main_pretrain
 from conftest import REPO
 from test_pretrain_cli import common
 from tools import check_dataset, generate_masks
-from util.datasets import PretrainDataset, SegmentMaskImageFolder, load_rgb
+from util.datasets import PretrainDataset, SegmentMaskImageFolder
+from util.images import load_rgb
 from util.mask_cache import MaskCache, build_mask_cache
 from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation,
                             load_annotations)

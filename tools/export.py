@@ -31,6 +31,7 @@ from util.checkpoint import load_checkpoint  # noqa: E402
 from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, is_segmae_combined,  # noqa: E402
                                    mae_state_dict, patch_grid, pretrain_mask_method, state_dict_of)
 from util.errors import UserError, run_tool  # noqa: E402
+from util.masking import get_method  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 
 TARGETS = ("timm", "hf", "hf-mae", "encoder")
@@ -176,7 +177,7 @@ def export_hf(sd: dict, shape: dict, size, out: str) -> list[str]:
 
 def export_hf_mae(full: dict, sd: dict, shape: dict, size, method: str, out: str) -> list[str]:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
-    if method != "patches":
+    if not get_method(method).drops_tokens:
         raise UserError(f"hf-mae exports the whole MAE, which transformers implements for random patches only; this "
                         f"checkpoint is {method}: export the encoder with --to hf")
     if "decoder_embed.weight" not in full:

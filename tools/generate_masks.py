@@ -32,7 +32,7 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.datasets import load_rgb  # noqa: E402
+from util.images import load_rgb  # noqa: E402
 from util.sam_masks import (annotation_coverage, duplicate_stems, encode_segmentation,  # noqa: E402
                             load_annotations, mask_path_for, write_mask_file)
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
-from util.masking import MASK_METHODS  # noqa: E402
+from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.misc import LossScaler, autocast, resolve_amp  # noqa: E402
 from util.optim import ADAMW_IMPLS, adamw, param_groups_weight_decay  # noqa: E402
 from util.speed import (COMPILE_MODES, compile_model, convert_to_fp8, find_max_batch,  # noqa: E402
@@ -50,7 +50,7 @@ ABLATION = [
 def synthetic_batch(batch_size: int, size: tuple[int, int], device, method: str):
     imgs = torch.randn(batch_size, 3, *size, device=device)
     seg = None
-    if method != "patches":  # a hidden block covering about half of each image
+    if uses_segments(method):  # a hidden block covering about half of each image
         seg = torch.zeros(batch_size, 1, *size, device=device)
         seg[:, :, : size[0] // 2] = 1
     return imgs, seg

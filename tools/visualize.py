@@ -19,7 +19,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.checkpoint_adapt import mae_state_dict, pretrain_mask_method  # noqa: E402
-from util.datasets import build_eval_transform, load_rgb  # noqa: E402
+from util.datasets import build_eval_transform  # noqa: E402
+from util.images import load_rgb  # noqa: E402
 from util.errors import run_tool  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv=None) -> list[str]:
     written = []
     images = images[:args.num] if args.data_path else images
     source = None
-    if model.mask_method != "patches":
+    if model.method.needs_segment:
         if not args.data_path:
             raise SystemExit(f"{model.mask_method} needs SAM masks: give --data_path (with masks/)")
         train = os.path.join(args.data_path, "train")

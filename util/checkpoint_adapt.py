@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from util.errors import UserError
-from util.masking import MASK_METHODS
+from util.masking import MASK_METHODS, get_method
 from util.checkpoint import load_checkpoint
 
 # recorded in the args of this repo's checkpoints: a mask channel holds v = 1 - m (the original's: m)
@@ -133,7 +133,8 @@ def refuse_original_to_continue(checkpoint: dict, path: str, flag: str) -> None:
     if is_segmae_combined(state_dict_of(checkpoint)):
         raise AdaptationError(f"{flag} {path}: a preencoder checkpoint of the original segmae code; "
                               + PREENCODER_NOT_CONTINUABLE)
-    if checkpoint_origin(checkpoint) == "segmae" and pretrain_mask_method(checkpoint) == "four_channels":
+    method = pretrain_mask_method(checkpoint)
+    if checkpoint_origin(checkpoint) == "segmae" and method in MASK_METHODS and get_method(method).mask_channels:
         raise AdaptationError(f"{flag} {path}: a four_channels checkpoint of the original segmae code, whose 4th "
                               f"channel is the hidden mask m where this repo's is v = 1 - m; its optimizer state "
                               f"belongs to that parametrisation. Continue from its weights with --stack {path} "
@@ -142,13 +143,12 @@ def refuse_original_to_continue(checkpoint: dict, path: str, flag: str) -> None:
 
 def downstream_in_chans(mask_method: str, fold_mask_channel: bool) -> int:
     """Input channels of the downstream encoder for a pretraining method."""
-    return 4 if mask_method == "four_channels" and not fold_mask_channel else 3
+    return get_method(mask_method).downstream_in_chans(fold_mask_channel)
 
 
 def fold_visibility_channel(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(D, 4, p, p) conv + bias -> (D, 3, p, p) conv + bias, exact for a constant-1 4th input."""
-    folded_bias = bias + weight[:, 3].sum(dim=(1, 2))
-    return weight[:, :3].contiguous(), folded_bias
+    return get_method("four_channels").adapt_patch_embed(weight, bias, fold_mask_channel=True)
 
 
 def state_dict_of(checkpoint: dict) -> dict:
@@ -200,9 +200,9 @@ def encoder_state_dict(checkpoint: dict, mask_method: str, fold_mask_channel: bo
     sd = {k: v for k, v in mae_state_dict(checkpoint, path, mask_channel).items()
           if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
     w = sd.get("patch_embed.proj.weight")
-    if w is not None and w.shape[1] == 4 and fold_mask_channel:
-        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = fold_visibility_channel(
-            w, sd["patch_embed.proj.bias"])
+    if w is not None and mask_method in MASK_METHODS:
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = get_method(mask_method).adapt_patch_embed(
+            w, sd["patch_embed.proj.bias"], fold_mask_channel)
     return sd
 
 
@@ -268,9 +268,8 @@ def stack_official_into_mae(mae: nn.Module, path: str, mask_channel: str = "auto
     sd = {k: v for k, v in sd.items() if not k.startswith("preencoder.")}
     own = mae.state_dict()
     w = sd.get("patch_embed.proj.weight")
-    target = own["patch_embed.proj.weight"]
-    if w is not None and w.shape[1] == 3 and target.shape[1] == 4:
-        sd["patch_embed.proj.weight"] = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    if w is not None:
+        sd["patch_embed.proj.weight"] = mae.method.stack_patch_embed(w, own["patch_embed.proj.weight"].shape[1])
     encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token"))}
     check_encoder_fits(encoder_only, mae, path)
     for key in ("pos_embed", "decoder_pos_embed"):

@@ -13,11 +13,8 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-import queue
 import random
-import signal
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,93 +27,11 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
+from util.images import DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.mask_cache import MaskCache
 from util.sam_masks import check_unique_stems, exif_orientation, fit_mask
 from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage, as_hw
-
-
-class DataError(UserError):
-    """A dataset problem the user must fix (wrong path, missing files); the message says how."""
-
-
-def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
-    """Opens an image as RGB (from ``data`` when the file was already read); a corrupt or
-    truncated file raises an error naming it."""
-    try:
-        with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
-            img = Image.open(f)
-            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                return _high_bit_depth_to_rgb(img)
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
-
-
-def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
-    """16-bit greyscale (Pillow modes I;16*, I) scaled to 8 bit: convert('RGB') clips every value
-    above 255 and turns such images white."""
-    values = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
-    grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
-
-
-class EncodedImage:
-    """An image file's bytes and size, read without decoding the pixels (``--data_backend gpu``
-    decodes them on the training device); unreadable headers raise an error naming the file."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                self.data = f.read()
-            with Image.open(io.BytesIO(self.data)) as img:
-                self.width, self.height = img.size
-                self.is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.width, self.height
-
-    def decode(self) -> Image.Image:
-        """The RGB pixels (for formats the GPU decoder does not read)."""
-        return load_rgb(self.path, self.data)
-
-
-DEFAULT_DATA_TIMEOUT_S = 120
-
-
-_reading: list[tuple[str, float]] = []  # the file being read under a deadline, in this process
-
-
-def _deadline_expired(signum, frame):
-    path, seconds = _reading[-1]
-    raise DataError(f"reading {path} took more than {seconds:g}s (--data_timeout): a FIFO, a hung network "
-                    f"file system or a failing disk? Fix or remove the file")
-
-
-@contextmanager
-def read_deadline(path: str, seconds: float):
-    """Raises a DataError naming ``path`` if the block (reading it) takes longer than ``seconds``: a
-    FIFO, a hung network file system or a dead disk then stops the run with the file named,
-    before the other ranks' collectives time out. SIGALRM, so only in a process's main thread
-    (data-loader workers and the main loop); elsewhere, or with seconds <= 0, no deadline. The
-    handler is installed once per process; each read only arms and disarms the timer."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getsignal(signal.SIGALRM) is not _deadline_expired:
-        signal.signal(signal.SIGALRM, _deadline_expired)
-    _reading.append((path, seconds))
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        _reading.pop()
 
 
 class SegmentMaskImageFolder(Dataset):
@@ -266,82 +181,6 @@ def collate_pretrain(batch: list):
     return columns[0], (columns[1] if len(columns) == 3 else None), bad
 
 
-class DevicePrefetcher:
-    """Iterates a pretraining loader with each batch already on the device: a background thread
-    moves batch k+1 (for ``--data_backend gpu`` that is decode, crop and resize) on its own CUDA
-    stream while the training step runs on batch k. Same batches, same order as the loader.
-
-    Yields what collate_pretrain gives, with the images and masks on ``device``."""
-
-    def __init__(self, loader, device: torch.device, depth: int = 2):
-        self.loader, self.device, self.depth = loader, torch.device(device), depth
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def _move(self, batch, stream):
-        imgs, masks, bad = batch
-        if imgs is None:
-            return batch, None
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            imgs = imgs.to(self.device, non_blocking=True)
-            masks = masks.to(self.device, non_blocking=True) if masks is not None else None
-        event = None
-        if stream is not None:
-            event = torch.cuda.Event()
-            event.record(stream)
-        return (imgs, masks, bad), event
-
-    def __iter__(self):
-        done = object()
-        ready: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-        cuda = self.device.type == "cuda"
-        device_index = self.device.index if self.device.index is not None else (torch.cuda.current_device() if cuda else None)
-
-        def put(item) -> bool:
-            """Waits for room in the queue unless the consumer has stopped."""
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce():
-            try:
-                if cuda:
-                    torch.cuda.set_device(device_index)
-                stream = torch.cuda.Stream(device_index) if cuda else None
-                for batch in self.loader:
-                    if not put(self._move(batch, stream)):
-                        return
-                put(done)
-            except BaseException as e:  # re-raised in the training loop
-                put(e)
-
-        thread = threading.Thread(target=produce, name="device-prefetcher", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                batch, event = item
-                if event is not None:  # the step's stream waits for the copy; the allocator knows
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    for t in batch[:2]:
-                        if t is not None:
-                            t.record_stream(current)
-                yield batch
-        finally:
-            stop.set()
-
-
 class PretrainDataset(Dataset):
     """Augmented samples from one or several roots: (image, mask, class) with masks, else
     (image, class).
@@ -440,14 +279,12 @@ def _patch_timm_posterize() -> None:
                 auto_augment.NAME_TO_OP[name] = _posterize
 
 
-_patch_timm_posterize()
-
-
 def build_finetune_transform(is_train: bool, args):
     """timm's training pipeline (RandAugment, random erasing, ...) as the MAE reference, or the
     evaluation resize + centre crop."""
     if not is_train:
         return build_eval_transform(args.input_size)
+    _patch_timm_posterize()  # when RandAugment is built, not at import
     h, w = as_hw(args.input_size)
     return create_transform(input_size=(3, h, w), is_training=True, color_jitter=args.color_jitter,
                             auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,

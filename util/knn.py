@@ -26,7 +26,8 @@ from torchvision.datasets import ImageFolder
 
 import util.misc as misc
 from util.args import add_mask_channel_arg
-from util.checkpoint import atomic_write_json, load_checkpoint
+from util.checkpoint import load_checkpoint
+from util.files import atomic_write_json
 from util.distributed import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from util.checkpoint import atomic_write
+from util.files import atomic_write
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
                             exif_orientation, mask_fit)

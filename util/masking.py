@@ -1,4 +1,4 @@
-"""The four mask methods, in one place.
+"""The mask methods: one class each, behind one small interface, and a registry by name.
 
 ``patches`` is the paper's random token dropping. The three segment methods hide one SAM segment
 ``m`` (1 = hidden) of the image ``x``; with ``v = 1 - m``:
@@ -11,33 +11,21 @@ For the segment methods the loss is on the hidden pixels only (``--seg_loss pixe
 ``sum(m * e) / sum(m)`` over every hidden pixel and channel, ``e`` the squared error against the
 target. ``--seg_loss patch`` keeps the older per-patch form: each patch's mean error weighted by
 the fraction of its pixels that are hidden.
+
+A new method is one subclass of ``MaskMethod`` passed to ``register``: the model, the training
+loop, the command lines, checkpoint adaptation and the pictures ask it what to do.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-MASK_METHODS = ("patches", "segments", "four_channels", "preencoder")
-SEGMENT_METHODS = ("segments", "four_channels", "preencoder")
 SEG_LOSSES = ("pixel", "patch")
 # the 4th input channel of four_channels: this repo feeds v = 1 - m, the original segmae code m
 MASK_CHANNELS = ("auto", "visible", "hidden")
-
-
-def check_mask_method(mask_method: str) -> str:
-    if mask_method not in MASK_METHODS:
-        raise ValueError(f"unknown mask_method {mask_method!r}; choose one of {', '.join(MASK_METHODS)}")
-    return mask_method
-
-
-def uses_segments(mask_method: str) -> bool:
-    """True when the method needs a SAM segment per image (and so a masks/ folder)."""
-    return check_mask_method(mask_method) in SEGMENT_METHODS
-
-
-def encoder_in_chans(mask_method: str, img_chans: int = 3) -> int:
-    """Channels of the encoder's patch embedding for a method (the mask channel adds one)."""
-    return img_chans + 1 if check_mask_method(mask_method) == "four_channels" else img_chans
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -60,28 +48,14 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     return x_kept, mask, ids_restore
 
 
-def visible_input(imgs: torch.Tensor, seg_mask: torch.Tensor, mask_method: str) -> torch.Tensor:
-    """What a segment method feeds the encoder (or the pre-encoder).
-
-    imgs: (N, C, H, W) normalised images; seg_mask: (N, 1, H, W) or (N, H, W), 1 = hidden.
-    Returns ``x * v`` for ``segments`` and ``concat(x * v, v)`` for ``four_channels``/``preencoder``.
-    """
-    if seg_mask.dim() == 3:
-        seg_mask = seg_mask.unsqueeze(1)
-    visible = 1.0 - seg_mask.to(imgs.dtype)
-    x = imgs * visible
-    if mask_method == "segments":
-        return x
-    if mask_method in ("four_channels", "preencoder"):
-        return torch.cat([x, visible], dim=1)
-    raise ValueError(f"visible_input is for segment methods, not {mask_method!r}")
+def as_nchw(seg_mask: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) -> (N, 1, H, W)."""
+    return seg_mask.unsqueeze(1) if seg_mask.dim() == 3 else seg_mask
 
 
 def patch_loss_weights(seg_mask: torch.Tensor, patch_size: int | tuple[int, int]) -> torch.Tensor:
     """Hidden fraction of every patch: (N, [1,] H, W) -> (N, L) in row-major patch order."""
-    if seg_mask.dim() == 3:
-        seg_mask = seg_mask.unsqueeze(1)
-    return F.avg_pool2d(seg_mask.float(), kernel_size=patch_size, stride=patch_size).flatten(1)
+    return F.avg_pool2d(as_nchw(seg_mask).float(), kernel_size=patch_size, stride=patch_size).flatten(1)
 
 
 def weighted_patch_loss(per_patch_loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -101,3 +75,163 @@ def hidden_pixel_loss(sq_error: torch.Tensor, hidden: torch.Tensor) -> torch.Ten
     per_pixel = sq_error.reshape(n, length, hidden.shape[-1], chans).sum(dim=-1)  # summed over channels
     hidden = hidden.to(per_pixel.dtype)
     return (per_pixel * hidden).sum() / (hidden.sum() * chans).clamp_min(1e-12)
+
+
+class MaskMethod:
+    """What one mask method does, everywhere it matters. The defaults are a segment method that
+    feeds the encoder every token of ``x * v`` and has its loss on the hidden pixels."""
+
+    name = ""
+    needs_segment = True  # reads a SAM segment per image (a masks/ folder); uses --coverage_ratio
+    drops_tokens = False  # the encoder sees only the kept tokens (and the decoder gets mask tokens)
+    mask_channels = 0  # channels added to the image for the encoder (the visibility v)
+    hidden_label = "SAM segment"  # what the pictures call the hidden part
+
+    # ---- pretraining ----------------------------------------------------------------------------
+    def encoder_in_chans(self, img_chans: int = 3) -> int:
+        return img_chans + self.mask_channels
+
+    def build_preencoder(self, patch_size: int, img_chans: int) -> nn.Module | None:
+        """A module between the encoder input and the patch embedding (dropped downstream)."""
+        return None
+
+    def encoder_input(self, imgs: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
+        """The image-shaped tensor the (pre-encoder or) patch embedding sees."""
+        if seg_mask is None:
+            raise ValueError(f"mask_method={self.name!r} needs seg_mask (N, 1, H, W) with 1 = hidden")
+        visible = 1.0 - as_nchw(seg_mask).to(imgs.dtype)
+        x = imgs * visible
+        return torch.cat([x, visible], dim=1) if self.mask_channels else x
+
+    def hide_tokens(self, tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None,
+                    seg_mask: torch.Tensor | None, patch_size: int):
+        """(tokens the encoder sees, per-patch hidden fraction (N, L), ids_restore or None)."""
+        return tokens, patch_loss_weights(seg_mask, patch_size), None
+
+    def loss_weights(self, mask: torch.Tensor, seg_mask: torch.Tensor | None, seg_loss: str,
+                     patchify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """What the loss weighs each squared error with: the patchified hidden pixels (N, L, p*p)
+        for the loss on hidden pixels only (seg_loss 'pixel'), or the per-patch mask (N, L)."""
+        if seg_loss == "pixel":
+            return patchify(as_nchw(seg_mask).float())
+        return mask
+
+    # ---- downstream -----------------------------------------------------------------------------
+    def downstream_in_chans(self, fold_mask_channel: bool, img_chans: int = 3) -> int:
+        """Input channels of a downstream encoder: the mask channels, fed constant 1 (nothing
+        hidden), are kept or folded into the patch embedding's bias."""
+        return img_chans if fold_mask_channel else self.encoder_in_chans(img_chans)
+
+    def adapt_patch_embed(self, weight: torch.Tensor, bias: torch.Tensor, fold_mask_channel: bool):
+        """The pretrained patch embedding for a downstream model: with the mask channels constant
+        1, their kernel only adds its sum to the bias (exact)."""
+        if not fold_mask_channel or weight.shape[1] <= 3:
+            return weight, bias
+        return weight[:, :3].contiguous(), bias + weight[:, 3:].sum(dim=(1, 2, 3))
+
+    def stack_patch_embed(self, official: torch.Tensor, target_chans: int) -> torch.Tensor:
+        """An official 3-channel kernel for this method's patch embedding: the mask channels start
+        at zero weight, so with nothing hidden the first forward equals the official model's."""
+        extra = target_chans - official.shape[1]
+        return torch.cat([official, official.new_zeros(official.shape[0], extra, *official.shape[2:])], dim=1) \
+            if extra > 0 else official
+
+    # ---- pictures -------------------------------------------------------------------------------
+    def shown_input(self, imgs: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's image input for a picture (3 channels; the mask channels are drawn apart)."""
+        return self.encoder_input(imgs, seg_mask)[:, :imgs.shape[1]]
+
+
+class Patches(MaskMethod):
+    """The paper's MAE: a random --mask_ratio of the patch tokens is dropped."""
+
+    name = "patches"
+    needs_segment = False
+    drops_tokens = True
+    hidden_label = "dropped patches"
+
+    def encoder_input(self, imgs, seg_mask):
+        return imgs
+
+    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size):
+        return random_masking(tokens, mask_ratio, noise)
+
+    def loss_weights(self, mask, seg_mask, seg_loss, patchify):
+        return mask  # the dropped patches, as the reference
+
+
+class Segments(MaskMethod):
+    """The encoder sees x * v: the segment blacked out, every token kept."""
+
+    name = "segments"
+
+
+class FourChannels(MaskMethod):
+    """The encoder sees concat(x * v, v): it knows what is missing rather than seeing black."""
+
+    name = "four_channels"
+    mask_channels = 1
+
+
+class PreEncoderMethod(MaskMethod):
+    """concat(x * v, v) through a learned per-patch pre-encoder back to 3 channels."""
+
+    name = "preencoder"
+    mask_channels = 1
+
+    def encoder_in_chans(self, img_chans: int = 3) -> int:
+        return img_chans  # the pre-encoder maps image + visibility back to the image's channels
+
+    def downstream_in_chans(self, fold_mask_channel: bool, img_chans: int = 3) -> int:
+        return img_chans
+
+    def build_preencoder(self, patch_size, img_chans):
+        from models_mae import PreEncoder  # the module lives with the model
+        return PreEncoder(patch_size, img_chans + 1, img_chans)
+
+
+REGISTRY: dict[str, MaskMethod] = {}
+MASK_METHODS: list[str] = []  # the names, in registration order (argparse choices: kept up to date)
+
+
+def register(method_class: type[MaskMethod]) -> type[MaskMethod]:
+    """Adds a method under its name (usable as a class decorator)."""
+    if not method_class.name:
+        raise ValueError(f"{method_class.__name__} has no name")
+    REGISTRY[method_class.name] = method_class()
+    if method_class.name not in MASK_METHODS:
+        MASK_METHODS.append(method_class.name)
+    return method_class
+
+
+for _cls in (Patches, Segments, FourChannels, PreEncoderMethod):
+    register(_cls)
+
+
+def get_method(name: str) -> MaskMethod:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown mask_method {name!r}; choose one of {', '.join(MASK_METHODS)}")
+    return REGISTRY[name]
+
+
+def check_mask_method(mask_method: str) -> str:
+    return get_method(mask_method).name
+
+
+def uses_segments(mask_method: str) -> bool:
+    """True when the method needs a SAM segment per image (and so a masks/ folder)."""
+    return get_method(mask_method).needs_segment
+
+
+def encoder_in_chans(mask_method: str, img_chans: int = 3) -> int:
+    """Channels of the encoder's patch embedding for a method (a mask channel adds one)."""
+    return get_method(mask_method).encoder_in_chans(img_chans)
+
+
+def visible_input(imgs: torch.Tensor, seg_mask: torch.Tensor, mask_method: str) -> torch.Tensor:
+    """What a segment method feeds the encoder (or the pre-encoder): ``x * v``, or
+    ``concat(x * v, v)`` for methods with a mask channel."""
+    method = get_method(mask_method)
+    if not method.needs_segment:
+        raise ValueError(f"visible_input is for segment methods, not {mask_method!r}")
+    return method.encoder_input(imgs, seg_mask)

@@ -10,7 +10,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.checkpoint import lock_output_dir, release_output_dir_locks
+from util.files import lock_output_dir, release_output_dir_locks
 from util.distributed import get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, \
     is_main_process
 from util.errors import UserError

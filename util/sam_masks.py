@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from util.errors import UserError
-from util.checkpoint import atomic_write_json
+from util.files import atomic_write_json
 
 MASK_SUFFIX = ".json"
 

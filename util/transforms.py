@@ -188,7 +188,7 @@ class DeferredPretrainTransform(PretrainTransform):
     PretrainTransform (same generator, same order), crops the mask on the CPU (cheap), and leaves
     the image encoded for PendingBatch.to to decode and crop on the training device.
 
-    Takes a util.datasets.EncodedImage instead of a PIL image."""
+    Takes a util.images.EncodedImage instead of a PIL image."""
 
     def __call__(self, img, mask: np.ndarray | None = None, generator: torch.Generator | None = None):
         box, flip = self.draw(img.height, img.width, generator)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from util.masking import visible_input
+from util.masking import as_nchw, get_method
 
 PANEL_TITLES = ("original", "encoder input", "hidden: {what}", "reconstruction", "pasted into hidden part")
 
@@ -31,22 +31,19 @@ def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | No
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** .5 + mean
     recon = model.unpatchify(pred.float())
-    if model.mask_method == "patches":
+    if seg_mask is None:  # dropped patches: the per-patch mask, on the image grid
         p = model.patch_size
         hidden = model.unpatchify(weights.unsqueeze(-1).repeat(1, 1, p * p * 3))[:, :1]
-        seen = denormalize(imgs) * (1 - hidden) + 0.5 * hidden  # dropped patches greyed
-        panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]
     else:
-        hidden = seg_mask.float()
-        x = visible_input(imgs, seg_mask, model.mask_method)
-        seen = denormalize(x[:, :3]) * (1 - hidden) + 0.5 * hidden
-        panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]  # the visibility (4th) channel
+        hidden = as_nchw(seg_mask).float()
+    seen = denormalize(model.method.shown_input(imgs, seg_mask)) * (1 - hidden) + 0.5 * hidden  # hidden part grey
+    panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]  # the visibility
     panels += [denormalize(recon), denormalize(imgs * (1 - hidden) + recon * hidden)]
     return torch.stack(panels, dim=1)
 
 
 def panel_titles(mask_method: str) -> list[str]:
-    what = "dropped patches" if mask_method == "patches" else "SAM segment"
+    what = get_method(mask_method).hidden_label
     return [t.format(what=what) for t in PANEL_TITLES]
 
 

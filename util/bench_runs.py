@@ -1,0 +1,110 @@
+"""A benchmark run's identity, configuration and results rows.
+
+A pretraining run's folder is named after everything that defines it, so another configuration
+never continues (or reports as) this one: RUN = <method>[-cov<C>]-<model>[-stacked]-seed<S>-<digest>.
+results.jsonl holds one row per (run, Segmenter settings, epochs), never duplicated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+
+from util.files import atomic_write_json, read_jsonl, write_jsonl
+from util.masking import uses_segments
+
+
+def run_config(args) -> dict:
+    """What defines the pretraining run (the data folders are recorded, not part of the identity)."""
+    config = {"method": args.mask_method,
+            "coverage_ratio": args.coverage_ratio if uses_segments(args.mask_method) else None,
+            "model": args.model, "pretrain_epochs": args.pretrain_epochs, "seed": args.seed,
+            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
+            "pretrain_args": shlex.split(args.pretrain_args)}
+    if uses_segments(args.mask_method):  # the loss's default changed: it is part of the identity
+        config["seg_loss"] = stage_flag(args.pretrain_args, "seg_loss", "pixel")
+    return config
+
+
+def stage_flag(stage_args: str, name: str, default: str) -> str:
+    """The value of --name (either spelling, '--name v' or '--name=v') in a stage's flag string."""
+    value = default
+    argv = shlex.split(stage_args)
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag in spellings:
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else value)
+    return value
+
+
+def eval_config(args) -> dict:
+    """What defines one evaluation of a checkpoint."""
+    return {"seg_backbone": args.seg_backbone, "seg_decoder": args.seg_decoder, "seg_epochs": args.seg_epochs,
+            "crop_size": args.crop_size, "seed": args.seed, "seg_args": shlex.split(args.seg_args)}
+
+
+def short_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def run_id(args) -> str:
+    """e.g. four_channels-cov40-vit_base_patch16-seed0-3fa2c1 (…-stacked-… from --stack)."""
+    config = run_config(args)
+    parts = [args.mask_method]
+    if config["coverage_ratio"] is not None:
+        parts.append(f"cov{args.coverage_ratio:g}")
+    parts.append(args.model.replace("mae_", "", 1))
+    if args.stack:
+        parts.append("stacked")
+    parts += [f"seed{args.seed}", short_digest(config)]
+    return "-".join(parts)
+
+
+def paths(args, epochs: int | None = None) -> dict:
+    rid = run_id(args)
+    d = {"pretrain": os.path.join(args.output_dir, "pretrain_output", rid),
+         "results": os.path.join(args.output_dir, "results.jsonl")}
+    if epochs is not None:
+        d["checkpoint"] = os.path.join(d["pretrain"], f"checkpoint-{epochs}.pth")
+        d["eval"] = os.path.join(args.output_dir, "eval_output", rid, f"{epochs}ep-seg{short_digest(eval_config(args))}")
+    return d
+
+
+def record_run(args) -> None:
+    """config.json in the run's folder: the full configuration, for a person and for compare."""
+    folder = paths(args)["pretrain"]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        atomic_write_json(path, {"run_id": run_id(args), "config": run_config(args),
+                                 "in1k_dir": os.path.abspath(args.in1k_dir),
+                                 "ade20k_dir": os.path.abspath(args.ade20k_dir)}, indent=1)
+
+
+def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) -> float | None:
+    """Mean img/s of the pretraining epochs [first_epoch, last_epoch) from its log.txt."""
+    log = os.path.join(pretrain_dir, "log.txt")
+    if not os.path.exists(log):
+        return None
+    speeds = [row["train_img_per_sec"] for row in read_jsonl(log)
+              if first_epoch <= row.get("epoch", -1) < last_epoch and "train_img_per_sec" in row]
+    return sum(speeds) / len(speeds) if speeds else None
+
+
+def append_result(results_path: str, row: dict) -> None:
+    """One row per (method, coverage, epochs): a re-run never duplicates a row. The file is
+    rewritten atomically, which also drops a line torn by a crash mid-write."""
+    rows = read_jsonl(results_path)
+    if any(result_key(old) == result_key(row) for old in rows):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+    write_jsonl(results_path, rows + [row])
+
+
+def result_key(row: dict) -> tuple:
+    """One row per (run, evaluation settings, epochs); rows of the earlier layout have no run id."""
+    if "run_id" in row:
+        return row["run_id"], row.get("eval_id"), row["epochs"]
+    return row["method"], row["coverage_ratio"], row["epochs"]

@@ -1,0 +1,97 @@
+"""Reading image files: decoded to RGB as the MAE reference reads them (Pillow, EXIF orientation
+not applied, 16-bit greyscale scaled rather than clipped), or kept encoded for the GPU decoder; and
+a read deadline, so that a hung file system stops a run with the file named."""
+from __future__ import annotations
+
+import io
+import signal
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+from PIL import Image
+
+from util.errors import UserError
+
+
+class DataError(UserError):
+    """A dataset problem the user must fix (wrong path, missing files); the message says how."""
+
+
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Opens an image as RGB (from ``data`` when the file was already read); a corrupt or
+    truncated file raises an error naming it."""
+    try:
+        with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
+            img = Image.open(f)
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                return _high_bit_depth_to_rgb(img)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (Pillow modes I;16*, I) scaled to 8 bit: convert('RGB') clips every value
+    above 255 and turns such images white."""
+    values = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
+    grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+class EncodedImage:
+    """An image file's bytes and size, read without decoding the pixels (``--data_backend gpu``
+    decodes them on the training device); unreadable headers raise an error naming the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.data = f.read()
+            with Image.open(io.BytesIO(self.data)) as img:
+                self.width, self.height = img.size
+                self.is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def decode(self) -> Image.Image:
+        """The RGB pixels (for formats the GPU decoder does not read)."""
+        return load_rgb(self.path, self.data)
+
+
+DEFAULT_DATA_TIMEOUT_S = 120
+
+
+_reading: list[tuple[str, float]] = []  # the file being read under a deadline, in this process
+
+
+def _deadline_expired(signum, frame):
+    path, seconds = _reading[-1]
+    raise DataError(f"reading {path} took more than {seconds:g}s (--data_timeout): a FIFO, a hung network "
+                    f"file system or a failing disk? Fix or remove the file")
+
+
+@contextmanager
+def read_deadline(path: str, seconds: float):
+    """Raises a DataError naming ``path`` if the block (reading it) takes longer than ``seconds``: a
+    FIFO, a hung network file system or a dead disk then stops the run with the file named,
+    before the other ranks' collectives time out. SIGALRM, so only in a process's main thread
+    (data-loader workers and the main loop); elsewhere, or with seconds <= 0, no deadline. The
+    handler is installed once per process; each read only arms and disarms the timer."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGALRM) is not _deadline_expired:
+        signal.signal(signal.SIGALRM, _deadline_expired)
+    _reading.append((path, seconds))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _reading.pop()
