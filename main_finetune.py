@@ -24,7 +24,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
                        non_negative_int)
 from util.checkpoint_adapt import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
-from util.datasets import build_classification_dataset, build_finetune_transform
+from util.finetune_data import build_classification_dataset, build_finetune_transform
 from util.errors import UserError
 from util.optim import adamw, param_groups_layer_decay
 from util.transforms import as_hw

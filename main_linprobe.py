@@ -15,7 +15,7 @@ from util.checkpoint import load_model
 from engine_finetune import evaluate
 from main_finetune import build_downstream_model, build_loaders, check_args, run_training, start_and_reconcile
 from util.args import add_downstream_args, add_training_args
-from util.datasets import build_linprobe_transform
+from util.finetune_data import build_linprobe_transform
 from util.optim import LARS
 
 

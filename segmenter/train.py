@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import util.misc as misc
-from util.checkpoint import (append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint,
-                             save_checkpoint)
+from util.checkpoint import (append_log, load_checkpoint, load_optimizer_state, mismatch_hint, optimizer_state_dict,
+                             reconcile_with_checkpoint, save_checkpoint)
 from util.files import atomic_write_json, read_jsonl
 from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> dict:
         except RuntimeError as e:
             raise UserError(f"{ckpt_path} does not fit this Segmenter ({mismatch_hint(str(e))}): "
                             f"{str(e).splitlines()[-1].strip()}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"], model_without_ddp)  # by parameter name
         loss_scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch = ckpt["epoch"] + 1
         args.mask_method = getattr(ckpt.get("args"), "mask_method", args.mask_method)
@@ -257,7 +257,8 @@ def main(args: argparse.Namespace) -> dict:
             # the row, then the checkpoint (a failed save repeats the epoch and its row), then the
             # evaluation: a bad validation file loses no training
             append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
-            save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            save_checkpoint({"model": model_without_ddp.state_dict(),
+                             "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
                              "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
             if log_writer is not None:
                 log_writer.flush()

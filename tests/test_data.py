@@ -254,7 +254,7 @@ def test_randaugment_strongest_posterize_does_not_crash():
     """Pillow 13 rejects posterize(0 bits), which timm's 'inc1' RandAugment asks for at magnitude 10."""
     from timm.data import auto_augment
 
-    from util.datasets import _patch_timm_posterize
+    from util.finetune_data import _patch_timm_posterize
     _patch_timm_posterize()  # as building the finetuning transform does
     img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)

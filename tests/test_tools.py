@@ -215,7 +215,7 @@ def test_visualized_mask_lines_up_with_the_image_as_in_training():
     """A 500x375 picture whose bright part is its mask: after the same resize and crop, the mask
     panel and the picture agree pixel for pixel (rounding the long side instead of truncating, as
     torchvision does, shifted it by one pixel)."""
-    from util.datasets import build_eval_transform
+    from util.finetune_data import build_eval_transform
     h, w = 375, 500
     mask = np.zeros((h, w), np.uint8)
     mask[:, 185:] = 1  # a vertical edge (where rounding the long side shifted the old mask by one column)

@@ -19,7 +19,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.checkpoint_adapt import mae_state_dict, pretrain_mask_method  # noqa: E402
-from util.datasets import build_eval_transform  # noqa: E402
+from util.finetune_data import build_eval_transform  # noqa: E402
 from util.images import load_rgb  # noqa: E402
 from util.errors import run_tool  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402

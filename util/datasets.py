@@ -1,5 +1,5 @@
-"""Datasets: ImageNet-style folders with SAM mask files beside them (pretraining), and plain
-ImageFolders with the reference's finetuning / linear-probing transforms.
+"""Pretraining datasets: ImageNet-style folders with SAM masks beside them (finetuning and linear
+probing read util/finetune_data.py).
 
     <root>/train/<class>/<image>          images (torchvision ImageFolder layout)
     <root>/masks/<class>/<image stem>...   SAM masks mirroring train/, in any layout of
@@ -13,16 +13,9 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-import random
-from contextlib import contextmanager
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torchvision.transforms as T
-from PIL import Image, ImageOps
-from timm.data import auto_augment, create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -31,7 +24,7 @@ from util.images import DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rg
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.mask_cache import MaskCache
 from util.sam_masks import check_unique_stems, exif_orientation, fit_mask
-from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage, as_hw
+from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage
 
 
 class SegmentMaskImageFolder(Dataset):
@@ -250,107 +243,3 @@ def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable,
                                       mask_format=mask_format)
                for root in data_paths]
     return PretrainDataset(folders, transform, seed, skip_bad_samples)
-
-
-def build_eval_transform(input_size, crop_pct: float = 224 / 256):
-    """Resize (short side, or both sides for a rectangular size) to size / crop_pct, centre crop."""
-    h, w = as_hw(input_size)
-    resize = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((h, w)),
-                      T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's RandAugment posterize, except that keeping 0 bits gives a black image as it did before
-    Pillow 13, which raises for it: RandAugment's strongest posterize would crash a run."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _patch_timm_posterize() -> None:
-    try:
-        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
-    except ValueError:
-        for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-            if name in auto_augment.NAME_TO_OP:
-                auto_augment.NAME_TO_OP[name] = _posterize
-
-
-def build_finetune_transform(is_train: bool, args):
-    """timm's training pipeline (RandAugment, random erasing, ...) as the MAE reference, or the
-    evaluation resize + centre crop."""
-    if not is_train:
-        return build_eval_transform(args.input_size)
-    _patch_timm_posterize()  # when RandAugment is built, not at import
-    h, w = as_hw(args.input_size)
-    return create_transform(input_size=(3, h, w), is_training=True, color_jitter=args.color_jitter,
-                            auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-
-
-def build_linprobe_transform(is_train: bool, args):
-    """The reference's linear-probing augmentation: RandomResizedCrop + flip only."""
-    if not is_train:
-        return build_eval_transform(args.input_size)
-    return T.Compose([T.RandomResizedCrop(as_hw(args.input_size), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
-
-@contextmanager
-def seeded_global_rng(generator: torch.Generator):
-    """Runs a block with Python's, NumPy's and torch's global generators seeded from ``generator``
-    and restores them afterwards: for transforms (timm's) that only draw from the global ones."""
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-
-
-class CheckedImageFolder(Dataset):
-    """ImageFolder whose unreadable images raise an error naming the file. Augmentations are seeded
-    per (seed, epoch, sample), so batches do not depend on the number of workers or ranks."""
-
-    def __init__(self, root: str, transform: Callable, seed: int = 0):
-        if not os.path.isdir(root):
-            raise DataError(f"{root} does not exist: expected <data_path>/{os.path.basename(root)}/<class>/<image>")
-        self.classes, self.class_to_idx = find_classes(root)
-        self.samples = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
-        self.root, self.transform = root, transform
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        img = load_rgb(path)
-        with seeded_global_rng(sample_generator(self.seed, self.epoch, index)):
-            return self.transform(img), target
-
-
-def build_classification_dataset(is_train: bool, args, build_transform: Callable) -> CheckedImageFolder:
-    """<data_path>/train or <data_path>/val as an ImageFolder (one root: the classes must agree)."""
-    paths = [args.data_path] if isinstance(args.data_path, str) else list(args.data_path)
-    if len(paths) != 1:
-        raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
-    root = os.path.join(paths[0], "train" if is_train else "val")
-    dataset = CheckedImageFolder(root, build_transform(is_train, args), seed=args.seed)
-    if args.nb_classes < len(dataset.classes):
-        raise DataError(f"{root} has {len(dataset.classes)} classes but --nb_classes is {args.nb_classes}: "
-                        f"pass --nb_classes {len(dataset.classes)}")
-    return dataset

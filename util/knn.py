@@ -12,7 +12,6 @@ four_channels patch embedding folded (= the image fully visible, 4th channel 1).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -93,7 +92,7 @@ def knn_eval(args: argparse.Namespace) -> dict:
     import models_vit
     from tools.export import load_encoder, timm_name
     from util.checkpoint_adapt import load_pretrained_encoder
-    from util.datasets import build_eval_transform
+    from util.finetune_data import build_eval_transform
     device = torch.device(args.device)
     start = time.time()
     ckpt = load_checkpoint(args.checkpoint)
