@@ -33,7 +33,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-import util.misc as misc  # noqa: E402
+import util.runsetup as runsetup  # noqa: E402
 from util.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
 from util.files import atomic_write_json, file_digest  # noqa: E402
 from util.args import coverage_ratio_type, positive_int  # noqa: E402
@@ -156,7 +156,7 @@ def check_stage_args(args: argparse.Namespace) -> None:
         parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
         try:
             extra_argv = shlex.split(extra)
-            conflicts = sorted(set(misc.given_flags(parser, extra_argv)) & set(set_here))
+            conflicts = sorted(set(runsetup.given_flags(parser, extra_argv)) & set(set_here))
             if conflicts:
                 names = ", ".join(f"--{c}" + (f" (use the benchmark's {set_here[c]})" if set_here[c] else "")
                                   for c in conflicts)
@@ -368,7 +368,7 @@ def evaluate(epochs: int, args, pretrain_time: float, knn: dict | None = None) -
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone,
            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
-           "config": {**run_config(args), **eval_config(args)}, "record": misc.run_record(args.num_gpus)}
+           "config": {**run_config(args), **eval_config(args)}, "record": runsetup.run_record(args.num_gpus)}
     if knn is not None:
         row.update(knn_top1=knn["knn_top1"], knn_time_s=knn["seconds"], knn_bank=knn["bank_size"])
     append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
@@ -401,7 +401,7 @@ def evaluate_baseline(kind: str, args) -> dict:
            "eval_time_s": round(time.time() - start, 1), "pretrain_img_per_sec": None, "model": args.model,
            "seg_backbone": args.seg_backbone, "stack": "", "stack_sha256": "", "checkpoint_sha256": sha,
            "config": {"baseline": kind, "model": args.model, **eval_config(args)},
-           "record": misc.run_record(args.num_gpus)}
+           "record": runsetup.run_record(args.num_gpus)}
     append_result(results, row)
     atomic_write_json(done_file, row, indent=1)
     return row
@@ -452,7 +452,7 @@ def cli(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_cli(argv[1:])
-    return misc.run_cli(get_args_parser(), check_args, run_or_submit, argv)
+    return runsetup.run_cli(get_args_parser(), check_args, run_or_submit, argv)
 
 
 def run_or_submit(args: argparse.Namespace):

@@ -18,6 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 import util.misc as misc
+import util.runsetup as runsetup
 from util.checkpoint import append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start, save_model
 from util.distributed import get_rank, get_world_size
 from engine_finetune import evaluate, train_one_epoch
@@ -159,7 +160,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         os.makedirs(args.output_dir, exist_ok=True)
 
     max_accuracy = getattr(args, "max_accuracy", 0.0)
-    if not misc.check_trains_something(args, len(loader_train), args.epochs):
+    if not runsetup.check_trains_something(args, len(loader_train), args.epochs):
         return {"max_accuracy": max_accuracy}
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -193,7 +194,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f'val/{key}', test_stats[key], epoch)
             log_writer.flush()
-    misc.print_weights_fingerprint(model_without_ddp)
+    runsetup.print_weights_fingerprint(model_without_ddp)
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if log_writer is not None:
         log_writer.close()
@@ -201,7 +202,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = misc.setup_run(args, __file__)
+    device = runsetup.setup_run(args, __file__)
     start_and_reconcile(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
@@ -217,12 +218,12 @@ def main(args: argparse.Namespace) -> dict:
     model = build_downstream_model(args, drop_path_rate=args.drop_path)
     model.to(device)
     model_without_ddp = model
-    misc.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
+    runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
     print(f'number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1.e6:.2f}')
 
-    misc.set_lr_from_blr(args)
+    runsetup.set_lr_from_blr(args)
 
-    model = misc.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, args, device)
 
     param_groups = param_groups_layer_decay(model_without_ddp, args.weight_decay,
                                             no_weight_decay=model_without_ddp.no_weight_decay(),
@@ -249,7 +250,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None):
-    return misc.run_cli(get_args_parser(), check_args, main, argv)
+    return runsetup.run_cli(get_args_parser(), check_args, main, argv)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import torch
 from timm.layers import trunc_normal_
 
 import util.misc as misc
+import util.runsetup as runsetup
 from util.checkpoint import load_model
 from engine_finetune import evaluate
 from main_finetune import build_downstream_model, build_loaders, check_args, run_training, start_and_reconcile
@@ -40,7 +41,7 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = misc.setup_run(args, __file__)
+    device = runsetup.setup_run(args, __file__)
     start_and_reconcile(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
@@ -49,15 +50,15 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device)
     model_without_ddp = model
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    misc.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
+    runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
     print(f"number of trainable params (M): {n_trainable / 1.e6:.4f}")
 
-    misc.set_lr_from_blr(args)
+    runsetup.set_lr_from_blr(args)
 
-    model = misc.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, args, device)
 
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    misc.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
+    runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
 
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None):
-    return misc.run_cli(get_args_parser(), check_args, main, argv)
+    return runsetup.run_cli(get_args_parser(), check_args, main, argv)
 
 
 if __name__ == '__main__':

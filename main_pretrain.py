@@ -15,6 +15,7 @@ import torch
 
 import models_mae
 import util.misc as misc
+import util.runsetup as runsetup
 from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
                              run_start, save_model)
 from util.distributed import all_reduce_mean, get_rank, get_world_size
@@ -150,7 +151,7 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = misc.setup_run(args, __file__)
+    device = runsetup.setup_run(args, __file__)
     auto_resume(args, run_start(args, files=["stack"]))
     if args.resume:
         refuse_original_to_continue(load_checkpoint(args.resume), args.resume, "--resume")
@@ -204,16 +205,16 @@ def main(args: argparse.Namespace) -> None:
     if args.fp8:
         print(f"FP8: {convert_to_fp8(model, device)} Linear layers converted")
     model_without_ddp = model
-    misc.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
+    runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
 
-    misc.set_lr_from_blr(args)
+    runsetup.set_lr_from_blr(args)
 
-    model = misc.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, args, device)
 
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
     optimizer = adamw(param_groups, lr=args.lr, device=device)
-    misc.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
+    runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
 
     if args.stack and not args.resume:
@@ -223,7 +224,7 @@ def main(args: argparse.Namespace) -> None:
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
-    if not misc.check_trains_something(args, len(data_loader_train), last_epoch):
+    if not runsetup.check_trains_something(args, len(data_loader_train), last_epoch):
         return
     print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
     start_time = time.time()
@@ -253,7 +254,7 @@ def main(args: argparse.Namespace) -> None:
                     log_writer.add_scalar(f"train/{key}", train_stats[key], epoch)
             log_writer.flush()
 
-    misc.print_weights_fingerprint(model_without_ddp)
+    runsetup.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
     if log_writer is not None:
@@ -261,7 +262,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def cli(argv: list[str] | None = None):
-    return misc.run_cli(get_args_parser(), check_args, main, argv)
+    return runsetup.run_cli(get_args_parser(), check_args, main, argv)
 
 
 if __name__ == '__main__':

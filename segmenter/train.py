@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import util.misc as misc
+import util.runsetup as runsetup
 from util.checkpoint import (append_log, load_checkpoint, load_optimizer_state, mismatch_hint, optimizer_state_dict,
                              reconcile_with_checkpoint, save_checkpoint)
 from util.files import atomic_write_json, read_jsonl
@@ -163,7 +164,7 @@ def write_metrics(args, epoch: int, metrics: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = misc.setup_run(args, __file__)
+    device = runsetup.setup_run(args, __file__)
     os.makedirs(args.log_dir, exist_ok=True)
     ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
     resuming = args.resume and os.path.exists(ckpt_path)
@@ -188,7 +189,7 @@ def main(args: argparse.Namespace) -> dict:
         print("WARNING: no --mae-chp: the encoder starts from random weights")
     model.to(device)
     model_without_ddp = model
-    model = misc.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, args, device)
 
     optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
@@ -273,7 +274,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> dict:
-    return misc.run_cli(get_args_parser(), check_args, main, argv)
+    return runsetup.run_cli(get_args_parser(), check_args, main, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision.datasets import ImageFolder
 
 import util.misc as misc
+import util.runsetup as runsetup
 from util.args import add_mask_channel_arg
 from util.checkpoint import load_checkpoint
 from util.files import atomic_write_json
@@ -156,12 +157,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def main(args: argparse.Namespace) -> dict:
-    misc.setup_run(args, __file__)  # ranks, device and mixed-precision choice, as every command
+    runsetup.setup_run(args, __file__)  # ranks, device and mixed-precision choice, as every command
     return knn_eval(args)
 
 
 def cli(argv: list[str] | None = None) -> dict:
-    return misc.run_cli(get_args_parser(), check_args, main, argv)
+    return runsetup.run_cli(get_args_parser(), check_args, main, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Metric logging, mixed precision and the run set-up every main_*.py shares."""
+"""Metric logging without a host-device sync per step, and mixed precision (the run set-up and the
+command line are util/runsetup.py's)."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import time
@@ -10,11 +10,8 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.files import lock_output_dir, release_output_dir_locks
-from util.distributed import get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, \
-    is_main_process
+from util.distributed import get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
-from util.speed import compile_model, resolve_compile_flags
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,167 +264,4 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)  # timm's RandAugment draws from Python's generator
 
 
-def run_record(world_size: int | None = None) -> dict:
-    """What a reader of a results table needs to rerun a row: the code (git commit, and whether
-    the tree had uncommitted changes), the library versions, the GPUs, the command line."""
-    import platform
-    import subprocess
-    import sys
-
-    import timm
-    import torchvision
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*cmd) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", repo, *cmd], capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None,
-            "python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__),
-            "timm": str(timm.__version__), "gpu": gpus[0] if gpus else None, "gpu_count": len(gpus),
-            "world_size": world_size if world_size is not None else get_world_size(),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "host": platform.node(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-def setup_run(args: argparse.Namespace, script: str) -> torch.device:
-    """Distributed init, the argument dump, device and mixed-precision choice, seeding."""
-    init_distributed_mode(args)
-    lock_output_dir(getattr(args, "output_dir", ""))  # one writer per folder; removes stale temp files
-    print(f'job dir: {os.path.dirname(os.path.realpath(script))}')
-    log_details(args, "args.txt", str(args).replace(', ', ',\n'), "all arguments")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    args.amp = resolve_amp(args.amp, device)
-    resolve_compile_flags(args)
-    args.record = run_record()  # stored with args in every checkpoint
-    r = args.record
-    print(f"code {r['git_commit'] or 'unknown'}{' (uncommitted changes)' if r['git_dirty'] else ''}; torch "
-          f"{r['torch']}, torchvision {r['torchvision']}, timm {r['timm']}; {r['world_size']} process(es), "
-          f"{r['gpu_count']} x {r['gpu'] or 'no GPU'}")
-    seed_epoch(args.seed, 0, get_rank())
-    torch.backends.cudnn.benchmark = True
-    return device
-
-
-def log_details(args: argparse.Namespace, filename: str, text: str, what: str) -> None:
-    """Long listings (all arguments, the model's structure) go to a file in the output folder,
-    with one line on the console saying where; without an output folder they are printed."""
-    folder = getattr(args, "output_dir", "")
-    if folder and is_main_process():
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, filename), "w") as f:
-            f.write(text + "\n")
-        print(f"{what}: {os.path.join(folder, filename)}")
-    elif not folder:
-        print(text)
-
-
-def normalise_flag_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """--flag_name and --flag-name are one flag: the spelling the parser does not define is read as
-    the one it does (each command keeps one convention; the other works too)."""
-    known = {s for a in parser._actions for s in a.option_strings}
-    out = []
-    for token in argv:
-        if token.startswith("--") and " " not in token and token.split("=")[0] not in known:
-            name, eq, value = token.partition("=")
-            for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
-                if alt in known:
-                    token = alt + eq + value
-                    break
-        out.append(token)
-    return out
-
-
-def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] | None = None):
-    """Parse, check (argparse errors, exit 2), run; a UserError prints its message and exits 1."""
-    import sys
-    if not parser.add_help:  # the reference's parsers are parents without -h
-        parser = argparse.ArgumentParser(description=parser.prog, parents=[parser])
-    argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(argv)
-    args.given_flags = given_flags(parser, argv)
-    check_args(args, parser)
-    try:
-        result = main(args)
-        end_distributed()  # on success only: after an error the other ranks may never reach a barrier
-        return result
-    except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        release_output_dir_locks()
-
-
-def end_distributed() -> None:
-    """Ranks leave together and tear the process group down (a rank exiting with the group alive
-    can abort on the way out)."""
-    if is_dist_avail_and_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-
-
-def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """The destinations set on the command line (not by a default): an explicit flag wins over a
-    checkpoint's setting, and a conflict between the two is an error."""
-    actions = [(a, a.default, a.required) for a in parser._actions]
-    defaults = dict(parser._defaults)
-    try:
-        for a, _, _ in actions:
-            a.default, a.required = argparse.SUPPRESS, False
-        parser._defaults.clear()
-        given, _ = parser.parse_known_args(argv)
-    finally:
-        for a, default, required in actions:
-            a.default, a.required = default, required
-        parser._defaults.update(defaults)
-    return sorted(vars(given))
-
-
-def check_trains_something(args: argparse.Namespace, steps_per_epoch: int, last_epoch: int) -> bool:
-    """False (with a message) when a resumed run has no epoch left; an error when the flags would
-    make an epoch without a single optimizer step."""
-    if args.accum_iter > steps_per_epoch:
-        raise UserError(f"--accum_iter {args.accum_iter} is more than the {steps_per_epoch} steps of an epoch: "
-                        f"no optimizer step would ever be taken. Lower --accum_iter (or --batch_size)")
-    if args.start_epoch >= last_epoch:
-        print(f"Already finished ({args.start_epoch} epochs done, --epochs {last_epoch}): nothing to train")
-        return False
-    return True
-
-def print_weights_fingerprint(model: torch.nn.Module) -> float:
-    """Prints, on every rank, a checksum of the weights: equal lines mean the ranks ended in sync."""
-    with torch.no_grad():
-        value = float(sum(p.detach().double().abs().sum() for p in model.parameters()).item())
-    print(f"rank {get_rank()} weights fingerprint {value:.12e}", force=True)
-    return value
-
-
-def set_lr_from_blr(args: argparse.Namespace) -> int:
-    """lr = blr * effective batch / 256 unless --lr is given; returns the effective batch size."""
-    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
-    if args.lr is None:  # only base_lr is specified
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
-          f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
-    return eff_batch_size
-
-
-def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """Optional torch.compile, then DDP when distributed. Save and optimise the unwrapped model."""
-    if args.compile:
-        model = compile_model(model, getattr(args, "compile_mode", "default"))
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    return model
+from util.runsetup import given_flags  # noqa: E402,F401  (its old home)
