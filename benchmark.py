@@ -40,8 +40,8 @@ from util.args import coverage_ratio_type, positive_int  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.bench_report import curve_labels, plot, read_results, results_table  # noqa: E402,F401
-from util.bench_runs import (append_result, eval_config, paths, pretrain_throughput, record_run, run_config,  # noqa: E402
-                             run_id, short_digest)
+from util.bench_runs import (append_result, eval_config, paths, pretrain_throughput, record_run,  # noqa: E402
+                             run_config, run_id, short_digest)
 from util.slurm import add_slurm_job_args, submit  # noqa: E402
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
@@ -105,7 +105,8 @@ def eval_type(value: str):
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of epochs, -1, 'random' or 'official', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number of epochs, -1, 'random' or 'official', "
+                                         f"got {value!r}") from None
     if n < -3:
         raise argparse.ArgumentTypeError(f"{n} means nothing: give epochs >= 0, -1 (the whole pipeline), 'random' "
                                          f"(or -2) or 'official' (or -3)")

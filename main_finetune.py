@@ -19,7 +19,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.misc as misc
 import util.runsetup as runsetup
-from util.checkpoint import append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start, save_model
+from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
+                             run_start, save_model)
 from util.distributed import get_rank, get_world_size
 from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,

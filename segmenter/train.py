@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 import util.misc as misc
 import util.runsetup as runsetup
-from util.checkpoint import (append_log, load_checkpoint, load_optimizer_state, mismatch_hint, optimizer_state_dict,
-                             reconcile_with_checkpoint, save_checkpoint)
+from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
+from util.optim import load_optimizer_state, optimizer_state_dict
 from util.files import atomic_write_json, read_jsonl
 from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform

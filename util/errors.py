@@ -6,6 +6,10 @@ class UserError(RuntimeError):
     """Base class: wrong paths, missing or corrupt files, mismatched checkpoints, NaN losses."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, not finite or does not fit the run."""
+
+
 def run_tool(main, argv=None):
     """Runs a tool's main(argv); a UserError prints its message (no traceback) and exits 1."""
     import sys
