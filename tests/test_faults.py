@@ -185,7 +185,7 @@ def test_a_second_writer_to_one_folder_is_refused(toy_root, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); import util.checkpoint as c; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import util.files as c; "
         "c.lock_output_dir(sys.argv[2]); print('locked', flush=True); time.sleep(60)"), REPO, str(out)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -88,6 +88,7 @@ class SegmentMaskImageFolder(Dataset):
                 print(f"Using the mask cache {self.cache.bin_path}" +
                       (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
             self._check_masks(allow_missing_masks)
+            self.source.listed = None  # the start-up listing is not needed by the loader's workers
 
     def _leave_out_listed_empty(self) -> None:
         """The original segmae code's emptyfiles.txt names images without masks; like the original,

@@ -146,6 +146,7 @@ class MaskSource:
         self.mask_root = mask_root
         self.thresholded = Counter(shared_counters)  # PNGs that were not strictly 0/255
         self.unsorted = Counter(shared_counters)  # segmae tables not sorted by coverage
+        self.listed: set[str] | None = None  # the stems with masks, when a scan already listed them
 
     def location(self, rel: str) -> str:
         """The file or folder holding the masks of image rel."""
@@ -225,12 +226,9 @@ class JsonMasks(MaskSource):
         return Segment(coverages[i], None, _rle_decoder(seg, path), path, rle=seg)
 
     def present(self, stems: set[str]) -> set[str]:
-        found = set()
-        for rel_dir, _, files in _walk(self.mask_root, lambda rel: False):
-            for name in files:
-                if name.endswith(MASK_SUFFIX):
-                    found.add(os.path.normpath(os.path.join(rel_dir, name[:-len(MASK_SUFFIX)])))
-        return found & stems
+        if self.listed is None:
+            self.listed = scan(self.mask_root, stems)[0]["json"]
+        return self.listed & stems
 
 
 def _rle_decoder(segmentation: dict, path: str) -> Callable[[], np.ndarray]:
@@ -273,14 +271,9 @@ class _FolderMasks(MaskSource):
         return Segment(coverage, size, lambda: read_png_mask(path, self.thresholded), path, fields)
 
     def present(self, stems: set[str]) -> set[str]:
-        found = set()
-        # a folder named after an image is that image's mask folder: it is not listed itself
-        for rel_dir, dirs, _ in _walk(self.mask_root, lambda rel: rel in stems):
-            for name in dirs:
-                rel = os.path.normpath(os.path.join(rel_dir, name))
-                if rel in stems:
-                    found.add(rel)
-        return found
+        if self.listed is None:  # a folder named after an image is that image's mask folder
+            self.listed = scan(self.mask_root, stems)[0]["folders"]
+        return self.listed & stems
 
 
 class SegmaeMasks(_FolderMasks):
@@ -416,22 +409,35 @@ def _walk(root: str, is_leaf: Callable[[str], bool]) -> Iterable[tuple[str, list
                 stack.append(rel)
 
 
-def detect_format(mask_root: str, stems: set[str]) -> str:
-    """The layout of masks/: .json files, or per-image folders with table.txt (segmae) or
-    metadata.csv (amg). Looks into the first image folder of every class folder; a mix is an error
-    naming both layouts with an example of each."""
+def scan(mask_root: str, stems: set[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """One walk of masks/: the image stems that have a .json file, those that have a folder, and
+    the layouts seen with an example each (the first image folder of every class folder is looked
+    into for table.txt or metadata.csv). Folders named after an image are not entered."""
+    listed: dict[str, set[str]] = {"json": set(), "folders": set()}
     seen: dict[str, str] = {}
     for rel_dir, dirs, files in _walk(mask_root, lambda rel: rel in stems):
-        json_file = next((f for f in files if f.endswith(MASK_SUFFIX)), None)
-        if json_file:
-            seen.setdefault("json", os.path.join(mask_root, rel_dir, json_file))
-        folder = next((d for d in dirs if os.path.normpath(os.path.join(rel_dir, d)) in stems), None)
-        if folder:
-            path = os.path.join(mask_root, rel_dir, folder)
+        for name in files:
+            if name.endswith(MASK_SUFFIX):
+                listed["json"].add(os.path.normpath(os.path.join(rel_dir, name[:-len(MASK_SUFFIX)])))
+                seen.setdefault("json", os.path.join(mask_root, rel_dir, name))
+        folders = [d for d in dirs if os.path.normpath(os.path.join(rel_dir, d)) in stems]
+        listed["folders"].update(os.path.normpath(os.path.join(rel_dir, d)) for d in folders)
+        if folders:
+            path = os.path.join(mask_root, rel_dir, folders[0])
             for fmt, index in (("segmae", SEGMAE_TABLE), ("amg", AMG_METADATA)):
                 if os.path.exists(os.path.join(path, index)):
                     seen.setdefault(fmt, os.path.join(path, index))
                     break
+    return listed, seen
+
+
+def detect_format(mask_root: str, stems: set[str]) -> str:
+    """The layout of masks/: .json files, or per-image folders with table.txt (segmae) or
+    metadata.csv (amg); a mix is an error naming both layouts with an example of each."""
+    return _detect(mask_root, scan(mask_root, stems)[1])
+
+
+def _detect(mask_root: str, seen: dict[str, str]) -> str:
     if len(seen) > 1:
         listed = "; ".join(f"{fmt} (e.g. {example})" for fmt, example in seen.items())
         raise MaskFileError(f"{mask_root} mixes mask layouts: {listed}. Keep one layout per data root (convert the "
@@ -441,11 +447,18 @@ def detect_format(mask_root: str, stems: set[str]) -> str:
 
 def open_mask_source(mask_root: str, stems: set[str], mask_format: str = "auto",
                      shared_counters: bool = True) -> MaskSource:
-    """The reader of a root's masks/ for these image stems (auto: detected)."""
-    fmt = detect_format(mask_root, stems) if mask_format in (None, "auto") else mask_format
-    if fmt not in SOURCES:
-        raise MaskFileError(f"unknown mask format {fmt!r}; choose one of auto, {', '.join(MASK_FORMATS)}")
-    return SOURCES[fmt](mask_root, shared_counters)
+    """The reader of a root's masks/ for these image stems (auto: detected). The walk that
+    detects the layout also answers which images have masks (``present``): one walk at start-up."""
+    listed = None
+    if mask_format in (None, "auto"):
+        listed, seen = scan(mask_root, stems)
+        mask_format = _detect(mask_root, seen)
+    if mask_format not in SOURCES:
+        raise MaskFileError(f"unknown mask format {mask_format!r}; choose one of auto, {', '.join(MASK_FORMATS)}")
+    source = SOURCES[mask_format](mask_root, shared_counters)
+    if listed is not None:
+        source.listed = listed["json" if mask_format == "json" else "folders"]
+    return source
 
 
 def read_empty_list(root: str, split: str = "train") -> set[str]:
