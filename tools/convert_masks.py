@@ -21,6 +21,7 @@ from multiprocessing import Pool
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.generate_masks import list_images  # noqa: E402
 from util.errors import UserError, run_tool  # noqa: E402
+from util.files import remove_stale_temp_files  # noqa: E402
 from util.mask_cache import build_mask_cache  # noqa: E402
 from util.mask_sources import SOURCES, MaskSource, open_mask_source, read_empty_list, stem_of  # noqa: E402
 from util.sam_masks import MASK_SUFFIX, MaskFileError, encode_segmentation, write_mask_file  # noqa: E402
@@ -117,13 +118,9 @@ def convert(data_path: str, out: str | None = None, mask_format: str = "auto", w
 
 
 def _remove_stale_temp_files(out: str) -> None:
-    """Temp files of a killed earlier run (atomic writes leave nothing else behind)."""
-    if not os.path.isdir(out):
-        return
-    for dirpath, _, files in os.walk(out):
-        for name in files:
-            if name.startswith(".") and ".tmp" in name:
-                os.remove(os.path.join(dirpath, name))
+    """Temp files of a killed earlier run, in every folder of out (atomic writes leave nothing else)."""
+    for dirpath, _, _ in os.walk(out):
+        remove_stale_temp_files(dirpath)
 
 
 def main(argv=None) -> dict:

@@ -29,8 +29,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from util.sam_masks import (MASK_SUFFIX, MaskFileError, annotation_coverage, decode_segmentation, load_annotations,
-                            load_mask_json, mask_size)
+from util.sam_masks import (MASK_SUFFIX, MaskFileError, annotation_coverages, closest_first,
+                            decode_segmentation, load_annotations, load_mask_json, mask_size)
 
 MASK_FORMATS = ("json", "segmae", "amg")
 SEGMAE_TABLE = "table.txt"
@@ -105,16 +105,6 @@ def png_size(path: str) -> tuple[int, int]:
     except (OSError, SyntaxError, ValueError) as e:
         raise MaskFileError(f"cannot read mask PNG {path}: {e}. Regenerate it") from None
     return h, w
-
-
-def closest_first(coverages: list[float], coverage_ratio: float) -> int | None:
-    """Index of the coverage closest to coverage_ratio; ties go to the first (SAM's layouts)."""
-    best, best_dist = None, float("inf")
-    for i, c in enumerate(coverages):
-        dist = abs(c - coverage_ratio)
-        if dist < best_dist:
-            best, best_dist = i, dist
-    return best
 
 
 def closest_larger(coverages: list[float], coverage_ratio: float) -> tuple[int | None, bool]:
@@ -194,26 +184,16 @@ class JsonMasks(MaskSource):
     def segments(self, rel: str) -> list[Segment]:
         path = self.location(rel)
         anns = load_annotations(path)
-        out = []
-        try:
-            for i, ann in enumerate(anns):
-                seg = ann["segmentation"]
-                out.append(Segment(annotation_coverage(ann), mask_size(seg), _rle_decoder(seg, path),
-                                   f"{path} #{i}", {k: v for k, v in ann.items() if k != "segmentation"}, seg))
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
-            raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs a finite "
-                                f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
-        return out
+        coverages = annotation_coverages(anns, path)
+        return [Segment(c, mask_size(a["segmentation"]), _rle_decoder(a["segmentation"], path), f"{path} #{i}",
+                        {k: v for k, v in a.items() if k != "segmentation"}, a["segmentation"])
+                for i, (c, a) in enumerate(zip(coverages, anns))]
 
     def chosen(self, rel: str, coverage_ratio: float) -> Segment | None:
         # the hot path: only area and size are read, the chosen RLE alone is decoded
         path = self.location(rel)
         anns, choice = load_mask_json(path)
-        try:
-            coverages = [annotation_coverage(a) for a in anns]
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
-            raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs a finite "
-                                f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
+        coverages = annotation_coverages(anns, path)
         if choice == "segmae":  # converted from the original's layout: its choice, exactly
             i, unsorted = closest_larger(coverages, coverage_ratio)
             if unsorted:

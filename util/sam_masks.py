@@ -72,15 +72,30 @@ def annotation_coverage(annotation: dict) -> float:
     return 100.0 * area / float(h * w)
 
 
+def closest_first(coverages: list[float], coverage_ratio: float) -> int | None:
+    """Index of the coverage closest to coverage_ratio; ties go to the first (SAM's layouts)."""
+    best, best_dist = None, float("inf")
+    for i, c in enumerate(coverages):
+        dist = abs(c - coverage_ratio)
+        if dist < best_dist:
+            best, best_dist = i, dist
+    return best
+
+
+def annotation_coverages(annotations: list[dict], path: str) -> list[float]:
+    """Every annotation's coverage; a malformed one raises MaskFileError naming the file."""
+    try:
+        return [annotation_coverage(a) for a in annotations]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs a finite "
+                            f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
+
+
 def select_annotation(annotations: list[dict], coverage_ratio: float) -> dict | None:
     """The annotation whose coverage (percent) is closest to ``coverage_ratio``; ties go to the
     first. Only ``area`` and ``size`` are read; no RLE is decoded. None for an empty list."""
-    best, best_dist = None, float("inf")
-    for ann in annotations:
-        dist = abs(annotation_coverage(ann) - coverage_ratio)
-        if dist < best_dist:
-            best, best_dist = ann, dist
-    return best
+    i = closest_first([annotation_coverage(a) for a in annotations], coverage_ratio)
+    return None if i is None else annotations[i]
 
 
 def rle_string_counts(counts: bytes) -> np.ndarray:
@@ -149,11 +164,8 @@ def choose_segment(path: str, coverage_ratio: float) -> dict | None:
     """The annotation of a mask file closest to coverage_ratio (None if it has none); a malformed
     file raises MaskFileError naming it."""
     annotations = load_annotations(path)
-    try:
-        return select_annotation(annotations, coverage_ratio)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
-        raise MaskFileError(f"malformed annotation in {path} ({type(e).__name__}: {e}); each needs a finite "
-                            f"'area' and 'segmentation': {{'size': [H, W], 'counts': RLE}}") from None
+    i = closest_first(annotation_coverages(annotations, path), coverage_ratio)
+    return None if i is None else annotations[i]
 
 
 def encode_segmentation(mask: np.ndarray) -> dict:
