@@ -36,10 +36,12 @@ class VisionTransformer(timm_vit.VisionTransformer):
 
 
 def _vit(defaults: dict, kwargs: dict) -> VisionTransformer:
+    """kwargs may name a subclass to build (vit_class=...), e.g. the Segmenter's encoder."""
     cfg = dict(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
     cfg.update(defaults)
     cfg.update(kwargs)
-    return VisionTransformer(**cfg)
+    vit_class = cfg.pop("vit_class", VisionTransformer)
+    return vit_class(**cfg)
 
 
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)

@@ -2,9 +2,9 @@
 # The benchmark on one node: pretrain a mask method in chunks of EVAL_FREQ epochs on ImageNet-1k
 # (+ SAM masks) and train/score a Segmenter on ADE20k after each chunk. Re-run the same command
 # after a crash: it continues from the last finished stage.
-# Adapt: IN1K, ADE20K, OUT, NGPUS, METHOD. Batch sizes are per GPU: MAE's effective batch 4096 =
-# BATCH * ACCUM * NGPUS; the Segmenter keeps Segmenter's global batch 8 and lr 0.001 on 8 GPUs
-# (1 image per GPU; with fewer GPUs the lr is scaled down with the batch).
+# Adapt: IN1K, ADE20K, OUT, NGPUS, METHOD. MAE's BATCH is per GPU: its effective batch 4096 =
+# BATCH * ACCUM * NGPUS. The Segmenter's --batch-size is global, as Segmenter's: 8 images at lr 0.001
+# on any NGPUS that divides 8 (1, 2, 4, 8).
 set -euo pipefail
 
 # The project's virtual environment (make venv) when there is one, else the python on PATH.
@@ -37,7 +37,7 @@ for arg in "$@"; do
   esac
 done
 PRETRAIN_RECIPE="--batch_size $BATCH --accum_iter $ACCUM --norm_pix_loss --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --num_workers 10 --amp bf16 ${EXTRA_PRETRAIN_ARGS:-}"
-SEG_RECIPE="--batch-size 1 --lr $("$PY" -c "print(0.001 * $NGPUS / 8)") --num-workers 8 --amp bf16 ${EXTRA_SEG_ARGS:-}"
+SEG_RECIPE="--batch-size 8 --lr 0.001 --num-workers 8 --amp bf16 ${EXTRA_SEG_ARGS:-}"
 echo "pretraining flags: $PRETRAIN_RECIPE"
 echo "Segmenter flags:   $SEG_RECIPE"
 

@@ -26,6 +26,10 @@ from util.images import DataError, load_rgb
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150
 SPLITS = {"train": "training", "val": "validation"}
+# Input normalisation (mean, std): ImageNet's for MAE encoders; "vit" (0.5, 0.5) is what Segmenter
+# uses for its ViT backbones (its "deit" is ImageNet's)
+NORMALIZATIONS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+                  "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -87,8 +91,10 @@ def photometric_distortion(img: torch.Tensor, generator=None) -> torch.Tensor:
 
 class SegTrainTransform:
     def __init__(self, crop_size: int | tuple[int, int], base_scale=(2048, 512), ratio_range=(0.5, 2.0),
-                 cat_max_ratio: float = 0.75, flip: float = 0.5, photometric: bool = True):
+                 cat_max_ratio: float = 0.75, flip: float = 0.5, photometric: bool = True,
+                 normalization: str = "imagenet"):
         self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.normalization = normalization
         self.base_scale, self.ratio_range = base_scale, ratio_range
         self.cat_max_ratio, self.flip, self.photometric = cat_max_ratio, flip, photometric
 
@@ -103,7 +109,7 @@ class SegTrainTransform:
             img, label = TF.horizontal_flip(img), TF.horizontal_flip(label)
         if self.photometric:
             img = tv_tensors.Image(photometric_distortion(img, generator))
-        img = normalize(img)
+        img = normalize(img, self.normalization)
         pad_h, pad_w = self.crop[0] - img.shape[-2], self.crop[1] - img.shape[-1]
         if pad_h > 0 or pad_w > 0:
             img = TF.pad(img, [0, 0, pad_w, pad_h], fill=0)
@@ -111,22 +117,23 @@ class SegTrainTransform:
         return img, label
 
 
-def normalize(img: torch.Tensor) -> torch.Tensor:
-    return TF.normalize(TF.to_dtype(img, torch.float32, scale=True), list(IMAGENET_DEFAULT_MEAN),
-                        list(IMAGENET_DEFAULT_STD))
+def normalize(img: torch.Tensor, normalization: str = "imagenet") -> torch.Tensor:
+    mean, std = NORMALIZATIONS[normalization]
+    return TF.normalize(TF.to_dtype(img, torch.float32, scale=True), list(mean), list(std))
 
 
 class SegEvalTransform:
     """Resize so the short side is ``short_side`` (long side at most 4x it), normalise; the label
     is returned untouched at its original size."""
 
-    def __init__(self, short_side: int = 512):
+    def __init__(self, short_side: int = 512, normalization: str = "imagenet"):
         self.scale = (4 * short_side, short_side)
+        self.normalization = normalization
 
     def __call__(self, img: tv_tensors.Image, label: tv_tensors.Mask, generator=None):
         size = rescale_size(img.shape[-2], img.shape[-1], self.scale)
         img = TF.resize(img, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        return normalize(img), label
+        return normalize(img, self.normalization), label
 
 
 class ADE20K(Dataset):

@@ -1,8 +1,10 @@
 """Segmenter (Strudel et al., ICCV 2021): a ViT encoder and a linear or mask-transformer decoder.
 
 The encoder is models_vit's ViT (timm's), loaded from any of our pretraining checkpoints through
-util/checkpoint_adapt.py; its position embeddings are resized to the crop size when loading and
-resampled on the fly for other input sizes (sliding windows, whole images).
+util/checkpoint_adapt.py; its position embeddings are resized bilinearly (as Segmenter's, where
+timm would use antialiased bicubic) to the crop size when loading and on the fly for other input
+sizes (sliding windows, whole images). The encoder keeps MAE's LayerNorm eps 1e-6; the decoder has
+Segmenter's: eps 1e-5, dropout 0.1 on attention weights and projections in the mask transformer.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 import models_vit
+from util.pos_embed import resize_pos_embed
 
 BACKBONES = ("vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16",
              "vit_tiny_patch8", "vit_small_patch8", "vit_base_patch8", "vit_tiny_patch4", "vit_small_patch4")
@@ -50,7 +53,8 @@ class MaskTransformer(nn.Module):
         self.proj_dec = nn.Linear(d_encoder, d_model)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, n_layers)]
         self.blocks = nn.ModuleList([
-            Block(d_model, n_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dpr[i])
+            Block(d_model, n_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
+                  drop_path=dpr[i], norm_layer=nn.LayerNorm)  # torch's eps 1e-5 (timm's LayerNorm: 1e-6)
             for i in range(n_layers)])
         self.cls_emb = nn.Parameter(torch.randn(1, n_cls, d_model))
         self.proj_patch = nn.Parameter(self.scale * torch.randn(d_model, d_model))
@@ -83,6 +87,18 @@ class MaskTransformer(nn.Module):
         return masks.transpose(1, 2).reshape(x.shape[0], self.n_cls, *grid)
 
 
+class SegmenterEncoder(models_vit.VisionTransformer):
+    """The ViT with Segmenter's position-embedding resizing: bilinear, no antialiasing."""
+    pos_embed_resize_mode = "bilinear"
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape  # dynamic_img_size: patch tokens come as a grid
+        pos = resize_pos_embed(self.pos_embed, tuple(self.patch_embed.grid_size), (h, w), self.num_prefix_tokens,
+                               mode=self.pos_embed_resize_mode)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+        return self.pos_drop(x + pos)
+
+
 class Segmenter(nn.Module):
     def __init__(self, encoder: models_vit.VisionTransformer, decoder: nn.Module, n_cls: int):
         super().__init__()
@@ -110,7 +126,8 @@ def build_segmenter(backbone: str, decoder: str, n_cls: int, crop_size: int | tu
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
     encoder = models_vit.build_vit(backbone, img_size=crop_size, num_classes=0, global_pool=False,
-                                   in_chans=channels, drop_path_rate=drop_path_rate, dynamic_img_size=True)
+                                   in_chans=channels, drop_path_rate=drop_path_rate, dynamic_img_size=True,
+                                   vit_class=SegmenterEncoder)
     d = encoder.embed_dim
     head = DecoderLinear(n_cls, d) if decoder == "linear" else MaskTransformer(n_cls, d, n_layers=2)
     return Segmenter(encoder, head, n_cls)

@@ -2,10 +2,12 @@
 
     python -m segmenter.train --dataset-dir data/ADEChallengeData2016 --log-dir seg_out \\
         --backbone vit_base_patch16 --decoder mask_transformer --mae-chp pretrain/checkpoint-799.pth
-    torchrun --nproc_per_node 8 -m segmenter.train ...       (same command on N GPUs)
+    torchrun --nproc_per_node 8 -m segmenter.train ...       (same command, same global batch, on N GPUs)
 
-Defaults are Segmenter's for ADE20k: 64 epochs, batch 8, SGD lr 0.001 (momentum 0.9, polynomial
-decay with power 0.9), crop 512, sliding windows 512 / stride 512.
+Defaults are Segmenter's for ADE20k (rstrudel/segmenter): 64 epochs, global batch 8, SGD with
+Nesterov momentum 0.9 and lr 0.001 (polynomial decay, power 0.9, to 1e-5), no weight decay, crop
+512, sliding windows 512 / stride 512 whose logits are averaged. README.md lists where this repo
+differs and how to get the original's behaviour.
 """
 from __future__ import annotations
 
@@ -19,16 +21,17 @@ if __package__ in (None, ""):  # run as a file: python segmenter/train.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 
 import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
-from util.optim import load_optimizer_state, optimizer_state_dict
+from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
 from util.files import atomic_write_json, read_jsonl
 from util.distributed import get_rank, get_world_size, is_main_process
-from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
-from segmenter.inference import sliding_window_probs
+from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
+                                   with_original_head, write_variant)
+from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, NORMALIZATIONS, SegEvalTransform, SegTrainTransform
+from segmenter.inference import predict
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import BACKBONES, DECODERS, build_segmenter
 from util.args import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
@@ -38,6 +41,8 @@ from util.errors import UserError
 from util.masking import MASK_METHODS
 
 CHECKPOINT = "checkpoint.pth"
+# what defines the model; a resumed or evaluated checkpoint supplies them unless given
+MODEL_FLAGS = ["backbone", "decoder", "n_cls", "crop_size", "channels", "normalization", "encoder_norm_eps"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,13 +59,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(fed constant 1), 3 folds it into the RGB kernel")
     add_mask_channel_arg(p, dashes=True)
     p.add_argument("--n-cls", type=positive_int, default=ADE20K_CLASSES)
+    p.add_argument("--normalization", default="imagenet", choices=sorted(NORMALIZATIONS),
+                   help="input mean/std: imagenet (MAE's encoders) or vit (0.5/0.5: Segmenter's own ViT backbones)")
+    p.add_argument("--encoder-norm-eps", type=float, default=1e-6,
+                   help="the encoder's LayerNorm eps: 1e-6 as MAE (Segmenter's own ViTs: 1e-5, taken from them)")
     p.add_argument("--crop-size", type=positive_int, default=512)
     p.add_argument("--window-size", type=positive_int, default=None, help="default: the crop size")
-    p.add_argument("--window-stride", type=positive_int, default=None, help="default: the window size")
+    p.add_argument("--window-stride", type=positive_int, default=None,
+                   help="default: the window size, as Segmenter's evaluation during training (its published "
+                        "scores, segm/eval/miou.py: the crop size - 32, i.e. 480)")
     p.add_argument("--eval-short-side", type=positive_int, default=None,
                    help="validation images are resized to this short side (default: the crop size)")
     p.add_argument("--epochs", type=positive_int, default=64)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="per process")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="global batch, split evenly over the processes (as Segmenter's)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum"],
+                   help="sgd: SGD with Nesterov momentum 0.9 (Segmenter's: timm's 'sgd'); momentum: plain momentum 0.9")
     p.add_argument("--lr", type=non_negative_float, default=0.001)
     p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
@@ -126,9 +140,8 @@ def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args
     for [(img, label)] in loader:
         img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
         with misc.autocast(device, args.amp):
-            probs = sliding_window_probs(model, img, args.n_cls, args.window_size, args.window_stride)
-        probs = F.interpolate(probs[None].float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        cm.update(probs[0].argmax(0), label)
+            pred = predict(model, img, label.shape[-2:], args.n_cls, args.window_size, args.window_stride)
+        cm.update(pred, label)
     cm.reduce()
     metrics = cm.compute()
     print(f"* mIoU {metrics['mIoU']:.2f}  pixel acc {metrics['pixel_accuracy']:.2f}  "
@@ -157,6 +170,27 @@ def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, ep
     return {k: m.global_avg for k, m in metric_logger.meters.items()}, step
 
 
+def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """Segmenter's SGD (timm's create_optimizer 'sgd'): Nesterov momentum 0.9; with weight decay,
+    biases, norms and the position / class embeddings get none."""
+    if args.weight_decay > 0:
+        params = param_groups_weight_decay(model, args.weight_decay,
+                                           {"encoder.pos_embed", "encoder.cls_token", "decoder.cls_emb"})
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=args.optimizer == "sgd",
+                           weight_decay=args.weight_decay if args.weight_decay > 0 else 0.0)
+
+
+def per_rank_batch(args) -> int:
+    world = get_world_size()
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and does not split over {world} "
+                        f"processes: use a multiple of {world}")
+    print(f"batch {args.batch_size} global = {args.batch_size // world} per process x {world} processes")
+    return args.batch_size // world
+
+
 def write_metrics(args, epoch: int, metrics: dict) -> None:
     if is_main_process():
         for name in (f"metrics_epoch{epoch}.json", "metrics.json"):
@@ -168,19 +202,24 @@ def main(args: argparse.Namespace) -> dict:
     os.makedirs(args.log_dir, exist_ok=True)
     ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
     resuming = args.resume and os.path.exists(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path) if resuming else None
+    original = resuming and is_original_layout(ckpt)
     if resuming:  # the model's settings are the checkpoint's unless given (a conflict is an error)
-        reconcile_with_checkpoint(args, ["backbone", "decoder", "n_cls", "crop_size", "channels"], path=ckpt_path,
-                                  dashes=True)
+        reconcile_with_checkpoint(args, MODEL_FLAGS, path=ckpt_path, dashes=True,
+                                  saved=original_settings(ckpt, ckpt_path) if original else None)
         check_args(args, None, derive_only=True)
     elif args.eval_only and not args.mae_chp:
         raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")
-    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size), seed=args.seed,
-                       num_classes=args.n_cls)
-    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side), num_classes=args.n_cls)
+    batch_per_rank = per_rank_batch(args)
+    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size, normalization=args.normalization),
+                       seed=args.seed, num_classes=args.n_cls)
+    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side, normalization=args.normalization),
+                     num_classes=args.n_cls)
     print(f"{len(train_set)} training and {len(val_set)} validation images")
 
     model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
                             drop_path_rate=args.drop_path)
+    set_layernorm_eps(model.encoder, args.encoder_norm_eps)
     if args.mae_chp and not resuming:
         method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
                                                fold_mask_channel=args.channels == 3, mask_channel=args.mask_channel)
@@ -191,20 +230,22 @@ def main(args: argparse.Namespace) -> dict:
     model_without_ddp = model
     model = runsetup.wrap_model(model, args, device)
 
-    optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=0.9,
-                                weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model_without_ddp, args)
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     start_epoch = 0
     if resuming:
-        ckpt = load_checkpoint(ckpt_path)
         try:
-            model_without_ddp.load_state_dict(ckpt["model"])
+            model_without_ddp.load_state_dict(own_state_dict(ckpt))
         except RuntimeError as e:
             raise UserError(f"{ckpt_path} does not fit this Segmenter ({mismatch_hint(str(e))}): "
                             f"{str(e).splitlines()[-1].strip()}") from None
-        load_optimizer_state(optimizer, ckpt["optimizer"], model_without_ddp)  # by parameter name
-        loss_scaler.load_state_dict(ckpt.get("scaler", {}))
+        if original:
+            print(f"{ckpt_path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
+                  f"lr_scheduler state are not" + ("" if args.eval_only else " (training goes on with a fresh SGD)"))
+        else:
+            load_optimizer_state(optimizer, ckpt["optimizer"], model_without_ddp)  # by parameter name
+            loss_scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch = ckpt["epoch"] + 1
         args.mask_method = getattr(ckpt.get("args"), "mask_method", args.mask_method)
         print(f"Resumed from {ckpt_path} at epoch {start_epoch}")
@@ -216,10 +257,12 @@ def main(args: argparse.Namespace) -> dict:
 
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=get_world_size(),
                                                   rank=get_rank(), shuffle=True, seed=args.seed)
-    if len(train_set) < args.batch_size * get_world_size():
-        raise UserError(f"only {len(train_set)} training images for a global batch of "
-                        f"{args.batch_size * get_world_size()}: lower --batch-size")
-    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+    if len(train_set) < args.batch_size:
+        raise UserError(f"only {len(train_set)} training images for a global batch of {args.batch_size}: "
+                        f"lower --batch-size")
+    if is_main_process() and not original:
+        write_variant(args, model_without_ddp, batch_per_rank)
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank,
                                          num_workers=args.num_workers, drop_last=True,
                                          pin_memory=device.type == "cuda")
     total_steps = args.epochs * len(loader)
@@ -258,7 +301,8 @@ def main(args: argparse.Namespace) -> dict:
             # the row, then the checkpoint (a failed save repeats the epoch and its row), then the
             # evaluation: a bad validation file loses no training
             append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
-            save_checkpoint({"model": model_without_ddp.state_dict(),
+            save_checkpoint({"model": with_original_head(model_without_ddp.state_dict(),
+                                                         model_without_ddp.encoder.embed_dim),
                              "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
                              "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
             if log_writer is not None:

@@ -126,12 +126,23 @@ def test_compare_reads_the_old_rows(old_bench, capsys):
     assert (old_bench / "miou_vs_epochs.png").stat().st_size > 1000
 
 
-def test_the_old_command_finds_its_finished_run(old_bench, toy_root, toy_ade20k, count_stages, capsys):
-    before = (old_bench / "results.jsonl").read_text()
+def test_the_old_command_reuses_its_pretraining_and_reevaluates_under_todays_recipe(
+        old_bench, toy_root, toy_ade20k, count_stages, capsys):
+    """Same run id, so the old checkpoint is the run's; the Segmenter recipe has changed since
+    (Nesterov SGD, logit merging: segmenter.RECIPE), so its evaluation is redone as another curve."""
+    before = (old_bench / "results.jsonl").read_text().splitlines()
     rows = benchmark.cli(old_command(toy_root, toy_ade20k, old_bench, "patches"))
-    assert count_stages == []  # same run id: pretraining and evaluation are recognised as done
-    assert "evaluation after 2 epochs already done" in capsys.readouterr().out
-    assert (old_bench / "results.jsonl").read_text() == before and len(rows) == 2
+    assert count_stages == ["segmenter.train"]  # no pretraining: the old checkpoint-2.pth is used
+    out = capsys.readouterr().out
+    assert f"mae-chp {old_bench}/pretrain_output/{RUNS['patches']}/checkpoint-2.pth" in out
+    after = (old_bench / "results.jsonl").read_text().splitlines()
+    assert after[:2] == before and len(after) == 3 and len(rows) == 3
+    new = json.loads(after[2])
+    assert new["run_id"] == RUNS["patches"] and new["eval_id"] != "2d7669"
+    assert "patches, seg 2d7669" in out and f"patches, seg {new['eval_id']}" in out  # two curves, both labelled
+    count_stages.clear()
+    benchmark.cli(old_command(toy_root, toy_ade20k, old_bench, "patches"))
+    assert count_stages == []  # and now it is done
 
 
 def test_a_new_evaluation_of_the_old_checkpoint(old_bench, toy_root, toy_ade20k, count_stages):

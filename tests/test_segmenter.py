@@ -13,7 +13,7 @@ import segmenter.train as seg_train
 from conftest import METHODS
 from segmenter import prepare_ade20k
 from segmenter.data import ADE20K, IGNORE_INDEX, SegEvalTransform, SegTrainTransform, reduce_zero_label
-from segmenter.inference import sliding_window_probs, window_starts
+from segmenter.inference import sliding_window_logits, window_starts
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import build_segmenter
 from util.checkpoint_adapt import AdaptationError, load_pretrained_encoder
@@ -46,17 +46,16 @@ def test_sliding_window_equals_single_forward_when_the_window_covers_the_image()
     model = seg_model("mask_transformer")
     img = torch.randn(3, 32, 48)
     with torch.no_grad():
-        direct = model(img[None, :, :, :32]).softmax(1)[0]
-    whole = sliding_window_probs(model, img[:, :, :32], 150, window_size=32, window_stride=32)
+        direct = model(img[None, :, :, :32])[0]
+    whole = sliding_window_logits(model, img[:, :, :32], 150, window_size=32, window_stride=32)
     torch.testing.assert_close(whole, direct, rtol=1e-5, atol=1e-6)
-    probs = sliding_window_probs(model, img, 150, window_size=32, window_stride=16)
-    assert probs.shape == (150, 32, 48)
-    torch.testing.assert_close(probs.sum(0), torch.ones(32, 48))
+    logits = sliding_window_logits(model, img, 150, window_size=32, window_stride=16)
+    assert logits.shape == (150, 32, 48)
     assert window_starts(48, 32, 16) == [0, 16] and window_starts(50, 32, 16) == [0, 16, 18]
     assert window_starts(20, 32, 16) == [0]
 
 
-def test_sliding_window_averages_overlaps():
+def test_sliding_window_averages_overlapping_logits():
     class Ramp(torch.nn.Module):
         """Logits that make class 0 certain in the left half of every window, class 1 in the right."""
         def forward(self, x):
@@ -65,9 +64,9 @@ def test_sliding_window_averages_overlaps():
             out[:, 1, :, x.shape[-1] // 2:] = 50
             return out
 
-    probs = sliding_window_probs(Ramp(), torch.zeros(3, 8, 12), 2, window_size=8, window_stride=4)
-    # columns 4-7 are seen by both windows: once as right half, once as left half
-    torch.testing.assert_close(probs[0, 0], torch.tensor([1, 1, 1, 1, .5, .5, .5, .5, 0, 0, 0, 0.]))
+    logits = sliding_window_logits(Ramp(), torch.zeros(3, 8, 12), 2, window_size=8, window_stride=4)
+    # columns 4-7 are seen by both windows: once as right half (-50), once as left half (+50)
+    torch.testing.assert_close(logits[0, 0], torch.tensor([50.] * 4 + [0.] * 4 + [-50.] * 4))
 
 
 def test_reduce_zero_label():

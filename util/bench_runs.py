@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 
+from segmenter import RECIPE as SEGMENTER_RECIPE
 from util.files import atomic_write_json, read_jsonl, write_jsonl
 from util.masking import uses_segments
 
@@ -40,9 +41,10 @@ def stage_flag(stage_args: str, name: str, default: str) -> str:
 
 
 def eval_config(args) -> dict:
-    """What defines one evaluation of a checkpoint."""
+    """What defines one evaluation of a checkpoint (the Segmenter's recipe included)."""
     return {"seg_backbone": args.seg_backbone, "seg_decoder": args.seg_decoder, "seg_epochs": args.seg_epochs,
-            "crop_size": args.crop_size, "seed": args.seed, "seg_args": shlex.split(args.seg_args)}
+            "crop_size": args.crop_size, "seed": args.seed, "seg_args": shlex.split(args.seg_args),
+            "seg_recipe": SEGMENTER_RECIPE}
 
 
 def short_digest(obj) -> str:

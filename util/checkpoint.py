@@ -148,15 +148,17 @@ def _normalised(key: str, value):
     return value
 
 
-def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, dashes: bool = False) -> None:
+def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, dashes: bool = False,
+                              saved: argparse.Namespace | None = None) -> None:
     """Flags that define a run (or a model to evaluate) must agree with the checkpoint (--resume
     unless path is given): a flag given on the command line that disagrees is an error naming both
     values; one left at its default takes the checkpoint's value (so resuming or evaluating needs
-    no retyping). dashes: the command spells its flags --crop-size rather than --crop_size."""
+    no retyping). dashes: the command spells its flags --crop-size rather than --crop_size.
+    saved: the checkpoint's settings where they are not its 'args' (another codebase's layout)."""
     path = path if path is not None else getattr(args, "resume", "")
     if not path:
         return
-    saved = load_checkpoint(path).get("args")
+    saved = saved if saved is not None else load_checkpoint(path).get("args")
     if saved is None:
         return
     flag = (lambda k: "--" + k.replace("_", "-")) if dashes else (lambda k: "--" + k)

@@ -223,7 +223,8 @@ def check_encoder_fits(sd: dict, model: nn.Module, path: str) -> None:
 
 
 def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
-    """Bicubic resize of sd['pos_embed'] to the model's patch grid (in place)."""
+    """Resize of sd['pos_embed'] to the model's patch grid (in place): bicubic, or the model's own
+    ``pos_embed_resize_mode`` (the Segmenter's encoder: bilinear)."""
     if "pos_embed" not in sd:
         return
     pos = sd["pos_embed"]
@@ -232,7 +233,8 @@ def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
     new_grid = tuple(model.patch_embed.grid_size)
     if old_grid != new_grid:
         print(f"Position embedding interpolated from {old_grid[0]}x{old_grid[1]} to {new_grid[0]}x{new_grid[1]}")
-        sd["pos_embed"] = resize_pos_embed(pos, old_grid, new_grid, num_extra_tokens=extra)
+        sd["pos_embed"] = resize_pos_embed(pos, old_grid, new_grid, num_extra_tokens=extra,
+                                           mode=getattr(model, "pos_embed_resize_mode", "bicubic"))
 
 
 def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None = None,

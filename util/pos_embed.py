@@ -43,13 +43,14 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], cl
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                     num_extra_tokens: int = 1) -> torch.Tensor:
-    """Bicubically resize a (1, extra + h*w, D) position embedding to a new patch grid."""
+                     num_extra_tokens: int = 1, mode: str = "bicubic") -> torch.Tensor:
+    """Resize a (1, extra + h*w, D) position embedding to a new patch grid (bicubic as the MAE
+    reference; the Segmenter's encoder uses bilinear, as Segmenter does)."""
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=mode, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
     return torch.cat([extra, grid], dim=1)
