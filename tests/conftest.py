@@ -53,3 +53,18 @@ def pretrained(toy_root, tmp_path_factory):
     return out
 
 
+
+
+@pytest.fixture
+def count_stages(monkeypatch):
+    """The benchmark stages (module names) that run, in order."""
+    import benchmark
+    calls = []
+    real = benchmark.run_stage
+
+    def counting(module, argv, args, inprocess):
+        calls.append(module)
+        return real(module, argv, args, inprocess)
+
+    monkeypatch.setattr(benchmark, "run_stage", counting)
+    return calls

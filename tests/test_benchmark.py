@@ -30,19 +30,6 @@ def run_dir(out, epochs=None):
     return pathlib.Path(ev)
 
 
-@pytest.fixture
-def count_stages(monkeypatch):
-    calls = []
-    real = benchmark.run_stage
-
-    def counting(module, argv, args, inprocess):
-        calls.append(module)
-        return real(module, argv, args, inprocess)
-
-    monkeypatch.setattr(benchmark, "run_stage", counting)
-    return calls
-
-
 @pytest.mark.slow
 def test_two_chunks_end_to_end_continue_one_pretraining_run(toy_root, toy_ade20k, tmp_path, count_stages):
     out = tmp_path / "bench"

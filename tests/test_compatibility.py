@@ -94,19 +94,6 @@ def old_command(toy_root, toy_ade20k, out, method, *extra):
             "--seg-args", "--batch-size 8 --lr 0.01 --num-workers 0 --print-freq 5", *extra]
 
 
-@pytest.fixture
-def count_stages(monkeypatch):
-    calls = []
-    real = benchmark.run_stage
-
-    def counting(module, argv, args, inprocess):
-        calls.append(module)
-        return real(module, argv, args, inprocess)
-
-    monkeypatch.setattr(benchmark, "run_stage", counting)
-    return calls
-
-
 @pytest.mark.parametrize("method", list(RUNS))
 def test_old_checkpoint_layout_is_todays_model(method):
     m = manifest(method)
