@@ -281,12 +281,13 @@ def test_real_sam_packages_write_files_that_train(tree, tmp_path, capsys, backen
     for i in range(8):
         add_image(tree, f"x{i}.png", scene(24, 40))
     summary = generate_masks.main(["--data_path", str(tree), "--backend", backend, "--sam_model", model,
-                                   "--points_per_side", "4", "--points_per_batch", "16", "--pred_iou_thresh", "0",
+                                   "--random_sam_weights", "--points_per_side", "4", "--points_per_batch", "16", "--pred_iou_thresh", "0",
                                    "--stability_score_thresh", "0"])
     assert "on cpu" in capsys.readouterr().out  # says where SAM runs
     assert summary["generated"] == 8 and not summary["failed"]
     data = json.load(open(tree / "masks" / "c" / "x0.json"))
     assert data["generator"]["backend"] == backend and data["generator"]["model"] == model
+    assert data["generator"]["checkpoint"] == "random-weights"  # such files say what made them
     assert data["generator"]["points_per_side"] == 4 and data["generator"]["box_nms_thresh"] == 0.7
     for a in data["annotations"]:
         assert list(a)[:3] == ["bbox", "area", "segmentation"]

@@ -1,4 +1,4 @@
-"""Writes SAM-style mask files for an ImageFolder tree: <data_path>/masks/<class>/<stem>.json.
+r"""Writes SAM-style mask files for an ImageFolder tree: <data_path>/masks/<class>/<stem>.json.
 
     # Segment-Anything (pip install segment-anything; a checkpoint from its model zoo)
     python tools/generate_masks.py --data_path /datasets/imagenet --backend sam \
@@ -12,7 +12,8 @@
 
 Images are read as training reads them (Pillow, EXIF orientation not applied, 16-bit scaled to 8
 bit), so every mask is on its image's pixel grid. Resumable: images whose mask file exists and
-parses are skipped (--redo_empty also redoes files in which nothing was found). Every file is
+parses and records this run's generator and settings are skipped (--redo_empty also redoes files
+in which nothing was found; files of another generator are made again unless --keep_other_generators). Every file is
 written atomically in SA-1B's layout ({"image": {image_id, width, height, file_name},
 "annotations": [{bbox, area, segmentation, predicted_iou, point_coords, crop_box, id,
 stability_score}]}, COCO RLE) plus a "generator" entry with the backend and every setting used,
@@ -32,14 +33,17 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util.files import file_digest  # noqa: E402
 from util.images import load_rgb  # noqa: E402
 from util.sam_masks import (annotation_coverage, duplicate_stems, encode_segmentation,  # noqa: E402
-                            load_annotations, mask_path_for, write_mask_file)
+                            mask_path_for, write_mask_file)
 
 # SA-1B's key order of an annotation; keys a backend does not give are left out
 SA1B_ANNOTATION_KEYS = ("bbox", "area", "segmentation", "predicted_iou", "point_coords", "crop_box", "id",
                         "stability_score")
 SAM_MODELS = ("vit_h", "vit_l", "vit_b")
+OFFICIAL_WEIGHTS = {"sam": "sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth",
+                    "sam2": "sam2.1_hiera_large.pt, _base_plus.pt, _small.pt or _tiny.pt"}
 SAM2_MODELS = {"hiera_tiny": "t", "hiera_small": "s", "hiera_base_plus": "b+", "hiera_large": "l"}
 
 
@@ -53,10 +57,20 @@ def list_images(image_root: str) -> list[str]:
     return sorted(found)
 
 
-def mask_file_state(path: str) -> str:
-    """'ok', 'empty' (parses, no annotation) or 'redo' (missing or broken)."""
+def mask_file_state(path: str, expected: dict | None = None) -> str:
+    """'ok', 'empty' (parses, no annotation), 'redo' (missing or broken) or 'other': made by another
+    generator or other settings than ``expected`` (what this run would record). A file that records
+    no generator (converted from another layout) is taken as it is."""
     try:
-        return "ok" if load_annotations(path) else "empty"
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+        annotations = data.get("annotations") if isinstance(data, dict) else data
+        if not isinstance(annotations, list):
+            return "redo"
+        recorded = data.get("generator") if isinstance(data, dict) else None
+        if expected is not None and recorded is not None and recorded != expected:
+            return "other"
+        return "ok" if annotations else "empty"
     except Exception:  # noqa: BLE001 - any failure means "generate it again"
         return "redo"
 
@@ -124,15 +138,62 @@ def superpixel_backend() -> Callable:
     return superpixel_segments
 
 
+superpixel_backend.settings = superpixel_segments.settings
+
+
+def recorded_generator(settings: dict | None, min_area: int = 0, max_masks: int = 0) -> dict | None:
+    """The "generator" entry a file gets: the backend's settings, plus the caps when set."""
+    if settings is None:
+        return None
+    return {**settings, **({"min_area": min_area} if min_area else {}), **({"max_masks": max_masks} if max_masks else {})}
+
+
 GENERATOR_DEFAULTS = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
                       "stability_score_thresh": 0.95, "box_nms_thresh": 0.7, "crop_n_layers": 0,
                       "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0}
+GENERATOR_HELP = {
+    "points_per_side": "prompts per side of the grid of point prompts (n x n points per image)",
+    "points_per_batch": "point prompts run together (memory, not results)",
+    "pred_iou_thresh": "drop masks whose predicted IoU is below this (0..1)",
+    "stability_score_thresh": "drop masks whose stability score (IoU under threshold shifts) is below this",
+    "box_nms_thresh": "IoU above which overlapping masks' boxes are merged by non-maximum suppression",
+    "crop_n_layers": "also run on crops: 0 = whole image only, n = n layers of 2^k x 2^k crops (SA-1B: 1+)",
+    "crop_n_points_downscale_factor": "points per side divided by this in each crop layer",
+    "min_mask_region_area": "remove holes and islands smaller than this many pixels (needs OpenCV when > 0)",
+}
+
+
+def check_official_digest(path: str) -> None:
+    """SAM's official files are named after the start of their MD5 (sam_vit_h_4b8939.pth): a file
+    with such a name whose MD5 differs is a truncated or damaged download."""
+    import re
+    match = re.fullmatch(r"sam_vit_[hlb]_([0-9a-f]{6})\.pth", os.path.basename(path))
+    if match and not file_digest(path, "md5").startswith(match.group(1)):
+        raise SystemExit(f"--sam_checkpoint {path}: its MD5 does not start with {match.group(1)} as the official "
+                         f"file's does: a truncated or damaged download; download it again")
+
+
+RANDOM_WEIGHTS = "random-weights"  # what a file made without a checkpoint records as its checkpoint
+
+
+def sam_settings(backend: str, checkpoint: str, model: str, amp: str = "none", sam2_config: str = "",
+                 **settings) -> dict:
+    """The "generator" entry of a SAM / SAM 2 mask file: everything that shaped its masks."""
+    return {"backend": backend, "model": model, "checkpoint": os.path.basename(checkpoint) or RANDOM_WEIGHTS,
+            "amp": amp, **({"sam2_config": sam2_config} if sam2_config else {}), **GENERATOR_DEFAULTS, **settings}
 
 
 def build_sam_generator(backend: str, checkpoint: str, model: str, device: str, sam2_config: str = "",
-                        **settings):
+                        random_weights: bool = False, **settings):
     """SAM's or SAM 2's automatic mask generator, coco_rle output. Errors a user can fix (package
-    missing, checkpoint missing, checkpoint of another model) end in one line (SystemExit)."""
+    missing, no or missing checkpoint, checkpoint of another model) end in one line (SystemExit).
+    Without a checkpoint SAM has random weights and finds nothing: refused unless random_weights
+    (for tests of the pipeline)."""
+    if not checkpoint and not random_weights:
+        files = OFFICIAL_WEIGHTS[backend]
+        raise SystemExit(f"--backend {backend} needs --sam_checkpoint: without weights SAM finds nothing. Download "
+                         f"the official ones ({files}; README.md 'SAM weights' lists links and checksums), or pass "
+                         f"--random_sam_weights to test the pipeline")
     if backend == "sam":
         try:
             from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
@@ -153,6 +214,8 @@ def build_sam_generator(backend: str, checkpoint: str, model: str, device: str, 
     if checkpoint and not os.path.isfile(checkpoint):
         raise SystemExit(f"--sam_checkpoint {checkpoint!r} not found: download one from the "
                          f"{'segment-anything' if backend == 'sam' else 'sam2'} model zoo")
+    if checkpoint:
+        check_official_digest(checkpoint)
     try:
         if backend == "sam":
             net = sam_model_registry[model](checkpoint=checkpoint or None).to(device)
@@ -178,8 +241,7 @@ class SamBackend:
         if generator is None:
             generator = build_sam_generator(backend, checkpoint, model_type, device, sam2_config, **settings)
         self.generator, self.device, self.amp = generator, device, amp
-        self.settings = {"backend": backend, "model": model_type, "checkpoint": os.path.basename(checkpoint),
-                         "amp": amp, **({"sam2_config": sam2_config} if sam2_config else {}), **settings}
+        self.settings = sam_settings(backend, checkpoint, model_type, amp, sam2_config, **settings)
 
     def __call__(self, img: np.ndarray) -> list[dict]:
         import torch
@@ -201,15 +263,17 @@ class SamBackend:
 # ------------------------------------------------------------------------------------------------
 
 def process_one(job: tuple, backend: Callable) -> tuple[str, int, list[float], str | None]:
-    """(relative path, number of masks, coverages, error) for one image."""
-    rel, image_root, mask_root, image_id, min_area, max_masks = job
+    """(relative path, number of masks, coverages, error) for one image. The job's optional last
+    item is the "generator" entry to record (default: the backend's settings and the caps)."""
+    rel, image_root, mask_root, image_id, min_area, max_masks, *generator = job
     try:
         img = np.asarray(load_rgb(os.path.join(image_root, rel)))
         anns = sa1b_layout(cap_annotations(backend(img), min_area, max_masks), image_id)
         h, w = img.shape[:2]
         write_mask_file(mask_path_for(mask_root, rel), anns,
                         {"image_id": image_id, "width": w, "height": h, "file_name": os.path.basename(rel)},
-                        generator=getattr(backend, "settings", None))
+                        generator=generator[0] if generator else
+                        recorded_generator(getattr(backend, "settings", None), min_area, max_masks))
         return rel, len(anns), [annotation_coverage(a) for a in anns], None
     except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
         return rel, 0, [], f"{type(e).__name__}: {e}"
@@ -229,8 +293,11 @@ def _work(job):
 
 def generate(data_path: str, backend_factory: Callable, split: str = "train", workers: int = 1,
              rank: int = 0, world_size: int = 1, log_every: float = 2.0, redo_empty: bool = False,
-             min_area: int = 0, max_masks: int = 0) -> dict:
-    """Generates the missing mask files of this rank's share of the images; returns a summary."""
+             min_area: int = 0, max_masks: int = 0, settings: dict | None = None,
+             keep_other_generators: bool = False) -> dict:
+    """Generates the missing mask files of this rank's share of the images; returns a summary.
+    A file made by another generator or other settings (its "generator" entry differs from what this
+    run records: ``settings``, default the factory's) is made again unless keep_other_generators."""
     image_root = os.path.join(data_path, split)
     mask_root = os.path.join(data_path, "masks")
     if not os.path.isdir(image_root):
@@ -243,13 +310,22 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
                          f"rename or remove one of each pair")
     image_ids = {rel: i for i, rel in enumerate(all_images)}  # stable for the same tree
     images = all_images[rank::world_size]
-    states = {rel: mask_file_state(mask_path_for(mask_root, rel)) for rel in images}
-    todo = [rel for rel in images if states[rel] == "redo" or (redo_empty and states[rel] == "empty")]
+    expected = recorded_generator(settings if settings is not None else getattr(backend_factory, "settings", None),
+                                  min_area, max_masks)
+    states = {rel: mask_file_state(mask_path_for(mask_root, rel), expected) for rel in images}
+    todo = [rel for rel in images if states[rel] == "redo" or (redo_empty and states[rel] == "empty")
+            or (states[rel] == "other" and not keep_other_generators)]
     empty_before = sum(state == "empty" for state in states.values())
+    other = sum(state == "other" for state in states.values())
     print(f"{len(images)} images, {len(images) - len(todo)} already have a mask file"
           + (f" ({empty_before} of them empty; --redo_empty regenerates those)" if empty_before and not redo_empty
              else "") + f", {len(todo)} to do")
-    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks) for rel in todo]
+    if other:
+        print(f"{other} mask file(s) were made by another generator or other settings than this run's "
+              f"({expected.get('backend')} {expected.get('model', '')}): "
+              + ("kept (--keep_other_generators)" if keep_other_generators
+                 else "made again (--keep_other_generators keeps them)"))
+    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks, expected) for rel in todo]
     counts, coverages, errors = [], [], []
     start = last = time.time()
     if workers > 1 and jobs:
@@ -281,6 +357,7 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
     seconds = time.time() - start
     summary = {"images": len(images), "generated": len(counts), "skipped_existing": len(images) - len(todo),
                "empty": sum(n == 0 for n in counts) + (0 if redo_empty else empty_before),
+               "other_generator": other,
                "failed": errors, "masks_per_image": float(np.mean(counts)) if counts else 0.0,
                "kb_per_image": round(written_bytes / max(len(counts), 1) / 1e3, 1),
                "images_per_s": round(len(counts) / max(seconds, 1e-9), 3),
@@ -294,23 +371,29 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--split", default="train")
+    p.add_argument("--data_path", required=True, help="the dataset root: masks go to <data_path>/masks/")
+    p.add_argument("--split", default="train", help="the folder under --data_path to make masks for (default: train)")
     p.add_argument("--backend", default=None, choices=["sam", "sam2", "superpixels"],
                    help="default: sam if segment-anything is installed and --sam_checkpoint given, else superpixels")
-    p.add_argument("--sam_checkpoint", default="")
+    p.add_argument("--sam_checkpoint", default="",
+                   help="SAM / SAM 2 weights (README.md 'SAM weights': file names, links, checksums); required for "
+                        "--backend sam / sam2")
+    p.add_argument("--random_sam_weights", action="store_true",
+                   help="testing only: run SAM without --sam_checkpoint, with random weights (it finds nothing)")
     p.add_argument("--sam_model", default=None, choices=[*SAM_MODELS, *SAM2_MODELS],
                    help="SAM: vit_h (default), vit_l, vit_b; SAM 2: hiera_tiny .. hiera_large (default hiera_large)")
     p.add_argument("--sam2_config", default="", help="SAM 2 model config (default: the sam2.1 one of --sam_model)")
     for name, default in GENERATOR_DEFAULTS.items():
         p.add_argument(f"--{name}", type=type(default), default=default,
-                       help="the automatic mask generator's setting (SAM's default; SA-1B used crop_n_layers 1+)")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for SAM on a GPU")
-    p.add_argument("--min_area", type=int, default=0, help="drop masks smaller than this many pixels")
+                       help=f"SAM's automatic mask generator: {GENERATOR_HELP[name]} (default: %(default)s, SAM's)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast for SAM on a GPU (default: none)")
+    p.add_argument("--min_area", type=int, default=0, help="drop masks smaller than this many pixels (default: 0)")
     p.add_argument("--max_masks", type=int, default=0,
                    help="keep at most N masks per image, spread over the range of areas (0: all); caps disk use")
     p.add_argument("--redo_empty", action="store_true", help="also regenerate mask files in which nothing was found")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU processes (superpixels)")
+    p.add_argument("--keep_other_generators", action="store_true",
+                   help="keep mask files made by another backend or other settings (default: make them again)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU processes (superpixels; default: the CPU count)")
     args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     backend = args.backend
@@ -328,17 +411,20 @@ def main(argv=None) -> dict:
         model = args.sam_model or ("vit_h" if backend == "sam" else "hiera_large")
         settings = {name: getattr(args, name) for name in GENERATOR_DEFAULTS}
         # built here, before any mask file is listed: a missing package or checkpoint fails at once
-        generator = build_sam_generator(backend, args.sam_checkpoint, model, device, args.sam2_config, **settings)
+        generator = build_sam_generator(backend, args.sam_checkpoint, model, device, args.sam2_config,
+                                        args.random_sam_weights, **settings)
         print(f"{backend} {model} on {device}" + ("" if device != "cpu" else
               " (no GPU visible: SAM on a CPU takes seconds to minutes per image)"))
         factory = functools.partial(SamBackend, args.sam_checkpoint, model, device, generator, backend, args.amp,
                                     args.sam2_config, **settings)
         workers = 1  # the GPU does the work
+        recorded = sam_settings(backend, args.sam_checkpoint, model, args.amp, args.sam2_config, **settings)
     else:
-        factory, workers = superpixel_backend, args.workers
+        factory, workers, recorded = superpixel_backend, args.workers, superpixel_backend.settings
     print(f"backend {backend}, rank {rank}/{world}")
     return generate(args.data_path, factory, args.split, workers, rank, world, redo_empty=args.redo_empty,
-                    min_area=args.min_area, max_masks=args.max_masks)
+                    min_area=args.min_area, max_masks=args.max_masks, settings=recorded,
+                    keep_other_generators=args.keep_other_generators)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""What a new user meets first, on real-world input: no silent random SAM, masks of another
+generator redone, the class count taken from the data, clear one-line errors, honest help."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_mask_policy import add_image, scene, tree  # noqa: F401 - the fixture
+from tools import generate_masks
+
+
+# ------------------------------------------------------------------------------------------------
+# generate_masks.py
+
+@pytest.mark.parametrize("backend", ["sam", "sam2"])
+def test_sam_without_weights_is_refused_before_anything_runs(tmp_path, capsys, backend):
+    with pytest.raises(SystemExit, match=f"--backend {backend} needs --sam_checkpoint: without weights SAM finds "
+                                         f"nothing.*--random_sam_weights"):
+        generate_masks.main(["--data_path", str(tmp_path / "nowhere"), "--backend", backend])
+
+
+def test_a_truncated_official_sam_file_is_named(tmp_path):
+    pytest.importorskip("segment_anything")
+    bad = tmp_path / "sam_vit_b_01ec64.pth"
+    bad.write_bytes(b"half a download")
+    with pytest.raises(SystemExit, match="its MD5 does not start with 01ec64.*download it again"):
+        generate_masks.main(["--data_path", str(tmp_path), "--backend", "sam", "--sam_model", "vit_b",
+                             "--sam_checkpoint", str(bad)])
+
+
+def test_files_of_another_generator_are_made_again(tree, capsys):  # noqa: F811
+    for i in range(3):
+        add_image(tree, f"x{i}.png", scene(24, 40))
+    first = generate_masks.generate(str(tree), generate_masks.superpixel_backend, log_every=0)
+    assert first["generated"] == 3
+    recorded = json.load(open(tree / "masks" / "c" / "x0.json"))["generator"]
+    assert recorded == generate_masks.superpixel_backend.settings
+    calls = []
+
+    def sam_like(img):
+        calls.append(1)
+        return generate_masks.superpixel_segments(img)
+
+    sam = {"backend": "sam", "model": "vit_b", "checkpoint": "sam_vit_b_01ec64.pth"}
+    kept = generate_masks.generate(str(tree), lambda: sam_like, log_every=0, settings=sam,
+                                   keep_other_generators=True)
+    assert not calls and kept["other_generator"] == 3
+    assert "3 mask file(s) were made by another generator or other settings than this run's (sam vit_b): kept" \
+        in capsys.readouterr().out
+    redone = generate_masks.generate(str(tree), lambda: sam_like, log_every=0, settings=sam)
+    assert len(calls) == 3 and redone["generated"] == 3
+    assert "made again (--keep_other_generators keeps them)" in capsys.readouterr().out
+    assert json.load(open(tree / "masks" / "c" / "x0.json"))["generator"] == sam
+    again = generate_masks.generate(str(tree), lambda: sam_like, log_every=0, settings=sam)
+    assert len(calls) == 3 and again["skipped_existing"] == 3 and again["other_generator"] == 0
+    # other settings of the same backend are another generator too; caps are recorded when set
+    capped = generate_masks.generate(str(tree), lambda: sam_like, log_every=0, settings=sam, max_masks=2)
+    assert capped["generated"] == 3
+    assert json.load(open(tree / "masks" / "c" / "x0.json"))["generator"] == {**sam, "max_masks": 2}
+
+
+def test_sam_settings_record_what_made_the_file():
+    s = generate_masks.sam_settings("sam", "/w/sam_vit_b_01ec64.pth", "vit_b", points_per_side=8)
+    assert s["checkpoint"] == "sam_vit_b_01ec64.pth" and s["points_per_side"] == 8 and s["box_nms_thresh"] == 0.7
+    assert generate_masks.sam_settings("sam", "", "vit_b")["checkpoint"] == "random-weights"
+
+
+def test_every_generator_flag_has_its_own_help_and_default(capsys):
+    with pytest.raises(SystemExit):
+        generate_masks.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, default in generate_masks.GENERATOR_DEFAULTS.items():
+        assert f"{generate_masks.GENERATOR_HELP[name]} (default: {default}, SAM's)" in out, name
+    assert "--split SPLIT the folder under --data_path to make masks for (default: train)" in out
+    assert len(set(generate_masks.GENERATOR_HELP.values())) == len(generate_masks.GENERATOR_DEFAULTS)
+
+
+def test_the_docstring_shows_its_commands_as_written(capsys):
+    with pytest.raises(SystemExit):
+        generate_masks.main(["--help"])
+    assert "--backend sam \\\n" in capsys.readouterr().out
+
+
