@@ -82,3 +82,36 @@ def test_the_docstring_shows_its_commands_as_written(capsys):
     assert "--backend sam \\\n" in capsys.readouterr().out
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the class count
+
+def finetune_flags(toy_root, out, *extra):
+    return ["--data_path", toy_root, "--model", "vit_tiny_patch8", "--input_size", "32", "--batch_size", "8",
+            "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
+            "--output_dir", str(out), "--log_dir", str(out), *extra]
+
+
+def test_the_class_count_comes_from_the_data_when_not_given(toy_root, pretrained, tmp_path, capsys):
+    import torch
+
+    import main_finetune
+    import main_linprobe
+    main_finetune.cli(finetune_flags(toy_root, tmp_path / "ft", "--finetune", pretrained["patches"]))
+    assert "--nb_classes 4: the class folders in" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint-0.pth", weights_only=False)
+    assert ckpt["model"]["head.weight"].shape[0] == 4 and ckpt["args"].nb_classes == 4
+    main_linprobe.cli(finetune_flags(toy_root, tmp_path / "lp", "--finetune", pretrained["patches"]))
+    ckpt = torch.load(tmp_path / "lp" / "checkpoint-0.pth", weights_only=False)
+    assert ckpt["model"]["head.1.weight"].shape[0] == 4
+
+
+def test_a_given_class_count_that_disagrees(toy_root, pretrained, tmp_path, capsys):
+    import main_finetune
+    with pytest.raises(SystemExit):
+        main_finetune.cli(finetune_flags(toy_root, tmp_path / "a", "--nb_classes", "2"))
+    assert "has 4 classes but --nb_classes is 2: pass --nb_classes 4 (or leave it out)" in capsys.readouterr().err
+    main_finetune.cli(finetune_flags(toy_root, tmp_path / "b", "--nb_classes", "10", "--finetune",
+                                     pretrained["patches"]))
+    assert "WARNING: --nb_classes 10 but" in capsys.readouterr().out

@@ -176,6 +176,7 @@ def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, da
                 f"checkpoint, or start a new run in another output folder")
         print(f"{flag(key)} {_flag_value(theirs)} taken from {path}")
         setattr(args, key, getattr(saved, key))
+        args.from_checkpoint = [*getattr(args, "from_checkpoint", []), key]  # as binding as a given flag
 
 
 def _flag_value(v) -> str:

@@ -121,7 +121,23 @@ def build_classification_dataset(is_train: bool, args, build_transform: Callable
         raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
     root = os.path.join(paths[0], "train" if is_train else "val")
     dataset = CheckedImageFolder(root, build_transform(is_train, args), seed=args.seed)
-    if args.nb_classes < len(dataset.classes):
-        raise DataError(f"{root} has {len(dataset.classes)} classes but --nb_classes is {args.nb_classes}: "
-                        f"pass --nb_classes {len(dataset.classes)}")
+    if is_train:
+        check_class_count(args, len(dataset.classes), root)
     return dataset
+
+
+def check_class_count(args, n_classes: int, root: str) -> None:
+    """--nb_classes left out: the training folder's class count. Given (or taken from the checkpoint
+    being continued): fewer than the folder's classes is an error, more a warning (a subset of a
+    larger label set, e.g. 100 ImageNet classes scored by a 1000-way head)."""
+    fixed = {"nb_classes"} & (set(getattr(args, "given_flags", [])) | set(getattr(args, "from_checkpoint", [])))
+    if not fixed:
+        if args.nb_classes != n_classes:
+            print(f"--nb_classes {n_classes}: the class folders in {root}")
+        args.nb_classes = n_classes
+    elif args.nb_classes < n_classes:
+        raise DataError(f"{root} has {n_classes} classes but --nb_classes is {args.nb_classes}: "
+                        f"pass --nb_classes {n_classes} (or leave it out)")
+    elif args.nb_classes > n_classes:
+        print(f"WARNING: --nb_classes {args.nb_classes} but {root} has {n_classes} classes: the head has "
+              f"{args.nb_classes - n_classes} outputs no label uses (right for a subset of a larger label set)")
