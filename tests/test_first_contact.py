@@ -115,3 +115,34 @@ def test_a_given_class_count_that_disagrees(toy_root, pretrained, tmp_path, caps
     main_finetune.cli(finetune_flags(toy_root, tmp_path / "b", "--nb_classes", "10", "--finetune",
                                      pretrained["patches"]))
     assert "WARNING: --nb_classes 10 but" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# an RLE that claims a huge size is refused before anything is decoded, in every reader
+
+def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatch):  # noqa: F811
+    from test_mask_policy import sample_mask
+    from tools import check_dataset
+    import util.mask_sources
+    import util.sam_masks
+    from util.mask_cache import build_mask_cache
+    from util.sam_masks import MaskFileError
+    add_image(tree, "x.png", scene(24, 40))
+    mask_path = tree / "masks" / "c" / "x.json"
+    os.makedirs(mask_path.parent)
+    huge = {"size": [100000, 100000], "counts": [100000 * 100000]}  # a valid RLE: one run of 10^10 zeros
+    mask_path.write_text(json.dumps({"annotations": [{"segmentation": huge, "area": 5 * 10 ** 9}]}))
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded a mask that should have been refused")
+
+    monkeypatch.setattr(util.sam_masks, "decode_segmentation", no_decoding)
+    monkeypatch.setattr(util.mask_sources, "decode_segmentation", no_decoding)
+    message = "the mask claims 100000x100000 pixels but its image is 40x24: not a mask of this picture"
+    with pytest.raises(MaskFileError, match=message) as e:
+        sample_mask(tree)
+    assert str(mask_path) in str(e.value)
+    problems = check_dataset.check(str(tree))["problems"]
+    assert any(message in p for p in problems), problems
+    with pytest.raises(MaskFileError, match=message):
+        build_mask_cache(str(tree), ["c/x.png"], 50.0)

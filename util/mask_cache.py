@@ -34,6 +34,16 @@ def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path:
         return None
     where = source.location(rel)
     try:
+        with Image.open(image_path) as im:
+            image_wh, orientation = im.size, exif_orientation(im)
+    except OSError as e:
+        raise MaskFileError(f"cannot read image {image_path}: {e}") from None
+    if seg.size is not None:  # the size policy before anything is decoded
+        try:
+            mask_fit(seg.size, image_wh, orientation)
+        except ValueError as e:
+            raise MaskFileError(f"{where}: {e}") from None
+    try:
         if seg.rle is not None and not isinstance(seg.rle["counts"], list):
             check_rle(seg.rle)
             rle = seg.rle
@@ -42,12 +52,9 @@ def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path:
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise MaskFileError(f"invalid RLE in {where}: {e}. Regenerate this mask file") from None
     try:
-        with Image.open(image_path) as im:
-            mask_fit(tuple(rle["size"]), im.size, exif_orientation(im))
+        mask_fit(tuple(rle["size"]), image_wh, orientation)
     except ValueError as e:
         raise MaskFileError(f"{where}: {e}") from None
-    except OSError as e:
-        raise MaskFileError(f"cannot read image {image_path}: {e}") from None
     counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"])
     return counts, int(rle["size"][0]), int(rle["size"][1])
 

@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from util.sam_masks import (MASK_SUFFIX, MaskFileError, annotation_coverages, closest_first,
-                            decode_segmentation, load_annotations, load_mask_json, mask_size)
+                            check_mask_not_huge, decode_segmentation, load_annotations, load_mask_json,
+                            mask_size)
 
 MASK_FORMATS = ("json", "segmae", "amg")
 SEGMAE_TABLE = "table.txt"
@@ -165,6 +166,11 @@ class MaskSource:
         if seg is None:
             w, h = image_size
             return np.zeros((h, w), dtype=np.uint8)
+        if seg.size is not None:  # before decoding: a crafted size would allocate gigabytes
+            try:
+                check_mask_not_huge(seg.size, image_size)
+            except ValueError as e:
+                raise MaskFileError(f"{seg.where}: {e}. Regenerate its masks from the image") from None
         return seg.decode()
 
     def present(self, stems: set[str]) -> set[str]:
@@ -203,7 +209,8 @@ class JsonMasks(MaskSource):
         if i is None:
             return None
         seg = anns[i]["segmentation"]
-        return Segment(coverages[i], None, _rle_decoder(seg, path), path, rle=seg)
+        # its size was checked by annotation_coverages
+        return Segment(coverages[i], mask_size(seg), _rle_decoder(seg, path), path, rle=seg)
 
     def present(self, stems: set[str]) -> set[str]:
         if self.listed is None:

@@ -202,7 +202,10 @@ def load_segment(path: str, coverage_ratio: float, image_size: tuple[int, int] |
 #   - rotated into the file's pixel frame, then resized if needed, when its size is the transposed
 #     one and the image carries EXIF orientation 5-8 (SAM's scripts/amg.py reads images with cv2,
 #     which applies the orientation, so its masks are in the displayed frame);
-#   - refused (MaskFileError naming the file and both sizes) in every other case.
+#   - refused (MaskFileError naming the file and both sizes) in every other case, and whenever the
+#     mask has more than MAX_MASK_PIXELS_PER_IMAGE_PIXEL times the image's pixels (and more than
+#     4096 x 4096): such a size is checked before anything is decoded, since decoding a crafted
+#     100000 x 100000 RLE would take 10 GB.
 
 EXIF_ORIENTATION_TAG = 0x0112
 # display frame -> file frame: the inverse of the transpose that EXIF orientation 5-8 asks for
@@ -222,6 +225,18 @@ def exif_orientation(image) -> int:
         return 1
 
 
+MAX_MASK_PIXELS_PER_IMAGE_PIXEL = 64  # SAM run on a copy upscaled up to 8x per side still fits
+MAX_MASK_PIXELS_ANY_IMAGE = 4096 * 4096
+
+
+def check_mask_not_huge(mask_hw: tuple[int, int], image_wh: tuple[int, int]) -> None:
+    """ValueError for a mask far larger than its image (no resized copy is that large)."""
+    (mh, mw), (w, h) = mask_hw, image_wh
+    if mh * mw > max(MAX_MASK_PIXELS_PER_IMAGE_PIXEL * h * w, MAX_MASK_PIXELS_ANY_IMAGE):
+        raise ValueError(f"the mask claims {mw}x{mh} pixels but its image is {w}x{h}: not a mask of this picture "
+                         f"(nothing was decoded)")
+
+
 def _same_aspect(mh: int, mw: int, h: int, w: int) -> bool:
     # up to the rounding of a resized copy: one pixel at the larger of the two resolutions
     return abs(mw * h - w * mh) <= max(h, mh, w, mw)
@@ -233,6 +248,7 @@ def mask_fit(mask_hw: tuple[int, int], image_wh: tuple[int, int], orientation: i
     (mh, mw), (w, h) = mask_hw, image_wh
     if (mh, mw) == (h, w):
         return "same"
+    check_mask_not_huge(mask_hw, image_wh)
     if _same_aspect(mh, mw, h, w):
         return "resize"
     if orientation in _DISPLAY_TO_FILE and _same_aspect(mw, mh, h, w):
