@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from util.datasets import sample_generator
-from util.images import DataError, load_rgb
+from util.images import IMAGE_ERRORS, DataError, load_rgb
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150
@@ -171,7 +171,7 @@ class ADE20K(Dataset):
         label_path = os.path.join(self.label_dir, name + ".png")
         try:
             label = np.asarray(Image.open(label_path))
-        except OSError as e:
+        except IMAGE_ERRORS as e:
             raise DataError(f"cannot read label {label_path}: {e}") from None
         if label.ndim != 2:
             raise DataError(f"label {label_path} has {label.shape[2] if label.ndim == 3 else label.ndim} channels: "

@@ -146,3 +146,38 @@ def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatc
     assert any(message in p for p in problems), problems
     with pytest.raises(MaskFileError, match=message):
         build_mask_cache(str(tree), ["c/x.png"], 50.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# an image over Pillow's decompression-bomb limit
+
+def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_request(tree, monkeypatch):  # noqa: F811
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+    from util.datasets import PretrainDataset, SegmentMaskImageFolder
+    from util.images import DataError, load_rgb
+    from util.mask_cache import build_mask_cache
+    from util.sam_masks import MaskFileError
+    path = add_image(tree, "big.png", scene(60, 60))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as a 20000x20000 photo against the default
+    fix = "shrink the file, or raise the limit with PIL_MAX_IMAGE_PIXELS=<pixels> in the environment"
+    with pytest.raises(DataError, match=f"image {path} is larger than Pillow allows .*{fix}"):
+        load_rgb(str(path))
+    with pytest.raises(DataError, match=fix):
+        SegmentMaskImageFolder(str(tree), with_masks=False)[0]
+    skipping = PretrainDataset([SegmentMaskImageFolder(str(tree), with_masks=False)], transform=None, skip_bad_samples=True)
+    assert fix in skipping[0].message
+    write = tree / "masks" / "c" / "big.json"
+    os.makedirs(write.parent)
+    from util.sam_masks import encode_segmentation
+    write.write_text(json.dumps({"annotations": [{"segmentation": encode_segmentation(np.ones((60, 60), np.uint8)),
+                                                  "area": 3600}]}))
+    with pytest.raises(MaskFileError, match=fix):
+        build_mask_cache(str(tree), ["c/big.png"], 50.0)
+    out = subprocess.run([sys.executable, "-c", "import util.images, PIL.Image; print(PIL.Image.MAX_IMAGE_PIXELS)"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PIL_MAX_IMAGE_PIXELS": "0"})
+    assert out.stdout.strip() == "None"

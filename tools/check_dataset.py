@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.generate_masks import list_images  # noqa: E402
 from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
 from util.sam_masks import MaskFileError, check_rle, duplicate_stems, exif_orientation, mask_fit  # noqa: E402
+from util.images import IMAGE_ERRORS, image_error  # noqa: E402
 
 _sources: dict[tuple[str, str], MaskSource] = {}  # one reader per worker process
 
@@ -34,6 +35,8 @@ def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
         with Image.open(os.path.join(image_root, rel)) as im:
             im.load()
             size, orientation = im.size, exif_orientation(im)
+    except IMAGE_ERRORS as e:
+        result["problems"].append(f"image does not decode: {image_error(os.path.join(image_root, rel), e)}")
     except Exception as e:  # noqa: BLE001
         result["problems"].append(f"image does not decode: {type(e).__name__}: {e}")
         size = None

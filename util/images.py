@@ -4,6 +4,7 @@ a read deadline, so that a hung file system stops a run with the file named."""
 from __future__ import annotations
 
 import io
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -18,6 +19,21 @@ class DataError(UserError):
     """A dataset problem the user must fix (wrong path, missing files); the message says how."""
 
 
+# What Pillow raises for a file it cannot read, including one over its decompression-bomb limit
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+LIMIT_VARIABLE = "PIL_MAX_IMAGE_PIXELS"
+if os.environ.get(LIMIT_VARIABLE):  # the user's own choice of Pillow's limit (0: none)
+    Image.MAX_IMAGE_PIXELS = int(os.environ[LIMIT_VARIABLE]) or None
+
+
+def image_error(path: str, e: BaseException) -> DataError:
+    """One line naming the file and the fix."""
+    if isinstance(e, Image.DecompressionBombError):
+        return DataError(f"image {path} is larger than Pillow allows ({e}): shrink the file, or raise the limit "
+                         f"with {LIMIT_VARIABLE}=<pixels> in the environment (0: no limit)")
+    return DataError(f"cannot read image {path}: {e}. Replace or delete the file.")
+
+
 def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
     """Opens an image as RGB (from ``data`` when the file was already read); a corrupt or
     truncated file raises an error naming it."""
@@ -27,8 +43,8 @@ def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
             if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
                 return _high_bit_depth_to_rgb(img)
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+    except IMAGE_ERRORS as e:
+        raise image_error(path, e) from None
 
 
 def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
@@ -52,8 +68,8 @@ class EncodedImage:
             with Image.open(io.BytesIO(self.data)) as img:
                 self.width, self.height = img.size
                 self.is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+        except IMAGE_ERRORS as e:
+            raise image_error(path, e) from None
 
     @property
     def size(self) -> tuple[int, int]:

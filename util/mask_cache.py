@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from util.files import atomic_write
+from util.images import IMAGE_ERRORS, image_error
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
                             exif_orientation, mask_fit)
@@ -36,8 +37,8 @@ def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path:
     try:
         with Image.open(image_path) as im:
             image_wh, orientation = im.size, exif_orientation(im)
-    except OSError as e:
-        raise MaskFileError(f"cannot read image {image_path}: {e}") from None
+    except IMAGE_ERRORS as e:
+        raise MaskFileError(str(image_error(image_path, e))) from None
     if seg.size is not None:  # the size policy before anything is decoded
         try:
             mask_fit(seg.size, image_wh, orientation)

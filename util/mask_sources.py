@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from util.images import IMAGE_ERRORS
 from util.sam_masks import (MASK_SUFFIX, MaskFileError, annotation_coverages, closest_first,
                             check_mask_not_huge, decode_segmentation, load_annotations, load_mask_json,
                             mask_size)
@@ -89,7 +90,7 @@ def read_png_mask(path: str, thresholded: Counter | None = None) -> np.ndarray:
                 values = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
     except FileNotFoundError:
         raise MaskFileError(f"mask PNG not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except IMAGE_ERRORS as e:
         raise MaskFileError(f"cannot read mask PNG {path}: {e}. Regenerate it") from None
     if thresholded is not None and ((values != 0) & (values != 255)).any():
         thresholded.add()
@@ -103,7 +104,7 @@ def png_size(path: str) -> tuple[int, int]:
             w, h = img.size
     except FileNotFoundError:
         raise MaskFileError(f"mask PNG not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except IMAGE_ERRORS as e:
         raise MaskFileError(f"cannot read mask PNG {path}: {e}. Regenerate it") from None
     return h, w
 

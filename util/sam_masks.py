@@ -221,8 +221,8 @@ def exif_orientation(image) -> int:
             return int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
         with Image.open(image) as im:
             return int(im.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
-    except (OSError, ValueError, TypeError, SyntaxError):
-        return 1
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError):
+        return 1  # an unreadable image is reported by whoever reads its pixels
 
 
 MAX_MASK_PIXELS_PER_IMAGE_PIXEL = 64  # SAM run on a copy upscaled up to 8x per side still fits
