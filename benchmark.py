@@ -153,7 +153,7 @@ def check_stage_args(args: argparse.Namespace) -> None:
                pretrain_argv(args, eval_points(args)[0], os.path.join(args.output_dir, "pretrain_output"))),
               ("--seg-args", args.seg_args, segmenter.train, SEG_FLAGS_SET_HERE,
                seg_argv(args, os.path.join(args.output_dir, "checkpoint.pth"), "eval")))
-    for option, extra, module, set_here, base in stages:
+    for option, extra, module, set_here, base in stages:  # base ends with the extra flags
         parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
         try:
             extra_argv = shlex.split(extra)
@@ -162,7 +162,7 @@ def check_stage_args(args: argparse.Namespace) -> None:
                 names = ", ".join(f"--{c}" + (f" (use the benchmark's {set_here[c]})" if set_here[c] else "")
                                   for c in conflicts)
                 raise UserError(f"sets {names}, which the benchmark sets itself")
-            stage_args = parser.parse_args(base + extra_argv)
+            stage_args = parser.parse_args(base)  # the stage's whole command line, extra flags included
             module.check_args(stage_args, parser)
         except (UserError, ValueError) as e:
             raise UserError(f"{option} {extra!r}: {e}") from None

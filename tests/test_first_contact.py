@@ -181,3 +181,25 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
     out = subprocess.run([sys.executable, "-c", "import util.images, PIL.Image; print(PIL.Image.MAX_IMAGE_PIXELS)"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PIL_MAX_IMAGE_PIXELS": "0"})
     assert out.stdout.strip() == "None"
+
+
+def test_no_mask_at_all_says_so_even_with_allow_missing_masks(toy_root, tmp_path):
+    import shutil
+
+    from util.datasets import SegmentMaskImageFolder
+    from util.images import DataError
+    root = tmp_path / "nomasks"
+    shutil.copytree(os.path.join(toy_root, "train"), root / "train")
+    os.makedirs(root / "masks" / "boxes")  # a masks/ folder, but nothing in it
+    with pytest.raises(DataError, match=r"no image under .*train has a mask file: looked in .*masks for SAM JSON "
+                                        r"\(<class>/<stem>.json\), the original segmae layout .*amg.py folders"):
+        SegmentMaskImageFolder(str(root), with_masks=True, allow_missing_masks=True)
+
+
+def test_a_typo_in_stage_flags_is_named_once(toy_root, toy_ade20k, tmp_path, capsys):
+    import benchmark
+    with pytest.raises(SystemExit):
+        benchmark.cli(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path / "b"),
+                       "--pretrain-args", "--batchsize 3"])
+    err = capsys.readouterr().err
+    assert "--pretrain-args '--batchsize 3': unrecognized arguments: --batchsize 3\n" in err

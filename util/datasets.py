@@ -114,6 +114,12 @@ class SegmentMaskImageFolder(Dataset):
         first = "\n  ".join(self.source.location(self.rel_paths[i]) for i in missing[:5])
         msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file "
                f"({self.source.format} layout), for example:\n  {first}")
+        if len(missing) == len(self.samples):  # --allow_missing_masks would leave nothing
+            raise DataError(f"no image under {self.image_root} has a mask file: looked in {self.source.mask_root} "
+                            f"for SAM JSON (<class>/<stem>.json), the original segmae layout (<class>/<stem>/table.txt) "
+                            f"and amg.py folders (<class>/<stem>/metadata.csv); e.g. "
+                            f"{self.source.location(self.rel_paths[missing[0]])} is missing. Generate masks with "
+                            f"tools/generate_masks.py, or check --data_path")
         if not allow_missing:
             raise DataError(msg + "\nGenerate the missing masks, or pass --allow_missing_masks to "
                                   "pretrain without those images.")
