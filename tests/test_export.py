@@ -36,20 +36,35 @@ def test_timm_export_tiny_each_method(pretrained, tmp_path):
         files = export.main(["--checkpoint", pretrained[method], "--to", "timm", "--out", str(out)])
         assert all(not f.endswith((".pth", ".bin", ".pkl")) for f in files)  # safetensors + json, no pickle
         model = timm.create_model("vit_tiny_patch16_224", pretrained=True, patch_size=8, img_size=32,
-                                  pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
+                                  pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"),
+                                                              num_classes=0)).eval()
         ours, _ = features_of_ours(pretrained[method])
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             assert (model.forward_features(x) - ours.forward_features(x)).abs().max() <= 1e-5, method
         # at 224 timm resizes the position embedding itself: strict load, features of the right shape
         at224 = timm.create_model("vit_tiny_patch16_224", pretrained=True, patch_size=8,
-                                  pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+                                  pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=0))
         assert at224.pos_embed.shape[1] == 1 + 28 * 28
+
+
+def test_timm_export_loads_with_the_usual_call(pretrained, tmp_path):
+    import timm
+    export.main(["--checkpoint", pretrained["patches"], "--to", "timm", "--out", str(tmp_path)])
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, patch_size=8, img_size=32,
+                              checkpoint_path=str(tmp_path / "model.safetensors")).eval()
+    ours, _ = features_of_ours(pretrained["patches"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.forward_features(x) - ours.forward_features(x)).abs().max() <= 1e-5
+    new_head = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=7, patch_size=8, img_size=32,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"), num_classes=0))
+    assert new_head.head.out_features == 7
 
 
 def test_timm_export_real_vit_base_shape(base_checkpoint, tmp_path):
     import timm
-    export.main(["--checkpoint", base_checkpoint, "--to", "timm", "--out", str(tmp_path)])
+    export.main(["--checkpoint", base_checkpoint, "--to", "timm", "--out", str(tmp_path), "--timm_zero_head"])
     model = timm.create_model("vit_base_patch16_224", pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"))).eval()
     ours, _ = features_of_ours(base_checkpoint)

@@ -7,9 +7,10 @@ folded into 3 channels (exact for a fully visible image), the pre-encoder and de
     python tools/export.py --checkpoint out/checkpoint-799.pth --to hf-mae --out export/hf-mae   # patches only
     python tools/export.py --checkpoint out/checkpoint-799.pth --to encoder --out export/encoder
 
-timm:    model.safetensors + config.json: timm.create_model('vit_base_patch16_224', pretrained=True,
-         pretrained_cfg_overlay=dict(file='export/timm/model.safetensors')) (its 1000-class head is zero:
-         add num_classes=0 for features, num_classes=N for a new head)
+timm:    model.safetensors (no head: no classifier was trained) + config.json:
+         timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path='export/timm/model.safetensors'),
+         or pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0) (num_classes=N: a new head).
+         --timm_zero_head writes a zero 1000-class head instead (the pretrained=True call without num_classes)
 hf:      a transformers ViTModel folder (save_pretrained): ViTModel.from_pretrained('export/hf')
 hf-mae:  a transformers ViTMAEForPreTraining folder, decoder included (patches checkpoints)
 encoder: checkpoint.pth = {'model': encoder weights} in the official MAE layout, which the original
@@ -83,20 +84,24 @@ def build_timm_encoder(sd: dict, shape: dict, size) -> torch.nn.Module:
     return model.eval()
 
 
-def export_timm(sd: dict, shape: dict, size, out: str) -> list[str]:
+def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False) -> list[str]:
+    """No head by default: timm.create_model(name, num_classes=0, checkpoint_path=FILE) loads it
+    strictly. zero_head: a zero 1000-class head (no classifier was trained), for
+    create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE)) with timm's
+    default num_classes."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in sd.items()}
-    # timm's ViT configs expect a 1000-class head: a zero one (no classifier was trained) lets
-    # timm.create_model(<name>, pretrained=True, pretrained_cfg_overlay=dict(file=...)) load strictly;
-    # with num_classes=N timm replaces it, with num_classes=0 drops it
-    tensors["head.weight"] = torch.zeros(1000, shape["embed_dim"])
-    tensors["head.bias"] = torch.zeros(1000)
+    classes = 1000 if zero_head else 0
+    if zero_head:
+        tensors["head.weight"] = torch.zeros(1000, shape["embed_dim"])
+        tensors["head.bias"] = torch.zeros(1000)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     h, w = as_hw(size)
-    config = {"architecture": f"{timm_name(shape)}_224", "num_classes": 1000, "num_features": shape["embed_dim"],
-              "global_pool": "token", "head": "zero (no classifier trained): use num_classes=0 or N",
-              "pretrained_cfg": {"input_size": [3, h, w], "num_classes": 1000, "classifier": "head",
+    config = {"architecture": f"{timm_name(shape)}_224", "num_classes": classes, "num_features": shape["embed_dim"],
+              "global_pool": "token",
+              "head": "zero (no classifier trained)" if zero_head else "none (no classifier trained): num_classes=0",
+              "pretrained_cfg": {"input_size": [3, h, w], "num_classes": classes, "classifier": "head",
                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                                  "interpolation": "bicubic", "crop_pct": 0.875}}
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -215,11 +220,11 @@ def export_encoder(sd: dict, out: str) -> list[str]:
     return [path]
 
 
-def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto") -> list[str]:
+def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_zero_head: bool = False) -> list[str]:
     sd, full, method, size, shape = load_encoder(checkpoint, mask_channel=mask_channel)
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
     if to == "timm":
-        files = export_timm(sd, shape, size, out)
+        files = export_timm(sd, shape, size, out, timm_zero_head)
     elif to == "hf":
         files = export_hf(sd, shape, size, out)
     elif to == "hf-mae":
@@ -235,9 +240,11 @@ def main(argv=None) -> list[str]:
     p.add_argument("--checkpoint", required=True, help="a pretraining checkpoint of any method, or an official one")
     p.add_argument("--to", required=True, choices=TARGETS)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--timm_zero_head", action="store_true",
+                   help="--to timm: write a zero 1000-class head (default: no head; load with num_classes=0)")
     add_mask_channel_arg(p)
     args = p.parse_args(argv)
-    return export(args.checkpoint, args.to, args.out, args.mask_channel)
+    return export(args.checkpoint, args.to, args.out, args.mask_channel, args.timm_zero_head)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help='dataset path(s): each holds train/ (and masks/ for segment methods); several are concatenated')
     parser.add_argument('--output_dir', default='./output_dir',
                         help='path where to save, empty for no saving')
-    parser.add_argument('--log_dir', default='./output_dir',
-                        help='path where to tensorboard log')
+    parser.add_argument('--log_dir', default=None,
+                        help='TensorBoard folder (default: --output_dir, so that each run keeps its own)')
     parser.add_argument('--device', default=default_device(),
                         help='device to use for training / testing (default: cuda if available, else cpu)')
     parser.add_argument('--seed', default=0, type=int)

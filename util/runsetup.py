@@ -107,6 +107,8 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
+    if "log_dir" in vars(args) and args.log_dir is None:  # TensorBoard beside the run's other outputs
+        args.log_dir = args.output_dir
     check_args(args, parser)
     try:
         result = main(args)

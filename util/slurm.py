@@ -92,7 +92,7 @@ def resolve_job_folders(args: argparse.Namespace) -> None:
     if getattr(args, "output_dir", None):
         args.output_dir = os.path.abspath(args.output_dir)
     if hasattr(args, "log_dir"):
-        args.log_dir = args.output_dir if args.log_dir in ("", "./output_dir") else os.path.abspath(args.log_dir)
+        args.log_dir = args.output_dir if args.log_dir in (None, "", "./output_dir") else os.path.abspath(args.log_dir)
 
 
 def submit(main: Callable, args: argparse.Namespace, name: str, tasks_per_node: int | None = None):
