@@ -36,7 +36,7 @@ sys.path.insert(0, REPO)
 import util.runsetup as runsetup  # noqa: E402
 from util.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
 from util.files import atomic_write_json, file_digest  # noqa: E402
-from util.args import coverage_ratio_type, positive_int  # noqa: E402
+from util.args import coverage_ratio_type, positive_int, show_defaults  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.bench_report import curve_labels, plot, read_results, results_table  # noqa: E402,F401
@@ -91,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="run the whole benchmark as one SLURM job on one node with --num-gpus GPUs "
                         "(requeued on preemption; it continues from the last finished stage)")
     add_slurm_job_args(p.add_argument_group("SLURM (with --slurm; default job dir: <output-dir>/slurm/<job id>)"))
-    return p
+    return show_defaults(p)
 
 
 BASELINES = {"random": "random init", "official": "official MAE"}  # --eval random|official: method label

@@ -203,3 +203,78 @@ def test_a_typo_in_stage_flags_is_named_once(toy_root, toy_ade20k, tmp_path, cap
                        "--pretrain-args", "--batchsize 3"])
     err = capsys.readouterr().err
     assert "--pretrain-args '--batchsize 3': unrecognized arguments: --batchsize 3\n" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# defaults and what is printed
+
+def test_tensorboard_goes_beside_the_run_when_only_output_dir_is_given(tmp_path):
+    import main_pretrain
+    from util.runsetup import run_cli
+    args = run_cli(main_pretrain.get_args_parser(), lambda a, p: None, lambda a: a,
+                   ["--output_dir", str(tmp_path / "run")])
+    assert args.log_dir == str(tmp_path / "run")
+    args = run_cli(main_pretrain.get_args_parser(), lambda a, p: None, lambda a: a,
+                   ["--output_dir", str(tmp_path / "run"), "--log_dir", str(tmp_path / "tb")])
+    assert args.log_dir == str(tmp_path / "tb")
+
+
+def test_benchmark_and_knn_help_show_defaults(capsys):
+    import benchmark
+    import util.knn
+    for parser, flags in ((benchmark.get_args_parser(), ("--output-dir", "--pretrain-epochs", "--seg-epochs",
+                                                         "--mask-method", "--crop-size")),
+                          (util.knn.get_args_parser(), ("--k", "--temperature", "--batch_size", "--num_workers"))):
+        text = " ".join(parser.format_help().split())
+        for flag in flags:
+            action = next(a for a in parser._actions if flag in a.option_strings)
+            assert "default" in (action.help or ""), flag
+        assert "(default: %(default)s)" not in text
+
+
+def test_knn_loader_workers_fit_the_machine(monkeypatch):
+    import importlib
+
+    import util.knn
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert importlib.reload(util.knn).get_args_parser().parse_args(["--checkpoint", "c", "--data_path", "d"]) \
+        .num_workers == 2
+
+
+def test_without_an_output_folder_the_arguments_are_one_line(capsys):
+    import argparse
+
+    from util.runsetup import log_details
+    args = argparse.Namespace(output_dir="", checkpoint="c.pth", k=20, given_flags=["checkpoint"])
+    log_details(args, "args.txt", str(args).replace(", ", ",\n"), "all arguments")
+    out = capsys.readouterr().out
+    assert out.endswith("] all arguments not written (no output folder); given: --checkpoint c.pth\n")
+    assert out.count("\n") == 1
+
+
+def test_slurm_jobs_run_this_interpreter(monkeypatch, capsys, toy_root, tmp_path):
+    import shlex
+    import sys
+
+    import submitit
+
+    import submitit_pretrain
+    submitit_pretrain.main(["--dry_run", "--job_dir", str(tmp_path / "%j"), "--data_path", toy_root,
+                            "--model", "mae_vit_tiny_patch8", "--input_size", "32"])
+    script = capsys.readouterr().out
+    assert f"{shlex.quote(sys.executable)} -u -m submitit.core._submit" in script
+    assert "\npython -m" not in script and " python -m" not in script
+    seen = {}
+
+    class Recording:
+        cluster = "slurm"
+
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            raise RuntimeError("recorded")  # stop before anything is submitted
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Recording)
+    with pytest.raises(RuntimeError, match="recorded"):
+        submitit_pretrain.main(["--job_dir", str(tmp_path / "%j"), "--data_path", toy_root,
+                                "--model", "mae_vit_tiny_patch8", "--input_size", "32"])
+    assert seen["slurm_python"] == shlex.quote(sys.executable)

@@ -190,3 +190,15 @@ def check_model_and_input_size(args: argparse.Namespace, parser: argparse.Argume
     h, w = args.input_size[0], args.input_size[-1]
     if h % patch or w % patch:
         parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every flag's --help line shows its default, unless it already says it or there is none."""
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, "", False, argparse.SUPPRESS):
+            continue
+        if action.help is None:
+            action.help = "(default: %(default)s)"
+        elif "default" not in action.help:
+            action.help += " (default: %(default)s)"
+    return parser

@@ -25,7 +25,7 @@ from torchvision.datasets import ImageFolder
 
 import util.misc as misc
 import util.runsetup as runsetup
-from util.args import add_mask_channel_arg
+from util.args import add_mask_channel_arg, show_defaults
 from util.checkpoint import load_checkpoint
 from util.files import atomic_write_json
 from util.distributed import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
@@ -140,14 +140,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens")
     p.add_argument("--input_size", type=int, nargs="+", default=None, help="default: the pretraining size")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--num_workers", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes (default: the CPUs this machine has, at most 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="write the result as JSON here")
     p.add_argument("--dist_url", default="env://")
     add_mask_channel_arg(p)
-    return p
+    return show_defaults(p)
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

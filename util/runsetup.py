@@ -79,8 +79,9 @@ def log_details(args: argparse.Namespace, filename: str, text: str, what: str) -
         with open(os.path.join(folder, filename), "w") as f:
             f.write(text + "\n")
         print(f"{what}: {os.path.join(folder, filename)}")
-    elif not folder:
-        print(text)
+    elif not folder:  # one line: the flags given (a full listing would bury the output)
+        given = [f"--{k} {getattr(args, k)}" for k in getattr(args, "given_flags", []) if hasattr(args, k)]
+        print(f"{what} not written (no output folder); given: {' '.join(given) or 'none'}")
 
 
 def normalise_flag_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -95,6 +97,12 @@ def resolve_job_folders(args: argparse.Namespace) -> None:
         args.log_dir = args.output_dir if args.log_dir in (None, "", "./output_dir") else os.path.abspath(args.log_dir)
 
 
+def job_python() -> str:
+    """The interpreter the job runs: this one (the project's virtual environment when started
+    from it), never whatever 'python' the compute node's PATH finds."""
+    return shlex.quote(sys.executable)
+
+
 def submit(main: Callable, args: argparse.Namespace, name: str, tasks_per_node: int | None = None):
     """Submits (or, with --dry_run, prints) the job; returns the submitit job. One task per GPU by
     default; the benchmark runs one task that starts torchrun for its stages."""
@@ -110,14 +118,15 @@ def submit(main: Callable, args: argparse.Namespace, name: str, tasks_per_node: 
     if args.dry_run:
         from submitit.slurm.slurm import _make_sbatch_string
         script = _make_sbatch_string(
-            command=f"python -m submitit.core._submit {args.job_dir}", folder=args.job_dir, job_name=name,
+            command=f"{job_python()} -u -m submitit.core._submit {args.job_dir}", folder=args.job_dir, job_name=name,
             partition=args.partition, time=args.timeout, nodes=args.nodes, ntasks_per_node=tasks,
             gpus_per_node=args.ngpus, cpus_per_task=cpus, mem=f"{40 * args.ngpus}GB", signal_delay_s=120,
             comment=args.comment or None, constraint="volta32gb" if args.use_volta32 else None)
         print(script)
         print(f"# job folder {args.job_dir}, outputs {getattr(args, 'output_dir', args.job_dir)} (%j: the job id)")
         return None
-    executor = submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=30, cluster=args.cluster)
+    executor = submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=30, cluster=args.cluster,
+                                     slurm_python=job_python())
     if executor.cluster == "slurm":
         params.update(slurm_partition=args.partition, slurm_signal_delay_s=120, **kwargs)
     else:  # one machine: --ngpus processes (CPU processes without a GPU)
