@@ -3,20 +3,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-requirements
+SAM2_SPEC := sam2>=1.1
+# The venv is (re)installed when what it should hold changes, decided from the content of
+# requirements.txt and the SAM 2 spec (a hash in the stamp's name), never from file times: a fresh
+# clone next to an existing venv installs nothing.
+REQ_HASH := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(open('requirements.txt', 'rb').read() + sys.argv[1].encode()).hexdigest()[:16])" '$(SAM2_SPEC)')
+STAMP := $(VENV)/.installed-$(REQ_HASH)
 TOY := data/toy
 
 .PHONY: venv demo test test-fast clean-demo
 
 venv: $(STAMP)
 
-# Re-installs only when requirements.txt changes (or the venv is missing). SAM 2 ships as a source
-# archive whose build would fetch a second torch: it is built against ours, without its CUDA extension.
-$(STAMP): requirements.txt
+# SAM 2 ships as a source archive whose build would fetch a second torch: it is built against ours,
+# without its CUDA extension.
+$(STAMP):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ is needed, found " + sys.version.split()[0]'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install --disable-pip-version-check -q --no-build-isolation 'sam2>=1.1'
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --disable-pip-version-check -q --no-build-isolation '$(SAM2_SPEC)'
+	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
 TOY_ADE := data/toy_ade20k

@@ -278,3 +278,33 @@ def test_slurm_jobs_run_this_interpreter(monkeypatch, capsys, toy_root, tmp_path
         submitit_pretrain.main(["--job_dir", str(tmp_path / "%j"), "--data_path", toy_root,
                                 "--model", "mae_vit_tiny_patch8", "--input_size", "32"])
     assert seen["slurm_python"] == shlex.quote(sys.executable)
+
+
+def test_make_reinstalls_from_the_content_of_requirements_not_its_time(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "requirements.txt"):
+        shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, tmp_path / ".venv" / "bin" / "python")
+
+    def plan():
+        return subprocess.run(["make", "-n", "venv", f"PYTHON={sys.executable}"], cwd=tmp_path, capture_output=True,
+                              text=True, check=True).stdout
+
+    first = plan()
+    assert "pip install" in first
+    stamp = next(line.split()[-1] for line in first.splitlines() if line.startswith("touch "))
+    (tmp_path / stamp).touch()  # as after an install
+    time.sleep(0.01)
+    os.utime(tmp_path / "requirements.txt")  # a fresh clone: newer file times, same content
+    assert "pip install" not in plan()
+    with open(tmp_path / "requirements.txt", "a") as f:
+        f.write("einops>=0.7\n")
+    assert "pip install" in plan()
