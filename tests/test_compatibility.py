@@ -126,7 +126,8 @@ def test_the_old_command_reuses_its_pretraining_and_reevaluates_under_todays_rec
     assert after[:2] == before and len(after) == 3 and len(rows) == 3
     new = json.loads(after[2])
     assert new["run_id"] == RUNS["patches"] and new["eval_id"] != "2d7669"
-    assert "patches, seg 2d7669" in out and f"patches, seg {new['eval_id']}" in out  # two curves, both labelled
+    # two curves, labelled by what differs: the recipe the old row did not record
+    assert "patches, seg_recipe=-  " in out and "patches, seg_recipe=rstrudel-1  " in out
     count_stages.clear()
     benchmark.cli(old_command(toy_root, toy_ade20k, old_bench, "patches"))
     assert count_stages == []  # and now it is done

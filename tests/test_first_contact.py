@@ -308,3 +308,20 @@ def test_make_reinstalls_from_the_content_of_requirements_not_its_time(tmp_path)
     with open(tmp_path / "requirements.txt", "a") as f:
         f.write("einops>=0.7\n")
     assert "pip install" in plan()
+
+
+def test_runs_that_differ_by_one_flag_are_labelled_by_that_flag():
+    from util.bench_report import curve_labels
+
+    def row(run_id, pretrain_args, seg_args=()):
+        return {"run_id": f"patches-vit_base_patch16-seed0-{run_id}", "eval_id": "e", "method": "patches",
+                "coverage_ratio": None, "epochs": 100, "mIoU": 1.0, "pixel_accuracy": 1.0,
+                "model": "mae_vit_base_patch16", "stack": "",
+                "config": {"seed": 0, "pretrain_epochs": 800, "pretrain_args": list(pretrain_args),
+                           "seg_args": list(seg_args)}}
+    rows = [row("08fbf5", ["--blr", "1.5e-4", "--norm_pix_loss"]), row("7dc42e", ["--blr", "1e-3", "--norm_pix_loss"]),
+            row("aaaaaa", ["--blr=1e-3"])]
+    labels = sorted(curve_labels(rows).values())
+    assert labels == ["patches, --blr 1.5e-4 --norm_pix_loss on", "patches, --blr 1e-3 --norm_pix_loss -",
+                      "patches, --blr 1e-3 --norm_pix_loss on"]
+    assert not any("08fbf5" in x or "7dc42e" in x for x in labels)

@@ -41,6 +41,7 @@ def curve_labels(rows: list[dict]) -> dict:
               lambda r: "stacked" if r.get("stack") else "",
               lambda r: f"seed {config(r, 'seed')}" if config(r, "seed") is not None else "",
               lambda r: f"{config(r, 'pretrain_epochs')} ep schedule" if config(r, "pretrain_epochs") else "",
+              "settings",  # the flags that differ, by name and value
               lambda r: f"seg {r['eval_id']}" if r.get("eval_id") else "",
               lambda r: (r.get("run_id") or "").rsplit("-", 1)[-1]]
     first = {}
@@ -52,10 +53,44 @@ def curve_labels(rows: list[dict]) -> dict:
         for key, label in labels.items():
             groups.setdefault(label, []).append(key)
         for label, keys in groups.items():
-            if len(keys) > 1 and len({extra(first[k]) for k in keys}) > 1:
-                for k in keys:
-                    labels[k] = ", ".join(x for x in (label, extra(first[k])) if x)
+            if len(keys) < 2:
+                continue
+            texts = differing_settings([first[k] for k in keys]) if extra == "settings" else \
+                [extra(first[k]) for k in keys]
+            if len(set(texts)) > 1:
+                for k, text in zip(keys, texts):
+                    labels[k] = ", ".join(x for x in (label, text) if x)
     return labels
+
+
+def row_settings(row: dict) -> dict:
+    """A row's configuration as flat name -> value: the benchmark's own settings and every flag of
+    its --pretrain-args / --seg-args (a bare flag: 'on')."""
+    config = row.get("config") or {}
+    flat = {k: v for k, v in config.items() if not isinstance(v, (list, dict)) and k != "stack_sha256"}
+    for key in ("pretrain_args", "seg_args"):
+        argv = config.get(key) or []
+        i = 0
+        while i < len(argv):
+            if argv[i].startswith("--"):
+                name, _, inline = argv[i].partition("=")
+                if inline:
+                    flat[name] = inline
+                elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    flat[name] = argv[i + 1]
+                    i += 1
+                else:
+                    flat[name] = "on"
+            i += 1
+    return flat
+
+
+def differing_settings(rows: list[dict]) -> list[str]:
+    """For each row, the settings in which the rows differ ('--blr 1e-3'), '' where none do."""
+    settings = [row_settings(r) for r in rows]
+    names = sorted({n for s in settings for n in s if len({str(t.get(n, "-")) for t in settings}) > 1})
+    return [" ".join(f"{n} {s.get(n, '-')}" if n.startswith("--") else f"{n}={s.get(n, '-')}" for n in names)
+            for s in settings]
 
 
 def results_table(rows: list[dict]) -> str:
