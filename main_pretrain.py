@@ -24,7 +24,7 @@ from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_
                        mask_ratio_type, non_negative_int, positive_int)
 from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
 from util.errors import UserError
-from util.datasets import build_pretrain_dataset, collate_pretrain
+from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain
 from util.prefetch import DevicePrefetcher
 from util.masking import get_method, uses_segments
 from util.optim import adamw, param_groups_weight_decay
@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'stopping at the first; costs one host-device sync per step')
     parser.add_argument('--allow_missing_masks', action='store_true',
                         help='skip images without a mask file instead of stopping')
+    parser.add_argument('--mask_size_check', default=DEFAULT_MASK_SIZE_CHECK, type=non_negative_int, metavar='N',
+                        help='at start-up, check the chosen mask of N images spread over the set against the '
+                             f'image headers (0: every image; default {DEFAULT_MASK_SIZE_CHECK})')
     parser.add_argument('--stack', default='', metavar='CHECKPOINT',
                         help='start from an official MAE checkpoint (e.g. mae_pretrain_vit_base.pth) with any '
                              'mask method: a 4th input channel starts at zero weight, the pre-encoder at identity; '
@@ -170,7 +173,7 @@ def main(args: argparse.Namespace) -> None:
                                            coverage_ratio=args.coverage_ratio,
                                            allow_missing_masks=args.allow_missing_masks, seed=args.seed,
                                            skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout,
-                                           mask_format=args.mask_format)
+                                           mask_format=args.mask_format, mask_size_check=args.mask_size_check)
     print(dataset_train)
 
     num_tasks, global_rank = get_world_size(), get_rank()

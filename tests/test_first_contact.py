@@ -325,3 +325,50 @@ def test_runs_that_differ_by_one_flag_are_labelled_by_that_flag():
     assert labels == ["patches, --blr 1.5e-4 --norm_pix_loss on", "patches, --blr 1e-3 --norm_pix_loss -",
                       "patches, --blr 1e-3 --norm_pix_loss on"]
     assert not any("08fbf5" in x or "7dc42e" in x for x in labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# masks of the wrong size: found at start-up; an error in a loader worker is one line
+
+def test_a_mask_of_the_wrong_size_is_found_at_start_up(tree, capsys):  # noqa: F811
+    from test_mask_policy import write_masks
+    from util.datasets import build_pretrain_dataset
+    from util.sam_masks import MaskFileError
+    for i in range(4):
+        add_image(tree, f"x{i}.png", scene(24, 40))
+        write_masks(str(tree / "masks" / "c" / f"x{i}.json"), [np.ones((24, 40), np.uint8)])
+    write_masks(str(tree / "masks" / "c" / "x2.json"), [np.ones((30, 40), np.uint8)])
+    with pytest.raises(MaskFileError, match=r"1 of 4 images checked at start-up have a mask that does not fit, "
+                                            r"e.g. .*x2.json: the mask is 40x30 but its image is 40x24"):
+        build_pretrain_dataset(str(tree), None, with_masks=True)
+    build_pretrain_dataset(str(tree), None, with_masks=True, mask_size_check=2)  # x0 and x3 sampled: no error
+    build_pretrain_dataset(str(tree), None, with_masks=True, skip_bad_samples=True)
+    assert "WARNING: 1 of 4 images checked at start-up" in capsys.readouterr().out
+    with pytest.raises(MaskFileError):
+        build_pretrain_dataset(str(tree), None, with_masks=True, mask_size_check=0)  # 0: every image
+
+
+def test_an_error_in_a_loader_worker_is_one_line(capsys):
+    import argparse
+
+    import torch
+
+    from util.runsetup import run_cli
+    from util.sam_masks import MaskFileError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise MaskFileError("/data/masks/c/x2.json: the mask is 40x30 but its image is 40x24")
+
+    def main(args):
+        for _ in torch.utils.data.DataLoader(Broken(), num_workers=1):
+            pass
+
+    with pytest.raises(SystemExit):
+        run_cli(argparse.ArgumentParser(), lambda a, p: None, main, [])
+    err = capsys.readouterr().err
+    assert err == ("ERROR: /data/masks/c/x2.json: the mask is 40x30 but its image is 40x24 "
+                   "(in a data loader worker)\n")

@@ -15,16 +15,21 @@ import multiprocessing
 import os
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
-from util.images import DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
+from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.mask_cache import MaskCache
-from util.sam_masks import check_unique_stems, exif_orientation, fit_mask
+from util.sam_masks import MaskFileError, check_unique_stems, exif_orientation, fit_mask, mask_fit
 from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage
+
+# images whose mask size is checked against the image header at start-up (0: all)
+DEFAULT_MASK_SIZE_CHECK = 256
 
 
 class SegmentMaskImageFolder(Dataset):
@@ -38,7 +43,7 @@ class SegmentMaskImageFolder(Dataset):
     def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
                  split: str = "train", allow_missing_masks: bool = False, decode: bool = True,
                  skip_bad_samples: bool = False, read_timeout: float = DEFAULT_DATA_TIMEOUT_S,
-                 mask_format: str = "auto"):
+                 mask_format: str = "auto", mask_size_check: int | None = None):
         self.root = root
         self.decode = decode
         self.read_timeout = read_timeout
@@ -88,6 +93,8 @@ class SegmentMaskImageFolder(Dataset):
                 print(f"Using the mask cache {self.cache.bin_path}" +
                       (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
             self._check_masks(allow_missing_masks)
+            if mask_size_check is not None:
+                self._check_mask_sizes(mask_size_check, skip_bad_samples)
             self.source.listed = None  # the start-up listing is not needed by the loader's workers
 
     def _leave_out_listed_empty(self) -> None:
@@ -104,6 +111,39 @@ class SegmentMaskImageFolder(Dataset):
             self.rel_paths = [self.rel_paths[i] for i in keep]
         if not self.samples:
             raise DataError(f"every image under {self.image_root} is listed in emptyfiles.txt: no image has masks")
+
+    def _check_mask_sizes(self, sample: int, skip_bad_samples: bool) -> None:
+        """The chosen mask's size against the image's header (no pixels decoded) for ``sample``
+        images spread over the set (0: every image), so that a mask of another picture is found at
+        start-up, not in a loader worker hours later. Cached masks were checked when cached."""
+        candidates = [i for i, rel in enumerate(self.rel_paths) if self.cache is None or rel not in self.cache]
+        if sample and len(candidates) > sample:
+            candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, sample)]
+        bad = []
+        counts = (self.source.thresholded.value, self.source.unsorted.value)  # training counts its reads only
+        for i in candidates:
+            rel, path = self.rel_paths[i], self.samples[i][0]
+            if not (os.path.isfile(path) and os.path.isfile(self.source.index_file(rel))):
+                continue  # a FIFO or device: read by the loader only, under its read deadline
+            try:
+                seg = self.source.chosen(rel, self.coverage_ratio)
+                if seg is None or seg.size is None:
+                    continue
+                with Image.open(path) as im:
+                    mask_fit(seg.size, im.size, exif_orientation(im))
+            except ValueError as e:
+                bad.append(f"{self.source.location(rel)}: {e}")
+            except (MaskFileError, DataError, *IMAGE_ERRORS) as e:
+                bad.append(str(e))
+        self.source.thresholded.reset(counts[0])
+        self.source.unsorted.reset(counts[1])
+        if not bad:
+            return
+        what = f"{len(bad)} of {len(candidates)} images checked at start-up"
+        if not skip_bad_samples:
+            raise MaskFileError(f"{what} have a mask that does not fit, e.g. {bad[0]}. Regenerate those masks "
+                                f"(python tools/check_dataset.py lists all), or pass --skip_bad_samples")
+        print(f"WARNING: {what} have a mask that does not fit (skipped when read), e.g. {bad[0]}")
 
     def _check_masks(self, allow_missing: bool) -> None:
         to_check = [i for i, rel in enumerate(self.rel_paths) if self.cache is None or rel not in self.cache]
@@ -240,13 +280,14 @@ class PretrainDataset(Dataset):
 def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable, with_masks: bool,
                            coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
                            seed: int = 0, skip_bad_samples: bool = False,
-                           read_timeout: float = DEFAULT_DATA_TIMEOUT_S, mask_format: str = "auto") -> PretrainDataset:
+                           read_timeout: float = DEFAULT_DATA_TIMEOUT_S, mask_format: str = "auto",
+                           mask_size_check: int | None = DEFAULT_MASK_SIZE_CHECK) -> PretrainDataset:
     """One dataset over one or several roots. A DeferredPretrainTransform gets the encoded files."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
     decode = not isinstance(transform, DeferredPretrainTransform)
     folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks,
                                       decode=decode, skip_bad_samples=skip_bad_samples, read_timeout=read_timeout,
-                                      mask_format=mask_format)
+                                      mask_format=mask_format, mask_size_check=mask_size_check)
                for root in data_paths]
     return PretrainDataset(folders, transform, seed, skip_bad_samples)

@@ -76,6 +76,13 @@ class Counter:
     def value(self) -> int:
         return self._plain if self._value is None else int(self._value.value)
 
+    def reset(self, value: int) -> None:
+        if self._value is None:
+            self._plain = value
+        else:
+            with self._value.get_lock():
+                self._value.value = value
+
 
 def read_png_mask(path: str, thresholded: Counter | None = None) -> np.ndarray:
     """A mask PNG -> (H, W) uint8 0/1 (pixel >= 128 is the segment). PNGs that are not strictly

@@ -116,10 +116,24 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         end_distributed()  # on success only: after an error the other ranks may never reach a barrier
         return result
     except UserError as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        print(f"ERROR: {user_message(e)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
         release_output_dir_locks()
+
+
+def user_message(e: UserError) -> str:
+    """The error's own message. One raised in a DataLoader worker comes back wrapped in the
+    worker's traceback ("Caught MaskFileError in DataLoader worker process 0. Original Traceback
+    ..."): only the original message is kept, and where it happened."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    for name in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: "):
+        i = text.rfind(name)
+        if i >= 0:
+            return text[i + len(name):].strip() + " (in a data loader worker)"
+    return text
 
 
 def end_distributed() -> None:
