@@ -372,3 +372,17 @@ def test_an_error_in_a_loader_worker_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err == ("ERROR: /data/masks/c/x2.json: the mask is 40x30 but its image is 40x24 "
                    "(in a data loader worker)\n")
+
+
+def test_visualize_shows_the_images_asked_for(pretrained, toy_root, tmp_path):
+    import glob
+
+    from tools import visualize
+    train = sorted(glob.glob(os.path.join(toy_root, "train", "*", "*")))[:3]
+    written = visualize.main(["--checkpoint", pretrained["segments"], "--data_path", toy_root, "--images", *train,
+                              "--num", "1", "--out", str(tmp_path / "a")])
+    assert sorted(os.path.basename(w).split("_segments")[0] for w in written) == \
+        sorted(os.path.splitext(os.path.basename(p))[0] for p in train)  # all three, and nothing else
+    written = visualize.main(["--checkpoint", pretrained["patches"], "--data_path", toy_root, "--num", "2",
+                              "--out", str(tmp_path / "b")])
+    assert len(written) == 2

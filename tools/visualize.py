@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
@@ -58,7 +59,7 @@ def main(argv=None) -> list[str]:
     p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
     p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
-    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--num", type=int, default=4, help="how many images of --data_path/train, when no --images")
     p.add_argument("--coverage_ratio", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--input_size", type=int, nargs="+", default=None)
@@ -72,17 +73,18 @@ def main(argv=None) -> list[str]:
     torch.manual_seed(args.seed)
     model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
     coverage = args.coverage_ratio or coverage
+    # --images: exactly those (--data_path then only supplies their masks); else --num from train/
     images = list(args.images)
-    if args.data_path:
+    if not images and args.data_path:
         train = os.path.join(args.data_path, "train")
         for d, _, files in sorted(os.walk(train)):
-            images += [os.path.join(d, f) for f in sorted(files)][:max(0, args.num - len(images))]
+            images += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        images = images[:args.num]
     if not images:
         raise SystemExit("no images: give --images or --data_path")
     to_tensor = build_eval_transform(size, crop_pct=1.0)
     os.makedirs(args.out, exist_ok=True)
     written = []
-    images = images[:args.num] if args.data_path else images
     source = None
     if model.method.needs_segment:
         if not args.data_path:
