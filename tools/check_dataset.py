@@ -37,6 +37,7 @@ def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
             size, orientation = im.size, exif_orientation(im)
     except IMAGE_ERRORS as e:
         result["problems"].append(f"image does not decode: {image_error(os.path.join(image_root, rel), e)}")
+        size = None
     except Exception as e:  # noqa: BLE001
         result["problems"].append(f"image does not decode: {type(e).__name__}: {e}")
         size = None
