@@ -179,7 +179,7 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=args.optimizer == "sgd",
-                           weight_decay=args.weight_decay if args.weight_decay > 0 else 0.0)
+                           weight_decay=args.weight_decay)
 
 
 def per_rank_batch(args) -> int:
@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> dict:
     original = resuming and is_original_layout(ckpt)
     if resuming:  # the model's settings are the checkpoint's unless given (a conflict is an error)
         reconcile_with_checkpoint(args, MODEL_FLAGS, path=ckpt_path, dashes=True,
-                                  saved=original_settings(ckpt, ckpt_path) if original else None)
+                                  saved=original_settings(ckpt, ckpt_path) if original else ckpt.get("args"))
         check_args(args, None, derive_only=True)
     elif args.eval_only and not args.mae_chp:
         raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")

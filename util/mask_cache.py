@@ -52,10 +52,11 @@ def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path:
             rle = encode_segmentation(seg.decode() if seg.rle is None else decode_segmentation(seg.rle))
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise MaskFileError(f"invalid RLE in {where}: {e}. Regenerate this mask file") from None
-    try:
-        mask_fit(tuple(rle["size"]), image_wh, orientation)
-    except ValueError as e:
-        raise MaskFileError(f"{where}: {e}") from None
+    if seg.size is None:  # a PNG: its size is known now
+        try:
+            mask_fit(tuple(rle["size"]), image_wh, orientation)
+        except ValueError as e:
+            raise MaskFileError(f"{where}: {e}") from None
     counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"])
     return counts, int(rle["size"][0]), int(rle["size"][1])
 
