@@ -386,3 +386,54 @@ def test_visualize_shows_the_images_asked_for(pretrained, toy_root, tmp_path):
     written = visualize.main(["--checkpoint", pretrained["patches"], "--data_path", toy_root, "--num", "2",
                               "--out", str(tmp_path / "b")])
     assert len(written) == 2
+
+
+def test_visualize_names_the_generator_and_what_black_and_white_mean(tmp_path):
+    from util.mask_sources import describe_generator
+    from util.visualize import panel_titles
+    assert describe_generator({"backend": "sam2", "model": "hiera_large"}) == "SAM 2 hiera_large"
+    assert describe_generator({"backend": "sam", "model": "vit_b", "checkpoint": "random-weights"}) == \
+        "SAM vit_b (random weights)"
+    assert describe_generator(generate_masks.superpixel_backend.settings) == "superpixels"
+    assert describe_generator(None) == "SAM"  # SA-1B files and SAM's own script record nothing
+    titles = panel_titles("segments", "SAM 2 hiera_large", 40)
+    assert titles[2] == "white: visible, black: SAM 2 hiera_large segment (closest to 40%)"
+    assert panel_titles("patches")[2] == "white: visible, black: dropped patches"
+
+
+def test_visualize_mask_preview_without_a_checkpoint(tree, tmp_path):  # noqa: F811
+    import torch
+
+    from tools import visualize
+    from util.visualize import mask_panels
+    img = add_image(tree, "x.png", scene(32, 32))
+    generate_masks.generate(str(tree), generate_masks.superpixel_backend, log_every=0)
+    written = visualize.main(["--data_path", str(tree), "--images", str(img), "--input_size", "32",
+                              "--coverage_ratio", "30", "--out", str(tmp_path / "v")])
+    assert [os.path.basename(w) for w in written] == ["x_segments_mask.png"]
+    # the segment method: the third panel is 1 - the chosen segment, the second greys it
+    seg = (torch.rand(1, 1, 32, 32) > 0.5).float()
+    imgs = torch.randn(1, 3, 32, 32)
+    panels = mask_panels("segments", imgs, seg)
+    assert panels.shape == (1, 3, 3, 32, 32)
+    assert torch.equal(panels[0, 2], (1 - seg[0]).expand(3, -1, -1))
+    assert torch.allclose(panels[0, 1][:, seg[0, 0] > 0], torch.tensor(0.5))
+    # patches: exactly --mask_ratio of the patches, whole patches
+    torch.manual_seed(0)
+    hidden = 1 - mask_panels("patches", imgs, mask_ratio=0.75, patch_size=8)[0, 2, 0]
+    per_patch = hidden.reshape(4, 8, 4, 8).permute(0, 2, 1, 3).reshape(16, 64)
+    assert set(per_patch.mean(1).tolist()) == {0.0, 1.0} and per_patch.mean() == 0.75
+    with pytest.raises(SystemExit, match="--mask_method is read from --checkpoint"):
+        visualize.main(["--checkpoint", str(tmp_path / "c.pth"), "--mask_method", "patches", "--images", str(img)])
+
+
+def test_visualize_draws_non_ascii_names_legibly():
+    from util.visualize import _unicode_font, labelled_grid, legible
+    assert legible("caf\u00e9_\u732b.png") == "caf\\xe9_\\u732b.png"  # no font: escapes, never boxes
+    found = _unicode_font()
+    if found is not None:
+        has = lambda c: found[1].get_char_index(ord(c)) != 0  # noqa: E731
+        assert legible("caf\u00e9_\u0416_\u732b.png", has) == "caf\u00e9_\u0416_\\u732b.png"
+    import torch
+    width = lambda label: labelled_grid(torch.zeros(1, 1, 3, 8, 8), ["t"], [label]).size[0]  # noqa: E731
+    assert width("\u732b.png") == width("\\u732b.png") > width("x.png")  # drawn as its escape

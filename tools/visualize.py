@@ -1,10 +1,13 @@
 """PNG grids of what a pretrained MAE's encoder sees and what it reconstructs, per image:
-original | encoder view (dropped patches or hidden segment greyed) | mask channel (segment methods)
-| reconstruction | reconstruction pasted into the hidden part.
+original | encoder view (hidden part grey) | visibility (white: visible, black: hidden, titled with
+what made the mask: SAM, SAM 2, superpixels) | reconstruction | reconstruction pasted into the
+hidden part. Without --checkpoint: the first three columns, what --mask_method would hide, before
+any pretraining.
 
     python tools/visualize.py --checkpoint out/checkpoint-799.pth --data_path data/toy --num 4 --out vis/
     python tools/visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 \\
         --images a.jpg b.jpg --out vis/          # official checkpoints: give --model
+    python tools/visualize.py --data_path data/toy --mask_method segments --coverage_ratio 40 --out vis/
 """
 from __future__ import annotations
 
@@ -27,7 +30,10 @@ from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
 from util.sam_masks import exif_orientation, fit_mask  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
-from util.visualize import labelled_grid, panel_titles, reconstruction_panels  # noqa: E402
+from util.masking import MASK_METHODS, get_method  # noqa: E402
+from util.visualize import labelled_grid, mask_panels, panel_titles, reconstruction_panels  # noqa: E402
+
+DEFAULT_COVERAGE = 50.0  # main_pretrain's --coverage_ratio default
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
@@ -55,14 +61,20 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
 
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None,
+                   help="pretrained MAE; without it: only what --mask_method hides (no reconstruction)")
+    p.add_argument("--mask_method", default=None, choices=MASK_METHODS,
+                   help="without --checkpoint: the method to show (default: segments)")
+    p.add_argument("--patch_size", type=int, default=16, help="without --checkpoint: the patch grid of 'patches'")
     p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
     p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
     p.add_argument("--num", type=int, default=4, help="how many images of --data_path/train, when no --images")
-    p.add_argument("--coverage_ratio", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--coverage_ratio", type=float, default=None,
+                   help=f"default: the checkpoint's (without one: {DEFAULT_COVERAGE:g})")
     p.add_argument("--mask_ratio", type=float, default=0.75)
-    p.add_argument("--input_size", type=int, nargs="+", default=None)
+    p.add_argument("--input_size", type=int, nargs="+", default=None,
+                   help="default: the checkpoint's (without one: 224)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="vis")
     p.add_argument("--mask_format", default="auto", choices=("auto",) + tuple(SOURCES),
@@ -71,7 +83,17 @@ def main(argv=None) -> list[str]:
                    help="four_channels: what the checkpoint's 4th channel holds (default: read from it)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
+    if args.checkpoint:
+        if args.mask_method:
+            raise SystemExit("--mask_method is read from --checkpoint: give one of the two")
+        model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
+        method_name, method = model.mask_method, model.method
+    else:
+        model, size, coverage = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE
+        method_name = args.mask_method or "segments"
+        method = get_method(method_name)
+        if not method.needs_segment and (size[0] % args.patch_size or size[1] % args.patch_size):
+            raise SystemExit(f"--input_size {size} is not a multiple of --patch_size {args.patch_size}")
     coverage = args.coverage_ratio or coverage
     # --images: exactly those (--data_path then only supplies their masks); else --num from train/
     images = list(args.images)
@@ -86,23 +108,28 @@ def main(argv=None) -> list[str]:
     os.makedirs(args.out, exist_ok=True)
     written = []
     source = None
-    if model.method.needs_segment:
+    if method.needs_segment:
         if not args.data_path:
-            raise SystemExit(f"{model.mask_method} needs SAM masks: give --data_path (with masks/)")
+            raise SystemExit(f"{method_name} needs SAM masks: give --data_path (with masks/)")
         train = os.path.join(args.data_path, "train")
         source = open_mask_source(os.path.join(args.data_path, "masks"),
                                   {stem_of(os.path.relpath(p, train)) for p in images}, args.mask_format)
     for path in images:
         img = load_rgb(path)
         x = to_tensor(img).unsqueeze(0)
-        seg = None
+        seg, generator = None, None
         if source is not None:
             rel = os.path.relpath(path, os.path.join(args.data_path, "train"))
             m, _ = fit_mask(source.load(rel, coverage, img.size), img.size, exif_orientation(path), source.location(rel))
             seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
-        panels = reconstruction_panels(model, x, seg, args.mask_ratio)
-        grid = labelled_grid(panels, panel_titles(model.mask_method), [os.path.basename(path)])
-        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + f"_{model.mask_method}.png")
+            generator = source.generator(rel)
+        if model is None:
+            panels = mask_panels(method_name, x, seg, args.mask_ratio, args.patch_size)
+        else:
+            panels = reconstruction_panels(model, x, seg, args.mask_ratio)
+        grid = labelled_grid(panels, panel_titles(method_name, generator, coverage), [os.path.basename(path)])
+        suffix = f"_{method_name}" + ("" if model is not None else "_mask")
+        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + suffix + ".png")
         grid.save(out)
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import csv
 import io
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -186,6 +187,10 @@ class MaskSource:
         per folder of masks/, never one per image."""
         raise NotImplementedError
 
+    def generator(self, rel: str) -> str:
+        """What made image rel's masks, in words (for pictures and reports)."""
+        return "SAM"
+
 
 class JsonMasks(MaskSource):
     """masks/<class>/<stem>.json: SAM's automatic mask generator with output_mode='coco_rle'."""
@@ -224,6 +229,31 @@ class JsonMasks(MaskSource):
         if self.listed is None:
             self.listed = scan(self.mask_root, stems)[0]["json"]
         return self.listed & stems
+
+    def generator(self, rel: str) -> str:
+        try:
+            with open(self.location(rel), "rb") as f:
+                data = json.loads(f.read())
+        except (OSError, ValueError):
+            return "SAM"
+        return describe_generator(data.get("generator") if isinstance(data, dict) else None)
+
+
+GENERATOR_NAMES = {"sam": "SAM", "sam2": "SAM 2", "superpixels": "superpixels"}
+
+
+def describe_generator(entry: dict | None) -> str:
+    """A mask file's "generator" entry in words: 'SAM vit_h', 'SAM 2 hiera_large (random weights)',
+    'superpixels'. A file that records none (SA-1B, SAM's own scripts) is SAM's."""
+    if not isinstance(entry, dict):
+        return "SAM"
+    backend = str(entry.get("backend", ""))
+    words = [GENERATOR_NAMES.get(backend, backend or "unknown generator")]
+    if entry.get("model"):
+        words.append(str(entry["model"]))
+    if entry.get("checkpoint") == "random-weights":
+        words.append("(random weights)")
+    return " ".join(words)
 
 
 def _rle_decoder(segmentation: dict, path: str) -> Callable[[], np.ndarray]:
@@ -277,6 +307,9 @@ class SegmaeMasks(_FolderMasks):
     format = "segmae"
     index_name = SEGMAE_TABLE
 
+    def generator(self, rel: str) -> str:
+        return "SAM (segmae layout)"
+
     def segments(self, rel: str) -> list[Segment]:
         folder, path = self.location(rel), self.index_file(rel)
         entries = []
@@ -307,6 +340,9 @@ class AmgMasks(_FolderMasks):
 
     format = "amg"
     index_name = AMG_METADATA
+
+    def generator(self, rel: str) -> str:
+        return "SAM (amg.py)"
 
     def segments(self, rel: str) -> list[Segment]:
         folder, path = self.location(rel), self.index_file(rel)

@@ -1,23 +1,41 @@
 """What each mask method hides and what the model reconstructs, as labelled image grids.
 
-Columns (PANEL_TITLES): original | what the encoder sees (hidden part grey) | the hidden part
-(black: dropped patches or the SAM segment) | reconstruction | reconstruction pasted into the
-hidden part of the original. One row per image, labelled.
+Columns (PANEL_TITLES): original | what the encoder sees (hidden part grey) | visibility (white:
+visible, black: hidden: the dropped patches or the segment, named after what made it) |
+reconstruction | reconstruction pasted into the hidden part of the original. One row per image,
+labelled. Without a model (``mask_panels``) the first three columns alone: what a mask method
+would hide, before any pretraining.
 """
 from __future__ import annotations
+
+import os
+import unicodedata
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.masking import as_nchw, get_method
 
-PANEL_TITLES = ("original", "encoder input", "hidden: {what}", "reconstruction", "pasted into hidden part")
+PANEL_TITLES = ("original", "encoder input (hidden: grey)", "white: visible, black: {what}", "reconstruction",
+                "pasted into hidden part")
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+def _view_panels(method, imgs: torch.Tensor, seg_mask: torch.Tensor | None, hidden: torch.Tensor) -> list:
+    """original | encoder input with the hidden part grey | visibility (white visible, black hidden)."""
+    seen = denormalize(method.shown_input(imgs, seg_mask)) * (1 - hidden) + 0.5 * hidden
+    return [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]
+
+
+def _patch_map(per_patch: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
+    """(N, L) per-patch values -> (N, 1, H, W) on the image grid."""
+    grid = per_patch.reshape(per_patch.shape[0], 1, h // patch_size, w // patch_size)
+    return grid.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
 
 
 @torch.no_grad()
@@ -32,19 +50,70 @@ def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | No
         pred = pred * (var + 1e-6) ** .5 + mean
     recon = model.unpatchify(pred.float())
     if seg_mask is None:  # dropped patches: the per-patch mask, on the image grid
-        p = model.patch_size
-        hidden = model.unpatchify(weights.unsqueeze(-1).repeat(1, 1, p * p * 3))[:, :1]
+        hidden = _patch_map(weights.float(), model.patch_size, *imgs.shape[-2:])
     else:
         hidden = as_nchw(seg_mask).float()
-    seen = denormalize(model.method.shown_input(imgs, seg_mask)) * (1 - hidden) + 0.5 * hidden  # hidden part grey
-    panels = [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]  # the visibility
+    panels = _view_panels(model.method, imgs, seg_mask, hidden)
     panels += [denormalize(recon), denormalize(imgs * (1 - hidden) + recon * hidden)]
     return torch.stack(panels, dim=1)
 
 
-def panel_titles(mask_method: str) -> list[str]:
-    what = get_method(mask_method).hidden_label
+@torch.no_grad()
+def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | None = None,
+                mask_ratio: float = 0.75, patch_size: int = 16) -> torch.Tensor:
+    """Without a model: (N, 3, 3, H, W) panels of what ``mask_method`` hides (the first three
+    columns of PANEL_TITLES); a token-dropping method draws its random patches (seeded by torch)."""
+    method = get_method(mask_method)
+    if method.needs_segment:
+        hidden = as_nchw(seg_mask).float()
+    else:
+        n, _, h, w = imgs.shape
+        tokens = imgs.new_zeros(n, (h // patch_size) * (w // patch_size), 1)
+        _, per_patch, _ = method.hide_tokens(tokens, mask_ratio, None, seg_mask, patch_size)
+        hidden = _patch_map(per_patch.float(), patch_size, h, w)
+    return torch.stack(_view_panels(method, imgs, seg_mask, hidden), dim=1)
+
+
+def panel_titles(mask_method: str, generator: str | None = None, coverage: float | None = None) -> list[str]:
+    """Column titles; ``generator`` (what made a segment method's masks, e.g. 'SAM 2 hiera_large')
+    and the target ``coverage`` (percent) name the hidden part."""
+    method = get_method(mask_method)
+    what = method.hidden_label
+    if generator and method.needs_segment:
+        what = f"{generator} segment" + (f" (closest to {coverage:g}%)" if coverage is not None else "")
     return [t.format(what=what) for t in PANEL_TITLES]
+
+
+def _unicode_font():
+    """(path, FT2Font) of a TrueType font with wide coverage (matplotlib's DejaVu Sans), or None."""
+    try:
+        import matplotlib
+        from matplotlib.ft2font import FT2Font
+        path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+        return path, FT2Font(path)
+    except (ImportError, OSError, RuntimeError):
+        return None
+
+
+def legible(text: str, has_glyph=None) -> str:
+    """``text`` with every character the font cannot draw written as its escape (\\u732b), so that a
+    file name never shows as empty boxes."""
+    has_glyph = has_glyph or (lambda c: c.isascii())
+    out = []
+    for c in unicodedata.normalize("NFC", text):
+        out.append(c if c.isprintable() and has_glyph(c) else c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def _wrap(text: str, width: int, width_of) -> list[str]:
+    """Words of ``text`` in lines no wider than ``width`` (a longer word gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and width_of(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def labelled_grid(panels: torch.Tensor, titles: list[str], row_labels: list[str], min_panel: int = 224,
@@ -55,18 +124,32 @@ def labelled_grid(panels: torch.Tensor, titles: list[str], row_labels: list[str]
     n, p, _, h, w = panels.shape
     scale = max(1, -(-min_panel // min(h, w)))  # ceil
     ph, pw = h * scale, w * scale
+    size = max(12, pw // 14)
+    found, has_glyph = _unicode_font(), None
     try:
-        font = ImageFont.load_default(size=max(12, pw // 14))
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        font = ImageFont.load_default()
+        if found is None:
+            raise OSError
+        font = ImageFont.truetype(found[0], size)
+        has_glyph = lambda c: found[1].get_char_index(ord(c)) != 0  # noqa: E731
+    except OSError:
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: one bitmap size
+            font = ImageFont.load_default()
+    titles = [legible(t, has_glyph) for t in titles]
+    row_labels = [legible(t, has_glyph) for t in row_labels]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_h = max(measure.textbbox((0, 0), t, font=font)[3] for t in titles) + 2 * pad
-    label_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in row_labels) + 2 * pad
+    width_of = lambda t: measure.textbbox((0, 0), t, font=font)[2]  # noqa: E731
+    wrapped = [_wrap(t, pw, width_of) for t in titles[:p]]
+    line_h = measure.textbbox((0, 0), "Ag", font=font)[3] + 2
+    text_h = max(len(lines) for lines in wrapped) * line_h + 2 * pad
+    label_w = max(width_of(t) for t in row_labels) + 2 * pad
     grid = Image.new("RGB", (label_w + p * (pw + pad), text_h + n * (ph + pad)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, title in enumerate(titles[:p]):
-        tw = measure.textbbox((0, 0), title, font=font)[2]
-        draw.text((label_w + j * (pw + pad) + max(0, (pw - tw) // 2), pad), title, fill="black", font=font)
+    for j, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            x = label_w + j * (pw + pad) + max(0, (pw - width_of(line)) // 2)
+            draw.text((x, pad + k * line_h), line, fill="black", font=font)
     for i in range(n):
         y = text_h + i * (ph + pad)
         draw.text((pad, y + ph // 2 - text_h // 2), row_labels[i], fill="black", font=font)
