@@ -294,6 +294,7 @@ def test_real_sam_packages_write_files_that_train(tree, tmp_path, capsys, backen
         assert decode_segmentation(a["segmentation"]).sum() == a["area"]
     assert not check_dataset.check(str(tree))["problems"]
     out = tmp_path / "o"
-    main_pretrain.cli(common(str(tree), out, "--mask_method", "segments", "--allow_missing_masks"))
+    main_pretrain.cli(common(str(tree), out, "--mask_method", "segments", "--allow_missing_masks",
+                             "--batch_size", str(min(n, 8))))  # one batch of the images with masks
     assert (out / "checkpoint-0.pth").exists()
     assert glob.glob(str(tree / "masks" / "c" / "*.json"))
