@@ -35,6 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.files import file_digest  # noqa: E402
 from util.images import load_rgb  # noqa: E402
+from util.mask_sources import RANDOM_WEIGHTS  # noqa: E402
 from util.sam_masks import (annotation_coverage, duplicate_stems, encode_segmentation,  # noqa: E402
                             mask_path_for, write_mask_file)
 
@@ -173,7 +174,6 @@ def check_official_digest(path: str) -> None:
                          f"file's does: a truncated or damaged download; download it again")
 
 
-RANDOM_WEIGHTS = "random-weights"  # what a file made without a checkpoint records as its checkpoint
 
 
 def sam_settings(backend: str, checkpoint: str, model: str, amp: str = "none", sam2_config: str = "",

@@ -30,10 +30,9 @@ from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
 from util.sam_masks import exif_orientation, fit_mask  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
+from util.args import DEFAULT_COVERAGE_RATIO  # noqa: E402
 from util.masking import MASK_METHODS, get_method  # noqa: E402
 from util.visualize import labelled_grid, mask_panels, panel_titles, reconstruction_panels  # noqa: E402
-
-DEFAULT_COVERAGE = 50.0  # main_pretrain's --coverage_ratio default
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
@@ -56,7 +55,7 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
     if missing:
         print(f"note: {len(missing)} weights not in the checkpoint (e.g. {missing[0]}): an encoder-only "
               f"checkpoint reconstructs with a random decoder")
-    return mae.eval(), size, getattr(saved, "coverage_ratio", 50.0)
+    return mae.eval(), size, getattr(saved, "coverage_ratio", DEFAULT_COVERAGE_RATIO)
 
 
 def main(argv=None) -> list[str]:
@@ -71,7 +70,7 @@ def main(argv=None) -> list[str]:
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
     p.add_argument("--num", type=int, default=4, help="how many images of --data_path/train, when no --images")
     p.add_argument("--coverage_ratio", type=float, default=None,
-                   help=f"default: the checkpoint's (without one: {DEFAULT_COVERAGE:g})")
+                   help=f"default: the checkpoint's (without one: {DEFAULT_COVERAGE_RATIO:g})")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="default: the checkpoint's (without one: 224)")
@@ -89,7 +88,7 @@ def main(argv=None) -> list[str]:
         model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
         method_name, method = model.mask_method, model.method
     else:
-        model, size, coverage = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE
+        model, size, coverage = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE_RATIO
         method_name = args.mask_method or "segments"
         method = get_method(method_name)
         if not method.needs_segment and (size[0] % args.patch_size or size[1] % args.patch_size):

@@ -13,6 +13,9 @@ from util.masking import MASK_CHANNELS, MASK_METHODS, SEG_LOSSES
 from util.speed import COMPILE_MODES
 
 
+
+DEFAULT_COVERAGE_RATIO = 50.0  # percent of the image the hidden segment should cover
+
 def positive_int(value: str) -> int:
     v = int(value)
     if v < 1:
@@ -126,7 +129,7 @@ def add_mask_method_args(parser: argparse.ArgumentParser, default_method: str | 
                         help='patches: random patch dropping (MAE); segments: hide one SAM segment; '
                              'four_channels: hide it and add the visibility as a 4th channel; '
                              'preencoder: a learned pre-encoder maps image + visibility to 3 channels')
-    parser.add_argument('--coverage_ratio', default=50.0, type=coverage_ratio_type,
+    parser.add_argument('--coverage_ratio', default=DEFAULT_COVERAGE_RATIO, type=coverage_ratio_type,
                         help='percent of the image the hidden SAM segment should cover: the annotation '
                              'whose coverage is closest is used (segment methods only)')
     parser.add_argument('--mask_format', default='auto', choices=("auto",) + MASK_FORMATS,

@@ -240,6 +240,7 @@ class JsonMasks(MaskSource):
 
 
 GENERATOR_NAMES = {"sam": "SAM", "sam2": "SAM 2", "superpixels": "superpixels"}
+RANDOM_WEIGHTS = "random-weights"  # what a file made without a checkpoint records as its checkpoint
 
 
 def describe_generator(entry: dict | None) -> str:
@@ -251,7 +252,7 @@ def describe_generator(entry: dict | None) -> str:
     words = [GENERATOR_NAMES.get(backend, backend or "unknown generator")]
     if entry.get("model"):
         words.append(str(entry["model"]))
-    if entry.get("checkpoint") == "random-weights":
+    if entry.get("checkpoint") == RANDOM_WEIGHTS:
         words.append("(random weights)")
     return " ".join(words)
 

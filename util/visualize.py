@@ -8,6 +8,7 @@ would hide, before any pretraining.
 """
 from __future__ import annotations
 
+import functools
 import os
 import unicodedata
 
@@ -84,6 +85,7 @@ def panel_titles(mask_method: str, generator: str | None = None, coverage: float
     return [t.format(what=what) for t in PANEL_TITLES]
 
 
+@functools.lru_cache(maxsize=1)  # one font file opened per process, not per grid
 def _unicode_font():
     """(path, FT2Font) of a TrueType font with wide coverage (matplotlib's DejaVu Sans), or None."""
     try:
@@ -125,13 +127,14 @@ def labelled_grid(panels: torch.Tensor, titles: list[str], row_labels: list[str]
     scale = max(1, -(-min_panel // min(h, w)))  # ceil
     ph, pw = h * scale, w * scale
     size = max(12, pw // 14)
-    found, has_glyph = _unicode_font(), None
-    try:
-        if found is None:
-            raise OSError
-        font = ImageFont.truetype(found[0], size)
-        has_glyph = lambda c: found[1].get_char_index(ord(c)) != 0  # noqa: E731
-    except OSError:
+    found, font, has_glyph = _unicode_font(), None, None  # without it: Pillow's font, non-ASCII escaped
+    if found is not None:
+        try:
+            font = ImageFont.truetype(found[0], size)
+            has_glyph = lambda c: found[1].get_char_index(ord(c)) != 0  # noqa: E731
+        except (OSError, ImportError):  # a Pillow built without FreeType
+            pass
+    if font is None:
         try:
             font = ImageFont.load_default(size=size)
         except TypeError:  # Pillow < 10.1: one bitmap size
