@@ -34,14 +34,15 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import util.runsetup as runsetup  # noqa: E402
+import util.stops as stops  # noqa: E402
 from util.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
-from util.files import atomic_write_json, file_digest  # noqa: E402
+from util.files import atomic_write_json, file_digest, read_sha256_record, write_sha256_record  # noqa: E402
 from util.args import coverage_ratio_type, positive_int, show_defaults  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.bench_report import curve_labels, plot, read_results, results_table  # noqa: E402,F401
-from util.bench_runs import (append_result, eval_config, paths, pretrain_throughput, record_run,  # noqa: E402
-                             run_config, run_id, short_digest)
+from util.bench_runs import (add_stage_time, append_result, eval_config, paths, pretrain_throughput,  # noqa: E402
+                             record_run, run_config, run_id, short_digest, stage_times)
 from util.slurm import add_slurm_job_args, submit  # noqa: E402
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
@@ -94,6 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return show_defaults(p)
 
 
+STAGE_STOP_TIMEOUT_S = 120  # how long a stopped stage may take to finish its line and leave
 BASELINES = {"random": "random init", "official": "official MAE"}  # --eval random|official: method label
 
 
@@ -114,6 +116,10 @@ def eval_type(value: str):
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    # relative paths mean what they mean in the caller's shell, whatever folder a stage runs in
+    for name in ("in1k_dir", "ade20k_dir", "output_dir", "job_dir"):
+        if getattr(args, name, None):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     encoder = args.model.replace("mae_", "", 1).split("_dec")[0]
     if args.seg_backbone is None:
         args.seg_backbone = encoder
@@ -217,8 +223,13 @@ def die_with_parent(parent_pid: int):
 def run_stage(module: str, argv: list[str], args, inprocess) -> None:
     """One stage: torchrun for several GPUs, else a subprocess or an in-process call."""
     env = dict(os.environ)
+    # the stage runs in the caller's folder, so relative paths in --pretrain-args / --seg-args mean
+    # what they mean in the caller's shell; the repo is found through PYTHONPATH
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if args.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    stops.PROGRESS.clear()  # a stop now names this stage and its checkpoint
+    stops.PROGRESS.update(stage=module, checkpoint_dir=stage_folder(argv))
     if args.num_gpus > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_gpus}",
                "-m", module, *argv]
@@ -229,10 +240,30 @@ def run_stage(module: str, argv: list[str], args, inprocess) -> None:
     else:
         cmd = [sys.executable, "-m", module, *argv]
     print(f"[benchmark] {shlex.join(cmd)}", flush=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=die_with_parent(os.getpid()))
-    if result.returncode != 0:
+    process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(os.getpid()))
+    try:
+        returncode = process.wait()
+    except stops.Stopped as e:  # the stage stops as it would alone: its own line, its checkpoint whole
+        if process.poll() is None:
+            process.send_signal(e.signum)
+        try:
+            process.wait(timeout=STAGE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    if returncode < 0 and stops.stopping():  # the stage got the same signal (e.g. Ctrl-C's process group)
+        raise stops.Stopped(stops.stopping())
+    if returncode != 0:
         raise UserError(f"stage {module} failed with exit status {result.returncode}; fix the cause and run the "
                         f"same benchmark command again: it continues from the last finished stage")
+
+
+def stage_folder(argv: list[str]) -> str | None:
+    """The folder a stage writes its checkpoints to (--output_dir, or the Segmenter's --log-dir)."""
+    for flag in ("--output_dir", "--log-dir"):
+        if flag in argv[:-1]:
+            return argv[argv.index(flag) + 1]
+    return None
 
 
 def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
@@ -250,7 +281,7 @@ def resolve_stack(args) -> str:
         if not os.path.isfile(args.stack):
             raise UserError(f"--stack {args.stack} does not exist")
         args.stack_sha256_used = file_digest(args.stack, "sha256")
-        return args.stack
+        return os.path.abspath(args.stack)  # the flag as given stays part of the run's identity
     path, args.stack_sha256_used = official_checkpoint(args)
     return path
 
@@ -279,18 +310,16 @@ def official_checkpoint(args) -> tuple[str, str]:
             raise UserError(f"{url} downloaded with SHA-256 {got}, expected --stack-sha256 {args.stack_sha256}; "
                             f"kept as {path}.bad")
         os.replace(path + ".part", path)
-        with open(record, "w") as f:
-            f.write(f"{got}  {os.path.basename(path)}\n")
+        write_sha256_record(record, got, path)
         print(f"[benchmark] {path}: SHA-256 {got} (recorded in {record}; checked at every later use)")
     got = file_digest(path, "sha256")
-    expected = [h for h in (args.stack_sha256, open(record).read().split()[0] if os.path.exists(record) else "") if h]
+    expected = [h for h in (args.stack_sha256, read_sha256_record(record)) if h]
     for want in expected:
         if got != want:
             raise UserError(f"{path} has SHA-256 {got}, but {want} was recorded when it was downloaded (or given as "
                             f"--stack-sha256): the file changed. Delete it (and {record}) to download it again")
-    if not os.path.exists(record):
-        with open(record, "w") as f:
-            f.write(f"{got}  {os.path.basename(path)}\n")
+    if not read_sha256_record(record):
+        write_sha256_record(record, got, path)
     print(f"[benchmark] official checkpoint {path} SHA-256 {got}")
     return path, got
 
@@ -313,23 +342,32 @@ def seg_argv(args, checkpoint: str | None, eval_dir: str) -> list[str]:
             *shlex.split(args.seg_args)]
 
 
-def pretrain_until(epochs: int, args, stack: str) -> float:
-    """Continues the pretraining run until `epochs` are done; returns the stage's wall-clock."""
+def timed_stage(folder: str, stage: str, module: str, argv: list[str], args, inprocess) -> None:
+    """run_stage, its wall-clock added to the stage's total in folder (also when it is interrupted)."""
+    start = time.time()
+    try:
+        run_stage(module, argv, args, inprocess)
+    finally:
+        add_stage_time(folder, stage, time.time() - start)
+
+
+def pretrain_until(epochs: int, args, stack: str) -> dict:
+    """Continues the pretraining run until `epochs` are done; returns the chunk's total time over
+    every invocation ({'seconds', 'invocations'})."""
     import main_pretrain
     p = paths(args, epochs)
+    stage = f"pretrain_{epochs}"
     last, done = latest_checkpoint(p["pretrain"])
-    if done >= epochs:
-        return 0.0
-    argv = pretrain_argv(args, epochs, p["pretrain"])
-    if last:
-        argv += ["--resume", last]
-    elif stack:
-        argv += ["--stack", stack]
-    start = time.time()
-    run_stage("main_pretrain", argv, args, main_pretrain.cli)
-    if not os.path.exists(p["checkpoint"]):
-        raise UserError(f"pretraining stopped without writing {p['checkpoint']}")
-    return time.time() - start
+    if done < epochs:
+        argv = pretrain_argv(args, epochs, p["pretrain"])
+        if last:
+            argv += ["--resume", last]
+        elif stack:
+            argv += ["--stack", stack]
+        timed_stage(p["pretrain"], stage, "main_pretrain", argv, args, main_pretrain.cli)
+        if not os.path.exists(p["checkpoint"]):
+            raise UserError(f"pretraining stopped without writing {p['checkpoint']}")
+    return stage_times(p["pretrain"]).get(stage, {"seconds": 0.0, "invocations": 0})
 
 
 def knn_until(epochs: int, args) -> dict | None:
@@ -344,7 +382,7 @@ def knn_until(epochs: int, args) -> dict | None:
     return json.load(open(out))
 
 
-def evaluate(epochs: int, args, pretrain_time: float, knn: dict | None = None) -> dict:
+def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | None = None) -> dict:
     """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already."""
     import segmenter.train
     p = paths(args, epochs)
@@ -358,14 +396,17 @@ def evaluate(epochs: int, args, pretrain_time: float, knn: dict | None = None) -
         raise UserError(f"no pretraining checkpoint {p['checkpoint']}: run the benchmark without --eval first "
                         f"(or check --output-dir and --mask-method)")
     argv = seg_argv(args, p["checkpoint"], p["eval"])
-    start = time.time()
-    run_stage("segmenter.train", argv, args, segmenter.train.cli)
+    timed_stage(p["eval"], "segmenter", "segmenter.train", argv, args, segmenter.train.cli)
+    eval_time = stage_times(p["eval"])["segmenter"]
+    pretrain_time = pretrain_time or {"seconds": 0.0, "invocations": 0}
     metrics = json.load(open(os.path.join(p["eval"], "metrics.json")))
     row = {"run_id": run_id(args), "eval_id": short_digest(eval_config(args)),
            "method": args.mask_method, "coverage_ratio": run_config(args)["coverage_ratio"], "epochs": epochs,
            "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
-           "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": round(pretrain_time, 1),
-           "eval_time_s": round(time.time() - start, 1),
+           "mean_class_accuracy": metrics["mean_class_accuracy"],
+           "pretrain_time_s": round(pretrain_time["seconds"], 1),
+           "eval_time_s": round(eval_time["seconds"], 1),
+           "resumed": pretrain_time["invocations"] > 1 or eval_time["invocations"] > 1,
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone,
            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
@@ -393,13 +434,13 @@ def evaluate_baseline(kind: str, args) -> dict:
         row = json.load(open(done_file))
         append_result(results, row)
         return row
-    start = time.time()
-    run_stage("segmenter.train", seg_argv(args, checkpoint, folder), args, segmenter.train.cli)
+    timed_stage(folder, "segmenter", "segmenter.train", seg_argv(args, checkpoint, folder), args, segmenter.train.cli)
+    eval_time = stage_times(folder)["segmenter"]
     metrics = json.load(open(os.path.join(folder, "metrics.json")))
     row = {"run_id": rid, "eval_id": eval_id, "baseline": kind, "method": BASELINES[kind], "coverage_ratio": None,
            "epochs": 0, "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
            "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": 0.0,
-           "eval_time_s": round(time.time() - start, 1), "pretrain_img_per_sec": None, "model": args.model,
+           "eval_time_s": round(eval_time["seconds"], 1), "resumed": eval_time["invocations"] > 1, "pretrain_img_per_sec": None, "model": args.model,
            "seg_backbone": args.seg_backbone, "stack": "", "stack_sha256": "", "checkpoint_sha256": sha,
            "config": {"baseline": kind, "model": args.model, **eval_config(args)},
            "record": runsetup.run_record(args.num_gpus)}
@@ -424,7 +465,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_old_layout(args)
     print(f"[benchmark] run {run_id(args)}: {paths(args)['pretrain']}")
     if args.eval >= 0:
-        evaluate(args.eval, args, pretrain_time=0.0)
+        evaluate(args.eval, args)
     else:
         record_run(args)
         for epochs in eval_points(args):

@@ -26,7 +26,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
                        non_negative_int)
 from util.checkpoint_adapt import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
-from util.finetune_data import build_classification_dataset, build_finetune_transform
+from util.finetune_data import build_classification_datasets, build_finetune_transform
 from util.errors import UserError
 from util.optim import adamw, param_groups_layer_decay
 from util.transforms import as_hw
@@ -126,8 +126,7 @@ def start_and_reconcile(args: argparse.Namespace) -> None:
 
 
 def build_loaders(args, build_transform):
-    dataset_train = build_classification_dataset(True, args, build_transform)
-    dataset_val = build_classification_dataset(False, args, build_transform)
+    dataset_train, dataset_val = build_classification_datasets(args, build_transform)
     num_tasks, global_rank = get_world_size(), get_rank()
     sampler_train = torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)

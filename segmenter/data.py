@@ -146,8 +146,9 @@ class ADE20K(Dataset):
             if not os.path.isdir(d):
                 raise DataError(f"--dataset-dir {root} has no {os.path.relpath(d, root)}/: expected the "
                                 f"ADEChallengeData2016 layout; download it with python -m segmenter.prepare_ade20k")
+        # hidden names (macOS ._x.jpg AppleDouble files) are not images
         self.image_files = {os.path.splitext(f)[0]: f for f in os.listdir(self.image_dir)
-                            if f.lower().endswith((".jpg", ".jpeg", ".png"))}
+                            if f.lower().endswith((".jpg", ".jpeg", ".png")) and not f.startswith(".")}
         names = sorted(self.image_files)
         missing = [n for n in names if not os.path.exists(os.path.join(self.label_dir, n + ".png"))]
         if missing:

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.generate_masks import list_images  # noqa: E402
+from util.image_folders import list_images  # noqa: E402
 from util.mask_cache import build_mask_cache  # noqa: E402
 from util.mask_sources import MASK_FORMATS  # noqa: E402
 

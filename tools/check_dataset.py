@@ -17,10 +17,10 @@ from multiprocessing import Pool
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.generate_masks import list_images  # noqa: E402
+from util.image_folders import scan_image_folder  # noqa: E402
 from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
 from util.sam_masks import MaskFileError, check_rle, duplicate_stems, exif_orientation, mask_fit  # noqa: E402
-from util.images import IMAGE_ERRORS, image_error  # noqa: E402
+from util.images import IMAGE_ERRORS, DataError, image_error  # noqa: E402
 
 _sources: dict[tuple[str, str], MaskSource] = {}  # one reader per worker process
 
@@ -71,17 +71,38 @@ def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
     return result
 
 
+def check_val(data_path: str, class_to_idx: dict[str, int], problems: list[str]) -> int | None:
+    """val/ as finetuning, linear probing and kNN read it: class folders named as train/'s. Returns
+    its image count (None: no val/, which only pretraining can do without)."""
+    val_root = os.path.join(data_path, "val")
+    if not os.path.isdir(val_root):
+        return None
+    try:
+        return len(scan_image_folder(val_root, class_to_idx).samples)
+    except DataError as e:
+        problems.append(str(e))
+        return 0
+
+
 def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, workers: int = 1,
           mask_format: str = "auto") -> dict:
     image_root, mask_root = os.path.join(data_path, "train"), os.path.join(data_path, "masks")
     report = {"images": 0, "problems": [], "near_coverage": 0, "empty": 0, "resized": 0, "rotated": 0,
-              "thresholded": 0, "listed_empty": 0, "format": None}
+              "thresholded": 0, "listed_empty": 0, "format": None, "hidden": 0, "val": None}
     if not os.path.isdir(image_root):
         report["problems"].append(f"{data_path} has no train/ folder")
         return report
     if not os.path.isdir(mask_root):
         report["problems"].append(f"{data_path} has no masks/ folder (segment methods need it)")
-    images = list_images(image_root)
+    try:
+        scan = scan_image_folder(image_root)
+    except DataError as e:
+        report["problems"].append(str(e))
+        return report
+    report["hidden"] = len(scan.hidden)
+    report["problems"] += [f"class folder {os.path.join(image_root, c)} holds no image" for c in scan.empty_classes]
+    report["val"] = check_val(data_path, scan.class_to_idx, report["problems"])
+    images = sorted(os.path.relpath(p, image_root) for p, _ in scan.samples)
     listed = read_empty_list(data_path)
     kept = [rel for rel in images if os.path.basename(rel) not in listed]
     report["listed_empty"] = len(images) - len(kept)
@@ -124,6 +145,14 @@ def main(argv=None) -> int:
     n = max(report["images"], 1)
     print(f"{report['images']} images under {args.data_path}/train" +
           (f", masks in the {report['format']} layout" if report["format"] else ""))
+    if report["hidden"]:
+        print(f"{report['hidden']} hidden files or folders (names starting with a dot, e.g. macOS ._ files) "
+              f"are skipped, as training skips them")
+    if report["val"] is None:
+        print(f"{args.data_path} has no val/ folder: pretraining does not need one; finetuning, linear probing "
+              f"and kNN do")
+    elif report["val"]:
+        print(f"{report['val']} images under {args.data_path}/val, in train/'s classes")
     if report["listed_empty"]:
         print(f"{report['listed_empty']} images are listed in emptyfiles.txt (no masks): training leaves them out")
     if report["thresholded"]:

@@ -19,7 +19,7 @@ import time
 from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.generate_masks import list_images  # noqa: E402
+from util.image_folders import list_images  # noqa: E402
 from util.errors import UserError, run_tool  # noqa: E402
 from util.files import remove_stale_temp_files  # noqa: E402
 from util.mask_cache import build_mask_cache  # noqa: E402

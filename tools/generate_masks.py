@@ -30,10 +30,10 @@ from multiprocessing import Pool
 from typing import Callable, Iterable
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.files import file_digest  # noqa: E402
+from util.image_folders import list_images  # noqa: E402,F401 (also imported from here by other tools)
 from util.images import load_rgb  # noqa: E402
 from util.mask_sources import RANDOM_WEIGHTS  # noqa: E402
 from util.sam_masks import (annotation_coverage, duplicate_stems, encode_segmentation,  # noqa: E402
@@ -46,16 +46,6 @@ SAM_MODELS = ("vit_h", "vit_l", "vit_b")
 OFFICIAL_WEIGHTS = {"sam": "sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth",
                     "sam2": "sam2.1_hiera_large.pt, _base_plus.pt, _small.pt or _tiny.pt"}
 SAM2_MODELS = {"hiera_tiny": "t", "hiera_small": "s", "hiera_base_plus": "b+", "hiera_large": "l"}
-
-
-def list_images(image_root: str) -> list[str]:
-    """Relative paths of every image under image_root, sorted."""
-    found = []
-    for dirpath, _, files in os.walk(image_root, followlinks=True):
-        for f in files:
-            if f.lower().endswith(IMG_EXTENSIONS):  # the extensions the training datasets read
-                found.append(os.path.relpath(os.path.join(dirpath, f), image_root))
-    return sorted(found)
 
 
 def mask_file_state(path: str, expected: dict | None = None) -> str:

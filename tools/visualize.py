@@ -18,12 +18,12 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.checkpoint_adapt import mae_state_dict, pretrain_mask_method  # noqa: E402
 from util.finetune_data import build_eval_transform  # noqa: E402
+from util.image_folders import list_images  # noqa: E402
 from util.images import load_rgb  # noqa: E402
 from util.errors import run_tool  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
@@ -98,9 +98,7 @@ def main(argv=None) -> list[str]:
     images = list(args.images)
     if not images and args.data_path:
         train = os.path.join(args.data_path, "train")
-        for d, _, files in sorted(os.walk(train)):
-            images += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
-        images = images[:args.num]
+        images = [os.path.join(train, rel) for rel in list_images(train)][:args.num]
     if not images:
         raise SystemExit("no images: give --images or --data_path")
     to_tensor = build_eval_transform(size, crop_pct=1.0)

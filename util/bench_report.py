@@ -103,10 +103,12 @@ def results_table(rows: list[dict]) -> str:
         speed = r.get("pretrain_img_per_sec")
         knn = f"{r['knn_top1']:.2f}" if r.get("knn_top1") is not None else "-"
         knn_s = f"{r['knn_time_s']:.1f}" if r.get("knn_time_s") is not None else "-"
-        epochs = "-" if r.get("baseline") else str(r["epochs"])
+        epochs = ("-" if r.get("baseline") else str(r["epochs"])) + ("*" if r.get("resumed") else "")
         lines.append(f"{labels[curve_key(r)]:<{width}} {epochs:>7} {r['mIoU']:>7.2f} "
                      f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s', 0):>11.1f} "
                      f"{r.get('eval_time_s', 0):>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
+    if any(r.get("resumed") for r in rows):
+        lines.append("* resumed after an interrupt: its times are totals over every invocation")
     return "\n".join(lines)
 
 

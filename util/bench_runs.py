@@ -110,3 +110,24 @@ def result_key(row: dict) -> tuple:
     if "run_id" in row:
         return row["run_id"], row.get("eval_id"), row["epochs"]
     return row["method"], row["coverage_ratio"], row["epochs"]
+
+
+def add_stage_time(folder: str, stage: str, seconds: float) -> dict:
+    """Adds one invocation's wall-clock to <folder>/stage_times.json and returns the stage's total
+    over every invocation: a stage resumed after an interrupt reports all the time it took."""
+    totals = stage_times(folder)
+    entry = totals.setdefault(stage, {"seconds": 0.0, "invocations": 0})
+    entry["seconds"] = round(entry["seconds"] + seconds, 3)
+    entry["invocations"] += 1
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_json(os.path.join(folder, "stage_times.json"), totals, indent=1)
+    return entry
+
+
+def stage_times(folder: str) -> dict:
+    path = os.path.join(folder, "stage_times.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}

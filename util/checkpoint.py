@@ -8,6 +8,7 @@ import argparse
 import glob
 import os
 import re
+import zipfile
 
 import torch
 
@@ -105,7 +106,16 @@ def load_checkpoint(path: str) -> dict:
         # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {e}") from None
+        error = e
+    if not zipfile.is_zipfile(path):  # torch's legacy format (before 1.6, or _use_new_zipfile_serialization=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        else:
+            print(f"{path} is in torch's legacy (non-zip) format: read without mmap")
+            return checkpoint
+    raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {error}")
 
 
 def stored_epochs(output_dir: str) -> list[tuple[int, str]]:
@@ -231,6 +241,17 @@ def run_start(args, files: list[str], keys: list[str] = ("data_path",)) -> dict:
     return start
 
 
+def _real_paths(start: dict) -> dict:
+    """run_start with its paths resolved: the same data reached through a symlink is the same run."""
+    real = dict(start)
+    for key, value in start.items():
+        if key == "data_path" and value is not None:
+            real[key] = [os.path.realpath(p) for p in ([value] if isinstance(value, str) else value)]
+        elif key + "_sha256" in start and value:
+            real[key] = os.path.realpath(value)
+    return real
+
+
 def _describe(start: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in start.items() if v and not k.endswith("_sha256")) or "scratch"
 
@@ -261,9 +282,10 @@ def auto_resume(args, start: dict | None = None) -> None:
     saved = load_checkpoint(last).get("args")
     theirs = getattr(saved, "run_start", None)
     if start is not None and theirs is not None:
-        differ = [k for k in start if k in theirs and start[k] != theirs[k]]
+        mine, theirs_real = _real_paths(start), _real_paths(theirs)
+        differ = [k for k in start if k in theirs and mine[k] != theirs_real[k]]
         if differ:
-            changed = [k for k in differ if k.endswith("_sha256") and start[k[:-7]] == theirs.get(k[:-7])]
+            changed = [k for k in differ if k.endswith("_sha256") and mine[k[:-7]] == theirs_real.get(k[:-7])]
             what = (f"{', '.join(k[:-7] for k in changed)} has the same path but other contents" if changed
                     else f"this command starts from {_describe(start)}, that run from {_describe(theirs)}")
             raise CheckpointError(

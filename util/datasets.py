@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, default_collate
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.errors import UserError
+from util.image_folders import scan_image_folder
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.mask_cache import MaskCache
@@ -62,13 +62,11 @@ class SegmentMaskImageFolder(Dataset):
                             f"(masks/<class>/<image stem>.json, or the segmae / amg.py folders "
                             f"masks/<class>/<image stem>/). Generate SAM masks for it, or pretrain "
                             f"with --mask_method patches.")
-        try:
-            self.classes, self.class_to_idx = find_classes(self.image_root)
-            self.samples = make_dataset(self.image_root, self.class_to_idx, extensions=IMG_EXTENSIONS,
-                                        allow_empty=True)
-        except FileNotFoundError as e:
-            raise DataError(f"no images under {self.image_root}: {e}") from None
-        empty = sorted(set(self.classes) - {self.classes[t] for _, t in self.samples})
+        scan = scan_image_folder(self.image_root)
+        self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
+        if scan.hidden:
+            print(f"{len(scan.hidden)} hidden files or folders under {self.image_root} are skipped, e.g. {scan.hidden[0]}")
+        empty = scan.empty_classes
         if empty and self.samples:
             listed = ", ".join(os.path.join(self.image_root, c) for c in empty[:5])
             if not skip_bad_samples:

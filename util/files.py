@@ -31,6 +31,23 @@ def file_digest(path: str, algorithm: str = "sha1", chunk: int = 1 << 20) -> str
     return h.hexdigest()
 
 
+def write_sha256_record(record: str, digest: str, path: str) -> None:
+    with atomic_write(record, "w") as f:
+        f.write(f"{digest}  {os.path.basename(path)}\n")
+
+
+def read_sha256_record(record: str) -> str:
+    """The SHA-256 a <file>.sha256 record holds; "" when there is none, or an empty or torn one (a
+    kill while an older version wrote it), which is then written anew from the file."""
+    if not os.path.exists(record):
+        return ""
+    words = open(record, encoding="utf-8", errors="replace").read().split()
+    if words and re.fullmatch(r"[0-9a-f]{64}", words[0]):
+        return words[0]
+    print(f"WARNING: {record} holds no SHA-256 (torn by a kill?): recorded again from the file")
+    return ""
+
+
 def free_space(path: str) -> str:
     """'1.2 GB free' on the file system holding path (or its nearest existing parent)."""
     path = os.path.abspath(path)

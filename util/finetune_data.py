@@ -16,9 +16,9 @@ from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from util.datasets import sample_generator
+from util.image_folders import scan_image_folder
 from util.images import DataError, load_rgb
 from util.transforms import as_hw
 
@@ -91,13 +91,21 @@ def seeded_global_rng(generator: torch.Generator):
 
 class CheckedImageFolder(Dataset):
     """ImageFolder whose unreadable images raise an error naming the file. Augmentations are seeded
-    per (seed, epoch, sample), so batches do not depend on the number of workers or ranks."""
+    per (seed, epoch, sample), so batches do not depend on the number of workers or ranks. With
+    ``class_to_idx`` (the training split's) classes are numbered by it, so that labels agree."""
 
-    def __init__(self, root: str, transform: Callable, seed: int = 0):
+    def __init__(self, root: str, transform: Callable, seed: int = 0, class_to_idx: dict[str, int] | None = None):
         if not os.path.isdir(root):
             raise DataError(f"{root} does not exist: expected <data_path>/{os.path.basename(root)}/<class>/<image>")
-        self.classes, self.class_to_idx = find_classes(root)
-        self.samples = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        scan = scan_image_folder(root, class_to_idx)
+        if class_to_idx is None and scan.empty_classes:
+            listed = ", ".join(os.path.join(root, c) for c in scan.empty_classes[:5])
+            raise DataError(f"{len(scan.empty_classes)} class folder(s) hold no image: {listed}. Remove them "
+                            f"(an empty class would still get a label)")
+        if not scan.samples:
+            raise DataError(f"no images found under {root}")
+        self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
+        self.targets = scan.targets
         self.root, self.transform = root, transform
         self.seed, self.epoch = seed, 0
 
@@ -114,16 +122,21 @@ class CheckedImageFolder(Dataset):
             return self.transform(img), target
 
 
-def build_classification_dataset(is_train: bool, args, build_transform: Callable) -> CheckedImageFolder:
-    """<data_path>/train or <data_path>/val as an ImageFolder (one root: the classes must agree)."""
+def data_root(args) -> str:
     paths = [args.data_path] if isinstance(args.data_path, str) else list(args.data_path)
     if len(paths) != 1:
         raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
-    root = os.path.join(paths[0], "train" if is_train else "val")
-    dataset = CheckedImageFolder(root, build_transform(is_train, args), seed=args.seed)
-    if is_train:
-        check_class_count(args, len(dataset.classes), root)
-    return dataset
+    return paths[0]
+
+
+def build_classification_datasets(args, build_transform: Callable) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+    """<data_path>/train and <data_path>/val as ImageFolders, val numbered by train's classes."""
+    root = data_root(args)
+    train = CheckedImageFolder(os.path.join(root, "train"), build_transform(True, args), seed=args.seed)
+    check_class_count(args, len(train.classes), train.root)
+    val = CheckedImageFolder(os.path.join(root, "val"), build_transform(False, args), seed=args.seed,
+                             class_to_idx=train.class_to_idx)
+    return train, val
 
 
 def check_class_count(args, n_classes: int, root: str) -> None:

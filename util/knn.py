@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a file
 
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import ImageFolder
 
 import util.misc as misc
 import util.runsetup as runsetup
@@ -93,7 +92,7 @@ def knn_eval(args: argparse.Namespace) -> dict:
     import models_vit
     from tools.export import load_encoder, timm_name
     from util.checkpoint_adapt import load_pretrained_encoder
-    from util.finetune_data import build_eval_transform
+    from util.finetune_data import CheckedImageFolder, build_eval_transform
     device = torch.device(args.device)
     start = time.time()
     ckpt = load_checkpoint(args.checkpoint)
@@ -104,15 +103,11 @@ def knn_eval(args: argparse.Namespace) -> dict:
                             mask_channel=args.mask_channel)
     model.to(device)
     transform = build_eval_transform(size)
-    splits = {}
     for split in ("train", "val"):
-        folder = os.path.join(args.data_path, split)
-        if not os.path.isdir(folder):
+        if not os.path.isdir(os.path.join(args.data_path, split)):
             raise UserError(f"--data_path {args.data_path} has no {split}/ folder (ImageFolder layout)")
-        splits[split] = ImageFolder(folder, transform=transform)
-    train, val = splits["train"], splits["val"]
-    if train.classes != val.classes:
-        raise UserError(f"{args.data_path}: train/ and val/ have different classes")
+    train = CheckedImageFolder(os.path.join(args.data_path, "train"), transform)
+    val = CheckedImageFolder(os.path.join(args.data_path, "val"), transform, class_to_idx=train.class_to_idx)
     bank_idx = balanced_subset(train.targets, args.bank_per_class, args.seed)
     bank = extract_features(model, train, bank_idx, device, args.amp, args.batch_size, args.num_workers, args.pool)
     queries = extract_features(model, val, list(range(len(val))), device, args.amp, args.batch_size,

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from util.distributed import get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
+from util.stops import PROGRESS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ class MetricLogger:
         start = last = time.time()
         width = len(str(total))
         for i, obj in enumerate(iterable):
+            PROGRESS.update(header=header, step=i, steps=total)  # for the line a stop signal prints
             yield obj
             if i % print_freq == 0 or i == total - 1:
                 if on_print is not None:

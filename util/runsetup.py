@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from util.distributed import get_rank, get_world_size, init_distributed_mode, is_dist_avail_and_initialized, \
     is_main_process
+import util.stops as stops
 from util.errors import UserError
 from util.files import lock_output_dir, release_output_dir_locks
 from util.speed import compile_model, resolve_compile_flags
@@ -112,14 +113,37 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         args.log_dir = args.output_dir
     check_args(args, parser)
     try:
-        result = main(args)
+        with stops.stop_on_signals():
+            try:
+                result = main(args)
+            except BaseException as e:  # an error raised while stopping (a worker's death) is the stop
+                if stops.stopping() and not isinstance(e, (stops.Stopped, SystemExit)):
+                    raise stops.Stopped(stops.stopping()) from None
+                raise
         end_distributed()  # on success only: after an error the other ranks may never reach a barrier
         return result
     except UserError as e:
         print(f"ERROR: {user_message(e)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except stops.Stopped as e:
+        print(stops.stop_message(parser.prog, e, newest_checkpoint(args)), file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
     finally:
         release_output_dir_locks()
+
+
+def newest_checkpoint(args: argparse.Namespace) -> str | None:
+    """The newest complete checkpoint in the run's folder (--output_dir, or the Segmenter's --log-dir)."""
+    from util.checkpoint import find_last_checkpoint
+    folder = stops.PROGRESS.get("checkpoint_dir") or getattr(args, "output_dir", None) or getattr(args, "log_dir", None)
+    if not folder or not os.path.isdir(folder):
+        return None
+    try:
+        found = find_last_checkpoint(folder)
+    except Exception:  # noqa: BLE001 - the stop's message must not fail
+        found = None
+    single = os.path.join(folder, "checkpoint.pth")  # the Segmenter keeps one, rewritten every epoch
+    return found or (single if os.path.isfile(single) else None)
 
 
 def user_message(e: UserError) -> str:

@@ -1,0 +1,204 @@
+"""Runs that stop, resume and restart: stop signals, the benchmark's paths and times, torn digest
+records, legacy checkpoints, data reached through a symlink. docs/RELIABILITY.md lists them with
+their outcome."""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import benchmark
+import main_finetune
+import main_pretrain
+import segmenter.train
+import util.stops as stops
+from conftest import REPO
+from test_benchmark import bench_args, run_dir
+from test_faults import run_exit_code, seg_argv
+from test_finetune import downstream
+from test_pretrain_cli import common
+from util.checkpoint import load_checkpoint
+from util.files import atomic_write
+
+
+# ---- 6. SIGTERM / SIGINT: one line, 128 + signal, the checkpoint whole ----------------------------
+
+def run_until(cmd, marker, cwd=REPO, timeout=120):
+    """Starts cmd and returns (process, lines read so far) once a line containing marker is out."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+        seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not seen.wait(timeout) or proc.poll() is not None:
+        proc.kill()
+        pytest.fail(f"{cmd[1]} did not reach {marker!r}:\n{''.join(lines[-20:])}")
+    return proc, lines
+
+
+def stop_and_collect(proc, lines, signum):
+    proc.send_signal(signum)
+    rc = proc.wait(timeout=120)
+    time.sleep(0.2)  # the reader thread takes the last lines
+    return rc, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program, signum", [("main_pretrain", signal.SIGTERM), ("main_finetune", signal.SIGINT),
+                                             ("segmenter", signal.SIGTERM), ("benchmark", signal.SIGINT)])
+def test_a_stop_signal_prints_one_line_and_resumes(program, signum, toy_root, toy_ade20k, pretrained, tmp_path):
+    out = tmp_path / "out"
+    if program == "main_pretrain":
+        argv = ["main_pretrain.py", *common(toy_root, out, "--epochs", "500", "--save_freq", "1", "--print_freq", "1")]
+    elif program == "main_finetune":
+        argv = ["main_finetune.py", *downstream(toy_root, out, "--finetune", pretrained["patches"], "--epochs",
+                                                "500", "--save_freq", "1", "--print_freq", "1")]
+    elif program == "segmenter":
+        argv = ["-m", "segmenter.train", *seg_argv(toy_ade20k, out), "--epochs", "500", "--print-freq", "1"]
+    else:
+        argv = ["benchmark.py", *bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "500", "--eval-freq",
+                                            "500")]
+        argv[argv.index("--launcher") + 1] = "subprocess"
+    marker = "Epoch: [2]" if program != "benchmark" else "Epoch: [1]"
+    proc, lines = run_until([sys.executable, *argv], marker)
+    rc, text = stop_and_collect(proc, lines, signum)
+    name = signal.Signals(signum).name
+    assert rc == 128 + signum, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    stop_lines = [line for line in text.splitlines() if f"stopped by {name}" in line]
+    assert stop_lines and all("run the same command to resume" in line for line in stop_lines), text[-2000:]
+    assert "at epoch" in stop_lines[0] and "newest complete checkpoint:" in stop_lines[0], stop_lines
+    if program == "benchmark":  # the stage's line, then the benchmark's, naming its stage
+        assert len(stop_lines) == 2 and "during its stage main_pretrain" in stop_lines[1]
+    newest = stop_lines[0].split("newest complete checkpoint: ")[1].split(";")[0]
+    assert load_checkpoint(newest)["epoch"] >= 0
+    assert not [f for f in os.listdir(os.path.dirname(newest)) if ".tmp" in f]
+
+
+def test_a_stop_during_a_checkpoint_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "checkpoint-0.pth"
+    torch.save({"epoch": 0}, path)
+    with pytest.raises(stops.Stopped):
+        with atomic_write(str(path)) as f:
+            f.write(b"half a checkpoint")
+            raise stops.Stopped(signal.SIGTERM)
+    assert torch.load(path, weights_only=True) == {"epoch": 0}
+    assert os.listdir(tmp_path) == ["checkpoint-0.pth"]
+
+
+def test_the_stop_line_says_where_the_loop_was():
+    stops.PROGRESS.clear()
+    stops.PROGRESS.update(header="Epoch: [3]", step=5, steps=12)
+    line = stops.stop_message("main_pretrain.py", stops.Stopped(signal.SIGTERM), "out/checkpoint-2.pth")
+    assert line == ("main_pretrain.py stopped by SIGTERM at epoch 3, step 5/12; newest complete checkpoint: "
+                    "out/checkpoint-2.pth; run the same command to resume")
+    stops.PROGRESS.clear()
+
+
+# ---- 4. the benchmark's relative paths are the caller's ------------------------------------------
+
+@pytest.mark.slow
+def test_benchmark_relative_paths_mean_the_callers_folders(toy_root, toy_ade20k, tmp_path, monkeypatch):
+    # data/toy is also the name of the repo's own toy data: the user's must be the one trained on
+    mine = tmp_path / "data" / "toy"
+    shutil.copytree(toy_root, mine)
+    shutil.copytree(toy_ade20k, tmp_path / "ade")
+    monkeypatch.chdir(tmp_path)
+    argv = bench_args("data/toy", "ade", "bench", "--pretrain-epochs", "1")
+    argv[argv.index("--launcher") + 1] = "subprocess"
+    benchmark.cli(argv)
+    assert os.path.isdir(tmp_path / "bench" / "results.jsonl") is False and (tmp_path / "bench" / "results.jsonl").exists()
+    assert not os.path.exists(os.path.join(REPO, "bench"))
+    ckpt = load_checkpoint(str(run_dir(tmp_path / "bench") / "checkpoint-1.pth"))
+    assert ckpt["args"].data_path == [str(mine)] or ckpt["args"].data_path == str(mine)
+
+
+# ---- 5. a resumed benchmark totals its stages' times ----------------------------------------------
+
+def interrupt_first_call(monkeypatch, module, attr, seconds):
+    real = getattr(module, attr)
+    calls = []
+
+    def once(argv):
+        calls.append(argv)
+        if len(calls) == 1:
+            time.sleep(seconds)
+            raise stops.Stopped(signal.SIGTERM)
+        return real(argv)
+
+    monkeypatch.setattr(module, attr, once)
+
+
+def test_a_resumed_benchmark_totals_its_stage_times(toy_root, toy_ade20k, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    argv = bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "1")
+    interrupt_first_call(monkeypatch, main_pretrain, "cli", 1.0)
+    interrupt_first_call(monkeypatch, segmenter.train, "cli", 1.5)
+    assert run_exit_code(argv, benchmark.cli) == 128 + signal.SIGTERM  # in the pretraining stage
+    assert run_exit_code(argv, benchmark.cli) == 128 + signal.SIGTERM  # in the Segmenter stage
+    assert "stopped by SIGTERM during its stage segmenter.train" in capsys.readouterr().err
+    benchmark.cli(argv)
+    [row] = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert row["resumed"] is True
+    assert row["pretrain_time_s"] >= 1.0 and row["eval_time_s"] >= 1.5
+    times = json.load(open(run_dir(out) / "stage_times.json"))
+    assert times["pretrain_1"]["invocations"] == 2
+    assert "1*" in capsys.readouterr().out  # the table marks the resumed row
+
+
+# ---- 13. a torn .sha256 record --------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", ["", "  \n", "0123"])
+def test_an_empty_sha256_record_is_written_anew(tmp_path, content, capsys):
+    args = argparse.Namespace(model="mae_vit_base_patch16", output_dir=str(tmp_path), stack_sha256=None)
+    url = benchmark.OFFICIAL_MAE[args.model]
+    path = tmp_path / "official" / os.path.basename(url)
+    path.parent.mkdir()
+    path.write_bytes(b"stand-in for the official checkpoint")
+    (tmp_path / "official" / (path.name + ".sha256")).write_text(content)
+    _, digest = benchmark.official_checkpoint(args)
+    assert "holds no SHA-256" in capsys.readouterr().out
+    assert open(str(path) + ".sha256").read().split()[0] == digest
+    path.write_bytes(b"changed")  # from now on verified again
+    with pytest.raises(Exception, match="the file changed"):
+        benchmark.official_checkpoint(args)
+
+
+# ---- 15. torch's legacy (non-zip) checkpoint format ------------------------------------------------
+
+def test_legacy_format_checkpoints_load(pretrained, toy_root, tmp_path, capsys):
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(pretrained["patches"], weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    ckpt = load_checkpoint(str(legacy))
+    assert "legacy (non-zip) format" in capsys.readouterr().out
+    assert ckpt["model"].keys() == load_checkpoint(pretrained["patches"])["model"].keys()
+    main_finetune.cli(downstream(toy_root, tmp_path / "ft", "--finetune", str(legacy)))
+    assert (tmp_path / "ft" / "checkpoint-0.pth").exists()
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(Exception, match="truncated or not a PyTorch checkpoint"):
+        load_checkpoint(str(tmp_path / "garbage.pth"))
+
+
+# ---- 16. the same data through a symlink -----------------------------------------------------------
+
+def test_the_same_data_through_a_symlink_is_the_same_run(toy_root, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(toy_root, small)
+    os.symlink(small, tmp_path / "smalllink")
+    out = tmp_path / "o"
+    main_pretrain.cli(common(str(small), out, "--epochs", "2", "--stop_epoch", "1"))
+    main_pretrain.cli(common(str(tmp_path / "smalllink"), out, "--epochs", "2"))
+    assert load_checkpoint(str(out / "checkpoint-1.pth"))["epoch"] == 1
