@@ -33,6 +33,10 @@ def is_complete(root: str) -> bool:
     return all(os.path.isdir(os.path.join(root, d)) and os.listdir(os.path.join(root, d)) for d in REQUIRED)
 
 
+def missing_parts(root: str) -> list[str]:
+    return [d for d in REQUIRED if not (os.path.isdir(os.path.join(root, d)) and os.listdir(os.path.join(root, d)))]
+
+
 def download(url: str, path: str) -> None:
     """Streams url to path (via path.part) with a progress line."""
     part = path + ".part"
@@ -67,6 +71,11 @@ def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, kee
         if not is_complete(folder):
             raise SystemExit(f"--folder {folder} is not a complete {DATASET_DIR} (needs {', '.join(REQUIRED)})")
         os.makedirs(out, exist_ok=True)
+        if os.path.islink(root):  # an earlier link, to an incomplete or moved copy
+            os.remove(root)
+        elif os.path.exists(root):
+            raise SystemExit(f"{root} exists but is incomplete (needs {', '.join(missing_parts(root))}): move or "
+                             f"remove it (rm -r {root}), or pass another --out, then run again")
         os.symlink(os.path.abspath(folder), root)
         print(f"ADE20k ready in {root} (a link to {folder})")
         return root
@@ -87,14 +96,22 @@ def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, kee
     if sha1:
         got = file_digest(archive, "sha1")
         if got != sha1:
-            if not zip_path:
-                os.replace(archive, archive + ".bad")
+            if zip_path:  # the user's copy: left where it is
+                raise SystemExit(f"checksum mismatch for --zip {archive}: SHA-1 {got}, expected {sha1}. The file was "
+                                 f"left as it is: copy the archive again (or pass --sha1 '' to skip the check)")
+            os.replace(archive, archive + ".bad")
             raise SystemExit(f"checksum mismatch for {archive}: SHA-1 {got}, expected {sha1}. The file was moved "
                              f"to {archive}.bad; run again to download it anew.")
     tmp = os.path.join(out, f".{DATASET_DIR}.unpacking")
     shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    except (OSError, zipfile.BadZipFile) as e:  # e.g. a member that is both a file and a folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        raise SystemExit(f"cannot unpack {archive} ({what}): a damaged or foreign archive; get a good copy of "
+                         f"{DATASET_DIR}.zip") from None
     unpacked = os.path.join(tmp, DATASET_DIR)
     if not is_complete(unpacked):
         raise SystemExit(f"{archive} does not contain {DATASET_DIR}/ with {', '.join(REQUIRED)}")

@@ -26,7 +26,7 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
 from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
-from util.files import atomic_write_json, read_jsonl
+from util.files import atomic_write_json, read_jsonl, writable_dir
 from util.distributed import get_rank, get_world_size, is_main_process
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
@@ -198,8 +198,8 @@ def write_metrics(args, epoch: int, metrics: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    writable_dir(args.log_dir, "--log-dir")
     device = runsetup.setup_run(args, __file__)
-    os.makedirs(args.log_dir, exist_ok=True)
     ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
     resuming = args.resume and os.path.exists(ckpt_path)
     ckpt = load_checkpoint(ckpt_path) if resuming else None

@@ -186,3 +186,83 @@ def test_empty_class_folder_in_finetuning_is_one_line(toy_root, tmp_path):
     (root / "train" / "cats").mkdir()
     with pytest.raises(DataError, match=r"1 class folder\(s\) hold no image: .*train/cats"):
         CheckedImageFolder(str(root / "train"), transform=None)
+
+
+# ---- 10. deeply nested JSON, malformed mask files in the cache builder ----------------------------
+
+def first_mask_file(root):
+    cls = sorted(os.listdir(root / "masks"))[0]
+    return root / "masks" / cls / sorted(os.listdir(root / "masks" / cls))[0]
+
+
+def test_deeply_nested_mask_json_is_a_bad_sample(toy_root, tmp_path):
+    import json
+    import main_pretrain
+    from test_pretrain_cli import common
+    root = copy_tree(toy_root, tmp_path)
+    mask = first_mask_file(root)
+    mask.write_text("[" * 200_000 + "]" * 200_000)
+    out = tmp_path / "o"
+    main_pretrain.cli(common(str(root), out, "--mask_method", "segments", "--skip_bad_samples"))
+    assert json.loads((out / "log.txt").read_text())["train_bad_samples"] == 1
+    assert f"{mask.name}: JSON nested too deeply" in (out / "bad_samples.txt").read_text()
+    report = check_dataset.check(str(root))
+    assert [p for p in report["problems"] if "nested too deeply" in p]
+
+
+@pytest.mark.parametrize("content", ["[" * 200_000 + "]" * 200_000,  # nested
+                                     '[{"area": 10, "segmentation": [[1.0, 2.0, 5.0, 2.0, 5.0, 6.0]]}]'])  # polygon
+def test_mask_cache_builder_names_a_malformed_file_in_one_line(toy_root, tmp_path, content):
+    import subprocess
+    import sys
+    from conftest import REPO
+    root = copy_tree(toy_root, tmp_path)
+    mask = first_mask_file(root)
+    mask.write_text(content)
+    result = subprocess.run([sys.executable, "tools/build_mask_cache.py", "--data_path", str(root)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("ERROR:") and mask.name in line
+    assert not [f for _, _, files in os.walk(root) for f in files if ".tmp" in f]
+
+
+# ---- 12. segmenter.prepare_ade20k ----------------------------------------------------------------
+
+def test_prepare_ade20k_wrong_sha1_of_the_users_zip_says_it_was_left(tmp_path):
+    from segmenter import prepare_ade20k
+    from test_segmenter import make_zip
+    archive, _ = make_zip(tmp_path)
+    with pytest.raises(SystemExit, match="was left as it is") as exc:
+        prepare_ade20k.main(["--out", str(tmp_path / "out"), "--zip", str(archive), "--sha1", "0" * 40])
+    assert "moved" not in str(exc.value) and archive.exists()
+
+
+def test_prepare_ade20k_folder_over_an_incomplete_copy(tmp_path):
+    from segmenter import prepare_ade20k
+    from test_segmenter import make_zip
+    archive, sha1 = make_zip(tmp_path)
+    good = prepare_ade20k.main(["--out", str(tmp_path / "b"), "--zip", str(archive), "--sha1", sha1])
+    assert good is None
+    complete = tmp_path / "b" / "ADEChallengeData2016"
+    target = tmp_path / "c" / "ADEChallengeData2016"
+    (target / "images" / "training").mkdir(parents=True)  # an interrupted copy by hand
+    with pytest.raises(SystemExit, match=r"exists but is incomplete \(needs images/training.*rm -r"):
+        prepare_ade20k.main(["--out", str(tmp_path / "c"), "--folder", str(complete)])
+    shutil.rmtree(target)
+    os.symlink(tmp_path / "moved_away", target)  # a link left by an earlier --folder
+    prepare_ade20k.main(["--out", str(tmp_path / "c"), "--folder", str(complete)])
+    assert prepare_ade20k.is_complete(str(target))
+
+
+def test_prepare_ade20k_member_both_file_and_folder(tmp_path):
+    import zipfile
+    from segmenter import prepare_ade20k
+    archive = tmp_path / "ADEChallengeData2016.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ADEChallengeData2016/images/training/ADE_x.png", b"x")
+        z.writestr("ADEChallengeData2016/images/training", b"a file where a folder is")
+    with pytest.raises(SystemExit, match="cannot unpack .*a damaged or foreign archive"):
+        prepare_ade20k.main(["--out", str(tmp_path / "out"), "--zip", str(archive), "--sha1", ""])
+    assert os.listdir(tmp_path / "out") == []  # no unpacking folder left

@@ -202,3 +202,92 @@ def test_the_same_data_through_a_symlink_is_the_same_run(toy_root, tmp_path):
     main_pretrain.cli(common(str(small), out, "--epochs", "2", "--stop_epoch", "1"))
     main_pretrain.cli(common(str(tmp_path / "smalllink"), out, "--epochs", "2"))
     assert load_checkpoint(str(out / "checkpoint-1.pth"))["epoch"] == 1
+
+
+# ---- 9. destinations that cannot be written ------------------------------------------------------
+
+@pytest.fixture
+def read_only_fs(tmp_path):
+    """A real read-only file system (a tmpfs remounted read-only), holding a copy of nothing."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    (mount / "data").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("ERROR:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_unwritable_output_folders_are_one_line(toy_root, tmp_path, read_only_fs, pretrained, capsys):
+    from tools import export, visualize
+    assert run_exit_code(common(toy_root, read_only_fs / "run")) == 1
+    assert "read-only file system" in one_error_line(capsys).lower()
+    assert run_exit_code(common(toy_root, read_only_fs / "data")) == 1  # exists, but cannot be written in
+    assert "read-only file system" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        from util.errors import run_tool
+        run_tool(export.main, ["--checkpoint", pretrained["patches"], "--to", "encoder", "--out",
+                               str(read_only_fs / "export")])
+    assert "--out" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        from util.errors import run_tool
+        run_tool(visualize.main, ["--data_path", toy_root, "--out", str(read_only_fs / "vis"), "--num", "1"])
+    assert "--out" in one_error_line(capsys)
+
+
+def test_mask_cache_on_read_only_data_is_one_line(toy_root, tmp_path, read_only_fs, capsys):
+    subprocess.run(["mount", "-o", "remount,rw", str(read_only_fs)], check=True)
+    shutil.copytree(toy_root, read_only_fs / "toy")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_fs)], check=True)
+    result = subprocess.run([sys.executable, "tools/build_mask_cache.py", "--data_path", str(read_only_fs / "toy")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "read-only file system" in result.stderr.lower() and "mask cache folder" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["dangling", "too_long"])
+def test_impossible_output_paths_are_one_line(toy_root, tmp_path, kind, capsys):
+    if kind == "dangling":
+        out = tmp_path / "link"
+        os.symlink(tmp_path / "nowhere", out)
+        expected = "is a symlink to"
+    else:
+        out = tmp_path / ("x" * 300)
+        expected = "the name is too long"
+    assert run_exit_code(common(toy_root, out)) == 1
+    assert expected in one_error_line(capsys)
+
+
+# ---- 14. a SAM checkpoint is read weights-only ---------------------------------------------------
+
+class _WritesAMarker:
+    """Unpickling this opens (creates) a file: code that runs on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_crafted_sam_checkpoint_runs_no_code(tmp_path, monkeypatch):
+    pytest.importorskip("segment_anything")
+    from tools import generate_masks
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "sam_weights.pth"
+    torch.save({"image_encoder.neck.0.weight": torch.zeros(1), "payload": _WritesAMarker(str(marker))}, crafted)
+    # as torch 2.4 / 2.5 behave: a torch.load without weights_only unpickles anything
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(SystemExit, match="is not a plain weights file"):
+        generate_masks.build_sam_generator("sam", str(crafted), "vit_b", "cpu")
+    assert not marker.exists()

@@ -14,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.image_folders import list_images  # noqa: E402
+from util.errors import run_tool  # noqa: E402
 from util.mask_cache import build_mask_cache  # noqa: E402
 from util.mask_sources import MASK_FORMATS  # noqa: E402
 
@@ -38,4 +39,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

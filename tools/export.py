@@ -32,6 +32,7 @@ from util.checkpoint import load_checkpoint  # noqa: E402
 from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, is_segmae_combined,  # noqa: E402
                                    mae_state_dict, patch_grid, pretrain_mask_method, state_dict_of)
 from util.errors import UserError, run_tool  # noqa: E402
+from util.files import atomic_torch_save, writable_dir  # noqa: E402
 from util.masking import get_method  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 
@@ -214,15 +215,15 @@ def export_hf_mae(full: dict, sd: dict, shape: dict, size, method: str, out: str
 
 def export_encoder(sd: dict, out: str) -> list[str]:
     """The official MAE checkpoint layout (pickle: the original code reads it with torch.load)."""
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "checkpoint.pth")
-    torch.save({"model": {k: v.contiguous() for k, v in sd.items()}}, path)
+    atomic_torch_save({"model": {k: v.contiguous() for k, v in sd.items()}}, path)
     return [path]
 
 
 def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_zero_head: bool = False) -> list[str]:
     sd, full, method, size, shape = load_encoder(checkpoint, mask_channel=mask_channel)
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
+    writable_dir(out, "--out")
     if to == "timm":
         files = export_timm(sd, shape, size, out, timm_zero_head)
     elif to == "hf":

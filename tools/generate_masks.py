@@ -208,7 +208,12 @@ def build_sam_generator(backend: str, checkpoint: str, model: str, device: str, 
         check_official_digest(checkpoint)
     try:
         if backend == "sam":
-            net = sam_model_registry[model](checkpoint=checkpoint or None).to(device)
+            # built empty and filled from a weights-only load: segment-anything's own loading unpickles
+            # anything (torch.load without weights_only), which runs code on torch < 2.6
+            net = sam_model_registry[model](checkpoint=None)
+            if checkpoint:
+                net.load_state_dict(load_weights(checkpoint))
+            net = net.to(device)
             return SamAutomaticMaskGenerator(net, output_mode="coco_rle", **settings)
         config = sam2_config or f"configs/sam2.1/sam2.1_{'hiera_' + SAM2_MODELS[model]}.yaml"
         net = build_sam2(config, checkpoint or None, device=device)
@@ -218,6 +223,21 @@ def build_sam_generator(backend: str, checkpoint: str, model: str, device: str, 
             raise SystemExit(f"--sam_checkpoint {checkpoint} does not fit --sam_model {model}: give the model the "
                              f"checkpoint was made for (e.g. sam_vit_b_01ec64.pth is vit_b)") from None
         raise
+
+
+def load_weights(checkpoint: str) -> dict:
+    """A SAM checkpoint's state dict, read weights-only (tensors and plain containers, no code)."""
+    import torch
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an UnpicklingError or a damaged file: the same to the user
+        raise SystemExit(f"--sam_checkpoint {checkpoint} is not a plain weights file (it holds other objects than "
+                         f"tensors, or is damaged: {str(e).splitlines()[0][:200]}); use an official checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint's layout
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise SystemExit(f"--sam_checkpoint {checkpoint} holds no state dict; use an official checkpoint")
+    return state
 
 
 class SamBackend:

@@ -26,6 +26,7 @@ from util.finetune_data import build_eval_transform  # noqa: E402
 from util.image_folders import list_images  # noqa: E402
 from util.images import load_rgb  # noqa: E402
 from util.errors import run_tool  # noqa: E402
+from util.files import writable_dir  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
 from util.sam_masks import exif_orientation, fit_mask  # noqa: E402
@@ -102,7 +103,7 @@ def main(argv=None) -> list[str]:
     if not images:
         raise SystemExit("no images: give --images or --data_path")
     to_tensor = build_eval_transform(size, crop_pct=1.0)
-    os.makedirs(args.out, exist_ok=True)
+    writable_dir(args.out, "--out")
     written = []
     source = None
     if method.needs_segment:

@@ -133,6 +133,43 @@ _held_locks: dict[str, int] = {}
 _TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files
 
 
+def writable_dir(path: str, what: str = "output folder") -> str:
+    """Creates the folder ``path`` if needed and checks that files can be written in it; every
+    problem (a file in the way, a dangling symlink, a read-only file system, no permission, a name
+    too long) is one UserError naming the path and the fix. Returns path."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist: create that "
+                        f"folder, remove the link, or pass another path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file: pass a folder (or a new path) as the {what}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(_unwritable(path, what, e)) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only_fs(path) else "no permission to write there"
+        raise UserError(f"cannot write in {what} {path}: {reason}; pass a writable folder")
+    return path
+
+
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _unwritable(path: str, what: str, e: OSError) -> str:
+    import errno
+    if e.errno == errno.ENAMETOOLONG:
+        longest = max((len(part.encode()) for part in os.path.abspath(path).split(os.sep)), default=0)
+        return (f"cannot create {what} {path[:80]}...: the name is too long (a part of {longest} bytes; file systems "
+                f"allow 255, and 4096 for the whole path); pass a shorter path")
+    if e.errno == errno.EEXIST:  # a dangling link or a file among its parents
+        return f"cannot create {what} {path}: a part of the path is a file or a link to nothing; pass another path"
+    return f"cannot create {what} {path}: {e.strerror or e}; pass a writable folder"
+
+
 def lock_output_dir(output_dir: str) -> None:
     """Takes an exclusive lock on output_dir/.lock for the life of this process (released by the
     kernel when it dies, so a killed run leaves no stale lock). A second run writing into the same
@@ -140,9 +177,7 @@ def lock_output_dir(output_dir: str) -> None:
     lock, temporary files left by killed writers are removed."""
     if not output_dir or not is_main_process():
         return
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"output folder {output_dir} is a file: pass a folder (or a new path) as the output folder")
-    os.makedirs(output_dir, exist_ok=True)
+    writable_dir(output_dir)
     key = os.path.realpath(output_dir)
     if key in _held_locks:
         return

@@ -26,7 +26,7 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.args import add_mask_channel_arg, show_defaults
 from util.checkpoint import load_checkpoint
-from util.files import atomic_write_json
+from util.files import atomic_write_json, writable_dir
 from util.distributed import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
 
@@ -120,7 +120,7 @@ def knn_eval(args: argparse.Namespace) -> dict:
     print(f"* kNN top-1 {top1:.2f}% (k {args.k}, bank {len(bank_idx)}, {len(val)} queries, {method}, "
           f"{result['seconds']}s)")
     if args.out and is_main_process():
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out folder")
         atomic_write_json(args.out, result, indent=1)
     return result
 

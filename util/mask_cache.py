@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from util.files import atomic_write
+from util.files import atomic_write, writable_dir
 from util.images import IMAGE_ERRORS, image_error
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
@@ -68,7 +68,7 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
     it, and records its mask index file's size and mtime, so a cache older than its masks is
     refused."""
     bin_path, index_path = mask_cache_paths(root, coverage_ratio)
-    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
+    writable_dir(os.path.dirname(bin_path), "mask cache folder")
     listed_empty = read_empty_list(root)
     keys = sorted(r for r in image_rel_paths if os.path.basename(r) not in listed_empty)
     check_unique_stems(keys, os.path.join(root, "train"))

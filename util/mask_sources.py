@@ -234,7 +234,7 @@ class JsonMasks(MaskSource):
         try:
             with open(self.location(rel), "rb") as f:
                 data = json.loads(f.read())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return "SAM"
         return describe_generator(data.get("generator") if isinstance(data, dict) else None)
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from util.distributed import get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
+from util.files import writable_dir
 from util.stops import PROGRESS
 
 
@@ -231,7 +232,7 @@ def tensorboard_writer(log_dir: str | None):
     if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
-    os.makedirs(log_dir, exist_ok=True)
+    writable_dir(log_dir, "--log_dir")
     return SummaryWriter(log_dir=log_dir)
 
 

@@ -32,6 +32,8 @@ def load_mask_json(path: str) -> tuple[list[dict], str]:
             data = json.loads(f.read())
     except FileNotFoundError:
         raise MaskFileError(f"mask file not found: {path}") from None
+    except RecursionError:  # json's parser on a crafted, deeply nested file
+        raise MaskFileError(f"cannot read mask file {path}: JSON nested too deeply") from None
     except (OSError, ValueError) as e:
         raise MaskFileError(f"cannot read mask file {path}: {e}") from None
     annotations = data.get("annotations") if isinstance(data, dict) else data
