@@ -266,3 +266,81 @@ def test_prepare_ade20k_member_both_file_and_folder(tmp_path):
     with pytest.raises(SystemExit, match="cannot unpack .*a damaged or foreign archive"):
         prepare_ade20k.main(["--out", str(tmp_path / "out"), "--zip", str(archive), "--sha1", ""])
     assert os.listdir(tmp_path / "out") == []  # no unpacking folder left
+
+
+# ---- 7. temporary files of killed writers, two mask generators on one tree ------------------------
+
+def images_only(toy_root, tmp_path):
+    root = copy_tree(toy_root, tmp_path)
+    shutil.rmtree(root / "masks")
+    (root / "masks" / "discs").mkdir(parents=True)
+    return root
+
+
+def test_generate_masks_removes_what_killed_runs_left(toy_root, tmp_path):
+    from tools import generate_masks
+    from util import claims
+    root = images_only(toy_root, tmp_path)
+    dead = root / "masks" / "discs" / ".discs_train_0000.json.tmp99999999"
+    dead.write_text('{"half": ')
+    import socket
+    (root / "masks" / "discs" / ".discs_train_0000.json.claim").write_text(f"{socket.gethostname()} 99999999\n")
+    live = root / "masks" / "discs" / ".discs_train_0001.json.tmp1"
+    live.write_text('{"being written')
+    assert claims.try_claim(str(root / "masks" / "discs" / "discs_train_0001.json"))  # held by this process
+    summary = generate_masks.generate(str(root), generate_masks.superpixel_backend, log_every=0)
+    assert not dead.exists() and live.exists()  # a live writer's file is left alone
+    assert summary["generated"] == 31 and summary["done_by_another_run"] == 1  # the claimed image is not done
+    claims.release(str(root / "masks" / "discs" / "discs_train_0001.json"))
+    os.remove(live)
+    assert generate_masks.generate(str(root), generate_masks.superpixel_backend, log_every=0)["generated"] == 1
+    assert not [f for f in os.listdir(root / "masks" / "discs") if f.startswith(".")]
+
+
+def test_two_concurrent_mask_generators_share_the_work(toy_root, tmp_path):
+    import threading
+    import time
+    from tools import generate_masks
+    root = images_only(toy_root, tmp_path)
+
+    def slow_factory():
+        real = generate_masks.superpixel_backend()
+
+        def backend(img):
+            time.sleep(0.02)
+            return real(img)
+        return backend
+    slow_factory.settings = generate_masks.superpixel_backend.settings
+    results = []
+    runs = [threading.Thread(target=lambda: results.append(generate_masks.generate(str(root), slow_factory,
+                                                                                    log_every=0)))
+            for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert sorted(r["generated"] + r["done_by_another_run"] for r in results) == [32, 32]
+    assert sum(r["generated"] for r in results) == 32  # every image computed once
+    assert min(r["generated"] for r in results) > 0  # and both runs did some
+
+
+def test_mask_cache_builder_removes_a_killed_builders_temp_file(toy_root, tmp_path):
+    from util.image_folders import list_images
+    from util.mask_cache import build_mask_cache
+    root = copy_tree(toy_root, tmp_path)
+    (root / "masks_cache").mkdir()
+    stale = root / "masks_cache" / ".coverage_50.bin.tmp99999999"
+    stale.write_bytes(b"x" * 1000)
+    build_mask_cache(str(root), list_images(str(root / "train")), 50.0)
+    assert not stale.exists() and (root / "masks_cache" / "coverage_50.bin").exists()
+
+
+def test_a_claim_from_another_host_expires(tmp_path):
+    import time
+    from util import claims
+    out = tmp_path / "x.json"
+    (tmp_path / ".x.json.claim").write_text("other-host 123\n")
+    assert not claims.try_claim(str(out))  # a run elsewhere is on it
+    old = time.time() - claims.CLAIM_TTL_S - 1
+    os.utime(tmp_path / ".x.json.claim", (old, old))
+    assert claims.try_claim(str(out))  # that run died long ago

@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import util.claims as claims  # noqa: E402
 from util.files import file_digest  # noqa: E402
 from util.image_folders import list_images  # noqa: E402,F401 (also imported from here by other tools)
 from util.images import load_rgb  # noqa: E402
@@ -272,11 +273,21 @@ class SamBackend:
 
 # ------------------------------------------------------------------------------------------------
 
+CLAIMED_ELSEWHERE = "claimed by another run"  # process_one's result for an image another run does
+
+
 def process_one(job: tuple, backend: Callable) -> tuple[str, int, list[float], str | None]:
     """(relative path, number of masks, coverages, error) for one image. The job's optional last
     item is the "generator" entry to record (default: the backend's settings and the caps)."""
-    rel, image_root, mask_root, image_id, min_area, max_masks, *generator = job
+    rel, image_root, mask_root, image_id, min_area, max_masks, *rest = job
+    generator = rest[:1]
+    path = mask_path_for(mask_root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not claims.try_claim(path):
+        return rel, 0, [], CLAIMED_ELSEWHERE
     try:
+        if len(rest) > 1 and mask_file_state(path, rest[0]) != rest[1]:  # done by another run since listed
+            return rel, 0, [], CLAIMED_ELSEWHERE
         img = np.asarray(load_rgb(os.path.join(image_root, rel)))
         anns = sa1b_layout(cap_annotations(backend(img), min_area, max_masks), image_id)
         h, w = img.shape[:2]
@@ -287,6 +298,8 @@ def process_one(job: tuple, backend: Callable) -> tuple[str, int, list[float], s
         return rel, len(anns), [annotation_coverage(a) for a in anns], None
     except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
         return rel, 0, [], f"{type(e).__name__}: {e}"
+    finally:
+        claims.release(path)
 
 
 _WORKER_BACKEND: Callable | None = None
@@ -335,7 +348,11 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
               f"({expected.get('backend')} {expected.get('model', '')}): "
               + ("kept (--keep_other_generators)" if keep_other_generators
                  else "made again (--keep_other_generators keeps them)"))
-    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks, expected) for rel in todo]
+    stale = sum(claims.remove_dead_temp_files(d) for d in sorted({os.path.dirname(mask_path_for(mask_root, rel))
+                                                                  for rel in images}))
+    if stale:
+        print(f"removed {stale} temporary file(s) left in {mask_root} by killed runs")
+    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks, expected, states[rel]) for rel in todo]
     counts, coverages, errors = [], [], []
     start = last = time.time()
     if workers > 1 and jobs:
@@ -345,8 +362,11 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
         pool, backend = None, backend_factory()
         results = (process_one(job, backend) for job in jobs)
     written_bytes = 0
+    elsewhere = 0
     for i, (rel, n, cov, err) in enumerate(results, 1):
-        if err:
+        if err == CLAIMED_ELSEWHERE:
+            elsewhere += 1
+        elif err:
             errors.append(f"{rel}: {err}")
         else:
             counts.append(n)
@@ -367,7 +387,7 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
     seconds = time.time() - start
     summary = {"images": len(images), "generated": len(counts), "skipped_existing": len(images) - len(todo),
                "empty": sum(n == 0 for n in counts) + (0 if redo_empty else empty_before),
-               "other_generator": other,
+               "other_generator": other, "done_by_another_run": elsewhere,
                "failed": errors, "masks_per_image": float(np.mean(counts)) if counts else 0.0,
                "kb_per_image": round(written_bytes / max(len(counts), 1) / 1e3, 1),
                "images_per_s": round(len(counts) / max(seconds, 1e-9), 3),

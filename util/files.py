@@ -195,6 +195,12 @@ def lock_output_dir(output_dir: str) -> None:
     remove_stale_temp_files(output_dir)
 
 
+def unlock_output_dir(output_dir: str) -> None:
+    fd = _held_locks.pop(os.path.realpath(output_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def release_output_dir_locks() -> None:
     for fd in _held_locks.values():
         os.close(fd)

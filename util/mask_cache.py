@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from util.files import atomic_write, writable_dir
+from util.files import atomic_write, lock_output_dir, unlock_output_dir, writable_dir
 from util.images import IMAGE_ERRORS, image_error
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
@@ -69,39 +69,45 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
     refused."""
     bin_path, index_path = mask_cache_paths(root, coverage_ratio)
     writable_dir(os.path.dirname(bin_path), "mask cache folder")
-    listed_empty = read_empty_list(root)
-    keys = sorted(r for r in image_rel_paths if os.path.basename(r) not in listed_empty)
-    check_unique_stems(keys, os.path.join(root, "train"))
-    source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, mask_format, shared_counters=False)
-    offset = np.zeros(len(keys), np.int64)
-    length = np.full(len(keys), -1, np.int64)
-    height = np.zeros(len(keys), np.int32)
-    width = np.zeros(len(keys), np.int32)
-    mask_bytes = np.zeros(len(keys), np.int64)
-    mask_mtime_ns = np.zeros(len(keys), np.int64)
-    with atomic_write(bin_path) as out:
-        pos = 0
-        for i, rel in enumerate(keys):
-            try:
-                stat = os.stat(source.index_file(rel))
-            except OSError:
-                raise MaskFileError(f"no masks for {os.path.join(root, 'train', rel)}: {source.index_file(rel)} is "
-                                    f"missing") from None
-            mask_bytes[i], mask_mtime_ns[i] = stat.st_size, stat.st_mtime_ns
-            entry = cache_entry(source, rel, coverage_ratio, os.path.join(root, "train", rel))
-            if entry is None:
-                continue
-            counts, height[i], width[i] = entry
-            out.write(counts)
-            offset[i], length[i] = pos, len(counts)
-            pos += len(counts)
-    if source.thresholded.value or source.unsorted.value:
-        print(f"{source.thresholded.value} mask PNG(s) were not strictly 0/255 and were thresholded at 128; "
-              f"{source.unsorted.value} table.txt file(s) were not sorted by coverage and were sorted first")
-    with atomic_write(index_path) as f:  # written last: the cache counts as present only now
-        np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
-                 coverage_ratio=np.float64(coverage_ratio), mask_bytes=mask_bytes, mask_mtime_ns=mask_mtime_ns,
-                 mask_format=np.array(source.format))
+    # one builder per folder; with the lock held, temporary files of killed builders are removed
+    lock_output_dir(os.path.dirname(bin_path))
+    try:
+        listed_empty = read_empty_list(root)
+        keys = sorted(r for r in image_rel_paths if os.path.basename(r) not in listed_empty)
+        check_unique_stems(keys, os.path.join(root, "train"))
+        source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, mask_format,
+                                  shared_counters=False)
+        offset = np.zeros(len(keys), np.int64)
+        length = np.full(len(keys), -1, np.int64)
+        height = np.zeros(len(keys), np.int32)
+        width = np.zeros(len(keys), np.int32)
+        mask_bytes = np.zeros(len(keys), np.int64)
+        mask_mtime_ns = np.zeros(len(keys), np.int64)
+        with atomic_write(bin_path) as out:
+            pos = 0
+            for i, rel in enumerate(keys):
+                try:
+                    stat = os.stat(source.index_file(rel))
+                except OSError:
+                    raise MaskFileError(f"no masks for {os.path.join(root, 'train', rel)}: {source.index_file(rel)} is "
+                                        f"missing") from None
+                mask_bytes[i], mask_mtime_ns[i] = stat.st_size, stat.st_mtime_ns
+                entry = cache_entry(source, rel, coverage_ratio, os.path.join(root, "train", rel))
+                if entry is None:
+                    continue
+                counts, height[i], width[i] = entry
+                out.write(counts)
+                offset[i], length[i] = pos, len(counts)
+                pos += len(counts)
+        if source.thresholded.value or source.unsorted.value:
+            print(f"{source.thresholded.value} mask PNG(s) were not strictly 0/255 and were thresholded at 128; "
+                  f"{source.unsorted.value} table.txt file(s) were not sorted by coverage and were sorted first")
+        with atomic_write(index_path) as f:  # written last: the cache counts as present only now
+            np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
+                     coverage_ratio=np.float64(coverage_ratio), mask_bytes=mask_bytes, mask_mtime_ns=mask_mtime_ns,
+                     mask_format=np.array(source.format))
+    finally:
+        unlock_output_dir(os.path.dirname(bin_path))
     return bin_path
 
 
