@@ -27,7 +27,7 @@ import util.runsetup as runsetup
 from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
 from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
 from util.files import atomic_write_json, read_jsonl, writable_dir
-from util.distributed import get_rank, get_world_size, is_main_process
+from util.distributed import check_ranks_agree, file_list_digest, get_rank, get_world_size, is_main_process
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, NORMALIZATIONS, SegEvalTransform, SegTrainTransform
@@ -216,6 +216,8 @@ def main(args: argparse.Namespace) -> dict:
     val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side, normalization=args.normalization),
                      num_classes=args.n_cls)
     print(f"{len(train_set)} training and {len(val_set)} validation images")
+    check_ranks_agree(args, {f"{split} images": (len(ds), file_list_digest(ds.names, ""))
+                             for split, ds in (("train", train_set), ("val", val_set))})
 
     model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
                             drop_path_rate=args.drop_path)

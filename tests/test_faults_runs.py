@@ -291,3 +291,41 @@ def test_a_crafted_sam_checkpoint_runs_no_code(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="is not a plain weights file"):
         generate_masks.build_sam_generator("sam", str(crafted), "vit_b", "cpu")
     assert not marker.exists()
+
+
+# ---- 3. ranks that disagree -----------------------------------------------------------------------
+
+PER_RANK_LAUNCHER = """
+import os, sys, json
+sys.path.insert(0, {repo!r})
+import main_pretrain
+argv = json.loads({argvs!r})[int(os.environ["RANK"])]
+main_pretrain.cli(argv)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("differ", ["batch_size", "data"])
+def test_ranks_with_different_flags_or_data_are_refused_at_start(toy_root, tmp_path, differ):
+    out = tmp_path / "o"
+    argv0 = common(toy_root, out, "--dist_timeout", "60")
+    argv1 = list(argv0)
+    if differ == "batch_size":
+        argv1[argv1.index("--batch_size") + 1] = "4"
+        expected = "--batch_size: rank 0 8, rank 1 4"
+    else:  # rank 1's copy of the data lacks one image (another mount, another state)
+        mine = tmp_path / "rank1_data"
+        shutil.copytree(toy_root, mine)
+        os.remove(mine / "train" / "discs" / sorted(os.listdir(mine / "train" / "discs"))[0])
+        argv1[argv1.index("--data_path") + 1] = str(mine)
+        expected = "images: rank 0 (32, "
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(PER_RANK_LAUNCHER.format(repo=REPO, argvs=json.dumps([argv0, argv1])))
+    start = time.time()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(launcher)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and time.time() - start < 50  # refused at start-up, not after a barrier's timeout
+    text = res.stdout + res.stderr
+    assert "the ranks disagree" in text and expected in text, text[-3000:]
+    assert "Start every rank with the same command and the same data" in text
+    assert not (out / "checkpoint-0.pth").exists()

@@ -108,3 +108,41 @@ def all_reduce_mean(x: float) -> float:
     t = torch.tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return (t / world_size).item()
+
+
+# flags that rightly differ between ranks (or name the same thing by another mount point; the data
+# itself is compared by its file list)
+PER_RANK_FLAGS = {"rank", "gpu", "local_rank", "world_size", "dist_url", "distributed", "dist_backend", "device",
+                  "record", "given_flags", "from_checkpoint", "data_path", "output_dir", "log_dir", "job_dir",
+                  "resume", "finetune", "stack", "mae_chp", "dataset_dir"}
+
+
+def file_list_digest(paths, root: str) -> str:
+    """SHA-1 of a data set's file list relative to its root (the same data on another mount point
+    gives the same digest)."""
+    import hashlib
+    digest = hashlib.sha1()
+    cut = len(root.rstrip(os.sep)) + 1 if root else 0
+    for p in paths:
+        digest.update(p[cut:].encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def check_ranks_agree(args: argparse.Namespace, data: dict) -> None:
+    """All-gathers what defines the run on each rank (its flags, and ``data``: e.g. each data set's
+    length and file-list digest) and stops every rank with one message naming what differs and each
+    rank's value, instead of training on inconsistent data or hanging at the first barrier."""
+    if get_world_size() == 1:
+        return
+    mine = {f"--{k}": v for k, v in sorted(vars(args).items())
+            if k not in PER_RANK_FLAGS and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+    mine.update(data)
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, mine)
+    differ = sorted({k for values in gathered for k in values if any(v.get(k) != values.get(k) for v in gathered)})
+    if differ:
+        from util.errors import UserError
+        shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {v.get(k)!r}" for r, v in enumerate(gathered))
+                          for k in differ[:4])
+        raise UserError(f"the ranks disagree on {len(differ)} setting(s) that must be the same on all: {shown}. "
+                        f"Start every rank with the same command and the same data")
