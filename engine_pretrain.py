@@ -13,7 +13,7 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
-from util.masking import uses_segments
+from util.masking import get_method, uses_segments
 from util.speed import mark_step_begin
 
 
@@ -83,6 +83,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
     accum_iter = args.accum_iter
     steps_per_epoch = len(data_loader)
+    method = get_method(args.mask_method)
     empty_segments = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
 
     optimizer.zero_grad(set_to_none=True)
@@ -125,7 +126,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         monitor.record(loss)
         metric_logger.update(hidden=weights.detach().float().mean())  # on the device: no sync
         if seg_mask is not None:
-            empty_segments += (weights.sum(dim=1) == 0).sum()
+            empty_segments += (seg_mask.flatten(1).sum(dim=1) == 0).sum()
+            metric_logger.update(**method.batch_stats(weights.detach(), seg_mask))
         images_seen += samples.shape[0]
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 

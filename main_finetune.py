@@ -26,6 +26,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
                        non_negative_int)
 from util.checkpoint_adapt import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
+from util.datasets import loader_options
 from util.finetune_data import build_classification_datasets, build_finetune_transform
 from util.errors import UserError
 from util.optim import adamw, param_groups_layer_decay
@@ -144,7 +145,8 @@ def build_loaders(args, build_transform):
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     pin = args.pin_mem and str(args.device).startswith("cuda")
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+                                               pin_memory=pin, drop_last=True,
+                                               **loader_options(args.num_workers, args.prefetch_factor))
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                                              num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     print(f"{len(dataset_train)} training and {len(dataset_val)} validation images, {len(dataset_train.classes)} classes")

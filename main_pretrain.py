@@ -24,7 +24,7 @@ from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_
                        mask_ratio_type, non_negative_int, positive_int)
 from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
 from util.errors import UserError
-from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain
+from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain, loader_options
 from util.prefetch import DevicePrefetcher
 from util.masking import get_method, uses_segments
 from util.optim import adamw, param_groups_weight_decay
@@ -191,8 +191,8 @@ def main(args: argparse.Namespace) -> None:
     data_loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda",
+        **loader_options(args.num_workers, args.prefetch_factor),
         drop_last=True,
         collate_fn=collate_pretrain,
     )

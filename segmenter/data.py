@@ -20,7 +20,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from util.datasets import sample_generator
+from util.datasets import EpochAware, sample_generator
 from util.images import IMAGE_ERRORS, DataError, load_rgb
 
 IGNORE_INDEX = 255
@@ -136,7 +136,7 @@ class SegEvalTransform:
         return normalize(img, self.normalization), label
 
 
-class ADE20K(Dataset):
+class ADE20K(EpochAware, Dataset):
     """Pairs images/<split>/<name>.jpg with annotations/<split>/<name>.png."""
 
     def __init__(self, root: str, split: str, transform, seed: int = 0, num_classes: int = ADE20K_CLASSES):
@@ -159,9 +159,6 @@ class ADE20K(Dataset):
         self.names = names
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.num_classes = num_classes
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.names)

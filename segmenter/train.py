@@ -26,6 +26,7 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
 from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
+from util.datasets import loader_options
 from util.files import atomic_write_json, read_jsonl, writable_dir
 from util.distributed import check_ranks_agree, file_list_digest, get_rank, get_world_size, is_main_process
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
@@ -264,9 +265,8 @@ def main(args: argparse.Namespace) -> dict:
                         f"lower --batch-size")
     if is_main_process() and not original:
         write_variant(args, model_without_ddp, batch_per_rank)
-    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank,
-                                         num_workers=args.num_workers, drop_last=True,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank, drop_last=True,
+                                         pin_memory=device.type == "cuda", **loader_options(args.num_workers))
     total_steps = args.epochs * len(loader)
     log_writer = misc.tensorboard_writer(args.log_dir)
 

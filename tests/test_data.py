@@ -415,3 +415,30 @@ def test_dataloader_pinning_reaches_the_pending_batch(monkeypatch):
              for n in (10, 20)]
     out = pin_memory((PendingBatch(items), None, []), device=None)
     assert isinstance(out[0], PendingBatch) and pinned == [10, 20]
+
+
+def test_persistent_workers_see_each_new_epoch(toy_root):
+    """Workers are forked once for the run; the epoch set in the main process still reseeds every
+    sample, so each epoch equals what a fresh loader (or one process, or a resumed run) gives."""
+    from torch.utils.data import DataLoader
+    from util.datasets import collate_pretrain, loader_options
+    from util.transforms import build_pretrain_transform
+
+    def first_batch(loader):
+        imgs, masks, _ = next(iter(loader))
+        return imgs, masks
+
+    ds = build_pretrain_dataset(toy_root, build_pretrain_transform((32, 32), "cpu"), with_masks=True,
+                                coverage_ratio=30)
+    options = loader_options(2, prefetch_factor=2)
+    assert options["persistent_workers"] and loader_options(0) == {"num_workers": 0}
+    loader = DataLoader(ds, batch_size=8, collate_fn=collate_pretrain, **options)
+    ds.set_epoch(0)
+    epoch0 = first_batch(loader)
+    workers = loader._iterator
+    ds.set_epoch(1)
+    epoch1 = first_batch(loader)
+    assert loader._iterator is workers  # the same worker processes
+    assert not torch.equal(epoch0[0], epoch1[0])
+    fresh = DataLoader(ds, batch_size=8, collate_fn=collate_pretrain, num_workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(first_batch(fresh), epoch1))

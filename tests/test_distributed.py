@@ -18,11 +18,10 @@ def assert_ranks_in_sync(stdout: str) -> None:
     assert prints[0][1] == prints[1][1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["segments", "patches"])
-def test_two_process_ddp_matches_one_process(toy_root, tmp_path, method):
+def pretrain_one_and_two_ranks(toy_root, tmp_path, flags):
+    """One process with batch 8 and two gloo ranks with batch 4 each (the same global batch);
+    returns their output folders."""
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = ["--mask_method", method, "--epochs", "1", "--warmup_epochs", "0", "--blr", "5e-3"]
     res = subprocess.run([sys.executable, "main_pretrain.py", *common(toy_root, one, *flags, "--batch_size", "8")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -32,6 +31,14 @@ def test_two_process_ddp_matches_one_process(toy_root, tmp_path, method):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "distributed init (rank 0/2, gloo)" in res.stdout
     assert_ranks_in_sync(res.stdout)
+    return one, two
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["segments", "patches"])
+def test_two_process_ddp_matches_one_process(toy_root, tmp_path, method):
+    flags = ["--mask_method", method, "--epochs", "1", "--warmup_epochs", "0", "--blr", "5e-3"]
+    one, two = pretrain_one_and_two_ranks(toy_root, tmp_path, flags)
     a = torch.load(one / "checkpoint-0.pth", weights_only=True)
     b = torch.load(two / "checkpoint-0.pth", weights_only=True)
     assert a["args"].lr == b["args"].lr  # same effective batch, same lr

@@ -315,11 +315,19 @@ def test_benchmark_refuses_a_backbone_that_is_not_the_encoder(toy_root, toy_ade2
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A real 12 MB file system: writes past it fail with ENOSPC as on a full disk."""
-    mount = tmp_path / "fs"
+    yield from mounted_tmpfs(tmp_path / "fs", "12m")
+
+
+def mounted_tmpfs(mount, size: str, read_only_after=None):
+    """Mounts a tmpfs of ``size`` at mount (skips the test where that is not allowed), optionally
+    fills it with read_only_after(mount) and remounts it read-only; yields it, unmounts after."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
+    if read_only_after is not None:
+        read_only_after(mount)
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)])
 

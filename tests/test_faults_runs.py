@@ -21,7 +21,7 @@ import segmenter.train
 import util.stops as stops
 from conftest import REPO
 from test_benchmark import bench_args, run_dir
-from test_faults import run_exit_code, seg_argv
+from test_faults import mounted_tmpfs, run_exit_code, seg_argv
 from test_finetune import downstream
 from test_pretrain_cli import common
 from util.checkpoint import load_checkpoint
@@ -208,16 +208,8 @@ def test_the_same_data_through_a_symlink_is_the_same_run(toy_root, tmp_path):
 
 @pytest.fixture
 def read_only_fs(tmp_path):
-    """A real read-only file system (a tmpfs remounted read-only), holding a copy of nothing."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    (mount / "data").mkdir()
-    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
+    """A real read-only file system (a tmpfs remounted read-only) holding an empty folder data/."""
+    yield from mounted_tmpfs(tmp_path / "ro", "4m", read_only_after=lambda m: (m / "data").mkdir())
 
 
 def one_error_line(capsys):

@@ -7,6 +7,7 @@ and peak GPU memory.
     python tools/throughput.py --model mae_vit_large_patch16 --max_batch      # with/without checkpointing
     python tools/throughput.py --model mae_vit_base_patch16 --mask_method four_channels --peer
     python tools/throughput.py --model mae_vit_tiny_patch8 --input_size 32 --batch_size 8 --device cpu
+    python tools/throughput.py --compare patches segment_tokens segments --device cpu   # interleaved ratios
 
 --ablation starts from the MAE reference's step (fp16 with loss scaling, explicit attention,
 for-each AdamW, eager) and adds one option per row: SDPA, bf16, fused AdamW, torch.compile, CUDA
@@ -207,6 +208,32 @@ def ablation_rows(args, device, flops: float) -> list[dict]:
     return rows
 
 
+def compare_rows(args, device) -> list[dict]:
+    """Step time of each --compare method at the same flags, interleaved (--rounds rounds of every
+    method in turn, so drift of the machine's speed affects all alike); medians, and the ratio to
+    the first method."""
+    import statistics
+    steps = {}
+    for method in args.compare:
+        cfg = copy.copy(args)
+        cfg.mask_method = method
+        steps[method] = build_step(cfg, device)
+        time_steps(*steps[method], warmup=args.warmup, iters=1, device=device)
+    times: dict[str, list[float]] = {m: [] for m in args.compare}
+    for _ in range(args.rounds):
+        for method, (step, inputs) in steps.items():
+            times[method].append(time_steps(step, inputs, warmup=1, iters=args.iters, device=device))
+    base = statistics.median(times[args.compare[0]])
+    rows = []
+    print(f"\n| mask method | ms / step (median of {args.rounds}) | ratio to {args.compare[0]} |\n|---|---|---|")
+    for method in args.compare:
+        ms = statistics.median(times[method]) * 1e3
+        rows.append({"name": method, "ms_per_step": ms, "ratio": ms / (base * 1e3),
+                     "img_per_sec": args.batch_size / (ms / 1e3), "rounds_ms": [t * 1e3 for t in times[method]]})
+        print(f"| {method} | {ms:.1f} | {ms / (base * 1e3):.2f}x |")
+    return rows
+
+
 def max_batch_rows(args, device) -> list[dict]:
     """Largest batch per GPU that trains (2 steps without running out of memory), without and
     with activation checkpointing."""
@@ -263,6 +290,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch", action="store_true",
                    help="find the largest batch that trains, with and without activation checkpointing")
     p.add_argument("--max_batch_limit", type=int, default=8192, help="stop the --max_batch search here")
+    p.add_argument("--compare", nargs="+", default=None, choices=MASK_METHODS, metavar="METHOD",
+                   help="time these mask methods interleaved in one run and give each one's ratio to the first")
+    p.add_argument("--rounds", type=int, default=5, help="--compare: rounds of every method in turn")
     p.add_argument("--json", default=None, help="also write the results here")
     return p
 
@@ -276,7 +306,9 @@ def main(argv=None) -> list[dict]:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.model} {args.mask_method} batch {args.batch_size} input {args.input_size} on {gpu}, "
           f"torch {torch.__version__}", flush=True)
-    if args.max_batch:
+    if args.compare:
+        rows = compare_rows(args, device)
+    elif args.max_batch:
         rows = max_batch_rows(args, device)
     else:
         flops = count_flops(args, device)

@@ -92,7 +92,7 @@ def main(argv=None) -> list[str]:
         model, size, coverage = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE_RATIO
         method_name = args.mask_method or "segments"
         method = get_method(method_name)
-        if not method.needs_segment and (size[0] % args.patch_size or size[1] % args.patch_size):
+        if method.drops_tokens and (size[0] % args.patch_size or size[1] % args.patch_size):
             raise SystemExit(f"--input_size {size} is not a multiple of --patch_size {args.patch_size}")
     coverage = args.coverage_ratio or coverage
     # --images: exactly those (--data_path then only supplies their masks); else --num from train/

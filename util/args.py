@@ -91,7 +91,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help='resume from checkpoint')
     parser.add_argument('--start_epoch', default=0, type=non_negative_int, metavar='N',
                         help='start epoch')
-    parser.add_argument('--num_workers', default=10, type=non_negative_int)
+    parser.add_argument('--num_workers', default=10, type=non_negative_int,
+                        help='loader worker processes per rank, started once for the whole run')
+    parser.add_argument('--prefetch_factor', default=4, type=positive_int,
+                        help='batches each loader worker keeps ready (default: %(default)s)')
     parser.add_argument('--pin_mem', action='store_true',
                         help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
     parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')

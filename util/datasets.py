@@ -198,6 +198,34 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63)
 
 
+class EpochAware:
+    """A dataset whose epoch (which seeds every sample's augmentation) lives in shared memory, so
+    that persistent loader workers, forked once, see each new epoch set in the main process."""
+
+    _shared_epoch = None
+
+    @property
+    def epoch(self) -> int:
+        return self._shared_epoch.value if self._shared_epoch is not None else 0
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if self._shared_epoch is None:
+            self._shared_epoch = multiprocessing.Value("q", 0, lock=False)
+        self._shared_epoch.value = int(value)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def loader_options(num_workers: int, prefetch_factor: int = 4) -> dict:
+    """DataLoader worker settings: workers forked once for the whole run (persistent), each
+    keeping prefetch_factor batches ready."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "persistent_workers": True, "prefetch_factor": prefetch_factor}
+
+
 class BadSample:
     """Stands in for a sample that could not be read (with --skip_bad_samples)."""
 
@@ -219,13 +247,13 @@ def collate_pretrain(batch: list):
     return columns[0], (columns[1] if len(columns) == 3 else None), bad
 
 
-class PretrainDataset(Dataset):
+class PretrainDataset(EpochAware, Dataset):
     """Augmented samples from one or several roots: (image, mask, class) with masks, else
     (image, class).
 
     Each sample's augmentation draws from its own generator seeded by (seed, epoch, index), so the
     batches of an epoch are the same for any number of workers or ranks and after a resume.
-    Call ``set_epoch`` before iterating an epoch (workers are re-created every epoch).
+    Call ``set_epoch`` before iterating an epoch (persistent workers see it: EpochAware).
     """
 
     def __init__(self, folders: Sequence[SegmentMaskImageFolder], transform: Callable, seed: int = 0,
@@ -237,9 +265,6 @@ class PretrainDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.with_masks = self.folders[0].with_masks
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -17,7 +17,7 @@ from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
-from util.datasets import sample_generator
+from util.datasets import EpochAware, sample_generator
 from util.image_folders import scan_image_folder
 from util.images import DataError, load_rgb
 from util.transforms import as_hw
@@ -89,7 +89,7 @@ def seeded_global_rng(generator: torch.Generator):
         torch.random.set_rng_state(states[2])
 
 
-class CheckedImageFolder(Dataset):
+class CheckedImageFolder(EpochAware, Dataset):
     """ImageFolder whose unreadable images raise an error naming the file. Augmentations are seeded
     per (seed, epoch, sample), so batches do not depend on the number of workers or ranks. With
     ``class_to_idx`` (the training split's) classes are numbered by it, so that labels agree."""
@@ -108,9 +108,6 @@ class CheckedImageFolder(Dataset):
         self.targets = scan.targets
         self.root, self.transform = root, transform
         self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -136,10 +136,18 @@ class MaskMethod:
         return torch.cat([official, official.new_zeros(official.shape[0], extra, *official.shape[2:])], dim=1) \
             if extra > 0 else official
 
+    def batch_stats(self, mask: torch.Tensor, seg_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Extra per-batch numbers for the log and TensorBoard (device tensors: no sync)."""
+        return {}
+
     # ---- pictures -------------------------------------------------------------------------------
     def shown_input(self, imgs: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
         """The encoder's image input for a picture (3 channels; the mask channels are drawn apart)."""
         return self.encoder_input(imgs, seg_mask)[:, :imgs.shape[1]]
+
+    def fill_part(self, mask: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(N, L) 1 where a hidden patch is not the segment's (drawn in another colour), or None."""
+        return None
 
 
 class Patches(MaskMethod):
@@ -190,6 +198,71 @@ class PreEncoderMethod(MaskMethod):
         return PreEncoder(patch_size, img_chans + 1, img_chans)
 
 
+def patch_coverage(mask: torch.Tensor, seg_mask: torch.Tensor) -> torch.Tensor:
+    """(N, L) fraction of each patch that the segment covers, the patch size read off the shapes."""
+    seg = as_nchw(seg_mask)
+    patch = round((seg.shape[-2] * seg.shape[-1] / mask.shape[1]) ** 0.5)
+    return patch_loss_weights(seg, patch)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply) of int64 values, elementwise; wraps exactly."""
+    x = x & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def content_noise(coverage: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, L) uniform-looking noise in [0, 1) that is a function of each sample's segment layout:
+    the same sample gets the same fill on any rank and in any batch (two ranks train exactly as
+    one process), another crop of it (the next epoch) another fill. Integer arithmetic only."""
+    counts = (coverage * patch_size ** 2).round().long()  # covered pixels per patch, exact
+    position = torch.arange(coverage.shape[1], device=coverage.device)
+    sample = (counts * (_mix32(position + 1) + 1)).sum(dim=1, keepdim=True)
+    return _mix32(_mix32(sample) + position * 0x9E3779B9).double().div(2.0 ** 32).to(coverage.dtype)
+
+
+class SegmentTokens(MaskMethod):
+    """MAE's token dropping with SAM's masks: exactly --mask_ratio of the tokens are dropped, the
+    segment's patches first (most covered first), then the patches it touches, then random ones
+    only where the segment has no more area. A patch counts as the segment's from COVERED of its
+    pixels. The encoder sees only the kept tokens, as for ``patches`` (the same gather, decoder and
+    ids_restore), so a step costs what a ``patches`` step costs; the loss is on the dropped
+    patches, every pixel of which the encoder did not see."""
+
+    name = "segment_tokens"
+    drops_tokens = True
+    hidden_label = "patches of the SAM segment, red: random fill"
+    COVERED = 0.5
+
+    def encoder_input(self, imgs, seg_mask):
+        if seg_mask is None:
+            raise ValueError(f"mask_method={self.name!r} needs seg_mask (N, 1, H, W) with 1 = hidden")
+        return imgs
+
+    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size):
+        coverage = patch_loss_weights(seg_mask, patch_size)
+        if noise is None:
+            noise = content_noise(coverage, patch_size)
+        # dropped: the largest keys. Coverage is a multiple of 1/p^2; the noise, smaller than that
+        # step, orders equal coverages (above all the uncovered patches) at random
+        key = coverage + noise.to(coverage.dtype) * (0.5 / patch_size ** 2)
+        return random_masking(tokens, mask_ratio, noise=key)
+
+    def loss_weights(self, mask, seg_mask, seg_loss, patchify):
+        return mask
+
+    def fill_part(self, mask, seg_mask):
+        return mask * (patch_coverage(mask, seg_mask) < self.COVERED)
+
+    def batch_stats(self, mask, seg_mask):
+        """hidden_segment: the share of the dropped patches that are the segment's; the rest, the
+        fill (patches it only touches, then random ones)."""
+        fill = self.fill_part(mask, seg_mask).sum()
+        return {"hidden_segment": 1.0 - fill / mask.sum().clamp_min(1.0)}
+
+
 REGISTRY: dict[str, MaskMethod] = {}
 MASK_METHODS: list[str] = []  # the names, in registration order (argparse choices: kept up to date)
 
@@ -204,7 +277,7 @@ def register(method_class: type[MaskMethod]) -> type[MaskMethod]:
     return method_class
 
 
-for _cls in (Patches, Segments, FourChannels, PreEncoderMethod):
+for _cls in (Patches, Segments, FourChannels, PreEncoderMethod, SegmentTokens):
     register(_cls)
 
 

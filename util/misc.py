@@ -225,6 +225,9 @@ class LossMonitor:
             self.log_writer.add_scalar('train/lr', self.metric_logger.lr.value, epoch_1000x)
             if "hidden" in self.metric_logger.meters:  # fraction of the image hidden in this batch
                 self.log_writer.add_scalar('train/hidden_fraction', self.metric_logger.hidden.value, epoch_1000x)
+            for name, meter in self.metric_logger.meters.items():  # a mask method's own numbers
+                if name.startswith("hidden_"):
+                    self.log_writer.add_scalar(f"train/{name}", float(meter.value), epoch_1000x)
 
 
 def tensorboard_writer(log_dir: str | None):

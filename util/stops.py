@@ -55,11 +55,14 @@ def _handler(signum, frame):
 
 @contextmanager
 def stop_on_signals():
-    """SIGTERM and SIGINT raise Stopped inside the block (main thread only; elsewhere a no-op)."""
+    """SIGTERM and SIGINT raise Stopped inside the block (main thread only; elsewhere a no-op), unless
+    the process already handles them otherwise."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS}
+    # a signal someone else handles (submitit: SIGTERM is bypassed, SIGUSR2 requeues) is left to them
+    previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS
+                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, _handler)}
     _first_stop.clear()
     _owner[:] = [os.getpid()]
     PROGRESS.clear()

@@ -27,16 +27,34 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
-def _view_panels(method, imgs: torch.Tensor, seg_mask: torch.Tensor | None, hidden: torch.Tensor) -> list:
-    """original | encoder input with the hidden part grey | visibility (white visible, black hidden)."""
+FILL_COLOUR = (0.85, 0.1, 0.1)  # hidden patches that are not the segment's (token-dropping segment methods)
+
+
+def _view_panels(method, imgs: torch.Tensor, seg_mask: torch.Tensor | None, hidden: torch.Tensor,
+                 fill: torch.Tensor | None = None) -> list:
+    """original | encoder input with the hidden part grey | visibility (white visible, black hidden,
+    red the fill of a method that hides more than the segment)."""
     seen = denormalize(method.shown_input(imgs, seg_mask)) * (1 - hidden) + 0.5 * hidden
-    return [denormalize(imgs), seen, (1 - hidden).expand(-1, 3, -1, -1)]
+    visibility = (1 - hidden).expand(-1, 3, -1, -1)
+    if fill is not None:
+        colour = torch.tensor(FILL_COLOUR, device=imgs.device).view(1, 3, 1, 1)
+        visibility = visibility * (1 - fill) + colour * fill
+    return [denormalize(imgs), seen, visibility]
 
 
 def _patch_map(per_patch: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
     """(N, L) per-patch values -> (N, 1, H, W) on the image grid."""
     grid = per_patch.reshape(per_patch.shape[0], 1, h // patch_size, w // patch_size)
     return grid.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+
+
+def _hidden_maps(method, weights: torch.Tensor, seg_mask: torch.Tensor | None, patch_size: int, hw) -> tuple:
+    """(hidden, fill) on the image grid: dropped patches (their fill part apart), or the segment."""
+    if not method.drops_tokens:
+        return as_nchw(seg_mask).float(), None
+    fill = method.fill_part(weights.float(), seg_mask) if seg_mask is not None else None
+    return (_patch_map(weights.float(), patch_size, *hw),
+            _patch_map(fill, patch_size, *hw) if fill is not None else None)
 
 
 @torch.no_grad()
@@ -50,11 +68,8 @@ def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | No
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** .5 + mean
     recon = model.unpatchify(pred.float())
-    if seg_mask is None:  # dropped patches: the per-patch mask, on the image grid
-        hidden = _patch_map(weights.float(), model.patch_size, *imgs.shape[-2:])
-    else:
-        hidden = as_nchw(seg_mask).float()
-    panels = _view_panels(model.method, imgs, seg_mask, hidden)
+    hidden, fill = _hidden_maps(model.method, weights, seg_mask, model.patch_size, imgs.shape[-2:])
+    panels = _view_panels(model.method, imgs, seg_mask, hidden, fill)
     panels += [denormalize(recon), denormalize(imgs * (1 - hidden) + recon * hidden)]
     return torch.stack(panels, dim=1)
 
@@ -65,14 +80,13 @@ def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | N
     """Without a model: (N, 3, 3, H, W) panels of what ``mask_method`` hides (the first three
     columns of PANEL_TITLES); a token-dropping method draws its random patches (seeded by torch)."""
     method = get_method(mask_method)
-    if method.needs_segment:
-        hidden = as_nchw(seg_mask).float()
-    else:
+    weights = None
+    if method.drops_tokens:
         n, _, h, w = imgs.shape
         tokens = imgs.new_zeros(n, (h // patch_size) * (w // patch_size), 1)
-        _, per_patch, _ = method.hide_tokens(tokens, mask_ratio, None, seg_mask, patch_size)
-        hidden = _patch_map(per_patch.float(), patch_size, h, w)
-    return torch.stack(_view_panels(method, imgs, seg_mask, hidden), dim=1)
+        _, weights, _ = method.hide_tokens(tokens, mask_ratio, None, seg_mask, patch_size)
+    hidden, fill = _hidden_maps(method, weights, seg_mask, patch_size, imgs.shape[-2:])
+    return torch.stack(_view_panels(method, imgs, seg_mask, hidden, fill), dim=1)
 
 
 def panel_titles(mask_method: str, generator: str | None = None, coverage: float | None = None) -> list[str]:
@@ -82,6 +96,8 @@ def panel_titles(mask_method: str, generator: str | None = None, coverage: float
     what = method.hidden_label
     if generator and method.needs_segment:
         what = f"{generator} segment" + (f" (closest to {coverage:g}%)" if coverage is not None else "")
+        if method.drops_tokens:
+            what = f"patches of the {what}, red: random fill"
     return [t.format(what=what) for t in PANEL_TITLES]
 
 
