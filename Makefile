@@ -44,10 +44,10 @@ demo: $(STAMP) data/.toy_done
 	$(PY) benchmark.py $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto -m "not slow" tests
 
 clean-demo:
 	rm -rf output_demo $(TOY) $(TOY_ADE)

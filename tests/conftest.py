@@ -9,7 +9,12 @@ sys.path.insert(0, REPO)
 # outputs of the original facebookresearch/mae code (tests/fixtures/README.md says how they were made)
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
-torch.set_num_threads(2)
+# two cores: two threads for one test process; one per worker when pytest-xdist runs several, and
+# one in the CLIs they start (in-process and subprocess runs that must agree bit for bit use the
+# same number of threads)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

@@ -431,7 +431,7 @@ def test_persistent_workers_see_each_new_epoch(toy_root):
     ds = build_pretrain_dataset(toy_root, build_pretrain_transform((32, 32), "cpu"), with_masks=True,
                                 coverage_ratio=30)
     options = loader_options(2, prefetch_factor=2)
-    assert options["persistent_workers"] and loader_options(0) == {"num_workers": 0}
+    assert options["persistent_workers"] and loader_options(0)["num_workers"] == 0
     loader = DataLoader(ds, batch_size=8, collate_fn=collate_pretrain, **options)
     ds.set_epoch(0)
     epoch0 = first_batch(loader)

@@ -212,18 +212,18 @@ def test_deeply_nested_mask_json_is_a_bad_sample(toy_root, tmp_path):
 
 @pytest.mark.parametrize("content", ["[" * 200_000 + "]" * 200_000,  # nested
                                      '[{"area": 10, "segmentation": [[1.0, 2.0, 5.0, 2.0, 5.0, 6.0]]}]'])  # polygon
-def test_mask_cache_builder_names_a_malformed_file_in_one_line(toy_root, tmp_path, content):
-    import subprocess
-    import sys
-    from conftest import REPO
+def test_mask_cache_builder_names_a_malformed_file_in_one_line(toy_root, tmp_path, content, capsys):
+    from tools import build_mask_cache
+    from util.errors import run_tool
     root = copy_tree(toy_root, tmp_path)
     mask = first_mask_file(root)
     mask.write_text(content)
-    result = subprocess.run([sys.executable, "tools/build_mask_cache.py", "--data_path", str(root)], cwd=REPO,
-                            capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    [line] = result.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as exc:  # the tool's __main__: run_tool(main)
+        run_tool(build_mask_cache.main, ["--data_path", str(root)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
     assert line.startswith("ERROR:") and mask.name in line
     assert not [f for _, _, files in os.walk(root) for f in files if ".tmp" in f]
 

@@ -103,7 +103,8 @@ def test_pretrain_finetune_and_segmenter(toy_root, toy_ade20k, tmp_path):
     out = tmp_path / "pre"
     main_pretrain.cli(common(toy_root, out, "--mask_method", "segment_tokens", "--coverage_ratio", "30"))
     log = json.loads((out / "log.txt").read_text())
-    assert 0 < log["train_hidden_segment"] <= 1 and log["train_hidden"] == 0.75 and log["train_empty_segments"] == 0
+    # a random crop may leave a segment out: counted as empty, its hidden set all fill
+    assert 0 < log["train_hidden_segment"] <= 1 and log["train_hidden"] == 0.75 and "train_empty_segments" in log
     ckpt = torch.load(out / "checkpoint-0.pth", weights_only=False)
     assert ckpt["args"].mask_method == "segment_tokens" and ckpt["model"]["patch_embed.proj.weight"].shape[1] == 3
     main_finetune.cli(downstream(toy_root, tmp_path / "ft", "--finetune", str(out / "checkpoint-0.pth")))

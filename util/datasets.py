@@ -220,10 +220,14 @@ class EpochAware:
 
 def loader_options(num_workers: int, prefetch_factor: int = 4) -> dict:
     """DataLoader worker settings: workers forked once for the whole run (persistent), each
-    keeping prefetch_factor batches ready."""
-    if num_workers == 0:
-        return {"num_workers": 0}
-    return {"num_workers": num_workers, "persistent_workers": True, "prefetch_factor": prefetch_factor}
+    keeping prefetch_factor batches ready. The loader draws its workers' base seed from its own
+    generator, not the global one: with workers started once, a draw from the global generator in
+    the first epoch only would make a resumed run's random masks differ from an uninterrupted
+    run's (augmentations are seeded per sample, so the workers' seeds decide nothing)."""
+    options = {"num_workers": num_workers, "generator": torch.Generator().manual_seed(0)}
+    if num_workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    return options
 
 
 class BadSample:
