@@ -12,6 +12,7 @@ from test_faults import seg_argv
 from test_finetune import downstream
 from test_models_mae import tiny
 from test_pretrain_cli import common
+from test_mask_layouts import layout_roots  # noqa: F401 (a fixture)
 from util.masking import content_noise, get_method, patch_loss_weights
 
 METHOD = get_method("segment_tokens")
@@ -136,3 +137,25 @@ def test_pictures_draw_the_segment_black_and_the_fill_red():
     assert black.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
     assert int(red.sum()) == 6 and int(white.sum()) == 4
     assert "red: random fill" in panel_titles("segment_tokens", "SAM vit_b", 40)[2]
+
+
+@pytest.mark.slow
+def test_every_mask_layout_trains_and_every_export_takes_the_checkpoint(layout_roots, tmp_path):
+    import timm
+    from test_export import features_of_ours
+    from tools import export
+    for fmt, root in layout_roots.items():
+        main_pretrain.cli(common(root, tmp_path / fmt, "--mask_method", "segment_tokens", "--input_size", "32",
+                                 "--batch_size", "4", "--coverage_ratio", "40"))
+        assert json.loads((tmp_path / fmt / "log.txt").read_text())["train_hidden_segment"] > 0, fmt
+    ckpt = str(tmp_path / "json" / "checkpoint-0.pth")
+    export.main(["--checkpoint", ckpt, "--to", "timm", "--out", str(tmp_path / "timm")])
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, patch_size=8, img_size=32,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "timm" / "model.safetensors"),
+                                                          num_classes=0)).eval()
+    ours, _ = features_of_ours(ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.forward_features(x) - ours.forward_features(x)).abs().max() <= 1e-5
+    for target in ("hf", "hf-mae", "encoder"):
+        assert export.main(["--checkpoint", ckpt, "--to", target, "--out", str(tmp_path / target)])
