@@ -153,12 +153,12 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
     log_writer.add_image('train/reconstructions', np.asarray(grid), epoch, dataformats="HWC")
 
 
-def main(args: argparse.Namespace) -> None:
-    device = runsetup.setup_run(args, __file__)
+def reconcile_run(args: argparse.Namespace) -> None:
+    """Auto-resume (only the run this command starts); the flags that define the run must be the
+    checkpoint's (a default is taken from it)."""
     auto_resume(args, run_start(args, files=["stack"]))
     if args.resume:
         refuse_original_to_continue(load_checkpoint(args.resume), args.resume, "--resume")
-    # the flags that define the run must be the checkpoint's (a default is taken from it)
     reconcile_with_checkpoint(args, ["model", "mask_method", "norm_pix_loss", "input_size"])
     if uses_segments(args.mask_method):
         seg_loss_of_older_checkpoint(args)
@@ -166,39 +166,38 @@ def main(args: argparse.Namespace) -> None:
     else:
         reconcile_with_checkpoint(args, ["mask_ratio"])
 
-    input_size = as_hw(args.input_size)
-    with_masks = uses_segments(args.mask_method)
-    transform_train = build_pretrain_transform(input_size, args.data_backend)
-    dataset_train = build_pretrain_dataset(args.data_path, transform_train, with_masks=with_masks,
-                                           coverage_ratio=args.coverage_ratio,
-                                           allow_missing_masks=args.allow_missing_masks, seed=args.seed,
-                                           skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout,
-                                           mask_format=args.mask_format, mask_size_check=args.mask_size_check)
-    print(dataset_train)
-    check_ranks_agree(args, {"images": (len(dataset_train), [file_list_digest((p for p, _ in f.samples), f.image_root)
-                                                            for f in dataset_train.folders])})
 
-    num_tasks, global_rank = get_world_size(), get_rank()
+def build_data(args: argparse.Namespace, device: torch.device):
+    """(dataset, its DistributedSampler, the loader) of the pretraining images (and masks)."""
+    transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend)
+    dataset = build_pretrain_dataset(args.data_path, transform,
+                                     with_masks=uses_segments(args.mask_method), coverage_ratio=args.coverage_ratio,
+                                     allow_missing_masks=args.allow_missing_masks, seed=args.seed,
+                                     skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout,
+                                     mask_format=args.mask_format, mask_size_check=args.mask_size_check)
+    print(dataset)
+    check_ranks_agree(args, {"images": (len(dataset), [file_list_digest((p for p, _ in f.samples), f.image_root)
+                                                      for f in dataset.folders])})
+    num_tasks = get_world_size()
     # A seeded DistributedSampler also for one process: its order depends only on (seed, epoch).
-    sampler_train = torch.utils.data.DistributedSampler(
-        dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)
-    if len(dataset_train) < args.batch_size * num_tasks:
-        raise SystemExit(f"only {len(dataset_train)} images for a global batch of "
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_tasks, rank=get_rank(), shuffle=True,
+                                                  seed=args.seed)
+    if len(dataset) < args.batch_size * num_tasks:
+        raise SystemExit(f"only {len(dataset)} images for a global batch of "
                          f"{args.batch_size * num_tasks}: lower --batch_size")
-
-    log_writer = misc.tensorboard_writer(args.log_dir)
-
-    data_loader_train = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler_train,
-        batch_size=args.batch_size,
-        pin_memory=args.pin_mem and device.type == "cuda",
-        **loader_options(args.num_workers, args.prefetch_factor),
-        drop_last=True,
-        collate_fn=collate_pretrain,
-    )
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
+                                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+                                         collate_fn=collate_pretrain,
+                                         **loader_options(args.num_workers, args.prefetch_factor))
     if args.data_backend == "gpu":  # decode and crop batch k+1 on the device while step k runs
-        data_loader_train = DevicePrefetcher(data_loader_train, device)
+        loader = DevicePrefetcher(loader, device)
+    return dataset, sampler, loader
 
+
+def build_model(args: argparse.Namespace, device: torch.device):
+    """(model to train: compiled / DDP-wrapped, the plain model, optimizer, loss scaler), resumed
+    or stacked on an official checkpoint where asked."""
+    input_size = as_hw(args.input_size)
     model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,
                                  mask_method=args.mask_method, grad_checkpointing=args.grad_checkpointing,
                                  seg_loss=args.seg_loss)
@@ -211,23 +210,44 @@ def main(args: argparse.Namespace) -> None:
         print(f"FP8: {convert_to_fp8(model, device)} Linear layers converted")
     model_without_ddp = model
     runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
-
     runsetup.set_lr_from_blr(args)
-
     model = runsetup.wrap_model(model, args, device)
-
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
     optimizer = adamw(param_groups, lr=args.lr, device=device)
     runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
-
     if args.stack and not args.resume:
         stack_official_into_mae(model_without_ddp, args.stack, args.mask_channel)
     load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    return model, model_without_ddp, optimizer, loss_scaler
 
+
+def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_without_ddp, optimizer, loss_scaler,
+              dataset, device, log_writer) -> None:
+    """The log row, then the checkpoint (a failed or killed save only repeats the epoch and its
+    row), then TensorBoard."""
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+        append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+    if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
+        save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
+                   epoch=epoch, name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
+    if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
+        log_reconstructions(log_writer, model_without_ddp, dataset, device, args, epoch)
+    if log_writer is not None:
+        for key in ("img_per_sec", "empty_segments", "bad_samples"):
+            if key in train_stats:
+                log_writer.add_scalar(f"train/{key}", train_stats[key], epoch)
+        log_writer.flush()
+
+
+def main(args: argparse.Namespace) -> None:
+    device = runsetup.setup_run(args, __file__)
+    reconcile_run(args)
+    dataset_train, sampler_train, data_loader_train = build_data(args, device)
+    log_writer = misc.tensorboard_writer(args.log_dir)
+    model, model_without_ddp, optimizer, loss_scaler = build_model(args, device)
+
     last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
     if not runsetup.check_trains_something(args, len(data_loader_train), last_epoch):
         return
@@ -235,29 +255,15 @@ def main(args: argparse.Namespace) -> None:
     start_time = time.time()
     told: set[str] = set()
     for epoch in range(args.start_epoch, last_epoch):
-        misc.seed_epoch(args.seed, epoch, global_rank)
+        misc.seed_epoch(args.seed, epoch, get_rank())
         sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)
-        if with_masks:
+        if dataset_train.with_masks:
             tell_mask_notes(dataset_train, told)
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        if args.output_dir:
-            # the log row first: a failed or killed save then only repeats the epoch (and its row)
-            append_log(args.output_dir, log_stats)
-        if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
-            save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                       loss_scaler=loss_scaler, epoch=epoch,
-                       name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
-
-        if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
-            log_reconstructions(log_writer, model_without_ddp, dataset_train, device, args, epoch)
-        if log_writer is not None:
-            for key in ("img_per_sec", "empty_segments", "bad_samples"):
-                if key in train_stats:
-                    log_writer.add_scalar(f"train/{key}", train_stats[key], epoch)
-            log_writer.flush()
+        end_epoch(args, epoch, last_epoch, train_stats, model_without_ddp, optimizer, loss_scaler, dataset_train,
+                  device, log_writer)
 
     runsetup.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time

@@ -198,6 +198,85 @@ def write_metrics(args, epoch: int, metrics: dict) -> None:
             atomic_write_json(os.path.join(args.log_dir, name), {"epoch": epoch, **metrics}, indent=1)
 
 
+def build_datasets(args) -> tuple[ADE20K, ADE20K]:
+    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size, normalization=args.normalization),
+                       seed=args.seed, num_classes=args.n_cls)
+    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side, normalization=args.normalization),
+                     num_classes=args.n_cls)
+    print(f"{len(train_set)} training and {len(val_set)} validation images")
+    check_ranks_agree(args, {f"{split} images": (len(ds), file_list_digest(ds.names, ""))
+                             for split, ds in (("train", train_set), ("val", val_set))})
+    return train_set, val_set
+
+
+def build_model(args, device: torch.device, ckpt: dict | None, ckpt_path: str, original: bool):
+    """(model to train, the plain model, optimizer, loss scaler, first epoch): from --mae-chp, or
+    resumed from the run's checkpoint (ours, or rstrudel/segmenter's layout: weights only)."""
+    model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
+                            drop_path_rate=args.drop_path)
+    set_layernorm_eps(model.encoder, args.encoder_norm_eps)
+    if args.mae_chp and ckpt is None:
+        method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
+                                               fold_mask_channel=args.channels == 3, mask_channel=args.mask_channel)
+        args.mask_method = method
+    elif not args.mae_chp and ckpt is None:
+        print("WARNING: no --mae-chp: the encoder starts from random weights")
+    model.to(device)
+    model_without_ddp = model
+    model = runsetup.wrap_model(model, args, device)
+    optimizer = build_optimizer(model_without_ddp, args)
+    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    if ckpt is None:
+        return model, model_without_ddp, optimizer, loss_scaler, 0
+    try:
+        model_without_ddp.load_state_dict(own_state_dict(ckpt))
+    except RuntimeError as e:
+        raise UserError(f"{ckpt_path} does not fit this Segmenter ({mismatch_hint(str(e))}): "
+                        f"{str(e).splitlines()[-1].strip()}") from None
+    if original:
+        print(f"{ckpt_path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
+              f"lr_scheduler state are not" + ("" if args.eval_only else " (training goes on with a fresh SGD)"))
+    else:
+        load_optimizer_state(optimizer, ckpt["optimizer"], model_without_ddp)  # by parameter name
+        loss_scaler.load_state_dict(ckpt.get("scaler", {}))
+    start_epoch = ckpt["epoch"] + 1
+    args.mask_method = getattr(ckpt.get("args"), "mask_method", args.mask_method)
+    print(f"Resumed from {ckpt_path} at epoch {start_epoch}")
+    return model, model_without_ddp, optimizer, loss_scaler, start_epoch
+
+
+def evaluate_and_record(model_without_ddp, val_set: ADE20K, device, args, epoch: int, log_writer) -> dict:
+    """Scores the model after `epoch` and adds the scores to that epoch's log row."""
+    scores = evaluate(model_without_ddp, val_set, device, args)
+    write_metrics(args, epoch, scores)
+    if is_main_process():
+        row = next((r for r in read_jsonl(os.path.join(args.log_dir, "log.txt")) if r.get("epoch") == epoch),
+                   {"epoch": epoch})
+        append_log(args.log_dir, {**row, **{k: scores[k] for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy")}})
+    if log_writer is not None:
+        for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy"):
+            log_writer.add_scalar(f"val/{k}", scores[k], epoch)
+    return scores
+
+
+def evaluation_due(args, epoch: int) -> bool:
+    return (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs
+
+
+def save_epoch(args, epoch: int, stats: dict, model_without_ddp, optimizer, loss_scaler, ckpt_path: str,
+               log_writer) -> None:
+    """The row, then the checkpoint (a failed save repeats the epoch and its row); the evaluation
+    comes after, so a bad validation file loses no training."""
+    if not is_main_process():
+        return
+    append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
+    save_checkpoint({"model": with_original_head(model_without_ddp.state_dict(), model_without_ddp.encoder.embed_dim),
+                     "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
+                     "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
+    if log_writer is not None:
+        log_writer.flush()
+
+
 def main(args: argparse.Namespace) -> dict:
     writable_dir(args.log_dir, "--log-dir")
     device = runsetup.setup_run(args, __file__)
@@ -212,47 +291,10 @@ def main(args: argparse.Namespace) -> dict:
     elif args.eval_only and not args.mae_chp:
         raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")
     batch_per_rank = per_rank_batch(args)
-    train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size, normalization=args.normalization),
-                       seed=args.seed, num_classes=args.n_cls)
-    val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side, normalization=args.normalization),
-                     num_classes=args.n_cls)
-    print(f"{len(train_set)} training and {len(val_set)} validation images")
-    check_ranks_agree(args, {f"{split} images": (len(ds), file_list_digest(ds.names, ""))
-                             for split, ds in (("train", train_set), ("val", val_set))})
-
-    model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
-                            drop_path_rate=args.drop_path)
-    set_layernorm_eps(model.encoder, args.encoder_norm_eps)
-    if args.mae_chp and not resuming:
-        method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
-                                               fold_mask_channel=args.channels == 3, mask_channel=args.mask_channel)
-        args.mask_method = method
-    elif not args.mae_chp and not resuming:
-        print("WARNING: no --mae-chp: the encoder starts from random weights")
-    model.to(device)
-    model_without_ddp = model
-    model = runsetup.wrap_model(model, args, device)
-
-    optimizer = build_optimizer(model_without_ddp, args)
-    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    train_set, val_set = build_datasets(args)
+    model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, device, ckpt, ckpt_path,
+                                                                                original)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    start_epoch = 0
-    if resuming:
-        try:
-            model_without_ddp.load_state_dict(own_state_dict(ckpt))
-        except RuntimeError as e:
-            raise UserError(f"{ckpt_path} does not fit this Segmenter ({mismatch_hint(str(e))}): "
-                            f"{str(e).splitlines()[-1].strip()}") from None
-        if original:
-            print(f"{ckpt_path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
-                  f"lr_scheduler state are not" + ("" if args.eval_only else " (training goes on with a fresh SGD)"))
-        else:
-            load_optimizer_state(optimizer, ckpt["optimizer"], model_without_ddp)  # by parameter name
-            loss_scaler.load_state_dict(ckpt.get("scaler", {}))
-        start_epoch = ckpt["epoch"] + 1
-        args.mask_method = getattr(ckpt.get("args"), "mask_method", args.mask_method)
-        print(f"Resumed from {ckpt_path} at epoch {start_epoch}")
-
     if args.eval_only:
         metrics = evaluate(model_without_ddp, val_set, device, args)
         write_metrics(args, start_epoch - 1, metrics)
@@ -269,29 +311,12 @@ def main(args: argparse.Namespace) -> dict:
                                          pin_memory=device.type == "cuda", **loader_options(args.num_workers))
     total_steps = args.epochs * len(loader)
     log_writer = misc.tensorboard_writer(args.log_dir)
-
-    def evaluate_and_record(epoch: int) -> dict:
-        """Scores the model after `epoch` and adds the scores to that epoch's log row."""
-        scores = evaluate(model_without_ddp, val_set, device, args)
-        write_metrics(args, epoch, scores)
-        if is_main_process():
-            row = next((r for r in read_jsonl(os.path.join(args.log_dir, "log.txt")) if r.get("epoch") == epoch),
-                       {"epoch": epoch})
-            append_log(args.log_dir, {**row, **{k: scores[k] for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy")}})
-        if log_writer is not None:
-            for k in ("mIoU", "pixel_accuracy", "mean_class_accuracy"):
-                log_writer.add_scalar(f"val/{k}", scores[k], epoch)
-        return scores
-
-    def evaluation_due(epoch: int) -> bool:
-        return (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs
-
     metrics: dict = {}
     last_done = start_epoch - 1
-    if (resuming and last_done >= 0 and evaluation_due(last_done)
+    if (resuming and last_done >= 0 and evaluation_due(args, last_done)
             and not os.path.exists(os.path.join(args.log_dir, f"metrics_epoch{last_done}.json"))):
         print(f"The evaluation after epoch {last_done} did not finish: running it now")
-        metrics = evaluate_and_record(last_done)
+        metrics = evaluate_and_record(model_without_ddp, val_set, device, args, last_done, log_writer)
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         misc.seed_epoch(args.seed, epoch, get_rank())
@@ -299,18 +324,9 @@ def main(args: argparse.Namespace) -> dict:
         train_set.set_epoch(epoch)
         stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch,
                                    epoch * len(loader), total_steps, args, log_writer)
-        if is_main_process():
-            # the row, then the checkpoint (a failed save repeats the epoch and its row), then the
-            # evaluation: a bad validation file loses no training
-            append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
-            save_checkpoint({"model": with_original_head(model_without_ddp.state_dict(),
-                                                         model_without_ddp.encoder.embed_dim),
-                             "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
-                             "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
-            if log_writer is not None:
-                log_writer.flush()
-        if evaluation_due(epoch):
-            metrics = evaluate_and_record(epoch)
+        save_epoch(args, epoch, stats, model_without_ddp, optimizer, loss_scaler, ckpt_path, log_writer)
+        if evaluation_due(args, epoch):
+            metrics = evaluate_and_record(model_without_ddp, val_set, device, args, epoch, log_writer)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     if log_writer is not None:
         log_writer.close()

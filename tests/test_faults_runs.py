@@ -32,7 +32,9 @@ from util.files import atomic_write
 
 def run_until(cmd, marker, cwd=REPO, timeout=120):
     """Starts cmd and returns (process, lines read so far) once a line containing marker is out."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # as from a shell: default dispositions (a pytest-xdist worker's children inherit SIGINT ignored)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
     lines, seen = [], threading.Event()
 
     def read():
@@ -51,7 +53,11 @@ def run_until(cmd, marker, cwd=REPO, timeout=120):
 
 def stop_and_collect(proc, lines, signum):
     proc.send_signal(signum)
-    rc = proc.wait(timeout=120)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:  # never leave a run behind that writes checkpoints until the disk is full
+        if proc.poll() is None:
+            proc.kill()
     time.sleep(0.2)  # the reader thread takes the last lines
     return rc, "".join(lines)
 
@@ -62,15 +68,16 @@ def stop_and_collect(proc, lines, signum):
 def test_a_stop_signal_prints_one_line_and_resumes(program, signum, toy_root, toy_ade20k, pretrained, tmp_path):
     out = tmp_path / "out"
     if program == "main_pretrain":
-        argv = ["main_pretrain.py", *common(toy_root, out, "--epochs", "500", "--save_freq", "1", "--print_freq", "1")]
+        argv = ["main_pretrain.py", *common(toy_root, out, "--epochs", "60", "--save_freq", "1", "--keep_last", "2",
+                                            "--print_freq", "1")]
     elif program == "main_finetune":
         argv = ["main_finetune.py", *downstream(toy_root, out, "--finetune", pretrained["patches"], "--epochs",
-                                                "500", "--save_freq", "1", "--print_freq", "1")]
+                                                "60", "--save_freq", "1", "--keep_last", "2", "--print_freq", "1")]
     elif program == "segmenter":
-        argv = ["-m", "segmenter.train", *seg_argv(toy_ade20k, out), "--epochs", "500", "--print-freq", "1"]
+        argv = ["-m", "segmenter.train", *seg_argv(toy_ade20k, out), "--epochs", "60", "--print-freq", "1"]
     else:
-        argv = ["benchmark.py", *bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "500", "--eval-freq",
-                                            "500")]
+        argv = ["benchmark.py", *bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "60", "--eval-freq",
+                                            "60")]
         argv[argv.index("--launcher") + 1] = "subprocess"
     marker = "Epoch: [2]" if program != "benchmark" else "Epoch: [1]"
     proc, lines = run_until([sys.executable, *argv], marker)
