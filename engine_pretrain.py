@@ -131,7 +131,14 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         images_seen += samples.shape[0]
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 
-    epoch_time = time.time() - start
+    return epoch_stats(metric_logger, epoch, time.time() - start, images_seen, empty_segments, bad_samples,
+                       skipped_steps, args)
+
+
+def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, epoch_time: float, images_seen: int,
+                empty_segments: torch.Tensor, bad_samples: list[str], skipped_steps: list[int], args) -> dict:
+    """The epoch's log row: the meters averaged over ranks, speed, and the samples and steps that
+    were counted or skipped (each read once, here)."""
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
