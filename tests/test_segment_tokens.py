@@ -159,3 +159,20 @@ def test_every_mask_layout_trains_and_every_export_takes_the_checkpoint(layout_r
         assert (model.forward_features(x) - ours.forward_features(x)).abs().max() <= 1e-5
     for target in ("hf", "hf-mae", "encoder"):
         assert export.main(["--checkpoint", ckpt, "--to", target, "--out", str(tmp_path / target)])
+
+
+@pytest.mark.slow
+def test_stack_on_an_official_checkpoint_and_knn(toy_root, tmp_path):
+    import util.knn as knn
+    from test_finetune import official_like_checkpoint
+    official_like_checkpoint(tmp_path / "official.pth")
+    official = torch.load(tmp_path / "official.pth", weights_only=True)["model"]
+    out = tmp_path / "stacked"
+    main_pretrain.cli(common(toy_root, out, "--mask_method", "segment_tokens", "--coverage_ratio", "30", "--stack",
+                             str(tmp_path / "official.pth"), "--blr", "0"))
+    sd = torch.load(out / "checkpoint-0.pth", weights_only=True)["model"]
+    assert torch.equal(sd["patch_embed.proj.weight"], official["patch_embed.proj.weight"])  # lr 0: unchanged
+    result = knn.knn_eval(knn.get_args_parser().parse_args(
+        ["--checkpoint", str(out / "checkpoint-0.pth"), "--data_path", toy_root, "--device", "cpu",
+         "--num_workers", "0"]))
+    assert result["method"] == "segment_tokens" and 0 <= result["knn_top1"] <= 100
