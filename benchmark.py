@@ -254,7 +254,7 @@ def run_stage(module: str, argv: list[str], args, inprocess) -> None:
     if returncode < 0 and stops.stopping():  # the stage got the same signal (e.g. Ctrl-C's process group)
         raise stops.Stopped(stops.stopping())
     if returncode != 0:
-        raise UserError(f"stage {module} failed with exit status {result.returncode}; fix the cause and run the "
+        raise UserError(f"stage {module} failed with exit status {returncode}; fix the cause and run the "
                         f"same benchmark command again: it continues from the last finished stage")
 
 
@@ -342,13 +342,15 @@ def seg_argv(args, checkpoint: str | None, eval_dir: str) -> list[str]:
             *shlex.split(args.seg_args)]
 
 
-def timed_stage(folder: str, stage: str, module: str, argv: list[str], args, inprocess) -> None:
-    """run_stage, its wall-clock added to the stage's total in folder (also when it is interrupted)."""
+def timed_stage(folder: str, stage: str, module: str, argv: list[str], args, inprocess) -> dict:
+    """run_stage, its wall-clock added to the stage's total in folder (also when it is interrupted);
+    returns the total ({'seconds', 'invocations'})."""
     start = time.time()
     try:
         run_stage(module, argv, args, inprocess)
     finally:
-        add_stage_time(folder, stage, time.time() - start)
+        total = add_stage_time(folder, stage, time.time() - start)
+    return total
 
 
 def pretrain_until(epochs: int, args, stack: str) -> dict:
@@ -358,16 +360,17 @@ def pretrain_until(epochs: int, args, stack: str) -> dict:
     p = paths(args, epochs)
     stage = f"pretrain_{epochs}"
     last, done = latest_checkpoint(p["pretrain"])
-    if done < epochs:
-        argv = pretrain_argv(args, epochs, p["pretrain"])
-        if last:
-            argv += ["--resume", last]
-        elif stack:
-            argv += ["--stack", stack]
-        timed_stage(p["pretrain"], stage, "main_pretrain", argv, args, main_pretrain.cli)
-        if not os.path.exists(p["checkpoint"]):
-            raise UserError(f"pretraining stopped without writing {p['checkpoint']}")
-    return stage_times(p["pretrain"]).get(stage, {"seconds": 0.0, "invocations": 0})
+    if done >= epochs:  # done by an earlier invocation: its recorded total
+        return stage_times(p["pretrain"]).get(stage, {"seconds": 0.0, "invocations": 0})
+    argv = pretrain_argv(args, epochs, p["pretrain"])
+    if last:
+        argv += ["--resume", last]
+    elif stack:
+        argv += ["--stack", stack]
+    total = timed_stage(p["pretrain"], stage, "main_pretrain", argv, args, main_pretrain.cli)
+    if not os.path.exists(p["checkpoint"]):
+        raise UserError(f"pretraining stopped without writing {p['checkpoint']}")
+    return total
 
 
 def knn_until(epochs: int, args) -> dict | None:
@@ -396,8 +399,7 @@ def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | N
         raise UserError(f"no pretraining checkpoint {p['checkpoint']}: run the benchmark without --eval first "
                         f"(or check --output-dir and --mask-method)")
     argv = seg_argv(args, p["checkpoint"], p["eval"])
-    timed_stage(p["eval"], "segmenter", "segmenter.train", argv, args, segmenter.train.cli)
-    eval_time = stage_times(p["eval"])["segmenter"]
+    eval_time = timed_stage(p["eval"], "segmenter", "segmenter.train", argv, args, segmenter.train.cli)
     pretrain_time = pretrain_time or {"seconds": 0.0, "invocations": 0}
     metrics = json.load(open(os.path.join(p["eval"], "metrics.json")))
     row = {"run_id": run_id(args), "eval_id": short_digest(eval_config(args)),
@@ -434,13 +436,14 @@ def evaluate_baseline(kind: str, args) -> dict:
         row = json.load(open(done_file))
         append_result(results, row)
         return row
-    timed_stage(folder, "segmenter", "segmenter.train", seg_argv(args, checkpoint, folder), args, segmenter.train.cli)
-    eval_time = stage_times(folder)["segmenter"]
+    eval_time = timed_stage(folder, "segmenter", "segmenter.train", seg_argv(args, checkpoint, folder), args,
+                            segmenter.train.cli)
     metrics = json.load(open(os.path.join(folder, "metrics.json")))
     row = {"run_id": rid, "eval_id": eval_id, "baseline": kind, "method": BASELINES[kind], "coverage_ratio": None,
            "epochs": 0, "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
            "mean_class_accuracy": metrics["mean_class_accuracy"], "pretrain_time_s": 0.0,
-           "eval_time_s": round(eval_time["seconds"], 1), "resumed": eval_time["invocations"] > 1, "pretrain_img_per_sec": None, "model": args.model,
+           "eval_time_s": round(eval_time["seconds"], 1), "resumed": eval_time["invocations"] > 1,
+           "pretrain_img_per_sec": None, "model": args.model,
            "seg_backbone": args.seg_backbone, "stack": "", "stack_sha256": "", "checkpoint_sha256": sha,
            "config": {"baseline": kind, "model": args.model, **eval_config(args)},
            "record": runsetup.run_record(args.num_gpus)}

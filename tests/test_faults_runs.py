@@ -328,3 +328,14 @@ def test_ranks_with_different_flags_or_data_are_refused_at_start(toy_root, tmp_p
     assert "the ranks disagree" in text and expected in text, text[-3000:]
     assert "Start every rank with the same command and the same data" in text
     assert not (out / "checkpoint-0.pth").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_stage_names_its_exit_status(toy_root, toy_ade20k, tmp_path, capsys):
+    data = tmp_path / "no_masks"
+    shutil.copytree(toy_root, data)
+    shutil.rmtree(data / "masks")  # the segments stage stops at start-up: no masks/
+    argv = bench_args(str(data), toy_ade20k, tmp_path / "bench", "--pretrain-epochs", "1")
+    argv[argv.index("--launcher") + 1] = "subprocess"
+    assert run_exit_code(argv, benchmark.cli) == 1
+    assert "stage main_pretrain failed with exit status 1" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from multiprocessing import Pool
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.image_folders import scan_image_folder  # noqa: E402
+from util.image_folders import relative_paths, scan_image_folder  # noqa: E402
 from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
 from util.sam_masks import MaskFileError, check_rle, duplicate_stems, exif_orientation, mask_fit  # noqa: E402
 from util.images import IMAGE_ERRORS, DataError, image_error  # noqa: E402
@@ -102,7 +102,7 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
     report["hidden"] = len(scan.hidden)
     report["problems"] += [f"class folder {os.path.join(image_root, c)} holds no image" for c in scan.empty_classes]
     report["val"] = check_val(data_path, scan.class_to_idx, report["problems"])
-    images = sorted(os.path.relpath(p, image_root) for p, _ in scan.samples)
+    images = relative_paths(scan)
     listed = read_empty_list(data_path)
     kept = [rel for rel in images if os.path.basename(rel) not in listed]
     report["listed_empty"] = len(images) - len(kept)

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util.claims as claims  # noqa: E402
 from util.files import file_digest  # noqa: E402
-from util.image_folders import list_images  # noqa: E402,F401 (also imported from here by other tools)
+from util.image_folders import list_images  # noqa: E402 (its earlier home was this module)
 from util.images import load_rgb  # noqa: E402
 from util.mask_sources import RANDOM_WEIGHTS  # noqa: E402
 from util.sam_masks import (annotation_coverage, duplicate_stems, encode_segmentation,  # noqa: E402
@@ -163,8 +163,6 @@ def check_official_digest(path: str) -> None:
     if match and not file_digest(path, "md5").startswith(match.group(1)):
         raise SystemExit(f"--sam_checkpoint {path}: its MD5 does not start with {match.group(1)} as the official "
                          f"file's does: a truncated or damaged download; download it again")
-
-
 
 
 def sam_settings(backend: str, checkpoint: str, model: str, amp: str = "none", sam2_config: str = "",

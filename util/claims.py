@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import time
 
 CLAIM_TTL_S = 600.0
@@ -37,7 +38,7 @@ def claim_is_live(claim: str) -> bool:
         with open(claim) as f:
             host, pid = f.read().split()[:2]
         age = time.time() - os.path.getmtime(claim)
-    except (OSError, ValueError):  # gone, or torn by a kill while it was written
+    except (OSError, ValueError):  # gone (or unreadable)
         return False
     if host == socket.gethostname():
         return _pid_alive(int(pid))
@@ -48,9 +49,17 @@ def try_claim(path: str) -> bool:
     """Claims ``path`` for this process; False when another live process holds it. A claim of a
     dead process is taken over."""
     claim = claim_path(path)
-    for _ in range(2):
+    # written whole under a private name, then linked into place: link() fails if the claim exists
+    # (an exclusive create, as O_EXCL), and no one ever reads a claim that is still empty
+    draft = f"{claim}.tmp{os.getpid()}{threading.get_ident() % 10 ** 6}"
+    for _ in range(3):
+        with open(draft, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
         try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(draft, claim)
+            return True
+        except FileNotFoundError:  # another run's start-up sweep took the draft: write it again
+            continue
         except FileExistsError:
             if claim_is_live(claim):
                 return False
@@ -58,10 +67,11 @@ def try_claim(path: str) -> bool:
                 os.remove(claim)  # a dead holder's: take it over
             except FileNotFoundError:
                 pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return True
+        finally:
+            try:
+                os.remove(draft)
+            except FileNotFoundError:
+                pass
     return False
 
 

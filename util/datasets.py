@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from util.errors import UserError
-from util.image_folders import scan_image_folder
+from util.image_folders import empty_classes_message, scan_image_folder
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.mask_cache import MaskCache
@@ -66,13 +66,11 @@ class SegmentMaskImageFolder(Dataset):
         self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
         if scan.hidden:
             print(f"{len(scan.hidden)} hidden files or folders under {self.image_root} are skipped, e.g. {scan.hidden[0]}")
-        empty = scan.empty_classes
-        if empty and self.samples:
-            listed = ", ".join(os.path.join(self.image_root, c) for c in empty[:5])
+        if scan.empty_classes and self.samples:
             if not skip_bad_samples:
-                raise DataError(f"{len(empty)} class folder(s) hold no image: {listed}. Remove them, or pass "
-                                f"--skip_bad_samples to pretrain without them")
-            print(f"WARNING: {len(empty)} class folder(s) hold no image and are skipped: {listed}")
+                raise DataError(f"{empty_classes_message(scan)}. Remove them, or pass --skip_bad_samples to "
+                                f"pretrain without them")
+            print(f"WARNING: {empty_classes_message(scan)} (skipped)")
         if not self.samples:
             raise DataError(f"no images found under {self.image_root}")
         # paths relative to train/, once: the mask cache's keys and the mask files' names

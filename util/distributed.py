@@ -121,11 +121,9 @@ def file_list_digest(paths, root: str) -> str:
     """SHA-1 of a data set's file list relative to its root (the same data on another mount point
     gives the same digest)."""
     import hashlib
-    digest = hashlib.sha1()
     cut = len(root.rstrip(os.sep)) + 1 if root else 0
-    for p in paths:
-        digest.update(p[cut:].encode("utf-8", "surrogateescape") + b"\n")
-    return digest.hexdigest()[:16]
+    listing = "\n".join(p[cut:] for p in paths)  # one hash call: ~1 s for 1.28M paths
+    return hashlib.sha1(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def check_ranks_agree(args: argparse.Namespace, data: dict) -> None:

@@ -18,7 +18,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from util.datasets import EpochAware, sample_generator
-from util.image_folders import scan_image_folder
+from util.image_folders import empty_classes_message, scan_image_folder
 from util.images import DataError, load_rgb
 from util.transforms import as_hw
 
@@ -99,9 +99,7 @@ class CheckedImageFolder(EpochAware, Dataset):
             raise DataError(f"{root} does not exist: expected <data_path>/{os.path.basename(root)}/<class>/<image>")
         scan = scan_image_folder(root, class_to_idx)
         if class_to_idx is None and scan.empty_classes:
-            listed = ", ".join(os.path.join(root, c) for c in scan.empty_classes[:5])
-            raise DataError(f"{len(scan.empty_classes)} class folder(s) hold no image: {listed}. Remove them "
-                            f"(an empty class would still get a label)")
+            raise DataError(f"{empty_classes_message(scan)}. Remove them (an empty class would still get a label)")
         if not scan.samples:
             raise DataError(f"no images found under {root}")
         self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
@@ -119,16 +117,12 @@ class CheckedImageFolder(EpochAware, Dataset):
             return self.transform(img), target
 
 
-def data_root(args) -> str:
+def build_classification_datasets(args, build_transform: Callable) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+    """<data_path>/train and <data_path>/val as ImageFolders, val numbered by train's classes."""
     paths = [args.data_path] if isinstance(args.data_path, str) else list(args.data_path)
     if len(paths) != 1:
         raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
-    return paths[0]
-
-
-def build_classification_datasets(args, build_transform: Callable) -> tuple[CheckedImageFolder, CheckedImageFolder]:
-    """<data_path>/train and <data_path>/val as ImageFolders, val numbered by train's classes."""
-    root = data_root(args)
+    root = paths[0]
     train = CheckedImageFolder(os.path.join(root, "train"), build_transform(True, args), seed=args.seed)
     check_class_count(args, len(train.classes), train.root)
     val = CheckedImageFolder(os.path.join(root, "val"), build_transform(False, args), seed=args.seed,

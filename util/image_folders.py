@@ -107,6 +107,18 @@ def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
     return FolderScan(root, ordered, dict(class_to_idx), samples, hidden, empty)
 
 
+def relative_paths(scan: FolderScan) -> list[str]:
+    """The scan's image paths relative to its root, sorted (a string cut: no os.path call per image)."""
+    cut = len(os.path.join(scan.root, ""))
+    return sorted(p[cut:] for p, _ in scan.samples)
+
+
 def list_images(image_root: str) -> list[str]:
     """Paths relative to ``image_root`` of every image a training scan reads, sorted."""
-    return sorted(os.path.relpath(p, image_root) for p, _ in scan_image_folder(image_root).samples)
+    return relative_paths(scan_image_folder(image_root))
+
+
+def empty_classes_message(scan: FolderScan) -> str:
+    """'N class folder(s) hold no image: <the first five>' (empty when there are none)."""
+    listed = ", ".join(os.path.join(scan.root, c) for c in scan.empty_classes[:5])
+    return f"{len(scan.empty_classes)} class folder(s) hold no image: {listed}" if scan.empty_classes else ""
