@@ -123,7 +123,7 @@ def test_a_given_class_count_that_disagrees(toy_root, pretrained, tmp_path, caps
 def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatch):  # noqa: F811
     from test_mask_policy import sample_mask
     from tools import check_dataset
-    import util.mask_sources
+    import util.mask_sources.json_layout
     import util.sam_masks
     from util.mask_cache import build_mask_cache
     from util.sam_masks import MaskFileError
@@ -137,7 +137,7 @@ def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatc
         raise AssertionError("decoded a mask that should have been refused")
 
     monkeypatch.setattr(util.sam_masks, "decode_segmentation", no_decoding)
-    monkeypatch.setattr(util.mask_sources, "decode_segmentation", no_decoding)
+    monkeypatch.setattr(util.mask_sources.json_layout, "decode_segmentation", no_decoding)
     message = "the mask claims 100000x100000 pixels but its image is 40x24: not a mask of this picture"
     with pytest.raises(MaskFileError, match=message) as e:
         sample_mask(tree)
