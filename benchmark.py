@@ -24,33 +24,24 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import util.runsetup as runsetup  # noqa: E402
-import util.stops as stops  # noqa: E402
 from util.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
-from util.files import atomic_write_json, file_digest, read_sha256_record, write_sha256_record  # noqa: E402
+from util.files import atomic_write_json  # noqa: E402
 from util.args import coverage_ratio_type, positive_int, show_defaults  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.bench_report import curve_labels, plot, read_results, results_table  # noqa: E402,F401
-from util.bench_runs import (add_stage_time, append_result, eval_config, paths, pretrain_throughput,  # noqa: E402
-                             record_run, run_config, run_id, short_digest, stage_times)
+from util.bench_runs import (OFFICIAL_MAE, add_stage_time, append_result, eval_config, official_checkpoint,  # noqa: E402,F401
+                             paths, pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest,
+                             stage_times)
+from util.bench_stages import run_stage  # noqa: E402
 from util.slurm import add_slurm_job_args, submit  # noqa: E402
-
-OFFICIAL_MAE = {  # official MAE encoders for --stack official
-    "mae_vit_base_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
-    "mae_vit_large_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
-    "mae_vit_huge_patch14": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth",
-}
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -95,7 +86,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return show_defaults(p)
 
 
-STAGE_STOP_TIMEOUT_S = 120  # how long a stopped stage may take to finish its line and leave
 BASELINES = {"random": "random init", "official": "official MAE"}  # --eval random|official: method label
 
 
@@ -205,123 +195,10 @@ def check_old_layout(args) -> None:
     print(f"[benchmark] note: {old} (earlier layout) holds another configuration; it is left as it is")
 
 
-def die_with_parent(parent_pid: int):
-    """A preexec_fn: on Linux the stage gets SIGTERM when the benchmark process dies, even by
-    SIGKILL, so a killed benchmark leaves no stage training on (and the rerun finds no second
-    writer; the stage's folder lock refuses one anyway)."""
-    def set_death_signal():
-        try:
-            import ctypes
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return  # not Linux: the folder lock still keeps a second writer out
-        if os.getppid() != parent_pid:  # the parent died before the signal was set
-            os._exit(1)
-    return set_death_signal
-
-
-def run_stage(module: str, argv: list[str], args, inprocess) -> None:
-    """One stage: torchrun for several GPUs, else a subprocess or an in-process call."""
-    env = dict(os.environ)
-    # the stage runs in the caller's folder, so relative paths in --pretrain-args / --seg-args mean
-    # what they mean in the caller's shell; the repo is found through PYTHONPATH
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if args.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    stops.PROGRESS.clear()  # a stop now names this stage and its checkpoint
-    stops.PROGRESS.update(stage=module, checkpoint_dir=stage_folder(argv))
-    if args.num_gpus > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_gpus}",
-               "-m", module, *argv]
-    elif args.launcher == "inprocess":
-        print(f"[benchmark] {module} {shlex.join(argv)}", flush=True)
-        inprocess(argv)
-        return
-    else:
-        cmd = [sys.executable, "-m", module, *argv]
-    print(f"[benchmark] {shlex.join(cmd)}", flush=True)
-    process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(os.getpid()))
-    try:
-        returncode = process.wait()
-    except stops.Stopped as e:  # the stage stops as it would alone: its own line, its checkpoint whole
-        if process.poll() is None:
-            process.send_signal(e.signum)
-        try:
-            process.wait(timeout=STAGE_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        raise
-    if returncode < 0 and stops.stopping():  # the stage got the same signal (e.g. Ctrl-C's process group)
-        raise stops.Stopped(stops.stopping())
-    if returncode != 0:
-        raise UserError(f"stage {module} failed with exit status {returncode}; fix the cause and run the "
-                        f"same benchmark command again: it continues from the last finished stage")
-
-
-def stage_folder(argv: list[str]) -> str | None:
-    """The folder a stage writes its checkpoints to (--output_dir, or the Segmenter's --log-dir)."""
-    for flag in ("--output_dir", "--log-dir"):
-        if flag in argv[:-1]:
-            return argv[argv.index(flag) + 1]
-    return None
-
-
 def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
     """The newest complete pretraining checkpoint (by content) and its number of epochs done."""
     path = find_last_checkpoint(pretrain_dir)
     return (path, int(load_checkpoint(path)["epoch"]) + 1) if path else (None, 0)
-
-
-def resolve_stack(args) -> str:
-    """The --stack checkpoint's path; sets args.stack_sha256_used (stored in every results row)."""
-    args.stack_sha256_used = ""
-    if not args.stack:
-        return ""
-    if args.stack != "official":
-        if not os.path.isfile(args.stack):
-            raise UserError(f"--stack {args.stack} does not exist")
-        args.stack_sha256_used = file_digest(args.stack, "sha256")
-        return os.path.abspath(args.stack)  # the flag as given stays part of the run's identity
-    path, args.stack_sha256_used = official_checkpoint(args)
-    return path
-
-
-def official_checkpoint(args) -> tuple[str, str]:
-    """The official MAE checkpoint of --model under <output-dir>/official/, and its SHA-256. It is
-    downloaded once; its SHA-256 is recorded beside it (<file>.sha256) at the download and checked at
-    every later use, so a file that changed is refused by name."""
-    if args.model not in OFFICIAL_MAE:
-        raise UserError(f"no official MAE checkpoint for --model {args.model} (there are: "
-                        f"{', '.join(OFFICIAL_MAE)}); give --stack a path")
-    url = OFFICIAL_MAE[args.model]
-    path = os.path.join(args.output_dir, "official", os.path.basename(url))
-    record = path + ".sha256"
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"[benchmark] downloading {url}")
-        try:
-            urllib.request.urlretrieve(url, path + ".part")
-        except OSError as e:  # URLError is an OSError
-            raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); without network, copy the file "
-                            f"to {path} (or pass --stack PATH)") from None
-        got = file_digest(path + ".part", "sha256")
-        if args.stack_sha256 and got != args.stack_sha256:
-            os.replace(path + ".part", path + ".bad")
-            raise UserError(f"{url} downloaded with SHA-256 {got}, expected --stack-sha256 {args.stack_sha256}; "
-                            f"kept as {path}.bad")
-        os.replace(path + ".part", path)
-        write_sha256_record(record, got, path)
-        print(f"[benchmark] {path}: SHA-256 {got} (recorded in {record}; checked at every later use)")
-    got = file_digest(path, "sha256")
-    expected = [h for h in (args.stack_sha256, read_sha256_record(record)) if h]
-    for want in expected:
-        if got != want:
-            raise UserError(f"{path} has SHA-256 {got}, but {want} was recorded when it was downloaded (or given as "
-                            f"--stack-sha256): the file changed. Delete it (and {record}) to download it again")
-    if not read_sha256_record(record):
-        write_sha256_record(record, got, path)
-    print(f"[benchmark] official checkpoint {path} SHA-256 {got}")
-    return path, got
 
 
 def pretrain_argv(args, epochs: int, out: str) -> list[str]:

@@ -32,8 +32,7 @@ from util.distributed import check_ranks_agree, file_list_digest, get_rank, get_
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, NORMALIZATIONS, SegEvalTransform, SegTrainTransform
-from segmenter.inference import predict
-from segmenter.metrics import ConfusionMatrix
+from segmenter.engine import evaluate, train_one_epoch
 from segmenter.model import BACKBONES, DECODERS, build_segmenter
 from util.args import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
 from util.checkpoint_adapt import load_pretrained_encoder
@@ -116,59 +115,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None,
         parser.error(f"--window-stride {args.window_stride} > --window-size {args.window_size} leaves pixels unseen")
     # names the shared distributed and run set-up expects
     args.dist_on_itp, args.output_dir = False, args.log_dir
-
-
-def poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, args) -> float:
-    lr = (args.lr - args.min_lr) * (1 - step / total_steps) ** 0.9 + args.min_lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def collate_eval(batch):
-    return batch  # variable image sizes: a list of (image, label)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args) -> dict:
-    """Single-scale sliding-window evaluation; each rank scores its share, matrices are summed."""
-    model.eval()
-    cm = ConfusionMatrix(args.n_cls, device)
-    indices = list(range(get_rank(), len(dataset), get_world_size()))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
-                                         num_workers=args.num_workers, collate_fn=collate_eval)
-    start = time.time()
-    for [(img, label)] in loader:
-        img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with misc.autocast(device, args.amp):
-            pred = predict(model, img, label.shape[-2:], args.n_cls, args.window_size, args.window_stride)
-        cm.update(pred, label)
-    cm.reduce()
-    metrics = cm.compute()
-    print(f"* mIoU {metrics['mIoU']:.2f}  pixel acc {metrics['pixel_accuracy']:.2f}  "
-          f"mean class acc {metrics['mean_class_accuracy']:.2f}  ({len(dataset)} images, "
-          f"{time.time() - start:.0f}s)")
-    return metrics
-
-
-def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch, step, total_steps,
-                    args, log_writer=None) -> tuple[dict, int]:
-    model.train()
-    metric_logger, monitor, iterator = misc.epoch_progress(loader, epoch, device, args, log_writer,
-                                                           hint="Lower --lr.")
-    for img, label in iterator:
-        lr = poly_lr(optimizer, step, total_steps, args)
-        img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with misc.autocast(device, args.amp):
-            logits = model(img)
-        loss = criterion(logits.float(), label)
-        loss_scaler(loss, optimizer, parameters=model.parameters())
-        optimizer.zero_grad(set_to_none=True)
-        monitor.record(loss)
-        metric_logger.update(lr=lr)
-        step += 1
-    metric_logger.synchronize_between_processes()
-    return {k: m.global_avg for k, m in metric_logger.meters.items()}, step
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:

@@ -535,9 +535,10 @@ def test_log_has_one_row_per_epoch_after_resume_and_a_torn_line(toy_root, tmp_pa
 def test_stack_official_records_and_checks_its_sha256(tmp_path, monkeypatch, capsys):
     import argparse
     import urllib.error
+    import urllib.request
     source = tmp_path / "src.pth"
     torch.save({"model": {"w": torch.ones(2)}}, source)
-    monkeypatch.setattr(benchmark.urllib.request, "urlretrieve", lambda url, path: shutil.copy(source, path))
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, path: shutil.copy(source, path))
     args = argparse.Namespace(stack="official", model="mae_vit_base_patch16", output_dir=str(tmp_path / "b"),
                               stack_sha256="")
     path = benchmark.resolve_stack(args)
@@ -553,7 +554,7 @@ def test_stack_official_records_and_checks_its_sha256(tmp_path, monkeypatch, cap
     def offline(url, path):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(benchmark.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     args.output_dir = str(tmp_path / "c")
     with pytest.raises(UserError, match="cannot download .*without network, copy the file"):
         benchmark.resolve_stack(args)

@@ -10,10 +10,20 @@ import hashlib
 import json
 import os
 import shlex
+import urllib.request
 
 from segmenter import RECIPE as SEGMENTER_RECIPE
-from util.files import atomic_write_json, read_jsonl, write_jsonl
+from util.errors import UserError
+from util.files import (atomic_write_json, file_digest, read_jsonl, read_sha256_record, write_jsonl,
+                        write_sha256_record)
 from util.masking import uses_segments
+
+
+OFFICIAL_MAE = {  # official MAE encoders for --stack official
+    "mae_vit_base_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    "mae_vit_large_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth",
+    "mae_vit_huge_patch14": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth",
+}
 
 
 def run_config(args) -> dict:
@@ -131,3 +141,55 @@ def stage_times(folder: str) -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def resolve_stack(args) -> str:
+    """The --stack checkpoint's path; sets args.stack_sha256_used (stored in every results row)."""
+    args.stack_sha256_used = ""
+    if not args.stack:
+        return ""
+    if args.stack != "official":
+        if not os.path.isfile(args.stack):
+            raise UserError(f"--stack {args.stack} does not exist")
+        args.stack_sha256_used = file_digest(args.stack, "sha256")
+        return os.path.abspath(args.stack)  # the flag as given stays part of the run's identity
+    path, args.stack_sha256_used = official_checkpoint(args)
+    return path
+
+
+def official_checkpoint(args) -> tuple[str, str]:
+    """The official MAE checkpoint of --model under <output-dir>/official/, and its SHA-256. It is
+    downloaded once; its SHA-256 is recorded beside it (<file>.sha256) at the download and checked at
+    every later use, so a file that changed is refused by name."""
+    if args.model not in OFFICIAL_MAE:
+        raise UserError(f"no official MAE checkpoint for --model {args.model} (there are: "
+                        f"{', '.join(OFFICIAL_MAE)}); give --stack a path")
+    url = OFFICIAL_MAE[args.model]
+    path = os.path.join(args.output_dir, "official", os.path.basename(url))
+    record = path + ".sha256"
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        print(f"[benchmark] downloading {url}")
+        try:
+            urllib.request.urlretrieve(url, path + ".part")
+        except OSError as e:  # URLError is an OSError
+            raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); without network, copy the file "
+                            f"to {path} (or pass --stack PATH)") from None
+        got = file_digest(path + ".part", "sha256")
+        if args.stack_sha256 and got != args.stack_sha256:
+            os.replace(path + ".part", path + ".bad")
+            raise UserError(f"{url} downloaded with SHA-256 {got}, expected --stack-sha256 {args.stack_sha256}; "
+                            f"kept as {path}.bad")
+        os.replace(path + ".part", path)
+        write_sha256_record(record, got, path)
+        print(f"[benchmark] {path}: SHA-256 {got} (recorded in {record}; checked at every later use)")
+    got = file_digest(path, "sha256")
+    expected = [h for h in (args.stack_sha256, read_sha256_record(record)) if h]
+    for want in expected:
+        if got != want:
+            raise UserError(f"{path} has SHA-256 {got}, but {want} was recorded when it was downloaded (or given as "
+                            f"--stack-sha256): the file changed. Delete it (and {record}) to download it again")
+    if not read_sha256_record(record):
+        write_sha256_record(record, got, path)
+    print(f"[benchmark] official checkpoint {path} SHA-256 {got}")
+    return path, got
