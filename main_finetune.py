@@ -33,6 +33,12 @@ from util.optim import adamw, param_groups_layer_decay
 from util.transforms import as_hw
 
 
+# What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
+# and the file a run starts from (auto-resume continues only a run from the same --finetune file).
+RUN_FLAGS = ["model", "nb_classes", "input_size", "global_pool"]
+RUN_START_FILES = ["finetune"]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
     add_training_args(parser)
@@ -122,8 +128,8 @@ def start_and_reconcile(args: argparse.Namespace) -> None:
     """Auto-resume (training) only a run that started from the same --finetune file; then the
     model's settings come from the checkpoint being continued or evaluated unless given."""
     if not args.eval:
-        auto_resume(args, run_start(args, files=["finetune"]))
-    reconcile_with_checkpoint(args, ["model", "nb_classes", "input_size", "global_pool"])
+        auto_resume(args, run_start(args, files=RUN_START_FILES))
+    reconcile_with_checkpoint(args, RUN_FLAGS)
 
 
 def build_loaders(args, build_transform):

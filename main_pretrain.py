@@ -33,6 +33,13 @@ from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform
 from util.visualize import labelled_grid, panel_titles, reconstruction_panels
 
 
+# What defines a pretraining run besides its mask method's own flags (MaskMethod.run_flags): a
+# resume keeps the checkpoint's values; and the files it starts from (auto-resume continues only
+# a run that started from the same data and the same --stack file).
+RUN_FLAGS = ["model", "mask_method", "norm_pix_loss", "input_size"]
+RUN_START_FILES = ["stack"]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE pre-training', add_help=False)
     add_training_args(parser)
@@ -156,15 +163,14 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
 def reconcile_run(args: argparse.Namespace) -> None:
     """Auto-resume (only the run this command starts); the flags that define the run must be the
     checkpoint's (a default is taken from it)."""
-    auto_resume(args, run_start(args, files=["stack"]))
+    auto_resume(args, run_start(args, files=RUN_START_FILES))
     if args.resume:
         refuse_original_to_continue(load_checkpoint(args.resume), args.resume, "--resume")
-    reconcile_with_checkpoint(args, ["model", "mask_method", "norm_pix_loss", "input_size"])
-    if uses_segments(args.mask_method):
+    reconcile_with_checkpoint(args, RUN_FLAGS)
+    method_flags = get_method(args.mask_method).run_flags
+    if "seg_loss" in method_flags:
         seg_loss_of_older_checkpoint(args)
-        reconcile_with_checkpoint(args, ["coverage_ratio", "seg_loss"])
-    else:
-        reconcile_with_checkpoint(args, ["mask_ratio"])
+    reconcile_with_checkpoint(args, list(method_flags))
 
 
 def build_data(args: argparse.Namespace, device: torch.device):

@@ -176,3 +176,13 @@ def test_stack_on_an_official_checkpoint_and_knn(toy_root, tmp_path):
         ["--checkpoint", str(out / "checkpoint-0.pth"), "--data_path", toy_root, "--device", "cpu",
          "--num_workers", "0"]))
     assert result["method"] == "segment_tokens" and 0 <= result["knn_top1"] <= 100
+
+
+def test_a_resume_keeps_the_mask_ratio_it_was_trained_with(toy_root, tmp_path, capsys):
+    out = tmp_path / "pre"
+    main_pretrain.cli(common(toy_root, out, "--mask_method", "segment_tokens", "--coverage_ratio", "30",
+                             "--epochs", "2", "--stop_epoch", "1"))
+    with pytest.raises(SystemExit):
+        main_pretrain.cli(common(toy_root, out, "--mask_method", "segment_tokens", "--coverage_ratio", "30",
+                                 "--epochs", "2", "--mask_ratio", "0.5"))
+    assert "was trained with --mask_ratio 0.75, but this run has --mask_ratio 0.5" in capsys.readouterr().err

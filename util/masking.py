@@ -86,6 +86,9 @@ class MaskMethod:
     drops_tokens = False  # the encoder sees only the kept tokens (and the decoder gets mask tokens)
     mask_channels = 0  # channels added to the image for the encoder (the visibility v)
     hidden_label = "SAM segment"  # what the pictures call the hidden part
+    # the flags of this method that define a run: a resume keeps the checkpoint's, a different one
+    # given on the command line is refused (the model's own flags are listed by main_pretrain)
+    run_flags = ("coverage_ratio", "seg_loss")
 
     # ---- pretraining ----------------------------------------------------------------------------
     def encoder_in_chans(self, img_chans: int = 3) -> int:
@@ -157,6 +160,7 @@ class Patches(MaskMethod):
     needs_segment = False
     drops_tokens = True
     hidden_label = "dropped patches"
+    run_flags = ("mask_ratio",)
 
     def encoder_input(self, imgs, seg_mask):
         return imgs
@@ -234,6 +238,7 @@ class SegmentTokens(MaskMethod):
     name = "segment_tokens"
     drops_tokens = True
     hidden_label = "patches of the SAM segment, red: random fill"
+    run_flags = ("coverage_ratio", "seg_loss", "mask_ratio")  # seg_loss: recorded as before, unused
     COVERED = 0.5
 
     def encoder_input(self, imgs, seg_mask):
