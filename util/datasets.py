@@ -73,25 +73,40 @@ class SegmentMaskImageFolder(Dataset):
             print(f"WARNING: {empty_classes_message(scan)} (skipped)")
         if not self.samples:
             raise DataError(f"no images found under {self.image_root}")
-        # paths relative to train/, once: the mask cache's keys and the mask files' names
-        self.rel_paths = [os.path.relpath(p, self.image_root) for p, _ in self.samples]
         self.cache = None
+        self.cache_rows: np.ndarray | None = None  # per image: its row in the mask cache, -1 = read masks/
         self.source: MaskSource | None = None
         # masks turned into the image's frame for EXIF-rotated images, counted over the loader's workers
         self.rotated_masks = multiprocessing.Value("q", 0)
         if with_masks:
             self._leave_out_listed_empty()
-            check_unique_stems(self.rel_paths, self.image_root)
-            self.source = open_mask_source(self.mask_root, {stem_of(r) for r in self.rel_paths}, mask_format)
+            rels = self.samples.rels()  # paths relative to train/: the mask files' names, the cache's keys
+            check_unique_stems(rels, self.image_root)
+            self.source = open_mask_source(self.mask_root, {stem_of(r) for r in rels}, mask_format)
             if MaskCache.exists(root, coverage_ratio):
                 self.cache = MaskCache(root, coverage_ratio, self.source)
-                uncached = sum(rel not in self.cache for rel in self.rel_paths)
+                self.cache_rows = self.cache.rows_for(rels)
+                self.cache.forget_keys()
+                uncached = int((self.cache_rows < 0).sum())
                 print(f"Using the mask cache {self.cache.bin_path}" +
                       (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
-            self._check_masks(allow_missing_masks)
+            self._check_masks(allow_missing_masks, rels)
             if mask_size_check is not None:
                 self._check_mask_sizes(mask_size_check, skip_bad_samples)
             self.source.listed = None  # the start-up listing is not needed by the loader's workers
+
+    @property
+    def rel_paths(self) -> list[str]:
+        """Every image's path relative to train/ (built on each call: for start-up and tools)."""
+        return self.samples.rels()
+
+    def _uncached(self) -> list[int]:
+        return list(range(len(self.samples))) if self.cache_rows is None else np.flatnonzero(self.cache_rows < 0).tolist()
+
+    def _keep(self, keep: list[int]) -> None:
+        self.samples = self.samples.select(keep)
+        if self.cache_rows is not None:
+            self.cache_rows = self.cache_rows[np.asarray(keep, dtype=np.int64)]
 
     def _leave_out_listed_empty(self) -> None:
         """The original segmae code's emptyfiles.txt names images without masks; like the original,
@@ -99,12 +114,11 @@ class SegmentMaskImageFolder(Dataset):
         listed = read_empty_list(self.root)
         if not listed:
             return
-        keep = [i for i, rel in enumerate(self.rel_paths) if os.path.basename(rel) not in listed]
+        keep = [i for i, rel in enumerate(self.samples.rels()) if os.path.basename(rel) not in listed]
         if len(keep) < len(self.samples):
             print(f"{len(self.samples) - len(keep)} images of {self.image_root} are listed in emptyfiles.txt "
                   f"(no masks) and left out, as the original segmae code does")
-            self.samples = [self.samples[i] for i in keep]
-            self.rel_paths = [self.rel_paths[i] for i in keep]
+            self._keep(keep)
         if not self.samples:
             raise DataError(f"every image under {self.image_root} is listed in emptyfiles.txt: no image has masks")
 
@@ -112,13 +126,13 @@ class SegmentMaskImageFolder(Dataset):
         """The chosen mask's size against the image's header (no pixels decoded) for ``sample``
         images spread over the set (0: every image), so that a mask of another picture is found at
         start-up, not in a loader worker hours later. Cached masks were checked when cached."""
-        candidates = [i for i, rel in enumerate(self.rel_paths) if self.cache is None or rel not in self.cache]
+        candidates = self._uncached()
         if sample and len(candidates) > sample:
             candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, sample)]
         bad = []
         counts = (self.source.thresholded.value, self.source.unsorted.value)  # training counts its reads only
         for i in candidates:
-            rel, path = self.rel_paths[i], self.samples[i][0]
+            rel, path = self.samples.rel(i), self.samples[i][0]
             if not (os.path.isfile(path) and os.path.isfile(self.source.index_file(rel))):
                 continue  # a FIFO or device: read by the loader only, under its read deadline
             try:
@@ -141,43 +155,41 @@ class SegmentMaskImageFolder(Dataset):
                                 f"(python tools/check_dataset.py lists all), or pass --skip_bad_samples")
         print(f"WARNING: {what} have a mask that does not fit (skipped when read), e.g. {bad[0]}")
 
-    def _check_masks(self, allow_missing: bool) -> None:
-        to_check = [i for i, rel in enumerate(self.rel_paths) if self.cache is None or rel not in self.cache]
-        present = self.source.present({stem_of(self.rel_paths[i]) for i in to_check}) if to_check else set()
-        missing = [i for i in to_check if stem_of(self.rel_paths[i]) not in present]
+    def _check_masks(self, allow_missing: bool, rels: list[str]) -> None:
+        to_check = self._uncached()
+        present = self.source.present({stem_of(rels[i]) for i in to_check}) if to_check else set()
+        missing = [i for i in to_check if stem_of(rels[i]) not in present]
         if not missing:
             return
-        first = "\n  ".join(self.source.location(self.rel_paths[i]) for i in missing[:5])
+        first = "\n  ".join(self.source.location(rels[i]) for i in missing[:5])
         msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file "
                f"({self.source.format} layout), for example:\n  {first}")
         if len(missing) == len(self.samples):  # --allow_missing_masks would leave nothing
             raise DataError(f"no image under {self.image_root} has a mask file: looked in {self.source.mask_root} "
                             f"for SAM JSON (<class>/<stem>.json), the original segmae layout (<class>/<stem>/table.txt) "
                             f"and amg.py folders (<class>/<stem>/metadata.csv); e.g. "
-                            f"{self.source.location(self.rel_paths[missing[0]])} is missing. Generate masks with "
+                            f"{self.source.location(rels[missing[0]])} is missing. Generate masks with "
                             f"tools/generate_masks.py, or check --data_path")
         if not allow_missing:
             raise DataError(msg + "\nGenerate the missing masks, or pass --allow_missing_masks to "
                                   "pretrain without those images.")
         print(f"WARNING: {msg}\nThose images are skipped (--allow_missing_masks).")
         missing_set = set(missing)
-        keep = [i for i in range(len(self.samples)) if i not in missing_set]
-        self.samples = [self.samples[i] for i in keep]
-        self.rel_paths = [self.rel_paths[i] for i in keep]
+        self._keep([i for i in range(len(self.samples)) if i not in missing_set])
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        path, target = self.samples[index]
+        rel, target = self.samples.rel(index), int(self.samples.labels[index])
+        path = os.path.join(self.image_root, rel)
         with read_deadline(path, self.read_timeout):
             img = load_rgb(path) if self.decode else EncodedImage(path)
         if not self.with_masks:
             return img, None, target
-        rel = self.rel_paths[index]
-        if self.cache is not None and rel in self.cache:
+        if self.cache_rows is not None and self.cache_rows[index] >= 0:
             with read_deadline(self.cache.bin_path, self.read_timeout):
-                mask = self.cache.load(rel, img.size)
+                mask = self.cache.load_row(int(self.cache_rows[index]), img.size, rel)
         else:
             with read_deadline(self.source.location(rel), self.read_timeout):
                 mask = self.source.load(rel, self.coverage_ratio, img.size)

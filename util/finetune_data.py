@@ -103,9 +103,12 @@ class CheckedImageFolder(EpochAware, Dataset):
         if not scan.samples:
             raise DataError(f"no images found under {root}")
         self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
-        self.targets = scan.targets
         self.root, self.transform = root, transform
         self.seed, self.epoch = seed, 0
+
+    @property
+    def targets(self) -> list[int]:
+        return self.samples.labels.tolist()
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -7,12 +7,19 @@ Beyond torchvision's ``find_classes`` + ``make_dataset`` (same classes, same ord
 - refuses a folder reached twice (a symlink loop, or two links to one folder), which would
   otherwise be read until the OS gives up, multiplying the data set silently;
 - maps a second split (val/) by the first split's classes, so that labels agree;
-- names a flat folder of images (the official ImageNet val tarball) and the tool that sorts it.
+- names a flat folder of images (the official ImageNet val tarball) and the tool that sorts it;
+- keeps the result as an ``ImageList``: the paths in one byte buffer and the labels in one numpy
+  array, not a list of tuples. A data-loader worker that reads a Python object writes its
+  reference count, so with 1.28M (path, label) tuples every forked worker ends up copying most of
+  them (about 250 bytes per image per worker); three numpy arrays are three objects.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -23,19 +30,68 @@ SORT_VAL_HINT = ("sort it into class folders with python tools/sort_imagenet_val
                  "(devkit)")
 
 
+class ImageList:
+    """(path, label) per image, stored as a NUL-separated UTF-8 buffer of paths relative to
+    ``root``, their start offsets, and the labels: ``images[i]`` is (absolute path, label) as in
+    torchvision's ``samples``; ``rel(i)`` is the relative path; ``rels()`` decodes them all at once."""
+
+    def __init__(self, root: str, rels: Sequence[str], labels: Sequence[int] | np.ndarray):
+        self.root = root
+        encoded = "\0".join(rels).encode("utf-8", "surrogateescape") + b"\0" if len(rels) else b""
+        self._buffer = np.frombuffer(encoded, dtype=np.uint8)
+        ends = np.flatnonzero(self._buffer == 0)
+        self._starts = np.concatenate([[0], ends + 1]).astype(np.int64)  # n + 1 entries: starts and the end
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self._starts) - 1:
+            raise ValueError(f"{len(self._starts) - 1} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rel(self, i: int) -> str:
+        i = int(i) + len(self) if i < 0 else int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        return self._buffer[self._starts[i]:self._starts[i + 1] - 1].tobytes().decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return os.path.join(self.root, self.rel(i)), int(self.labels[i])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return ((os.path.join(self.root, r), t) for r, t in zip(self.rels(), self.labels.tolist()))
+
+    def __add__(self, other) -> list[tuple[str, int]]:
+        return list(self) + list(other)
+
+    def rels(self) -> list[str]:
+        """Every relative path, decoded in one go (start-up checks; not for the loader's workers)."""
+        if not len(self):
+            return []
+        return self._buffer[:-1].tobytes().decode("utf-8", "surrogateescape").split("\0")
+
+    def paths(self) -> list[str]:
+        return [os.path.join(self.root, r) for r in self.rels()]
+
+    def select(self, keep: Sequence[int] | np.ndarray) -> "ImageList":
+        """The images at these indices, in this order."""
+        rels = self.rels()
+        keep = np.asarray(keep, dtype=np.int64)
+        return ImageList(self.root, [rels[i] for i in keep.tolist()], self.labels[keep])
+
+
 @dataclass
 class FolderScan:
     """What one split holds: classes in torchvision's order and (path, class index) samples."""
     root: str
     classes: list[str]
     class_to_idx: dict[str, int]
-    samples: list[tuple[str, int]]
+    samples: ImageList
     hidden: list[str] = field(default_factory=list)  # skipped hidden files and folders (paths)
     empty_classes: list[str] = field(default_factory=list)  # class folders without an image
 
     @property
     def targets(self) -> list[int]:
-        return [t for _, t in self.samples]
+        return self.samples.labels.tolist()
 
 
 def is_hidden(name: str) -> bool:
@@ -97,20 +153,23 @@ def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Both splits must "
                             f"use the training split's classes (remove them, or add them to {reference})")
     seen: dict[tuple[int, int], str] = {_folder_key(root): root}
-    samples, empty = [], []
+    rels: list[str] = []
+    labels: list[int] = []
+    empty = []
+    cut = len(os.path.join(root, ""))
     for c in classes:
         paths = walk_images(os.path.join(root, c), hidden, seen)
         if not paths:
             empty.append(c)
-        samples += [(p, class_to_idx[c]) for p in paths]
+        rels += [p[cut:] for p in paths]  # a string cut, not os.path.relpath per image
+        labels += [class_to_idx[c]] * len(paths)
     ordered = sorted(class_to_idx, key=class_to_idx.get)
-    return FolderScan(root, ordered, dict(class_to_idx), samples, hidden, empty)
+    return FolderScan(root, ordered, dict(class_to_idx), ImageList(root, rels, labels), hidden, empty)
 
 
 def relative_paths(scan: FolderScan) -> list[str]:
     """The scan's image paths relative to its root, sorted (a string cut: no os.path call per image)."""
-    cut = len(os.path.join(scan.root, ""))
-    return sorted(p[cut:] for p, _ in scan.samples)
+    return sorted(scan.samples.rels())
 
 
 def list_images(image_root: str) -> list[str]:

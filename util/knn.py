@@ -112,7 +112,7 @@ def knn_eval(args: argparse.Namespace) -> dict:
     bank = extract_features(model, train, bank_idx, device, args.amp, args.batch_size, args.num_workers, args.pool)
     queries = extract_features(model, val, list(range(len(val))), device, args.amp, args.batch_size,
                                args.num_workers, args.pool)
-    top1 = knn_top1(bank, torch.tensor([train.targets[i] for i in bank_idx]), queries, torch.tensor(val.targets),
+    top1 = knn_top1(bank, torch.from_numpy(train.samples.labels[bank_idx]), queries, torch.tensor(val.targets),
                     len(train.classes), args.k, args.temperature)
     result = {"knn_top1": top1, "k": args.k, "temperature": args.temperature, "pool": args.pool,
               "bank_size": len(bank_idx), "queries": len(val), "method": method,

@@ -157,7 +157,8 @@ class MaskCache:
         if stale:
             raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
                                 f"deleted since it was built), e.g. {stale[0]}. {rebuild}")
-        self.row = {k: i for i, k in enumerate(keys)}
+        self._keys = keys  # the rows' image paths; the dataset keeps an array of rows instead
+        self._row: dict[str, int] | None = None  # built on the first lookup by path
         self.rebuild_hint = rebuild
         self._fd = None  # opened lazily: one descriptor per data-loader worker
 
@@ -180,8 +181,22 @@ class MaskCache:
     def exists(root: str, coverage_ratio: float) -> bool:
         return all(os.path.exists(p) for p in mask_cache_paths(root, coverage_ratio))
 
+    def rows_for(self, rels: list[str]) -> np.ndarray:
+        """The cache row of each image path (-1: not in the cache), as one int64 array."""
+        row = self._row if self._row is not None else {k: i for i, k in enumerate(self._keys)}
+        return np.fromiter((row.get(r, -1) for r in rels), dtype=np.int64, count=len(rels))
+
+    def forget_keys(self) -> None:
+        """Drops the per-image path strings (the loader's workers use rows only)."""
+        self._keys, self._row = [], None
+
+    def _rows(self) -> dict[str, int]:
+        if self._row is None:
+            self._row = {k: i for i, k in enumerate(self._keys)}
+        return self._row
+
     def __contains__(self, rel: str) -> bool:
-        return rel in self.row
+        return rel in self._rows()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -189,7 +204,10 @@ class MaskCache:
         return state
 
     def load(self, rel: str, image_size: tuple[int, int]) -> np.ndarray:
-        i = self.row[rel]
+        return self.load_row(self._rows()[rel], image_size, rel)
+
+    def load_row(self, i: int, image_size: tuple[int, int], rel: str = "") -> np.ndarray:
+        """The mask in row i (``rel`` names it in an error)."""
         if self.length[i] < 0:
             w, h = image_size
             return np.zeros((h, w), dtype=np.uint8)
