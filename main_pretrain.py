@@ -18,7 +18,8 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
                              run_start, save_model)
-from util.distributed import all_reduce_mean, check_ranks_agree, file_list_digest, get_rank, get_world_size
+from util.distributed import (all_reduce_mean, check_ranks_agree, file_list_digest, get_rank, get_world_size,
+                              local_main_first)
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_args, check_model_and_input_size,
                        mask_ratio_type, non_negative_int, positive_int)
@@ -176,11 +177,12 @@ def reconcile_run(args: argparse.Namespace) -> None:
 def build_data(args: argparse.Namespace, device: torch.device):
     """(dataset, its DistributedSampler, the loader) of the pretraining images (and masks)."""
     transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend)
-    dataset = build_pretrain_dataset(args.data_path, transform,
-                                     with_masks=uses_segments(args.mask_method), coverage_ratio=args.coverage_ratio,
-                                     allow_missing_masks=args.allow_missing_masks, seed=args.seed,
-                                     skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout,
-                                     mask_format=args.mask_format, mask_size_check=args.mask_size_check)
+    with local_main_first(args):
+        dataset = build_pretrain_dataset(args.data_path, transform, with_masks=uses_segments(args.mask_method),
+                                         coverage_ratio=args.coverage_ratio, allow_missing_masks=args.allow_missing_masks,
+                                         seed=args.seed, skip_bad_samples=args.skip_bad_samples,
+                                         read_timeout=args.data_timeout, mask_format=args.mask_format,
+                                         mask_size_check=args.mask_size_check)
     print(dataset)
     check_ranks_agree(args, {"images": (len(dataset), [file_list_digest((p for p, _ in f.samples), f.image_root)
                                                       for f in dataset.folders])})

@@ -6,6 +6,8 @@ import builtins
 import datetime
 import os
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -88,6 +90,21 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
                             world_size=args.world_size, rank=args.rank, timeout=timeout)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+@contextmanager
+def local_main_first(args: argparse.Namespace) -> Iterator[None]:
+    """The block runs on each node's first rank, then on the others: the first ones scan the data
+    and save the scan (util/scan_index.py), the others read it instead of walking the tree again."""
+    if not is_dist_avail_and_initialized():
+        yield
+        return
+    first = int(getattr(args, "gpu", 0) or 0) == 0
+    if not first:
+        dist.barrier()
+    yield
+    if first:
+        dist.barrier()
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -16,6 +16,7 @@ Beyond torchvision's ``find_classes`` + ``make_dataset`` (same classes, same ord
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util import scan_index
 from util.images import DataError
 
 SORT_VAL_HINT = ("sort it into class folders with python tools/sort_imagenet_val.py --val_dir {root} "
@@ -102,20 +104,24 @@ def is_image(name: str) -> bool:
     return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _folder_key(path: str) -> tuple[int, int]:
+def _folder_key(path: str, mtimes: dict[str, int] | None = None, root: str = "") -> tuple[int, int]:
     st = os.stat(path)
+    if mtimes is not None:  # the folder's mtime, for the saved scan's validity (util/scan_index.py)
+        mtimes[os.path.relpath(path, root)] = st.st_mtime_ns
     return st.st_dev, st.st_ino
 
 
 def walk_images(folder: str, hidden: list[str] | None = None,
-                seen: dict[tuple[int, int], str] | None = None) -> list[str]:
+                seen: dict[tuple[int, int], str] | None = None,
+                mtimes: dict[str, int] | None = None, root: str = "") -> list[str]:
     """Every image under ``folder`` (symlinks followed), in torchvision's order (folders sorted by
-    path, files by name). A folder reached twice is an error naming both paths."""
+    path, files by name). A folder reached twice is an error naming both paths. ``mtimes``
+    collects each folder's mtime by its path relative to ``root``."""
     seen = {} if seen is None else seen
     hidden = [] if hidden is None else hidden
     found: list[tuple[str, list[str]]] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        key = _folder_key(dirpath)
+        key = _folder_key(dirpath, mtimes, root)
         if key in seen:
             raise DataError(f"{dirpath} is the folder {seen[key]} reached a second time (a symlink loop, or two "
                             f"links to one folder): its images would be read again and again. Remove the link "
@@ -130,11 +136,37 @@ def walk_images(folder: str, hidden: list[str] | None = None,
 
 
 def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
-                      reference: str = "train/") -> FolderScan:
+                      reference: str = "train/", use_index: bool = True) -> FolderScan:
     """Scans one split. With ``class_to_idx`` (the training split's), classes are numbered by it:
-    a class it lacks is an error naming them (a subset is fine: labels still agree)."""
+    a class it lacks is an error naming them (a subset is fine: labels still agree). A saved scan
+    of an unchanged tree is read instead of walking it (``use_index``; util/scan_index.py)."""
     if not os.path.isdir(root):
         raise DataError(f"{root} does not exist or is not a folder: expected {root}/<class>/<image>")
+    saved = scan_index.load(root) if use_index else None
+    if saved is not None:
+        classes, rels, own_labels = saved["classes"], saved["rels"], saved["labels"]
+        hidden, empty = saved["hidden"], saved["empty_classes"]
+    else:
+        started = time.time()
+        classes, rels, own_labels, hidden, empty, mtimes = _walk_split(root)
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    else:
+        unknown = [c for c in classes if c not in class_to_idx]
+        if unknown:
+            raise DataError(f"{root} has {len(unknown)} class folder(s) that {reference} lacks: "
+                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Both splits must "
+                            f"use the training split's classes (remove them, or add them to {reference})")
+    if saved is None and use_index:
+        scan_index.save(root, classes, rels, own_labels, hidden, empty, mtimes, started)
+    labels = np.array([class_to_idx[c] for c in classes], dtype=np.int64)[own_labels] if classes else own_labels
+    ordered = sorted(class_to_idx, key=class_to_idx.get)
+    return FolderScan(root, ordered, dict(class_to_idx), ImageList(root, rels, labels), hidden, empty)
+
+
+def _walk_split(root: str):
+    """The walk itself: (classes, relative paths, each image's index into classes, hidden names,
+    empty classes, every folder's mtime)."""
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     hidden = [e.path for e in entries if is_hidden(e.name)]
     classes = [e.name for e in entries if not is_hidden(e.name) and e.is_dir()]
@@ -144,27 +176,19 @@ def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
             raise DataError(f"{root} holds {len(flat)} images directly, not in class folders (the official "
                             f"ImageNet val tarball is flat): " + SORT_VAL_HINT.format(root=root))
         raise DataError(f"no class folder in {root}: expected {root}/<class>/<image>")
-    if class_to_idx is None:
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-    else:
-        unknown = [c for c in classes if c not in class_to_idx]
-        if unknown:
-            raise DataError(f"{root} has {len(unknown)} class folder(s) that {reference} lacks: "
-                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Both splits must "
-                            f"use the training split's classes (remove them, or add them to {reference})")
-    seen: dict[tuple[int, int], str] = {_folder_key(root): root}
+    mtimes: dict[str, int] = {}
+    seen: dict[tuple[int, int], str] = {_folder_key(root, mtimes, root): root}
     rels: list[str] = []
-    labels: list[int] = []
+    own_labels: list[int] = []
     empty = []
     cut = len(os.path.join(root, ""))
-    for c in classes:
-        paths = walk_images(os.path.join(root, c), hidden, seen)
+    for i, c in enumerate(classes):
+        paths = walk_images(os.path.join(root, c), hidden, seen, mtimes, root)
         if not paths:
             empty.append(c)
         rels += [p[cut:] for p in paths]  # a string cut, not os.path.relpath per image
-        labels += [class_to_idx[c]] * len(paths)
-    ordered = sorted(class_to_idx, key=class_to_idx.get)
-    return FolderScan(root, ordered, dict(class_to_idx), ImageList(root, rels, labels), hidden, empty)
+        own_labels += [i] * len(paths)
+    return classes, rels, np.asarray(own_labels, dtype=np.int64), hidden, empty, mtimes
 
 
 def relative_paths(scan: FolderScan) -> list[str]:
