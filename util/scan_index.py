@@ -64,8 +64,8 @@ def load(split_root: str) -> dict | None:
                 if int(index["version"]) != VERSION or str(index["root"]) != os.path.realpath(split_root):
                     continue
                 saved = {key: index[key] for key in index.files}
-        except (OSError, ValueError, KeyError, EOFError):
-            continue  # absent or damaged: scan again
+        except Exception:  # noqa: BLE001 - absent or damaged, whatever numpy or zipfile says: scan again
+            continue
         folders = _split(saved["folders"])
         if not folders_unchanged(split_root, folders, saved["folder_mtimes"]):
             return None
