@@ -128,3 +128,22 @@ def test_a_damaged_saved_scan_is_scanned_again(toy_root, tmp_path):
     first = scan_image_folder(str(root / "train"))
     (root / ".segmae_scan-train.npz").write_bytes(b"PK\x03\x04 not a zip")
     assert list(scan_image_folder(str(root / "train")).samples) == list(first.samples)
+
+
+def test_the_walk_of_masks_is_saved_and_a_removed_mask_is_still_found(toy_root, tmp_path, monkeypatch):
+    import util.mask_sources.walk as mask_walk
+    root = settled_copy(toy_root, tmp_path)
+    first = SegmentMaskImageFolder(str(root), with_masks=True)
+    assert os.path.isfile(root / ".segmae_scan-masks.npz")
+    walks = []
+    real_walk = mask_walk._walk
+    monkeypatch.setattr(mask_walk, "_walk", lambda *a, **k: walks.append(a[0]) or real_walk(*a, **k))
+    again = SegmentMaskImageFolder(str(root), with_masks=True)
+    assert walks == [] and again.rel_paths == first.rel_paths and again.source.format == "json"
+    rel = first.rel_paths[3]
+    os.remove(root / "masks" / (os.path.splitext(rel)[0] + ".json"))
+    with pytest.raises(Exception, match="1 of 32 images under .* have no mask file"):
+        SegmentMaskImageFolder(str(root), with_masks=True)
+    assert walks == [str(root / "masks")]
+    left = SegmentMaskImageFolder(str(root), with_masks=True, allow_missing_masks=True)
+    assert len(left) == 31 and rel not in left.rel_paths

@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 from util.errors import UserError
 from util.image_folders import empty_classes_message, scan_image_folder
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
-from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
+from util.mask_sources import MaskSource, open_mask_source, read_empty_list, scanned_stems
 from util.mask_cache import MaskCache
 from util.sam_masks import MaskFileError, check_unique_stems, exif_orientation, fit_mask, mask_fit
 from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage
@@ -81,8 +81,10 @@ class SegmentMaskImageFolder(Dataset):
         if with_masks:
             self._leave_out_listed_empty()
             rels = self.samples.rels()  # paths relative to train/: the mask files' names, the cache's keys
-            check_unique_stems(rels, self.image_root)
-            self.source = open_mask_source(self.mask_root, {stem_of(r) for r in rels}, mask_format)
+            stems = scanned_stems(rels)
+            check_unique_stems(rels, self.image_root, stems)
+            self.source = open_mask_source(self.mask_root, set(stems), mask_format,
+                                           stems_digest=self.samples.digest())
             if MaskCache.exists(root, coverage_ratio):
                 self.cache = MaskCache(root, coverage_ratio, self.source)
                 self.cache_rows = self.cache.rows_for(rels)
@@ -90,7 +92,7 @@ class SegmentMaskImageFolder(Dataset):
                 uncached = int((self.cache_rows < 0).sum())
                 print(f"Using the mask cache {self.cache.bin_path}" +
                       (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
-            self._check_masks(allow_missing_masks, rels)
+            self._check_masks(allow_missing_masks, rels, stems)
             if mask_size_check is not None:
                 self._check_mask_sizes(mask_size_check, skip_bad_samples)
             self.source.listed = None  # the start-up listing is not needed by the loader's workers
@@ -155,10 +157,10 @@ class SegmentMaskImageFolder(Dataset):
                                 f"(python tools/check_dataset.py lists all), or pass --skip_bad_samples")
         print(f"WARNING: {what} have a mask that does not fit (skipped when read), e.g. {bad[0]}")
 
-    def _check_masks(self, allow_missing: bool, rels: list[str]) -> None:
+    def _check_masks(self, allow_missing: bool, rels: list[str], stems: list[str]) -> None:
         to_check = self._uncached()
-        present = self.source.present({stem_of(rels[i]) for i in to_check}) if to_check else set()
-        missing = [i for i in to_check if stem_of(rels[i]) not in present]
+        present = self.source.present({stems[i] for i in to_check}) if to_check else set()
+        missing = [i for i in to_check if stems[i] not in present]
         if not missing:
             return
         first = "\n  ".join(self.source.location(rels[i]) for i in missing[:5])

@@ -15,6 +15,7 @@ Beyond torchvision's ``find_classes`` + ``make_dataset`` (same classes, same ord
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ class ImageList:
         if not len(self):
             return []
         return self._buffer[:-1].tobytes().decode("utf-8", "surrogateescape").split("\0")
+
+    def digest(self) -> str:
+        """SHA-1 of the relative paths (one pass over the buffer): names this image list."""
+        return hashlib.sha1(self._buffer.tobytes()).hexdigest()
 
     def paths(self) -> list[str]:
         return [os.path.join(self.root, r) for r in self.rels()]

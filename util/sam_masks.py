@@ -277,12 +277,15 @@ def fit_mask(mask: np.ndarray, image_wh: tuple[int, int], orientation: int, path
     return np.asarray(img), rule
 
 
-def duplicate_stems(rel_paths: list[str]) -> list[tuple[str, str]]:
-    """Pairs of images that would share one mask file (same folder and stem: x.JPEG and x.png)."""
+def duplicate_stems(rel_paths: list[str], stems: list[str] | None = None) -> list[tuple[str, str]]:
+    """Pairs of images that would share one mask file (same folder and stem: x.JPEG and x.png);
+    ``stems``: the paths' stems when the caller has them."""
+    stems = [os.path.splitext(rel)[0] for rel in rel_paths] if stems is None else stems
+    if len(set(stems)) == len(stems):  # the usual case, answered by one set
+        return []
     seen: dict[str, str] = {}
     pairs = []
-    for rel in rel_paths:
-        stem = os.path.splitext(rel)[0]
+    for rel, stem in zip(rel_paths, stems):
         if stem in seen:
             pairs.append((seen[stem], rel))
         else:
@@ -290,8 +293,8 @@ def duplicate_stems(rel_paths: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_unique_stems(rel_paths: list[str], image_root: str) -> None:
-    pairs = duplicate_stems(rel_paths)
+def check_unique_stems(rel_paths: list[str], image_root: str, stems: list[str] | None = None) -> None:
+    pairs = duplicate_stems(rel_paths, stems)
     if pairs:
         a, b = pairs[0]
         raise MaskFileError(

@@ -1,4 +1,4 @@
-"""A saved folder scan, so that a restart (every benchmark chunk, every rank) does not walk 1.28M
+"""Saved folder scans (the image split's, and the walk of masks/), so that a restart (every benchmark chunk, every rank) does not walk 1.28M
 files again.
 
 The index of a split (``<data root>/.segmae_scan-<split>.npz`` beside the split's folder, or under
@@ -54,41 +54,35 @@ def enabled() -> bool:
     return os.environ.get("SEGMAE_SCAN_INDEX", "1") != "0"
 
 
-def load(split_root: str) -> dict | None:
-    """The saved scan of this split if its folders are unchanged, else None."""
+def _load(root: str, key: str = "") -> dict | None:
+    """The arrays saved for this folder (and key) if every folder it recorded is unchanged."""
     if not enabled():
         return None
-    for path in index_paths(split_root):
+    for path in index_paths(root):
         try:
             with np.load(path) as index:
-                if int(index["version"]) != VERSION or str(index["root"]) != os.path.realpath(split_root):
+                if (int(index["version"]) != VERSION or str(index["root"]) != os.path.realpath(root)
+                        or str(index["key"]) != key):
                     continue
-                saved = {key: index[key] for key in index.files}
+                saved = {name: index[name] for name in index.files}
         except Exception:  # noqa: BLE001 - absent or damaged, whatever numpy or zipfile says: scan again
             continue
-        folders = _split(saved["folders"])
-        if not folders_unchanged(split_root, folders, saved["folder_mtimes"]):
+        if not folders_unchanged(root, _split(saved["folders"]), saved["folder_mtimes"]):
             return None
-        return {"classes": _split(saved["classes"]), "rels": _split(saved["rels"]), "labels": saved["labels"],
-                "hidden": _split(saved["hidden"]), "empty_classes": _split(saved["empty_classes"]), "path": path}
+        saved["path"] = path
+        return saved
     return None
 
 
-def save(split_root: str, classes: list[str], rels: list[str], labels: np.ndarray, hidden: list[str],
-         empty_classes: list[str], folder_mtimes: dict[str, int], started: float) -> str | None:
-    """Writes the index (atomically) where it can; None when no place is writable or the tree was
-    changing while it was scanned."""
-    if not enabled():
+def _save(root: str, arrays: dict, folder_mtimes: dict[str, int], started: float, key: str = "") -> str | None:
+    """Writes the arrays with the folders' mtimes (atomically) where it can; None when no place is
+    writable or the tree was changing while it was scanned."""
+    if not enabled() or max(folder_mtimes.values(), default=0) / 1e9 > started - SETTLE_S:
         return None
-    newest = max(folder_mtimes.values(), default=0) / 1e9
-    if newest > started - SETTLE_S:
-        return None
-    arrays = {"version": np.array(VERSION), "root": np.array(os.path.realpath(split_root)),
-              "classes": _joined(classes), "rels": _joined(rels), "labels": np.asarray(labels, dtype=np.int64),
-              "hidden": _joined(hidden), "empty_classes": _joined(empty_classes),
+    arrays = {**arrays, "version": np.array(VERSION), "root": np.array(os.path.realpath(root)), "key": np.array(key),
               "folders": _joined(list(folder_mtimes)),
               "folder_mtimes": np.array(list(folder_mtimes.values()), dtype=np.int64)}
-    for path in index_paths(split_root):
+    for path in index_paths(root):
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -103,3 +97,34 @@ def save(split_root: str, classes: list[str], rels: list[str], labels: np.ndarra
                 pass
     return None
 
+
+def load(split_root: str) -> dict | None:
+    """The saved scan of an image split if its folders are unchanged, else None."""
+    saved = _load(split_root)
+    if saved is None:
+        return None
+    return {"classes": _split(saved["classes"]), "rels": _split(saved["rels"]), "labels": saved["labels"],
+            "hidden": _split(saved["hidden"]), "empty_classes": _split(saved["empty_classes"]), "path": saved["path"]}
+
+
+def save(split_root: str, classes: list[str], rels: list[str], labels: np.ndarray, hidden: list[str],
+         empty_classes: list[str], folder_mtimes: dict[str, int], started: float) -> str | None:
+    return _save(split_root, {"classes": _joined(classes), "rels": _joined(rels),
+                              "labels": np.asarray(labels, dtype=np.int64), "hidden": _joined(hidden),
+                              "empty_classes": _joined(empty_classes)}, folder_mtimes, started)
+
+
+def load_mask_listing(mask_root: str, stems_digest: str) -> tuple[dict[str, set[str]], dict[str, str]] | None:
+    """The saved walk of masks/ (util/mask_sources/walk.py) for these image stems, if unchanged."""
+    saved = _load(mask_root, stems_digest)
+    if saved is None:
+        return None
+    seen = dict(zip(_split(saved["seen_layouts"]), _split(saved["seen_examples"])))
+    return {"json": set(_split(saved["json"])), "folders": set(_split(saved["mask_folders"]))}, seen
+
+
+def save_mask_listing(mask_root: str, stems_digest: str, listed: dict[str, set[str]], seen: dict[str, str],
+                      folder_mtimes: dict[str, int], started: float) -> str | None:
+    return _save(mask_root, {"json": _joined(sorted(listed["json"])), "mask_folders": _joined(sorted(listed["folders"])),
+                             "seen_layouts": _joined(list(seen)), "seen_examples": _joined(list(seen.values()))},
+                 folder_mtimes, started, key=stems_digest)

@@ -21,20 +21,20 @@ from __future__ import annotations
 from util.mask_sources.base import Counter, MaskSource, Segment  # noqa: F401
 from util.mask_sources.folder_layouts import AmgMasks, SegmaeMasks, closest_larger, png_size, read_png_mask  # noqa: F401
 from util.mask_sources.json_layout import RANDOM_WEIGHTS, JsonMasks, describe_generator  # noqa: F401
-from util.mask_sources.scan import (AMG_HEADER, AMG_METADATA, EMPTY_LIST, MASK_FORMATS, SEGMAE_TABLE,  # noqa: F401
-                                    _detect, detect_format, read_empty_list, scan, stem_of)
+from util.mask_sources.walk import (AMG_HEADER, AMG_METADATA, EMPTY_LIST, MASK_FORMATS, SEGMAE_TABLE,  # noqa: F401
+                                    _detect, detect_format, read_empty_list, scan, scanned_stems, stem_of)
 from util.sam_masks import MaskFileError
 
 SOURCES = {cls.format: cls for cls in (JsonMasks, SegmaeMasks, AmgMasks)}
 
 
 def open_mask_source(mask_root: str, stems: set[str], mask_format: str = "auto",
-                     shared_counters: bool = True) -> MaskSource:
+                     shared_counters: bool = True, stems_digest: str = "") -> MaskSource:
     """The reader of a root's masks/ for these image stems (auto: detected). The walk that
     detects the layout also answers which images have masks (``present``): one walk at start-up."""
     listed = None
     if mask_format in (None, "auto"):
-        listed, seen = scan(mask_root, stems)
+        listed, seen = scan(mask_root, stems, stems_digest)
         mask_format = _detect(mask_root, seen)
     if mask_format not in SOURCES:
         raise MaskFileError(f"unknown mask format {mask_format!r}; choose one of auto, {', '.join(MASK_FORMATS)}")

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from util.mask_sources.scan import scan
+from util.mask_sources.walk import scan
 from util.sam_masks import MaskFileError, check_mask_not_huge, closest_first
 
 @dataclass

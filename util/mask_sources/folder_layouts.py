@@ -13,7 +13,7 @@ from PIL import Image
 
 from util.images import IMAGE_ERRORS
 from util.mask_sources.base import Counter, MaskSource, Segment
-from util.mask_sources.scan import AMG_HEADER, AMG_METADATA, SEGMAE_TABLE
+from util.mask_sources.walk import AMG_HEADER, AMG_METADATA, SEGMAE_TABLE
 from util.sam_masks import MaskFileError, closest_first
 
 

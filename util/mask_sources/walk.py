@@ -3,8 +3,10 @@ uses, and the original's list of images without masks."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Callable, Iterable
 
+from util import scan_index
 from util.sam_masks import MASK_SUFFIX, MaskFileError
 
 MASK_FORMATS = ("json", "segmae", "amg")
@@ -15,7 +17,8 @@ AMG_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y
 EMPTY_LIST = "emptyfiles.txt"
 
 
-def _walk(root: str, is_leaf: Callable[[str], bool]) -> Iterable[tuple[str, list[str], list[str]]]:
+def _walk(root: str, is_leaf: Callable[[str], bool],
+          mtimes: dict[str, int] | None = None) -> Iterable[tuple[str, list[str], list[str]]]:
     """(folder relative to root, sub-folder names, file names) for every folder under root; a
     folder for which is_leaf(its relative path) holds is listed in its parent but not entered.
     Symbolic links to folders are followed; a link whose target is gone is left out. Hidden names
@@ -24,6 +27,8 @@ def _walk(root: str, is_leaf: Callable[[str], bool]) -> Iterable[tuple[str, list
     while stack:
         rel_dir = stack.pop()
         try:
+            if mtimes is not None:  # before the listing: a change after it changes the mtime again
+                mtimes[rel_dir] = os.stat(os.path.join(root, rel_dir)).st_mtime_ns
             entries = list(os.scandir(os.path.join(root, rel_dir)))
         except OSError:
             continue
@@ -46,25 +51,37 @@ def _walk(root: str, is_leaf: Callable[[str], bool]) -> Iterable[tuple[str, list
                 stack.append(rel)
 
 
-def scan(mask_root: str, stems: set[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+def scan(mask_root: str, stems: set[str], stems_digest: str = "") -> tuple[dict[str, set[str]], dict[str, str]]:
     """One walk of masks/: the image stems that have a .json file, those that have a folder, and
     the layouts seen with an example each (the first image folder of every class folder is looked
-    into for table.txt or metadata.csv). Folders named after an image are not entered."""
+    into for table.txt or metadata.csv). Folders named after an image are not entered.
+    With ``stems_digest`` (a digest of the image list the stems come from), the walk is saved and
+    read again while no walked folder changed (util/scan_index.py)."""
+    if stems_digest:
+        saved = scan_index.load_mask_listing(mask_root, stems_digest)
+        if saved is not None:
+            return saved
+    started = time.time()
+    mtimes: dict[str, int] = {}
     listed: dict[str, set[str]] = {"json": set(), "folders": set()}
     seen: dict[str, str] = {}
-    for rel_dir, dirs, files in _walk(mask_root, lambda rel: rel in stems):
-        for name in files:
-            if name.endswith(MASK_SUFFIX):
-                listed["json"].add(os.path.normpath(os.path.join(rel_dir, name[:-len(MASK_SUFFIX)])))
-                seen.setdefault("json", os.path.join(mask_root, rel_dir, name))
-        folders = [d for d in dirs if os.path.normpath(os.path.join(rel_dir, d)) in stems]
-        listed["folders"].update(os.path.normpath(os.path.join(rel_dir, d)) for d in folders)
+    cut = len(MASK_SUFFIX)
+    for rel_dir, dirs, files in _walk(mask_root, lambda rel: rel in stems, mtimes):
+        prefix = f"{rel_dir}/" if rel_dir else ""  # rel_dir is normalised and names hold no '/'
+        found = [name for name in files if name.endswith(MASK_SUFFIX)]
+        if found:
+            listed["json"].update(prefix + name[:-cut] for name in found)
+            seen.setdefault("json", os.path.join(mask_root, rel_dir, found[0]))
+        folders = [d for d in dirs if prefix + d in stems]
+        listed["folders"].update(prefix + d for d in folders)
         if folders:
             path = os.path.join(mask_root, rel_dir, folders[0])
             for fmt, index in (("segmae", SEGMAE_TABLE), ("amg", AMG_METADATA)):
                 if os.path.exists(os.path.join(path, index)):
                     seen.setdefault(fmt, os.path.join(path, index))
                     break
+    if stems_digest:
+        scan_index.save_mask_listing(mask_root, stems_digest, listed, seen, mtimes, started)
     return listed, seen
 
 
@@ -94,3 +111,13 @@ def read_empty_list(root: str, split: str = "train") -> set[str]:
 
 def stem_of(rel: str) -> str:
     return os.path.normpath(os.path.splitext(rel)[0])
+
+
+def scanned_stems(rels: list[str]) -> list[str]:
+    """stem_of for each path of a folder scan (already normalised, no hidden names), without an
+    os.path call per image: the text before the last dot of the file name."""
+    out = []
+    for rel in rels:
+        dot = rel.rfind(".")
+        out.append(rel[:dot] if dot > rel.rfind("/") + 1 else stem_of(rel))
+    return out
