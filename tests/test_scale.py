@@ -16,11 +16,12 @@ from util.finetune_data import CheckedImageFolder
 from util.image_folders import ImageList, scan_image_folder
 
 OLD = 1_500_000_000  # a date (2017) long before any test runs: the tree has settled
+NO_SAVED_SCANS = shutil.ignore_patterns(".segmae_scan-*")  # the shared toy tree's own, from other tests
 
 
 def settled_copy(toy_root, tmp_path):
     root = tmp_path / "data"
-    shutil.copytree(toy_root, root)
+    shutil.copytree(toy_root, root, ignore=NO_SAVED_SCANS)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             os.utime(os.path.join(dirpath, name), (OLD, OLD))
@@ -99,7 +100,7 @@ def test_a_restart_reads_the_saved_scan_and_notices_every_change(toy_root, tmp_p
 
 def test_a_scan_of_a_changing_tree_is_not_saved(toy_root, tmp_path):
     root = tmp_path / "data"
-    shutil.copytree(toy_root, root)  # just written: its folders' mtimes are now
+    shutil.copytree(toy_root, root, ignore=NO_SAVED_SCANS)  # just written: its folders' mtimes are now
     scan_image_folder(str(root / "train"))
     assert not os.path.exists(root / ".segmae_scan-train.npz")
 

@@ -25,18 +25,22 @@ from util.mask_sources import MASK_FORMATS  # noqa: E402
 from util.sam_masks import MASK_SUFFIX  # noqa: E402
 
 
+def tiny_sample() -> tuple[bytes, np.ndarray, dict]:
+    """An 8x8 JPEG's bytes, a segment of its top half and that segment as SAM's annotation."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buf, format="JPEG")
+    seg = np.zeros((8, 8), np.uint8)
+    seg[:4] = 1
+    return buf.getvalue(), seg, annotation(seg, 0, np.random.RandomState(0))
+
+
 def build_tree(root: str, images: int, classes: int) -> None:
     """train/<class>/<i>.JPEG and masks_<layout>/ for each layout (the same segment everywhere).
     Kept between runs: a tree that is already complete is not written again."""
     done = os.path.join(root, f".complete-{images}-{classes}")
     if os.path.exists(done):
         return
-    buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buf, format="JPEG")
-    jpeg = buf.getvalue()
-    seg = np.zeros((8, 8), np.uint8)
-    seg[:4] = 1
-    ann = annotation(seg, 0, np.random.RandomState(0))
+    jpeg, seg, ann = tiny_sample()
     json_bytes = json.dumps({"image": {}, "annotations": [ann]}).encode()
     per_class = -(-images // classes)
     for c in range(classes):

@@ -20,7 +20,6 @@ and the projection to 1.28M images on a node of 8 ranks x 10 workers (every cost
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -41,19 +40,13 @@ FIRST = 1000  # samples read before the first measurement: the worker's own star
 
 def build_tree(root: str, images: int, classes: int) -> None:
     """train/<class>/<i>.JPEG and masks/<class>/<i>.json; kept between runs once complete."""
-    import numpy as np
-    from PIL import Image
-    from tools.make_toy_data import annotation
+    from tools.dataset_startup import tiny_sample
     from util.sam_masks import MASK_SUFFIX
     done = os.path.join(root, f".complete-{images}-{classes}")
     if os.path.exists(done):
         return
-    buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buf, format="JPEG")
-    jpeg = buf.getvalue()
-    seg = np.zeros((8, 8), np.uint8)
-    seg[:4] = 1
-    json_bytes = json.dumps({"image": {}, "annotations": [annotation(seg, 0, np.random.RandomState(0))]}).encode()
+    jpeg, _, ann = tiny_sample()
+    json_bytes = json.dumps({"image": {}, "annotations": [ann]}).encode()
     per_class = -(-images // classes)
     for c in range(classes):
         name = f"n{c:08d}"
