@@ -21,7 +21,7 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
                              run_start, save_model)
-from util.distributed import check_ranks_agree, file_list_digest, get_rank, get_world_size, local_main_first
+from util.distributed import check_ranks_agree, get_rank, get_world_size, local_main_first
 from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
                        non_negative_int)
@@ -135,7 +135,7 @@ def start_and_reconcile(args: argparse.Namespace) -> None:
 def build_loaders(args, build_transform):
     with local_main_first(args):
         dataset_train, dataset_val = build_classification_datasets(args, build_transform)
-    check_ranks_agree(args, {f"{name} images": (len(ds), file_list_digest((p for p, _ in ds.samples), ds.root))
+    check_ranks_agree(args, {f"{name} images": (len(ds), ds.samples.digest())
                              for name, ds in (("train", dataset_train), ("val", dataset_val))})
     num_tasks, global_rank = get_world_size(), get_rank()
     sampler_train = torch.utils.data.DistributedSampler(

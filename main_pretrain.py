@@ -18,8 +18,7 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
                              run_start, save_model)
-from util.distributed import (all_reduce_mean, check_ranks_agree, file_list_digest, get_rank, get_world_size,
-                              local_main_first)
+from util.distributed import all_reduce_mean, check_ranks_agree, get_rank, get_world_size, local_main_first
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_args, check_model_and_input_size,
                        mask_ratio_type, non_negative_int, positive_int)
@@ -184,8 +183,7 @@ def build_data(args: argparse.Namespace, device: torch.device):
                                          read_timeout=args.data_timeout, mask_format=args.mask_format,
                                          mask_size_check=args.mask_size_check)
     print(dataset)
-    check_ranks_agree(args, {"images": (len(dataset), [file_list_digest((p for p, _ in f.samples), f.image_root)
-                                                      for f in dataset.folders])})
+    check_ranks_agree(args, {"images": (len(dataset), [f.samples.digest() for f in dataset.folders])})
     num_tasks = get_world_size()
     # A seeded DistributedSampler also for one process: its order depends only on (seed, epoch).
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_tasks, rank=get_rank(), shuffle=True,

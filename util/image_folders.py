@@ -73,7 +73,8 @@ class ImageList:
         return self._buffer[:-1].tobytes().decode("utf-8", "surrogateescape").split("\0")
 
     def digest(self) -> str:
-        """SHA-1 of the relative paths (one pass over the buffer): names this image list."""
+        """SHA-1 of the relative paths (one pass over the buffer): the same list on another mount
+        point has the same digest (the ranks-agree check, the saved walk of masks/)."""
         return hashlib.sha1(self._buffer.tobytes()).hexdigest()
 
     def paths(self) -> list[str]:
