@@ -27,7 +27,7 @@ from conftest import REPO
 from test_benchmark import bench_args
 from test_pretrain_cli import common
 from util.errors import UserError
-from util.mask_cache import build_mask_cache
+from util.mask_cache_build import build_mask_cache
 from util.sam_masks import MaskFileError, load_segment, mask_path_for
 
 

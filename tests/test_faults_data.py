@@ -326,7 +326,7 @@ def test_two_concurrent_mask_generators_share_the_work(toy_root, tmp_path):
 
 def test_mask_cache_builder_removes_a_killed_builders_temp_file(toy_root, tmp_path):
     from util.image_folders import list_images
-    from util.mask_cache import build_mask_cache
+    from util.mask_cache_build import build_mask_cache
     root = copy_tree(toy_root, tmp_path)
     (root / "masks_cache").mkdir()
     stale = root / "masks_cache" / ".coverage_50.bin.tmp99999999"

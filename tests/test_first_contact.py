@@ -125,7 +125,7 @@ def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatc
     from tools import check_dataset
     import util.mask_sources.json_layout
     import util.sam_masks
-    from util.mask_cache import build_mask_cache
+    from util.mask_cache_build import build_mask_cache
     from util.sam_masks import MaskFileError
     add_image(tree, "x.png", scene(24, 40))
     mask_path = tree / "masks" / "c" / "x.json"
@@ -160,7 +160,7 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
     from conftest import REPO
     from util.datasets import PretrainDataset, SegmentMaskImageFolder
     from util.images import DataError, load_rgb
-    from util.mask_cache import build_mask_cache
+    from util.mask_cache_build import build_mask_cache
     from util.sam_masks import MaskFileError
     path = add_image(tree, "big.png", scene(60, 60))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as a 20000x20000 photo against the default

@@ -17,7 +17,8 @@ from test_pretrain_cli import common
 from tools import check_dataset, generate_masks
 from util.datasets import PretrainDataset, SegmentMaskImageFolder
 from util.images import load_rgb
-from util.mask_cache import MaskCache, build_mask_cache
+from util.mask_cache import MaskCache
+from util.mask_cache_build import build_mask_cache
 from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation,
                             load_annotations)
 

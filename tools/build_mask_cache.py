@@ -3,7 +3,10 @@ image (from masks/ in any layout: SAM's JSON, segmae table.txt + PNGs, amg.py fo
 pretraining reads one short RLE per sample instead of parsing a mask file or decoding PNGs.
 Pretraining with the same --coverage_ratio picks it up by itself. Rebuild it after changing masks.
 
-    python tools/build_mask_cache.py --data_path /datasets/imagenet --coverage_ratio 50
+    python tools/build_mask_cache.py --data_path /datasets/imagenet --coverage_ratio 50 --workers 16
+
+It runs in --workers processes and shows images/s and the ETA. Killed, it resumes when run again
+with the same arguments: finished parts (2048 images each) whose mask files are unchanged are kept.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.image_folders import list_images  # noqa: E402
 from util.errors import run_tool  # noqa: E402
-from util.mask_cache import build_mask_cache  # noqa: E402
+from util.mask_cache_build import build_mask_cache  # noqa: E402
 from util.mask_sources import MASK_FORMATS  # noqa: E402
 
 
@@ -25,15 +28,22 @@ def main(argv=None) -> list[str]:
     p.add_argument("--coverage_ratio", type=float, default=50.0)
     p.add_argument("--mask_format", default="auto", choices=("auto",) + MASK_FORMATS,
                    help="layout of masks/ (default: detected): json, segmae (table.txt + PNGs) or amg (amg.py folders)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes that read mask files in parallel (default: min(8, CPUs))")
+    p.add_argument("--progress_every", type=float, default=30.0,
+                   help="seconds between progress lines when stderr is not a terminal")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     written = []
     for root in args.data_path:
         start = time.time()
         images = list_images(os.path.join(root, "train"))
-        path = build_mask_cache(root, images, args.coverage_ratio, args.mask_format)
+        path = build_mask_cache(root, images, args.coverage_ratio, args.mask_format, args.workers,
+                                args.progress_every)
         size = os.path.getsize(path)
         print(f"{root}: {len(images)} images, {size / 2 ** 20:.1f} MB ({size / max(len(images), 1):.0f} B/image) "
-              f"in {path}, {time.time() - start:.1f}s")
+              f"in {path}, {time.time() - start:.1f}s with {args.workers} worker(s)")
         written.append(path)
     return written
 

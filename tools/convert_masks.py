@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.image_folders import list_images  # noqa: E402
 from util.errors import UserError, run_tool  # noqa: E402
 from util.files import remove_stale_temp_files  # noqa: E402
-from util.mask_cache import build_mask_cache  # noqa: E402
+from util.mask_cache_build import build_mask_cache  # noqa: E402
 from util.mask_sources import SOURCES, MaskSource, open_mask_source, read_empty_list, stem_of  # noqa: E402
 from util.sam_masks import MASK_SUFFIX, MaskFileError, encode_segmentation, write_mask_file  # noqa: E402
 

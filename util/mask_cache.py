@@ -1,6 +1,6 @@
 """The compact mask cache: for one coverage ratio, only the chosen segment of every image, so that
-training never parses a SAM JSON file or decodes a PNG it does not use (tools/build_mask_cache.py
-writes it, from any mask layout of util/mask_sources.py).
+training never parses a SAM JSON file or decodes a PNG it does not use (util/mask_cache_build.py
+writes it, in parallel and resumably, from any mask layout of util/mask_sources).
 
     <root>/masks_cache/coverage_<C>.bin        the chosen RLE count strings, concatenated (ASCII)
     <root>/masks_cache/coverage_<C>.npz        keys (relative image paths, sorted), offset, length,
@@ -13,102 +13,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
 
-from util.files import atomic_write, lock_output_dir, unlock_output_dir, writable_dir
-from util.images import IMAGE_ERRORS, image_error
-from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
-from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
-                            exif_orientation, mask_fit)
+from util.mask_sources import MaskSource, open_mask_source, stem_of
+from util.sam_masks import MaskFileError, decode_segmentation
 
 
 def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
     base = os.path.join(root, "masks_cache", f"coverage_{coverage_ratio:g}")
     return base + ".bin", base + ".npz"
-
-
-def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path: str) -> tuple[bytes, int, int] | None:
-    """(RLE counts, H, W) of the image's chosen segment, checked as training checks it (valid
-    RLE, the size policy against the image's header); None when it has no segment."""
-    seg = source.chosen(rel, coverage_ratio)
-    if seg is None:
-        return None
-    where = source.location(rel)
-    try:
-        with Image.open(image_path) as im:
-            image_wh, orientation = im.size, exif_orientation(im)
-    except IMAGE_ERRORS as e:
-        raise MaskFileError(str(image_error(image_path, e))) from None
-    if seg.size is not None:  # the size policy before anything is decoded
-        try:
-            mask_fit(seg.size, image_wh, orientation)
-        except ValueError as e:
-            raise MaskFileError(f"{where}: {e}") from None
-    try:
-        if seg.rle is not None and not isinstance(seg.rle["counts"], list):
-            check_rle(seg.rle)
-            rle = seg.rle
-        else:  # a PNG, or an uncompressed RLE: stored compressed (decoding checks it)
-            rle = encode_segmentation(seg.decode() if seg.rle is None else decode_segmentation(seg.rle))
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise MaskFileError(f"invalid RLE in {where}: {e}. Regenerate this mask file") from None
-    if seg.size is None:  # a PNG: its size is known now
-        try:
-            mask_fit(tuple(rle["size"]), image_wh, orientation)
-        except ValueError as e:
-            raise MaskFileError(f"{where}: {e}") from None
-    counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"])
-    return counts, int(rle["size"][0]), int(rle["size"][1])
-
-
-def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float,
-                     mask_format: str = "auto") -> str:
-    """Writes the cache for these images (their masks must exist; images listed in the original's
-    emptyfiles.txt are left out); returns the .bin path. Every entry is checked as training checks
-    it, and records its mask index file's size and mtime, so a cache older than its masks is
-    refused."""
-    bin_path, index_path = mask_cache_paths(root, coverage_ratio)
-    writable_dir(os.path.dirname(bin_path), "mask cache folder")
-    # one builder per folder; with the lock held, temporary files of killed builders are removed
-    lock_output_dir(os.path.dirname(bin_path))
-    try:
-        listed_empty = read_empty_list(root)
-        keys = sorted(r for r in image_rel_paths if os.path.basename(r) not in listed_empty)
-        check_unique_stems(keys, os.path.join(root, "train"))
-        source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, mask_format,
-                                  shared_counters=False)
-        offset = np.zeros(len(keys), np.int64)
-        length = np.full(len(keys), -1, np.int64)
-        height = np.zeros(len(keys), np.int32)
-        width = np.zeros(len(keys), np.int32)
-        mask_bytes = np.zeros(len(keys), np.int64)
-        mask_mtime_ns = np.zeros(len(keys), np.int64)
-        with atomic_write(bin_path) as out:
-            pos = 0
-            for i, rel in enumerate(keys):
-                try:
-                    stat = os.stat(source.index_file(rel))
-                except OSError:
-                    raise MaskFileError(f"no masks for {os.path.join(root, 'train', rel)}: {source.index_file(rel)} is "
-                                        f"missing") from None
-                mask_bytes[i], mask_mtime_ns[i] = stat.st_size, stat.st_mtime_ns
-                entry = cache_entry(source, rel, coverage_ratio, os.path.join(root, "train", rel))
-                if entry is None:
-                    continue
-                counts, height[i], width[i] = entry
-                out.write(counts)
-                offset[i], length[i] = pos, len(counts)
-                pos += len(counts)
-        if source.thresholded.value or source.unsorted.value:
-            print(f"{source.thresholded.value} mask PNG(s) were not strictly 0/255 and were thresholded at 128; "
-                  f"{source.unsorted.value} table.txt file(s) were not sorted by coverage and were sorted first")
-        with atomic_write(index_path) as f:  # written last: the cache counts as present only now
-            np.savez(f, keys=np.array(keys), offset=offset, length=length, height=height, width=width,
-                     coverage_ratio=np.float64(coverage_ratio), mask_bytes=mask_bytes, mask_mtime_ns=mask_mtime_ns,
-                     mask_format=np.array(source.format))
-    finally:
-        unlock_output_dir(os.path.dirname(bin_path))
-    return bin_path
 
 
 class MaskCache:
