@@ -26,10 +26,11 @@ from util.checkpoint_adapt import refuse_original_to_continue, stack_official_in
 from util.errors import UserError
 from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain, loader_options
 from util.prefetch import DevicePrefetcher
+from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path
 from util.masking import get_method, uses_segments
 from util.optim import adamw, param_groups_weight_decay
 from util.speed import convert_to_fp8
-from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform
+from util.transforms import DATA_BACKENDS, DeferredPretrainTransform, as_hw, build_pretrain_transform
 from util.visualize import labelled_grid, panel_titles, reconstruction_panels
 
 
@@ -84,6 +85,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='start from an official MAE checkpoint (e.g. mae_pretrain_vit_base.pth) with any '
                              'mask method: a 4th input channel starts at zero weight, the pre-encoder at identity; '
                              'also a four_channels checkpoint of the original segmae code (converted)')
+    parser.add_argument('--data_format', default='auto', choices=['auto', 'folders', 'shards'],
+                        help='folders: each --data_path holds train/ (and masks/); shards: tar shards (a folder of '
+                             '.tar files, a .tar or a pattern like train-{000000..000099}.tar), as '
+                             'tools/write_shards.py writes them or as SA-1B ships them; auto: by the path')
+    parser.add_argument('--shuffle_buffer', default=DEFAULT_SHUFFLE_BUFFER, type=non_negative_int, metavar='N',
+                        help='with shards: samples each loader worker shuffles across its shards (0: none)')
     add_mask_channel_arg(parser)
     return parser
 
@@ -147,15 +154,19 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
     what the model made of it (util/visualize.py)."""
     import numpy as np
     count = min(n, len(dataset))
-    imgs, seg, _ = collate_pretrain([dataset[i] for i in range(count)])
+    if hasattr(dataset, "preview"):  # shards: the first samples of the first shard
+        samples, rows = dataset.preview(count)
+    else:
+        samples = [dataset[i] for i in range(count)]
+        rows = [os.path.basename(dataset.folders[0].samples[i][0]) if len(dataset.folders) == 1 else f"image {i}"
+                for i in range(count)]
+    imgs, seg, _ = collate_pretrain(samples)
     if imgs is None:
         return
     imgs = imgs.to(device)
     seg = seg.to(device) if seg is not None else None
     with misc.autocast(device, args.amp):
         panels = reconstruction_panels(model, imgs, seg, args.mask_ratio)
-    rows = [os.path.basename(dataset.folders[0].samples[i][0]) if len(dataset.folders) == 1 else f"image {i}"
-            for i in range(count)]
     grid = labelled_grid(panels.float(), panel_titles(args.mask_method), rows)
     log_writer.add_image('train/reconstructions', np.asarray(grid), epoch, dataformats="HWC")
 
@@ -173,9 +184,39 @@ def reconcile_run(args: argparse.Namespace) -> None:
     reconcile_with_checkpoint(args, list(method_flags))
 
 
+def uses_shards(args: argparse.Namespace) -> bool:
+    if args.data_format != "auto":
+        return args.data_format == "shards"
+    kinds = {is_shard_path(p) for p in args.data_path}
+    if len(kinds) > 1:
+        raise UserError(f"--data_path mixes tar shards and folders with train/ ({' '.join(args.data_path)}): "
+                        f"write the folders as shards (tools/write_shards.py) or train on each kind apart")
+    return kinds.pop()
+
+
+def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
+    """(dataset, None, the loader) of pretraining samples read from tar shards (util/shards.py)."""
+    with local_main_first(args):  # the first rank counts the samples of unindexed tars and saves the counts
+        dataset = build_shard_dataset(args.data_path, transform, uses_segments(args.mask_method), args.coverage_ratio,
+                                      args.batch_size, get_world_size(), get_rank(), args.seed, args.shuffle_buffer,
+                                      args.skip_bad_samples, decode=not isinstance(transform, DeferredPretrainTransform))
+    print(dataset)
+    check_ranks_agree(args, {"images": (dataset.total, [dataset.digest()])})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
+                                         pin_memory=args.pin_mem and device.type == "cuda",
+                                         collate_fn=collate_pretrain,
+                                         **loader_options(args.num_workers, args.prefetch_factor))
+    if args.data_backend == "gpu":
+        loader = DevicePrefetcher(loader, device)
+    return dataset, None, loader
+
+
 def build_data(args: argparse.Namespace, device: torch.device):
-    """(dataset, its DistributedSampler, the loader) of the pretraining images (and masks)."""
+    """(dataset, its DistributedSampler (None for shards), the loader) of the pretraining images
+    (and masks)."""
     transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend)
+    if uses_shards(args):
+        return build_shard_data(args, device, transform)
     with local_main_first(args):
         dataset = build_pretrain_dataset(args.data_path, transform, with_masks=uses_segments(args.mask_method),
                                          coverage_ratio=args.coverage_ratio, allow_missing_masks=args.allow_missing_masks,
@@ -262,7 +303,8 @@ def main(args: argparse.Namespace) -> None:
     told: set[str] = set()
     for epoch in range(args.start_epoch, last_epoch):
         misc.seed_epoch(args.seed, epoch, get_rank())
-        sampler_train.set_epoch(epoch)
+        if sampler_train is not None:
+            sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args)

@@ -6,6 +6,7 @@ the device), measured after the prefetch buffers are drained so they do not coun
 
 --data_backend gpu: the workers only read the files (and crop the masks); decoding (nvjpeg),
 cropping and resizing happen on the device, as in main_pretrain.py --data_backend gpu.
+--data_path may name tar shards (tools/write_shards.py, SA-1B's tars), read as main_pretrain.py reads them.
 """
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.datasets import build_pretrain_dataset, collate_pretrain  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
+from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path  # noqa: E402
 from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform  # noqa: E402
 
 
 def measure(args) -> dict:
     device = torch.device(args.device)
     transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend)
-    dataset = build_pretrain_dataset(args.data_path, transform,
-                                     with_masks=uses_segments(args.mask_method), coverage_ratio=args.coverage_ratio)
+    shards = is_shard_path(args.data_path[0])
+    if shards:
+        dataset = build_shard_dataset(args.data_path, transform, uses_segments(args.mask_method), args.coverage_ratio,
+                                      args.batch_size, 1, 0, 0, DEFAULT_SHUFFLE_BUFFER, False, decode=True)
+    else:
+        dataset = build_pretrain_dataset(args.data_path, transform,
+                                         with_masks=uses_segments(args.mask_method), coverage_ratio=args.coverage_ratio)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         shuffle=True, drop_last=True, pin_memory=device.type == "cuda",
+                                         shuffle=None if shards else True, drop_last=True, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0, collate_fn=collate_pretrain,
                                          prefetch_factor=2 if args.num_workers > 0 else None)
     # skip the start-up and the prefetched batches, then time a window of steps
@@ -39,6 +46,7 @@ def measure(args) -> dict:
         try:
             imgs, masks, _ = next(it)
         except StopIteration:
+            dataset.set_epoch(dataset.epoch + 1)
             it = iter(loader)
             continue
         imgs = imgs.to(device, non_blocking=True)
@@ -55,9 +63,10 @@ def measure(args) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     result = {"samples_per_sec": timed * args.batch_size / elapsed, "steps": timed, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "mask_method": args.mask_method, "data_backend": args.data_backend}
+              "num_workers": args.num_workers, "mask_method": args.mask_method, "data_backend": args.data_backend,
+              "data_format": "shards" if shards else "folders"}
     print(f"{result['samples_per_sec']:,.1f} samples/s over {timed} steps of {args.batch_size} "
-          f"({args.num_workers} workers, {args.mask_method}, data_backend {args.data_backend})")
+          f"({args.num_workers} workers, {args.mask_method}, data_backend {args.data_backend}, {result['data_format']})")
     return result
 
 

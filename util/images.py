@@ -60,11 +60,13 @@ class EncodedImage:
     """An image file's bytes and size, read without decoding the pixels (``--data_backend gpu``
     decodes them on the training device); unreadable headers raise an error naming the file."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, data: bytes | None = None):
+        self.path = path  # with ``data`` (read from a shard): the name of the image in errors
         try:
-            with open(path, "rb") as f:
-                self.data = f.read()
+            if data is None:
+                with open(path, "rb") as f:
+                    data = f.read()
+            self.data = data
             with Image.open(io.BytesIO(self.data)) as img:
                 self.width, self.height = img.size
                 self.is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")

@@ -29,16 +29,25 @@ def load_mask_json(path: str) -> tuple[list[dict], str]:
     original segmae layout (it records ``"choice": "segmae"``), else 'first'."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read())
+            raw = f.read()
     except FileNotFoundError:
         raise MaskFileError(f"mask file not found: {path}") from None
-    except RecursionError:  # json's parser on a crafted, deeply nested file
-        raise MaskFileError(f"cannot read mask file {path}: JSON nested too deeply") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise MaskFileError(f"cannot read mask file {path}: {e}") from None
+    return parse_mask_json(raw, path)
+
+
+def parse_mask_json(raw: bytes, where: str) -> tuple[list[dict], str]:
+    """load_mask_json for bytes already read (a mask file inside a tar shard); ``where`` names it."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # json's parser on a crafted, deeply nested file
+        raise MaskFileError(f"cannot read mask file {where}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise MaskFileError(f"cannot read mask file {where}: {e}") from None
     annotations = data.get("annotations") if isinstance(data, dict) else data
     if not isinstance(annotations, list):
-        raise MaskFileError(f"{path} is not a SAM mask file: expected a list of annotations or a dict "
+        raise MaskFileError(f"{where} is not a SAM mask file: expected a list of annotations or a dict "
                             f"with an 'annotations' list")
     choice = data.get("choice", "first") if isinstance(data, dict) else "first"
     return annotations, choice

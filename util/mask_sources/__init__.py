@@ -18,7 +18,7 @@ chosen segment. Start-up lists the class folders of masks/ once and opens no tab
 """
 from __future__ import annotations
 
-from util.mask_sources.base import Counter, MaskSource, Segment  # noqa: F401
+from util.mask_sources.base import Counter, MaskSource, Segment, segment_mask  # noqa: F401
 from util.mask_sources.folder_layouts import AmgMasks, SegmaeMasks, closest_larger, png_size, read_png_mask  # noqa: F401
 from util.mask_sources.json_layout import RANDOM_WEIGHTS, JsonMasks, describe_generator  # noqa: F401
 from util.mask_sources.walk import (AMG_HEADER, AMG_METADATA, EMPTY_LIST, MASK_FORMATS, SEGMAE_TABLE,  # noqa: F401

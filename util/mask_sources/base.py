@@ -87,16 +87,7 @@ class MaskSource:
     def load(self, rel: str, coverage_ratio: float, image_size: tuple[int, int]) -> np.ndarray:
         """The chosen segment as an (H, W) uint8 array, 1 = hidden; all zero when the image has no
         segment (``image_size`` is (W, H))."""
-        seg = self.chosen(rel, coverage_ratio)
-        if seg is None:
-            w, h = image_size
-            return np.zeros((h, w), dtype=np.uint8)
-        if seg.size is not None:  # before decoding: a crafted size would allocate gigabytes
-            try:
-                check_mask_not_huge(seg.size, image_size)
-            except ValueError as e:
-                raise MaskFileError(f"{seg.where}: {e}. Regenerate its masks from the image") from None
-        return seg.decode()
+        return segment_mask(self.chosen(rel, coverage_ratio), image_size)
 
     def present(self, stems: set[str]) -> set[str]:
         """Which of these image stems (rel without extension, normalised) have masks: one listing
@@ -108,3 +99,16 @@ class MaskSource:
     def generator(self, rel: str) -> str:
         """What made image rel's masks, in words (for pictures and reports)."""
         return "SAM"
+
+
+def segment_mask(seg: Segment | None, image_size: tuple[int, int]) -> np.ndarray:
+    """A chosen segment as an (H, W) uint8 array, 1 = hidden; all zero for None (no segment)."""
+    if seg is None:
+        w, h = image_size
+        return np.zeros((h, w), dtype=np.uint8)
+    if seg.size is not None:  # before decoding: a crafted size would allocate gigabytes
+        try:
+            check_mask_not_huge(seg.size, image_size)
+        except ValueError as e:
+            raise MaskFileError(f"{seg.where}: {e}. Regenerate its masks from the image") from None
+    return seg.decode()

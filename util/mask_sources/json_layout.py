@@ -34,7 +34,10 @@ class JsonMasks(MaskSource):
     def chosen(self, rel: str, coverage_ratio: float) -> Segment | None:
         # the hot path: only area and size are read, the chosen RLE alone is decoded
         path = self.location(rel)
-        anns, choice = load_mask_json(path)
+        return self.choose_in(*load_mask_json(path), path, coverage_ratio)
+
+    def choose_in(self, anns: list[dict], choice: str, path: str, coverage_ratio: float) -> Segment | None:
+        """The chosen segment of one mask file's annotations (read from masks/ or from a shard)."""
         coverages = annotation_coverages(anns, path)
         if choice == "segmae":  # converted from the original's layout: its choice, exactly
             i, unsorted = closest_larger(coverages, coverage_ratio)
