@@ -23,13 +23,13 @@ from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_mode
                              run_start, save_model)
 from util.distributed import check_ranks_agree, get_rank, get_world_size, local_main_first
 from engine_finetune import evaluate, train_one_epoch
-from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, non_negative_float,
-                       non_negative_int)
+from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
+                       non_negative_float, non_negative_int)
 from util.checkpoint_adapt import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
 from util.datasets import loader_options
 from util.finetune_data import build_classification_datasets, build_finetune_transform
 from util.errors import UserError
-from util.optim import adamw, param_groups_layer_decay
+from util.optim import build_optimizer, param_groups_layer_decay
 from util.transforms import as_hw
 
 
@@ -90,7 +90,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    check_model_and_input_size(args, parser, models_vit.model_patch_size)
+    check_optimizer_args(args, parser, ("adamw",), default_betas=(0.9, 0.999))
+    check_downstream_args(args, parser)
+
+
+def check_downstream_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """What finetuning and linear probing both check."""
+    check_model_and_input_size(args, parser, models_vit.model_patch_size, models_vit.default_input_size)
     if args.eval and not args.resume:
         parser.error("--eval needs --resume CHECKPOINT (a finetuned or probed model)")
     if not args.eval and args.start_epoch >= args.epochs:
@@ -239,7 +245,7 @@ def main(args: argparse.Namespace) -> dict:
     param_groups = param_groups_layer_decay(model_without_ddp, args.weight_decay,
                                             no_weight_decay=model_without_ddp.no_weight_decay(),
                                             layer_decay=args.layer_decay)
-    optimizer = adamw(param_groups, lr=args.lr, device=device, betas=(0.9, 0.999))
+    optimizer = build_optimizer(args, param_groups, device)
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
 
     if mixup_fn is not None:

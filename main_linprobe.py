@@ -14,16 +14,16 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import load_model
 from engine_finetune import evaluate
-from main_finetune import build_downstream_model, build_loaders, check_args, run_training, start_and_reconcile
-from util.args import add_downstream_args, add_training_args
+from main_finetune import build_downstream_model, build_loaders, check_downstream_args, run_training, start_and_reconcile
+from util.args import add_downstream_args, add_training_args, check_optimizer_args
 from util.finetune_data import build_linprobe_transform
-from util.optim import LARS
+from util.optim import build_optimizer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
     add_training_args(parser)
-    parser.set_defaults(batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
+    parser.set_defaults(batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10, opt="lars")
     parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
                         help='Name of model to train')
     add_downstream_args(parser)
@@ -57,7 +57,8 @@ def main(args: argparse.Namespace) -> dict:
 
     model = runsetup.wrap_model(model, args, device)
 
-    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    head = [{"params": list(model_without_ddp.head.parameters()), "weight_decay": args.weight_decay}]
+    optimizer = build_optimizer(args, head, device)
     runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
@@ -67,6 +68,11 @@ def main(args: argparse.Namespace) -> dict:
         return evaluate(loader_val, model, device, args.amp)
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
                         sampler_train, loader_val, device)
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    check_optimizer_args(args, parser, ("lars", "adamw"), default_betas=(0.9, 0.999))
+    check_downstream_args(args, parser)
 
 
 def cli(argv: list[str] | None = None):

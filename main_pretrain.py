@@ -21,14 +21,14 @@ from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_mode
 from util.distributed import all_reduce_mean, check_ranks_agree, get_rank, get_world_size, local_main_first
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_args, check_model_and_input_size,
-                       mask_ratio_type, non_negative_int, positive_int)
+                       check_optimizer_args, mask_ratio_type, non_negative_int, positive_int)
 from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
 from util.errors import UserError
 from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain, loader_options
 from util.prefetch import DevicePrefetcher
 from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path
 from util.masking import get_method, uses_segments
-from util.optim import adamw, param_groups_weight_decay
+from util.optim import build_optimizer, param_groups_weight_decay
 from util.speed import convert_to_fp8
 from util.transforms import DATA_BACKENDS, DeferredPretrainTransform, as_hw, build_pretrain_transform
 from util.visualize import labelled_grid, panel_titles, reconstruction_panels
@@ -97,7 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Errors that depend on several flags, before any data is read."""
-    check_model_and_input_size(args, parser, models_mae.model_patch_size)
+    check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size)
+    check_optimizer_args(args, parser, ("adamw",), default_betas=(0.9, 0.95))
     method = get_method(args.mask_method)
     if method.drops_tokens and args.mask_ratio == 0:
         parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
@@ -178,6 +179,13 @@ def reconcile_run(args: argparse.Namespace) -> None:
     if args.resume:
         refuse_original_to_continue(load_checkpoint(args.resume), args.resume, "--resume")
     reconcile_with_checkpoint(args, RUN_FLAGS)
+    if args.resume:  # a name whose model changed since the checkpoint was written
+        state = load_checkpoint(args.resume).get("model", {})
+        name = models_mae.model_of_checkpoint(args.model, state)
+        if name != args.model:
+            print(f"{args.resume} holds the model now named {name} (its decoder is {state['decoder_embed.weight'].shape[0]}"
+                  f" wide; {args.model} is now Union14M's): continuing it as {name}")
+            args.model = name
     method_flags = get_method(args.mask_method).run_flags
     if "seg_loss" in method_flags:
         seg_loss_of_older_checkpoint(args)
@@ -261,7 +269,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
     model = runsetup.wrap_model(model, args, device)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
-    optimizer = adamw(param_groups, lr=args.lr, device=device)
+    optimizer = build_optimizer(args, param_groups, device)
     runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
     if args.stack and not args.resume:

@@ -265,6 +265,16 @@ def mae_vit_small_patch4_dec256d4b(**kwargs):
     return _mae(dict(_SMALL, patch_size=4), kwargs)
 
 
+def mae_vit_small_patch4_dec512d8b(**kwargs):
+    """Union14M's text-line MAE (mae/models_mae.py there): ViT-S/4 with the reference's decoder."""
+    return _mae(dict(ARCHITECTURES["small"], **_DEC512, patch_size=4), kwargs)
+
+
+def mae_vit_base_patch4_dec512d8b(**kwargs):
+    """Union14M's default pretraining model: ViT-B/4, decoder 512 x 8 blocks, 16 heads."""
+    return _mae(dict(_BASE, patch_size=4), kwargs)
+
+
 def mae_vit_base_patch16_dec512d8b(**kwargs):
     return _mae(dict(_BASE, patch_size=16), kwargs)
 
@@ -287,13 +297,38 @@ mae_vit_tiny_patch8 = mae_vit_tiny_patch8_dec128d4b
 mae_vit_tiny_patch4 = mae_vit_tiny_patch4_dec128d4b
 mae_vit_small_patch16 = mae_vit_small_patch16_dec256d4b
 mae_vit_small_patch8 = mae_vit_small_patch8_dec256d4b
-mae_vit_small_patch4 = mae_vit_small_patch4_dec256d4b
+mae_vit_small_patch4 = mae_vit_small_patch4_dec512d8b  # Union14M's (before: the _dec256d4b one)
+mae_vit_base_patch4 = mae_vit_base_patch4_dec512d8b  # Union14M's default
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_base_patch8 = mae_vit_base_patch8_dec512d8b
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
 
 MODEL_NAMES = sorted(n for n, f in list(globals().items()) if n.startswith("mae_vit_") and callable(f))
+
+
+# Names whose model changed: a checkpoint that records the name and holds the old model's weights
+# (told apart by the decoder's width) is the old model, under its explicit name.
+RENAMED = {"mae_vit_small_patch4": ("mae_vit_small_patch4_dec256d4b", 256)}
+
+
+def model_of_checkpoint(name: str, state_dict: dict) -> str:
+    """The registered name that builds the model in this checkpoint's state dict."""
+    if name in RENAMED:
+        old_name, old_width = RENAMED[name]
+        weight = state_dict.get("decoder_embed.weight")
+        if weight is not None and weight.shape[0] == old_width:
+            return old_name
+    return name
+
+
+TEXT_LINE_MODELS = ("mae_vit_small_patch4", "mae_vit_base_patch4", "mae_vit_small_patch4_dec512d8b",
+                    "mae_vit_base_patch4_dec512d8b")  # Union14M's: text lines of 32 x 128
+
+
+def default_input_size(name: str) -> list[int]:
+    """--input_size when none is given: 32 x 128 for Union14M's text-line models, else 224."""
+    return [32, 128] if name in TEXT_LINE_MODELS else [224]
 
 
 def build_mae(name: str, **kwargs) -> MaskedAutoencoderViT:

@@ -75,6 +75,11 @@ def vit_small_patch4(**kwargs):
     return _vit(dict(_SMALL, patch_size=4), kwargs)
 
 
+def vit_base_patch4(**kwargs):
+    """Union14M's ViT-B/4 (text lines, 32 x 128)."""
+    return _vit(dict(_BASE, patch_size=4), kwargs)
+
+
 def vit_base_patch16(**kwargs):
     return _vit(dict(_BASE, patch_size=16), kwargs)
 
@@ -99,6 +104,12 @@ def check_registered(name: str, names: list[str]) -> str:
     if name not in names:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names)}")
     return name
+
+
+def default_input_size(name: str) -> list[int]:
+    """--input_size when none is given (and none is recorded in the --finetune checkpoint): 32 x 128
+    for Union14M's ViT-B/4, else 224."""
+    return [32, 128] if name == "vit_base_patch4" else [224]
 
 
 def build_vit(name: str, **kwargs) -> VisionTransformer:

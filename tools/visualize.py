@@ -44,10 +44,11 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
         raise SystemExit(f"{path} records no model name: pass --model (e.g. mae_vit_large_patch16)")
     size = as_hw(input_size or getattr(saved, "input_size", 224))
     method = pretrain_mask_method(ckpt)
+    weights = mae_state_dict(ckpt, path, mask_channel)
+    name = models_mae.model_of_checkpoint(name, weights)
     mae = models_mae.build_mae(name, img_size=size, mask_method=method,
                                norm_pix_loss=bool(getattr(saved, "norm_pix_loss", False)),
                                seg_loss=getattr(saved, "seg_loss", "pixel"))
-    weights = mae_state_dict(ckpt, path, mask_channel)
     try:
         missing, _ = mae.load_state_dict(weights, strict=False)
     except RuntimeError as e:

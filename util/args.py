@@ -10,6 +10,7 @@ from util.datasets import DEFAULT_DATA_TIMEOUT_S
 from util.distributed import DEFAULT_DIST_TIMEOUT_S
 from util.mask_sources import MASK_FORMATS
 from util.masking import MASK_CHANNELS, MASK_METHODS, SEG_LOSSES
+from util.optim import OPTIMIZERS
 from util.speed import COMPILE_MODES
 
 
@@ -34,6 +35,13 @@ def non_negative_float(value: str) -> float:
     v = float(value)
     if not v >= 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def positive_float(value: str) -> float:
+    v = float(value)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return v
 
 
@@ -62,8 +70,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--epochs', default=400, type=positive_int)
     parser.add_argument('--accum_iter', default=1, type=positive_int,
                         help='Accumulate gradient iterations (for increasing the effective batch size under memory constraints)')
-    parser.add_argument('--input_size', default=[224], type=positive_int, nargs='+',
-                        help='images input size: one value (square) or two (H W), each divisible by the patch size')
+    parser.add_argument('--input_size', default=None, type=positive_int, nargs='+',
+                        help='images input size: one value (square) or two (H W), each divisible by the patch size '
+                             "(default: the model's, 224; 32 128 for Union14M's text-line models)")
 
     # Optimizer parameters
     parser.add_argument('--weight_decay', type=non_negative_float, default=0.05,
@@ -76,6 +85,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help='lower lr bound for cyclic schedulers that hit 0')
     parser.add_argument('--warmup_epochs', type=non_negative_int, default=40, metavar='N',
                         help='epochs to warmup LR')
+    # MAE-pytorch's spelling of the optimizer settings; the defaults are the reference's
+    parser.add_argument('--opt', default='adamw', choices=OPTIMIZERS,
+                        help='optimizer: adamw (pretraining, finetuning) or lars (linear probing, its default)')
+    parser.add_argument('--opt_betas', default=None, type=float, nargs=2, metavar=('B1', 'B2'),
+                        help='AdamW betas (default: 0.9 0.95 for pretraining, 0.9 0.999 for finetuning and probing)')
+    parser.add_argument('--opt_eps', default=1e-8, type=positive_float, metavar='EPS', help='AdamW epsilon')
 
     # Dataset parameters
     parser.add_argument('--data_path', default=['/datasets01/imagenet_full_size/061417/'], type=str, nargs='+',
@@ -185,17 +200,34 @@ def add_downstream_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def check_model_and_input_size(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                               patch_size_of) -> None:
-    """--model must be registered and each side of --input_size divisible by its patch size."""
+                               patch_size_of, default_input_size=None) -> None:
+    """--model must be registered and each side of --input_size divisible by its patch size; no
+    --input_size means the model's default."""
     try:
         patch = patch_size_of(args.model)
     except ValueError as e:
         parser.error(str(e))
+    if args.input_size is None:
+        args.input_size = default_input_size(args.model) if default_input_size else [224]
     if len(args.input_size) > 2:
         parser.error(f"--input_size takes one or two integers (H W), got {args.input_size}")
     h, w = args.input_size[0], args.input_size[-1]
     if h % patch or w % patch:
         parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")
+
+
+def check_optimizer_args(args: argparse.Namespace, parser: argparse.ArgumentParser, allowed: tuple[str, ...],
+                         default_betas: tuple[float, float]) -> None:
+    """--opt must be one this script trains with; --opt_betas (AdamW's) defaults to the script's."""
+    if args.opt not in allowed:
+        parser.error(f"--opt {args.opt} is not used by this script: choose {' or '.join(allowed)} "
+                     f"(lars is linear probing's optimizer, as in the MAE reference)")
+    if args.opt == "lars" and args.opt_betas is not None:
+        parser.error("--opt_betas sets AdamW's betas; LARS (--opt lars) has none: leave it out or pass --opt adamw")
+    if args.opt == "adamw" and args.opt_betas is None:
+        args.opt_betas = list(default_betas)
+    if args.opt_betas is not None and not all(0 <= b < 1 for b in args.opt_betas):
+        parser.error(f"--opt_betas must be two numbers in [0, 1), got {' '.join(map(str, args.opt_betas))}")
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

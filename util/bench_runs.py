@@ -13,6 +13,7 @@ import shlex
 import urllib.request
 
 from segmenter import RECIPE as SEGMENTER_RECIPE
+from util.checkpoint import load_checkpoint
 from util.errors import UserError
 from util.files import (atomic_write_json, file_digest, read_jsonl, read_sha256_record, write_jsonl,
                         write_sha256_record)
@@ -151,6 +152,7 @@ def resolve_stack(args) -> str:
     if args.stack != "official":
         if not os.path.isfile(args.stack):
             raise UserError(f"--stack {args.stack} does not exist")
+        load_checkpoint(args.stack)  # another codebase's checkpoint is refused before any stage starts
         args.stack_sha256_used = file_digest(args.stack, "sha256")
         return os.path.abspath(args.stack)  # the flag as given stays part of the run's identity
     path, args.stack_sha256_used = official_checkpoint(args)

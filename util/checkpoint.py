@@ -102,6 +102,13 @@ def load_checkpoint(path: str) -> dict:
     """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    checkpoint = _read_checkpoint(path)
+    from util.checkpoint_adapt import refuse_foreign  # local: checkpoint_adapt imports this module
+    refuse_foreign(checkpoint, path)
+    return checkpoint
+
+
+def _read_checkpoint(path: str) -> dict:
     try:
         # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -193,6 +200,13 @@ def _flag_value(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
+def same_model_family(a: str | None, b: str | None) -> bool:
+    """A short model name and its explicit name (mae_vit_small_patch4 and
+    mae_vit_small_patch4_dec256d4b): a checkpoint recorded under the short name resumes under the
+    explicit one; the weights' shapes then decide (load_state_dict is strict)."""
+    return bool(a and b) and (a == b or a.startswith(b + "_dec") or b.startswith(a + "_dec"))
+
+
 def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
     """--resume: restores model, optimizer, scaler and sets args.start_epoch."""
     if not args.resume:
@@ -201,6 +215,8 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
     saved = checkpoint.get("args")
     for key in ("mask_method", "model"):
         ours, theirs = getattr(args, key, None), getattr(saved, key, None)
+        if key == "model" and same_model_family(ours, theirs):
+            continue
         if ours is not None and theirs is not None and ours != theirs:
             raise CheckpointError(f"--resume {args.resume} was trained with --{key} {theirs}, but this run has "
                                   f"--{key} {ours}: pass --{key} {theirs} to continue it, or start a new run")

@@ -159,6 +159,32 @@ def state_dict_of(checkpoint: dict) -> dict:
     return checkpoint
 
 
+def mae_pytorch_kind(checkpoint: dict) -> str | None:
+    """'pretraining' or 'finetuned' for a checkpoint of pengzhiliang/MAE-pytorch (BEiT's ViT: the
+    encoder under ``encoder.`` beside ``encoder_to_decoder``, or a ViT with BEiT's ``q_bias`` and
+    no class token), else None."""
+    sd = checkpoint.get("module") if isinstance(checkpoint.get("module"), dict) else state_dict_of(checkpoint)
+    if not isinstance(sd, dict):
+        return None
+    if "encoder_to_decoder.weight" in sd or any(k.startswith("encoder.blocks.") for k in sd):
+        return "pretraining"
+    if "cls_token" not in sd and any(k.startswith("blocks.") and k.endswith(".attn.q_bias") for k in sd):
+        return "finetuned"
+    return None
+
+
+def refuse_foreign(checkpoint: dict, path: str) -> None:
+    """A checkpoint of another MAE codebase whose model is not this repo's is refused whole: loading
+    the tensors whose names happen to match would train a silently different model."""
+    kind = mae_pytorch_kind(checkpoint) if isinstance(checkpoint, dict) else None
+    if kind:
+        raise AdaptationError(
+            f"{path} is a MAE-pytorch (pengzhiliang/MAE-pytorch) {kind} checkpoint: its ViT has no class token "
+            f"and a fixed 1-D sine-cosine position table that the file does not store, where this repo's ViT "
+            f"(facebookresearch/mae's) has a class token and a 2-D table, so it cannot be loaded here, in whole "
+            f"or in part. Start from an official MAE checkpoint (facebookresearch/mae) or one of this repo's")
+
+
 def patch_grid(num_patches: int, checkpoint: dict) -> tuple[int, int]:
     """The (rows, cols) patch grid of a checkpoint's position embedding with num_patches patches."""
     saved = checkpoint.get("args")

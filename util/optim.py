@@ -28,8 +28,18 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
 ADAMW_IMPLS = ("auto", "fused", "foreach", "forloop")
 
 
+OPTIMIZERS = ("adamw", "lars")
+
+
+def build_optimizer(args, param_groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer the flags name: --opt adamw with --opt_betas / --opt_eps, or --opt lars."""
+    if args.opt == "lars":
+        return LARS(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    return adamw(param_groups, lr=args.lr, device=device, betas=tuple(args.opt_betas), eps=args.opt_eps)
+
+
 def adamw(param_groups: list[dict], lr: float, device: torch.device, betas=(0.9, 0.95),
-          impl: str = "auto") -> torch.optim.AdamW:
+          impl: str = "auto", eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW. ``auto``: the fused kernel on GPUs (one launch for all parameters), PyTorch's default
     elsewhere; ``fused`` / ``foreach`` / ``forloop`` force an implementation (same numbers, different
     speed; tools/throughput.py compares them)."""
@@ -39,7 +49,7 @@ def adamw(param_groups: list[dict], lr: float, device: torch.device, betas=(0.9,
         impl = "fused" if device.type == "cuda" else "default"
     kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "forloop": {"foreach": False},
               "default": {}}[impl]
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, **kwargs)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 def layer_id_for_vit(name: str, num_layers: int) -> int:
