@@ -76,7 +76,9 @@ def gather_lists(items: list) -> list:
 
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler: misc.LossScaler,
-                    log_writer=None, args=None) -> dict:
+                    log_writer=None, args=None, log_images=None) -> dict:
+    """log_images(x): called with --log_freq at its steps (x: the step in 1/1000 epochs), to
+    write the reconstruction grid to TensorBoard."""
     model.train(True)
     metric_logger, monitor, iterator = misc.epoch_progress(
         data_loader, epoch, device, args, log_writer,
@@ -130,6 +132,10 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
             metric_logger.update(**method.batch_stats(weights.detach(), seg_mask))
         images_seen += samples.shape[0]
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if monitor.due(data_iter_step):  # --log_freq: loss, lr and the reconstructions to TensorBoard
+            monitor(data_iter_step, to_tensorboard=True)
+            if log_images is not None and log_writer is not None:
+                log_images(monitor.epoch_1000x(data_iter_step))
 
     return epoch_stats(metric_logger, epoch, time.time() - start, images_seen, empty_segments, bad_samples,
                        skipped_steps, args)

@@ -35,7 +35,7 @@ from util.transforms import as_hw
 
 # What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
 # and the file a run starts from (auto-resume continues only a run from the same --finetune file).
-RUN_FLAGS = ["model", "nb_classes", "input_size", "global_pool"]
+RUN_FLAGS = ["model", "nb_classes", "input_size", "global_pool", "augment", "normalization"]
 RUN_START_FILES = ["finetune"]
 
 
@@ -136,6 +136,19 @@ def start_and_reconcile(args: argparse.Namespace) -> None:
     if not args.eval:
         auto_resume(args, run_start(args, files=RUN_START_FILES))
     reconcile_with_checkpoint(args, RUN_FLAGS)
+    take_pretraining_recipe(args)
+
+
+def take_pretraining_recipe(args: argparse.Namespace) -> None:
+    """--augment and --normalization, unless given or resumed: the --finetune checkpoint's (a
+    text-line encoder is finetuned on text lines as it was pretrained), else the reference's."""
+    saved = load_checkpoint(args.finetune).get("args") if args.finetune and not args.eval else None
+    for key, default in (("augment", "crop_flip"), ("normalization", "imagenet")):
+        if getattr(args, key) is None:
+            pretrained = getattr(saved, key, None)
+            setattr(args, key, pretrained or default)
+            if pretrained:
+                print(f"--{key} {pretrained} taken from {args.finetune}")
 
 
 def build_loaders(args, build_transform):

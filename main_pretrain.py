@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 
@@ -37,7 +36,7 @@ from util.visualize import labelled_grid, panel_titles, reconstruction_panels
 # What defines a pretraining run besides its mask method's own flags (MaskMethod.run_flags): a
 # resume keeps the checkpoint's values; and the files it starts from (auto-resume continues only
 # a run that started from the same data and the same --stack file).
-RUN_FLAGS = ["model", "mask_method", "norm_pix_loss", "input_size"]
+RUN_FLAGS = ["model", "mask_method", "norm_pix_loss", "input_size", "augment", "normalization"]
 RUN_START_FILES = ["stack"]
 
 
@@ -62,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'and masks, for when the CPU cores cannot keep up with the GPU')
     parser.add_argument('--fp8', action='store_true',
                         help='FP8 matmuls in the transformer Linear layers (torchao; Hopper/Ada GPUs)')
+    parser.add_argument('--log_freq', default=None, type=positive_int, metavar='N',
+                        help='TensorBoard: loss, lr and the reconstruction grid every N iterations (Union14M\'s '
+                             'flag; default: loss and lr at each printed line, the grid every --vis_freq epochs)')
     parser.add_argument('--vis_freq', default=20, type=non_negative_int,
                         help='log a grid of inputs and reconstructions to TensorBoard every N epochs (0: never)')
     parser.add_argument('--stop_epoch', default=None, type=positive_int, metavar='N',
@@ -99,6 +101,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Errors that depend on several flags, before any data is read."""
     check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size)
     check_optimizer_args(args, parser, ("adamw",), default_betas=(0.9, 0.95))
+    text_line = args.model in models_mae.TEXT_LINE_MODELS  # Union14M's recipe for its models
+    args.augment = args.augment or ("resize" if text_line else "crop_flip")
+    args.normalization = args.normalization or ("vit" if text_line else "imagenet")
     method = get_method(args.mask_method)
     if method.drops_tokens and args.mask_ratio == 0:
         parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
@@ -150,7 +155,8 @@ def seg_loss_of_older_checkpoint(args: argparse.Namespace) -> None:
     args.seg_loss = "patch"
 
 
-def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4) -> None:
+def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4,
+                        tag: str = "train/reconstructions") -> None:
     """TensorBoard image 'reconstructions': the first n training images, what the encoder saw and
     what the model made of it (util/visualize.py)."""
     import numpy as np
@@ -159,17 +165,24 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
         samples, rows = dataset.preview(count)
     else:
         samples = [dataset[i] for i in range(count)]
-        rows = [os.path.basename(dataset.folders[0].samples[i][0]) if len(dataset.folders) == 1 else f"image {i}"
-                for i in range(count)]
+        rows = [dataset.folders[0].name(i) if len(dataset.folders) == 1 else f"image {i}" for i in range(count)]
     imgs, seg, _ = collate_pretrain(samples)
     if imgs is None:
         return
     imgs = imgs.to(device)
     seg = seg.to(device) if seg is not None else None
     with misc.autocast(device, args.amp):
-        panels = reconstruction_panels(model, imgs, seg, args.mask_ratio)
+        panels = reconstruction_panels(model, imgs, seg, args.mask_ratio, args.normalization)
     grid = labelled_grid(panels.float(), panel_titles(args.mask_method), rows)
-    log_writer.add_image('train/reconstructions', np.asarray(grid), epoch, dataformats="HWC")
+    log_writer.add_image(tag, np.asarray(grid), epoch, dataformats="HWC")
+
+
+def log_reconstructions_mid_epoch(log_writer, model, dataset, device, args, epoch_1000x: int) -> None:
+    """--log_freq: the reconstruction grid at a training step (tag train/reconstructions_1000x),
+    without touching the training's random numbers or leaving the model in eval mode."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        log_reconstructions(log_writer, model, dataset, device, args, epoch_1000x, tag="train/reconstructions_1000x")
+    model.train(True)
 
 
 def reconcile_run(args: argparse.Namespace) -> None:
@@ -186,6 +199,10 @@ def reconcile_run(args: argparse.Namespace) -> None:
             print(f"{args.resume} holds the model now named {name} (its decoder is {state['decoder_embed.weight'].shape[0]}"
                   f" wide; {args.model} is now Union14M's): continuing it as {name}")
             args.model = name
+        saved = load_checkpoint(args.resume).get("args")
+        for key, before in (("augment", "crop_flip"), ("normalization", "imagenet")):
+            if saved is not None and not hasattr(saved, key) and key not in getattr(args, "given_flags", []):
+                setattr(args, key, before)  # a run from before the flag existed: the reference's recipe
     method_flags = get_method(args.mask_method).run_flags
     if "seg_loss" in method_flags:
         seg_loss_of_older_checkpoint(args)
@@ -222,7 +239,7 @@ def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
 def build_data(args: argparse.Namespace, device: torch.device):
     """(dataset, its DistributedSampler (None for shards), the loader) of the pretraining images
     (and masks)."""
-    transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend)
+    transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend, args.augment, args.normalization)
     if uses_shards(args):
         return build_shard_data(args, device, transform)
     with local_main_first(args):
@@ -232,7 +249,7 @@ def build_data(args: argparse.Namespace, device: torch.device):
                                          read_timeout=args.data_timeout, mask_format=args.mask_format,
                                          mask_size_check=args.mask_size_check)
     print(dataset)
-    check_ranks_agree(args, {"images": (len(dataset), [f.samples.digest() for f in dataset.folders])})
+    check_ranks_agree(args, {"images": (len(dataset), [f.digest() for f in dataset.folders])})
     num_tasks = get_world_size()
     # A seeded DistributedSampler also for one process: its order depends only on (seed, epoch).
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_tasks, rank=get_rank(), shuffle=True,
@@ -315,7 +332,9 @@ def main(args: argparse.Namespace) -> None:
             sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      log_writer=log_writer, args=args)
+                                      log_writer=log_writer, args=args,
+                                      log_images=lambda x: log_reconstructions_mid_epoch(
+                                          log_writer, model_without_ddp, dataset_train, device, args, x))
         if dataset_train.with_masks:
             tell_mask_notes(dataset_train, told)
         end_epoch(args, epoch, last_epoch, train_stats, model_without_ddp, optimizer, loss_scaler, dataset_train,

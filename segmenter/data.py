@@ -16,20 +16,16 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from util.datasets import EpochAware, sample_generator
 from util.images import IMAGE_ERRORS, DataError, load_rgb
+from util.transforms import NORMALIZATIONS
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150
 SPLITS = {"train": "training", "val": "validation"}
-# Input normalisation (mean, std): ImageNet's for MAE encoders; "vit" (0.5, 0.5) is what Segmenter
-# uses for its ViT backbones (its "deit" is ImageNet's)
-NORMALIZATIONS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-                  "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:

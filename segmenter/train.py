@@ -24,6 +24,7 @@ import torch
 
 import util.misc as misc
 import util.runsetup as runsetup
+from util.transforms import NORMALIZATIONS
 from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
 from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
 from util.datasets import loader_options
@@ -31,7 +32,7 @@ from util.files import atomic_write_json, read_jsonl, writable_dir
 from util.distributed import check_ranks_agree, file_list_digest, get_rank, get_world_size, is_main_process
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
-from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, NORMALIZATIONS, SegEvalTransform, SegTrainTransform
+from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
 from segmenter.engine import evaluate, train_one_epoch
 from segmenter.model import BACKBONES, DECODERS, build_segmenter
 from util.args import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
@@ -59,8 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(fed constant 1), 3 folds it into the RGB kernel")
     add_mask_channel_arg(p, dashes=True)
     p.add_argument("--n-cls", type=positive_int, default=ADE20K_CLASSES)
-    p.add_argument("--normalization", default="imagenet", choices=sorted(NORMALIZATIONS),
-                   help="input mean/std: imagenet (MAE's encoders) or vit (0.5/0.5: Segmenter's own ViT backbones)")
+    p.add_argument("--normalization", default=None, choices=sorted(NORMALIZATIONS),
+                   help="input mean/std: imagenet (MAE's encoders) or vit (0.5/0.5: Segmenter's own ViT backbones, "
+                        "Union14M's text-line MAE); default: the one --mae-chp was pretrained with, else imagenet")
     p.add_argument("--encoder-norm-eps", type=float, default=1e-6,
                    help="the encoder's LayerNorm eps: 1e-6 as MAE (Segmenter's own ViTs: 1e-5, taken from them)")
     p.add_argument("--crop-size", type=positive_int, default=512)
@@ -236,6 +238,11 @@ def main(args: argparse.Namespace) -> dict:
         check_args(args, None, derive_only=True)
     elif args.eval_only and not args.mae_chp:
         raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")
+    if args.normalization is None:  # the input statistics the encoder was pretrained with
+        pretrained = getattr(load_checkpoint(args.mae_chp).get("args"), "normalization", None) if args.mae_chp else None
+        args.normalization = pretrained or "imagenet"
+        if pretrained:
+            print(f"--normalization {pretrained} taken from {args.mae_chp}")
     batch_per_rank = per_rank_batch(args)
     train_set, val_set = build_datasets(args)
     model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, device, ckpt, ckpt_path,

@@ -1,11 +1,22 @@
 """Union14M's text-line MAE: its model names, its roots (class folders, LMDB) and its recipe."""
+import json
+import os
+import shutil
+
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 
+import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
 from test_pretrain_cli import common
+from util.datasets import BadSample, build_pretrain_dataset, collate_pretrain
+from util.images import DataError
+from util.transforms import PretrainTransform, build_pretrain_transform
 
 
 def trainable(model: torch.nn.Module) -> int:
@@ -74,3 +85,164 @@ def test_an_old_small_patch4_run_resumes_as_the_model_it_holds(toy_root, tmp_pat
     after = torch.load(resumed / "checkpoint-1.pth", map_location="cpu", weights_only=False)
     assert after["epoch"] == 1 and after["args"].model == "mae_vit_small_patch4_dec256d4b"
     models_mae.build_mae(after["args"].model, img_size=16).load_state_dict(after["model"], strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# roots of three kinds: root/train/<class>, <class> folders directly inside, an LMDB database
+
+@pytest.fixture(scope="module")
+def text_lmdb(tmp_path_factory):
+    from tools.make_toy_data import make_toy_text_lmdb
+    return make_toy_text_lmdb(str(tmp_path_factory.mktemp("lmdb") / "lines"), n=16, seed=3)
+
+
+def class_folder_root(toy_root, dest):
+    """toy_root's train/ classes and masks/ directly in one folder, as Union14M-U's folders are."""
+    for name in os.listdir(os.path.join(toy_root, "train")):
+        shutil.copytree(os.path.join(toy_root, "train", name), dest / name)
+    shutil.copytree(os.path.join(toy_root, "masks"), dest / "masks")
+    return str(dest)
+
+
+def test_roots_of_every_kind_mix_and_say_what_they_were_taken_as(toy_root, text_lmdb, tmp_path, capsys):
+    flat = class_folder_root(toy_root, tmp_path / "flat")
+    transform = build_pretrain_transform(32)
+    dataset = build_pretrain_dataset([toy_root, flat, text_lmdb], transform, with_masks=False)
+    out = capsys.readouterr().out
+    assert f"--data_path {toy_root}: train/ split (32 images, 4 classes)" in out
+    assert f"--data_path {flat}: class folders directly inside (32 images, 4 classes)" in out  # masks/ is no class
+    assert f"--data_path {text_lmdb}: an LMDB database (16 images" in out
+    assert len(dataset) == 32 + 32 + 16
+    img, label = dataset[64]
+    assert img.shape == (3, 32, 32) and label == 0
+    # with masks: a root of class folders gives the same images, masks and labels as the same tree under train/
+    split = build_pretrain_dataset(toy_root, transform, with_masks=True, coverage_ratio=30)
+    flat_ds = build_pretrain_dataset(flat, transform, with_masks=True, coverage_ratio=30)
+    for i in (0, 9, 31):
+        (a_img, a_mask, a_label), (b_img, b_mask, b_label) = split[i], flat_ds[i]
+        assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask) and a_label == b_label
+        assert a_mask.sum() > 0
+
+
+def test_lmdb_images_decode_in_forked_workers(text_lmdb):
+    dataset = build_pretrain_dataset(text_lmdb, build_pretrain_transform([32, 128], augment="resize",
+                                                                          normalization="vit"), with_masks=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_pretrain)
+    batches = [imgs for imgs, _, _ in loader]
+    assert len(batches) == 4 and all(b.shape == (4, 3, 32, 128) for b in batches)
+    serial = torch.stack([dataset[i][0] for i in range(16)])
+    assert torch.equal(torch.cat(batches), serial)  # each worker opened the database itself
+    assert serial.min() >= -1 and serial.max() <= 1  # mean = std = 0.5
+
+
+def write_lmdb(path, entries: dict):
+    import lmdb
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for k, v in entries.items():
+            txn.put(k.encode(), v)
+    env.close()
+    return str(path)
+
+
+def test_lmdb_problems_are_clear_errors(toy_root, text_lmdb, tmp_path, capsys):
+    no_count = write_lmdb(tmp_path / "no_count", {"image-000000001": b"x"})
+    with pytest.raises(DataError, match="without the key 'num-samples'"):
+        build_pretrain_dataset(no_count, build_pretrain_transform(32), with_masks=False)
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.cli(common(text_lmdb, tmp_path / "o", "--mask_method", "segments"))
+    assert exc.value.code == 1
+    assert f"--data_path {text_lmdb} is an LMDB database, which holds images only" in capsys.readouterr().err
+    import io
+    from PIL import Image
+    good = io.BytesIO()
+    Image.new("RGB", (128, 32), (200, 10, 10)).save(good, format="PNG")
+    broken = write_lmdb(tmp_path / "broken", {"num-samples": b"3", "image-000000001": good.getvalue(),
+                                              "image-000000002": b"not an image", "image-000000003": good.getvalue()})
+    strict = build_pretrain_dataset(broken, build_pretrain_transform(32), with_masks=False)
+    with pytest.raises(DataError, match=r"broken\[image-000000002\]"):
+        strict[1]
+    lenient = build_pretrain_dataset(broken, build_pretrain_transform(32), with_masks=False, skip_bad_samples=True)
+    assert isinstance(lenient[1], BadSample) and "image-000000002" in lenient[1].message
+    # end to end: the bad image is skipped and counted
+    main_pretrain.cli(common(broken, tmp_path / "skip", "--skip_bad_samples", "--batch_size", "3"))
+    row = json.loads((tmp_path / "skip" / "log.txt").read_text().splitlines()[-1])
+    assert row["train_bad_samples"] == 1
+
+
+def test_an_empty_folder_is_no_root_of_any_kind(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no train/ folder, no class folders and no LMDB database"):
+        build_pretrain_dataset(str(tmp_path / "empty"), build_pretrain_transform(32), with_masks=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the text-line recipe: resize only, 0.5 / 0.5, --log_freq
+
+def test_resize_only_transform_is_a_plain_resize_of_image_and_mask():
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    img = Image.fromarray(rng.randint(0, 256, size=(40, 150, 3)).astype(np.uint8))
+    mask = np.zeros((40, 150), np.uint8)
+    mask[:, :75] = 1
+    t = PretrainTransform([32, 128], mean=(0.5,) * 3, std=(0.5,) * 3, resize_only=True)
+    a_img, a_mask = t(img, mask, generator=torch.Generator().manual_seed(1))
+    b_img, b_mask = t(img, mask, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a_img, b_img) and torch.equal(a_mask, b_mask)  # nothing random: no crop, no flip
+    expected = (TF.to_tensor(TF.resize(img, [32, 128], T.InterpolationMode.BICUBIC)) - 0.5) / 0.5
+    assert torch.allclose(a_img, expected, atol=1e-6)
+    assert torch.equal(a_mask[0, :, :64], torch.ones(32, 64)) and a_mask[0, :, 64:].sum() == 0  # not flipped
+
+
+@pytest.mark.slow
+def test_union14m_command_on_a_tiny_lmdb_and_its_recipe_downstream(text_lmdb, toy_root, toy_ade20k, tmp_path, capsys):
+    """Union14M's README command with paths changed: --model mae_vit_small_patch4 on LMDB and
+    class-folder roots, its defaults (32 x 128, resize only, 0.5 / 0.5), --log_freq in TensorBoard."""
+    flat = class_folder_root(toy_root, tmp_path / "flat")
+    out = tmp_path / "u14m"
+    main_pretrain.cli(["--data_path", text_lmdb, flat, "--model", "mae_vit_small_patch4", "--batch_size", "8",
+                       "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "2", "--device", "cpu",
+                       "--output_dir", str(out), "--log_freq", "2", "--opt", "adamw", "--opt_betas", "0.9", "0.95"])
+    ckpt = torch.load(out / "checkpoint-0.pth", map_location="cpu", weights_only=False)
+    args = ckpt["args"]
+    assert args.input_size == [32, 128] and args.augment == "resize" and args.normalization == "vit"
+    assert ckpt["model"]["decoder_embed.weight"].shape == (512, 384)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(next(out.glob("events.out.tfevents*"))), size_guidance={"images": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]  # 48 images / 8 = 6 steps: every 2nd is logged
+    assert steps == [int(i / 6 * 1000) for i in (1, 3, 5)]
+    assert [e.step for e in events.Images("train/reconstructions_1000x")] == steps
+    assert [e.step for e in events.Scalars("train/lr")] == steps
+    # finetuning from it takes its recipe (and records it)
+    capsys.readouterr()
+    ft = tmp_path / "ft"
+    main_finetune.cli(["--data_path", toy_root, "--model", "vit_small_patch4", "--input_size", "32", "128",
+                       "--nb_classes", "4", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0",
+                       "--num_workers", "0", "--device", "cpu", "--output_dir", str(ft), "--finetune",
+                       str(out / "checkpoint-0.pth")])
+    printed = capsys.readouterr().out
+    assert "--augment resize taken from" in printed and "--normalization vit taken from" in printed
+    saved = torch.load(ft / "checkpoint-0.pth", map_location="cpu", weights_only=False)["args"]
+    assert saved.augment == "resize" and saved.normalization == "vit"
+
+
+def test_the_segmenter_takes_the_normalisation_of_its_encoder(text_lmdb, toy_ade20k, tmp_path, capsys):
+    import segmenter.train as seg_train
+    out = tmp_path / "pre"
+    main_pretrain.cli(common(text_lmdb, out, "--augment", "resize", "--normalization", "vit"))
+    capsys.readouterr()
+    seg_train.cli(["--dataset-dir", toy_ade20k, "--log-dir", str(tmp_path / "seg"), "--backbone", "vit_tiny_patch8",
+                   "--decoder", "linear", "--crop-size", "32", "--batch-size", "8", "--num-workers", "0",
+                   "--device", "cpu", "--mae-chp", str(out / "checkpoint-0.pth"), "--eval-only"])
+    assert f"--normalization vit taken from {out / 'checkpoint-0.pth'}" in capsys.readouterr().out
+
+
+def test_log_freq_leaves_training_unchanged(toy_root, tmp_path):
+    """The mid-epoch reconstruction grid draws its masks from a forked random state: the weights
+    after an epoch are those of a run that logs nothing."""
+    main_pretrain.cli(common(toy_root, tmp_path / "plain", "--vis_freq", "0"))
+    main_pretrain.cli(common(toy_root, tmp_path / "logged", "--log_freq", "1", "--vis_freq", "0"))
+    a = torch.load(tmp_path / "plain" / "checkpoint-0.pth", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(tmp_path / "logged" / "checkpoint-0.pth", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -34,7 +34,7 @@ from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, is_segm
 from util.errors import UserError, run_tool  # noqa: E402
 from util.files import atomic_torch_save, writable_dir  # noqa: E402
 from util.masking import get_method  # noqa: E402
-from util.transforms import as_hw  # noqa: E402
+from util.transforms import NORMALIZATIONS, as_hw  # noqa: E402
 
 TARGETS = ("timm", "hf", "hf-mae", "encoder")
 
@@ -85,7 +85,8 @@ def build_timm_encoder(sd: dict, shape: dict, size) -> torch.nn.Module:
     return model.eval()
 
 
-def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False) -> list[str]:
+def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
+                normalization: str = "imagenet") -> list[str]:
     """No head by default: timm.create_model(name, num_classes=0, checkpoint_path=FILE) loads it
     strictly. zero_head: a zero 1000-class head (no classifier was trained), for
     create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE)) with timm's
@@ -103,7 +104,8 @@ def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False) 
               "global_pool": "token",
               "head": "zero (no classifier trained)" if zero_head else "none (no classifier trained): num_classes=0",
               "pretrained_cfg": {"input_size": [3, h, w], "num_classes": classes, "classifier": "head",
-                                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                 "mean": list(NORMALIZATIONS[normalization][0]),
+                                 "std": list(NORMALIZATIONS[normalization][1]),
                                  "interpolation": "bicubic", "crop_pct": 0.875}}
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -225,7 +227,8 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
     writable_dir(out, "--out")
     if to == "timm":
-        files = export_timm(sd, shape, size, out, timm_zero_head)
+        saved = load_checkpoint(checkpoint).get("args")  # the input statistics it was pretrained with
+        files = export_timm(sd, shape, size, out, timm_zero_head, getattr(saved, "normalization", None) or "imagenet")
     elif to == "hf":
         files = export_hf(sd, shape, size, out)
     elif to == "hf-mae":

@@ -1,5 +1,6 @@
 """Writes small deterministic datasets in the real on-disk formats: an ImageNet-style pretraining
-set with SAM masks and (with --ade20k_out) a toy ADE20k for the Segmenter.
+set with SAM masks, (with --ade20k_out) a toy ADE20k for the Segmenter and (with --lmdb_out) a
+toy text-line LMDB in the text-recognition layout (num-samples, image-%09d, label-%09d).
 
     <out>/train/<class>/<name>.png, <out>/val/<class>/<name>.png
     <out>/masks/<class>/<name>.json   SA-1B-style SAM masks (COCO RLE via pycocotools)
@@ -10,6 +11,7 @@ the background, all shapes together, image halves), as SAM's automatic generator
 fifth mask file is a bare annotation list instead of the SA-1B dict, as SAM's own script writes.
 
     python tools/make_toy_data.py --out data/toy --ade20k_out data/toy_ade20k
+    python tools/make_toy_data.py --out "" --lmdb_out data/toy_lines_lmdb
 """
 from __future__ import annotations
 
@@ -202,6 +204,33 @@ def make_toy_ade20k(out: str, n_train: int = 40, n_val: int = 10, height: int = 
     return out
 
 
+WORDS = ("mask", "auto", "encoder", "segment", "anything", "vision", "text", "line", "patch", "token")
+
+
+def make_toy_text_lmdb(out: str, n: int = 64, height: int = 32, width: int = 128, seed: int = 0) -> str:
+    """An LMDB of n JPEG text lines (a word or two in a random shade on a noisy background), keys
+    num-samples, image-%09d and label-%09d from 1, as text-recognition data sets store them."""
+    import io
+    import lmdb
+    rng = np.random.RandomState(seed)
+    os.makedirs(out, exist_ok=True)
+    env = lmdb.open(out, map_size=max(64 << 20, n * 64 << 10))
+    with env.begin(write=True) as txn:
+        for i in range(1, n + 1):
+            words = " ".join(rng.choice(WORDS, size=rng.randint(1, 3)))
+            background = rng.randint(150, 256, size=(height, width, 3)).astype(np.uint8)
+            img = Image.fromarray(background)
+            ImageDraw.Draw(img).text((int(rng.randint(2, 12)), int(rng.randint(4, max(5, height - 14)))), words,
+                                     fill=tuple(int(c) for c in rng.randint(0, 90, size=3)))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            txn.put(f"image-{i:09d}".encode(), buf.getvalue())
+            txn.put(f"label-{i:09d}".encode(), words.encode())
+        txn.put(b"num-samples", str(n).encode())
+    env.close()
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/toy", help="output folder")
@@ -216,6 +245,9 @@ def main(argv=None) -> None:
                         help="also write a toy ADE20k (ADEChallengeData2016 layout) to this folder")
     parser.add_argument("--ade20k_train", type=int, default=40)
     parser.add_argument("--ade20k_val", type=int, default=10)
+    parser.add_argument("--lmdb_out", default=None,
+                        help="also write a toy text-line LMDB (32 x 128 JPEGs, Union14M-U's layout) to this folder")
+    parser.add_argument("--lmdb_images", type=int, default=64)
     args = parser.parse_args(argv)
     if args.out:
         make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed,
@@ -227,6 +259,9 @@ def main(argv=None) -> None:
         make_toy_ade20k(args.ade20k_out, args.ade20k_train, args.ade20k_val, seed=args.seed)
         print(f"wrote a toy ADE20k ({args.ade20k_train} training, {args.ade20k_val} validation images) "
               f"to {args.ade20k_out}")
+    if args.lmdb_out:
+        make_toy_text_lmdb(args.lmdb_out, args.lmdb_images, seed=args.seed)
+        print(f"wrote a toy text-line LMDB ({args.lmdb_images} images of 32 x 128) to {args.lmdb_out}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from util.visualize import labelled_grid, mask_panels, panel_titles, reconstruct
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
+    """(the MAE in eval mode, its input size, its coverage ratio, its input normalisation) of any
+    checkpoint of this repo, the reference's, segmae's or an official one."""
     ckpt = load_checkpoint(path)
     saved = ckpt.get("args")
     name = model or getattr(saved, "model", None)
@@ -57,7 +59,8 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
     if missing:
         print(f"note: {len(missing)} weights not in the checkpoint (e.g. {missing[0]}): an encoder-only "
               f"checkpoint reconstructs with a random decoder")
-    return mae.eval(), size, getattr(saved, "coverage_ratio", DEFAULT_COVERAGE_RATIO)
+    return (mae.eval(), size, getattr(saved, "coverage_ratio", DEFAULT_COVERAGE_RATIO),
+            getattr(saved, "normalization", None) or "imagenet")
 
 
 def main(argv=None) -> list[str]:
@@ -87,10 +90,10 @@ def main(argv=None) -> list[str]:
     if args.checkpoint:
         if args.mask_method:
             raise SystemExit("--mask_method is read from --checkpoint: give one of the two")
-        model, size, coverage = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
+        model, size, coverage, normalization = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
         method_name, method = model.mask_method, model.method
     else:
-        model, size, coverage = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE_RATIO
+        model, size, coverage, normalization = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE_RATIO, "imagenet"
         method_name = args.mask_method or "segments"
         method = get_method(method_name)
         if method.drops_tokens and (size[0] % args.patch_size or size[1] % args.patch_size):
@@ -103,7 +106,7 @@ def main(argv=None) -> list[str]:
         images = [os.path.join(train, rel) for rel in list_images(train)][:args.num]
     if not images:
         raise SystemExit("no images: give --images or --data_path")
-    to_tensor = build_eval_transform(size, crop_pct=1.0)
+    to_tensor = build_eval_transform(size, crop_pct=1.0, normalization=normalization)
     writable_dir(args.out, "--out")
     written = []
     source = None
@@ -123,9 +126,9 @@ def main(argv=None) -> list[str]:
             seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
             generator = source.generator(rel)
         if model is None:
-            panels = mask_panels(method_name, x, seg, args.mask_ratio, args.patch_size)
+            panels = mask_panels(method_name, x, seg, args.mask_ratio, args.patch_size, normalization)
         else:
-            panels = reconstruction_panels(model, x, seg, args.mask_ratio)
+            panels = reconstruction_panels(model, x, seg, args.mask_ratio, normalization)
         grid = labelled_grid(panels, panel_titles(method_name, generator, coverage), [os.path.basename(path)])
         suffix = f"_{method_name}" + ("" if model is not None else "_mask")
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + suffix + ".png")

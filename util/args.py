@@ -12,6 +12,7 @@ from util.mask_sources import MASK_FORMATS
 from util.masking import MASK_CHANNELS, MASK_METHODS, SEG_LOSSES
 from util.optim import OPTIMIZERS
 from util.speed import COMPILE_MODES
+from util.transforms import AUGMENTS, NORMALIZATIONS
 
 
 
@@ -85,6 +86,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help='lower lr bound for cyclic schedulers that hit 0')
     parser.add_argument('--warmup_epochs', type=non_negative_int, default=40, metavar='N',
                         help='epochs to warmup LR')
+    # the data recipe (util/transforms.py), recorded in every checkpoint's args
+    parser.add_argument('--augment', default=None, choices=AUGMENTS,
+                        help='crop_flip: random resized crop + flip (the reference); resize: the whole image resized '
+                             'to --input_size, no crop, no flip (text lines). Default: resize for Union14M\'s text-line '
+                             'models, else crop_flip; downstream: the --finetune checkpoint\'s')
+    parser.add_argument('--normalization', default=None, choices=sorted(NORMALIZATIONS),
+                        help='input mean/std: imagenet, or vit (mean = std = 0.5, Union14M\'s). Default: vit for '
+                             'Union14M\'s text-line models, else imagenet; downstream: the --finetune checkpoint\'s')
     # MAE-pytorch's spelling of the optimizer settings; the defaults are the reference's
     parser.add_argument('--opt', default='adamw', choices=OPTIMIZERS,
                         help='optimizer: adamw (pretraining, finetuning) or lars (linear probing, its default)')

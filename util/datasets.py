@@ -1,12 +1,16 @@
 """Pretraining datasets: ImageNet-style folders with SAM masks beside them (finetuning and linear
-probing read util/finetune_data.py).
+probing read util/finetune_data.py). A --data_path root is one of three kinds:
 
-    <root>/train/<class>/<image>          images (torchvision ImageFolder layout)
-    <root>/masks/<class>/<image stem>...   SAM masks mirroring train/, in any layout of
-                                           util/mask_sources.py (SAM's JSON, segmae, amg.py)
+    <root>/train/<class>/<image>          a split: images in torchvision's ImageFolder layout
+    <root>/<class>/<image>                class folders directly inside (an ImageFolder root itself)
+    <root>/data.mdb                       an LMDB database of images (util/lmdb_images.py)
 
-Several roots can be pretrained on together. Problems a user can fix (no train/, no masks/,
-missing mask files) are found when the dataset is built, not in the middle of an epoch.
+    <root>/masks/<class>/<image stem>...   SAM masks mirroring the class folders, in any layout of
+                                           util/mask_sources.py (SAM's JSON, segmae, amg.py); in
+                                           a root of class folders masks/ is not a class
+
+Several roots, of any kinds, can be pretrained on together. Problems a user can fix (no images,
+no masks/, missing mask files) are found when the dataset is built, not in the middle of an epoch.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from util.errors import UserError
-from util.image_folders import empty_classes_message, scan_image_folder
+from util.image_folders import empty_classes_message, is_hidden, scan_image_folder
+from util.lmdb_images import LmdbImages, is_lmdb_root
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, scanned_stems
 from util.mask_cache import MaskCache
@@ -30,6 +35,27 @@ from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImag
 
 # images whose mask size is checked against the image header at start-up (0: all)
 DEFAULT_MASK_SIZE_CHECK = 256
+
+
+SPLIT, CLASS_FOLDERS, LMDB = "split", "class folders", "lmdb"
+NOT_CLASSES = ("masks", "masks_cache")  # what this repo keeps inside a root of class folders
+
+
+def root_kind(root: str, split: str = "train") -> str:
+    """Which of the three layouts a --data_path root is: SPLIT (it holds train/), LMDB (data.mdb)
+    or CLASS_FOLDERS (any other folder with sub-folders)."""
+    if not os.path.isdir(root):
+        raise DataError(f"--data_path {root} does not exist or is not a folder")
+    if os.path.isdir(os.path.join(root, split)):
+        return SPLIT
+    if is_lmdb_root(root):
+        return LMDB
+    with os.scandir(root) as entries:
+        if any(e.is_dir() and not is_hidden(e.name) and e.name not in NOT_CLASSES for e in entries):
+            return CLASS_FOLDERS
+    raise DataError(f"--data_path {root} has no {split}/ folder, no class folders and no LMDB database (data.mdb): "
+                    f"expected {split}/<class>/<image> (ImageFolder layout), <class>/<image> directly inside, or "
+                    f"an LMDB of images. Make a toy one with: python tools/make_toy_data.py")
 
 
 class SegmentMaskImageFolder(Dataset):
@@ -52,17 +78,16 @@ class SegmentMaskImageFolder(Dataset):
         self.with_masks = with_masks
         self.coverage_ratio = coverage_ratio
 
-        if not os.path.isdir(root):
-            raise DataError(f"--data_path {root} does not exist or is not a folder")
-        if not os.path.isdir(self.image_root):
-            raise DataError(f"--data_path {root} has no {split}/ folder: expected {split}/<class>/<image> "
-                            f"(ImageFolder layout). Make a toy one with: python tools/make_toy_data.py")
+        self.kind = root_kind(root, split)
+        if self.kind == CLASS_FOLDERS:
+            self.image_root = root
         if with_masks and not os.path.isdir(self.mask_root):
-            raise DataError(f"--data_path {root} has no masks/ folder, which segment mask methods need "
+            read_as = "" if self.kind == SPLIT else f" (it has no {split}/ folder and is read as class folders)"
+            raise DataError(f"--data_path {root} has no masks/ folder{read_as}, which segment mask methods need "
                             f"(masks/<class>/<image stem>.json, or the segmae / amg.py folders "
                             f"masks/<class>/<image stem>/). Generate SAM masks for it, or pretrain "
                             f"with --mask_method patches.")
-        scan = scan_image_folder(self.image_root)
+        scan = scan_image_folder(self.image_root, exclude=NOT_CLASSES if self.kind == CLASS_FOLDERS else ())
         self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
         if scan.hidden:
             print(f"{len(scan.hidden)} hidden files or folders under {self.image_root} are skipped, e.g. {scan.hidden[0]}")
@@ -96,6 +121,16 @@ class SegmentMaskImageFolder(Dataset):
             if mask_size_check is not None:
                 self._check_mask_sizes(mask_size_check, skip_bad_samples)
             self.source.listed = None  # the start-up listing is not needed by the loader's workers
+
+    def describe(self) -> str:
+        where = f"{os.path.basename(self.image_root)}/ split" if self.kind == SPLIT else "class folders directly inside"
+        return f"{where} ({len(self.samples)} images, {len(self.classes)} classes)"
+
+    def digest(self) -> str:
+        return self.samples.digest()
+
+    def name(self, index: int) -> str:
+        return os.path.basename(self.samples.rel(index))
 
     @property
     def rel_paths(self) -> list[str]:
@@ -321,12 +356,24 @@ def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable,
                            seed: int = 0, skip_bad_samples: bool = False,
                            read_timeout: float = DEFAULT_DATA_TIMEOUT_S, mask_format: str = "auto",
                            mask_size_check: int | None = DEFAULT_MASK_SIZE_CHECK) -> PretrainDataset:
-    """One dataset over one or several roots. A DeferredPretrainTransform gets the encoded files."""
+    """One dataset over one or several roots of any kind (printing which kind each was taken as).
+    A DeferredPretrainTransform gets the encoded files."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
     decode = not isinstance(transform, DeferredPretrainTransform)
-    folders = [SegmentMaskImageFolder(root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks,
-                                      decode=decode, skip_bad_samples=skip_bad_samples, read_timeout=read_timeout,
-                                      mask_format=mask_format, mask_size_check=mask_size_check)
-               for root in data_paths]
+    folders = []
+    for root in data_paths:
+        if root_kind(root) == LMDB:
+            if with_masks:
+                raise DataError(f"--data_path {root} is an LMDB database, which holds images only: segment mask "
+                                f"methods need a SAM mask file per image (masks/<class>/<image stem>.json beside "
+                                f"image files in class folders). Pretrain it with --mask_method patches, or write "
+                                f"its images out as class folders and generate masks for them")
+            folders.append(LmdbImages(root, decode, read_timeout))
+        else:
+            folders.append(SegmentMaskImageFolder(
+                root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks, decode=decode,
+                skip_bad_samples=skip_bad_samples, read_timeout=read_timeout, mask_format=mask_format,
+                mask_size_check=mask_size_check))
+        print(f"--data_path {root}: {folders[-1].describe()}")
     return PretrainDataset(folders, transform, seed, skip_bad_samples)

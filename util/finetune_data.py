@@ -14,21 +14,34 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from util.datasets import EpochAware, sample_generator
 from util.image_folders import empty_classes_message, scan_image_folder
 from util.images import DataError, load_rgb
-from util.transforms import as_hw
+from util.transforms import NORMALIZATIONS, as_hw
 
 
-def build_eval_transform(input_size, crop_pct: float = 224 / 256):
+def build_eval_transform(input_size, crop_pct: float = 224 / 256, normalization: str = "imagenet"):
     """Resize (short side, or both sides for a rectangular size) to size / crop_pct, centre crop."""
     h, w = as_hw(input_size)
     resize = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop((h, w)),
-                      T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                      T.ToTensor(), T.Normalize(*NORMALIZATIONS[normalization])])
+
+
+def build_resize_transform(input_size, normalization: str = "imagenet"):
+    """--augment resize, for training and evaluation alike: the whole image resized to the input size."""
+    return T.Compose([T.Resize(as_hw(input_size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                      T.Normalize(*NORMALIZATIONS[normalization])])
+
+
+def _fixed_transform(is_train: bool, args):
+    """The evaluation transform, or (--augment resize) the resize-only one; None: augment."""
+    normalization = getattr(args, "normalization", None) or "imagenet"
+    if getattr(args, "augment", None) == "resize":
+        return build_resize_transform(args.input_size, normalization)
+    return None if is_train else build_eval_transform(args.input_size, normalization=normalization)
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -53,23 +66,25 @@ def _patch_timm_posterize() -> None:
 def build_finetune_transform(is_train: bool, args):
     """timm's training pipeline (RandAugment, random erasing, ...) as the MAE reference, or the
     evaluation resize + centre crop."""
-    if not is_train:
-        return build_eval_transform(args.input_size)
+    fixed = _fixed_transform(is_train, args)
+    if fixed is not None:
+        return fixed
     _patch_timm_posterize()  # when RandAugment is built, not at import
     h, w = as_hw(args.input_size)
+    mean, std = NORMALIZATIONS[getattr(args, "normalization", None) or "imagenet"]
     return create_transform(input_size=(3, h, w), is_training=True, color_jitter=args.color_jitter,
                             auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                            re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
 
 
 def build_linprobe_transform(is_train: bool, args):
     """The reference's linear-probing augmentation: RandomResizedCrop + flip only."""
-    if not is_train:
-        return build_eval_transform(args.input_size)
+    fixed = _fixed_transform(is_train, args)
+    if fixed is not None:
+        return fixed
     return T.Compose([T.RandomResizedCrop(as_hw(args.input_size), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                      T.Normalize(*NORMALIZATIONS[getattr(args, "normalization", None) or "imagenet"])])
 
 
 @contextmanager

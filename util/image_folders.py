@@ -142,19 +142,21 @@ def walk_images(folder: str, hidden: list[str] | None = None,
 
 
 def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
-                      reference: str = "train/", use_index: bool = True) -> FolderScan:
+                      reference: str = "train/", use_index: bool = True, exclude: tuple[str, ...] = ()) -> FolderScan:
     """Scans one split. With ``class_to_idx`` (the training split's), classes are numbered by it:
     a class it lacks is an error naming them (a subset is fine: labels still agree). A saved scan
-    of an unchanged tree is read instead of walking it (``use_index``; util/scan_index.py)."""
+    of an unchanged tree is read instead of walking it (``use_index``; util/scan_index.py).
+    ``exclude``: sub-folders that are not classes (masks/ in a root of class folders)."""
     if not os.path.isdir(root):
         raise DataError(f"{root} does not exist or is not a folder: expected {root}/<class>/<image>")
-    saved = scan_index.load(root) if use_index else None
+    key = "exclude=" + ",".join(exclude) if exclude else ""
+    saved = scan_index.load(root, key) if use_index else None
     if saved is not None:
         classes, rels, own_labels = saved["classes"], saved["rels"], saved["labels"]
         hidden, empty = saved["hidden"], saved["empty_classes"]
     else:
         started = time.time()
-        classes, rels, own_labels, hidden, empty, mtimes = _walk_split(root)
+        classes, rels, own_labels, hidden, empty, mtimes = _walk_split(root, exclude)
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(classes)}
     else:
@@ -164,18 +166,18 @@ def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Both splits must "
                             f"use the training split's classes (remove them, or add them to {reference})")
     if saved is None and use_index:
-        scan_index.save(root, classes, rels, own_labels, hidden, empty, mtimes, started)
+        scan_index.save(root, classes, rels, own_labels, hidden, empty, mtimes, started, key)
     labels = np.array([class_to_idx[c] for c in classes], dtype=np.int64)[own_labels] if classes else own_labels
     ordered = sorted(class_to_idx, key=class_to_idx.get)
     return FolderScan(root, ordered, dict(class_to_idx), ImageList(root, rels, labels), hidden, empty)
 
 
-def _walk_split(root: str):
+def _walk_split(root: str, exclude: tuple[str, ...] = ()):
     """The walk itself: (classes, relative paths, each image's index into classes, hidden names,
     empty classes, every folder's mtime)."""
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     hidden = [e.path for e in entries if is_hidden(e.name)]
-    classes = [e.name for e in entries if not is_hidden(e.name) and e.is_dir()]
+    classes = [e.name for e in entries if not is_hidden(e.name) and e.is_dir() and e.name not in exclude]
     if not classes:
         flat = [e.name for e in entries if e.is_file() and is_image(e.name)]
         if flat:

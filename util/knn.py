@@ -92,7 +92,7 @@ def knn_eval(args: argparse.Namespace) -> dict:
     import models_vit
     from tools.export import load_encoder, timm_name
     from util.checkpoint_adapt import load_pretrained_encoder
-    from util.finetune_data import CheckedImageFolder, build_eval_transform
+    from util.finetune_data import CheckedImageFolder, build_eval_transform, build_resize_transform
     device = torch.device(args.device)
     start = time.time()
     ckpt = load_checkpoint(args.checkpoint)
@@ -102,7 +102,10 @@ def knn_eval(args: argparse.Namespace) -> dict:
     load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True, checkpoint=ckpt,
                             mask_channel=args.mask_channel)
     model.to(device)
-    transform = build_eval_transform(size)
+    saved = ckpt.get("args")  # the pretraining recipe: how its inputs were resized and normalised
+    normalization = getattr(saved, "normalization", None) or "imagenet"
+    transform = (build_resize_transform(size, normalization) if getattr(saved, "augment", None) == "resize"
+                 else build_eval_transform(size, normalization=normalization))
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(args.data_path, split)):
             raise UserError(f"--data_path {args.data_path} has no {split}/ folder (ImageFolder layout)")

@@ -206,7 +206,20 @@ class LossMonitor:
         self.nonfinite_steps += (~torch.isfinite(loss)).long()
         self.metric_logger.update(loss=loss)
 
-    def __call__(self, step: int) -> None:
+    def due(self, step: int) -> bool:
+        """Whether --log_freq N makes this step (counted over the whole run) a TensorBoard step."""
+        freq = getattr(self.args, "log_freq", None)
+        return bool(freq) and (self.epoch * self.steps_per_epoch + step + 1) % freq == 0
+
+    def epoch_1000x(self, step: int) -> int:
+        # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
+        return int((step / self.steps_per_epoch + self.epoch) * 1000)
+
+    def __call__(self, step: int, to_tensorboard: bool | None = None) -> None:
+        """Checks the losses so far; writes TensorBoard at printed lines, or with --log_freq at its
+        steps only (to_tensorboard=True)."""
+        if to_tensorboard is None:
+            to_tensorboard = not getattr(self.args, "log_freq", None)
         recorded = "loss" in self.metric_logger.meters  # not yet when every step so far was skipped
         last_loss = self.metric_logger.loss.deque[-1].double() if recorded else self.nonfinite_steps.new_zeros((), dtype=torch.float64)
         state = torch.stack([self.nonfinite_steps.double(), last_loss])
@@ -218,9 +231,8 @@ class LossMonitor:
                 f"loss is not finite (NaN or inf) at epoch {self.epoch}, step <= {step}; stopping. Nothing "
                 f"was saved for this epoch, the last checkpoint in {self.args.output_dir or 'output_dir'} is "
                 f"intact. {self.hint}")
-        if self.log_writer is not None and recorded:
-            # x-axis in units of 1/1000 epoch, so that curves of different batch sizes line up
-            epoch_1000x = int((step / self.steps_per_epoch + self.epoch) * 1000)
+        if self.log_writer is not None and recorded and to_tensorboard:
+            epoch_1000x = self.epoch_1000x(step)
             self.log_writer.add_scalar(self.loss_tag, loss_sum / get_world_size(), epoch_1000x)
             self.log_writer.add_scalar('train/lr', self.metric_logger.lr.value, epoch_1000x)
             if "hidden" in self.metric_logger.meters:  # fraction of the image hidden in this batch

@@ -98,9 +98,10 @@ def _save(root: str, arrays: dict, folder_mtimes: dict[str, int], started: float
     return None
 
 
-def load(split_root: str) -> dict | None:
-    """The saved scan of an image split if its folders are unchanged, else None."""
-    saved = _load(split_root)
+def load(split_root: str, key: str = "") -> dict | None:
+    """The saved scan of an image split if its folders are unchanged, else None. ``key``: how the
+    folder was scanned (e.g. which sub-folders were left out), part of the index's identity."""
+    saved = _load(split_root, key)
     if saved is None:
         return None
     return {"classes": _split(saved["classes"]), "rels": _split(saved["rels"]), "labels": saved["labels"],
@@ -108,10 +109,10 @@ def load(split_root: str) -> dict | None:
 
 
 def save(split_root: str, classes: list[str], rels: list[str], labels: np.ndarray, hidden: list[str],
-         empty_classes: list[str], folder_mtimes: dict[str, int], started: float) -> str | None:
+         empty_classes: list[str], folder_mtimes: dict[str, int], started: float, key: str = "") -> str | None:
     return _save(split_root, {"classes": _joined(classes), "rels": _joined(rels),
                               "labels": np.asarray(labels, dtype=np.int64), "hidden": _joined(hidden),
-                              "empty_classes": _joined(empty_classes)}, folder_mtimes, started)
+                              "empty_classes": _joined(empty_classes)}, folder_mtimes, started, key)
 
 
 def load_mask_listing(mask_root: str, stems_digest: str) -> tuple[dict[str, set[str]], dict[str, str]] | None:

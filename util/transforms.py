@@ -28,6 +28,15 @@ from util.errors import UserError
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
+# Input normalisation (mean, std): ImageNet's (MAE's, the default), or "vit": 0.5 / 0.5, what
+# Union14M's text-line MAE and Segmenter's own ViT backbones use
+NORMALIZATIONS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+                  "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+# crop_flip: the reference's RandomResizedCrop + flip; resize: the whole image resized to the input
+# size, nothing random (text lines: a crop cuts letters off, a flipped word is another word)
+AUGMENTS = ("crop_flip", "resize")
+
+
 def as_hw(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     """224 -> (224, 224); [32, 128] -> (32, 128)."""
     if isinstance(size, int):
@@ -73,8 +82,9 @@ class PretrainTransform:
     """
 
     def __init__(self, input_size, scale=(0.2, 1.0), ratio=(3. / 4., 4. / 3.), hflip: float = 0.5,
-                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, resize_only: bool = False):
         self.size = as_hw(input_size)
+        self.resize_only = resize_only
         aspect = self.size[1] / self.size[0]
         self.scale = scale
         self.ratio = (ratio[0] * aspect, ratio[1] * aspect)
@@ -82,7 +92,10 @@ class PretrainTransform:
         self.normalize = T.Normalize(mean, std)
 
     def draw(self, height: int, width: int, generator: torch.Generator | None = None):
-        """The random crop box (top, left, h, w) and flip of one sample, in the reference's order."""
+        """The random crop box (top, left, h, w) and flip of one sample, in the reference's order
+        (resize_only: the whole image, no flip, nothing drawn)."""
+        if self.resize_only:
+            return (0, 0, height, width), False
         box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
         flip = torch.rand(1, generator=generator).item() < self.hflip
         return box, flip
@@ -99,8 +112,11 @@ class PretrainTransform:
         return img, crop_mask(mask, box, flip, self.size)
 
     def __repr__(self) -> str:
+        norm = "" if tuple(self.normalize.mean) == tuple(IMAGENET_DEFAULT_MEAN) else f", mean={tuple(self.normalize.mean)}"
+        if self.resize_only:
+            return f"{type(self).__name__}(size={self.size}, resize only: no crop, no flip{norm})"
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
-                f"ratio=({self.ratio[0]:.3f}, {self.ratio[1]:.3f}), hflip={self.hflip})")
+                f"ratio=({self.ratio[0]:.3f}, {self.ratio[1]:.3f}), hflip={self.hflip}{norm})")
 
 
 def crop_mask(mask: np.ndarray, box: tuple[int, int, int, int], flip: bool, size: tuple[int, int]) -> torch.Tensor:
@@ -206,9 +222,13 @@ class DeferredPretrainTransform(PretrainTransform):
 DATA_BACKENDS = ("cpu", "gpu")
 
 
-def build_pretrain_transform(input_size, data_backend: str = "cpu") -> PretrainTransform:
+def build_pretrain_transform(input_size, data_backend: str = "cpu", augment: str = "crop_flip",
+                             normalization: str = "imagenet") -> PretrainTransform:
     """The pretraining augmentation of a data path: ``cpu`` (PretrainTransform) or ``gpu``
-    (DeferredPretrainTransform, decoded and cropped on the training device)."""
+    (DeferredPretrainTransform, decoded and cropped on the training device); ``augment`` and
+    ``normalization`` as AUGMENTS and NORMALIZATIONS say."""
     if data_backend not in DATA_BACKENDS:
         raise ValueError(f"unknown data backend {data_backend!r}; choose one of {', '.join(DATA_BACKENDS)}")
-    return (DeferredPretrainTransform if data_backend == "gpu" else PretrainTransform)(input_size)
+    mean, std = NORMALIZATIONS[normalization]
+    return (DeferredPretrainTransform if data_backend == "gpu" else PretrainTransform)(
+        input_size, mean=mean, std=std, resize_only=augment == "resize")

@@ -13,17 +13,17 @@ import os
 import unicodedata
 
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.masking import as_nchw, get_method
+from util.transforms import NORMALIZATIONS
 
 PANEL_TITLES = ("original", "encoder input (hidden: grey)", "white: visible, black: {what}", "reconstruction",
                 "pasted into hidden part")
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+def denormalize(x: torch.Tensor, normalization: str = "imagenet") -> torch.Tensor:
+    """Normalised images back to [0, 1], with the statistics they were normalised by (--normalization)."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in NORMALIZATIONS[normalization])
     return (x * std + mean).clamp(0, 1)
 
 
@@ -31,15 +31,15 @@ FILL_COLOUR = (0.85, 0.1, 0.1)  # hidden patches that are not the segment's (tok
 
 
 def _view_panels(method, imgs: torch.Tensor, seg_mask: torch.Tensor | None, hidden: torch.Tensor,
-                 fill: torch.Tensor | None = None) -> list:
+                 fill: torch.Tensor | None = None, normalization: str = "imagenet") -> list:
     """original | encoder input with the hidden part grey | visibility (white visible, black hidden,
     red the fill of a method that hides more than the segment)."""
-    seen = denormalize(method.shown_input(imgs, seg_mask)) * (1 - hidden) + 0.5 * hidden
+    seen = denormalize(method.shown_input(imgs, seg_mask), normalization) * (1 - hidden) + 0.5 * hidden
     visibility = (1 - hidden).expand(-1, 3, -1, -1)
     if fill is not None:
         colour = torch.tensor(FILL_COLOUR, device=imgs.device).view(1, 3, 1, 1)
         visibility = visibility * (1 - fill) + colour * fill
-    return [denormalize(imgs), seen, visibility]
+    return [denormalize(imgs, normalization), seen, visibility]
 
 
 def _patch_map(per_patch: torch.Tensor, patch_size: int, h: int, w: int) -> torch.Tensor:
@@ -59,7 +59,7 @@ def _hidden_maps(method, weights: torch.Tensor, seg_mask: torch.Tensor | None, p
 
 @torch.no_grad()
 def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | None = None,
-                          mask_ratio: float = 0.75) -> torch.Tensor:
+                          mask_ratio: float = 0.75, normalization: str = "imagenet") -> torch.Tensor:
     """(N, 3, H, W) normalised images -> (N, P, 3, H, W) panels in [0, 1]."""
     model.eval()
     _, pred, weights = model(imgs, mask_ratio=mask_ratio, seg_mask=seg_mask)
@@ -69,14 +69,14 @@ def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | No
         pred = pred * (var + 1e-6) ** .5 + mean
     recon = model.unpatchify(pred.float())
     hidden, fill = _hidden_maps(model.method, weights, seg_mask, model.patch_size, imgs.shape[-2:])
-    panels = _view_panels(model.method, imgs, seg_mask, hidden, fill)
-    panels += [denormalize(recon), denormalize(imgs * (1 - hidden) + recon * hidden)]
+    panels = _view_panels(model.method, imgs, seg_mask, hidden, fill, normalization)
+    panels += [denormalize(recon, normalization), denormalize(imgs * (1 - hidden) + recon * hidden, normalization)]
     return torch.stack(panels, dim=1)
 
 
 @torch.no_grad()
 def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | None = None,
-                mask_ratio: float = 0.75, patch_size: int = 16) -> torch.Tensor:
+                mask_ratio: float = 0.75, patch_size: int = 16, normalization: str = "imagenet") -> torch.Tensor:
     """Without a model: (N, 3, 3, H, W) panels of what ``mask_method`` hides (the first three
     columns of PANEL_TITLES); a token-dropping method draws its random patches (seeded by torch)."""
     method = get_method(mask_method)
@@ -86,7 +86,7 @@ def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | N
         tokens = imgs.new_zeros(n, (h // patch_size) * (w // patch_size), 1)
         _, weights, _ = method.hide_tokens(tokens, mask_ratio, None, seg_mask, patch_size)
     hidden, fill = _hidden_maps(method, weights, seg_mask, patch_size, imgs.shape[-2:])
-    return torch.stack(_view_panels(method, imgs, seg_mask, hidden, fill), dim=1)
+    return torch.stack(_view_panels(method, imgs, seg_mask, hidden, fill, normalization), dim=1)
 
 
 def panel_titles(mask_method: str, generator: str | None = None, coverage: float | None = None) -> list[str]:
