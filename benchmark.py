@@ -36,7 +36,8 @@ from util.files import atomic_write_json  # noqa: E402
 from util.args import coverage_ratio_type, positive_int, show_defaults  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
-from util.bench_report import curve_labels, plot, read_results, results_table  # noqa: E402,F401
+from util.bench_report import (FINETUNE_RESULT, curve_labels, finetune_table, plot, read_finetune_results,  # noqa: E402,F401
+                               read_results, results_table)
 from util.bench_runs import (OFFICIAL_MAE, add_stage_time, append_result, eval_config, official_checkpoint,  # noqa: E402,F401
                              paths, pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest,
                              stage_times)
@@ -364,10 +365,14 @@ def compare_cli(argv: list[str]) -> None:
     p.add_argument("--out", default=None, help="PNG path (default: <output-dir>/miou_vs_epochs.png)")
     a = p.parse_args(argv)
     rows = read_results(a.output_dir)
-    if not rows:
-        raise SystemExit(f"no results.jsonl under {a.output_dir}")
-    print(results_table(rows))
-    print(f"plot: {plot(rows, a.out or os.path.join(a.output_dir, 'miou_vs_epochs.png'))}")
+    finetuned = read_finetune_results(a.output_dir)
+    if not rows and not finetuned:
+        raise SystemExit(f"no results.jsonl (benchmark) or {FINETUNE_RESULT} (finetuning) under {a.output_dir}")
+    if rows:
+        print(results_table(rows))
+        print(f"plot: {plot(rows, a.out or os.path.join(a.output_dir, 'miou_vs_epochs.png'))}")
+    if finetuned:
+        print(finetune_table(finetuned))
 
 
 def cli(argv: list[str] | None = None):

@@ -21,7 +21,9 @@ import util.misc as misc
 import util.runsetup as runsetup
 from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
                              run_start, save_model)
-from util.distributed import check_ranks_agree, get_rank, get_world_size, local_main_first
+from util.bench_report import FINETUNE_RESULT
+from util.distributed import check_ranks_agree, get_rank, get_world_size, is_main_process, local_main_first
+from util.files import atomic_write_json
 from engine_finetune import evaluate, train_one_epoch
 from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int)
@@ -35,7 +37,7 @@ from util.transforms import as_hw
 
 # What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
 # and the file a run starts from (auto-resume continues only a run from the same --finetune file).
-RUN_FLAGS = ["model", "nb_classes", "input_size", "global_pool", "augment", "normalization"]
+RUN_FLAGS = ["model", "nb_classes", "input_size", "global_pool", "augment", "normalization", "train_subset"]
 RUN_START_FILES = ["finetune"]
 
 
@@ -134,7 +136,7 @@ def start_and_reconcile(args: argparse.Namespace) -> None:
     """Auto-resume (training) only a run that started from the same --finetune file; then the
     model's settings come from the checkpoint being continued or evaluated unless given."""
     if not args.eval:
-        auto_resume(args, run_start(args, files=RUN_START_FILES))
+        auto_resume(args, run_start(args, files=RUN_START_FILES, keys=("data_path", "train_subset")))
     reconcile_with_checkpoint(args, RUN_FLAGS)
     take_pretraining_recipe(args)
 
@@ -183,8 +185,8 @@ def build_loaders(args, build_transform):
 
 
 def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train, sampler_train,
-                 loader_val, device, mixup_fn=None, max_norm=None) -> dict:
-    """The epoch loop shared by finetuning and linear probing: train, evaluate, keep the best."""
+                 loader_val, device, mixup_fn=None, max_norm=None, kind: str = "finetune") -> dict:
+    """The epoch loop shared by finetuning and linear probing (kind): train, evaluate, keep the best."""
     log_writer = misc.tensorboard_writer(args.log_dir)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -225,6 +227,12 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
                 log_writer.add_scalar(f'val/{key}', test_stats[key], epoch)
             log_writer.flush()
     runsetup.print_weights_fingerprint(model_without_ddp)
+    if args.output_dir and is_main_process():  # the run's row in `benchmark.py compare`
+        atomic_write_json(os.path.join(args.output_dir, FINETUNE_RESULT), {
+            "kind": kind,
+            "model": args.model, "finetune": os.path.abspath(args.finetune) if args.finetune else "",
+            "train_subset": args.train_subset, "train_images": len(loader_train.dataset),
+            "epochs": args.epochs, "max_accuracy": max_accuracy})
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if log_writer is not None:
         log_writer.close()

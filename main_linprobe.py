@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval:
         return evaluate(loader_val, model, device, args.amp)
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
-                        sampler_train, loader_val, device)
+                        sampler_train, loader_val, device, kind="linprobe")
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,17 @@ def positive_float(value: str) -> float:
     return v
 
 
+def train_subset_type(value: str) -> int | float:
+    """K >= 1 (images per class) or a fraction in (0, 1)."""
+    v = float(value)
+    if v.is_integer() and v >= 1:
+        return int(v)
+    if 0 < v < 1:
+        return v
+    raise argparse.ArgumentTypeError(f"must be a whole number of images per class (>= 1) or a fraction in (0, 1), "
+                                     f"got {value}")
+
+
 def mask_ratio_type(value: str) -> float:
     v = float(value)
     if not 0.0 <= v < 1.0:
@@ -182,6 +193,9 @@ def add_mask_channel_arg(parser: argparse.ArgumentParser, dashes: bool = False) 
 
 def add_downstream_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags shared by finetuning and linear probing: which checkpoint, how to adapt it, evaluation."""
+    parser.add_argument('--train_subset', default=None, type=train_subset_type, metavar='K',
+                        help='train on K images per class (or a fraction of each class), drawn with --seed; '
+                             'the list is written to <output_dir>/train_subset.txt (label-efficiency sweeps)')
     parser.add_argument('--finetune', default='',
                         help='finetune from checkpoint (a pretraining checkpoint of any mask method, or an official MAE one)')
     parser.add_argument('--global_pool', action='store_true')

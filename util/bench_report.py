@@ -3,6 +3,7 @@ curve per run (mIoU, and kNN top-1 when measured) against pretraining epochs, th
 as reference lines."""
 from __future__ import annotations
 
+import json
 import os
 
 from util.bench_runs import result_key
@@ -109,6 +110,33 @@ def results_table(rows: list[dict]) -> str:
                      f"{r.get('eval_time_s', 0):>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
     if any(r.get("resumed") for r in rows):
         lines.append("* resumed after an interrupt: its times are totals over every invocation")
+    return "\n".join(lines)
+
+
+FINETUNE_RESULT = "finetune_result.json"  # written by main_finetune.py / main_linprobe.py beside their checkpoints
+
+
+def read_finetune_results(output_dir: str) -> list[dict]:
+    """Every finetuning / probing result under a folder, ordered by what it started from, then by
+    the number of training images (a label-efficiency sweep reads top to bottom)."""
+    rows = []
+    for root, _, files in os.walk(output_dir):
+        if FINETUNE_RESULT in files:
+            with open(os.path.join(root, FINETUNE_RESULT)) as f:
+                rows.append({**json.load(f), "dir": os.path.relpath(root, output_dir)})
+    return sorted(rows, key=lambda r: (r.get("finetune", ""), r.get("kind", ""), r.get("train_images", 0), r["dir"]))
+
+
+def finetune_table(rows: list[dict]) -> str:
+    """One row per finetuning run: e.g. one per --train_subset size of a sweep."""
+    width = max([len(r["dir"]) for r in rows] + [3])
+    head = (f"{'run':<{width}} {'kind':<9} {'from':<24} {'subset':>7} {'images':>8} {'epochs':>7} {'best top-1':>11}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        subset = "all" if r.get("train_subset") is None else f"{r['train_subset']:g}"
+        start = os.path.basename(r.get("finetune") or "") or "scratch"
+        lines.append(f"{r['dir']:<{width}} {r.get('kind', ''):<9} {start[:24]:<24} {subset:>7} "
+                     f"{r.get('train_images', 0):>8} {r.get('epochs', 0):>7} {r.get('max_accuracy', 0.0):>11.2f}")
     return "\n".join(lines)
 
 

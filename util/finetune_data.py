@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 
 from util.datasets import EpochAware, sample_generator
 from util.image_folders import empty_classes_message, scan_image_folder
+from util.distributed import is_main_process
+from util.files import atomic_write
 from util.images import DataError, load_rgb
 from util.transforms import NORMALIZATIONS, as_hw
 
@@ -143,9 +145,39 @@ def build_classification_datasets(args, build_transform: Callable) -> tuple[Chec
     root = paths[0]
     train = CheckedImageFolder(os.path.join(root, "train"), build_transform(True, args), seed=args.seed)
     check_class_count(args, len(train.classes), train.root)
+    if getattr(args, "train_subset", None):
+        take_train_subset(train, args)
     val = CheckedImageFolder(os.path.join(root, "val"), build_transform(False, args), seed=args.seed,
                              class_to_idx=train.class_to_idx)
     return train, val
+
+
+def class_balanced_subset(labels: np.ndarray, per_class: int | float, seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` images of every class (all of a smaller class), or of that
+    fraction of each class (at least one), drawn by a generator seeded with ``seed`` alone: the
+    same subset for any number of ranks and workers, and after a resume."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        k = per_class if isinstance(per_class, int) else max(1, int(round(per_class * len(members))))
+        chosen.append(np.sort(rng.permutation(members)[:k]))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def take_train_subset(train: "CheckedImageFolder", args) -> None:
+    """--train_subset: keeps the chosen images of train; the list goes to
+    <output_dir>/train_subset.txt (relative path, tab, class index) and its digest to the args."""
+    keep = class_balanced_subset(train.samples.labels, args.train_subset, args.seed)
+    full = len(train.samples)
+    train.samples = train.samples.select(keep)
+    print(f"--train_subset {args.train_subset}: {len(keep)} of {full} training images "
+          f"({len(np.unique(train.samples.labels))} classes), seed {args.seed}")
+    args.train_subset_digest = train.samples.digest()
+    if args.output_dir and is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with atomic_write(os.path.join(args.output_dir, "train_subset.txt"), "w") as f:
+            f.writelines(f"{train.samples.rel(i)}\t{int(train.samples.labels[i])}\n" for i in range(len(keep)))
 
 
 def check_class_count(args, n_classes: int, root: str) -> None:
