@@ -106,25 +106,15 @@ def main(argv=None) -> list[str]:
         images = [os.path.join(train, rel) for rel in list_images(train)][:args.num]
     if not images:
         raise SystemExit("no images: give --images or --data_path")
-    to_tensor = build_eval_transform(size, crop_pct=1.0, normalization=normalization)
     writable_dir(args.out, "--out")
     written = []
     source = None
     if method.needs_segment:
         if not args.data_path:
             raise SystemExit(f"{method_name} needs SAM masks: give --data_path (with masks/)")
-        train = os.path.join(args.data_path, "train")
-        source = open_mask_source(os.path.join(args.data_path, "masks"),
-                                  {stem_of(os.path.relpath(p, train)) for p in images}, args.mask_format)
+        source = open_segments(args.data_path, images, args.mask_format)
     for path in images:
-        img = load_rgb(path)
-        x = to_tensor(img).unsqueeze(0)
-        seg, generator = None, None
-        if source is not None:
-            rel = os.path.relpath(path, os.path.join(args.data_path, "train"))
-            m, _ = fit_mask(source.load(rel, coverage, img.size), img.size, exif_orientation(path), source.location(rel))
-            seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
-            generator = source.generator(rel)
+        x, seg, generator = image_and_segment(path, size, normalization, source, args.data_path, coverage)
         if model is None:
             panels = mask_panels(method_name, x, seg, args.mask_ratio, args.patch_size, normalization)
         else:
@@ -136,6 +126,27 @@ def main(argv=None) -> list[str]:
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")
     return written
+
+
+def open_segments(data_path: str, images: list[str], mask_format: str = "auto"):
+    """The mask source of <data_path>/masks/ for these images of <data_path>/train/."""
+    train = os.path.join(data_path, "train")
+    return open_mask_source(os.path.join(data_path, "masks"), {stem_of(os.path.relpath(p, train)) for p in images},
+                            mask_format)
+
+
+def image_and_segment(path: str, size, normalization: str = "imagenet", source=None, data_path: str = "",
+                      coverage: float = DEFAULT_COVERAGE_RATIO):
+    """(the image as the model takes it (1, 3, H, W), its SAM segment on the same grid (1, 1, H, W)
+    with 1 = hidden, or None without a mask source, and what made the segment)."""
+    img = load_rgb(path)
+    x = build_eval_transform(size, crop_pct=1.0, normalization=normalization)(img).unsqueeze(0)
+    if source is None:
+        return x, None, None
+    rel = os.path.relpath(path, os.path.join(data_path, "train"))
+    m, _ = fit_mask(source.load(rel, coverage, img.size), img.size, exif_orientation(path), source.location(rel))
+    seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
+    return x, seg, source.generator(rel)
 
 
 def to_mask(mask: Image.Image, size) -> np.ndarray:
