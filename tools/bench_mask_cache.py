@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.image_folders import list_images  # noqa: E402
 from util.mask_cache_build import build_mask_cache  # noqa: E402
+from util.files import atomic_write_json  # noqa: E402
 
 IMAGENET = 1_281_167
 W, H = 500, 375
@@ -99,8 +100,7 @@ def main(argv=None) -> list[dict]:
         print(f"workers {workers}: {seconds:.1f} s, {rate:.0f} images/s, 1.28M images in "
               f"{IMAGENET / rate / 3600:.2f} h")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.json, rows, indent=1)
     return rows
 
 

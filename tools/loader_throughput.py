@@ -11,7 +11,6 @@ cropping and resizing happen on the device, as in main_pretrain.py --data_backen
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.datasets import build_pretrain_dataset, collate_pretrain  # noqa: E402
+from util.files import atomic_write_json  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path  # noqa: E402
 from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform  # noqa: E402
@@ -85,8 +85,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     result = measure(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.json, result, indent=1)
     return result
 
 

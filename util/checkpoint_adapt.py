@@ -166,9 +166,13 @@ def mae_pytorch_kind(checkpoint: dict) -> str | None:
     sd = checkpoint.get("module") if isinstance(checkpoint.get("module"), dict) else state_dict_of(checkpoint)
     if not isinstance(sd, dict):
         return None
-    if "encoder_to_decoder.weight" in sd or any(k.startswith("encoder.blocks.") for k in sd):
+    def beit_without_cls(prefix: str) -> bool:  # BEiT's attention biases, no class token
+        return f"{prefix}cls_token" not in sd and any(k.startswith(f"{prefix}blocks.") and k.endswith(".attn.q_bias")
+                                                       for k in sd)
+    # (Segmenter's checkpoints also hold encoder.blocks.*, with a class token and timm's qkv bias)
+    if "encoder_to_decoder.weight" in sd or beit_without_cls("encoder."):
         return "pretraining"
-    if "cls_token" not in sd and any(k.startswith("blocks.") and k.endswith(".attn.q_bias") for k in sd):
+    if beit_without_cls(""):
         return "finetuned"
     return None
 
