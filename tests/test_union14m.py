@@ -246,3 +246,51 @@ def test_log_freq_leaves_training_unchanged(toy_root, tmp_path):
     a = torch.load(tmp_path / "plain" / "checkpoint-0.pth", map_location="cpu", weights_only=True)["model"]
     b = torch.load(tmp_path / "logged" / "checkpoint-0.pth", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_text_line_encoder_exports_to_timm_with_its_config(tmp_path):
+    """Patch 4 at 32 x 128 with 0.5 / 0.5: the timm config names a model timm has, the arguments
+    that make it this one, and the normalisation; timm then gives the same features."""
+    import argparse
+    import timm
+    from tools import export
+    torch.manual_seed(0)
+    mae = models_mae.build_mae("mae_vit_tiny_patch4", img_size=(32, 128))
+    path = tmp_path / "checkpoint-0.pth"
+    args = argparse.Namespace(model="mae_vit_tiny_patch4", mask_method="patches", input_size=[32, 128],
+                              augment="resize", normalization="vit")
+    torch.save({"model": mae.state_dict(), "epoch": 0, "args": args}, path)
+    export.main(["--checkpoint", str(path), "--to", "timm", "--out", str(tmp_path / "timm")])
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert config["architecture"] in timm.list_models() and config["model_args"] == {"patch_size": 4, "img_size": [32, 128]}
+    assert config["pretrained_cfg"]["mean"] == [0.5] * 3 and config["pretrained_cfg"]["input_size"] == [3, 32, 128]
+    model = timm.create_model(config["architecture"], num_classes=0, **config["model_args"],
+                              checkpoint_path=str(tmp_path / "timm" / "model.safetensors")).eval()
+    ours = models_vit.build_vit("vit_tiny_patch4", img_size=(32, 128), num_classes=0)
+    ours.load_state_dict({k: v for k, v in mae.state_dict().items()
+                          if not k.startswith(("decoder", "mask_token"))}, strict=False)
+    x = torch.randn(2, 3, 32, 128)
+    with torch.no_grad():
+        assert (model.forward_features(x) - ours.eval().forward_features(x)).abs().max() <= 1e-5
+
+
+def test_the_data_tools_read_a_root_of_class_folders(toy_root, tmp_path, capsys):
+    """check_dataset, build_mask_cache and write_shards take the class-folder root as training does."""
+    from tools import build_mask_cache, check_dataset, write_shards
+    flat = class_folder_root(toy_root, tmp_path / "flat")
+    report = check_dataset.check(flat, coverage=30.0)
+    assert report["images"] == 32 and not report["problems"]
+    build_mask_cache.main(["--data_path", flat, "--coverage_ratio", "30", "--workers", "1"])
+    capsys.readouterr()
+    cached = build_pretrain_dataset(flat, build_pretrain_transform(32), with_masks=True, coverage_ratio=30)
+    assert "Using the mask cache" in capsys.readouterr().out
+    assert len(cached) == 32 and "masks_cache" not in cached.folders[0].classes
+    plain = build_pretrain_dataset(toy_root, build_pretrain_transform(32), with_masks=True, coverage_ratio=30)
+    assert torch.equal(cached[5][1], plain[5][1])  # the cached segment is the one read from masks/
+    written = write_shards.write_shards(flat, str(tmp_path / "shards"), samples_per_shard=10)
+    assert sum(s["samples"] for s in written["shards"]) == 32 and written["masks"] == "json"
+    assert "masks" not in written["classes"] and len(written["classes"]) == 4
+    lmdb_root = tmp_path / "lines"
+    from tools.make_toy_data import make_toy_text_lmdb
+    make_toy_text_lmdb(str(lmdb_root), n=4)
+    assert "is an LMDB database: it holds no image files" in check_dataset.check(str(lmdb_root))["problems"][0]

@@ -16,7 +16,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.image_folders import list_images  # noqa: E402
+from util.image_folders import relative_paths, scan_image_folder  # noqa: E402
+from util.image_roots import image_folder_of  # noqa: E402
 from util.errors import run_tool  # noqa: E402
 from util.mask_cache_build import build_mask_cache  # noqa: E402
 from util.mask_sources import MASK_FORMATS  # noqa: E402
@@ -38,7 +39,8 @@ def main(argv=None) -> list[str]:
     written = []
     for root in args.data_path:
         start = time.time()
-        images = list_images(os.path.join(root, "train"))
+        folder, not_classes = image_folder_of(root)  # root/train, or class folders directly inside
+        images = relative_paths(scan_image_folder(folder, exclude=not_classes))
         path = build_mask_cache(root, images, args.coverage_ratio, args.mask_format, args.workers,
                                 args.progress_every)
         size = os.path.getsize(path)

@@ -18,6 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.image_folders import relative_paths, scan_image_folder  # noqa: E402
+from util.image_roots import image_folder_of  # noqa: E402
 from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
 from util.sam_masks import MaskFileError, check_rle, duplicate_stems, exif_orientation, mask_fit  # noqa: E402
 from util.images import IMAGE_ERRORS, DataError, image_error  # noqa: E402
@@ -86,16 +87,18 @@ def check_val(data_path: str, class_to_idx: dict[str, int], problems: list[str])
 
 def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, workers: int = 1,
           mask_format: str = "auto") -> dict:
-    image_root, mask_root = os.path.join(data_path, "train"), os.path.join(data_path, "masks")
+    mask_root = os.path.join(data_path, "masks")
     report = {"images": 0, "problems": [], "near_coverage": 0, "empty": 0, "resized": 0, "rotated": 0,
               "thresholded": 0, "listed_empty": 0, "format": None, "hidden": 0, "val": None}
-    if not os.path.isdir(image_root):
-        report["problems"].append(f"{data_path} has no train/ folder")
+    try:  # data_path/train, or class folders directly inside (as pretraining reads it)
+        image_root, not_classes = image_folder_of(data_path)
+    except DataError as e:
+        report["problems"].append(str(e))
         return report
     if not os.path.isdir(mask_root):
         report["problems"].append(f"{data_path} has no masks/ folder (segment methods need it)")
     try:
-        scan = scan_image_folder(image_root)
+        scan = scan_image_folder(image_root, exclude=not_classes)
     except DataError as e:
         report["problems"].append(str(e))
         return report

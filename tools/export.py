@@ -100,7 +100,11 @@ def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
         tensors["head.bias"] = torch.zeros(1000)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     h, w = as_hw(size)
-    config = {"architecture": f"{timm_name(shape)}_224", "num_classes": classes, "num_features": shape["embed_dim"],
+    import timm  # the installed registry decides the name: patch 4 (text lines) is a patch-16 model with model_args
+    ours = f"{timm_name(shape)}_224"
+    architecture = ours if ours in timm.list_models() else ours.replace(f"patch{shape['patch']}_", "patch16_")
+    config = {"architecture": architecture, "model_args": {"patch_size": shape["patch"], "img_size": [h, w]},
+              "num_classes": classes, "num_features": shape["embed_dim"],
               "global_pool": "token",
               "head": "zero (no classifier trained)" if zero_head else "none (no classifier trained): num_classes=0",
               "pretrained_cfg": {"input_size": [3, h, w], "num_classes": classes, "classifier": "head",

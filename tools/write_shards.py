@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.errors import UserError, run_tool  # noqa: E402
 from util.files import atomic_write, atomic_write_json, remove_stale_temp_files, writable_dir  # noqa: E402
 from util.image_folders import scan_image_folder  # noqa: E402
+from util.image_roots import image_folder_of  # noqa: E402
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of  # noqa: E402
 from util.shards import SHARD_INDEX  # noqa: E402
 
@@ -46,10 +47,8 @@ def mask_json(source: MaskSource, rel: str) -> bytes:
 def write_shards(data_path: str, out: str, samples_per_shard: int = 1000, seed: int = 0,
                  masks: bool = True, mask_format: str = "auto") -> dict:
     from webdataset import TarWriter
-    image_root = os.path.join(data_path, "train")
-    if not os.path.isdir(image_root):
-        raise UserError(f"--data_path {data_path} has no train/ folder")
-    scan = scan_image_folder(image_root)
+    image_root, not_classes = image_folder_of(data_path)  # data_path/train, or class folders directly inside
+    scan = scan_image_folder(image_root, exclude=not_classes)
     listed_empty = read_empty_list(data_path)
     keep = [i for i in range(len(scan.samples)) if os.path.basename(scan.samples.rel(i)) not in listed_empty]
     source = None
@@ -86,7 +85,7 @@ def write_shards(data_path: str, out: str, samples_per_shard: int = 1000, seed: 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_path", required=True, help="a root holding train/ (and masks/ in any layout)")
+    p.add_argument("--data_path", required=True, help="a root holding train/ or class folders (and masks/ in any layout)")
     p.add_argument("--out", required=True, help="the folder to write the shards and shards.json into")
     p.add_argument("--samples_per_shard", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="the order of the samples across shards")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from util.files import atomic_write, atomic_write_json, lock_output_dir, remove_stale_temp_files, unlock_output_dir, writable_dir
 from util.images import IMAGE_ERRORS, image_error
+from util.image_roots import image_folder_of
 from util.mask_cache import mask_cache_paths
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
@@ -67,6 +68,7 @@ class _Job:
 
     def __init__(self, root: str, keys: list[str], source: MaskSource, coverage_ratio: float, parts_dir: str):
         self.root, self.keys, self.source = root, keys, source
+        self.image_root = image_folder_of(root)[0]  # root/train, or root for class folders directly inside
         self.coverage_ratio, self.parts_dir = coverage_ratio, parts_dir
 
 
@@ -83,7 +85,7 @@ def _mask_stats(source: MaskSource, root: str, rels: list[str]) -> tuple[np.ndar
         try:
             st = os.stat(source.index_file(rel))
         except OSError:
-            raise MaskFileError(f"no masks for {os.path.join(root, 'train', rel)}: {source.index_file(rel)} is "
+            raise MaskFileError(f"no masks for {os.path.join(image_folder_of(root)[0], rel)}: {source.index_file(rel)} is "
                                 f"missing") from None
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
     return sizes, mtimes
@@ -111,7 +113,7 @@ def _build_part(part: int) -> tuple[int, int, int, int, bool]:
     height, width = np.zeros(len(rels), np.int32), np.zeros(len(rels), np.int32)
     blobs = []
     for i, rel in enumerate(rels):
-        entry = cache_entry(job.source, rel, job.coverage_ratio, os.path.join(job.root, "train", rel))
+        entry = cache_entry(job.source, rel, job.coverage_ratio, os.path.join(job.image_root, rel))
         if entry is not None:
             blobs.append(entry[0])
             length[i], height[i], width[i] = len(entry[0]), entry[1], entry[2]
@@ -210,7 +212,7 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
     try:
         listed_empty = read_empty_list(root)
         keys = sorted(r for r in image_rel_paths if os.path.basename(r) not in listed_empty)
-        check_unique_stems(keys, os.path.join(root, "train"))
+        check_unique_stems(keys, image_folder_of(root)[0])
         source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, mask_format,
                                   shared_counters=False)
         parts_dir = os.path.splitext(bin_path)[0] + ".parts"

@@ -1,0 +1,245 @@
+"""One pretraining --data_path root: which of three kinds it is, and (for image folders) its
+images with the SAM segment of each.
+
+    <root>/train/<class>/<image>          a split: images in torchvision's ImageFolder layout
+    <root>/<class>/<image>                class folders directly inside (an ImageFolder root itself)
+    <root>/data.mdb                       an LMDB database of images (util/lmdb_images.py)
+
+    <root>/masks/<class>/<image stem>...   SAM masks mirroring the class folders, in any layout of
+                                           util/mask_sources.py (SAM's JSON, segmae, amg.py); in
+                                           a root of class folders masks/ is not a class
+
+Problems a user can fix (no images, no masks/, missing or mismatched mask files) are found when
+the root is opened, not in the middle of an epoch.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from util.image_folders import empty_classes_message, is_hidden, scan_image_folder
+from util.lmdb_images import is_lmdb_root
+from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
+from util.mask_sources import MaskSource, open_mask_source, read_empty_list, scanned_stems
+from util.mask_cache import MaskCache
+from util.sam_masks import MaskFileError, check_unique_stems, exif_orientation, fit_mask, mask_fit
+
+# images whose mask size is checked against the image header at start-up (0: all)
+DEFAULT_MASK_SIZE_CHECK = 256
+
+
+SPLIT, CLASS_FOLDERS, LMDB = "split", "class folders", "lmdb"
+NOT_CLASSES = ("masks", "masks_cache")  # what this repo keeps inside a root of class folders
+
+
+def root_kind(root: str, split: str = "train") -> str:
+    """Which of the three layouts a --data_path root is: SPLIT (it holds train/), LMDB (data.mdb)
+    or CLASS_FOLDERS (any other folder with sub-folders)."""
+    if not os.path.isdir(root):
+        raise DataError(f"--data_path {root} does not exist or is not a folder")
+    if os.path.isdir(os.path.join(root, split)):
+        return SPLIT
+    if is_lmdb_root(root):
+        return LMDB
+    with os.scandir(root) as entries:
+        if any(e.is_dir() and not is_hidden(e.name) and e.name not in NOT_CLASSES for e in entries):
+            return CLASS_FOLDERS
+    raise DataError(f"--data_path {root} has no {split}/ folder, no class folders and no LMDB database (data.mdb): "
+                    f"expected {split}/<class>/<image> (ImageFolder layout), <class>/<image> directly inside, or "
+                    f"an LMDB of images. Make a toy one with: python tools/make_toy_data.py")
+
+
+def image_folder_of(root: str, split: str = "train") -> tuple[str, tuple[str, ...]]:
+    """(the folder holding the class folders, its sub-folders that are no class) of a root of image
+    files, for the tools that read a root's images and masks; an LMDB root is an error naming it."""
+    kind = root_kind(root, split)
+    if kind == LMDB:
+        raise DataError(f"--data_path {root} is an LMDB database: it holds no image files to go with SAM masks "
+                        f"(only roots of image folders have masks/)")
+    return (os.path.join(root, split), ()) if kind == SPLIT else (root, NOT_CLASSES)
+
+
+class SegmentMaskImageFolder(Dataset):
+    """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class).
+
+    The segment is the annotation whose coverage is closest to ``coverage_ratio`` percent, as an
+    (H, W) uint8 array on the image's pixel grid, 1 = hidden. With ``decode=False`` the image is an
+    EncodedImage (the file's bytes) instead of a PIL image.
+    """
+
+    def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
+                 split: str = "train", allow_missing_masks: bool = False, decode: bool = True,
+                 skip_bad_samples: bool = False, read_timeout: float = DEFAULT_DATA_TIMEOUT_S,
+                 mask_format: str = "auto", mask_size_check: int | None = None):
+        self.root = root
+        self.decode = decode
+        self.read_timeout = read_timeout
+        self.image_root = os.path.join(root, split)
+        self.mask_root = os.path.join(root, "masks")
+        self.with_masks = with_masks
+        self.coverage_ratio = coverage_ratio
+
+        self.kind = root_kind(root, split)
+        if self.kind == CLASS_FOLDERS:
+            self.image_root = root
+        if with_masks and not os.path.isdir(self.mask_root):
+            read_as = "" if self.kind == SPLIT else f" (it has no {split}/ folder and is read as class folders)"
+            raise DataError(f"--data_path {root} has no masks/ folder{read_as}, which segment mask methods need "
+                            f"(masks/<class>/<image stem>.json, or the segmae / amg.py folders "
+                            f"masks/<class>/<image stem>/). Generate SAM masks for it, or pretrain "
+                            f"with --mask_method patches.")
+        scan = scan_image_folder(self.image_root, exclude=NOT_CLASSES if self.kind == CLASS_FOLDERS else ())
+        self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
+        if scan.hidden:
+            print(f"{len(scan.hidden)} hidden files or folders under {self.image_root} are skipped, e.g. {scan.hidden[0]}")
+        if scan.empty_classes and self.samples:
+            if not skip_bad_samples:
+                raise DataError(f"{empty_classes_message(scan)}. Remove them, or pass --skip_bad_samples to "
+                                f"pretrain without them")
+            print(f"WARNING: {empty_classes_message(scan)} (skipped)")
+        if not self.samples:
+            raise DataError(f"no images found under {self.image_root}")
+        self.cache = None
+        self.cache_rows: np.ndarray | None = None  # per image: its row in the mask cache, -1 = read masks/
+        self.source: MaskSource | None = None
+        # masks turned into the image's frame for EXIF-rotated images, counted over the loader's workers
+        self.rotated_masks = multiprocessing.Value("q", 0)
+        if with_masks:
+            self._leave_out_listed_empty()
+            rels = self.samples.rels()  # paths relative to train/: the mask files' names, the cache's keys
+            stems = scanned_stems(rels)
+            check_unique_stems(rels, self.image_root, stems)
+            self.source = open_mask_source(self.mask_root, set(stems), mask_format,
+                                           stems_digest=self.samples.digest())
+            if MaskCache.exists(root, coverage_ratio):
+                self.cache = MaskCache(root, coverage_ratio, self.source)
+                self.cache_rows = self.cache.rows_for(rels)
+                self.cache.forget_keys()
+                uncached = int((self.cache_rows < 0).sum())
+                print(f"Using the mask cache {self.cache.bin_path}" +
+                      (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
+            self._check_masks(allow_missing_masks, rels, stems)
+            if mask_size_check is not None:
+                self._check_mask_sizes(mask_size_check, skip_bad_samples)
+            self.source.listed = None  # the start-up listing is not needed by the loader's workers
+
+    def describe(self) -> str:
+        where = f"{os.path.basename(self.image_root)}/ split" if self.kind == SPLIT else "class folders directly inside"
+        return f"{where} ({len(self.samples)} images, {len(self.classes)} classes)"
+
+    def digest(self) -> str:
+        return self.samples.digest()
+
+    def name(self, index: int) -> str:
+        return os.path.basename(self.samples.rel(index))
+
+    @property
+    def rel_paths(self) -> list[str]:
+        """Every image's path relative to train/ (built on each call: for start-up and tools)."""
+        return self.samples.rels()
+
+    def _uncached(self) -> list[int]:
+        return list(range(len(self.samples))) if self.cache_rows is None else np.flatnonzero(self.cache_rows < 0).tolist()
+
+    def _keep(self, keep: list[int]) -> None:
+        self.samples = self.samples.select(keep)
+        if self.cache_rows is not None:
+            self.cache_rows = self.cache_rows[np.asarray(keep, dtype=np.int64)]
+
+    def _leave_out_listed_empty(self) -> None:
+        """The original segmae code's emptyfiles.txt names images without masks; like the original,
+        those images are not part of the dataset."""
+        listed = read_empty_list(self.root)
+        if not listed:
+            return
+        keep = [i for i, rel in enumerate(self.samples.rels()) if os.path.basename(rel) not in listed]
+        if len(keep) < len(self.samples):
+            print(f"{len(self.samples) - len(keep)} images of {self.image_root} are listed in emptyfiles.txt "
+                  f"(no masks) and left out, as the original segmae code does")
+            self._keep(keep)
+        if not self.samples:
+            raise DataError(f"every image under {self.image_root} is listed in emptyfiles.txt: no image has masks")
+
+    def _check_mask_sizes(self, sample: int, skip_bad_samples: bool) -> None:
+        """The chosen mask's size against the image's header (no pixels decoded) for ``sample``
+        images spread over the set (0: every image), so that a mask of another picture is found at
+        start-up, not in a loader worker hours later. Cached masks were checked when cached."""
+        candidates = self._uncached()
+        if sample and len(candidates) > sample:
+            candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, sample)]
+        bad = []
+        counts = (self.source.thresholded.value, self.source.unsorted.value)  # training counts its reads only
+        for i in candidates:
+            rel, path = self.samples.rel(i), self.samples[i][0]
+            if not (os.path.isfile(path) and os.path.isfile(self.source.index_file(rel))):
+                continue  # a FIFO or device: read by the loader only, under its read deadline
+            try:
+                seg = self.source.chosen(rel, self.coverage_ratio)
+                if seg is None or seg.size is None:
+                    continue
+                with Image.open(path) as im:
+                    mask_fit(seg.size, im.size, exif_orientation(im))
+            except ValueError as e:
+                bad.append(f"{self.source.location(rel)}: {e}")
+            except (MaskFileError, DataError, *IMAGE_ERRORS) as e:
+                bad.append(str(e))
+        self.source.thresholded.reset(counts[0])
+        self.source.unsorted.reset(counts[1])
+        if not bad:
+            return
+        what = f"{len(bad)} of {len(candidates)} images checked at start-up"
+        if not skip_bad_samples:
+            raise MaskFileError(f"{what} have a mask that does not fit, e.g. {bad[0]}. Regenerate those masks "
+                                f"(python tools/check_dataset.py lists all), or pass --skip_bad_samples")
+        print(f"WARNING: {what} have a mask that does not fit (skipped when read), e.g. {bad[0]}")
+
+    def _check_masks(self, allow_missing: bool, rels: list[str], stems: list[str]) -> None:
+        to_check = self._uncached()
+        present = self.source.present({stems[i] for i in to_check}) if to_check else set()
+        missing = [i for i in to_check if stems[i] not in present]
+        if not missing:
+            return
+        first = "\n  ".join(self.source.location(rels[i]) for i in missing[:5])
+        msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file "
+               f"({self.source.format} layout), for example:\n  {first}")
+        if len(missing) == len(self.samples):  # --allow_missing_masks would leave nothing
+            raise DataError(f"no image under {self.image_root} has a mask file: looked in {self.source.mask_root} "
+                            f"for SAM JSON (<class>/<stem>.json), the original segmae layout (<class>/<stem>/table.txt) "
+                            f"and amg.py folders (<class>/<stem>/metadata.csv); e.g. "
+                            f"{self.source.location(rels[missing[0]])} is missing. Generate masks with "
+                            f"tools/generate_masks.py, or check --data_path")
+        if not allow_missing:
+            raise DataError(msg + "\nGenerate the missing masks, or pass --allow_missing_masks to "
+                                  "pretrain without those images.")
+        print(f"WARNING: {msg}\nThose images are skipped (--allow_missing_masks).")
+        missing_set = set(missing)
+        self._keep([i for i in range(len(self.samples)) if i not in missing_set])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        rel, target = self.samples.rel(index), int(self.samples.labels[index])
+        path = os.path.join(self.image_root, rel)
+        with read_deadline(path, self.read_timeout):
+            img = load_rgb(path) if self.decode else EncodedImage(path)
+        if not self.with_masks:
+            return img, None, target
+        if self.cache_rows is not None and self.cache_rows[index] >= 0:
+            with read_deadline(self.cache.bin_path, self.read_timeout):
+                mask = self.cache.load_row(int(self.cache_rows[index]), img.size, rel)
+        else:
+            with read_deadline(self.source.location(rel), self.read_timeout):
+                mask = self.source.load(rel, self.coverage_ratio, img.size)
+        if mask.shape != (img.height, img.width):  # the size policy of util/sam_masks.py
+            orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
+            mask, rule = fit_mask(mask, img.size, orientation, self.source.location(rel))
+            if rule == "rotate":
+                with self.rotated_masks.get_lock():
+                    self.rotated_masks.value += 1
+        return img, mask, target
