@@ -107,6 +107,18 @@ def check_downstream_args(args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error("--cutmix_minmax takes two values: min max")
 
 
+def take_pretraining_size(args: argparse.Namespace, saved: argparse.Namespace | None) -> None:
+    """No --input_size given, a new run: the size the encoder was pretrained at (text lines stay 32 x
+    128), when --model's patch divides it. A resumed run keeps its own size."""
+    pretrained = getattr(saved, "input_size", None)
+    if not pretrained or args.resume or "input_size" in getattr(args, "given_flags", []):
+        return
+    hw = list(as_hw(pretrained))
+    if hw != list(as_hw(args.input_size)) and all(side % models_vit.model_patch_size(args.model) == 0 for side in hw):
+        print(f"--input_size {hw[0]} {hw[1]} taken from {args.finetune} (the size it was pretrained at)")
+        args.input_size = hw
+
+
 def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module:
     """The ViT for --model, with the input channels and adapted encoder of --finetune (if any).
     Records the pretraining method and in_chans in args."""
@@ -145,6 +157,7 @@ def take_pretraining_recipe(args: argparse.Namespace) -> None:
     """--augment and --normalization, unless given or resumed: the --finetune checkpoint's (a
     text-line encoder is finetuned on text lines as it was pretrained), else the reference's."""
     saved = load_checkpoint(args.finetune).get("args") if args.finetune and not args.eval else None
+    take_pretraining_size(args, saved)
     for key, default in (("augment", "crop_flip"), ("normalization", "imagenet")):
         if getattr(args, key) is None:
             pretrained = getattr(saved, key, None)

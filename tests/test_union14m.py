@@ -294,3 +294,15 @@ def test_the_data_tools_read_a_root_of_class_folders(toy_root, tmp_path, capsys)
     from tools.make_toy_data import make_toy_text_lmdb
     make_toy_text_lmdb(str(lmdb_root), n=4)
     assert "is an LMDB database: it holds no image files" in check_dataset.check(str(lmdb_root))["problems"][0]
+
+
+def test_finetuning_takes_the_pretraining_size_unless_given(toy_root, pretrained, tmp_path, capsys):
+    argv = ["--data_path", toy_root, "--model", "vit_tiny_patch8", "--nb_classes", "4", "--batch_size", "8",
+            "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu",
+            "--finetune", pretrained["patches"]]
+    main_finetune.cli(argv + ["--output_dir", str(tmp_path / "a")])
+    assert f"--input_size 32 32 taken from {pretrained['patches']}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "a" / "checkpoint-0.pth", weights_only=False)["args"].input_size == [32, 32]
+    main_finetune.cli(argv + ["--output_dir", str(tmp_path / "b"), "--input_size", "48"])
+    assert "--input_size 32 32 taken from" not in capsys.readouterr().out  # a given size stays
+    assert torch.load(tmp_path / "b" / "checkpoint-0.pth", weights_only=False)["args"].input_size == [48]
