@@ -19,8 +19,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.misc as misc
 import util.runsetup as runsetup
-from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
-                             run_start, save_model)
+from util.checkpoint import append_log, load_checkpoint, load_model, save_model
+from util.run_identity import auto_resume, reconcile_with_checkpoint, run_start
 from util.bench_report import FINETUNE_RESULT
 from util.distributed import check_ranks_agree, get_rank, get_world_size, is_main_process, local_main_first
 from util.files import atomic_write_json

@@ -15,8 +15,8 @@ import torch
 import models_mae
 import util.misc as misc
 import util.runsetup as runsetup
-from util.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
-                             run_start, save_model)
+from util.checkpoint import append_log, load_checkpoint, load_model, save_model
+from util.run_identity import auto_resume, reconcile_with_checkpoint, run_start
 from util.distributed import all_reduce_mean, check_ranks_agree, get_rank, get_world_size, local_main_first
 from engine_pretrain import train_one_epoch
 from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_args, check_model_and_input_size,

@@ -25,7 +25,8 @@ import torch
 import util.misc as misc
 import util.runsetup as runsetup
 from util.transforms import NORMALIZATIONS
-from util.checkpoint import append_log, load_checkpoint, mismatch_hint, reconcile_with_checkpoint, save_checkpoint
+from util.checkpoint import append_log, load_checkpoint, mismatch_hint, save_checkpoint
+from util.run_identity import reconcile_with_checkpoint
 from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
 from util.datasets import loader_options
 from util.files import atomic_write_json, read_jsonl, writable_dir

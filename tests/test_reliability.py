@@ -15,7 +15,8 @@ import torch
 import main_pretrain
 import models_mae
 import submitit_pretrain
-from util.checkpoint import atomic_torch_save, auto_resume, find_last_checkpoint, prune_checkpoints
+from util.checkpoint import atomic_torch_save, find_last_checkpoint, prune_checkpoints
+from util.run_identity import auto_resume
 from conftest import REPO
 from test_pretrain_cli import common
 from util.slurm import Trainer

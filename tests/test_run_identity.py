@@ -14,6 +14,7 @@ import main_pretrain
 import models_vit
 import segmenter.train
 import util.checkpoint as checkpoint
+import util.run_identity as run_identity
 from test_faults import run_exit_code, seg_argv
 from test_pretrain_cli import common
 from util.optim import adamw, param_groups_layer_decay
@@ -166,7 +167,7 @@ def test_given_flags_are_told_from_defaults():
     assert misc.given_flags(parser, ["--coverage_ratio", "40", "--norm_pix_loss"]) == ["coverage_ratio",
                                                                                         "norm_pix_loss"]
     args = argparse.Namespace(resume="", given_flags=[])
-    checkpoint.reconcile_with_checkpoint(args, ["model"])  # no checkpoint: nothing to do
+    run_identity.reconcile_with_checkpoint(args, ["model"])  # no checkpoint: nothing to do
 
 
 # ------------------------------------------------------------------------------------------------
