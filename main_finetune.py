@@ -32,7 +32,7 @@ from util.datasets import loader_options
 from util.finetune_data import build_classification_datasets, build_finetune_transform
 from util.errors import UserError
 from util.optim import build_optimizer, param_groups_layer_decay
-from util.transforms import as_hw
+from util.transforms import REFERENCE_RECIPE, as_hw
 
 
 # What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
@@ -158,7 +158,7 @@ def take_pretraining_recipe(args: argparse.Namespace) -> None:
     text-line encoder is finetuned on text lines as it was pretrained), else the reference's."""
     saved = load_checkpoint(args.finetune).get("args") if args.finetune and not args.eval else None
     take_pretraining_size(args, saved)
-    for key, default in (("augment", "crop_flip"), ("normalization", "imagenet")):
+    for key, default in REFERENCE_RECIPE.items():
         if getattr(args, key) is None:
             pretrained = getattr(saved, key, None)
             setattr(args, key, pretrained or default)

@@ -29,7 +29,8 @@ from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_pa
 from util.masking import get_method, uses_segments
 from util.optim import build_optimizer, param_groups_weight_decay
 from util.speed import convert_to_fp8
-from util.transforms import DATA_BACKENDS, DeferredPretrainTransform, as_hw, build_pretrain_transform
+from util.transforms import (DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, DeferredPretrainTransform, as_hw,
+                             build_pretrain_transform)
 from util.visualize import labelled_grid, panel_titles, reconstruction_panels
 
 
@@ -101,9 +102,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Errors that depend on several flags, before any data is read."""
     check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size)
     check_optimizer_args(args, parser, ("adamw",), default_betas=(0.9, 0.95))
-    text_line = args.model in models_mae.TEXT_LINE_MODELS  # Union14M's recipe for its models
-    args.augment = args.augment or ("resize" if text_line else "crop_flip")
-    args.normalization = args.normalization or ("vit" if text_line else "imagenet")
+    recipe = TEXT_LINE_RECIPE if args.model in models_mae.TEXT_LINE_MODELS else REFERENCE_RECIPE
+    for key, default in recipe.items():
+        setattr(args, key, getattr(args, key) or default)
     method = get_method(args.mask_method)
     if method.drops_tokens and args.mask_ratio == 0:
         parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
@@ -185,24 +186,31 @@ def log_reconstructions_mid_epoch(log_writer, model, dataset, device, args, epoc
     model.train(True)
 
 
+def continue_as_written(args: argparse.Namespace, checkpoint: dict) -> None:
+    """A resumed checkpoint written before a model name or a flag changed meaning continues as it
+    was trained: under the model's explicit name, with the reference's recipe."""
+    state = checkpoint.get("model", {})
+    name = models_mae.model_of_checkpoint(args.model, state)
+    if name != args.model:
+        print(f"{args.resume} holds the model now named {name} (its decoder is {state['decoder_embed.weight'].shape[0]}"
+              f" wide; {args.model} is now Union14M's): continuing it as {name}")
+        args.model = name
+    saved = checkpoint.get("args")
+    for key, before in REFERENCE_RECIPE.items():
+        if saved is not None and not hasattr(saved, key) and key not in getattr(args, "given_flags", []):
+            setattr(args, key, before)  # a run from before the flag existed
+
+
 def reconcile_run(args: argparse.Namespace) -> None:
     """Auto-resume (only the run this command starts); the flags that define the run must be the
     checkpoint's (a default is taken from it)."""
     auto_resume(args, run_start(args, files=RUN_START_FILES))
-    if args.resume:
-        refuse_original_to_continue(load_checkpoint(args.resume), args.resume, "--resume")
-    reconcile_with_checkpoint(args, RUN_FLAGS)
-    if args.resume:  # a name whose model changed since the checkpoint was written
-        state = load_checkpoint(args.resume).get("model", {})
-        name = models_mae.model_of_checkpoint(args.model, state)
-        if name != args.model:
-            print(f"{args.resume} holds the model now named {name} (its decoder is {state['decoder_embed.weight'].shape[0]}"
-                  f" wide; {args.model} is now Union14M's): continuing it as {name}")
-            args.model = name
-        saved = load_checkpoint(args.resume).get("args")
-        for key, before in (("augment", "crop_flip"), ("normalization", "imagenet")):
-            if saved is not None and not hasattr(saved, key) and key not in getattr(args, "given_flags", []):
-                setattr(args, key, before)  # a run from before the flag existed: the reference's recipe
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        refuse_original_to_continue(checkpoint, args.resume, "--resume")
+    reconcile_with_checkpoint(args, RUN_FLAGS, saved=checkpoint.get("args") if checkpoint is not None else None)
+    if checkpoint is not None:
+        continue_as_written(args, checkpoint)
     method_flags = get_method(args.mask_method).run_flags
     if "seg_loss" in method_flags:
         seg_loss_of_older_checkpoint(args)

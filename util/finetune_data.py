@@ -40,10 +40,9 @@ def build_resize_transform(input_size, normalization: str = "imagenet"):
 
 def _fixed_transform(is_train: bool, args):
     """The evaluation transform, or (--augment resize) the resize-only one; None: augment."""
-    normalization = getattr(args, "normalization", None) or "imagenet"
-    if getattr(args, "augment", None) == "resize":
-        return build_resize_transform(args.input_size, normalization)
-    return None if is_train else build_eval_transform(args.input_size, normalization=normalization)
+    if args.augment == "resize":
+        return build_resize_transform(args.input_size, args.normalization)
+    return None if is_train else build_eval_transform(args.input_size, normalization=args.normalization)
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -73,7 +72,7 @@ def build_finetune_transform(is_train: bool, args):
         return fixed
     _patch_timm_posterize()  # when RandAugment is built, not at import
     h, w = as_hw(args.input_size)
-    mean, std = NORMALIZATIONS[getattr(args, "normalization", None) or "imagenet"]
+    mean, std = NORMALIZATIONS[args.normalization]
     return create_transform(input_size=(3, h, w), is_training=True, color_jitter=args.color_jitter,
                             auto_augment=args.aa, interpolation='bicubic', re_prob=args.reprob,
                             re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
@@ -86,7 +85,7 @@ def build_linprobe_transform(is_train: bool, args):
         return fixed
     return T.Compose([T.RandomResizedCrop(as_hw(args.input_size), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(*NORMALIZATIONS[getattr(args, "normalization", None) or "imagenet"])])
+                      T.Normalize(*NORMALIZATIONS[args.normalization])])
 
 
 @contextmanager
@@ -157,11 +156,13 @@ def class_balanced_subset(labels: np.ndarray, per_class: int | float, seed: int)
     fraction of each class (at least one), drawn by a generator seeded with ``seed`` alone: the
     same subset for any number of ranks and workers, and after a resume."""
     rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")  # one sort groups every class (ImageNet: 1000 classes, 1.28M images)
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        k = per_class if isinstance(per_class, int) else max(1, int(round(per_class * len(members))))
-        chosen.append(np.sort(rng.permutation(members)[:k]))
+    for start, count in zip(starts.tolist(), counts.tolist()):
+        members = order[start:start + count]
+        k = per_class if isinstance(per_class, int) else max(1, int(round(per_class * count)))
+        chosen.append(rng.permutation(members)[:k])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 

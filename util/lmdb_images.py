@@ -40,9 +40,10 @@ def _close_all() -> None:
 os.register_at_fork(before=_close_all)
 
 
-def environment(root: str):
-    """This process's read-only handle on the database at root (opened on first use)."""
-    key = os.path.realpath(root)
+def environment(root: str, key: str | None = None):
+    """This process's read-only handle on the database at root (opened on first use); key: the
+    root's real path, when the caller has it (a dataset computes it once, not per read)."""
+    key = key or os.path.realpath(root)
     env = _OPEN.get(key)
     if env is None:
         import lmdb  # local: only LMDB roots need the package
@@ -82,6 +83,7 @@ class LmdbImages(Dataset):
         self.decode = decode
         self.read_timeout = read_timeout
         self.count = count_images(root)
+        self.real_root = os.path.realpath(root)
         self.with_masks = False
         self.source = None
         self.rotated_masks = multiprocessing.Value("q", 0)  # as image folders count them (always 0 here)
@@ -94,7 +96,7 @@ class LmdbImages(Dataset):
 
     def digest(self) -> str:
         """What every rank must agree on: the database's path and count."""
-        return hashlib.sha1(f"{os.path.realpath(self.root)}\0{self.count}".encode()).hexdigest()
+        return hashlib.sha1(f"{self.real_root}\0{self.count}".encode()).hexdigest()
 
     def name(self, index: int) -> str:
         return IMAGE_KEY.format(index + 1)
@@ -103,7 +105,7 @@ class LmdbImages(Dataset):
         key = self.name(index)
         where = f"{self.root}[{key}]"
         with read_deadline(where, self.read_timeout):
-            with environment(self.root).begin() as txn:
+            with environment(self.root, self.real_root).begin() as txn:
                 data = txn.get(key.encode("ascii"))
         if data is None:
             raise DataError(f"{where} is missing, though num-samples says {self.count}: the database is incomplete")

@@ -35,6 +35,8 @@ NORMALIZATIONS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
 # crop_flip: the reference's RandomResizedCrop + flip; resize: the whole image resized to the input
 # size, nothing random (text lines: a crop cuts letters off, a flipped word is another word)
 AUGMENTS = ("crop_flip", "resize")
+REFERENCE_RECIPE = {"augment": "crop_flip", "normalization": "imagenet"}  # the MAE reference's (and older runs')
+TEXT_LINE_RECIPE = {"augment": "resize", "normalization": "vit"}  # Union14M's, the default of its models
 
 
 def as_hw(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
