@@ -40,6 +40,7 @@ from util.bench_report import (FINETUNE_RESULT, curve_labels, finetune_table, pl
                                read_results, results_table)
 from util.bench_runs import (OFFICIAL_MAE, add_stage_time, append_result, eval_config, official_checkpoint,  # noqa: E402,F401
                              paths, pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest,
+                             stack_sha256,
                              stage_times)
 from util.bench_stages import run_stage  # noqa: E402
 from util.slurm import add_slurm_job_args, submit  # noqa: E402
@@ -289,7 +290,7 @@ def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | N
            "resumed": pretrain_time["invocations"] > 1 or eval_time["invocations"] > 1,
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone,
-           "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
+           "stack": args.stack, "stack_sha256": stack_sha256(args),
            "config": {**run_config(args), **eval_config(args)}, "record": runsetup.run_record(args.num_gpus)}
     if knn is not None:
         row.update(knn_top1=knn["knn_top1"], knn_time_s=knn["seconds"], knn_bank=knn["bank_size"])

@@ -10,14 +10,16 @@ from timm.data import Mixup
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.distributed import is_dist_avail_and_initialized
+from util.runtime import Runtime
 from util.speed import mark_step_begin
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
-                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    optimizer: torch.optim.Optimizer, run: Runtime, epoch: int,
                     loss_scaler: misc.LossScaler, max_norm: float | None = None,
                     mixup_fn: Mixup | None = None, log_writer=None, args=None) -> dict:
     model.train(True)
+    device = run.device
     metric_logger, monitor, iterator = misc.epoch_progress(data_loader, epoch, device, args, log_writer,
                                                            hint="Lower --blr or set --clip_grad.")
     accum_iter = args.accum_iter
@@ -34,10 +36,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             samples, targets = mixup_fn(samples, targets)
 
         update = (data_iter_step + 1) % accum_iter == 0
-        sync_ctx = model.no_sync() if (args.distributed and not update) else nullcontext()
-        mark_step_begin(args.compile_mode if args.compile else None)
+        sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
+        mark_step_begin(run.compile_mode)
         with sync_ctx:
-            with misc.autocast(device, args.amp):
+            with misc.autocast(device, run.amp):
                 outputs = model(samples)
                 loss = criterion(outputs.float(), targets)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm,

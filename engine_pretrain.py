@@ -14,6 +14,7 @@ import util.misc as misc
 from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
 from util.masking import get_method, uses_segments
+from util.runtime import Runtime
 from util.speed import mark_step_begin
 
 
@@ -41,7 +42,7 @@ def all_ranks_finite(loss: torch.Tensor, distributed: bool) -> bool:
 def skip_nonfinite_step(loss: torch.Tensor, args, epoch: int, step: int, skipped: list[int]) -> bool:
     """--skip_nonfinite: True (and the step is recorded) when the loss is not finite on some rank;
     more such steps in an epoch than allowed stop the run, the last checkpoint untouched."""
-    if all_ranks_finite(loss, args.distributed):
+    if all_ranks_finite(loss, is_dist_avail_and_initialized()):
         return False
     skipped.append(step)
     print(f"WARNING: non-finite loss at epoch {epoch}, step {step}: step skipped "
@@ -74,89 +75,115 @@ def gather_lists(items: list) -> list:
     return [x for part in out for x in part]
 
 
+class EpochCounts:
+    """What an epoch counts besides its meters: images trained on, the unreadable samples skipped
+    (--skip_bad_samples), the non-finite steps skipped (--skip_nonfinite) and the samples whose
+    segment hides nothing (a device tensor, read once at the end)."""
+
+    def __init__(self, device: torch.device):
+        self.start = time.time()
+        self.images = 0
+        self.bad_samples: list[str] = []
+        self.skipped_steps: list[int] = []
+        self.empty_segments = torch.zeros((), dtype=torch.int64, device=device)
+
+
+def batch_to_device(batch: tuple, counts: EpochCounts, run: Runtime) -> tuple | None:
+    """(images, segment masks or None) on the device; None for a batch of unreadable samples only."""
+    samples, seg_mask, bad = batch
+    counts.bad_samples += bad
+    if samples is None:
+        if run.distributed:  # the other ranks would wait for this one's gradients forever
+            raise UserError(f"every sample of a batch was unreadable ({bad[:3]}...); fix the data")
+        return None
+    seg_mask = seg_mask.to(run.device, non_blocking=True) if seg_mask is not None else None
+    return samples.to(run.device, non_blocking=True), seg_mask
+
+
+def mae_step(model: torch.nn.Module, samples: torch.Tensor, seg_mask: torch.Tensor | None, optimizer,
+             loss_scaler: misc.LossScaler, run: Runtime, args, update: bool, where: tuple) -> tuple | None:
+    """Forward, loss, backward; the optimizer steps when ``update`` (the last of --accum_iter steps).
+    Returns (loss, the per-patch loss weights), or None for a step --skip_nonfinite skipped.
+    where: (epoch, step, EpochCounts)."""
+    # skip DDP's gradient all-reduce on accumulation steps
+    sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
+    mark_step_begin(run.compile_mode)
+    with sync_ctx:
+        with misc.autocast(run.device, run.amp):
+            loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
+        if run.distributed and seg_mask is not None:
+            loss = normalise_by_global_weight(loss, weights)
+        epoch, step, counts = where
+        if args.skip_nonfinite and skip_nonfinite_step(loss, args, epoch, step, counts.skipped_steps):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        loss_scaler(loss / args.accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
+    if update:
+        optimizer.zero_grad(set_to_none=True)
+    return loss, weights
+
+
+def record_step(metric_logger: misc.MetricLogger, monitor, method, loss: torch.Tensor, weights: torch.Tensor,
+                batch: tuple, counts: EpochCounts, lr: float) -> None:
+    """The step's numbers, all kept on the device (no host sync)."""
+    samples, seg_mask = batch
+    monitor.record(loss)
+    metric_logger.update(hidden=weights.detach().float().mean())
+    if seg_mask is not None:
+        counts.empty_segments += (seg_mask.flatten(1).sum(dim=1) == 0).sum()
+        metric_logger.update(**method.batch_stats(weights.detach(), seg_mask))
+    counts.images += samples.shape[0]
+    metric_logger.update(lr=lr)
+
+
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, loss_scaler: misc.LossScaler,
+                    run: Runtime, epoch: int, loss_scaler: misc.LossScaler,
                     log_writer=None, args=None, log_images=None) -> dict:
     """log_images(x): called with --log_freq at its steps (x: the step in 1/1000 epochs), to
     write the reconstruction grid to TensorBoard."""
     model.train(True)
     metric_logger, monitor, iterator = misc.epoch_progress(
-        data_loader, epoch, device, args, log_writer,
+        data_loader, epoch, run.device, args, log_writer,
         hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
-    accum_iter = args.accum_iter
-    steps_per_epoch = len(data_loader)
-    method = get_method(args.mask_method)
-    empty_segments = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
-
+    method, counts, steps_per_epoch = get_method(args.mask_method), EpochCounts(run.device), len(data_loader)
     optimizer.zero_grad(set_to_none=True)
     if log_writer is not None:
         print(f'log_dir: {log_writer.log_dir}')
 
-    start = time.time()
-    images_seen = 0
-    bad_samples: list[str] = []  # unreadable samples skipped with --skip_bad_samples
-    skipped_steps: list[int] = []  # non-finite steps skipped with --skip_nonfinite
-    for data_iter_step, batch in enumerate(iterator):
-        # per-iteration (instead of per-epoch) lr schedule
-        if data_iter_step % accum_iter == 0:
-            lr_sched.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
-
-        samples, seg_mask, bad = batch
-        bad_samples += bad
-        if samples is None:
-            if args.distributed:  # the other ranks would wait for this one's gradients forever
-                raise UserError(f"every sample of a batch was unreadable ({bad[:3]}...); fix the data")
+    for step, batch in enumerate(iterator):
+        if step % args.accum_iter == 0:  # per-iteration (instead of per-epoch) lr schedule
+            lr_sched.adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
+        batch = batch_to_device(batch, counts, run)
+        if batch is None:
             continue
-        samples = samples.to(device, non_blocking=True)
-        seg_mask = seg_mask.to(device, non_blocking=True) if seg_mask is not None else None
-        update = (data_iter_step + 1) % accum_iter == 0
-        # skip DDP's gradient all-reduce on accumulation steps
-        sync_ctx = model.no_sync() if (args.distributed and not update) else nullcontext()
-        mark_step_begin(args.compile_mode if args.compile else None)
-        with sync_ctx:
-            with misc.autocast(device, args.amp):
-                loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
-            if args.distributed and seg_mask is not None:
-                loss = normalise_by_global_weight(loss, weights)
-            if args.skip_nonfinite and skip_nonfinite_step(loss, args, epoch, data_iter_step, skipped_steps):
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
-        if update:
-            optimizer.zero_grad(set_to_none=True)
-
-        monitor.record(loss)
-        metric_logger.update(hidden=weights.detach().float().mean())  # on the device: no sync
-        if seg_mask is not None:
-            empty_segments += (seg_mask.flatten(1).sum(dim=1) == 0).sum()
-            metric_logger.update(**method.batch_stats(weights.detach(), seg_mask))
-        images_seen += samples.shape[0]
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if monitor.due(data_iter_step):  # --log_freq: loss, lr and the reconstructions to TensorBoard
-            monitor(data_iter_step, to_tensorboard=True)
+        update = (step + 1) % args.accum_iter == 0
+        result = mae_step(model, *batch, optimizer, loss_scaler, run, args, update, (epoch, step, counts))
+        if result is None:
+            continue
+        record_step(metric_logger, monitor, method, *result, batch, counts, optimizer.param_groups[0]["lr"])
+        if monitor.due(step):  # --log_freq: loss, lr and the reconstructions to TensorBoard
+            monitor(step, to_tensorboard=True)
             if log_images is not None and log_writer is not None:
-                log_images(monitor.epoch_1000x(data_iter_step))
-
-    return epoch_stats(metric_logger, epoch, time.time() - start, images_seen, empty_segments, bad_samples,
-                       skipped_steps, args)
+                log_images(monitor.epoch_1000x(step))
+    return epoch_stats(metric_logger, epoch, counts, args)
 
 
-def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, epoch_time: float, images_seen: int,
-                empty_segments: torch.Tensor, bad_samples: list[str], skipped_steps: list[int], args) -> dict:
+def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCounts, args) -> dict:
     """The epoch's log row: the meters averaged over ranks, speed, and the samples and steps that
     were counted or skipped (each read once, here)."""
+    epoch_time = time.time() - counts.start
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    stats["img_per_sec"] = images_seen * get_world_size() / max(epoch_time, 1e-9)
+    stats["img_per_sec"] = counts.images * get_world_size() / max(epoch_time, 1e-9)
     stats["epoch_time"] = epoch_time
     if uses_segments(args.mask_method):
         # samples whose chosen segment hides nothing (they add no loss)
-        stats["empty_segments"] = int(round(all_reduce_mean(float(empty_segments.item())) * get_world_size()))
+        stats["empty_segments"] = int(round(all_reduce_mean(float(counts.empty_segments.item())) * get_world_size()))
     if args.skip_bad_samples:
-        stats["bad_samples"] = report_bad_samples(bad_samples, epoch, args.output_dir)
+        stats["bad_samples"] = report_bad_samples(counts.bad_samples, epoch, args.output_dir)
     if args.skip_nonfinite:
-        stats["skipped_nonfinite_steps"] = len(skipped_steps)
+        stats["skipped_nonfinite_steps"] = len(counts.skipped_steps)
     if not math.isfinite(stats.get("loss", 0.0)):
         raise misc.NonFiniteLossError(f"average loss of epoch {epoch} is not finite; stopping.")
     return stats

@@ -32,6 +32,7 @@ from util.datasets import loader_options
 from util.finetune_data import build_classification_datasets, build_finetune_transform
 from util.errors import UserError
 from util.optim import build_optimizer, param_groups_layer_decay
+from util.runtime import Runtime
 from util.transforms import REFERENCE_RECIPE, as_hw
 
 
@@ -167,7 +168,7 @@ def take_pretraining_recipe(args: argparse.Namespace) -> None:
 
 
 def build_loaders(args, build_transform):
-    with local_main_first(args):
+    with local_main_first():
         dataset_train, dataset_val = build_classification_datasets(args, build_transform)
     check_ranks_agree(args, {f"{name} images": (len(ds), ds.samples.digest())
                              for name, ds in (("train", dataset_train), ("val", dataset_val))})
@@ -198,7 +199,7 @@ def build_loaders(args, build_transform):
 
 
 def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train, sampler_train,
-                 loader_val, device, mixup_fn=None, max_norm=None, kind: str = "finetune") -> dict:
+                 loader_val, run: Runtime, mixup_fn=None, max_norm=None, kind: str = "finetune") -> dict:
     """The epoch loop shared by finetuning and linear probing (kind): train, evaluate, keep the best."""
     log_writer = misc.tensorboard_writer(args.log_dir)
     if args.output_dir:
@@ -213,9 +214,9 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         misc.seed_epoch(args.seed, epoch, get_rank())
         sampler_train.set_epoch(epoch)
         loader_train.dataset.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, run, epoch, loss_scaler,
                                       max_norm, mixup_fn, log_writer=log_writer, args=args)
-        test_stats = evaluate(loader_val, model, device, args.amp)
+        test_stats = evaluate(loader_val, model, run.device, run.amp)
         print(f"Accuracy of the network on the {test_stats['count']} test images: {test_stats['acc1']:.1f}%")
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
@@ -231,10 +232,10 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
             append_log(args.output_dir, log_stats)
         if args.output_dir and improved:
             save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                       loss_scaler=loss_scaler, epoch=epoch, name="best")
+                       loss_scaler=loss_scaler, epoch=epoch, name="best", run=run)
         if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
             save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                       loss_scaler=loss_scaler, epoch=epoch)
+                       loss_scaler=loss_scaler, epoch=epoch, run=run)
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f'val/{key}', test_stats[key], epoch)
@@ -253,7 +254,8 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = runsetup.setup_run(args, __file__)
+    run = runsetup.setup_run(args, __file__)
+    device = run.device
     start_and_reconcile(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
@@ -274,13 +276,13 @@ def main(args: argparse.Namespace) -> dict:
 
     runsetup.set_lr_from_blr(args)
 
-    model = runsetup.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, run)
 
     param_groups = param_groups_layer_decay(model_without_ddp, args.weight_decay,
                                             no_weight_decay=model_without_ddp.no_weight_decay(),
                                             layer_decay=args.layer_decay)
     optimizer = build_optimizer(args, param_groups, device)
-    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
 
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # smoothing is handled with mixup label transform
@@ -293,11 +295,11 @@ def main(args: argparse.Namespace) -> dict:
     load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
 
     if args.eval:
-        test_stats = evaluate(loader_val, model, device, args.amp)
+        test_stats = evaluate(loader_val, model, device, run.amp)
         print(f"Accuracy of the network on the {test_stats['count']} test images: {test_stats['acc1']:.1f}%")
         return test_stats
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
-                        sampler_train, loader_val, device, mixup_fn=mixup_fn, max_norm=args.clip_grad)
+                        sampler_train, loader_val, run, mixup_fn=mixup_fn, max_norm=args.clip_grad)
 
 
 def cli(argv: list[str] | None = None):

@@ -41,7 +41,8 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = runsetup.setup_run(args, __file__)
+    run = runsetup.setup_run(args, __file__)
+    device = run.device
     start_and_reconcile(args)
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
@@ -55,19 +56,19 @@ def main(args: argparse.Namespace) -> dict:
 
     runsetup.set_lr_from_blr(args)
 
-    model = runsetup.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, run)
 
     head = [{"params": list(model_without_ddp.head.parameters()), "weight_decay": args.weight_decay}]
     optimizer = build_optimizer(args, head, device)
     runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
-    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
 
     load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
     if args.eval:
-        return evaluate(loader_val, model, device, args.amp)
+        return evaluate(loader_val, model, device, run.amp)
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
-                        sampler_train, loader_val, device, kind="linprobe")
+                        sampler_train, loader_val, run, kind="linprobe")
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -25,9 +25,11 @@ from util.checkpoint_adapt import refuse_original_to_continue, stack_official_in
 from util.errors import UserError
 from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain, loader_options
 from util.prefetch import DevicePrefetcher
-from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path
+from util.shard_index import is_shard_path
+from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset
 from util.masking import get_method, uses_segments
 from util.optim import build_optimizer, param_groups_weight_decay
+from util.runtime import Runtime
 from util.speed import convert_to_fp8
 from util.transforms import (DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, DeferredPretrainTransform, as_hw,
                              build_pretrain_transform)
@@ -156,7 +158,7 @@ def seg_loss_of_older_checkpoint(args: argparse.Namespace) -> None:
     args.seg_loss = "patch"
 
 
-def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n: int = 4,
+def log_reconstructions(log_writer, model, dataset, run: Runtime, args, epoch: int, n: int = 4,
                         tag: str = "train/reconstructions") -> None:
     """TensorBoard image 'reconstructions': the first n training images, what the encoder saw and
     what the model made of it (util/visualize.py)."""
@@ -170,19 +172,20 @@ def log_reconstructions(log_writer, model, dataset, device, args, epoch: int, n:
     imgs, seg, _ = collate_pretrain(samples)
     if imgs is None:
         return
+    device, amp = run.device, run.amp
     imgs = imgs.to(device)
     seg = seg.to(device) if seg is not None else None
-    with misc.autocast(device, args.amp):
+    with misc.autocast(device, amp):
         panels = reconstruction_panels(model, imgs, seg, args.mask_ratio, args.normalization)
     grid = labelled_grid(panels.float(), panel_titles(args.mask_method), rows)
     log_writer.add_image(tag, np.asarray(grid), epoch, dataformats="HWC")
 
 
-def log_reconstructions_mid_epoch(log_writer, model, dataset, device, args, epoch_1000x: int) -> None:
+def log_reconstructions_mid_epoch(log_writer, model, dataset, run: Runtime, args, epoch_1000x: int) -> None:
     """--log_freq: the reconstruction grid at a training step (tag train/reconstructions_1000x),
     without touching the training's random numbers or leaving the model in eval mode."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        log_reconstructions(log_writer, model, dataset, device, args, epoch_1000x, tag="train/reconstructions_1000x")
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        log_reconstructions(log_writer, model, dataset, run, args, epoch_1000x, tag="train/reconstructions_1000x")
     model.train(True)
 
 
@@ -229,7 +232,7 @@ def uses_shards(args: argparse.Namespace) -> bool:
 
 def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
     """(dataset, None, the loader) of pretraining samples read from tar shards (util/shards.py)."""
-    with local_main_first(args):  # the first rank counts the samples of unindexed tars and saves the counts
+    with local_main_first():  # the first rank counts the samples of unindexed tars and saves the counts
         dataset = build_shard_dataset(args.data_path, transform, uses_segments(args.mask_method), args.coverage_ratio,
                                       args.batch_size, get_world_size(), get_rank(), args.seed, args.shuffle_buffer,
                                       args.skip_bad_samples, decode=not isinstance(transform, DeferredPretrainTransform))
@@ -250,7 +253,7 @@ def build_data(args: argparse.Namespace, device: torch.device):
     transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend, args.augment, args.normalization)
     if uses_shards(args):
         return build_shard_data(args, device, transform)
-    with local_main_first(args):
+    with local_main_first():
         dataset = build_pretrain_dataset(args.data_path, transform, with_masks=uses_segments(args.mask_method),
                                          coverage_ratio=args.coverage_ratio, allow_missing_masks=args.allow_missing_masks,
                                          seed=args.seed, skip_bad_samples=args.skip_bad_samples,
@@ -274,7 +277,7 @@ def build_data(args: argparse.Namespace, device: torch.device):
     return dataset, sampler, loader
 
 
-def build_model(args: argparse.Namespace, device: torch.device):
+def build_model(args: argparse.Namespace, run: Runtime):
     """(model to train: compiled / DDP-wrapped, the plain model, optimizer, loss scaler), resumed
     or stacked on an official checkpoint where asked."""
     input_size = as_hw(args.input_size)
@@ -285,18 +288,19 @@ def build_model(args: argparse.Namespace, device: torch.device):
     args.in_chans = model.encoder_in_chans
     args.fourth_channel = "visible"  # a mask channel holds v = 1 - m (the original segmae code's: m)
     args.input_size = list(input_size)
+    device = run.device
     model.to(device)
     if args.fp8:
         print(f"FP8: {convert_to_fp8(model, device)} Linear layers converted")
     model_without_ddp = model
     runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
     runsetup.set_lr_from_blr(args)
-    model = runsetup.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, run)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
     optimizer = build_optimizer(args, param_groups, device)
     runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
-    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
     if args.stack and not args.resume:
         stack_official_into_mae(model_without_ddp, args.stack, args.mask_channel)
     load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
@@ -304,16 +308,16 @@ def build_model(args: argparse.Namespace, device: torch.device):
 
 
 def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_without_ddp, optimizer, loss_scaler,
-              dataset, device, log_writer) -> None:
+              dataset, run: Runtime, log_writer) -> None:
     """The log row, then the checkpoint (a failed or killed save only repeats the epoch and its
     row), then TensorBoard."""
     if args.output_dir:
         append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
     if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
         save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
-                   epoch=epoch, name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None)
+                   epoch=epoch, name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None, run=run)
     if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
-        log_reconstructions(log_writer, model_without_ddp, dataset, device, args, epoch)
+        log_reconstructions(log_writer, model_without_ddp, dataset, run, args, epoch)
     if log_writer is not None:
         for key in ("img_per_sec", "empty_segments", "bad_samples"):
             if key in train_stats:
@@ -322,16 +326,16 @@ def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_withou
 
 
 def main(args: argparse.Namespace) -> None:
-    device = runsetup.setup_run(args, __file__)
+    run = runsetup.setup_run(args, __file__)
     reconcile_run(args)
-    dataset_train, sampler_train, data_loader_train = build_data(args, device)
+    dataset_train, sampler_train, data_loader_train = build_data(args, run.device)
     log_writer = misc.tensorboard_writer(args.log_dir)
-    model, model_without_ddp, optimizer, loss_scaler = build_model(args, device)
+    model, model_without_ddp, optimizer, loss_scaler = build_model(args, run)
 
     last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
     if not runsetup.check_trains_something(args, len(data_loader_train), last_epoch):
         return
-    print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {args.amp})")
+    print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {run.amp})")
     start_time = time.time()
     told: set[str] = set()
     for epoch in range(args.start_epoch, last_epoch):
@@ -339,14 +343,14 @@ def main(args: argparse.Namespace) -> None:
         if sampler_train is not None:
             sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)
-        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, run, epoch, loss_scaler,
                                       log_writer=log_writer, args=args,
                                       log_images=lambda x: log_reconstructions_mid_epoch(
-                                          log_writer, model_without_ddp, dataset_train, device, args, x))
+                                          log_writer, model_without_ddp, dataset_train, run, args, x))
         if dataset_train.with_masks:
             tell_mask_notes(dataset_train, told)
         end_epoch(args, epoch, last_epoch, train_stats, model_without_ddp, optimizer, loss_scaler, dataset_train,
-                  device, log_writer)
+                  run, log_writer)
 
     runsetup.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time

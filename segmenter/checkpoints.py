@@ -86,7 +86,7 @@ def set_layernorm_eps(module: torch.nn.Module, eps: float) -> None:
             m.eps = eps
 
 
-def write_variant(args, model, per_rank_batch: int) -> None:
+def write_variant(args, model, per_rank_batch: int, amp: str) -> None:
     """<log-dir>/variant.yml in the original's format: its load_model and eval.miou read it."""
     enc = model.encoder
     decoder = {"name": args.decoder}
@@ -109,7 +109,7 @@ def write_variant(args, model, per_rank_batch: int) -> None:
                        "n_layers": len(enc.blocks), "normalization": normalization, "distilled": False,
                        "dropout": 0.0, "drop_path_rate": args.drop_path, "channels": enc.in_chans,
                        "decoder": decoder, "n_cls": args.n_cls},
-        "amp": args.amp in ("bf16", "fp16"), "log_dir": args.log_dir,
+        "amp": amp in ("bf16", "fp16"), "log_dir": args.log_dir,
         "inference_kwargs": {"im_size": args.eval_short_side, "window_size": args.window_size,
                              "window_stride": args.window_stride},
     }

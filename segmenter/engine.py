@@ -10,6 +10,7 @@ from segmenter.data import ADE20K
 from segmenter.inference import predict
 from segmenter.metrics import ConfusionMatrix
 from util.distributed import get_rank, get_world_size
+from util.runtime import Runtime
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, args) -> float:
@@ -24,9 +25,10 @@ def collate_eval(batch):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args) -> dict:
+def evaluate(model: torch.nn.Module, dataset: ADE20K, run: Runtime, args) -> dict:
     """Single-scale sliding-window evaluation; each rank scores its share, matrices are summed."""
     model.eval()
+    device = run.device
     cm = ConfusionMatrix(args.n_cls, device)
     indices = list(range(get_rank(), len(dataset), get_world_size()))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
@@ -34,7 +36,7 @@ def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args
     start = time.time()
     for [(img, label)] in loader:
         img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with misc.autocast(device, args.amp):
+        with misc.autocast(device, run.amp):
             pred = predict(model, img, label.shape[-2:], args.n_cls, args.window_size, args.window_stride)
         cm.update(pred, label)
     cm.reduce()
@@ -45,15 +47,16 @@ def evaluate(model: torch.nn.Module, dataset: ADE20K, device: torch.device, args
     return metrics
 
 
-def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch, step, total_steps,
+def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, run: Runtime, epoch, step, total_steps,
                     args, log_writer=None) -> tuple[dict, int]:
     model.train()
+    device = run.device
     metric_logger, monitor, iterator = misc.epoch_progress(loader, epoch, device, args, log_writer,
                                                            hint="Lower --lr.")
     for img, label in iterator:
         lr = poly_lr(optimizer, step, total_steps, args)
         img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with misc.autocast(device, args.amp):
+        with misc.autocast(device, run.amp):
             logits = model(img)
         loss = criterion(logits.float(), label)
         loss_scaler(loss, optimizer, parameters=model.parameters())

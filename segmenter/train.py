@@ -41,6 +41,7 @@ from util.checkpoint_adapt import load_pretrained_encoder
 from util.distributed import DEFAULT_DIST_TIMEOUT_S
 from util.errors import UserError
 from util.masking import MASK_METHODS
+from util.runtime import Runtime
 
 CHECKPOINT = "checkpoint.pth"
 # what defines the model; a resumed or evaluated checkpoint supplies them unless given
@@ -158,7 +159,7 @@ def build_datasets(args) -> tuple[ADE20K, ADE20K]:
     return train_set, val_set
 
 
-def build_model(args, device: torch.device, ckpt: dict | None, ckpt_path: str, original: bool):
+def build_model(args, run: Runtime, ckpt: dict | None, ckpt_path: str, original: bool):
     """(model to train, the plain model, optimizer, loss scaler, first epoch): from --mae-chp, or
     resumed from the run's checkpoint (ours, or rstrudel/segmenter's layout: weights only)."""
     model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
@@ -170,11 +171,11 @@ def build_model(args, device: torch.device, ckpt: dict | None, ckpt_path: str, o
         args.mask_method = method
     elif not args.mae_chp and ckpt is None:
         print("WARNING: no --mae-chp: the encoder starts from random weights")
-    model.to(device)
+    model.to(run.device)
     model_without_ddp = model
-    model = runsetup.wrap_model(model, args, device)
+    model = runsetup.wrap_model(model, run)
     optimizer = build_optimizer(model_without_ddp, args)
-    loss_scaler = misc.LossScaler(enabled=args.amp == "fp16")
+    loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
     if ckpt is None:
         return model, model_without_ddp, optimizer, loss_scaler, 0
     try:
@@ -194,9 +195,9 @@ def build_model(args, device: torch.device, ckpt: dict | None, ckpt_path: str, o
     return model, model_without_ddp, optimizer, loss_scaler, start_epoch
 
 
-def evaluate_and_record(model_without_ddp, val_set: ADE20K, device, args, epoch: int, log_writer) -> dict:
+def evaluate_and_record(model_without_ddp, val_set: ADE20K, run: Runtime, args, epoch: int, log_writer) -> dict:
     """Scores the model after `epoch` and adds the scores to that epoch's log row."""
-    scores = evaluate(model_without_ddp, val_set, device, args)
+    scores = evaluate(model_without_ddp, val_set, run, args)
     write_metrics(args, epoch, scores)
     if is_main_process():
         row = next((r for r in read_jsonl(os.path.join(args.log_dir, "log.txt")) if r.get("epoch") == epoch),
@@ -212,8 +213,8 @@ def evaluation_due(args, epoch: int) -> bool:
     return (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs
 
 
-def save_epoch(args, epoch: int, stats: dict, model_without_ddp, optimizer, loss_scaler, ckpt_path: str,
-               log_writer) -> None:
+def save_epoch(args, run: Runtime, epoch: int, stats: dict, model_without_ddp, optimizer, loss_scaler,
+               ckpt_path: str, log_writer) -> None:
     """The row, then the checkpoint (a failed save repeats the epoch and its row); the evaluation
     comes after, so a bad validation file loses no training."""
     if not is_main_process():
@@ -221,14 +222,23 @@ def save_epoch(args, epoch: int, stats: dict, model_without_ddp, optimizer, loss
     append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
     save_checkpoint({"model": with_original_head(model_without_ddp.state_dict(), model_without_ddp.encoder.embed_dim),
                      "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
-                     "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}, ckpt_path)
+                     "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": run.checkpoint_args(args)}, ckpt_path)
     if log_writer is not None:
         log_writer.flush()
 
 
+def take_pretrained_normalization(args: argparse.Namespace) -> None:
+    """No --normalization: the input statistics the encoder was pretrained with (ImageNet's without
+    --mae-chp or where it does not say)."""
+    pretrained = getattr(load_checkpoint(args.mae_chp).get("args"), "normalization", None) if args.mae_chp else None
+    args.normalization = pretrained or "imagenet"
+    if pretrained:
+        print(f"--normalization {pretrained} taken from {args.mae_chp}")
+
+
 def main(args: argparse.Namespace) -> dict:
     writable_dir(args.log_dir, "--log-dir")
-    device = runsetup.setup_run(args, __file__)
+    run = runsetup.setup_run(args, __file__)
     ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
     resuming = args.resume and os.path.exists(ckpt_path)
     ckpt = load_checkpoint(ckpt_path) if resuming else None
@@ -239,18 +249,15 @@ def main(args: argparse.Namespace) -> dict:
         check_args(args, None, derive_only=True)
     elif args.eval_only and not args.mae_chp:
         raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")
-    if args.normalization is None:  # the input statistics the encoder was pretrained with
-        pretrained = getattr(load_checkpoint(args.mae_chp).get("args"), "normalization", None) if args.mae_chp else None
-        args.normalization = pretrained or "imagenet"
-        if pretrained:
-            print(f"--normalization {pretrained} taken from {args.mae_chp}")
+    if args.normalization is None:
+        take_pretrained_normalization(args)
     batch_per_rank = per_rank_batch(args)
     train_set, val_set = build_datasets(args)
-    model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, device, ckpt, ckpt_path,
+    model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, ckpt, ckpt_path,
                                                                                 original)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     if args.eval_only:
-        metrics = evaluate(model_without_ddp, val_set, device, args)
+        metrics = evaluate(model_without_ddp, val_set, run, args)
         write_metrics(args, start_epoch - 1, metrics)
         return metrics
 
@@ -260,9 +267,9 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"only {len(train_set)} training images for a global batch of {args.batch_size}: "
                         f"lower --batch-size")
     if is_main_process() and not original:
-        write_variant(args, model_without_ddp, batch_per_rank)
+        write_variant(args, model_without_ddp, batch_per_rank, run.amp)
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank, drop_last=True,
-                                         pin_memory=device.type == "cuda", **loader_options(args.num_workers))
+                                         pin_memory=run.device.type == "cuda", **loader_options(args.num_workers))
     total_steps = args.epochs * len(loader)
     log_writer = misc.tensorboard_writer(args.log_dir)
     metrics: dict = {}
@@ -270,22 +277,22 @@ def main(args: argparse.Namespace) -> dict:
     if (resuming and last_done >= 0 and evaluation_due(args, last_done)
             and not os.path.exists(os.path.join(args.log_dir, f"metrics_epoch{last_done}.json"))):
         print(f"The evaluation after epoch {last_done} did not finish: running it now")
-        metrics = evaluate_and_record(model_without_ddp, val_set, device, args, last_done, log_writer)
+        metrics = evaluate_and_record(model_without_ddp, val_set, run, args, last_done, log_writer)
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         misc.seed_epoch(args.seed, epoch, get_rank())
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, device, epoch,
+        stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, run, epoch,
                                    epoch * len(loader), total_steps, args, log_writer)
-        save_epoch(args, epoch, stats, model_without_ddp, optimizer, loss_scaler, ckpt_path, log_writer)
+        save_epoch(args, run, epoch, stats, model_without_ddp, optimizer, loss_scaler, ckpt_path, log_writer)
         if evaluation_due(args, epoch):
-            metrics = evaluate_and_record(model_without_ddp, val_set, device, args, epoch, log_writer)
+            metrics = evaluate_and_record(model_without_ddp, val_set, run, args, epoch, log_writer)
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     if log_writer is not None:
         log_writer.close()
     if not metrics:  # nothing was left to train: score the checkpoint
-        metrics = evaluate(model_without_ddp, val_set, device, args)
+        metrics = evaluate(model_without_ddp, val_set, run, args)
     return metrics
 
 

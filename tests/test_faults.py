@@ -543,7 +543,7 @@ def test_stack_official_records_and_checks_its_sha256(tmp_path, monkeypatch, cap
                               stack_sha256="")
     path = benchmark.resolve_stack(args)
     digest = checkpoint.file_digest(str(source), "sha256")
-    assert args.stack_sha256_used == digest and open(path + ".sha256").read().split()[0] == digest
+    assert benchmark.stack_sha256(args) == digest and open(path + ".sha256").read().split()[0] == digest
     assert digest in capsys.readouterr().out
     assert benchmark.resolve_stack(args) == path  # later use: verified, not downloaded again
     with open(path, "ab") as f:

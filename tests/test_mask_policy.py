@@ -208,6 +208,29 @@ def test_a_stale_mask_cache_is_refused_with_the_rebuild_command(toy_root, tmp_pa
         MaskCache(str(root), 30.0)
 
 
+def test_the_cache_is_checked_file_by_file_once_per_node(toy_root, tmp_path, monkeypatch):
+    """Each node's first rank checks the cache against every mask file before the other ranks build
+    (and stops the job when it is stale); the others do not stat the files again."""
+    import shutil
+
+    import util.image_roots
+    root = tmp_path / "data"
+    shutil.copytree(toy_root, root)
+    rels = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).rel_paths
+    build_mask_cache(str(root), rels, 30.0)
+    edited = root / "masks" / rels[3].replace(".png", ".json")
+    h, w = load_annotations(str(edited))[0]["segmentation"]["size"]
+    write_masks(str(edited), [np.ones((h, w), np.uint8)])
+    monkeypatch.setattr(util.image_roots, "first_rank_on_node", lambda: False)
+    checked = []
+    monkeypatch.setattr(MaskCache, "_stale_entries", staticmethod(lambda *a: checked.append(1) or []))
+    assert SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).cache is not None
+    assert checked == []
+    monkeypatch.undo()
+    with pytest.raises(MaskFileError, match="older than 1 mask file"):
+        SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0)
+
+
 def test_a_cache_without_build_dates_is_refused(toy_root, tmp_path):
     import shutil
     root = tmp_path / "data"

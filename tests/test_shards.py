@@ -21,7 +21,7 @@ from conftest import REPO
 from test_distributed import assert_ranks_in_sync
 from test_pretrain_cli import common
 from tools.write_shards import write_shards
-from util import shards as shards_module
+from util import shard_index as shards_module  # count_samples lives there
 from util.datasets import SegmentMaskImageFolder
 from util.errors import UserError
 from util.sam_masks import MaskFileError

@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_vit  # noqa: E402
 from util.args import add_mask_channel_arg  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
-from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, is_segmae_combined,  # noqa: E402
-                                   mae_state_dict, patch_grid, pretrain_mask_method, state_dict_of)
+from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, mae_state_dict, patch_grid,  # noqa: E402
+                                   pretrain_mask_method)
+from util.checkpoint_origin import is_segmae_combined, state_dict_of  # noqa: E402
 from util.errors import UserError, run_tool  # noqa: E402
 from util.files import atomic_torch_save, writable_dir  # noqa: E402
 from util.masking import get_method  # noqa: E402

@@ -32,7 +32,8 @@ sys.path.insert(0, REPO)
 
 KINDS = {"imagefolder": "torchvision ImageFolder",
          "patches-scan": "patches, first start (scan)", "patches": "patches, restart (saved scan)",
-         "json-scan": "json masks, first start (scan)", "json": "json masks, restart (saved scan)"}
+         "json-scan": "json masks, first start (scan)", "json": "json masks, restart (saved scan)",
+         "cache": "+ mask cache, restart, first rank", "cache-rank": "+ mask cache, restart, other ranks"}
 IMAGENET = 1_281_167
 RANKS, WORKERS = 8, 10
 FIRST = 1000  # samples read before the first measurement: the worker's own start-up allocations
@@ -72,6 +73,25 @@ def rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def cache_root(root: str) -> str:
+    """The tree again (train/ and masks/ linked) with a mask cache: the other kinds read masks/."""
+    return os.path.join(root, "with_cache")
+
+
+def build_cache_tree(root: str) -> None:
+    from util.datasets import SegmentMaskImageFolder
+    from util.mask_cache import MaskCache
+    from util.mask_cache_build import build_mask_cache
+    linked = cache_root(root)
+    os.makedirs(linked, exist_ok=True)
+    for sub in ("train", "masks"):
+        if not os.path.lexists(os.path.join(linked, sub)):
+            os.symlink(os.path.join(os.path.abspath(root), sub), os.path.join(linked, sub))
+    if not MaskCache.exists(linked, 50.0):
+        rels = SegmentMaskImageFolder(linked, with_masks=True, coverage_ratio=50.0).rel_paths
+        build_mask_cache(linked, rels, 50.0, workers=os.cpu_count() or 1)
+
+
 def make_dataset(kind: str, root: str):
     if kind == "imagefolder":
         from torchvision.datasets import ImageFolder
@@ -79,6 +99,11 @@ def make_dataset(kind: str, root: str):
     if kind.endswith("-scan"):
         os.environ["SEGMAE_SCAN_INDEX"] = "0"  # walk the tree, as a first start does
     from util.datasets import SegmentMaskImageFolder
+    if kind.startswith("cache"):
+        if kind == "cache-rank":  # a node's other ranks: its first rank checked the cache against masks/
+            import util.image_roots
+            util.image_roots.first_rank_on_node = lambda: False
+        return SegmentMaskImageFolder(cache_root(root), with_masks=True, coverage_ratio=50.0)
     return SegmentMaskImageFolder(root, with_masks=kind.startswith("json"), coverage_ratio=50.0)
 
 
@@ -130,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     build_tree(args.root, args.images, args.classes)
     subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "patches", "--root", args.root],
                    capture_output=True, check=True, cwd=REPO)  # saves the scan that restarts read
+    if any(k.startswith("cache") for k in args.kinds):
+        build_cache_tree(args.root)
     print(f"tree of {args.images} images ready in {time.time() - start:.0f}s", file=sys.stderr)
     runs: dict[str, list[dict]] = {k: [] for k in args.kinds}
     for _ in range(args.repeats):

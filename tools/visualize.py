@@ -29,7 +29,7 @@ from util.errors import run_tool  # noqa: E402
 from util.files import writable_dir  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
-from util.sam_masks import exif_orientation, fit_mask  # noqa: E402
+from util.mask_geometry import exif_orientation, fit_mask  # noqa: E402
 from util.transforms import as_hw  # noqa: E402
 from util.args import DEFAULT_COVERAGE_RATIO  # noqa: E402
 from util.masking import MASK_METHODS, get_method  # noqa: E402

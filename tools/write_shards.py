@@ -28,7 +28,7 @@ from util.files import atomic_write, atomic_write_json, remove_stale_temp_files,
 from util.image_folders import scan_image_folder  # noqa: E402
 from util.image_roots import image_folder_of  # noqa: E402
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of  # noqa: E402
-from util.shards import SHARD_INDEX  # noqa: E402
+from util.shard_index import SHARD_INDEX  # noqa: E402
 
 
 def mask_json(source: MaskSource, rel: str) -> bytes:

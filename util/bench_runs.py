@@ -6,6 +6,7 @@ results.jsonl holds one row per (run, Segmenter settings, epochs), never duplica
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ def run_config(args) -> dict:
     config = {"method": args.mask_method,
             "coverage_ratio": args.coverage_ratio if uses_segments(args.mask_method) else None,
             "model": args.model, "pretrain_epochs": args.pretrain_epochs, "seed": args.seed,
-            "stack": args.stack, "stack_sha256": getattr(args, "stack_sha256_used", ""),
+            "stack": args.stack, "stack_sha256": stack_sha256(args),
             "pretrain_args": shlex.split(args.pretrain_args)}
     if uses_segments(args.mask_method):  # the loss's default changed: it is part of the identity
         config["seg_loss"] = stage_flag(args.pretrain_args, "seg_loss", "pixel")
@@ -145,18 +146,36 @@ def stage_times(folder: str) -> dict:
 
 
 def resolve_stack(args) -> str:
-    """The --stack checkpoint's path; sets args.stack_sha256_used (stored in every results row)."""
-    args.stack_sha256_used = ""
+    """The --stack checkpoint's path, checked (a path that is there and loads here; the official
+    one downloaded or verified against its recorded SHA-256) before any stage starts."""
     if not args.stack:
         return ""
     if args.stack != "official":
         if not os.path.isfile(args.stack):
             raise UserError(f"--stack {args.stack} does not exist")
         load_checkpoint(args.stack)  # another codebase's checkpoint is refused before any stage starts
-        args.stack_sha256_used = file_digest(args.stack, "sha256")
         return os.path.abspath(args.stack)  # the flag as given stays part of the run's identity
-    path, args.stack_sha256_used = official_checkpoint(args)
-    return path
+    return official_checkpoint(args)[0]
+
+
+def stack_sha256(args) -> str:
+    """The SHA-256 of the --stack checkpoint (stored in every results row and part of the run's
+    identity): of the file given, or the one recorded beside the official checkpoint when it was
+    downloaded and verified (resolve_stack); "" without --stack."""
+    if not args.stack:
+        return ""
+    if args.stack == "official":
+        url = OFFICIAL_MAE.get(args.model, "")
+        return read_sha256_record(os.path.join(args.output_dir, "official", os.path.basename(url)) + ".sha256")
+    if not os.path.isfile(args.stack):
+        return ""
+    st = os.stat(args.stack)
+    return _file_sha256(os.path.realpath(args.stack), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: a changed file is read again
+    return file_digest(path, "sha256")
 
 
 def official_checkpoint(args) -> tuple[str, str]:

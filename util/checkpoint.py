@@ -13,6 +13,7 @@ import zipfile
 import torch
 
 from util.distributed import is_main_process
+from util.checkpoint_origin import refuse_foreign
 from util.errors import CheckpointError, UserError
 # used here; atomic_write_json, file_digest and StorageError also still reachable from here
 from util.files import (StorageError, atomic_torch_save, atomic_write_json, file_digest,  # noqa: F401
@@ -71,9 +72,11 @@ def _newest_intact(path: str) -> str | None:
     return found or (path if os.path.exists(path) else None)
 
 
-def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None) -> str:
+def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None,
+               run=None) -> str:
     """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
-    process writes. With --keep_last K older epoch checkpoints are pruned."""
+    process writes. 'args' holds the flags with the run's Runtime values in them (run: a
+    util.runtime.Runtime). With --keep_last K older epoch checkpoints are pruned."""
     path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
     if is_main_process():
         save_checkpoint({
@@ -81,7 +84,7 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name
             "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
             "epoch": epoch,
             "scaler": loss_scaler.state_dict(),
-            "args": args,
+            "args": run.checkpoint_args(args) if run is not None else args,
         }, path)
         if getattr(args, "keep_last", 0) and (name is None or name.isdigit()):
             prune_checkpoints(args.output_dir, args.keep_last, just_written=path)
@@ -103,7 +106,6 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     checkpoint = _read_checkpoint(path)
-    from util.checkpoint_adapt import refuse_foreign  # local: checkpoint_adapt imports this module
     refuse_foreign(checkpoint, path)
     return checkpoint
 

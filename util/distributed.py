@@ -48,58 +48,65 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
-def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Reads torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (--dist_on_itp) or SLURM variables.
-    One process without any of them runs undistributed. NCCL on GPUs, gloo on CPU. Collectives
-    time out after --dist_timeout seconds, so a stuck rank stops the job instead of hanging it."""
+def init_distributed_mode(args: argparse.Namespace) -> dict:
+    """Reads torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (--dist_on_itp) or SLURM variables and
+    returns this process's place: distributed, rank, world_size, local_rank, dist_backend. One
+    process without any of them runs undistributed. NCCL on GPUs, gloo on CPU. Collectives time out
+    after --dist_timeout seconds, so a stuck rank stops the job instead of hanging it."""
+    global _LOCAL_RANK
     env = os.environ
+    url = args.dist_url
     if args.dist_on_itp:
-        args.rank = int(env["OMPI_COMM_WORLD_RANK"])
-        args.world_size = int(env["OMPI_COMM_WORLD_SIZE"])
-        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
-        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
     elif "RANK" in env and "WORLD_SIZE" in env:
-        args.rank = int(env["RANK"])
-        args.world_size = int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
+        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        args.rank = int(env["SLURM_PROCID"])
-        args.world_size = int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
-        if args.dist_url == "env://":
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
+        if url == "env://":
             # the first node of the allocation hosts the rendezvous
             os.environ.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
             os.environ.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     else:
         print("Not using distributed mode")
         setup_for_distributed(is_master=True)
-        args.distributed = False
-        args.rank, args.world_size, args.gpu = 0, 1, 0
-        return
+        _LOCAL_RANK = 0
+        return {"distributed": False, "rank": 0, "world_size": 1, "local_rank": 0, "dist_backend": ""}
 
-    args.distributed = True
+    _LOCAL_RANK = local_rank
     use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
-    args.dist_backend = "nccl" if use_cuda else "gloo"
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT_S))
-    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): {args.dist_url}, "
-          f"collective timeout {timeout}", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout)
+    print(f"| distributed init (rank {rank}/{world_size}, {backend}): {url}, collective timeout {timeout}",
+          flush=True)
+    dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank, timeout=timeout)
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(rank == 0)
+    return {"distributed": True, "rank": rank, "world_size": world_size, "local_rank": local_rank,
+            "dist_backend": backend}
+
+
+_LOCAL_RANK = 0  # this process's index on its node, set by init_distributed_mode
+
+
+def first_rank_on_node() -> bool:
+    """True in an undistributed process and on each node's first rank (the one local_main_first
+    runs first)."""
+    return not is_dist_avail_and_initialized() or _LOCAL_RANK == 0
 
 
 @contextmanager
-def local_main_first(args: argparse.Namespace) -> Iterator[None]:
+def local_main_first() -> Iterator[None]:
     """The block runs on each node's first rank, then on the others: the first ones scan the data
     and save the scan (util/scan_index.py), the others read it instead of walking the tree again."""
     if not is_dist_avail_and_initialized():
         yield
         return
-    first = int(getattr(args, "gpu", 0) or 0) == 0
+    first = first_rank_on_node()
     if not first:
         dist.barrier()
     yield
@@ -129,8 +136,7 @@ def all_reduce_mean(x: float) -> float:
 
 # flags that rightly differ between ranks (or name the same thing by another mount point; the data
 # itself is compared by its file list)
-PER_RANK_FLAGS = {"rank", "gpu", "local_rank", "world_size", "dist_url", "distributed", "dist_backend", "device",
-                  "record", "given_flags", "from_checkpoint", "data_path", "output_dir", "log_dir", "job_dir",
+PER_RANK_FLAGS = {"dist_url", "given_flags", "from_checkpoint", "data_path", "output_dir", "log_dir", "job_dir",
                   "resume", "finetune", "stack", "mae_chp", "dataset_dir"}
 
 

@@ -10,6 +10,14 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, not finite or does not fit the run."""
 
 
+class AdaptationError(UserError):
+    """A checkpoint that does not fit the requested model or method."""
+
+
+class MaskFileError(UserError):
+    """A mask file that is missing, unreadable or not in the SAM format."""
+
+
 def run_tool(main, argv=None):
     """Runs a tool's main(argv); a UserError prints its message (no traceback) and exits 1."""
     import sys

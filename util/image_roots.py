@@ -22,12 +22,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from util.distributed import first_rank_on_node
 from util.image_folders import empty_classes_message, is_hidden, scan_image_folder
 from util.lmdb_images import is_lmdb_root
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, scanned_stems
 from util.mask_cache import MaskCache
-from util.sam_masks import MaskFileError, check_unique_stems, exif_orientation, fit_mask, mask_fit
+from util.mask_geometry import exif_orientation, fit_mask, mask_fit
+from util.sam_masks import MaskFileError, check_unique_stems
 
 # images whose mask size is checked against the image header at start-up (0: all)
 DEFAULT_MASK_SIZE_CHECK = 256
@@ -117,7 +119,9 @@ class SegmentMaskImageFolder(Dataset):
             self.source = open_mask_source(self.mask_root, set(stems), mask_format,
                                            stems_digest=self.samples.digest())
             if MaskCache.exists(root, coverage_ratio):
-                self.cache = MaskCache(root, coverage_ratio, self.source)
+                # one stat per mask file, once per node: the node's first rank checks before the
+                # others build (util.distributed.local_main_first) and stops the job if it is stale
+                self.cache = MaskCache(root, coverage_ratio, self.source, check_files=first_rank_on_node())
                 self.cache_rows = self.cache.rows_for(rels)
                 self.cache.forget_keys()
                 uncached = int((self.cache_rows < 0).sum())
@@ -236,7 +240,7 @@ class SegmentMaskImageFolder(Dataset):
         else:
             with read_deadline(self.source.location(rel), self.read_timeout):
                 mask = self.source.load(rel, self.coverage_ratio, img.size)
-        if mask.shape != (img.height, img.width):  # the size policy of util/sam_masks.py
+        if mask.shape != (img.height, img.width):  # the size policy of util/mask_geometry.py
             orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
             mask, rule = fit_mask(mask, img.size, orientation, self.source.location(rel))
             if rule == "rotate":

@@ -29,6 +29,7 @@ from util.checkpoint import load_checkpoint
 from util.files import atomic_write_json, writable_dir
 from util.distributed import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
+from util.runtime import Runtime
 
 
 def balanced_subset(targets: list[int], per_class: int, seed: int = 0) -> list[int]:
@@ -87,13 +88,15 @@ def extract_features(model: torch.nn.Module, dataset, indices: list[int], device
     return torch.cat([g[:bounds[r + 1] - bounds[r]].cpu() for r, g in enumerate(gathered)])
 
 
-def knn_eval(args: argparse.Namespace) -> dict:
-    """Builds the encoder of args.checkpoint and scores it; returns {'knn_top1', ...}."""
+def knn_eval(args: argparse.Namespace, run: Runtime | None = None) -> dict:
+    """Builds the encoder of args.checkpoint and scores it; returns {'knn_top1', ...}. run: the
+    command's Runtime (without one: one process on --device)."""
     import models_vit
     from tools.export import load_encoder, timm_name
     from util.checkpoint_adapt import load_pretrained_encoder
     from util.finetune_data import CheckedImageFolder, build_eval_transform, build_resize_transform
-    device = torch.device(args.device)
+    device = run.device if run is not None else torch.device(args.device)
+    amp = run.amp if run is not None else misc.resolve_amp(args.amp, device)
     start = time.time()
     ckpt = load_checkpoint(args.checkpoint)
     _, _, method, size, shape = load_encoder(args.checkpoint, ckpt, args.mask_channel)
@@ -112,8 +115,8 @@ def knn_eval(args: argparse.Namespace) -> dict:
     train = CheckedImageFolder(os.path.join(args.data_path, "train"), transform)
     val = CheckedImageFolder(os.path.join(args.data_path, "val"), transform, class_to_idx=train.class_to_idx)
     bank_idx = balanced_subset(train.targets, args.bank_per_class, args.seed)
-    bank = extract_features(model, train, bank_idx, device, args.amp, args.batch_size, args.num_workers, args.pool)
-    queries = extract_features(model, val, list(range(len(val))), device, args.amp, args.batch_size,
+    bank = extract_features(model, train, bank_idx, device, amp, args.batch_size, args.num_workers, args.pool)
+    queries = extract_features(model, val, list(range(len(val))), device, amp, args.batch_size,
                                args.num_workers, args.pool)
     top1 = knn_top1(bank, torch.from_numpy(train.samples.labels[bank_idx]), queries, torch.tensor(val.targets),
                     len(train.classes), args.k, args.temperature)
@@ -156,8 +159,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def main(args: argparse.Namespace) -> dict:
-    runsetup.setup_run(args, __file__)  # ranks, device and mixed-precision choice, as every command
-    return knn_eval(args)
+    run = runsetup.setup_run(args, __file__)  # ranks, device and mixed-precision choice, as every command
+    return knn_eval(args, run)
 
 
 def cli(argv: list[str] | None = None) -> dict:

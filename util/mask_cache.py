@@ -26,9 +26,11 @@ def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
 class MaskCache:
     """Reads chosen segments from the cache: one pread and one RLE decode per sample. ``source``
     is the root's mask reader: the cache must come from the same layout and be newer than its
-    index files."""
+    index files (one stat each; ``check_files=False`` leaves that to another process that just
+    did it: each node's first rank, see util/image_roots.py)."""
 
-    def __init__(self, root: str, coverage_ratio: float, source: MaskSource | None = None):
+    def __init__(self, root: str, coverage_ratio: float, source: MaskSource | None = None,
+                 check_files: bool = True):
         self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
         rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {root} --coverage_ratio "
                    f"{coverage_ratio:g} (or delete {os.path.dirname(index_path)} to read masks/ itself)")
@@ -65,7 +67,7 @@ class MaskCache:
         if built_format != source.format:
             raise MaskFileError(f"mask cache {index_path} was built from {built_format} masks, but masks/ now holds the "
                                 f"{source.format} layout. {rebuild}")
-        stale = self._stale_entries(source, keys, *built_from)
+        stale = self._stale_entries(source, keys, *built_from) if check_files else []
         if stale:
             raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
                                 f"deleted since it was built), e.g. {stale[0]}. {rebuild}")

@@ -23,8 +23,8 @@ from util.images import IMAGE_ERRORS, image_error
 from util.image_roots import image_folder_of
 from util.mask_cache import mask_cache_paths
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
-from util.sam_masks import (MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation,
-                            exif_orientation, mask_fit)
+from util.mask_geometry import exif_orientation, mask_fit
+from util.sam_masks import MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation
 
 PART_IMAGES = 2048  # images per part: what a killed build can lose, per worker
 

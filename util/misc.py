@@ -223,7 +223,7 @@ class LossMonitor:
         recorded = "loss" in self.metric_logger.meters  # not yet when every step so far was skipped
         last_loss = self.metric_logger.loss.deque[-1].double() if recorded else self.nonfinite_steps.new_zeros((), dtype=torch.float64)
         state = torch.stack([self.nonfinite_steps.double(), last_loss])
-        if self.args.distributed:
+        if is_dist_avail_and_initialized():
             dist.all_reduce(state)
         bad, loss_sum = state.tolist()
         if bad > 0:

@@ -16,6 +16,7 @@ from util.distributed import get_rank, get_world_size, init_distributed_mode, is
 import util.stops as stops
 from util.errors import UserError
 from util.files import lock_output_dir, release_output_dir_locks
+from util.runtime import Runtime
 from util.speed import compile_model, resolve_compile_flags
 
 
@@ -49,26 +50,29 @@ def run_record(world_size: int | None = None) -> dict:
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def setup_run(args: argparse.Namespace, script: str) -> torch.device:
-    """Distributed init, the argument dump, device and mixed-precision choice, seeding."""
+def setup_run(args: argparse.Namespace, script: str) -> Runtime:
+    """Distributed init, the argument dump, device and mixed-precision choice, seeding: the run's
+    Runtime (the flags in args stay as parsed)."""
     from util.misc import resolve_amp, seed_epoch  # here: util.misc re-exports given_flags from this module
-    init_distributed_mode(args)
+    place = init_distributed_mode(args)
     lock_output_dir(getattr(args, "output_dir", ""))  # one writer per folder; removes stale temp files
     print(f'job dir: {os.path.dirname(os.path.realpath(script))}')
     log_details(args, "args.txt", str(args).replace(', ', ',\n'), "all arguments")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    args.amp = resolve_amp(args.amp, device)
-    resolve_compile_flags(args)
-    args.record = run_record()  # stored with args in every checkpoint
-    r = args.record
-    print(f"code {r['git_commit'] or 'unknown'}{' (uncommitted changes)' if r['git_dirty'] else ''}; torch "
-          f"{r['torch']}, torchvision {r['torchvision']}, timm {r['timm']}; {r['world_size']} process(es), "
-          f"{r['gpu_count']} x {r['gpu'] or 'no GPU'}")
+    if device.type == "cuda" and place["distributed"]:
+        device = torch.device("cuda", place["local_rank"])
+    record = run_record()  # stored with args in every checkpoint
+    run = Runtime(device=device, amp=resolve_amp(args.amp, device),
+                  compile_mode=getattr(args, "compile_mode", "default") if getattr(args, "compile", False) else None,
+                  record=record, **place)
+    print(f"code {record['git_commit'] or 'unknown'}{' (uncommitted changes)' if record['git_dirty'] else ''}; "
+          f"torch {record['torch']}, torchvision {record['torchvision']}, timm {record['timm']}; "
+          f"{record['world_size']} process(es), {record['gpu_count']} x {record['gpu'] or 'no GPU'}")
     seed_epoch(args.seed, 0, get_rank())
     torch.backends.cudnn.benchmark = True
-    return device
+    return run
 
 
 def log_details(args: argparse.Namespace, filename: str, text: str, what: str) -> None:
@@ -109,6 +113,7 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
+    resolve_compile_flags(args)
     if "log_dir" in vars(args) and args.log_dir is None:  # TensorBoard beside the run's other outputs
         args.log_dir = args.output_dir
     check_args(args, parser)
@@ -216,11 +221,11 @@ def set_lr_from_blr(args: argparse.Namespace) -> int:
     return eff_batch_size
 
 
-def wrap_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, run: Runtime) -> torch.nn.Module:
     """Optional torch.compile, then DDP when distributed. Save and optimise the unwrapped model."""
-    if args.compile:
-        model = compile_model(model, getattr(args, "compile_mode", "default"))
-    if args.distributed:
+    if run.compile_mode is not None:
+        model = compile_model(model, run.compile_mode)
+    if run.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     return model

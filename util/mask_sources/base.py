@@ -8,7 +8,8 @@ from typing import Callable
 import numpy as np
 
 from util.mask_sources.walk import scan
-from util.sam_masks import MaskFileError, check_mask_not_huge, closest_first
+from util.mask_geometry import check_mask_not_huge
+from util.sam_masks import MaskFileError, closest_first
 
 @dataclass
 class Segment:
