@@ -85,8 +85,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--input_size', default=None, type=positive_int, nargs='+',
                         help='images input size: one value (square) or two (H W), each divisible by the patch size '
                              "(default: the model's, 224; 32 128 for Union14M's text-line models)")
+    add_optimizer_args(parser)
+    add_data_and_output_args(parser)
+    add_speed_and_distributed_args(parser)
+    return parser
 
-    # Optimizer parameters
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    """The learning-rate schedule, the optimizer and the data recipe."""
     parser.add_argument('--weight_decay', type=non_negative_float, default=0.05,
                         help='weight decay (default: 0.05)')
     parser.add_argument('--lr', type=non_negative_float, default=None, metavar='LR',
@@ -112,7 +118,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help='AdamW betas (default: 0.9 0.95 for pretraining, 0.9 0.999 for finetuning and probing)')
     parser.add_argument('--opt_eps', default=1e-8, type=positive_float, metavar='EPS', help='AdamW epsilon')
 
-    # Dataset parameters
+
+def add_data_and_output_args(parser: argparse.ArgumentParser) -> None:
+    """Where the data is read from and the run is written to, loading, seeding and resuming."""
     parser.add_argument('--data_path', default=['/datasets01/imagenet_full_size/061417/'], type=str, nargs='+',
                         help='dataset path(s): each holds train/ (and masks/ for segment methods); several are concatenated')
     parser.add_argument('--output_dir', default='./output_dir',
@@ -140,7 +148,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--keep_last', default=0, type=non_negative_int, metavar='K',
                         help='keep only the newest K checkpoint-<epoch>.pth files (0: keep all)')
 
-    # Speed
+
+def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Mixed precision, compilation, and the distributed set-up and its timeouts."""
     parser.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                         help='mixed precision (default: bf16 on GPUs that support it, else none)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -159,7 +169,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument('--data_timeout', default=DEFAULT_DATA_TIMEOUT_S, type=non_negative_float, metavar='SECONDS',
                         help='reading one image or mask file longer than this (hung file system, FIFO) is an error '
                              'naming the file (0: no limit); keep it below --dist_timeout')
-    return parser
 
 
 def add_mask_method_args(parser: argparse.ArgumentParser, default_method: str | None = "patches"):

@@ -119,10 +119,10 @@ def _folder_key(path: str, mtimes: dict[str, int] | None = None, root: str = "")
 
 def walk_images(folder: str, hidden: list[str] | None = None,
                 seen: dict[tuple[int, int], str] | None = None,
-                mtimes: dict[str, int] | None = None, root: str = "") -> list[str]:
-    """Every image under ``folder`` (symlinks followed), in torchvision's order (folders sorted by
-    path, files by name). A folder reached twice is an error naming both paths. ``mtimes``
-    collects each folder's mtime by its path relative to ``root``."""
+                mtimes: dict[str, int] | None = None, root: str = "") -> list[tuple[str, list[str]]]:
+    """Every folder under ``folder`` (symlinks followed) with its image names, in torchvision's
+    order (folders sorted by path, files by name). A folder reached twice is an error naming both
+    paths. ``mtimes`` collects each folder's mtime by its path relative to ``root``."""
     seen = {} if seen is None else seen
     hidden = [] if hidden is None else hidden
     found: list[tuple[str, list[str]]] = []
@@ -134,11 +134,17 @@ def walk_images(folder: str, hidden: list[str] | None = None,
                             f"(find {folder} -type l lists the links)")
         seen[key] = dirpath
         hidden += [os.path.join(dirpath, d) for d in dirnames if is_hidden(d)]
-        hidden += [os.path.join(dirpath, f) for f in filenames if is_hidden(f)]
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        found.append((dirpath, sorted(f for f in filenames if is_image(f))))
+        images = []
+        for name in filenames:  # one pass, no call per name: this runs for every image of the tree
+            if name.startswith("."):
+                hidden.append(os.path.join(dirpath, name))
+            elif name.lower().endswith(IMG_EXTENSIONS):
+                images.append(name)
+        images.sort()
+        found.append((dirpath, images))
     found.sort(key=lambda item: item[0])
-    return [os.path.join(d, f) for d, files in found for f in files]
+    return found
 
 
 def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
@@ -191,11 +197,13 @@ def _walk_split(root: str, exclude: tuple[str, ...] = ()):
     empty = []
     cut = len(os.path.join(root, ""))
     for i, c in enumerate(classes):
-        paths = walk_images(os.path.join(root, c), hidden, seen, mtimes, root)
-        if not paths:
+        before = len(rels)
+        for folder, names in walk_images(os.path.join(root, c), hidden, seen, mtimes, root):
+            prefix = folder[cut:] + os.sep  # the folder's path relative to root, once per folder
+            rels += [prefix + name for name in names]
+        if len(rels) == before:
             empty.append(c)
-        rels += [p[cut:] for p in paths]  # a string cut, not os.path.relpath per image
-        own_labels += [i] * len(paths)
+        own_labels += [i] * (len(rels) - before)
     return classes, rels, np.asarray(own_labels, dtype=np.int64), hidden, empty, mtimes
 
 

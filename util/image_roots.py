@@ -204,10 +204,11 @@ class SegmentMaskImageFolder(Dataset):
 
     def _check_masks(self, allow_missing: bool, rels: list[str], stems: list[str]) -> None:
         to_check = self._uncached()
-        present = self.source.present({stems[i] for i in to_check}) if to_check else set()
-        missing = [i for i in to_check if stems[i] not in present]
-        if not missing:
+        wanted = {stems[i] for i in to_check}
+        present = self.source.present(wanted) if to_check else set()
+        if len(present) == len(wanted):  # the stems are unique: every image has its mask
             return
+        missing = [i for i in to_check if stems[i] not in present]
         first = "\n  ".join(self.source.location(rels[i]) for i in missing[:5])
         msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file "
                f"({self.source.format} layout), for example:\n  {first}")

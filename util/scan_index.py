@@ -126,6 +126,6 @@ def load_mask_listing(mask_root: str, stems_digest: str) -> tuple[dict[str, set[
 
 def save_mask_listing(mask_root: str, stems_digest: str, listed: dict[str, set[str]], seen: dict[str, str],
                       folder_mtimes: dict[str, int], started: float) -> str | None:
-    return _save(mask_root, {"json": _joined(sorted(listed["json"])), "mask_folders": _joined(sorted(listed["folders"])),
+    return _save(mask_root, {"json": _joined(list(listed["json"])), "mask_folders": _joined(list(listed["folders"])),
                              "seen_layouts": _joined(list(seen)), "seen_examples": _joined(list(seen.values()))},
                  folder_mtimes, started, key=stems_digest)

@@ -36,6 +36,9 @@ def _walk(root: str, is_leaf: Callable[[str], bool],
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            if entry.is_file(follow_symlinks=False):  # a plain file, from the listing alone: the usual case
+                files.append(entry.name)
+                continue
             try:
                 is_dir = entry.is_dir()  # follows links
                 exists = is_dir or not entry.is_symlink() or os.path.exists(entry.path)
