@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -229,6 +230,100 @@ def test_the_cache_is_checked_file_by_file_once_per_node(toy_root, tmp_path, mon
     monkeypatch.undo()
     with pytest.raises(MaskFileError, match="older than 1 mask file"):
         SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0)
+
+
+def _aged_copy(toy_root, tmp_path):
+    """A copy of the toy root whose mask folders are older than the build (a fresh copy's folders
+    are too new to trust, and every file is checked)."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(toy_root, root)
+    old = time.time() - 3600
+    for folder in (root / "masks").iterdir():
+        os.utime(folder, (old, old))
+    return root
+
+
+def test_the_cache_check_stats_folders_and_a_sample_not_every_file(toy_root, tmp_path, monkeypatch):
+    """Without a change, only SAMPLED_FILES mask files are stat'ed; every file of a folder that
+    changed (a file replaced, deleted or added) is; an unrelated new file is not stale; an edit in
+    place outside the sample is found by tools/check_dataset.py, which checks every file."""
+    import util.mask_cache
+    root = _aged_copy(toy_root, tmp_path)
+    rels = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).rel_paths
+    build_mask_cache(str(root), rels, 30.0)
+    with np.load(root / "masks_cache" / "coverage_30.npz") as index:
+        assert (index["mask_folder_mtime_ns"] > 0).all() and len(index["key_folder"]) == len(rels)
+    monkeypatch.setattr(util.mask_cache, "SAMPLED_FILES", 2)
+    checked = []
+    real = MaskCache._stale_entries
+
+    def spy(source, keys, sizes, mtimes, rows=None):
+        checked.append(sorted(keys if rows is None else [keys[i] for i in rows.tolist()]))
+        return real(source, keys, sizes, mtimes, rows)
+
+    monkeypatch.setattr(MaskCache, "_stale_entries", staticmethod(spy))
+    MaskCache(str(root), 30.0)
+    assert len(checked.pop()) == 2
+
+    # a file added beside the masks of one class: that class's files are checked, none is stale
+    cls = rels[3].split("/")[0]
+    in_class = sorted(r for r in rels if r.startswith(cls + "/"))
+    (root / "masks" / cls / "unrelated.json").write_text("[]")
+    MaskCache(str(root), 30.0)
+    assert set(in_class) <= set(checked.pop())
+
+    # a mask file replaced atomically: its folder changed, so it is found whatever the sample
+    edited = root / "masks" / rels[3].replace(".png", ".json")
+    h, w = load_annotations(str(edited))[0]["segmentation"]["size"]
+    write_masks(str(edited) + ".new", [np.ones((h, w), np.uint8)])
+    os.replace(str(edited) + ".new", edited)
+    monkeypatch.setattr(util.mask_cache, "SAMPLED_FILES", 0)
+    with pytest.raises(MaskFileError, match="older than 1 mask file"):
+        MaskCache(str(root), 30.0)
+    build_mask_cache(str(root), rels, 30.0)
+    os.remove(edited)  # deleted: stale too
+    with pytest.raises(MaskFileError, match="older than 1 mask file"):
+        MaskCache(str(root), 30.0)
+
+    # an edit in place (the folder keeps its mtime) outside the sample: only the full check sees it
+    root2 = _aged_copy(toy_root, tmp_path / "second")
+    build_mask_cache(str(root2), rels, 30.0)
+    edited = root2 / "masks" / rels[5].replace(".png", ".json")
+    folder_mtime = os.stat(edited.parent).st_mtime_ns
+    with open(edited, "a") as f:
+        f.write(" ")
+    assert os.stat(edited.parent).st_mtime_ns == folder_mtime
+    MaskCache(str(root2), 30.0)
+    with pytest.raises(MaskFileError, match="older than 1 mask file"):
+        MaskCache(str(root2), 30.0, every_file=True)
+    report = check_dataset.check(str(root2), coverage=30.0)
+    assert any("older than 1 mask file" in p and str(edited) in p for p in report["problems"])
+
+
+def test_a_fresh_mask_folder_makes_every_file_checked(toy_root, tmp_path):
+    """Folders changed within SETTLE_S of the build are recorded as untrusted (coarse clocks): an
+    edit in place there is found without the sample."""
+    import shutil
+
+    import util.mask_cache
+    root = tmp_path / "data"
+    shutil.copytree(toy_root, root)
+    rels = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).rel_paths
+    for folder in (root / "masks").iterdir():  # copytree kept the source's (old) folder times
+        os.utime(folder)
+    build_mask_cache(str(root), rels, 30.0)
+    with np.load(root / "masks_cache" / "coverage_30.npz") as index:
+        assert (index["mask_folder_mtime_ns"] == -1).all()
+    edited = root / "masks" / rels[7].replace(".png", ".json")
+    with open(edited, "a") as f:
+        f.write(" ")
+    old, util.mask_cache.SAMPLED_FILES = util.mask_cache.SAMPLED_FILES, 0
+    try:
+        with pytest.raises(MaskFileError, match="older than 1 mask file"):
+            MaskCache(str(root), 30.0)
+    finally:
+        util.mask_cache.SAMPLED_FILES = old
 
 
 def test_a_cache_without_build_dates_is_refused(toy_root, tmp_path):

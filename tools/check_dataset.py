@@ -1,8 +1,8 @@
 """Checks a pretraining --data_path before a long run, by the rules training applies: every image
 decodes, every image has masks (in any layout training reads: SAM's JSON, the original segmae
 table.txt + PNGs, amg.py folders) that parse (valid RLE, readable PNGs), every mask fits its image
-(same size, a resized copy, or made on the EXIF-rotated picture), no two images share a mask file;
-and how many images have a segment within +-5 points of a coverage ratio, and how many have none
+(same size, a resized copy, or made on the EXIF-rotated picture), no two images share a mask file,
+a mask cache for the coverage ratio is newer than every mask file (training checks a sample); and how many images have a segment within +-5 points of a coverage ratio, and how many have none
 (accepted: nothing is hidden). Prints a report; exits 1 if anything is wrong.
 
     python tools/check_dataset.py --data_path /datasets/imagenet --coverage_ratio 50
@@ -19,6 +19,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.image_folders import relative_paths, scan_image_folder  # noqa: E402
 from util.image_roots import image_folder_of  # noqa: E402
+from util.mask_cache import MaskCache  # noqa: E402
 from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
 from util.mask_geometry import exif_orientation, mask_fit  # noqa: E402
 from util.sam_masks import MaskFileError, check_rle, duplicate_stems  # noqa: E402
@@ -90,7 +91,7 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
           mask_format: str = "auto") -> dict:
     mask_root = os.path.join(data_path, "masks")
     report = {"images": 0, "problems": [], "near_coverage": 0, "empty": 0, "resized": 0, "rotated": 0,
-              "thresholded": 0, "listed_empty": 0, "format": None, "hidden": 0, "val": None}
+              "thresholded": 0, "listed_empty": 0, "format": None, "hidden": 0, "val": None, "cache": None}
     try:  # data_path/train, or class folders directly inside (as pretraining reads it)
         image_root, not_classes = image_folder_of(data_path)
     except DataError as e:
@@ -117,6 +118,11 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
         report["problems"].append(str(e))
         return report
     report["format"] = source.format
+    if MaskCache.exists(data_path, coverage):
+        try:
+            report["cache"] = MaskCache(data_path, coverage, source, every_file=True).bin_path
+        except MaskFileError as e:
+            report["problems"].append(str(e))
     report["problems"] += [f"{a} and {b} share the mask file {os.path.relpath(source.location(a), mask_root)}: "
                            f"rename one" for a, b in duplicate_stems(images)]
     jobs = [(rel, image_root, mask_root, report["format"], coverage, tolerance) for rel in images]
@@ -157,6 +163,8 @@ def main(argv=None) -> int:
               f"and kNN do")
     elif report["val"]:
         print(f"{report['val']} images under {args.data_path}/val, in train/'s classes")
+    if report["cache"]:
+        print(f"the mask cache {report['cache']} is newer than every mask file")
     if report["listed_empty"]:
         print(f"{report['listed_empty']} images are listed in emptyfiles.txt (no masks): training leaves them out")
     if report["thresholded"]:

@@ -5,17 +5,52 @@ writes it, in parallel and resumably, from any mask layout of util/mask_sources)
     <root>/masks_cache/coverage_<C>.bin        the chosen RLE count strings, concatenated (ASCII)
     <root>/masks_cache/coverage_<C>.npz        keys (relative image paths, sorted), offset, length,
                                                height, width (length -1: no segment), the mask
-                                               layout, and the size + mtime of each image's mask
-                                               index file (the JSON, table.txt or metadata.csv)
+                                               layout, the size + mtime of each image's mask
+                                               index file (the JSON, table.txt or metadata.csv),
+                                               and the mtime of each folder holding those files
+
+Staleness without a stat per file: adding, removing, renaming or atomically replacing a mask file
+changes the mtime of its folder, so a start stats the ~1,000 folders (one per class for the json
+layout) and then every file in a folder that changed, plus SAMPLED_FILES files drawn at random from
+the rest, for edits in place (a regeneration in place touches every file, so a sample finds it).
+``tools/check_dataset.py`` checks every file.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
+from util.scan_index import SETTLE_S, pack_strings, unpack_strings
 from util.mask_sources import MaskSource, open_mask_source, stem_of
 from util.sam_masks import MaskFileError, decode_segmentation
+
+
+SAMPLED_FILES = 1024  # mask files of unchanged folders stat'ed at each check, for edits in place
+
+
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -2  # gone: never equal to a recorded mtime
+
+
+def mask_folders(source: MaskSource, keys: list[str]) -> dict[str, np.ndarray]:
+    """The cache index's record of the folders holding the keys' mask index files: each key's
+    folder (an index into the folder list), the folders relative to masks/, and their mtimes now
+    (-1 where a folder changed within SETTLE_S: too fresh to trust on coarse clocks). Taken before
+    the files themselves are stat'ed, so a change made during the build shows as a changed folder."""
+    ids: dict[str, int] = {}
+    key_folder = np.empty(len(keys), np.int32)
+    cut = len(os.path.join(source.mask_root, ""))
+    for i, rel in enumerate(keys):
+        key_folder[i] = ids.setdefault(os.path.dirname(source.index_file(rel))[cut:], len(ids))
+    started = time.time()
+    mtimes = np.array([_mtime_ns(os.path.join(source.mask_root, f)) for f in ids], dtype=np.int64)
+    mtimes[mtimes / 1e9 > started - SETTLE_S] = -1
+    return {"mask_folders": pack_strings(list(ids)), "mask_folder_mtime_ns": mtimes, "key_folder": key_folder}
 
 
 def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
@@ -26,11 +61,12 @@ def mask_cache_paths(root: str, coverage_ratio: float) -> tuple[str, str]:
 class MaskCache:
     """Reads chosen segments from the cache: one pread and one RLE decode per sample. ``source``
     is the root's mask reader: the cache must come from the same layout and be newer than its
-    index files (one stat each; ``check_files=False`` leaves that to another process that just
-    did it: each node's first rank, see util/image_roots.py)."""
+    index files (see the module's docstring; ``every_file``: stat them all; ``check_files=False``
+    leaves the check to another process that just did it: each node's first rank, see
+    util/image_roots.py)."""
 
     def __init__(self, root: str, coverage_ratio: float, source: MaskSource | None = None,
-                 check_files: bool = True):
+                 check_files: bool = True, every_file: bool = False):
         self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
         rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {root} --coverage_ratio "
                    f"{coverage_ratio:g} (or delete {os.path.dirname(index_path)} to read masks/ itself)")
@@ -42,6 +78,8 @@ class MaskCache:
                 built_from = (index["mask_bytes"], index["mask_mtime_ns"]) if "mask_bytes" in index else None
                 built_for = float(index["coverage_ratio"])
                 built_format = str(index["mask_format"]) if "mask_format" in index else "json"
+                folders = ({k: index[k] for k in ("mask_folders", "mask_folder_mtime_ns", "key_folder")}
+                           if "key_folder" in index else None)  # None: a cache from before folder records
         except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
             raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
                                 f"{rebuild}") from None
@@ -67,7 +105,10 @@ class MaskCache:
         if built_format != source.format:
             raise MaskFileError(f"mask cache {index_path} was built from {built_format} masks, but masks/ now holds the "
                                 f"{source.format} layout. {rebuild}")
-        stale = self._stale_entries(source, keys, *built_from) if check_files else []
+        stale = []
+        if check_files:
+            rows = None if every_file or folders is None else self._rows_to_check(source.mask_root, folders)
+            stale = self._stale_entries(source, keys, *built_from, rows)
         if stale:
             raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
                                 f"deleted since it was built), e.g. {stale[0]}. {rebuild}")
@@ -77,8 +118,24 @@ class MaskCache:
         self._fd = None  # opened lazily: one descriptor per data-loader worker
 
     @staticmethod
-    def _stale_entries(source: MaskSource, keys: list[str], sizes: np.ndarray, mtimes: np.ndarray) -> list[str]:
-        """Mask index files whose size or mtime differ from when the cache was built (one stat each)."""
+    def _rows_to_check(mask_root: str, folders: dict[str, np.ndarray]) -> np.ndarray:
+        """The rows whose files are stat'ed: all in a folder whose mtime changed since the build,
+        and SAMPLED_FILES drawn at random from the others (one stat per folder)."""
+        names = unpack_strings(folders["mask_folders"])
+        now = np.array([_mtime_ns(os.path.join(mask_root, f)) for f in names], dtype=np.int64)
+        changed = (now != folders["mask_folder_mtime_ns"])[folders["key_folder"]]
+        others = np.flatnonzero(~changed)
+        if len(others) > SAMPLED_FILES:
+            others = np.random.default_rng().choice(others, SAMPLED_FILES, replace=False)
+        return np.union1d(np.flatnonzero(changed), others)
+
+    @staticmethod
+    def _stale_entries(source: MaskSource, keys: list[str], sizes: np.ndarray, mtimes: np.ndarray,
+                       rows: np.ndarray | None = None) -> list[str]:
+        """Mask index files (of these rows; None: all) whose size or mtime differ from when the
+        cache was built (one stat each)."""
+        if rows is not None:
+            keys, sizes, mtimes = [keys[i] for i in rows.tolist()], sizes[rows], mtimes[rows]
         stale = []
         for rel, size, mtime in zip(keys, sizes.tolist(), mtimes.tolist()):
             path = source.index_file(rel)

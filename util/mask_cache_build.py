@@ -21,7 +21,7 @@ from PIL import Image
 from util.files import atomic_write, atomic_write_json, lock_output_dir, remove_stale_temp_files, unlock_output_dir, writable_dir
 from util.images import IMAGE_ERRORS, image_error
 from util.image_roots import image_folder_of
-from util.mask_cache import mask_cache_paths
+from util.mask_cache import mask_cache_paths, mask_folders
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, stem_of
 from util.mask_geometry import exif_orientation, mask_fit
 from util.sam_masks import MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation
@@ -180,7 +180,7 @@ def _open_parts_dir(parts_dir: str, plan: dict) -> int:
 
 
 def _join_parts(parts_dir: str, n_parts: int, keys: list[str], bin_path: str, index_path: str, coverage_ratio: float,
-                mask_format: str) -> None:
+                mask_format: str, folders: dict[str, np.ndarray]) -> None:
     arrays = {k: [] for k in ("length", "height", "width", "mask_bytes", "mask_mtime_ns")}
     with atomic_write(bin_path) as out:
         for part in range(n_parts):
@@ -194,7 +194,8 @@ def _join_parts(parts_dir: str, n_parts: int, keys: list[str], bin_path: str, in
     with atomic_write(index_path) as f:  # written last: the cache counts as present only now
         np.savez(f, keys=np.array(keys), offset=offset, length=length, height=joined["height"].astype(np.int32),
                  width=joined["width"].astype(np.int32), coverage_ratio=np.float64(coverage_ratio),
-                 mask_bytes=joined["mask_bytes"], mask_mtime_ns=joined["mask_mtime_ns"], mask_format=np.array(mask_format))
+                 mask_bytes=joined["mask_bytes"], mask_mtime_ns=joined["mask_mtime_ns"], mask_format=np.array(mask_format),
+                 **folders)
 
 
 def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float, mask_format: str = "auto",
@@ -220,6 +221,7 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
         n_parts = -(-len(keys) // PART_IMAGES)
         if kept:
             print(f"resuming the mask cache build in {parts_dir}: {kept} of {n_parts} parts were built before")
+        folders = mask_folders(source, keys)  # before the parts stat their files
         _job = _Job(root, keys, source, coverage_ratio, parts_dir)
         progress = Progress(len(keys), f"mask cache {os.path.basename(bin_path)}", progress_every)
         thresholded = unsorted = 0
@@ -243,7 +245,7 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
         if thresholded or unsorted:
             print(f"{thresholded} mask PNG(s) were not strictly 0/255 and were thresholded at 128; "
                   f"{unsorted} table.txt file(s) were not sorted by coverage and were sorted first")
-        _join_parts(parts_dir, n_parts, keys, bin_path, index_path, coverage_ratio, source.format)
+        _join_parts(parts_dir, n_parts, keys, bin_path, index_path, coverage_ratio, source.format, folders)
         shutil.rmtree(parts_dir)
     finally:
         unlock_output_dir(cache_dir)

@@ -31,11 +31,12 @@ def index_paths(split_root: str) -> list[str]:
     return [os.path.join(parent, f"{INDEX_PREFIX}{split}.npz"), os.path.join(cache, "segmae", "scans", f"{digest}.npz")]
 
 
-def _joined(strings: list[str]) -> np.ndarray:
+def pack_strings(strings: list[str]) -> np.ndarray:
+    """Strings as one NUL-separated uint8 array (a list of a million paths is one numpy object)."""
     return np.frombuffer("\0".join(strings).encode("utf-8", "surrogateescape"), dtype=np.uint8)
 
 
-def _split(buffer: np.ndarray) -> list[str]:
+def unpack_strings(buffer: np.ndarray) -> list[str]:
     text = buffer.tobytes().decode("utf-8", "surrogateescape")
     return text.split("\0") if text else []
 
@@ -67,7 +68,7 @@ def _load(root: str, key: str = "") -> dict | None:
                 saved = {name: index[name] for name in index.files}
         except Exception:  # noqa: BLE001 - absent or damaged, whatever numpy or zipfile says: scan again
             continue
-        if not folders_unchanged(root, _split(saved["folders"]), saved["folder_mtimes"]):
+        if not folders_unchanged(root, unpack_strings(saved["folders"]), saved["folder_mtimes"]):
             return None
         saved["path"] = path
         return saved
@@ -80,7 +81,7 @@ def _save(root: str, arrays: dict, folder_mtimes: dict[str, int], started: float
     if not enabled() or max(folder_mtimes.values(), default=0) / 1e9 > started - SETTLE_S:
         return None
     arrays = {**arrays, "version": np.array(VERSION), "root": np.array(os.path.realpath(root)), "key": np.array(key),
-              "folders": _joined(list(folder_mtimes)),
+              "folders": pack_strings(list(folder_mtimes)),
               "folder_mtimes": np.array(list(folder_mtimes.values()), dtype=np.int64)}
     for path in index_paths(root):
         tmp = f"{path}.tmp{os.getpid()}"
@@ -104,15 +105,15 @@ def load(split_root: str, key: str = "") -> dict | None:
     saved = _load(split_root, key)
     if saved is None:
         return None
-    return {"classes": _split(saved["classes"]), "rels": _split(saved["rels"]), "labels": saved["labels"],
-            "hidden": _split(saved["hidden"]), "empty_classes": _split(saved["empty_classes"]), "path": saved["path"]}
+    return {"classes": unpack_strings(saved["classes"]), "rels": unpack_strings(saved["rels"]), "labels": saved["labels"],
+            "hidden": unpack_strings(saved["hidden"]), "empty_classes": unpack_strings(saved["empty_classes"]), "path": saved["path"]}
 
 
 def save(split_root: str, classes: list[str], rels: list[str], labels: np.ndarray, hidden: list[str],
          empty_classes: list[str], folder_mtimes: dict[str, int], started: float, key: str = "") -> str | None:
-    return _save(split_root, {"classes": _joined(classes), "rels": _joined(rels),
-                              "labels": np.asarray(labels, dtype=np.int64), "hidden": _joined(hidden),
-                              "empty_classes": _joined(empty_classes)}, folder_mtimes, started, key)
+    return _save(split_root, {"classes": pack_strings(classes), "rels": pack_strings(rels),
+                              "labels": np.asarray(labels, dtype=np.int64), "hidden": pack_strings(hidden),
+                              "empty_classes": pack_strings(empty_classes)}, folder_mtimes, started, key)
 
 
 def load_mask_listing(mask_root: str, stems_digest: str) -> tuple[dict[str, set[str]], dict[str, str]] | None:
@@ -120,12 +121,12 @@ def load_mask_listing(mask_root: str, stems_digest: str) -> tuple[dict[str, set[
     saved = _load(mask_root, stems_digest)
     if saved is None:
         return None
-    seen = dict(zip(_split(saved["seen_layouts"]), _split(saved["seen_examples"])))
-    return {"json": set(_split(saved["json"])), "folders": set(_split(saved["mask_folders"]))}, seen
+    seen = dict(zip(unpack_strings(saved["seen_layouts"]), unpack_strings(saved["seen_examples"])))
+    return {"json": set(unpack_strings(saved["json"])), "folders": set(unpack_strings(saved["mask_folders"]))}, seen
 
 
 def save_mask_listing(mask_root: str, stems_digest: str, listed: dict[str, set[str]], seen: dict[str, str],
                       folder_mtimes: dict[str, int], started: float) -> str | None:
-    return _save(mask_root, {"json": _joined(list(listed["json"])), "mask_folders": _joined(list(listed["folders"])),
-                             "seen_layouts": _joined(list(seen)), "seen_examples": _joined(list(seen.values()))},
+    return _save(mask_root, {"json": pack_strings(list(listed["json"])), "mask_folders": pack_strings(list(listed["folders"])),
+                             "seen_layouts": pack_strings(list(seen)), "seen_examples": pack_strings(list(seen.values()))},
                  folder_mtimes, started, key=stems_digest)
