@@ -25,9 +25,10 @@ import torch
 import util.misc as misc
 import util.runsetup as runsetup
 from util.transforms import NORMALIZATIONS
-from util.checkpoint import append_log, load_checkpoint, mismatch_hint, save_checkpoint
+from util.checkpoint import (append_log, checkpoint_args, load_checkpoint, load_optimizer_state, mismatch_hint,
+                              optimizer_state_dict, save_checkpoint)
 from util.run_identity import reconcile_with_checkpoint
-from util.optim import load_optimizer_state, optimizer_state_dict, param_groups_weight_decay
+from util.optim import param_groups_weight_decay
 from util.datasets import loader_options
 from util.files import atomic_write_json, read_jsonl, writable_dir
 from util.distributed import check_ranks_agree, file_list_digest, get_rank, get_world_size, is_main_process
@@ -222,7 +223,7 @@ def save_epoch(args, run: Runtime, epoch: int, stats: dict, model_without_ddp, o
     append_log(args.log_dir, {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]})
     save_checkpoint({"model": with_original_head(model_without_ddp.state_dict(), model_without_ddp.encoder.embed_dim),
                      "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
-                     "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": run.checkpoint_args(args)}, ckpt_path)
+                     "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": checkpoint_args(args, run)}, ckpt_path)
     if log_writer is not None:
         log_writer.flush()
 

@@ -8,6 +8,7 @@ import torch
 import engine_pretrain
 import main_pretrain
 from test_pretrain_cli import common
+from util.checkpoint import checkpoint_args
 from util.runtime import Runtime
 
 DERIVED = ("rank", "gpu", "distributed", "dist_backend", "record")  # (--world_size is a flag, as in the reference)
@@ -41,7 +42,7 @@ def test_checkpoint_args_copies_and_leaves_the_flags_alone():
     args = argparse.Namespace(amp=None, device="cuda", model="mae_vit_base_patch16")
     run = Runtime(device=torch.device("cuda", 3), amp="bf16", distributed=True, rank=11, world_size=16,
                   local_rank=3, dist_backend="nccl", compile_mode="default", record={"host": "n1"})
-    saved = run.checkpoint_args(args)
+    saved = checkpoint_args(args, run)
     assert (saved.rank, saved.world_size, saved.gpu, saved.dist_backend) == (11, 16, 3, "nccl")
     assert saved.device == "cuda:3" and saved.amp == "bf16" and saved.record == {"host": "n1"}
     assert vars(args) == {"amp": None, "device": "cuda", "model": "mae_vit_base_patch16"}

@@ -18,7 +18,7 @@ from util.errors import CheckpointError, UserError
 # used here; atomic_write_json, file_digest and StorageError also still reachable from here
 from util.files import (StorageError, atomic_torch_save, atomic_write_json, file_digest,  # noqa: F401
                         read_jsonl, write_jsonl)
-from util.optim import load_optimizer_state, optimizer_state_dict
+from util.optim import param_groups_layer_decay
 
 # Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
 # torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
@@ -72,6 +72,18 @@ def _newest_intact(path: str) -> str | None:
     return found or (path if os.path.exists(path) else None)
 
 
+def checkpoint_args(args: argparse.Namespace, run) -> argparse.Namespace:
+    """The flags as a checkpoint stores them: a copy of args with the values the reference's
+    start-up wrote into its args (rank, world size, GPU, backend) taken from ``run``
+    (util.runtime.Runtime), the resolved --amp and the run record."""
+    saved = argparse.Namespace(**vars(args))
+    saved.distributed, saved.rank, saved.world_size, saved.gpu = run.distributed, run.rank, run.world_size, run.local_rank
+    if run.distributed:
+        saved.dist_backend = run.dist_backend
+    saved.device, saved.amp, saved.record = str(run.device), run.amp, run.record
+    return saved
+
+
 def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None,
                run=None) -> str:
     """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
@@ -84,7 +96,7 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name
             "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
             "epoch": epoch,
             "scaler": loss_scaler.state_dict(),
-            "args": run.checkpoint_args(args) if run is not None else args,
+            "args": checkpoint_args(args, run) if run is not None else args,
         }, path)
         if getattr(args, "keep_last", 0) and (name is None or name.isdigit()):
             prune_checkpoints(args.output_dir, args.keep_last, just_written=path)
@@ -208,6 +220,84 @@ def mismatch_hint(error: str) -> str:
     if "patch_embed" in error:
         return "check --model (patch size) and the input channels"
     return "check --model"
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state by parameter name: a checkpoint's moments go to the same parameters whatever the
+# group order (ours store the names; the reference's order is reconstructed)
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of each of the optimizer's groups, in order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """optimizer.state_dict() with each group's parameter names ('param_names', as PyTorch writes for
+    named parameters), so the state can be matched by name when the order changes."""
+    state = optimizer.state_dict()
+    for group, names in zip(state["param_groups"], optimizer_param_names(optimizer, model)):
+        group.setdefault("param_names", names)
+    return state
+
+
+def _reference_group_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]] | None:
+    """The groups the original MAE code (timm 0.3.2) made for this model: there fc_norm is
+    registered after head, so the layer-decay groups come in another order."""
+    params = list(model.named_parameters())
+    if not any(n.startswith("fc_norm.") for n, _ in params) or not hasattr(model, "blocks"):
+        return None
+    moved = [x for x in params if not x[0].startswith("fc_norm.")]
+    at = max(i for i, (n, _) in enumerate(moved) if n.startswith("head.") or n.startswith("head")) + 1
+    moved[at:at] = [x for x in params if x[0].startswith("fc_norm.")]
+
+    class ReferenceOrder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = model.blocks
+
+        def named_parameters(self, *a, **k):
+            return iter(moved)
+
+    names = {id(p): n for n, p in params}
+    groups = param_groups_layer_decay(ReferenceOrder(), no_weight_decay=model.no_weight_decay()
+                                      if hasattr(model, "no_weight_decay") else ())
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: torch.nn.Module) -> None:
+    """Loads an optimizer state, matching parameters by name: names stored with the state, or, for
+    a state written by the original MAE code, the names its parameter order implies."""
+    ours = optimizer_param_names(optimizer, model)
+    saved_groups = state["param_groups"]
+    theirs = [g.get("param_names") for g in saved_groups]
+    same_shape = [len(g["params"]) for g in saved_groups] == [len(n) for n in ours]
+    if any(t is None for t in theirs):
+        theirs = None if same_shape else _reference_group_names(optimizer, model)
+    if theirs is None or theirs == ours:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); resume "
+                                  f"with the same model and flags, or start the optimizer afresh") from None
+        return
+    where = {name: idx for names, g in zip(theirs, saved_groups) for name, idx in zip(names, g["params"])}
+    missing = [n for names in ours for n in names if n not in where]
+    if missing:
+        raise CheckpointError(f"the checkpoint's optimizer state has no entry for {missing[:3]}: it was made for "
+                              f"another model")
+    remapped, index = {}, 0
+    groups = []
+    for names, group in zip(ours, optimizer.state_dict()["param_groups"]):
+        new_ids = []
+        for name in names:
+            if where[name] in state["state"]:
+                remapped[index] = state["state"][where[name]]
+            new_ids.append(index)
+            index += 1
+        groups.append({**group, "params": new_ids})
+    optimizer.load_state_dict({"state": remapped, "param_groups": groups})
+    print("optimizer state matched to the parameters by name")
 
 
 # ------------------------------------------------------------------------------------------------

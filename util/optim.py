@@ -6,7 +6,6 @@ from typing import Collection
 import torch
 import torch.nn as nn
 
-from util.errors import CheckpointError
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float,
@@ -117,82 +116,3 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(update)
                 p.add_(mu, alpha=-group["lr"])
         return loss
-
-
-# ------------------------------------------------------------------------------------------------
-# optimizer state by parameter name: a checkpoint's moments go to the same parameters whatever the
-# group order (ours store the names; the reference's order is reconstructed)
-
-def optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
-    """The parameter names of each of the optimizer's groups, in order."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
-
-
-def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
-    """optimizer.state_dict() with each group's parameter names ('param_names', as PyTorch writes for
-    named parameters), so the state can be matched by name when the order changes."""
-    state = optimizer.state_dict()
-    for group, names in zip(state["param_groups"], optimizer_param_names(optimizer, model)):
-        group.setdefault("param_names", names)
-    return state
-
-
-def _reference_group_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]] | None:
-    """The groups the original MAE code (timm 0.3.2) made for this model: there fc_norm is
-    registered after head, so the layer-decay groups come in another order."""
-    from util.optim import param_groups_layer_decay
-    params = list(model.named_parameters())
-    if not any(n.startswith("fc_norm.") for n, _ in params) or not hasattr(model, "blocks"):
-        return None
-    moved = [x for x in params if not x[0].startswith("fc_norm.")]
-    at = max(i for i, (n, _) in enumerate(moved) if n.startswith("head.") or n.startswith("head")) + 1
-    moved[at:at] = [x for x in params if x[0].startswith("fc_norm.")]
-
-    class ReferenceOrder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = model.blocks
-
-        def named_parameters(self, *a, **k):
-            return iter(moved)
-
-    names = {id(p): n for n, p in params}
-    groups = param_groups_layer_decay(ReferenceOrder(), no_weight_decay=model.no_weight_decay()
-                                      if hasattr(model, "no_weight_decay") else ())
-    return [[names[id(p)] for p in g["params"]] for g in groups]
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: torch.nn.Module) -> None:
-    """Loads an optimizer state, matching parameters by name: names stored with the state, or, for
-    a state written by the original MAE code, the names its parameter order implies."""
-    ours = optimizer_param_names(optimizer, model)
-    saved_groups = state["param_groups"]
-    theirs = [g.get("param_names") for g in saved_groups]
-    same_shape = [len(g["params"]) for g in saved_groups] == [len(n) for n in ours]
-    if any(t is None for t in theirs):
-        theirs = None if same_shape else _reference_group_names(optimizer, model)
-    if theirs is None or theirs == ours:
-        try:
-            optimizer.load_state_dict(state)
-        except ValueError as e:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); resume "
-                                  f"with the same model and flags, or start the optimizer afresh") from None
-        return
-    where = {name: idx for names, g in zip(theirs, saved_groups) for name, idx in zip(names, g["params"])}
-    missing = [n for names in ours for n in names if n not in where]
-    if missing:
-        raise CheckpointError(f"the checkpoint's optimizer state has no entry for {missing[:3]}: it was made for "
-                              f"another model")
-    remapped, index = {}, 0
-    groups = []
-    for names, group in zip(ours, optimizer.state_dict()["param_groups"]):
-        new_ids = []
-        for name in names:
-            if where[name] in state["state"]:
-                remapped[index] = state["state"][where[name]]
-            new_ids.append(index)
-            index += 1
-        groups.append({**group, "params": new_ids})
-    optimizer.load_state_dict({"state": remapped, "param_groups": groups})
-    print("optimizer state matched to the parameters by name")

@@ -4,11 +4,10 @@ The parsed flags (``args``) stay as parsed; the process's place in the job, the 
 mixed precision --amp resolved to, the compile mode in force and the run record (code,
 versions, GPUs) are one ``Runtime``, made once by util.runsetup.setup_run and passed to what needs
 them. A checkpoint still stores ``args`` as one Namespace with these values in it, the layout the
-reference's checkpoints have (``checkpoint_args``).
+reference's checkpoints have (util.checkpoint.checkpoint_args).
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 import torch
@@ -25,16 +24,3 @@ class Runtime:
     dist_backend: str = ""  # "nccl" or "gloo" when distributed
     compile_mode: str | None = None  # the torch.compile mode, None when not compiled
     record: dict = field(default_factory=dict)  # util.runsetup.run_record
-
-    def checkpoint_args(self, args: argparse.Namespace) -> argparse.Namespace:
-        """The flags as a checkpoint stores them: a copy of args with the values the reference's
-        start-up wrote into its args (rank, world size, GPU, backend), the resolved --amp and the
-        run record."""
-        saved = argparse.Namespace(**vars(args))
-        saved.distributed, saved.rank, saved.world_size, saved.gpu = (self.distributed, self.rank, self.world_size,
-                                                                      self.local_rank)
-        if self.distributed:
-            saved.dist_backend = self.dist_backend
-        saved.device, saved.amp, saved.record = str(self.device), self.amp, self.record
-        return saved
-
