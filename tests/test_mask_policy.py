@@ -301,7 +301,7 @@ def test_the_cache_check_stats_folders_and_a_sample_not_every_file(toy_root, tmp
     assert any("older than 1 mask file" in p and str(edited) in p for p in report["problems"])
 
 
-def test_a_fresh_mask_folder_makes_every_file_checked(toy_root, tmp_path):
+def test_a_fresh_mask_folder_makes_every_file_checked(toy_root, tmp_path, monkeypatch):
     """Folders changed within SETTLE_S of the build are recorded as untrusted (coarse clocks): an
     edit in place there is found without the sample."""
     import shutil
@@ -318,12 +318,9 @@ def test_a_fresh_mask_folder_makes_every_file_checked(toy_root, tmp_path):
     edited = root / "masks" / rels[7].replace(".png", ".json")
     with open(edited, "a") as f:
         f.write(" ")
-    old, util.mask_cache.SAMPLED_FILES = util.mask_cache.SAMPLED_FILES, 0
-    try:
-        with pytest.raises(MaskFileError, match="older than 1 mask file"):
-            MaskCache(str(root), 30.0)
-    finally:
-        util.mask_cache.SAMPLED_FILES = old
+    monkeypatch.setattr(util.mask_cache, "SAMPLED_FILES", 0)
+    with pytest.raises(MaskFileError, match="older than 1 mask file"):
+        MaskCache(str(root), 30.0)
 
 
 def test_a_cache_without_build_dates_is_refused(toy_root, tmp_path):

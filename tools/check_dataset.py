@@ -2,7 +2,8 @@
 decodes, every image has masks (in any layout training reads: SAM's JSON, the original segmae
 table.txt + PNGs, amg.py folders) that parse (valid RLE, readable PNGs), every mask fits its image
 (same size, a resized copy, or made on the EXIF-rotated picture), no two images share a mask file,
-a mask cache for the coverage ratio is newer than every mask file (training checks a sample); and how many images have a segment within +-5 points of a coverage ratio, and how many have none
+a mask cache for the coverage ratio is newer than every mask file (training checks a sample); and
+how many images have a segment within +-5 points of a coverage ratio, and how many have none
 (accepted: nothing is hidden). Prints a report; exits 1 if anything is wrong.
 
     python tools/check_dataset.py --data_path /datasets/imagenet --coverage_ratio 50

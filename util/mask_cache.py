@@ -22,19 +22,12 @@ import time
 
 import numpy as np
 
-from util.scan_index import SETTLE_S, pack_strings, unpack_strings
+from util.scan_index import SETTLE_S, folder_mtimes, pack_strings, unpack_strings
 from util.mask_sources import MaskSource, open_mask_source, stem_of
 from util.sam_masks import MaskFileError, decode_segmentation
 
 
 SAMPLED_FILES = 1024  # mask files of unchanged folders stat'ed at each check, for edits in place
-
-
-def _mtime_ns(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return -2  # gone: never equal to a recorded mtime
 
 
 def mask_folders(source: MaskSource, keys: list[str]) -> dict[str, np.ndarray]:
@@ -48,7 +41,7 @@ def mask_folders(source: MaskSource, keys: list[str]) -> dict[str, np.ndarray]:
     for i, rel in enumerate(keys):
         key_folder[i] = ids.setdefault(os.path.dirname(source.index_file(rel))[cut:], len(ids))
     started = time.time()
-    mtimes = np.array([_mtime_ns(os.path.join(source.mask_root, f)) for f in ids], dtype=np.int64)
+    mtimes = folder_mtimes(source.mask_root, list(ids))
     mtimes[mtimes / 1e9 > started - SETTLE_S] = -1
     return {"mask_folders": pack_strings(list(ids)), "mask_folder_mtime_ns": mtimes, "key_folder": key_folder}
 
@@ -121,8 +114,7 @@ class MaskCache:
     def _rows_to_check(mask_root: str, folders: dict[str, np.ndarray]) -> np.ndarray:
         """The rows whose files are stat'ed: all in a folder whose mtime changed since the build,
         and SAMPLED_FILES drawn at random from the others (one stat per folder)."""
-        names = unpack_strings(folders["mask_folders"])
-        now = np.array([_mtime_ns(os.path.join(mask_root, f)) for f in names], dtype=np.int64)
+        now = folder_mtimes(mask_root, unpack_strings(folders["mask_folders"]))
         changed = (now != folders["mask_folder_mtime_ns"])[folders["key_folder"]]
         others = np.flatnonzero(~changed)
         if len(others) > SAMPLED_FILES:

@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 
 
-
 def param_groups_weight_decay(model: nn.Module, weight_decay: float,
                               no_weight_decay: Collection[str] = ()) -> list[dict]:
     """[no-decay group, decay group]: norms, biases (ndim <= 1 or '.bias') and ``no_weight_decay``

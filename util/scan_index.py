@@ -41,14 +41,19 @@ def unpack_strings(buffer: np.ndarray) -> list[str]:
     return text.split("\0") if text else []
 
 
-def folders_unchanged(split_root: str, folders: list[str], mtimes: np.ndarray) -> bool:
-    for rel, mtime in zip(folders, mtimes.tolist()):
+def folder_mtimes(root: str, folders: list[str]) -> np.ndarray:
+    """The mtime (ns) of each folder relative to root, one stat each; -2 for one that is gone (never
+    equal to a recorded mtime, nor to -1, which marks a folder too fresh to trust)."""
+    def mtime(rel: str) -> int:
         try:
-            if os.stat(os.path.join(split_root, rel)).st_mtime_ns != mtime:
-                return False
+            return os.stat(os.path.join(root, rel)).st_mtime_ns
         except OSError:
-            return False
-    return True
+            return -2
+    return np.array([mtime(rel) for rel in folders], dtype=np.int64)
+
+
+def folders_unchanged(split_root: str, folders: list[str], mtimes: np.ndarray) -> bool:
+    return bool(np.array_equal(folder_mtimes(split_root, folders), mtimes))
 
 
 def enabled() -> bool:
