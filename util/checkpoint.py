@@ -241,14 +241,14 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     return state
 
 
-def _reference_group_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]] | None:
+def _reference_group_names(model: torch.nn.Module) -> list[list[str]] | None:
     """The groups the original MAE code (timm 0.3.2) made for this model: there fc_norm is
     registered after head, so the layer-decay groups come in another order."""
     params = list(model.named_parameters())
     if not any(n.startswith("fc_norm.") for n, _ in params) or not hasattr(model, "blocks"):
         return None
     moved = [x for x in params if not x[0].startswith("fc_norm.")]
-    at = max(i for i, (n, _) in enumerate(moved) if n.startswith("head.") or n.startswith("head")) + 1
+    at = max(i for i, (n, _) in enumerate(moved) if n.startswith("head")) + 1
     moved[at:at] = [x for x in params if x[0].startswith("fc_norm.")]
 
     class ReferenceOrder(torch.nn.Module):
@@ -273,7 +273,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: t
     theirs = [g.get("param_names") for g in saved_groups]
     same_shape = [len(g["params"]) for g in saved_groups] == [len(n) for n in ours]
     if any(t is None for t in theirs):
-        theirs = None if same_shape else _reference_group_names(optimizer, model)
+        theirs = None if same_shape else _reference_group_names(model)
     if theirs is None or theirs == ours:
         try:
             optimizer.load_state_dict(state)
