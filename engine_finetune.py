@@ -11,7 +11,6 @@ import util.lr_sched as lr_sched
 import util.misc as misc
 from util.distributed import is_dist_avail_and_initialized
 from util.runtime import Runtime
-from util.speed import mark_step_begin
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -37,7 +36,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         update = (data_iter_step + 1) % accum_iter == 0
         sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
-        mark_step_begin(run.compile_mode)
+        misc.mark_step_begin(run.compile_mode)
         with sync_ctx:
             with misc.autocast(device, run.amp):
                 outputs = model(samples)

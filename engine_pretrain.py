@@ -15,7 +15,6 @@ from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_
 from util.errors import UserError
 from util.masking import get_method, uses_segments
 from util.runtime import Runtime
-from util.speed import mark_step_begin
 
 
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -107,7 +106,7 @@ def mae_step(model: torch.nn.Module, samples: torch.Tensor, seg_mask: torch.Tens
     where: (epoch, step, EpochCounts)."""
     # skip DDP's gradient all-reduce on accumulation steps
     sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
-    mark_step_begin(run.compile_mode)
+    misc.mark_step_begin(run.compile_mode)
     with sync_ctx:
         with misc.autocast(run.device, run.amp):
             loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)

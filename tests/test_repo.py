@@ -29,3 +29,17 @@ def test_readme_names_the_two_commands_and_ci_runs_make_test():
     readme = open(os.path.join(REPO, "README.md")).read()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
+
+
+def test_a_pretraining_step_runs_code_from_few_modules(toy_root, tmp_path):
+    """tools/step_modules.py's count for one epoch (data -> model -> loss -> optimizer ->
+    checkpoint): a reader following a step opens these files and no more."""
+    from tools.step_modules import step_modules
+    patches = step_modules(toy_root, "patches", str(tmp_path / "patches"))
+    segments = step_modules(toy_root, "segments", str(tmp_path / "segments"))
+    seen = {"main_pretrain.py", "engine_pretrain.py", "models_mae.py", "util/masking.py", "util/datasets.py",
+            "util/images.py", "util/transforms.py", "util/checkpoint.py", "util/lr_sched.py"}
+    assert seen <= set(patches), sorted(patches)  # the profiler saw every part of the step
+    assert len(patches) <= 12, sorted(patches)
+    assert set(patches) < set(segments) and len(segments) <= 16, sorted(segments)
+    assert "util/mask_sources/json_layout.py" in segments

@@ -13,7 +13,8 @@ import util.image_folders as image_folders
 from util import scan_index
 from util.datasets import SegmentMaskImageFolder
 from util.finetune_data import CheckedImageFolder
-from util.image_folders import ImageList, scan_image_folder
+from util.image_folders import scan_image_folder
+from util.images import ImageList
 
 OLD = 1_500_000_000  # a date (2017) long before any test runs: the tree has settled
 NO_SAVED_SCANS = shutil.ignore_patterns(".segmae_scan-*")  # the shared toy tree's own, from other tests

@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
-from util.misc import LossScaler, autocast, resolve_amp  # noqa: E402
+from util.misc import LossScaler, autocast, mark_step_begin, resolve_amp  # noqa: E402
 from util.optim import ADAMW_IMPLS, adamw, param_groups_weight_decay  # noqa: E402
 from util.speed import (COMPILE_MODES, compile_model, convert_to_fp8, find_max_batch,  # noqa: E402
-                        mark_step_begin, set_fused_attention)
+                        set_fused_attention)
 from util.transforms import as_hw  # noqa: E402
 
 # --ablation: each row adds one option to the row before

@@ -1,20 +1,23 @@
-"""Pretraining datasets over one or several --data_path roots of any kind (util/image_roots.py:
-train/ splits, class folders, LMDB databases; tar shards: util/shards.py): per-sample seeded
-augmentation, the loader's worker settings and the batch collation (finetuning and linear
-probing read util/finetune_data.py).
+"""Pretraining datasets over one or several --data_path roots of any kind (util/image_roots.py
+opens them: train/ splits, class folders, LMDB databases; tar shards: util/shards.py): reading one
+sample (image and segment mask), its seeded augmentation, the loader's worker settings and the
+batch collation (finetuning and linear probing read util/finetune_data.py).
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
+import os
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from util.errors import UserError
-from util.image_roots import DEFAULT_MASK_SIZE_CHECK, LMDB, SegmentMaskImageFolder, root_kind
-from util.images import DEFAULT_DATA_TIMEOUT_S, DataError
+from util.image_roots import DEFAULT_MASK_SIZE_CHECK, LMDB, ImageRoot, root_kind
+from util.images import DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.lmdb_images import LmdbImages
+from util.mask_geometry import exif_orientation, fit_mask
 from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage
 
 
@@ -75,6 +78,37 @@ def collate_pretrain(batch: list):
     else:
         columns = default_collate(good)
     return columns[0], (columns[1] if len(columns) == 3 else None), bad
+
+
+class SegmentMaskImageFolder(ImageRoot, Dataset):
+    """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class);
+    opened and checked at construction (util/image_roots.py).
+
+    The segment is the annotation whose coverage is closest to ``coverage_ratio`` percent, as an
+    (H, W) uint8 array on the image's pixel grid, 1 = hidden. With ``decode=False`` the image is an
+    EncodedImage (the file's bytes) instead of a PIL image.
+    """
+
+    def __getitem__(self, index: int):
+        rel, target = self.samples.rel(index), int(self.samples.labels[index])
+        path = os.path.join(self.image_root, rel)
+        with read_deadline(path, self.read_timeout):
+            img = load_rgb(path) if self.decode else EncodedImage(path)
+        if not self.with_masks:
+            return img, None, target
+        if self.cache_rows is not None and self.cache_rows[index] >= 0:
+            with read_deadline(self.cache.bin_path, self.read_timeout):
+                mask = self.cache.load_row(int(self.cache_rows[index]), img.size, rel)
+        else:
+            with read_deadline(self.source.location(rel), self.read_timeout):
+                mask = self.source.load(rel, self.coverage_ratio, img.size)
+        if mask.shape != (img.height, img.width):  # the size policy of util/mask_geometry.py
+            orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
+            mask, rule = fit_mask(mask, img.size, orientation, self.source.location(rel))
+            if rule == "rotate":
+                with self.rotated_masks.get_lock():
+                    self.rotated_masks.value += 1
+        return img, mask, target
 
 
 class PretrainDataset(EpochAware, Dataset):

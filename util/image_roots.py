@@ -1,5 +1,5 @@
-"""One pretraining --data_path root: which of three kinds it is, and (for image folders) its
-images with the SAM segment of each.
+"""One pretraining --data_path root: which of three kinds it is, and (for image folders) opening
+it: its images with the SAM masks of each, checked (ImageRoot; util/datasets.py reads its samples).
 
     <root>/train/<class>/<image>          a split: images in torchvision's ImageFolder layout
     <root>/<class>/<image>                class folders directly inside (an ImageFolder root itself)
@@ -14,21 +14,19 @@ the root is opened, not in the middle of an epoch.
 """
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
 from util.distributed import first_rank_on_node
 from util.image_folders import empty_classes_message, is_hidden, scan_image_folder
 from util.lmdb_images import is_lmdb_root
-from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
+from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError
 from util.mask_sources import MaskSource, open_mask_source, read_empty_list, scanned_stems
 from util.mask_cache import MaskCache
-from util.mask_geometry import exif_orientation, fit_mask, mask_fit
+from util.mask_geometry import exif_orientation, mask_fit
 from util.sam_masks import MaskFileError, check_unique_stems
 
 # images whose mask size is checked against the image header at start-up (0: all)
@@ -66,13 +64,10 @@ def image_folder_of(root: str, split: str = "train") -> tuple[str, tuple[str, ..
     return (os.path.join(root, split), ()) if kind == SPLIT else (root, NOT_CLASSES)
 
 
-class SegmentMaskImageFolder(Dataset):
-    """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class).
-
-    The segment is the annotation whose coverage is closest to ``coverage_ratio`` percent, as an
-    (H, W) uint8 array on the image's pixel grid, 1 = hidden. With ``decode=False`` the image is an
-    EncodedImage (the file's bytes) instead of a PIL image.
-    """
+class ImageRoot:
+    """One root's train/ split, opened: its images (``samples``, an ImageList), the source of
+    their SAM masks and the mask cache, after every start-up check. Reading a sample is
+    util/datasets.py's SegmentMaskImageFolder, which is this class plus ``__getitem__``."""
 
     def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
                  split: str = "train", allow_missing_masks: bool = False, decode: bool = True,
@@ -227,24 +222,3 @@ class SegmentMaskImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def __getitem__(self, index: int):
-        rel, target = self.samples.rel(index), int(self.samples.labels[index])
-        path = os.path.join(self.image_root, rel)
-        with read_deadline(path, self.read_timeout):
-            img = load_rgb(path) if self.decode else EncodedImage(path)
-        if not self.with_masks:
-            return img, None, target
-        if self.cache_rows is not None and self.cache_rows[index] >= 0:
-            with read_deadline(self.cache.bin_path, self.read_timeout):
-                mask = self.cache.load_row(int(self.cache_rows[index]), img.size, rel)
-        else:
-            with read_deadline(self.source.location(rel), self.read_timeout):
-                mask = self.source.load(rel, self.coverage_ratio, img.size)
-        if mask.shape != (img.height, img.width):  # the size policy of util/mask_geometry.py
-            orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
-            mask, rule = fit_mask(mask, img.size, orientation, self.source.location(rel))
-            if rule == "rotate":
-                with self.rotated_masks.get_lock():
-                    self.rotated_masks.value += 1
-        return img, mask, target

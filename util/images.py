@@ -1,13 +1,21 @@
-"""Reading image files: decoded to RGB as the MAE reference reads them (Pillow, EXIF orientation
-not applied, 16-bit greyscale scaled rather than clipped), or kept encoded for the GPU decoder; and
-a read deadline, so that a hung file system stops a run with the file named."""
+"""Image files: the list of a dataset's images (``ImageList``, shared by forked loader workers
+without copying), reading one decoded to RGB as the MAE reference reads them (Pillow, EXIF
+orientation not applied, 16-bit greyscale scaled rather than clipped) or kept encoded for the GPU
+decoder, and a read deadline, so that a hung file system stops a run with the file named.
+
+An ``ImageList`` holds the paths in one byte buffer and the labels in one numpy array, not a list
+of tuples: a data-loader worker that reads a Python object writes its reference count, so with
+1.28M (path, label) tuples every forked worker ends up copying most of them (about 250 bytes per
+image per worker); three numpy arrays are three objects."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
 import threading
 from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,6 +32,60 @@ IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 LIMIT_VARIABLE = "PIL_MAX_IMAGE_PIXELS"
 if os.environ.get(LIMIT_VARIABLE):  # the user's own choice of Pillow's limit (0: none)
     Image.MAX_IMAGE_PIXELS = int(os.environ[LIMIT_VARIABLE]) or None
+
+
+class ImageList:
+    """(path, label) per image, stored as a NUL-separated UTF-8 buffer of paths relative to
+    ``root``, their start offsets, and the labels: ``images[i]`` is (absolute path, label) as in
+    torchvision's ``samples``; ``rel(i)`` is the relative path; ``rels()`` decodes them all at once."""
+
+    def __init__(self, root: str, rels: Sequence[str], labels: Sequence[int] | np.ndarray):
+        self.root = root
+        encoded = "\0".join(rels).encode("utf-8", "surrogateescape") + b"\0" if len(rels) else b""
+        self._buffer = np.frombuffer(encoded, dtype=np.uint8)
+        ends = np.flatnonzero(self._buffer == 0)
+        self._starts = np.concatenate([[0], ends + 1]).astype(np.int64)  # n + 1 entries: starts and the end
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(self._starts) - 1:
+            raise ValueError(f"{len(self._starts) - 1} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rel(self, i: int) -> str:
+        i = int(i) + len(self) if i < 0 else int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        return self._buffer[self._starts[i]:self._starts[i + 1] - 1].tobytes().decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return os.path.join(self.root, self.rel(i)), int(self.labels[i])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return ((os.path.join(self.root, r), t) for r, t in zip(self.rels(), self.labels.tolist()))
+
+    def __add__(self, other) -> list[tuple[str, int]]:
+        return list(self) + list(other)
+
+    def rels(self) -> list[str]:
+        """Every relative path, decoded in one go (start-up checks; not for the loader's workers)."""
+        if not len(self):
+            return []
+        return self._buffer[:-1].tobytes().decode("utf-8", "surrogateescape").split("\0")
+
+    def digest(self) -> str:
+        """SHA-1 of the relative paths (one pass over the buffer): the same list on another mount
+        point has the same digest (the ranks-agree check, the saved walk of masks/)."""
+        return hashlib.sha1(self._buffer.tobytes()).hexdigest()
+
+    def paths(self) -> list[str]:
+        return [os.path.join(self.root, r) for r in self.rels()]
+
+    def select(self, keep: Sequence[int] | np.ndarray) -> "ImageList":
+        """The images at these indices, in this order."""
+        rels = self.rels()
+        keep = np.asarray(keep, dtype=np.int64)
+        return ImageList(self.root, [rels[i] for i in keep.tolist()], self.labels[keep])
 
 
 def image_error(path: str, e: BaseException) -> DataError:

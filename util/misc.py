@@ -1,5 +1,6 @@
-"""Metric logging without a host-device sync per step, and mixed precision (the run set-up and the
-command line are util/runsetup.py's)."""
+"""What a training step calls around the model: metric logging without a host-device sync per
+step, mixed precision (autocast, loss scaling) and the CUDA-graph step marker (the run set-up and
+the command line are util/runsetup.py's)."""
 from __future__ import annotations
 
 import datetime
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from util.distributed import get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
 from util.files import writable_dir
+from util.speed import CUDA_GRAPH_MODES
 from util.stops import PROGRESS
 
 
@@ -153,6 +155,13 @@ def resolve_amp(amp: str | None, device: torch.device) -> str:
 def autocast(device: torch.device, amp: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def mark_step_begin(compile_mode: str | None) -> None:
+    """Call at the start of every training step under a CUDA-graph compile mode: tells the graph
+    runner that the previous step's outputs may be overwritten."""
+    if compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 class LossScaler:

@@ -2,7 +2,8 @@
 tools/throughput.py can report what it gains: fused attention (SDPA), FP8 linear layers
 (torchao), torch.compile with or without CUDA graphs, and the largest batch that fits.
 
-bf16 autocast lives in util/misc.py (autocast) and the fused optimizer in util/optim.py (adamw).
+What the step itself calls lives beside it in util/misc.py: bf16 autocast (autocast) and the
+CUDA-graph step marker (mark_step_begin). The fused optimizer is util/optim.py's (adamw).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 from util.errors import UserError
 
-# torch.compile modes; the two with CUDA graphs need a step marker (mark_step_begin)
+# torch.compile modes; the two with CUDA graphs need a step marker (util.misc.mark_step_begin)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -42,13 +43,6 @@ def resolve_compile_flags(args) -> None:
     """``--compile_mode`` other than default implies ``--compile``."""
     if getattr(args, "compile_mode", "default") != "default":
         args.compile = True
-
-
-def mark_step_begin(compile_mode: str | None) -> None:
-    """Call at the start of every training step under a CUDA-graph compile mode: tells the graph
-    runner that the previous step's outputs may be overwritten."""
-    if compile_mode in CUDA_GRAPH_MODES:
-        torch.compiler.cudagraph_mark_step_begin()
 
 
 def fp8_layer_filter(module: nn.Module, name: str) -> bool:
