@@ -312,17 +312,10 @@ def _work(job):
     return process_one(job, _WORKER_BACKEND)
 
 
-def generate(data_path: str, backend_factory: Callable, split: str = "train", workers: int = 1,
-             rank: int = 0, world_size: int = 1, log_every: float = 2.0, redo_empty: bool = False,
-             min_area: int = 0, max_masks: int = 0, settings: dict | None = None,
-             keep_other_generators: bool = False) -> dict:
-    """Generates the missing mask files of this rank's share of the images; returns a summary.
-    A file made by another generator or other settings (its "generator" entry differs from what this
-    run records: ``settings``, default the factory's) is made again unless keep_other_generators."""
-    image_root = os.path.join(data_path, split)
-    mask_root = os.path.join(data_path, "masks")
-    if not os.path.isdir(image_root):
-        raise SystemExit(f"--data_path {data_path} has no {split}/ folder (expected {split}/<class>/<image>)")
+def plan(image_root: str, mask_root: str, rank: int, world_size: int, expected: dict | None, redo_empty: bool,
+         keep_other_generators: bool) -> tuple[list[str], list[str], dict[str, str], dict[str, int]]:
+    """This rank's images, those that need a mask file, each image's mask_file_state and every
+    image's id; prints what is done and what is left, and removes killed runs' temp files."""
     all_images = list_images(image_root)
     pairs = duplicate_stems(all_images)
     if pairs:
@@ -331,8 +324,6 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
                          f"rename or remove one of each pair")
     image_ids = {rel: i for i, rel in enumerate(all_images)}  # stable for the same tree
     images = all_images[rank::world_size]
-    expected = recorded_generator(settings if settings is not None else getattr(backend_factory, "settings", None),
-                                  min_area, max_masks)
     states = {rel: mask_file_state(mask_path_for(mask_root, rel), expected) for rel in images}
     todo = [rel for rel in images if states[rel] == "redo" or (redo_empty and states[rel] == "empty")
             or (states[rel] == "other" and not keep_other_generators)]
@@ -350,8 +341,15 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
                                                                   for rel in images}))
     if stale:
         print(f"removed {stale} temporary file(s) left in {mask_root} by killed runs")
-    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks, expected, states[rel]) for rel in todo]
-    counts, coverages, errors = [], [], []
+    return images, todo, states, image_ids
+
+
+def run_jobs(jobs: list[tuple], backend_factory: Callable, workers: int, mask_root: str,
+             log_every: float) -> dict:
+    """Runs the jobs (in a pool of ``workers`` processes when more than one), printing progress;
+    returns the masks per image, their coverages, the errors, the images another run did and the
+    bytes written."""
+    done = {"counts": [], "coverages": [], "errors": [], "elsewhere": 0, "bytes": 0}
     start = last = time.time()
     if workers > 1 and jobs:
         pool = Pool(workers, initializer=_init_worker, initargs=(backend_factory,))
@@ -359,41 +357,63 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
     else:
         pool, backend = None, backend_factory()
         results = (process_one(job, backend) for job in jobs)
-    written_bytes = 0
-    elsewhere = 0
     for i, (rel, n, cov, err) in enumerate(results, 1):
         if err == CLAIMED_ELSEWHERE:
-            elsewhere += 1
+            done["elsewhere"] += 1
         elif err:
-            errors.append(f"{rel}: {err}")
+            done["errors"].append(f"{rel}: {err}")
         else:
-            counts.append(n)
-            coverages += cov
-            written_bytes += os.path.getsize(mask_path_for(mask_root, rel))
+            done["counts"].append(n)
+            done["coverages"] += cov
+            done["bytes"] += os.path.getsize(mask_path_for(mask_root, rel))
         now = time.time()
         if now - last > log_every or i == len(jobs):
             speed = i / max(now - start, 1e-9)
             eta = (len(jobs) - i) / max(speed, 1e-9)
             print(f"\r[{i}/{len(jobs)}] {speed:.2f} images/s, ETA {eta / 60:.1f} min, "
-                  f"{written_bytes / max(len(counts), 1) / 1e3:.0f} KB/image", end="", flush=True)
+                  f"{done['bytes'] / max(len(done['counts']), 1) / 1e3:.0f} KB/image", end="", flush=True)
             last = now
     if pool is not None:
         pool.close()
         pool.join()
     print()
-    hist, edges = np.histogram(coverages, bins=[0, 1, 5, 10, 25, 50, 75, 100.0001])
-    seconds = time.time() - start
-    summary = {"images": len(images), "generated": len(counts), "skipped_existing": len(images) - len(todo),
+    done["seconds"] = time.time() - start
+    return done
+
+
+def generate(data_path: str, backend_factory: Callable, split: str = "train", workers: int = 1,
+             rank: int = 0, world_size: int = 1, log_every: float = 2.0, redo_empty: bool = False,
+             min_area: int = 0, max_masks: int = 0, settings: dict | None = None,
+             keep_other_generators: bool = False) -> dict:
+    """Generates the missing mask files of this rank's share of the images; returns a summary.
+    A file made by another generator or other settings (its "generator" entry differs from what this
+    run records: ``settings``, default the factory's) is made again unless keep_other_generators."""
+    image_root = os.path.join(data_path, split)
+    mask_root = os.path.join(data_path, "masks")
+    if not os.path.isdir(image_root):
+        raise SystemExit(f"--data_path {data_path} has no {split}/ folder (expected {split}/<class>/<image>)")
+    expected = recorded_generator(settings if settings is not None else getattr(backend_factory, "settings", None),
+                                  min_area, max_masks)
+    images, todo, states, image_ids = plan(image_root, mask_root, rank, world_size, expected, redo_empty,
+                                           keep_other_generators)
+    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks, expected, states[rel]) for rel in todo]
+    done = run_jobs(jobs, backend_factory, workers, mask_root, log_every)
+    counts, seconds = done["counts"], done["seconds"]
+    empty_before = sum(state == "empty" for state in states.values())
+    hist, edges = np.histogram(done["coverages"], bins=[0, 1, 5, 10, 25, 50, 75, 100.0001])
+    summary = {"images": len(images), "generated": len(counts), "skipped_existing": len(images) - len(jobs),
                "empty": sum(n == 0 for n in counts) + (0 if redo_empty else empty_before),
-               "other_generator": other, "done_by_another_run": elsewhere,
-               "failed": errors, "masks_per_image": float(np.mean(counts)) if counts else 0.0,
-               "kb_per_image": round(written_bytes / max(len(counts), 1) / 1e3, 1),
+               "other_generator": sum(state == "other" for state in states.values()),
+               "done_by_another_run": done["elsewhere"],
+               "failed": done["errors"], "masks_per_image": float(np.mean(counts)) if counts else 0.0,
+               "kb_per_image": round(done["bytes"] / max(len(counts), 1) / 1e3, 1),
                "images_per_s": round(len(counts) / max(seconds, 1e-9), 3),
                "coverage_histogram": {f"{edges[k]:g}-{min(edges[k + 1], 100):g}%": int(hist[k]) for k in range(len(hist))},
                "seconds": round(seconds, 1)}
     print(json.dumps(summary, indent=1))
-    if errors:
-        print(f"{len(errors)} image(s) failed, e.g. {errors[0]}; rerun the same command to retry them", file=sys.stderr)
+    if done["errors"]:
+        print(f"{len(done['errors'])} image(s) failed, e.g. {done['errors'][0]}; rerun the same command to retry them",
+              file=sys.stderr)
     return summary
 
 
