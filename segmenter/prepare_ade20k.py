@@ -59,33 +59,27 @@ def download(url: str, path: str) -> None:
     os.replace(part, path)
 
 
-def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, keep_zip: bool = False,
-            zip_path: str | None = None, folder: str | None = None) -> str:
-    """Returns the path of the ADEChallengeData2016 folder, downloading and unpacking if needed.
-    zip_path: a local copy of the archive (no network); folder: an already unpacked copy."""
-    root = os.path.join(out, DATASET_DIR)
-    if is_complete(root):
-        print(f"{root} is already complete; nothing to do")
-        return root
-    if folder:
-        if not is_complete(folder):
-            raise SystemExit(f"--folder {folder} is not a complete {DATASET_DIR} (needs {', '.join(REQUIRED)})")
-        os.makedirs(out, exist_ok=True)
-        if os.path.islink(root):  # an earlier link, to an incomplete or moved copy
-            os.remove(root)
-        elif os.path.exists(root):
-            raise SystemExit(f"{root} exists but is incomplete (needs {', '.join(missing_parts(root))}): move or "
-                             f"remove it (rm -r {root}), or pass another --out, then run again")
-        os.symlink(os.path.abspath(folder), root)
-        print(f"ADE20k ready in {root} (a link to {folder})")
-        return root
+def link_folder(folder: str, out: str, root: str) -> str:
+    """``root`` made a link to an unpacked, complete copy."""
+    if not is_complete(folder):
+        raise SystemExit(f"--folder {folder} is not a complete {DATASET_DIR} (needs {', '.join(REQUIRED)})")
     os.makedirs(out, exist_ok=True)
-    if zip_path:
-        if not os.path.isfile(zip_path):
-            raise SystemExit(f"--zip {zip_path} does not exist")
-        archive, keep_zip = zip_path, True  # the user's copy is never deleted
-    else:
-        archive = os.path.join(out, os.path.basename(url) or "ADEChallengeData2016.zip")
+    if os.path.islink(root):  # an earlier link, to an incomplete or moved copy
+        os.remove(root)
+    elif os.path.exists(root):
+        raise SystemExit(f"{root} exists but is incomplete (needs {', '.join(missing_parts(root))}): move or "
+                         f"remove it (rm -r {root}), or pass another --out, then run again")
+    os.symlink(os.path.abspath(folder), root)
+    print(f"ADE20k ready in {root} (a link to {folder})")
+    return root
+
+
+def checked_archive(out: str, url: str, sha1: str | None, zip_path: str | None) -> str:
+    """The archive's path, downloaded into ``out`` unless ``zip_path`` (the user's copy) is given,
+    and its checksum checked: a bad download is moved aside, the user's copy is left alone."""
+    if zip_path and not os.path.isfile(zip_path):
+        raise SystemExit(f"--zip {zip_path} does not exist")
+    archive = zip_path or os.path.join(out, os.path.basename(url) or "ADEChallengeData2016.zip")
     if not zip_path and (not os.path.exists(archive) or (sha1 and file_digest(archive, "sha1") != sha1)):
         try:
             download(url, archive)
@@ -102,6 +96,11 @@ def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, kee
             os.replace(archive, archive + ".bad")
             raise SystemExit(f"checksum mismatch for {archive}: SHA-1 {got}, expected {sha1}. The file was moved "
                              f"to {archive}.bad; run again to download it anew.")
+    return archive
+
+
+def unpack(archive: str, out: str, root: str) -> None:
+    """Unpacks into a temporary folder beside ``root``, then moves the complete dataset into place."""
     tmp = os.path.join(out, f".{DATASET_DIR}.unpacking")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -118,7 +117,22 @@ def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, kee
     shutil.rmtree(root, ignore_errors=True)
     os.replace(unpacked, root)
     shutil.rmtree(tmp, ignore_errors=True)
-    if not keep_zip:
+
+
+def prepare(out: str, url: str = ADE20K_URL, sha1: str | None = ADE20K_SHA1, keep_zip: bool = False,
+            zip_path: str | None = None, folder: str | None = None) -> str:
+    """Returns the path of the ADEChallengeData2016 folder, downloading and unpacking if needed.
+    zip_path: a local copy of the archive (no network; never deleted); folder: an already unpacked copy."""
+    root = os.path.join(out, DATASET_DIR)
+    if is_complete(root):
+        print(f"{root} is already complete; nothing to do")
+        return root
+    if folder:
+        return link_folder(folder, out, root)
+    os.makedirs(out, exist_ok=True)
+    archive = checked_archive(out, url, sha1, zip_path)
+    unpack(archive, out, root)
+    if not (keep_zip or zip_path):
         os.remove(archive)
     print(f"ADE20k ready in {root}")
     return root

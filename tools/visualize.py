@@ -63,7 +63,7 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
             getattr(saved, "normalization", None) or "imagenet")
 
 
-def main(argv=None) -> list[str]:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="pretrained MAE; without it: only what --mask_method hides (no reconstruction)")
@@ -85,7 +85,11 @@ def main(argv=None) -> list[str]:
                    help="layout of <data_path>/masks (default: detected)")
     p.add_argument("--mask_channel", default="auto", choices=["auto", "visible", "hidden"],
                    help="four_channels: what the checkpoint's 4th channel holds (default: read from it)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> list[str]:
+    args = get_args_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     if args.checkpoint:
         if args.mask_method:
