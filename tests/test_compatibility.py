@@ -4,7 +4,6 @@ continue and compare. Checkpoints are rebuilt from their recorded layout (every 
 shape, args, optimizer groups); the logs, configs and results rows are the original files."""
 import argparse
 import json
-import os
 import pathlib
 import shutil
 
