@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import models_mae
-from util.misc import autocast
+from util.misc import autocast, mark_step_begin
 from util.optim import adamw, param_groups_weight_decay
-from util.misc import mark_step_begin
 from util.speed import convert_to_fp8, find_max_batch, fp8_layer_filter, set_fused_attention
 
 METHODS = ["patches", "segments", "four_channels", "preencoder"]

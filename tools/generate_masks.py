@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from multiprocessing import Pool
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -312,10 +312,19 @@ def _work(job):
     return process_one(job, _WORKER_BACKEND)
 
 
+class Plan(NamedTuple):
+    images: list[str]  # this rank's share
+    todo: list[str]  # those that need a mask file
+    states: dict[str, str]  # each image's mask_file_state
+    image_ids: dict[str, int]  # every image's id, stable for the same tree
+    empty: int  # images whose existing mask file is empty
+    other: int  # images whose mask file another generator or other settings made
+
+
 def plan(image_root: str, mask_root: str, rank: int, world_size: int, expected: dict | None, redo_empty: bool,
-         keep_other_generators: bool) -> tuple[list[str], list[str], dict[str, str], dict[str, int]]:
-    """This rank's images, those that need a mask file, each image's mask_file_state and every
-    image's id; prints what is done and what is left, and removes killed runs' temp files."""
+         keep_other_generators: bool) -> Plan:
+    """What this rank has to do; prints what is done and what is left, and removes killed runs'
+    temp files."""
     all_images = list_images(image_root)
     pairs = duplicate_stems(all_images)
     if pairs:
@@ -341,7 +350,7 @@ def plan(image_root: str, mask_root: str, rank: int, world_size: int, expected: 
                                                                   for rel in images}))
     if stale:
         print(f"removed {stale} temporary file(s) left in {mask_root} by killed runs")
-    return images, todo, states, image_ids
+    return Plan(images, todo, states, image_ids, empty_before, other)
 
 
 def run_jobs(jobs: list[tuple], backend_factory: Callable, workers: int, mask_root: str,
@@ -394,16 +403,15 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
         raise SystemExit(f"--data_path {data_path} has no {split}/ folder (expected {split}/<class>/<image>)")
     expected = recorded_generator(settings if settings is not None else getattr(backend_factory, "settings", None),
                                   min_area, max_masks)
-    images, todo, states, image_ids = plan(image_root, mask_root, rank, world_size, expected, redo_empty,
-                                           keep_other_generators)
-    jobs = [(rel, image_root, mask_root, image_ids[rel], min_area, max_masks, expected, states[rel]) for rel in todo]
+    work = plan(image_root, mask_root, rank, world_size, expected, redo_empty, keep_other_generators)
+    jobs = [(rel, image_root, mask_root, work.image_ids[rel], min_area, max_masks, expected, work.states[rel])
+            for rel in work.todo]
     done = run_jobs(jobs, backend_factory, workers, mask_root, log_every)
     counts, seconds = done["counts"], done["seconds"]
-    empty_before = sum(state == "empty" for state in states.values())
     hist, edges = np.histogram(done["coverages"], bins=[0, 1, 5, 10, 25, 50, 75, 100.0001])
-    summary = {"images": len(images), "generated": len(counts), "skipped_existing": len(images) - len(jobs),
-               "empty": sum(n == 0 for n in counts) + (0 if redo_empty else empty_before),
-               "other_generator": sum(state == "other" for state in states.values()),
+    summary = {"images": len(work.images), "generated": len(counts), "skipped_existing": len(work.images) - len(jobs),
+               "empty": sum(n == 0 for n in counts) + (0 if redo_empty else work.empty),
+               "other_generator": work.other,
                "done_by_another_run": done["elsewhere"],
                "failed": done["errors"], "masks_per_image": float(np.mean(counts)) if counts else 0.0,
                "kb_per_image": round(done["bytes"] / max(len(counts), 1) / 1e3, 1),
