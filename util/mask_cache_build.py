@@ -238,8 +238,9 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
                 progress.update(images, not was_kept)
         finally:
             if pool is not None:
-                pool.terminate()
+                pool.terminate()  # SIGTERM: a worker stopped mid-write leaves its temporary part
                 pool.join()
+                remove_stale_temp_files(parts_dir)
             _job = None
             progress.close()
         if thresholded or unsorted:
