@@ -75,8 +75,8 @@ def test_a_restart_reads_the_saved_scan_and_notices_every_change(toy_root, tmp_p
     first = scan_image_folder(train)
     assert os.path.isfile(root / ".segmae_scan-train.npz")
     walked = []
-    real_walk = os.walk
-    monkeypatch.setattr(image_folders.os, "walk", lambda *a, **k: walked.append(a) or real_walk(*a, **k))
+    real_walk = image_folders.walk_images
+    monkeypatch.setattr(image_folders, "walk_images", lambda *a, **k: walked.append(a) or real_walk(*a, **k))
     again = scan_image_folder(train)
     assert walked == [] and list(again.samples) == list(first.samples) and again.classes == first.classes
     val = scan_image_folder(str(root / "val"), first.class_to_idx)  # numbered by train's classes, also when saved
@@ -115,7 +115,7 @@ def test_read_only_data_saves_its_scan_in_the_user_cache(toy_root, tmp_path, mon
     saved = os.listdir(tmp_path / "cache" / "segmae" / "scans")
     assert len(saved) == 1 and not os.listdir(root / ".segmae_scan-train.npz")
     loaded = scan_index.load(str(root / "train"))
-    assert loaded["path"].endswith(saved[0]) and loaded["rels"] == scan.samples.rels()
+    assert loaded["path"].endswith(saved[0]) and loaded["rels"] == "\0".join(scan.samples.rels())
     assert not [n for n in os.listdir(tmp_path / "cache" / "segmae" / "scans") if ".tmp" in n]
 
 
@@ -150,3 +150,76 @@ def test_the_walk_of_masks_is_saved_and_a_removed_mask_is_still_found(toy_root, 
     assert walks == [str(root / "masks")]
     left = SegmentMaskImageFolder(str(root), with_masks=True, allow_missing_masks=True)
     assert len(left) == 31 and rel not in left.rel_paths
+
+
+def tricky_tree(tmp_path, toy_root):
+    """Class folders with what a real tree holds besides flat images: sub-folders (one linked), a
+    folder named like an image beside them, hidden files and folders, other files, upper-case
+    extensions, and names whose stem is another's stem plus a dot."""
+    src = sorted(glob_images(toy_root))[0]
+    train = tmp_path / "tricky" / "train"
+    for rel in ["a/x.JPEG", "a/x.b.JPEG", "a/y.png", "a/sub/z.jpg", "a/sub/deeper/w.jpeg", "a/.hidden.png",
+                "a/.hidden_dir/h.png", "a/notes.txt", "b/q.PNG", "b/r.webp", "../elsewhere/l.png", "c/k.jpg", "c/readme.md", "b/.DS_Store"]:
+        (train / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, train / rel)
+    (train / "a" / "folder.png").mkdir()  # a folder named like an image, in a folder with sub-folders
+    (train / "a" / "folder.png" / "inside.png").write_bytes((train / "a" / "y.png").read_bytes())
+    os.symlink(train.parent / "elsewhere", train / "b" / "linked")
+    return train
+
+
+def glob_images(root):
+    import glob
+    return glob.glob(os.path.join(root, "train", "*", "*.png"))
+
+
+def test_the_scan_lists_what_torchvision_lists_in_a_tricky_tree(toy_root, tmp_path):
+    train = tricky_tree(tmp_path, toy_root)
+    visible = lambda path: not any(part.startswith(".") for part in os.path.relpath(path, train).split(os.sep))
+    reference = ImageFolder(str(train), is_valid_file=lambda p: visible(p) and p.lower().endswith(
+        (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")))
+    scan = scan_image_folder(str(train), use_index=False)
+    assert list(scan.samples) == reference.samples and scan.classes == reference.classes
+    assert sorted(os.path.relpath(p, train) for p in scan.hidden) == ["a/.hidden.png", "a/.hidden_dir", "b/.DS_Store"]
+    runs = [(folder, start, end, names.split("\0")) for folder, start, end, names in scan.samples.folders()]
+    assert [(f, n) for f, _, _, n in runs] == [
+        ("a", ["x.JPEG", "x.b.JPEG", "y.png"]), ("a/folder.png", ["inside.png"]), ("a/sub", ["z.jpg"]),
+        ("a/sub/deeper", ["w.jpeg"]), ("b", ["q.PNG", "r.webp"]), ("b/linked", ["l.png"]), ("c", ["k.jpg"])]
+    assert all(scan.samples.rel(i) == f"{f}/{n[i - s]}" for f, s, e, n in runs for i in range(s, e))
+
+
+def test_the_mask_check_finds_each_missing_mask_in_a_tricky_tree(toy_root, tmp_path, monkeypatch):
+    from util.mask_sources import check_images
+    from util.mask_sources import listing
+    train = tricky_tree(tmp_path, toy_root)
+    masks = train.parent / "masks"
+    images = scan_image_folder(str(train), use_index=False).samples
+    lacking = {"a/x.b", "a/sub/deeper/w", "b/linked/l"}
+    for rel in images.rels():
+        stem = os.path.splitext(rel)[0]
+        if stem not in lacking:
+            (masks / (stem + ".json")).parent.mkdir(parents=True, exist_ok=True)
+            (masks / (stem + ".json")).write_text("[]")
+    (masks / "a" / ".x.json").write_text("[]")  # hidden, and a mask of no image: neither counts
+    (masks / "c" / "gone.json").write_text("[]")
+    (masks / "b" / "linked").mkdir()
+    os.symlink(tmp_path / "nothing.json", masks / "b" / "linked" / "l.json")  # a link to nothing: missing
+    expected = sorted(i for i, rel in enumerate(images.rels()) if os.path.splitext(rel)[0] in lacking)
+    in_background = check_images(str(masks), images, background=listing.ListedInBackground(str(masks)))
+    monkeypatch.setenv("SEGMAE_SCAN_INDEX", "0")  # the same check again, every folder listed here
+    here = check_images(str(masks), images)
+    assert in_background.format == here.format == "json"
+    assert in_background.missing.tolist() == here.missing.tolist() == expected
+
+
+def test_a_second_process_lists_masks_at_a_first_start_only(toy_root, tmp_path, monkeypatch):
+    import util.image_roots as image_roots
+    root = settled_copy(toy_root, tmp_path)
+    started = []
+    real = image_roots.ListedInBackground
+    monkeypatch.setattr(image_roots, "ListedInBackground", lambda *a: started.append(a) or real(*a))
+    first = SegmentMaskImageFolder(str(root), with_masks=True)
+    assert started == [(str(root / "masks"),)]
+    again = SegmentMaskImageFolder(str(root), with_masks=True)  # reads the saved check
+    assert len(started) == 1 and again.rel_paths == first.rel_paths
+    assert not SegmentMaskImageFolder(str(root), with_masks=False).source and len(started) == 1

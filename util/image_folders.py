@@ -14,6 +14,7 @@ Beyond torchvision's ``find_classes`` + ``make_dataset`` (same classes, same ord
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -52,11 +53,47 @@ def is_image(name: str) -> bool:
     return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _folder_key(path: str, mtimes: dict[str, int] | None = None, root: str = "") -> tuple[int, int]:
+# The non-hidden names with an image extension among NUL-joined names: one regex pass per folder
+# instead of a Python call per file (this runs for every image of the tree at a first start).
+_IMAGE_NAMES = re.compile(r"(?<![^\0])[^.\0][^\0]*(?:%s)(?![^\0])" % "|".join(re.escape(e) for e in IMG_EXTENSIONS),
+                          re.IGNORECASE | re.ASCII)
+
+
+def _folder_stat(path: str, mtimes: dict[str, int] | None = None, root: str = "") -> os.stat_result:
     st = os.stat(path)
     if mtimes is not None:  # the folder's mtime, for the saved scan's validity (util/scan_index.py)
         mtimes[os.path.relpath(path, root)] = st.st_mtime_ns
-    return st.st_dev, st.st_ino
+    return st
+
+
+def _folder_entries(path: str, plain: bool) -> tuple[list[str], list[str], list[str]]:
+    """(image names, sub-folder names, hidden names) of one folder as os.walk(followlinks=True)
+    sees it. ``plain``: the folder has no sub-folder (st_nlink == 2), so a listed name with an image
+    extension is taken as a file without a call of its own (only a link to a folder named like an
+    image would be misread, and then fails, named, when read); other names are looked at one by
+    one. An unreadable folder is empty, as os.walk has it."""
+    try:
+        if plain:
+            names = os.listdir(path)
+            images = _IMAGE_NAMES.findall("\0".join(names))
+            if len(images) == len(names):  # the usual case
+                return images, [], []
+            taken = set(images)
+            rest = [(name, None) for name in names if name not in taken]
+        else:  # sub-folders: the listing's file types tell them apart
+            with os.scandir(path) as it:
+                images, rest = [], [(e.name, e) for e in it]
+    except OSError:
+        return [], [], []
+    dirs, hidden = [], []
+    for name, entry in rest:
+        if is_hidden(name):
+            hidden.append(name)
+        elif entry.is_dir() if entry is not None else os.path.isdir(os.path.join(path, name)):  # follows links
+            dirs.append(name)
+        elif name.lower().endswith(IMG_EXTENSIONS):
+            images.append(name)
+    return images, dirs, hidden
 
 
 def walk_images(folder: str, hidden: list[str] | None = None,
@@ -68,21 +105,23 @@ def walk_images(folder: str, hidden: list[str] | None = None,
     seen = {} if seen is None else seen
     hidden = [] if hidden is None else hidden
     found: list[tuple[str, list[str]]] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        key = _folder_key(dirpath, mtimes, root)
+    stack = [folder]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            st = _folder_stat(dirpath, mtimes, root)
+        except OSError:
+            continue
+        key = st.st_dev, st.st_ino
         if key in seen:
             raise DataError(f"{dirpath} is the folder {seen[key]} reached a second time (a symlink loop, or two "
                             f"links to one folder): its images would be read again and again. Remove the link "
                             f"(find {folder} -type l lists the links)")
         seen[key] = dirpath
-        hidden += [os.path.join(dirpath, d) for d in dirnames if is_hidden(d)]
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        images = []
-        for name in filenames:  # one pass, no call per name: this runs for every image of the tree
-            if name.startswith("."):
-                hidden.append(os.path.join(dirpath, name))
-            elif name.lower().endswith(IMG_EXTENSIONS):
-                images.append(name)
+        # st_nlink is 2 + the number of sub-folders on POSIX file systems (1 where it is not counted)
+        images, dirs, hidden_names = _folder_entries(dirpath, plain=st.st_nlink == 2)
+        hidden += [os.path.join(dirpath, name) for name in hidden_names]
+        stack += [os.path.join(dirpath, d) for d in sorted(dirs, reverse=True)]
         images.sort()
         found.append((dirpath, images))
     found.sort(key=lambda item: item[0])
@@ -117,12 +156,12 @@ def scan_image_folder(root: str, class_to_idx: dict[str, int] | None = None,
         scan_index.save(root, classes, rels, own_labels, hidden, empty, mtimes, started, key)
     labels = np.array([class_to_idx[c] for c in classes], dtype=np.int64)[own_labels] if classes else own_labels
     ordered = sorted(class_to_idx, key=class_to_idx.get)
-    return FolderScan(root, ordered, dict(class_to_idx), ImageList(root, rels, labels), hidden, empty)
+    return FolderScan(root, ordered, dict(class_to_idx), ImageList.joined(root, rels, labels), hidden, empty)
 
 
 def _walk_split(root: str, exclude: tuple[str, ...] = ()):
-    """The walk itself: (classes, relative paths, each image's index into classes, hidden names,
-    empty classes, every folder's mtime)."""
+    """The walk itself: (classes, the relative paths joined by NUL, each image's index into classes,
+    hidden names, empty classes, every folder's mtime)."""
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     hidden = [e.path for e in entries if is_hidden(e.name)]
     classes = [e.name for e in entries if not is_hidden(e.name) and e.is_dir() and e.name not in exclude]
@@ -133,20 +172,19 @@ def _walk_split(root: str, exclude: tuple[str, ...] = ()):
                             f"ImageNet val tarball is flat): " + SORT_VAL_HINT.format(root=root))
         raise DataError(f"no class folder in {root}: expected {root}/<class>/<image>")
     mtimes: dict[str, int] = {}
-    seen: dict[tuple[int, int], str] = {_folder_key(root, mtimes, root): root}
-    rels: list[str] = []
-    own_labels: list[int] = []
-    empty = []
+    st = _folder_stat(root, mtimes, root)
+    seen: dict[tuple[int, int], str] = {(st.st_dev, st.st_ino): root}
+    chunks: list[str] = []  # each folder's relative paths joined by NUL: no Python string per image
+    counts = np.zeros(len(classes), dtype=np.int64)
     cut = len(os.path.join(root, ""))
     for i, c in enumerate(classes):
-        before = len(rels)
         for folder, names in walk_images(os.path.join(root, c), hidden, seen, mtimes, root):
-            prefix = folder[cut:] + os.sep  # the folder's path relative to root, once per folder
-            rels += [prefix + name for name in names]
-        if len(rels) == before:
-            empty.append(c)
-        own_labels += [i] * (len(rels) - before)
-    return classes, rels, np.asarray(own_labels, dtype=np.int64), hidden, empty, mtimes
+            if names:
+                prefix = folder[cut:] + os.sep  # the folder's path relative to root, once per folder
+                chunks.append(prefix + ("\0" + prefix).join(names))
+                counts[i] += len(names)
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    return classes, "\0".join(chunks), np.repeat(np.arange(len(classes), dtype=np.int64), counts), hidden, empty, mtimes
 
 
 def relative_paths(scan: FolderScan) -> list[str]:

@@ -21,13 +21,15 @@ import numpy as np
 from PIL import Image
 
 from util.distributed import first_rank_on_node
+from util.scan_index import mask_check_current
 from util.image_folders import empty_classes_message, is_hidden, scan_image_folder
 from util.lmdb_images import is_lmdb_root
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError
-from util.mask_sources import MaskSource, open_mask_source, read_empty_list, scanned_stems
+from util.mask_sources import MaskSource, check_images, mask_source, read_empty_list
+from util.mask_sources.listing import ListedInBackground
 from util.mask_cache import MaskCache
 from util.mask_geometry import exif_orientation, mask_fit
-from util.sam_masks import MaskFileError, check_unique_stems
+from util.sam_masks import MaskFileError
 
 # images whose mask size is checked against the image header at start-up (0: all)
 DEFAULT_MASK_SIZE_CHECK = 256
@@ -90,6 +92,17 @@ class ImageRoot:
                             f"(masks/<class>/<image stem>.json, or the segmae / amg.py folders "
                             f"masks/<class>/<image stem>/). Generate SAM masks for it, or pretrain "
                             f"with --mask_method patches.")
+        # a first start lists masks/ in a second process while this one walks train/
+        background = ListedInBackground(self.mask_root) if with_masks and not mask_check_current(self.mask_root) else None
+        try:
+            self._open(with_masks, allow_missing_masks, skip_bad_samples, mask_format, mask_size_check, background)
+        finally:
+            if background is not None:
+                background.close()
+
+    def _open(self, with_masks: bool, allow_missing_masks: bool, skip_bad_samples: bool, mask_format: str,
+              mask_size_check: int | None, background: ListedInBackground | None) -> None:
+        """The scan of the images and of their masks, with every start-up check."""
         scan = scan_image_folder(self.image_root, exclude=NOT_CLASSES if self.kind == CLASS_FOLDERS else ())
         self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
         if scan.hidden:
@@ -108,24 +121,20 @@ class ImageRoot:
         self.rotated_masks = multiprocessing.Value("q", 0)
         if with_masks:
             self._leave_out_listed_empty()
-            rels = self.samples.rels()  # paths relative to train/: the mask files' names, the cache's keys
-            stems = scanned_stems(rels)
-            check_unique_stems(rels, self.image_root, stems)
-            self.source = open_mask_source(self.mask_root, set(stems), mask_format,
-                                           stems_digest=self.samples.digest())
-            if MaskCache.exists(root, coverage_ratio):
-                # one stat per mask file, once per node: the node's first rank checks before the
-                # others build (util.distributed.local_main_first) and stops the job if it is stale
-                self.cache = MaskCache(root, coverage_ratio, self.source, check_files=first_rank_on_node())
-                self.cache_rows = self.cache.rows_for(rels)
+            check = check_images(self.mask_root, self.samples, mask_format, background)  # one listing of masks/
+            self.source = mask_source(self.mask_root, check.format)
+            if MaskCache.exists(self.root, self.coverage_ratio):
+                # the cache is checked against masks/ once per node: the node's first rank checks
+                # before the others build (util.distributed.local_main_first) and stops the job if stale
+                self.cache = MaskCache(self.root, self.coverage_ratio, self.source, check_files=first_rank_on_node())
+                self.cache_rows = self.cache.rows_for(self.samples.rels())  # the cache's keys: paths relative to train/
                 self.cache.forget_keys()
                 uncached = int((self.cache_rows < 0).sum())
                 print(f"Using the mask cache {self.cache.bin_path}" +
                       (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
-            self._check_masks(allow_missing_masks, rels, stems)
+            self._check_masks(allow_missing_masks, check.missing)
             if mask_size_check is not None:
                 self._check_mask_sizes(mask_size_check, skip_bad_samples)
-            self.source.listed = None  # the start-up listing is not needed by the loader's workers
 
     def describe(self) -> str:
         where = f"{os.path.basename(self.image_root)}/ split" if self.kind == SPLIT else "class folders directly inside"
@@ -197,28 +206,27 @@ class ImageRoot:
                                 f"(python tools/check_dataset.py lists all), or pass --skip_bad_samples")
         print(f"WARNING: {what} have a mask that does not fit (skipped when read), e.g. {bad[0]}")
 
-    def _check_masks(self, allow_missing: bool, rels: list[str], stems: list[str]) -> None:
-        to_check = self._uncached()
-        wanted = {stems[i] for i in to_check}
-        present = self.source.present(wanted) if to_check else set()
-        if len(present) == len(wanted):  # the stems are unique: every image has its mask
+    def _check_masks(self, allow_missing: bool, missing: np.ndarray) -> None:
+        """The images without masks (cached ones need none), found by the start-up listing."""
+        if self.cache_rows is not None:
+            missing = missing[self.cache_rows[missing] < 0]
+        if not len(missing):
             return
-        missing = [i for i in to_check if stems[i] not in present]
-        first = "\n  ".join(self.source.location(rels[i]) for i in missing[:5])
+        missing = missing.tolist()
+        first = "\n  ".join(self.source.location(self.samples.rel(i)) for i in missing[:5])
         msg = (f"{len(missing)} of {len(self.samples)} images under {self.image_root} have no mask file "
                f"({self.source.format} layout), for example:\n  {first}")
         if len(missing) == len(self.samples):  # --allow_missing_masks would leave nothing
             raise DataError(f"no image under {self.image_root} has a mask file: looked in {self.source.mask_root} "
                             f"for SAM JSON (<class>/<stem>.json), the original segmae layout (<class>/<stem>/table.txt) "
                             f"and amg.py folders (<class>/<stem>/metadata.csv); e.g. "
-                            f"{self.source.location(rels[missing[0]])} is missing. Generate masks with "
+                            f"{self.source.location(self.samples.rel(missing[0]))} is missing. Generate masks with "
                             f"tools/generate_masks.py, or check --data_path")
         if not allow_missing:
             raise DataError(msg + "\nGenerate the missing masks, or pass --allow_missing_masks to "
                                   "pretrain without those images.")
         print(f"WARNING: {msg}\nThose images are skipped (--allow_missing_masks).")
-        missing_set = set(missing)
-        self._keep([i for i in range(len(self.samples)) if i not in missing_set])
+        self._keep(np.setdiff1d(np.arange(len(self.samples)), missing))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -40,8 +40,18 @@ class ImageList:
     torchvision's ``samples``; ``rel(i)`` is the relative path; ``rels()`` decodes them all at once."""
 
     def __init__(self, root: str, rels: Sequence[str], labels: Sequence[int] | np.ndarray):
+        self._fill(root, "\0".join(rels), labels)
+
+    @classmethod
+    def joined(cls, root: str, text: str, labels: Sequence[int] | np.ndarray) -> "ImageList":
+        """From the relative paths already joined by NUL (the scan builds them per folder so)."""
+        images = cls.__new__(cls)
+        images._fill(root, text, labels)
+        return images
+
+    def _fill(self, root: str, text: str, labels: Sequence[int] | np.ndarray) -> None:
         self.root = root
-        encoded = "\0".join(rels).encode("utf-8", "surrogateescape") + b"\0" if len(rels) else b""
+        encoded = text.encode("utf-8", "surrogateescape") + b"\0" if len(labels) else b""
         self._buffer = np.frombuffer(encoded, dtype=np.uint8)
         ends = np.flatnonzero(self._buffer == 0)
         self._starts = np.concatenate([[0], ends + 1]).astype(np.int64)  # n + 1 entries: starts and the end
@@ -77,6 +87,31 @@ class ImageList:
         """SHA-1 of the relative paths (one pass over the buffer): the same list on another mount
         point has the same digest (the ranks-agree check, the saved walk of masks/)."""
         return hashlib.sha1(self._buffer.tobytes()).hexdigest()
+
+    def folders(self) -> Iterator[tuple[str, int, int, str]]:
+        """(folder relative to root, first index, end index, the file names joined by NUL) for each
+        run of images in one folder, in order. A scan keeps each folder's images together, so a
+        folder is one run; runs are cut where the label changes and checked with a few string
+        counts per run, not a call per image (a run that is not one flat folder is split by path)."""
+        n = len(self)
+        cuts = np.flatnonzero(self.labels[1:] != self.labels[:-1]) + 1 if n else []
+        bounds = [0, *[int(c) for c in cuts], n] if n else []
+        for a, b in zip(bounds, bounds[1:]):
+            text = self._buffer[self._starts[a]:self._starts[b] - 1].tobytes().decode("utf-8", "surrogateescape")
+            first = text.split("\0", 1)[0]
+            prefix = first[:first.rfind("/") + 1]
+            if text.count("/") == (b - a) * prefix.count("/") and text.count("\0" + prefix) == b - a - 1:
+                names = text[len(prefix):].replace("\0" + prefix, "\0") if prefix else text
+                yield prefix[:-1], a, b, names
+                continue
+            rels = text.split("\0")  # sub-folders in the run: split it where the folder changes
+            folders = [os.path.dirname(rel) for rel in rels]
+            start = 0
+            for j in range(1, len(rels) + 1):
+                if j == len(rels) or folders[j] != folders[start]:
+                    cut = len(folders[start]) + 1 if folders[start] else 0
+                    yield folders[start], a + start, a + j, "\0".join(rel[cut:] for rel in rels[start:j])
+                    start = j
 
     def paths(self) -> list[str]:
         return [os.path.join(self.root, r) for r in self.rels()]

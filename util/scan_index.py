@@ -1,5 +1,5 @@
-"""Saved folder scans (the image split's, and the walk of masks/), so that a restart (every benchmark chunk, every rank) does not walk 1.28M
-files again.
+"""Saved folder scans (the image split's, and the check of masks/ against it), so that a restart
+(every benchmark chunk, every rank) does not list 1.28M files again.
 
 The index of a split (``<data root>/.segmae_scan-<split>.npz`` beside the split's folder, or under
 ``$XDG_CACHE_HOME/segmae/scans/`` when the data is read-only) holds the scan's paths, labels, classes and the modification time of
@@ -31,13 +31,21 @@ def index_paths(split_root: str) -> list[str]:
     return [os.path.join(parent, f"{INDEX_PREFIX}{split}.npz"), os.path.join(cache, "segmae", "scans", f"{digest}.npz")]
 
 
+def pack_text(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8)
+
+
+def unpack_text(buffer: np.ndarray) -> str:
+    return buffer.tobytes().decode("utf-8", "surrogateescape")
+
+
 def pack_strings(strings: list[str]) -> np.ndarray:
     """Strings as one NUL-separated uint8 array (a list of a million paths is one numpy object)."""
-    return np.frombuffer("\0".join(strings).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+    return pack_text("\0".join(strings))
 
 
 def unpack_strings(buffer: np.ndarray) -> list[str]:
-    text = buffer.tobytes().decode("utf-8", "surrogateescape")
+    text = unpack_text(buffer)
     return text.split("\0") if text else []
 
 
@@ -60,15 +68,17 @@ def enabled() -> bool:
     return os.environ.get("SEGMAE_SCAN_INDEX", "1") != "0"
 
 
-def _load(root: str, key: str = "") -> dict | None:
-    """The arrays saved for this folder (and key) if every folder it recorded is unchanged."""
+def _load(root: str, key: str = "", key_prefix: bool = False) -> dict | None:
+    """The arrays saved for this folder and key (``key_prefix``: any key starting so) if every
+    folder it recorded is unchanged."""
     if not enabled():
         return None
     for path in index_paths(root):
         try:
             with np.load(path) as index:
+                saved_key = str(index["key"])
                 if (int(index["version"]) != VERSION or str(index["root"]) != os.path.realpath(root)
-                        or str(index["key"]) != key):
+                        or not (saved_key.startswith(key) if key_prefix else saved_key == key)):
                     continue
                 saved = {name: index[name] for name in index.files}
         except Exception:  # noqa: BLE001 - absent or damaged, whatever numpy or zipfile says: scan again
@@ -110,28 +120,37 @@ def load(split_root: str, key: str = "") -> dict | None:
     saved = _load(split_root, key)
     if saved is None:
         return None
-    return {"classes": unpack_strings(saved["classes"]), "rels": unpack_strings(saved["rels"]), "labels": saved["labels"],
+    return {"classes": unpack_strings(saved["classes"]), "rels": unpack_text(saved["rels"]), "labels": saved["labels"],
             "hidden": unpack_strings(saved["hidden"]), "empty_classes": unpack_strings(saved["empty_classes"]), "path": saved["path"]}
 
 
-def save(split_root: str, classes: list[str], rels: list[str], labels: np.ndarray, hidden: list[str],
+def save(split_root: str, classes: list[str], rels: str, labels: np.ndarray, hidden: list[str],
          empty_classes: list[str], folder_mtimes: dict[str, int], started: float, key: str = "") -> str | None:
-    return _save(split_root, {"classes": pack_strings(classes), "rels": pack_strings(rels),
+    """``rels``: the relative paths joined by NUL, as the scan makes them (and load returns them)."""
+    return _save(split_root, {"classes": pack_strings(classes), "rels": pack_text(rels),
                               "labels": np.asarray(labels, dtype=np.int64), "hidden": pack_strings(hidden),
                               "empty_classes": pack_strings(empty_classes)}, folder_mtimes, started, key)
 
 
-def load_mask_listing(mask_root: str, stems_digest: str) -> tuple[dict[str, set[str]], dict[str, str]] | None:
-    """The saved walk of masks/ (util/mask_sources/walk.py) for these image stems, if unchanged."""
-    saved = _load(mask_root, stems_digest)
+MASK_CHECK = "check:"  # the keys of saved checks of masks/ start so
+
+
+def mask_check_current(mask_root: str) -> bool:
+    """Whether a saved check of masks/ (for whichever image list) is still current: likely a
+    restart, which then reads it rather than listing masks/."""
+    return _load(mask_root, MASK_CHECK, key_prefix=True) is not None
+
+
+def load_mask_check(mask_root: str, key: str) -> tuple[str, np.ndarray] | None:
+    """The saved check of masks/ (util/mask_sources/walk.py: its layout and the images without
+    masks) for the image list and layout in ``key``, if no listed folder changed."""
+    saved = _load(mask_root, key)
     if saved is None:
         return None
-    seen = dict(zip(unpack_strings(saved["seen_layouts"]), unpack_strings(saved["seen_examples"])))
-    return {"json": set(unpack_strings(saved["json"])), "folders": set(unpack_strings(saved["mask_folders"]))}, seen
+    return str(saved["format"]), saved["missing"]
 
 
-def save_mask_listing(mask_root: str, stems_digest: str, listed: dict[str, set[str]], seen: dict[str, str],
-                      folder_mtimes: dict[str, int], started: float) -> str | None:
-    return _save(mask_root, {"json": pack_strings(list(listed["json"])), "mask_folders": pack_strings(list(listed["folders"])),
-                             "seen_layouts": pack_strings(list(seen)), "seen_examples": pack_strings(list(seen.values()))},
-                 folder_mtimes, started, key=stems_digest)
+def save_mask_check(mask_root: str, key: str, mask_format: str, missing: np.ndarray, folder_mtimes: dict[str, int],
+                    started: float) -> str | None:
+    return _save(mask_root, {"format": np.array(mask_format), "missing": np.asarray(missing, dtype=np.int64)},
+                 folder_mtimes, started, key=key)

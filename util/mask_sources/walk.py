@@ -1,13 +1,18 @@
-"""The one walk of a root's masks/ at start-up: which images have masks, which layout the root
+"""The one listing of a root's masks/ at start-up: which images have masks, which layout the root
 uses, and the original's list of images without masks."""
 from __future__ import annotations
 
 import os
+import re
 import time
-from typing import Callable, Iterable
+from typing import Iterable, NamedTuple
+
+import numpy as np
 
 from util import scan_index
-from util.sam_masks import MASK_SUFFIX, MaskFileError
+from util.images import ImageList
+from util.mask_sources.listing import Listing, ListedInBackground, list_folder
+from util.sam_masks import MASK_SUFFIX, MaskFileError, check_unique_stems
 
 MASK_FORMATS = ("json", "segmae", "amg")
 SEGMAE_TABLE = "table.txt"
@@ -17,75 +22,115 @@ AMG_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y
 EMPTY_LIST = "emptyfiles.txt"
 
 
-def _walk(root: str, is_leaf: Callable[[str], bool],
-          mtimes: dict[str, int] | None = None) -> Iterable[tuple[str, list[str], list[str]]]:
-    """(folder relative to root, sub-folder names, file names) for every folder under root; a
-    folder for which is_leaf(its relative path) holds is listed in its parent but not entered.
-    Symbolic links to folders are followed; a link whose target is gone is left out. Hidden names
-    (a leading dot) are skipped."""
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            if mtimes is not None:  # before the listing: a change after it changes the mtime again
-                mtimes[rel_dir] = os.stat(os.path.join(root, rel_dir)).st_mtime_ns
-            entries = list(os.scandir(os.path.join(root, rel_dir)))
-        except OSError:
-            continue
-        dirs, files = [], []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_file(follow_symlinks=False):  # a plain file, from the listing alone: the usual case
-                files.append(entry.name)
-                continue
-            try:
-                is_dir = entry.is_dir()  # follows links
-                exists = is_dir or not entry.is_symlink() or os.path.exists(entry.path)
-            except OSError:
-                continue
-            if not exists:  # a link whose target is gone
-                continue
-            (dirs if is_dir else files).append(entry.name)
-        yield rel_dir, dirs, files
-        for name in dirs:
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if not is_leaf(rel):
-                stack.append(rel)
+# Each name's extension (the last dot on) among NUL-joined file names: one regex pass per folder
+# turns a folder's image names into their stems without a Python call per image.
+_EXTENSION = re.compile(r"\.[^.\0]*(?![^\0])")
 
 
-def scan(mask_root: str, stems: set[str], stems_digest: str = "") -> tuple[dict[str, set[str]], dict[str, str]]:
-    """One walk of masks/: the image stems that have a .json file, those that have a folder, and
-    the layouts seen with an example each (the first image folder of every class folder is looked
-    into for table.txt or metadata.csv). Folders named after an image are not entered.
-    With ``stems_digest`` (a digest of the image list the stems come from), the walk is saved and
-    read again while no walked folder changed (util/scan_index.py)."""
-    if stems_digest:
-        saved = scan_index.load_mask_listing(mask_root, stems_digest)
-        if saved is not None:
-            return saved
-    started = time.time()
-    mtimes: dict[str, int] = {}
-    listed: dict[str, set[str]] = {"json": set(), "folders": set()}
+def json_names(stems: str) -> str:
+    """<stem>.json for each of the NUL-joined stems, joined the same way (string operations on the
+    whole text, no call per image)."""
+    return (stems + "\0").replace("\0", MASK_SUFFIX + "\0")[:-1]
+
+
+class FolderMasks(NamedTuple):
+    """One listed folder of masks/ (util/mask_sources/listing.py)."""
+    files: str  # its file names, sorted, joined by NUL
+    dirs: list[str]  # its sub-folder names
+
+    def missing(self, stems: list[str], folder_layout: bool) -> list[int]:
+        """Indices into ``stems`` of the images without masks here, in the json or a folder layout."""
+        have = set(self.dirs) if folder_layout else set(self.files.split("\0"))
+        names = stems if folder_layout else json_names("\0".join(stems)).split("\0")
+        return [j for j, name in enumerate(names) if name not in have]
+
+
+def _walk(mask_root: str, groups: Iterable[tuple[str, str]], mtimes: dict[str, int] | None = None,
+          listed: dict[str, Listing] | None = None) -> tuple[list[FolderMasks], dict[str, str]]:
+    """The one listing of masks/ at start-up: masks/<folder> for each (folder relative to masks/,
+    the NUL-joined stems of its images) of ``groups``, taken from ``listed`` (a listing made in the
+    background) or listed here; and the layouts seen, with an example each (the first image folder
+    of each listed folder is looked into for table.txt or metadata.csv). Folders named after an
+    image are not entered; folders without images are not listed."""
+    found: list[FolderMasks] = []
     seen: dict[str, str] = {}
-    cut = len(MASK_SUFFIX)
-    for rel_dir, dirs, files in _walk(mask_root, lambda rel: rel in stems, mtimes):
-        prefix = f"{rel_dir}/" if rel_dir else ""  # rel_dir is normalised and names hold no '/'
-        found = [name for name in files if name.endswith(MASK_SUFFIX)]
-        if found:
-            listed["json"].update(prefix + name[:-cut] for name in found)
-            seen.setdefault("json", os.path.join(mask_root, rel_dir, found[0]))
-        folders = [d for d in dirs if prefix + d in stems]
-        listed["folders"].update(prefix + d for d in folders)
+    listed = listed or {}
+    for folder, stems in groups:
+        path = os.path.join(mask_root, folder)
+        mtime, files, dirs = listed.get(folder) or list_folder(path)
+        if mtimes is not None:
+            mtimes[folder] = mtime
+        if "json" not in seen:
+            first = next((n for n in files.split("\0") if n.endswith(MASK_SUFFIX) and not n.startswith(".")), None)
+            if first is not None:
+                seen["json"] = os.path.join(path, first)
+        folders = set(dirs).intersection(stems.split("\0")) if dirs else ()
         if folders:
-            path = os.path.join(mask_root, rel_dir, folders[0])
+            first = os.path.join(path, min(folders))
             for fmt, index in (("segmae", SEGMAE_TABLE), ("amg", AMG_METADATA)):
-                if os.path.exists(os.path.join(path, index)):
-                    seen.setdefault(fmt, os.path.join(path, index))
+                if os.path.exists(os.path.join(first, index)):
+                    seen.setdefault(fmt, os.path.join(first, index))
                     break
-    if stems_digest:
-        scan_index.save_mask_listing(mask_root, stems_digest, listed, seen, mtimes, started)
+        found.append(FolderMasks(files, dirs))
+    return found, seen
+
+
+def scan(mask_root: str, stems: set[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """Which of these image stems (paths relative to train/ without extension) have a .json file
+    and which a folder in masks/, and the layouts seen (an example each): one listing per folder."""
+    by_folder: dict[str, list[str]] = {}
+    for stem in stems:
+        folder, _, name = stem.rpartition("/")
+        by_folder.setdefault(folder, []).append(name)
+    found, seen = _walk(mask_root, ((folder, "\0".join(names)) for folder, names in by_folder.items()))
+    listed: dict[str, set[str]] = {"json": set(), "folders": set()}
+    for (folder, names), masks in zip(by_folder.items(), found):
+        prefix = f"{folder}/" if folder else ""
+        for listing, folder_layout in (("json", False), ("folders", True)):
+            lacking = set(masks.missing(names, folder_layout))
+            listed[listing].update(prefix + name for j, name in enumerate(names) if j not in lacking)
     return listed, seen
+
+
+class MaskCheck(NamedTuple):
+    """What the start-up listing of masks/ found for a list of images."""
+    format: str  # the layout (detected, or as asked)
+    missing: np.ndarray  # indices of the images without masks in that layout
+
+
+def check_images(mask_root: str, images: ImageList, mask_format: str = "auto",
+                 background: ListedInBackground | None = None) -> MaskCheck:
+    """The layout of masks/ and the images without masks, for every image of ``images`` (paths
+    relative to train/): one listing of masks/<folder> per image folder (``background``: most of
+    them listed by a second process meanwhile), compared with the folder's image stems as whole
+    strings, so a million images cost no Python call each. Two images that would share a mask
+    (x.JPEG and x.png) and a masks/ that mixes layouts are errors naming them. The result is saved
+    and read again while no listed folder changed (util/scan_index.py)."""
+    if mask_format not in (None, "auto", *MASK_FORMATS):
+        raise MaskFileError(f"unknown mask format {mask_format!r}; choose one of auto, {', '.join(MASK_FORMATS)}")
+    key = f"{scan_index.MASK_CHECK}{mask_format}:{images.digest()}"
+    saved = scan_index.load_mask_check(mask_root, key)
+    if saved is not None:
+        return MaskCheck(*saved)
+    started = time.time()
+    runs = [(folder, start, end, _EXTENSION.sub("", names)) for folder, start, end, names in images.folders()]
+    mtimes: dict[str, int] = {}
+    found, seen = _walk(mask_root, ((folder, stems) for folder, _, _, stems in runs), mtimes,
+                        background.result() if background is not None else None)
+    if mask_format in (None, "auto"):
+        mask_format = _detect(mask_root, seen)
+    missing, shared = [], []
+    for (_, start, end, stems), masks in zip(runs, found):
+        if mask_format == "json" and masks.files == json_names(stems):
+            continue  # the usual case: one mask file per image and nothing else (so no stem twice)
+        stems = stems.split("\0")
+        if len(set(stems)) < len(stems):  # x.JPEG and x.png: named by the check below
+            shared += [images.rel(i) for i in range(start, end)]
+        missing += [start + j for j in masks.missing(stems, mask_format != "json")]
+    check_unique_stems(shared, images.root, [stem_of(rel) for rel in shared])
+    result = MaskCheck(mask_format, np.asarray(missing, dtype=np.int64))
+    scan_index.save_mask_check(mask_root, key, *result, mtimes, started)
+    return result
 
 
 def detect_format(mask_root: str, stems: set[str]) -> str:
@@ -114,13 +159,3 @@ def read_empty_list(root: str, split: str = "train") -> set[str]:
 
 def stem_of(rel: str) -> str:
     return os.path.normpath(os.path.splitext(rel)[0])
-
-
-def scanned_stems(rels: list[str]) -> list[str]:
-    """stem_of for each path of a folder scan (already normalised, no hidden names), without an
-    os.path call per image: the text before the last dot of the file name."""
-    out = []
-    for rel in rels:
-        dot = rel.rfind(".")
-        out.append(rel[:dot] if dot > rel.rfind("/") + 1 else stem_of(rel))
-    return out
