@@ -6,7 +6,7 @@ train/ (two trees of a million entries each, listed side by side on two cores).
 
 A folder's listing is a plain tuple (pickled across the two processes):
 (mtime in ns, taken before the listing, or -2 when the folder is absent; its file names sorted and
-joined by NUL; its non-hidden sub-folder names). Symbolic links are followed; a link whose target
+joined by NUL; its non-hidden sub-folder names, sorted). Symbolic links are followed; a link whose target
 is gone is left out.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 Listing = tuple  # (mtime_ns, files joined by NUL, sub-folder names)
 ABSENT = -2  # the mtime of an absent folder, as util.scan_index.folder_mtimes reads one
@@ -41,6 +42,7 @@ def list_folder(path: str) -> Listing:
             except OSError:
                 continue
     files.sort()
+    dirs.sort()
     return mtime, "\0".join(files), dirs
 
 
@@ -57,6 +59,7 @@ class ListedInBackground:
     ({} when it could not run: the caller then lists each folder itself)."""
 
     def __init__(self, mask_root: str):
+        self.started = time.time()  # the listing's folder times are from after this
         try:
             self.process = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__), mask_root],
                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -36,7 +36,7 @@ def json_names(stems: str) -> str:
 class FolderMasks(NamedTuple):
     """One listed folder of masks/ (util/mask_sources/listing.py)."""
     files: str  # its file names, sorted, joined by NUL
-    dirs: list[str]  # its sub-folder names
+    dirs: list[str]  # its sub-folder names, sorted
 
     def missing(self, stems: list[str], folder_layout: bool) -> list[int]:
         """Indices into ``stems`` of the images without masks here, in the json or a folder layout."""
@@ -64,9 +64,11 @@ def _walk(mask_root: str, groups: Iterable[tuple[str, str]], mtimes: dict[str, i
             first = next((n for n in files.split("\0") if n.endswith(MASK_SUFFIX) and not n.startswith(".")), None)
             if first is not None:
                 seen["json"] = os.path.join(path, first)
-        folders = set(dirs).intersection(stems.split("\0")) if dirs else ()
-        if folders:
-            first = os.path.join(path, min(folders))
+        # the first sub-folder named after an image (a substring search, no set of the stems)
+        listed_stems = f"\0{stems}\0" if dirs else ""
+        first = next((d for d in dirs if f"\0{d}\0" in listed_stems), None)
+        if first is not None:
+            first = os.path.join(path, first)
             for fmt, index in (("segmae", SEGMAE_TABLE), ("amg", AMG_METADATA)):
                 if os.path.exists(os.path.join(first, index)):
                     seen.setdefault(fmt, os.path.join(first, index))
@@ -112,7 +114,7 @@ def check_images(mask_root: str, images: ImageList, mask_format: str = "auto",
     saved = scan_index.load_mask_check(mask_root, key)
     if saved is not None:
         return MaskCheck(*saved)
-    started = time.time()
+    started = background.started if background is not None else time.time()  # for the saved check's settling
     runs = [(folder, start, end, _EXTENSION.sub("", names)) for folder, start, end, names in images.folders()]
     mtimes: dict[str, int] = {}
     found, seen = _walk(mask_root, ((folder, stems) for folder, _, _, stems in runs), mtimes,
@@ -121,8 +123,9 @@ def check_images(mask_root: str, images: ImageList, mask_format: str = "auto",
         mask_format = _detect(mask_root, seen)
     missing, shared = [], []
     for (_, start, end, stems), masks in zip(runs, found):
-        if mask_format == "json" and masks.files == json_names(stems):
-            continue  # the usual case: one mask file per image and nothing else (so no stem twice)
+        exact = masks.files == json_names(stems) if mask_format == "json" else "\0".join(masks.dirs) == stems
+        if exact:  # the usual case: one mask (file or folder) per image and nothing else, so no stem twice
+            continue
         stems = stems.split("\0")
         if len(set(stems)) < len(stems):  # x.JPEG and x.png: named by the check below
             shared += [images.rel(i) for i in range(start, end)]
