@@ -7,7 +7,6 @@ from typing import Iterable
 import torch
 from timm.data import Mixup
 
-import util.lr_sched as lr_sched
 import util.misc as misc
 from util.distributed import is_dist_avail_and_initialized
 from util.runtime import Runtime
@@ -27,7 +26,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     optimizer.zero_grad(set_to_none=True)
     for data_iter_step, (samples, targets) in enumerate(iterator):
         if data_iter_step % accum_iter == 0:
-            lr_sched.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
+            misc.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
 
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)

@@ -9,7 +9,6 @@ from typing import Iterable
 
 import torch
 
-import util.lr_sched as lr_sched
 import util.misc as misc
 from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
 from util.errors import UserError
@@ -151,7 +150,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
 
     for step, batch in enumerate(iterator):
         if step % args.accum_iter == 0:  # per-iteration (instead of per-epoch) lr schedule
-            lr_sched.adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
+            misc.adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
         batch = batch_to_device(batch, counts, run)
         if batch is None:
             continue

@@ -201,7 +201,7 @@ def build_loaders(args, build_transform):
 def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train, sampler_train,
                  loader_val, run: Runtime, mixup_fn=None, max_norm=None, kind: str = "finetune") -> dict:
     """The epoch loop shared by finetuning and linear probing (kind): train, evaluate, keep the best."""
-    log_writer = misc.tensorboard_writer(args.log_dir)
+    log_writer = runsetup.tensorboard_writer(args.log_dir)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -211,7 +211,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.seed_epoch(args.seed, epoch, get_rank())
+        runsetup.seed_epoch(args.seed, epoch, get_rank())
         sampler_train.set_epoch(epoch)
         loader_train.dataset.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, run, epoch, loss_scaler,

@@ -23,7 +23,8 @@ from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_
                        check_optimizer_args, mask_ratio_type, non_negative_int, positive_int)
 from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
 from util.errors import UserError
-from util.datasets import DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, collate_pretrain, loader_options
+from util.datasets import (DEFAULT_MASK_SIZE_CHECK, DeferredPretrainTransform, build_pretrain_dataset,
+                           build_pretrain_transform, collate_pretrain, loader_options)
 from util.prefetch import DevicePrefetcher
 from util.shard_index import is_shard_path
 from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset
@@ -31,8 +32,7 @@ from util.masking import get_method, uses_segments
 from util.optim import build_optimizer, param_groups_weight_decay
 from util.runtime import Runtime
 from util.speed import convert_to_fp8
-from util.transforms import (DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, DeferredPretrainTransform, as_hw,
-                             build_pretrain_transform)
+from util.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, as_hw
 from util.visualize import labelled_grid, panel_titles, reconstruction_panels
 
 
@@ -329,7 +329,7 @@ def main(args: argparse.Namespace) -> None:
     run = runsetup.setup_run(args, __file__)
     reconcile_run(args)
     dataset_train, sampler_train, data_loader_train = build_data(args, run.device)
-    log_writer = misc.tensorboard_writer(args.log_dir)
+    log_writer = runsetup.tensorboard_writer(args.log_dir)
     model, model_without_ddp, optimizer, loss_scaler = build_model(args, run)
 
     last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
@@ -339,7 +339,7 @@ def main(args: argparse.Namespace) -> None:
     start_time = time.time()
     told: set[str] = set()
     for epoch in range(args.start_epoch, last_epoch):
-        misc.seed_epoch(args.seed, epoch, get_rank())
+        runsetup.seed_epoch(args.seed, epoch, get_rank())
         if sampler_train is not None:
             sampler_train.set_epoch(epoch)
         dataset_train.set_epoch(epoch)

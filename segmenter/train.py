@@ -272,7 +272,7 @@ def main(args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank, drop_last=True,
                                          pin_memory=run.device.type == "cuda", **loader_options(args.num_workers))
     total_steps = args.epochs * len(loader)
-    log_writer = misc.tensorboard_writer(args.log_dir)
+    log_writer = runsetup.tensorboard_writer(args.log_dir)
     metrics: dict = {}
     last_done = start_epoch - 1
     if (resuming and last_done >= 0 and evaluation_due(args, last_done)
@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> dict:
         metrics = evaluate_and_record(model_without_ddp, val_set, run, args, last_done, log_writer)
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
-        misc.seed_epoch(args.seed, epoch, get_rank())
+        runsetup.seed_epoch(args.seed, epoch, get_rank())
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         stats, _ = train_one_epoch(model, loader, optimizer, criterion, loss_scaler, run, epoch,

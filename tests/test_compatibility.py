@@ -163,3 +163,18 @@ def test_old_four_channels_checkpoint_resumes_and_finetunes(old_bench, toy_root,
                        "--output_dir", str(ft), "--log_dir", str(ft)])
     stats = [json.loads(x) for x in (ft / "log.txt").read_text().splitlines()]
     assert stats[-1]["epoch"] == 0 and stats[-1]["test_acc1"] >= 0
+
+
+def test_the_reference_lr_schedule_imports_from_its_old_path():
+    """Scripts written against the MAE reference call util.lr_sched.adjust_learning_rate: it still
+    imports, and gives the reference's schedule (linear warmup, then half-cycle cosine to min_lr,
+    scaled per group by lr_scale)."""
+    from util import lr_sched
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [param]}, {"params": [param.detach().clone().requires_grad_()],
+                                                         "lr_scale": 0.5}], lr=0.0)
+    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
+    expected = {0: 0.0, 1: 0.5, 2: 1.0, 6: 0.55, 10: 0.1, 12: 0.1}
+    for epoch, lr in expected.items():
+        assert lr_sched.adjust_learning_rate(optimizer, epoch, args) == pytest.approx(lr)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr, lr / 2])

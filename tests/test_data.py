@@ -11,10 +11,9 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from tools.make_toy_data import make_toy_dataset
-from util.datasets import DataError, PretrainDataset, SegmentMaskImageFolder, build_pretrain_dataset
+from util.datasets import DataError, PretrainDataset, PretrainTransform, SegmentMaskImageFolder, build_pretrain_dataset
 from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation, load_annotations,
                             load_segment, select_annotation)
-from util.transforms import PretrainTransform
 
 
 def ann(area, h=10, w=10, counts="not-decoded"):
@@ -279,7 +278,8 @@ def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root,
     (torch's antialiased bicubic vs Pillow's), for JPEG (decoded by decode_jpeg on the device) and
     PNG (decoded in the worker)."""
     from util.datasets import collate_pretrain
-    from util.transforms import PendingBatch, build_pretrain_transform
+    from util.datasets import build_pretrain_transform
+    from util.prefetch import PendingBatch
     root = jpeg_root if fmt == "jpeg" else toy_root
     size = 64 if fmt == "jpeg" else 24
     cpu = build_pretrain_dataset(root, build_pretrain_transform(size, "cpu"), with_masks=True, seed=5)
@@ -311,7 +311,7 @@ def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root,
 def test_gpu_data_path_names_a_broken_jpeg(jpeg_root, tmp_path):
     from util.datasets import collate_pretrain
     from util.errors import UserError
-    from util.transforms import build_pretrain_transform
+    from util.datasets import build_pretrain_transform
     root = tmp_path / "broken"
     shutil.copytree(jpeg_root, root)
     victim = sorted((root / "train").rglob("*.jpg"))[0]
@@ -345,7 +345,7 @@ def test_device_prefetcher_yields_the_loaders_batches_in_order_and_passes_errors
 
     from util.datasets import collate_pretrain
     from util.prefetch import DevicePrefetcher
-    from util.transforms import build_pretrain_transform
+    from util.datasets import build_pretrain_transform
     ds = build_pretrain_dataset(jpeg_root, build_pretrain_transform(32, "gpu"), with_masks=True, seed=2)
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_pretrain, num_workers=1)
     prefetched = DevicePrefetcher(loader, torch.device("cpu"))
@@ -408,7 +408,7 @@ def test_dataloader_pinning_reaches_the_pending_batch(monkeypatch):
     PendingBatch.pin_memory), so their copy to the GPU can be asynchronous."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    from util.transforms import PendingBatch, PendingImage
+    from util.prefetch import PendingBatch, PendingImage
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.numel()) or self)
     items = [PendingImage(torch.zeros(n, dtype=torch.uint8), True, (0, 0, 1, 1), False, (4, 4), (0, 0, 0), (1, 1, 1))
@@ -422,7 +422,7 @@ def test_persistent_workers_see_each_new_epoch(toy_root):
     sample, so each epoch equals what a fresh loader (or one process, or a resumed run) gives."""
     from torch.utils.data import DataLoader
     from util.datasets import collate_pretrain, loader_options
-    from util.transforms import build_pretrain_transform
+    from util.datasets import build_pretrain_transform
 
     def first_batch(loader):
         imgs, masks, _ = next(iter(loader))

@@ -38,8 +38,10 @@ def test_a_pretraining_step_runs_code_from_few_modules(toy_root, tmp_path):
     patches = step_modules(toy_root, "patches", str(tmp_path / "patches"))
     segments = step_modules(toy_root, "segments", str(tmp_path / "segments"))
     seen = {"main_pretrain.py", "engine_pretrain.py", "models_mae.py", "util/masking.py", "util/datasets.py",
-            "util/images.py", "util/transforms.py", "util/checkpoint.py", "util/lr_sched.py"}
+            "util/images.py", "util/checkpoint.py", "util/misc.py"}
     assert seen <= set(patches), sorted(patches)  # the profiler saw every part of the step
-    assert len(patches) <= 12, sorted(patches)
-    assert set(patches) < set(segments) and len(segments) <= 16, sorted(segments)
+    assert len(patches) <= 10, sorted(patches)
+    # a segment method adds reading its mask: the SAM JSON format, the layout reader and its
+    # interface, the mask-size policy
+    assert set(patches) < set(segments) and len(segments) <= 14, sorted(segments)
     assert "util/mask_sources/json_layout.py" in segments

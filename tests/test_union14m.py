@@ -16,7 +16,7 @@ import models_vit
 from test_pretrain_cli import common
 from util.datasets import BadSample, build_pretrain_dataset, collate_pretrain
 from util.images import DataError
-from util.transforms import PretrainTransform, build_pretrain_transform
+from util.datasets import PretrainTransform, build_pretrain_transform
 
 
 def trainable(model: torch.nn.Module) -> int:

@@ -18,12 +18,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.datasets import build_pretrain_dataset, collate_pretrain  # noqa: E402
+from util.datasets import build_pretrain_dataset, build_pretrain_transform, collate_pretrain  # noqa: E402
 from util.files import atomic_write_json  # noqa: E402
 from util.masking import MASK_METHODS, uses_segments  # noqa: E402
 from util.shard_index import is_shard_path  # noqa: E402
 from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset  # noqa: E402
-from util.transforms import DATA_BACKENDS, as_hw, build_pretrain_transform  # noqa: E402
+from util.transforms import DATA_BACKENDS, as_hw  # noqa: E402
 
 
 def measure(args) -> dict:

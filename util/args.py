@@ -103,7 +103,7 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                         help='lower lr bound for cyclic schedulers that hit 0')
     parser.add_argument('--warmup_epochs', type=non_negative_int, default=40, metavar='N',
                         help='epochs to warmup LR')
-    # the data recipe (util/transforms.py), recorded in every checkpoint's args
+    # the data recipe (util/transforms.py, applied in util/datasets.py), recorded in every checkpoint's args
     parser.add_argument('--augment', default=None, choices=AUGMENTS,
                         help='crop_flip: random resized crop + flip (the reference); resize: the whole image resized '
                              'to --input_size, no crop, no flip (text lines). Default: resize for Union14M\'s text-line '

@@ -1,16 +1,25 @@
-"""Pretraining datasets over one or several --data_path roots of any kind (util/image_roots.py
-opens them: train/ splits, class folders, LMDB databases; tar shards: util/shards.py): reading one
-sample (image and segment mask), its seeded augmentation, the loader's worker settings and the
-batch collation (finetuning and linear probing read util/finetune_data.py).
-"""
+"""Pretraining data (as in the MAE reference, the dataset and its transform in one module): the
+dataset over one or several --data_path roots of any kind (util/image_roots.py opens them; tar
+shards: util/shards.py), one sample (image and segment mask) with its seeded joint augmentation,
+the loader's worker settings and the batch collation. Finetuning reads util/finetune_data.py.
+
+``PretrainTransform`` crops and flips the image and its mask alike in the loader workers
+(``--data_backend cpu``); ``DeferredPretrainTransform`` draws the same crop and flip but leaves the
+image encoded for the training device (util/prefetch.py, ``--data_backend gpu``)."""
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing
 import os
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
 from util.errors import UserError
@@ -18,7 +27,8 @@ from util.image_roots import DEFAULT_MASK_SIZE_CHECK, LMDB, ImageRoot, root_kind
 from util.images import DEFAULT_DATA_TIMEOUT_S, DataError, EncodedImage, load_rgb, read_deadline
 from util.lmdb_images import LmdbImages
 from util.mask_geometry import exif_orientation, fit_mask
-from util.transforms import DeferredPretrainTransform, PendingBatch, PendingImage
+from util.prefetch import PendingBatch, PendingImage
+from util.transforms import DATA_BACKENDS, NORMALIZATIONS, as_hw
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -26,6 +36,113 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     on how samples are spread over workers and ranks, nor on where a run was resumed."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63)
 
+
+# ------------------------------------------------------------------------------------------------
+# the joint augmentation of an image and its segment
+
+def random_resized_crop_params(height: int, width: int, scale, ratio,
+                               generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop with area fraction in ``scale`` and aspect ratio (w/h) in
+    ``ratio`` (log-uniform); after 10 failed tries a central crop clamped to the ratio range."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision computes it
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class PretrainTransform:
+    """RandomResizedCrop + horizontal flip on (image, mask), ToTensor + Normalize on the image.
+
+    For a non-square ``input_size`` the crop's aspect-ratio range is centred on the target's, so
+    that wide inputs (e.g. text lines) are not squeezed.
+    """
+
+    def __init__(self, input_size, scale=(0.2, 1.0), ratio=(3. / 4., 4. / 3.), hflip: float = 0.5,
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, resize_only: bool = False):
+        self.size = as_hw(input_size)
+        self.resize_only = resize_only
+        aspect = self.size[1] / self.size[0]
+        self.scale = scale
+        self.ratio = (ratio[0] * aspect, ratio[1] * aspect)
+        self.hflip = hflip
+        self.normalize = T.Normalize(mean, std)
+
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None):
+        """The random crop box (top, left, h, w) and flip of one sample, in the reference's order
+        (resize_only: the whole image, no flip, nothing drawn)."""
+        if self.resize_only:
+            return (0, 0, height, width), False
+        box = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
+        flip = torch.rand(1, generator=generator).item() < self.hflip
+        return box, flip
+
+    def __call__(self, img: Image.Image, mask: np.ndarray | None = None,
+                 generator: torch.Generator | None = None):
+        box, flip = self.draw(img.height, img.width, generator)
+        img = TF.resized_crop(img, *box, list(self.size), T.InterpolationMode.BICUBIC)
+        if flip:
+            img = TF.hflip(img)
+        img = self.normalize(TF.to_tensor(img))
+        if mask is None:
+            return img
+        return img, crop_mask(mask, box, flip, self.size)
+
+    def __repr__(self) -> str:
+        norm = "" if tuple(self.normalize.mean) == tuple(IMAGENET_DEFAULT_MEAN) else f", mean={tuple(self.normalize.mean)}"
+        if self.resize_only:
+            return f"{type(self).__name__}(size={self.size}, resize only: no crop, no flip{norm})"
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
+                f"ratio=({self.ratio[0]:.3f}, {self.ratio[1]:.3f}), hflip={self.hflip}{norm})")
+
+
+def crop_mask(mask: np.ndarray, box: tuple[int, int, int, int], flip: bool, size: tuple[int, int]) -> torch.Tensor:
+    """The segment mask under a crop box and flip, nearest-neighbour resized: (1, H, W) float."""
+    mask_img = TF.resized_crop(Image.fromarray(mask.astype(np.uint8)), *box, list(size), T.InterpolationMode.NEAREST)
+    if flip:
+        mask_img = TF.hflip(mask_img)
+    return torch.from_numpy(np.asarray(mask_img, dtype=np.float32).copy()).unsqueeze(0)
+
+
+class DeferredPretrainTransform(PretrainTransform):
+    """The worker side of ``--data_backend gpu``: draws the crop and flip exactly as
+    PretrainTransform (same generator, same order), crops the mask on the CPU (cheap), and leaves
+    the image (a util.images.EncodedImage) encoded for the training device (util/prefetch.py)."""
+
+    def __call__(self, img: EncodedImage, mask: np.ndarray | None = None, generator: torch.Generator | None = None):
+        box, flip = self.draw(img.height, img.width, generator)
+        pending = PendingImage.of(img, box, flip, self.size, self.normalize.mean, self.normalize.std)
+        return pending if mask is None else (pending, crop_mask(mask, box, flip, self.size))
+
+
+def build_pretrain_transform(input_size, data_backend: str = "cpu", augment: str = "crop_flip",
+                             normalization: str = "imagenet") -> PretrainTransform:
+    """The pretraining augmentation of a data path: ``cpu`` (PretrainTransform) or ``gpu``
+    (DeferredPretrainTransform, decoded and cropped on the training device); ``augment`` and
+    ``normalization`` as AUGMENTS and NORMALIZATIONS say."""
+    if data_backend not in DATA_BACKENDS:
+        raise ValueError(f"unknown data backend {data_backend!r}; choose one of {', '.join(DATA_BACKENDS)}")
+    mean, std = NORMALIZATIONS[normalization]
+    return (DeferredPretrainTransform if data_backend == "gpu" else PretrainTransform)(
+        input_size, mean=mean, std=std, resize_only=augment == "resize")
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets, loader settings, collation
 
 class EpochAware:
     """A dataset whose epoch (which seeds every sample's augmentation) lives in shared memory, so
@@ -146,17 +263,13 @@ class PretrainDataset(EpochAware, Dataset):
         img_t, mask_t = self.transform(img, mask, generator=generator)
         return img_t, mask_t, target
 
-    def rotated_masks(self) -> int:
-        """How many masks so far were rotated into their EXIF-rotated image's frame (this process
-        and its loader workers)."""
-        return sum(f.rotated_masks.value for f in self.folders)
-
     def mask_notes(self) -> dict[str, int]:
         """What the mask readers had to repair so far (this process and its loader workers):
         masks rotated into an EXIF-rotated image's frame, PNGs not strictly 0/255 that were
         thresholded at 128, segmae tables not sorted by coverage that were sorted."""
         sources = [f.source for f in self.folders if f.source is not None]
-        return {"rotated": self.rotated_masks(), "thresholded": sum(s.thresholded.value for s in sources),
+        return {"rotated": sum(f.rotated_masks.value for f in self.folders),
+                "thresholded": sum(s.thresholded.value for s in sources),
                 "unsorted": sum(s.unsorted.value for s in sources)}
 
     def __repr__(self) -> str:

@@ -1,19 +1,18 @@
 """What a training step calls around the model: metric logging without a host-device sync per
-step, mixed precision (autocast, loss scaling) and the CUDA-graph step marker (the run set-up and
-the command line are util/runsetup.py's)."""
+step, the learning-rate schedule, mixed precision (autocast, loss scaling), the loss check and the
+CUDA-graph step marker (the run set-up and the command line are util/runsetup.py's)."""
 from __future__ import annotations
 
 import datetime
-import os
+import math
 import time
 from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
 
-from util.distributed import get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.distributed import get_world_size, is_dist_avail_and_initialized
 from util.errors import UserError
-from util.files import writable_dir
 from util.speed import CUDA_GRAPH_MODES
 from util.stops import PROGRESS
 
@@ -139,6 +138,25 @@ class MetricLogger:
 
 
 # ------------------------------------------------------------------------------------------------
+# the learning rate (the reference's util/lr_sched.py; that name still imports it)
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Learning rate at a fractional epoch: linear warmup, then half-cycle cosine down to min_lr."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def adjust_learning_rate(optimizer, epoch: float, args) -> float:
+    """Sets every param group's lr (scaled by its 'lr_scale', used by layer-wise decay)."""
+    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------
 # mixed precision
 
 def resolve_amp(amp: str | None, device: torch.device) -> str:
@@ -251,15 +269,6 @@ class LossMonitor:
                     self.log_writer.add_scalar(f"train/{name}", float(meter.value), epoch_1000x)
 
 
-def tensorboard_writer(log_dir: str | None):
-    """A TensorBoard SummaryWriter for log_dir on the main process; None elsewhere or without one."""
-    if not is_main_process() or not log_dir:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
-    writable_dir(log_dir, "--log_dir")
-    return SummaryWriter(log_dir=log_dir)
-
-
 def epoch_progress(data_loader, epoch: int, device: torch.device, args, log_writer=None,
                    loss_tag: str = "train/loss", hint: str = "Lower --blr."):
     """The progress logging of one training epoch, shared by every training loop: a MetricLogger
@@ -274,21 +283,6 @@ def epoch_progress(data_loader, epoch: int, device: torch.device, args, log_writ
                                        batch_size=args.batch_size, on_print=monitor,
                                        epochs_after=max(last_epoch - epoch - 1, 0))
     return metric_logger, monitor, iterator
-
-
-# ------------------------------------------------------------------------------------------------
-# the start and the command line of every main_*.py
-
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Reseeds every epoch from (seed, epoch, rank), so a run resumed at epoch k draws the same
-    random numbers (e.g. patch masks) as one that never stopped."""
-    import random
-
-    import numpy as np
-    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)  # timm's RandAugment draws from Python's generator
 
 
 from util.runsetup import given_flags  # noqa: E402,F401  (its old home)

@@ -1,11 +1,102 @@
-"""Batches moved to the training device ahead of the step (``--data_backend gpu``)."""
+"""The GPU half of the data path (``--data_backend gpu``): a batch that the loader workers left
+encoded (util/datasets.DeferredPretrainTransform: the file's bytes, the crop box and flip already
+drawn) is decoded (nvjpeg, one batched call), cropped, resized, flipped and normalised on the
+training device when it is moved there (``PendingBatch.to``); and ``DevicePrefetcher`` moves batch
+k+1 on its own CUDA stream while the step runs on batch k. Same boxes, same flips, same masks as the
+CPU path; image pixels differ only by the resize implementation (torch's antialiased bicubic vs
+Pillow's)."""
 from __future__ import annotations
 
 import queue
 import threading
 from contextlib import nullcontext
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from util.errors import UserError
+
+
+class PendingImage:
+    """One sample's image on its way to the training device: the encoded JPEG file (or, for other
+    formats, the pixels decoded in the worker, uint8 (3, h, w)), its crop box and flip, and the
+    output size and normalisation of the transform that drew them."""
+
+    def __init__(self, data: torch.Tensor, encoded: bool, box: tuple[int, int, int, int], flip: bool,
+                 size: tuple[int, int], mean, std, path: str = ""):
+        self.data, self.encoded, self.box, self.flip = data, encoded, box, flip
+        self.size, self.mean, self.std, self.path = size, tuple(mean), tuple(std), path
+
+    @classmethod
+    def of(cls, img, box: tuple[int, int, int, int], flip: bool, size: tuple[int, int], mean, std) -> "PendingImage":
+        """From a util.images.EncodedImage: a JPEG stays encoded; other formats, which nvjpeg does
+        not read, are decoded here (in the loader worker)."""
+        if img.is_jpeg:
+            return cls(torch.frombuffer(bytearray(img.data), dtype=torch.uint8), True, box, flip, size, mean, std, img.path)
+        pixels = torch.from_numpy(np.asarray(img.decode(), dtype=np.uint8).copy()).permute(2, 0, 1)
+        return cls(pixels, False, box, flip, size, mean, std, img.path)
+
+
+class PendingBatch:
+    """A batch of PendingImage. ``.to(device)`` decodes it there (nvjpeg on a GPU, in one batched
+    call), crops, resizes (bicubic, antialiased), flips and normalises each image, and returns the
+    (N, 3, H, W) float tensor the model takes, so a training loop's ``samples.to(device)`` works
+    unchanged for either data path."""
+
+    def __init__(self, items: list[PendingImage]):
+        self.items, self.size = items, items[0].size
+        self.mean = torch.tensor(items[0].mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(items[0].std).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pin_memory(self) -> "PendingBatch":
+        for item in self.items:
+            item.data = item.data.pin_memory()
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        device = torch.device(device)
+        jpegs = [i for i, item in enumerate(self.items) if item.encoded]
+        pixels: dict[int, torch.Tensor] = {}
+        if jpegs:
+            pixels.update(zip(jpegs, self._decode([self.items[i] for i in jpegs], device)))
+        out = torch.empty(len(self.items), 3, *self.size, device=device)
+        for i, item in enumerate(self.items):
+            img = pixels[i] if i in pixels else item.data.to(device, non_blocking=non_blocking)
+            top, left, h, w = item.box
+            crop = img[None, :, top:top + h, left:left + w].float()
+            crop = F.interpolate(crop, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+            if item.flip:
+                crop = crop.flip(-1)
+            out[i] = crop[0]
+        # uint8 rounding and range as Pillow's resize, then ToTensor + Normalize
+        out = out.clamp_(0, 255).round_().div_(255)
+        return (out - self.mean.to(device)) / self.std.to(device)
+
+    @staticmethod
+    def _decode(items: list[PendingImage], device: torch.device) -> list[torch.Tensor]:
+        """One batched decode; if the GPU decoder refuses the batch (a JPEG variant it does not
+        read), each file is decoded on the CPU instead, and a broken one is named."""
+        try:  # torchvision 0.29 deprecates its decoders (for TorchCodec, which needs FFmpeg)
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            raise UserError("--data_backend gpu needs torchvision.io.decode_jpeg, which this torchvision no "
+                            "longer has: use --data_backend cpu") from None
+        try:
+            return decode_jpeg([item.data for item in items], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass  # one by one on the CPU, below
+        out = []
+        for item in items:
+            try:
+                out.append(decode_jpeg(item.data, mode=ImageReadMode.RGB).to(device))
+            except RuntimeError as e:
+                raise UserError(f"cannot decode image {item.path}: {e}. Replace or delete the file "
+                                f"(python tools/check_dataset.py finds every such file).") from None
+        return out
 
 
 class DevicePrefetcher:

@@ -1,12 +1,15 @@
 """The start and the command line every main_*.py shares: parse (either flag spelling), check, run
 with one clear line for a user's error; the run's set-up (device, distributed, seed, output-folder
-lock, the run record of code, versions and GPUs), the lr from --blr, the DDP / compile wrapping."""
+lock, the run record of code, versions and GPUs), per-epoch seeding, the TensorBoard writer, the lr
+from --blr, the DDP / compile wrapping."""
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
+import random
 
+import numpy as np
 import torch
 
 import torch.distributed as dist
@@ -15,7 +18,7 @@ from util.distributed import get_rank, get_world_size, init_distributed_mode, is
     is_main_process
 import util.stops as stops
 from util.errors import UserError
-from util.files import lock_output_dir, release_output_dir_locks
+from util.files import lock_output_dir, release_output_dir_locks, writable_dir
 from util.runtime import Runtime
 from util.speed import compile_model, resolve_compile_flags
 
@@ -53,7 +56,7 @@ def run_record(world_size: int | None = None) -> dict:
 def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     """Distributed init, the argument dump, device and mixed-precision choice, seeding: the run's
     Runtime (the flags in args stay as parsed)."""
-    from util.misc import resolve_amp, seed_epoch  # here: util.misc re-exports given_flags from this module
+    from util.misc import resolve_amp  # here: util.misc re-exports given_flags from this module
     place = init_distributed_mode(args)
     lock_output_dir(getattr(args, "output_dir", ""))  # one writer per folder; removes stale temp files
     print(f'job dir: {os.path.dirname(os.path.realpath(script))}')
@@ -73,6 +76,24 @@ def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     seed_epoch(args.seed, 0, get_rank())
     torch.backends.cudnn.benchmark = True
     return run
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseeds every epoch from (seed, epoch, rank), so a run resumed at epoch k draws the same
+    random numbers (e.g. patch masks) as one that never stopped."""
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 31
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)  # timm's RandAugment draws from Python's generator
+
+
+def tensorboard_writer(log_dir: str | None):
+    """A TensorBoard SummaryWriter for log_dir on the main process; None elsewhere or without one."""
+    if not is_main_process() or not log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
+    writable_dir(log_dir, "--log_dir")
+    return SummaryWriter(log_dir=log_dir)
 
 
 def log_details(args: argparse.Namespace, filename: str, text: str, what: str) -> None:
