@@ -23,8 +23,8 @@ from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_
                        check_optimizer_args, mask_ratio_type, non_negative_int, positive_int)
 from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
 from util.errors import UserError
-from util.datasets import (DEFAULT_MASK_SIZE_CHECK, DeferredPretrainTransform, build_pretrain_dataset,
-                           build_pretrain_transform, collate_pretrain, loader_options)
+from util.datasets import (DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, build_pretrain_transform,
+                           collate_pretrain, loader_options)
 from util.prefetch import DevicePrefetcher
 from util.shard_index import is_shard_path
 from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset
@@ -235,7 +235,7 @@ def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
     with local_main_first():  # the first rank counts the samples of unindexed tars and saves the counts
         dataset = build_shard_dataset(args.data_path, transform, uses_segments(args.mask_method), args.coverage_ratio,
                                       args.batch_size, get_world_size(), get_rank(), args.seed, args.shuffle_buffer,
-                                      args.skip_bad_samples, decode=not isinstance(transform, DeferredPretrainTransform))
+                                      args.skip_bad_samples, decode=transform.decodes_in_workers)
     print(dataset)
     check_ranks_agree(args, {"images": (dataset.total, [dataset.digest()])})
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True,

@@ -71,6 +71,7 @@ class PretrainTransform:
     For a non-square ``input_size`` the crop's aspect-ratio range is centred on the target's, so
     that wide inputs (e.g. text lines) are not squeezed.
     """
+    decodes_in_workers = True  # takes PIL images (False: the file's bytes, util.images.EncodedImage)
 
     def __init__(self, input_size, scale=(0.2, 1.0), ratio=(3. / 4., 4. / 3.), hflip: float = 0.5,
                  mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, resize_only: bool = False):
@@ -122,6 +123,7 @@ class DeferredPretrainTransform(PretrainTransform):
     """The worker side of ``--data_backend gpu``: draws the crop and flip exactly as
     PretrainTransform (same generator, same order), crops the mask on the CPU (cheap), and leaves
     the image (a util.images.EncodedImage) encoded for the training device (util/prefetch.py)."""
+    decodes_in_workers = False
 
     def __call__(self, img: EncodedImage, mask: np.ndarray | None = None, generator: torch.Generator | None = None):
         box, flip = self.draw(img.height, img.width, generator)
@@ -283,10 +285,10 @@ def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable,
                            read_timeout: float = DEFAULT_DATA_TIMEOUT_S, mask_format: str = "auto",
                            mask_size_check: int | None = DEFAULT_MASK_SIZE_CHECK) -> PretrainDataset:
     """One dataset over one or several roots of any kind (printing which kind each was taken as).
-    A DeferredPretrainTransform gets the encoded files."""
+    A transform with ``decodes_in_workers`` False (DeferredPretrainTransform) gets the encoded files."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
-    decode = not isinstance(transform, DeferredPretrainTransform)
+    decode = getattr(transform, "decodes_in_workers", True)  # any other transform takes PIL images
     folders = []
     for root in data_paths:
         if root_kind(root) == LMDB:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from util.distributed import first_rank_on_node
-from util.scan_index import mask_check_current
+from util.scan_index import load_mask_check
 from util.image_folders import empty_classes_message, is_hidden, scan_image_folder
 from util.lmdb_images import is_lmdb_root
 from util.images import IMAGE_ERRORS, DEFAULT_DATA_TIMEOUT_S, DataError
@@ -92,16 +92,18 @@ class ImageRoot:
                             f"(masks/<class>/<image stem>.json, or the segmae / amg.py folders "
                             f"masks/<class>/<image stem>/). Generate SAM masks for it, or pretrain "
                             f"with --mask_method patches.")
-        # a first start lists masks/ in a second process while this one walks train/
-        background = ListedInBackground(self.mask_root) if with_masks and not mask_check_current(self.mask_root) else None
+        # a restart reads its saved check of masks/; a first start lists masks/ in a second process
+        # while this one walks train/
+        saved = load_mask_check(self.mask_root) if with_masks else None
+        background = ListedInBackground(self.mask_root) if with_masks and saved is None else None
         try:
-            self._open(with_masks, allow_missing_masks, skip_bad_samples, mask_format, mask_size_check, background)
+            self._open(with_masks, allow_missing_masks, skip_bad_samples, mask_format, mask_size_check, background, saved)
         finally:
             if background is not None:
                 background.close()
 
     def _open(self, with_masks: bool, allow_missing_masks: bool, skip_bad_samples: bool, mask_format: str,
-              mask_size_check: int | None, background: ListedInBackground | None) -> None:
+              mask_size_check: int | None, background: ListedInBackground | None, saved: tuple | None) -> None:
         """The scan of the images and of their masks, with every start-up check."""
         scan = scan_image_folder(self.image_root, exclude=NOT_CLASSES if self.kind == CLASS_FOLDERS else ())
         self.classes, self.class_to_idx, self.samples = scan.classes, scan.class_to_idx, scan.samples
@@ -121,7 +123,7 @@ class ImageRoot:
         self.rotated_masks = multiprocessing.Value("q", 0)
         if with_masks:
             self._leave_out_listed_empty()
-            check = check_images(self.mask_root, self.samples, mask_format, background)  # one listing of masks/
+            check = check_images(self.mask_root, self.samples, mask_format, background, saved)  # one listing of masks/
             self.source = mask_source(self.mask_root, check.format)
             if MaskCache.exists(self.root, self.coverage_ratio):
                 # the cache is checked against masks/ once per node: the node's first rank checks

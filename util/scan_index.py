@@ -135,19 +135,14 @@ def save(split_root: str, classes: list[str], rels: str, labels: np.ndarray, hid
 MASK_CHECK = "check:"  # the keys of saved checks of masks/ start so
 
 
-def mask_check_current(mask_root: str) -> bool:
-    """Whether a saved check of masks/ (for whichever image list) is still current: likely a
-    restart, which then reads it rather than listing masks/."""
-    return _load(mask_root, MASK_CHECK, key_prefix=True) is not None
-
-
-def load_mask_check(mask_root: str, key: str) -> tuple[str, np.ndarray] | None:
-    """The saved check of masks/ (util/mask_sources/walk.py: its layout and the images without
-    masks) for the image list and layout in ``key``, if no listed folder changed."""
-    saved = _load(mask_root, key)
+def load_mask_check(mask_root: str) -> tuple[str, str, np.ndarray] | None:
+    """The saved check of masks/ (util/mask_sources/walk.py), if no folder it listed changed: its
+    key (the layout asked for and the image list's digest), the layout and the indices of the
+    images without masks. Read once at start-up: it also tells a restart from a first start."""
+    saved = _load(mask_root, MASK_CHECK, key_prefix=True)
     if saved is None:
         return None
-    return str(saved["format"]), saved["missing"]
+    return str(saved["key"]), str(saved["format"]), saved["missing"]
 
 
 def save_mask_check(mask_root: str, key: str, mask_format: str, missing: np.ndarray, folder_mtimes: dict[str, int],

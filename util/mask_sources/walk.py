@@ -101,19 +101,22 @@ class MaskCheck(NamedTuple):
 
 
 def check_images(mask_root: str, images: ImageList, mask_format: str = "auto",
-                 background: ListedInBackground | None = None) -> MaskCheck:
+                 background: ListedInBackground | None = None,
+                 saved: tuple[str, str, np.ndarray] | None = None) -> MaskCheck:
     """The layout of masks/ and the images without masks, for every image of ``images`` (paths
     relative to train/): one listing of masks/<folder> per image folder (``background``: most of
     them listed by a second process meanwhile), compared with the folder's image stems as whole
     strings, so a million images cost no Python call each. Two images that would share a mask
     (x.JPEG and x.png) and a masks/ that mixes layouts are errors naming them. The result is saved
-    and read again while no listed folder changed (util/scan_index.py)."""
+    and read again while no listed folder changed (util/scan_index.py); ``saved``: that saved check,
+    from a caller that read it already (one that lists in the ``background`` found none)."""
     if mask_format not in (None, "auto", *MASK_FORMATS):
         raise MaskFileError(f"unknown mask format {mask_format!r}; choose one of auto, {', '.join(MASK_FORMATS)}")
     key = f"{scan_index.MASK_CHECK}{mask_format}:{images.digest()}"
-    saved = scan_index.load_mask_check(mask_root, key)
-    if saved is not None:
-        return MaskCheck(*saved)
+    if saved is None and background is None:
+        saved = scan_index.load_mask_check(mask_root)
+    if saved is not None and saved[0] == key:
+        return MaskCheck(*saved[1:])
     started = background.started if background is not None else time.time()  # for the saved check's settling
     runs = [(folder, start, end, _EXTENSION.sub("", names)) for folder, start, end, names in images.folders()]
     mtimes: dict[str, int] = {}
