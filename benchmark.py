@@ -30,20 +30,24 @@ import time
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-import util.runsetup as runsetup  # noqa: E402
-from util.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
-from util.files import atomic_write_json  # noqa: E402
-from util.args import coverage_ratio_type, positive_int, show_defaults  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.masking import MASK_METHODS, uses_segments  # noqa: E402
-from util.bench_report import (FINETUNE_RESULT, curve_labels, finetune_table, plot, read_finetune_results,  # noqa: E402,F401
-                               read_results, results_table)
-from util.bench_runs import (OFFICIAL_MAE, add_stage_time, append_result, eval_config, official_checkpoint,  # noqa: E402,F401
-                             paths, pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest,
-                             stack_sha256,
-                             stage_times)
-from util.bench_stages import run_stage  # noqa: E402
-from util.slurm import add_slurm_job_args, submit  # noqa: E402
+import evals.knn  # noqa: E402
+import main_pretrain  # noqa: E402
+import run.setup as runsetup  # noqa: E402
+import segmenter.train  # noqa: E402
+from evals.report import (FINETUNE_RESULT, finetune_table, plot, read_finetune_results, read_results,  # noqa: E402
+                          results_table)
+from evals.runs import (add_stage_time, append_result, eval_config, official_checkpoint, paths,  # noqa: E402
+                        pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest,
+                        stack_sha256, stage_times)
+from evals.stages import run_stage  # noqa: E402
+from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
+from run.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
+from util.misc import UserError  # noqa: E402
+from run.files import atomic_write_json  # noqa: E402
+from run.flags import coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
+from run.slurm import add_slurm_job_args, submit  # noqa: E402
+
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -78,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="after each chunk, before the Segmenter: weighted kNN top-1 of the encoder on --in1k-dir "
                         "(minutes, where a Segmenter takes hours); in results.jsonl, the table and the plot")
     p.add_argument("--knn-bank-per-class", type=int, default=100, help="training images per class in the kNN bank")
-    p.add_argument("--knn-args", default="", help="extra flags for util.knn (e.g. '--pool mean --batch_size 256')")
+    p.add_argument("--knn-args", default="", help="extra flags for evals.knn (e.g. '--pool mean --batch_size 256')")
     p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
                    help="how a one-process stage runs (inprocess: in this Python process)")
     p.add_argument("--slurm", action="store_true",
@@ -145,8 +149,6 @@ def check_stage_args(args: argparse.Namespace) -> None:
     """Parses and checks --pretrain-args and --seg-args as the stages will, before any stage runs:
     a typo or a conflict with the benchmark's own flags is found now, not after hours of
     pretraining."""
-    import main_pretrain
-    import segmenter.train
     stages = (("--pretrain-args", args.pretrain_args, main_pretrain, PRETRAIN_FLAGS_SET_HERE,
                pretrain_argv(args, eval_points(args)[0], os.path.join(args.output_dir, "pretrain_output"))),
               ("--seg-args", args.seg_args, segmenter.train, SEG_FLAGS_SET_HERE,
@@ -155,7 +157,7 @@ def check_stage_args(args: argparse.Namespace) -> None:
         parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
         try:
             extra_argv = shlex.split(extra)
-            conflicts = sorted(set(runsetup.given_flags(parser, extra_argv)) & set(set_here))
+            conflicts = sorted(set(given_flags(parser, extra_argv)) & set(set_here))
             if conflicts:
                 names = ", ".join(f"--{c}" + (f" (use the benchmark's {set_here[c]})" if set_here[c] else "")
                                   for c in conflicts)
@@ -235,7 +237,6 @@ def timed_stage(folder: str, stage: str, module: str, argv: list[str], args, inp
 def pretrain_until(epochs: int, args, stack: str) -> dict:
     """Continues the pretraining run until `epochs` are done; returns the chunk's total time over
     every invocation ({'seconds', 'invocations'})."""
-    import main_pretrain
     p = paths(args, epochs)
     stage = f"pretrain_{epochs}"
     last, done = latest_checkpoint(p["pretrain"])
@@ -254,19 +255,17 @@ def pretrain_until(epochs: int, args, stack: str) -> dict:
 
 def knn_until(epochs: int, args) -> dict | None:
     """The kNN score of checkpoint-<epochs>.pth (computed once, kept in the run's folder)."""
-    import util.knn
     p = paths(args, epochs)
     out = os.path.join(p["pretrain"], f"knn-{epochs}.json")
     if not os.path.exists(out):
         argv = ["--checkpoint", p["checkpoint"], "--data_path", args.in1k_dir, "--bank_per_class",
                 str(args.knn_bank_per_class), "--seed", str(args.seed), "--out", out, *shlex.split(args.knn_args)]
-        run_stage("util.knn", argv, args, util.knn.cli)
+        run_stage("evals.knn", argv, args, evals.knn.cli)
     return json.load(open(out))
 
 
 def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | None = None) -> dict:
     """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already."""
-    import segmenter.train
     p = paths(args, epochs)
     done_file = os.path.join(p["eval"], "done.json")
     if os.path.exists(done_file):
@@ -303,7 +302,6 @@ def evaluate_baseline(kind: str, args) -> dict:
     """The original segmae code's reference points: a Segmenter trained from a randomly initialised
     encoder ('random', its --eval -2) or from the official MAE checkpoint of --model ('official',
     its --eval -3). A results row of its own, drawn as a reference line by compare."""
-    import segmenter.train
     checkpoint, sha = official_checkpoint(args) if kind == "official" else (None, "")
     rid = f"baseline-{kind}-{args.seg_backbone}" + (f"-{sha[:6]}" if sha else "")
     eval_id = short_digest(eval_config(args))

@@ -8,8 +8,11 @@ import torch
 from timm.data import Mixup
 
 import util.misc as misc
-from util.distributed import is_dist_avail_and_initialized
-from util.runtime import Runtime
+from run.setup import Runtime
+from util.misc import autocast, mark_step_begin
+from util.misc import epoch_progress
+from util.lr_sched import adjust_learning_rate
+from util.misc import is_dist_avail_and_initialized
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -18,7 +21,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     mixup_fn: Mixup | None = None, log_writer=None, args=None) -> dict:
     model.train(True)
     device = run.device
-    metric_logger, monitor, iterator = misc.epoch_progress(data_loader, epoch, device, args, log_writer,
+    metric_logger, monitor, iterator = epoch_progress(data_loader, epoch, device, args, log_writer,
                                                            hint="Lower --blr or set --clip_grad.")
     accum_iter = args.accum_iter
     steps_per_epoch = len(data_loader)
@@ -26,7 +29,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     optimizer.zero_grad(set_to_none=True)
     for data_iter_step, (samples, targets) in enumerate(iterator):
         if data_iter_step % accum_iter == 0:
-            misc.adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
+            adjust_learning_rate(optimizer, data_iter_step / steps_per_epoch + epoch, args)
 
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -35,9 +38,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         update = (data_iter_step + 1) % accum_iter == 0
         sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
-        misc.mark_step_begin(run.compile_mode)
+        mark_step_begin(run.compile_mode)
         with sync_ctx:
-            with misc.autocast(device, run.amp):
+            with autocast(device, run.amp):
                 outputs = model(samples)
                 loss = criterion(outputs.float(), targets)
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm,
@@ -64,7 +67,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
     for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with misc.autocast(device, amp):
+        with autocast(device, amp):
             output = model(images)
         output = output.float()
         k = min(5, output.shape[1])

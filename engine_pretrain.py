@@ -10,10 +10,13 @@ from typing import Iterable
 import torch
 
 import util.misc as misc
-from util.distributed import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
-from util.errors import UserError
-from util.masking import get_method, uses_segments
-from util.runtime import Runtime
+from mask_methods import get_method, uses_segments
+from util.misc import UserError
+from run.setup import Runtime
+from util.misc import autocast, mark_step_begin
+from util.misc import NonFiniteLossError, epoch_progress
+from util.lr_sched import adjust_learning_rate
+from util.misc import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
 
 
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -46,7 +49,7 @@ def skip_nonfinite_step(loss: torch.Tensor, args, epoch: int, step: int, skipped
     print(f"WARNING: non-finite loss at epoch {epoch}, step {step}: step skipped "
           f"({len(skipped)}/{args.skip_nonfinite} this epoch)", force=True)
     if len(skipped) > args.skip_nonfinite:
-        raise misc.NonFiniteLossError(
+        raise NonFiniteLossError(
             f"more than --skip_nonfinite {args.skip_nonfinite} non-finite losses in epoch {epoch} "
             f"(steps {skipped}); stopping. The last checkpoint in {args.output_dir} is intact.")
     return True
@@ -105,9 +108,9 @@ def mae_step(model: torch.nn.Module, samples: torch.Tensor, seg_mask: torch.Tens
     where: (epoch, step, EpochCounts)."""
     # skip DDP's gradient all-reduce on accumulation steps
     sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
-    misc.mark_step_begin(run.compile_mode)
+    mark_step_begin(run.compile_mode)
     with sync_ctx:
-        with misc.autocast(run.device, run.amp):
+        with autocast(run.device, run.amp):
             loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
         if run.distributed and seg_mask is not None:
             loss = normalise_by_global_weight(loss, weights)
@@ -140,7 +143,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     """log_images(x): called with --log_freq at its steps (x: the step in 1/1000 epochs), to
     write the reconstruction grid to TensorBoard."""
     model.train(True)
-    metric_logger, monitor, iterator = misc.epoch_progress(
+    metric_logger, monitor, iterator = epoch_progress(
         data_loader, epoch, run.device, args, log_writer,
         hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
     method, counts, steps_per_epoch = get_method(args.mask_method), EpochCounts(run.device), len(data_loader)
@@ -150,7 +153,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
 
     for step, batch in enumerate(iterator):
         if step % args.accum_iter == 0:  # per-iteration (instead of per-epoch) lr schedule
-            misc.adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
+            adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
         batch = batch_to_device(batch, counts, run)
         if batch is None:
             continue
@@ -183,5 +186,5 @@ def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCount
     if args.skip_nonfinite:
         stats["skipped_nonfinite_steps"] = len(counts.skipped_steps)
     if not math.isfinite(stats.get("loss", 0.0)):
-        raise misc.NonFiniteLossError(f"average loss of epoch {epoch} is not finite; stopping.")
+        raise NonFiniteLossError(f"average loss of epoch {epoch} is not finite; stopping.")
     return stats

@@ -17,23 +17,25 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
+import run.setup as runsetup
 import util.misc as misc
-import util.runsetup as runsetup
-from util.checkpoint import append_log, load_checkpoint, load_model, save_model
-from util.run_identity import auto_resume, reconcile_with_checkpoint, run_start
-from util.bench_report import FINETUNE_RESULT
-from util.distributed import check_ranks_agree, get_rank, get_world_size, is_main_process, local_main_first
-from util.files import atomic_write_json
 from engine_finetune import evaluate, train_one_epoch
-from util.args import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
+from evals.report import FINETUNE_RESULT
+from inputs.classification import build_classification_datasets, build_finetune_transform
+from inputs.pretrain import loader_options
+from inputs.transforms import REFERENCE_RECIPE, add_recipe_args, as_hw
+from mask_methods import MASK_METHODS
+from models_vit import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
+from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
+                            run_start, save_model)
+from run.distributed import check_ranks_agree, local_main_first
+from util.misc import UserError
+from run.files import atomic_write_json
+from run.flags import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int)
-from util.checkpoint_adapt import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
-from util.datasets import loader_options
-from util.finetune_data import build_classification_datasets, build_finetune_transform
-from util.errors import UserError
-from util.optim import build_optimizer, param_groups_layer_decay
-from util.runtime import Runtime
-from util.transforms import REFERENCE_RECIPE, as_hw
+from run.setup import Runtime, build_optimizer
+from util.lr_decay import param_groups_layer_decay
+from util.misc import get_rank, get_world_size, is_main_process
 
 
 # What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
@@ -45,6 +47,7 @@ RUN_START_FILES = ["finetune"]
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
     add_training_args(parser)
+    add_recipe_args(parser)
     parser.set_defaults(epochs=50, warmup_epochs=5, min_lr=1e-6, blr=1e-3)
     parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
                         help='Name of model to train')
@@ -87,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--mixup_mode', type=str, default='batch', choices=['batch', 'pair', 'elem'],
                         help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
-    add_downstream_args(parser)
+    add_downstream_args(parser, MASK_METHODS)
     parser.set_defaults(global_pool=True)
     return parser
 

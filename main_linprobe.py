@@ -10,23 +10,27 @@ import argparse
 import torch
 from timm.layers import trunc_normal_
 
+import run.setup as runsetup
 import util.misc as misc
-import util.runsetup as runsetup
-from util.checkpoint import load_model
 from engine_finetune import evaluate
-from main_finetune import build_downstream_model, build_loaders, check_downstream_args, run_training, start_and_reconcile
-from util.args import add_downstream_args, add_training_args, check_optimizer_args
-from util.finetune_data import build_linprobe_transform
-from util.optim import build_optimizer
+from inputs.classification import build_linprobe_transform
+from inputs.transforms import add_recipe_args
+from main_finetune import (build_downstream_model, build_loaders, check_downstream_args, run_training,
+                           start_and_reconcile)
+from mask_methods import MASK_METHODS
+from run.checkpoint import load_model
+from run.flags import add_downstream_args, add_training_args, check_optimizer_args
+from run.setup import build_optimizer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
     add_training_args(parser)
+    add_recipe_args(parser)
     parser.set_defaults(batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10, opt="lars")
     parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
                         help='Name of model to train')
-    add_downstream_args(parser)
+    add_downstream_args(parser, MASK_METHODS)
     parser.set_defaults(global_pool=False)
     return parser
 

@@ -13,27 +13,28 @@ import time
 import torch
 
 import models_mae
+import run.setup as runsetup
 import util.misc as misc
-import util.runsetup as runsetup
-from util.checkpoint import append_log, load_checkpoint, load_model, save_model
-from util.run_identity import auto_resume, reconcile_with_checkpoint, run_start
-from util.distributed import all_reduce_mean, check_ranks_agree, get_rank, get_world_size, local_main_first
 from engine_pretrain import train_one_epoch
-from util.args import (add_mask_channel_arg, add_mask_method_args, add_training_args, check_model_and_input_size,
-                       check_optimizer_args, mask_ratio_type, non_negative_int, positive_int)
-from util.checkpoint_adapt import refuse_original_to_continue, stack_official_into_mae
-from util.errors import UserError
-from util.datasets import (DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, build_pretrain_transform,
-                           collate_pretrain, loader_options)
-from util.prefetch import DevicePrefetcher
-from util.shard_index import is_shard_path
-from util.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset
-from util.masking import get_method, uses_segments
-from util.optim import build_optimizer, param_groups_weight_decay
-from util.runtime import Runtime
-from util.speed import convert_to_fp8
-from util.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, as_hw
-from util.visualize import labelled_grid, panel_titles, reconstruction_panels
+from evals.visualize import labelled_grid, panel_titles, reconstruction_panels
+from inputs.gpu_decode import DevicePrefetcher
+from inputs.pretrain import (DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, build_pretrain_transform,
+                             collate_pretrain, loader_options)
+from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path
+from inputs.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, add_recipe_args, as_hw
+from mask_methods import add_method_args, get_method, uses_segments
+from models_vit import refuse_original_to_continue, stack_official_into_mae
+from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
+                            run_start, save_model)
+from run.distributed import check_ranks_agree, local_main_first
+from util.misc import UserError
+from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
+                       mask_ratio_type, non_negative_int, positive_int)
+from run.setup import Runtime, build_optimizer, convert_to_fp8
+from util.misc import autocast
+from sam.listing import MASK_FORMATS
+from util.lr_decay import param_groups_weight_decay
+from util.misc import all_reduce_mean, get_rank, get_world_size
 
 
 # What defines a pretraining run besides its mask method's own flags (MaskMethod.run_flags): a
@@ -46,6 +47,7 @@ RUN_START_FILES = ["stack"]
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE pre-training', add_help=False)
     add_training_args(parser)
+    add_recipe_args(parser)
     parser.add_argument('--model', default='mae_vit_large_patch16', type=str, metavar='MODEL',
                         help='Name of model to train')
     parser.add_argument('--mask_ratio', default=0.75, type=mask_ratio_type,
@@ -53,7 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--norm_pix_loss', action='store_true',
                         help='Use (per-patch) normalized pixels as targets for computing loss')
     parser.set_defaults(norm_pix_loss=False)
-    add_mask_method_args(parser)
+    add_method_args(parser)
+    parser.add_argument('--mask_format', default='auto', choices=("auto",) + MASK_FORMATS,
+                        help='layout of masks/ (default auto: detected per data root): json = SAM coco_rle files '
+                             '<stem>.json; segmae = the original code\'s <stem>/table.txt + PNGs; amg = '
+                             'segment-anything amg.py folders <stem>/metadata.csv + 0.png, 1.png, ...')
     parser.add_argument('--save_freq', default=20, type=positive_int,
                         help='save a checkpoint every N epochs (and after the last)')
     parser.add_argument('--grad_checkpointing', action='store_true',
@@ -161,7 +167,7 @@ def seg_loss_of_older_checkpoint(args: argparse.Namespace) -> None:
 def log_reconstructions(log_writer, model, dataset, run: Runtime, args, epoch: int, n: int = 4,
                         tag: str = "train/reconstructions") -> None:
     """TensorBoard image 'reconstructions': the first n training images, what the encoder saw and
-    what the model made of it (util/visualize.py)."""
+    what the model made of it (evals/visualize.py)."""
     import numpy as np
     count = min(n, len(dataset))
     if hasattr(dataset, "preview"):  # shards: the first samples of the first shard
@@ -175,7 +181,7 @@ def log_reconstructions(log_writer, model, dataset, run: Runtime, args, epoch: i
     device, amp = run.device, run.amp
     imgs = imgs.to(device)
     seg = seg.to(device) if seg is not None else None
-    with misc.autocast(device, amp):
+    with autocast(device, amp):
         panels = reconstruction_panels(model, imgs, seg, args.mask_ratio, args.normalization)
     grid = labelled_grid(panels.float(), panel_titles(args.mask_method), rows)
     log_writer.add_image(tag, np.asarray(grid), epoch, dataformats="HWC")
@@ -231,7 +237,7 @@ def uses_shards(args: argparse.Namespace) -> bool:
 
 
 def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
-    """(dataset, None, the loader) of pretraining samples read from tar shards (util/shards.py)."""
+    """(dataset, None, the loader) of pretraining samples read from tar shards (inputs/shards.py)."""
     with local_main_first():  # the first rank counts the samples of unindexed tars and saves the counts
         dataset = build_shard_dataset(args.data_path, transform, uses_segments(args.mask_method), args.coverage_ratio,
                                       args.batch_size, get_world_size(), get_rank(), args.seed, args.shuffle_buffer,

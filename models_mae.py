@@ -2,7 +2,7 @@
 
 Parameter names are the facebookresearch/mae reference's, so its checkpoints load as they are.
 What the encoder sees, which tokens it keeps and what the loss weighs are the mask method's
-(util/masking.py: one class per method); the model asks it.
+(mask_methods.py: one class per method); the model asks it.
 """
 from __future__ import annotations
 
@@ -15,36 +15,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from models_vit import ARCHITECTURES, check_registered
-from util.masking import SEG_LOSSES, get_method, hidden_pixel_loss, weighted_patch_loss
+from mask_methods import SEG_LOSSES, get_method, hidden_pixel_loss, weighted_patch_loss
 from util.pos_embed import get_2d_sincos_pos_embed
-
-
-class PreEncoder(nn.Module):
-    """Conv2d(in, out*p*p, kernel=stride=p) + PixelShuffle(p): a learned per-patch map from
-    ``concat(x * v, v)`` back to an image-shaped input. Starts as identity on the image channels
-    and zero on the mask channel, so at initialisation the ViT sees exactly ``x * v``."""
-
-    def __init__(self, patch_size: int, in_chans: int = 4, out_chans: int = 3):
-        super().__init__()
-        self.patch_size = patch_size
-        self.out_chans = out_chans
-        self.proj = nn.Conv2d(in_chans, out_chans * patch_size ** 2, kernel_size=patch_size, stride=patch_size)
-        self.shuffle = nn.PixelShuffle(patch_size)
-        self.reset_to_identity()
-
-    @torch.no_grad()
-    def reset_to_identity(self) -> None:
-        p = self.patch_size
-        self.proj.weight.zero_()
-        self.proj.bias.zero_()
-        # PixelShuffle sends channel c*p*p + i*p + j to channel c, pixel (i, j) of each p x p block.
-        for c in range(self.out_chans):
-            for i in range(p):
-                for j in range(p):
-                    self.proj.weight[c * p * p + i * p + j, c, i, j] = 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shuffle(self.proj(x))
 
 
 class MaskedAutoencoderViT(nn.Module):

@@ -6,14 +6,40 @@ global_pool='avg')`` with strict=True).
 normalises them with ``fc_norm``; ``False`` uses the class token after ``norm``.
 ``in_chans=4`` builds the encoder of a ``four_channels`` checkpoint without folding: it is fed the
 image plus a constant-1 visibility channel, appended here when a 3-channel image comes in.
+
+Below the registry: how a pretraining checkpoint (any mask method, ours or the reference's, or an
+official MAE encoder) becomes such an encoder, for finetuning, linear probing, the Segmenter, kNN,
+exports and torch.hub, and how an official encoder seeds an MAE for continued pretraining
+(--stack). Which codebase a checkpoint comes from is run/checkpoint.py's checkpoint_origin.
+
+- The pretraining method is read from the checkpoint's ``args``; official checkpoints (no args)
+  count as ``patches``. A requested method that disagrees is an error naming both.
+- Decoder, mask token and pre-encoder weights are dropped.
+- ``four_channels``: the 4-channel patch embedding is kept (the downstream model is fed a
+  constant-1 fourth channel) or folded exactly into a 3-channel one: with the 4th input constantly
+  1, its kernel only adds ``sum(W[:, 3])`` to the bias.
+- Position embeddings are bicubically resized to the downstream patch grid.
+- An encoder of another shape is refused with a message saying which model it fits.
+- Checkpoints of the original segmae code (DeinAlptraum/mae) keep their meaning: its
+  ``four_channels`` feeds the segment ``m`` (1 = hidden) as the 4th channel where this repo feeds
+  ``v = 1 - m``, so its patch embedding is converted exactly (W_v = -W_m, bias += sum of W_m over
+  the kernel); its ``preencoder`` checkpoints (a ``CombinedModel``: ``model.*`` the MAE,
+  ``encoder.*`` a Conv2d(4, 3, 16, padding 'same')) give their MAE's encoder, the pre-encoder
+  dropped as the original does. This repo's checkpoints say their convention (``fourth_channel``).
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 import torch.nn as nn
 import timm.models.vision_transformer as timm_vit
+
+from mask_methods import MASK_METHODS, get_method
+from run.checkpoint import (FOURTH_CHANNEL_KEY, AdaptationError, checkpoint_origin, is_segmae_combined,
+                            load_checkpoint, state_dict_of)
+from util.pos_embed import resize_pos_embed
 
 
 class VisionTransformer(timm_vit.VisionTransformer):
@@ -128,3 +154,263 @@ def name_for(embed_dim: int, depth: int, patch_size: int) -> str | None:
             name = f"vit_{size}_patch{patch_size}"
             return name if name in MODEL_NAMES else None
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# a pretraining checkpoint -> the encoder of a downstream model
+
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "preencoder.")
+
+
+def pretrain_mask_method(checkpoint: dict) -> str:
+    """The mask method a checkpoint was pretrained with ('patches' for official/reference ones)."""
+    saved = checkpoint.get("args")
+    method = getattr(saved, "mask_method", None) if saved is not None else None
+    if method is None and isinstance(saved, dict):
+        method = saved.get("mask_method")
+    return method or "patches"
+
+
+def resolve_mask_method(checkpoint: dict, requested: str | None, path: str = "the checkpoint") -> str:
+    """The checkpoint's method; a --mask_method flag that disagrees is an error naming both."""
+    method = pretrain_mask_method(checkpoint)
+    if method not in MASK_METHODS:
+        raise AdaptationError(f"{path} records an unknown mask_method {method!r}")
+    if requested is not None and requested != method:
+        raise AdaptationError(f"--mask_method {requested} disagrees with {path}, which was pretrained with "
+                              f"--mask_method {method}: drop the flag or pass --mask_method {method}")
+    return method
+
+
+def fourth_channel(checkpoint: dict, declared: str = "auto", path: str = "the checkpoint") -> str:
+    """What a checkpoint's 4th input channel holds: 'visible' (v = 1 - m) or 'hidden' (m). A
+    declared value (--mask_channel) is used where the checkpoint does not say; one that
+    contradicts the checkpoint's own record is an error."""
+    saved = checkpoint.get("args")
+    recorded = (saved.get(FOURTH_CHANNEL_KEY) if isinstance(saved, dict) else getattr(saved, FOURTH_CHANNEL_KEY, None))
+    if declared not in (None, "auto"):
+        if recorded is not None and recorded != declared:
+            raise AdaptationError(f"--mask_channel {declared} contradicts {path}, which records that its 4th channel "
+                                  f"is {recorded}: leave the flag out")
+        return declared
+    if recorded is not None:
+        return recorded
+    return "hidden" if checkpoint_origin(checkpoint) == "segmae" else "visible"
+
+
+def hidden_to_visible(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-channel patch embedding fed m (1 = hidden) -> the same function fed v = 1 - m: with
+    W_m * m = W_m * (1 - v) = sum(W_m) - W_m * v, W_v = -W_m and bias += sum of W_m."""
+    weight = weight.clone()
+    bias = bias + weight[:, 3].sum(dim=(1, 2))
+    weight[:, 3] = -weight[:, 3]
+    return weight, bias
+
+
+PREENCODER_NOT_CONTINUABLE = (
+    "its pre-encoder is a Conv2d(4, 3, kernel 16, padding 'same') that mixes neighbouring patches, where this "
+    "repo's is a per-patch Conv2d(4, 3*p*p) + PixelShuffle; the weights do not map onto each other, so its "
+    "pretraining cannot be continued (or reconstructed) here. Its encoder works downstream: --finetune, "
+    "main_linprobe.py, segmenter.train --mae-chp, evals.knn, tools/export.py")
+
+
+def mae_state_dict(checkpoint: dict, path: str = "the checkpoint", mask_channel: str = "auto") -> dict:
+    """A pretraining checkpoint's full MAE weights in this repo's conventions (an original segmae
+    four_channels patch embedding converted to the visibility channel)."""
+    sd = dict(state_dict_of(checkpoint))
+    if is_segmae_combined(sd):
+        raise AdaptationError(f"{path} is a preencoder checkpoint of the original segmae code: "
+                              + PREENCODER_NOT_CONTINUABLE)
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.dim() == 4 and w.shape[1] == 4 and fourth_channel(checkpoint, mask_channel, path) == "hidden":
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = hidden_to_visible(w, sd["patch_embed.proj.bias"])
+        print(f"{path}: 4th channel converted from the original segmae convention (m, 1 = hidden) to this repo's "
+              f"(v = 1 - m): W_v = -W_m, bias += sum(W_m); same outputs")
+    return sd
+
+
+def refuse_original_to_continue(checkpoint: dict, path: str, flag: str) -> None:
+    """--resume of an original segmae checkpoint whose weights needed converting is refused: its
+    optimizer state belongs to the other parametrisation (or model)."""
+    if is_segmae_combined(state_dict_of(checkpoint)):
+        raise AdaptationError(f"{flag} {path}: a preencoder checkpoint of the original segmae code; "
+                              + PREENCODER_NOT_CONTINUABLE)
+    method = pretrain_mask_method(checkpoint)
+    if checkpoint_origin(checkpoint) == "segmae" and method in MASK_METHODS and get_method(method).mask_channels:
+        raise AdaptationError(f"{flag} {path}: a four_channels checkpoint of the original segmae code, whose 4th "
+                              f"channel is the hidden mask m where this repo's is v = 1 - m; its optimizer state "
+                              f"belongs to that parametrisation. Continue from its weights with --stack {path} "
+                              f"(converted exactly, fresh optimizer), or use it downstream as it is")
+
+
+def downstream_in_chans(mask_method: str, fold_mask_channel: bool) -> int:
+    """Input channels of the downstream encoder for a pretraining method."""
+    return get_method(mask_method).downstream_in_chans(fold_mask_channel)
+
+
+def fold_visibility_channel(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, 4, p, p) conv + bias -> (D, 3, p, p) conv + bias, exact for a constant-1 4th input."""
+    return get_method("four_channels").adapt_patch_embed(weight, bias, fold_mask_channel=True)
+
+
+def patch_grid(num_patches: int, checkpoint: dict) -> tuple[int, int]:
+    """The (rows, cols) patch grid of a checkpoint's position embedding with num_patches patches."""
+    saved = checkpoint.get("args")
+    size, patch = getattr(saved, "input_size", None), None
+    sd = state_dict_of(checkpoint)
+    if "patch_embed.proj.weight" in sd:
+        patch = sd["patch_embed.proj.weight"].shape[-1]
+    if size is not None and patch:
+        h, w = (size, size) if isinstance(size, int) else (size[0], size[-1])
+        if (h // patch) * (w // patch) == num_patches:
+            return h // patch, w // patch
+    side = int(math.isqrt(num_patches))
+    if side * side != num_patches:
+        raise AdaptationError(f"cannot infer the patch grid of a position embedding with {num_patches} patches")
+    return side, side
+
+
+def describe_encoder(sd: dict) -> str:
+    """'embed_dim 768, 12 blocks, patch 16, 3 input channels (fits --model vit_base_patch16)'."""
+    dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    w = sd.get("patch_embed.proj.weight")
+    patch, chans = (w.shape[-1], w.shape[1]) if w is not None else (None, None)
+    name = name_for(dim, depth, patch) if dim and patch else None
+    fits = f" (fits --model {name})" if name else ""
+    return f"embed_dim {dim}, {depth} blocks, patch {patch}, {chans} input channels{fits}"
+
+
+def encoder_state_dict(checkpoint: dict, mask_method: str, fold_mask_channel: bool = True,
+                       mask_channel: str = "auto", path: str = "the checkpoint") -> dict:
+    """The checkpoint's encoder weights, ready for a downstream ViT (before pos-embed resizing)."""
+    sd = state_dict_of(checkpoint)
+    if is_segmae_combined(sd):
+        print(f"{path}: a preencoder checkpoint of the original segmae code; its MAE's encoder is used and the "
+              f"pre-encoder dropped, as the original does downstream")
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        checkpoint = {**checkpoint, "model": sd}
+    sd = {k: v for k, v in mae_state_dict(checkpoint, path, mask_channel).items()
+          if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and mask_method in MASK_METHODS:
+        sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = get_method(mask_method).adapt_patch_embed(
+            w, sd["patch_embed.proj.bias"], fold_mask_channel)
+    return sd
+
+
+def check_encoder_fits(sd: dict, model: nn.Module, path: str) -> None:
+    """Refuses an encoder whose width, depth, patch size or channels differ from the model's."""
+    own = model.state_dict()
+    problems = []
+    for key in ("cls_token", "patch_embed.proj.weight"):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            problems.append(f"{key} {tuple(sd[key].shape)} vs {tuple(own[key].shape)}")
+    depth_ckpt = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    depth_model = len({k.split(".")[1] for k in own if k.startswith("blocks.")})
+    if depth_ckpt != depth_model:
+        problems.append(f"{depth_ckpt} blocks vs {depth_model}")
+    if problems:
+        raise AdaptationError(f"{path} holds an encoder with {describe_encoder(sd)}, which does not fit "
+                              f"this model ({describe_encoder(own)}): " + "; ".join(problems))
+
+
+def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
+    """Resize of sd['pos_embed'] to the model's patch grid (in place): bicubic, or the model's own
+    ``pos_embed_resize_mode`` (the Segmenter's encoder: bilinear)."""
+    if "pos_embed" not in sd:
+        return
+    pos = sd["pos_embed"]
+    extra = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    old_grid = patch_grid(pos.shape[1] - extra, checkpoint)
+    new_grid = tuple(model.patch_embed.grid_size)
+    if old_grid != new_grid:
+        print(f"Position embedding interpolated from {old_grid[0]}x{old_grid[1]} to {new_grid[0]}x{new_grid[1]}")
+        sd["pos_embed"] = resize_pos_embed(pos, old_grid, new_grid, num_extra_tokens=extra,
+                                           mode=getattr(model, "pos_embed_resize_mode", "bicubic"))
+
+
+def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None = None,
+                            fold_mask_channel: bool = True, checkpoint: dict | None = None,
+                            mask_channel: str = "auto"):
+    """Loads a pretraining checkpoint's encoder into a downstream ViT (non-strict: the head and,
+    with global pooling, fc_norm are new). Prints and returns (missing, unexpected) keys."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
+    method = resolve_mask_method(checkpoint, mask_method, path)
+    sd = encoder_state_dict(checkpoint, method, fold_mask_channel, mask_channel, path)
+    check_encoder_fits(sd, model, path)
+    resize_pos_embed_to(model, sd, checkpoint)
+    own = model.state_dict()
+    for key in [k for k in ("head.weight", "head.bias") if k in sd and sd[k].shape != own.get(k, sd[k]).shape]:
+        print(f"Removing key {key} from pretrained checkpoint (other number of classes)")
+        del sd[key]
+    if getattr(model, "global_pool", None) == "avg":
+        # the pretrained final norm has no place behind average pooling (fc_norm is new)
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    print(f"Loaded {method} encoder from {path}; missing keys: {sorted(missing)}; unexpected keys: {sorted(unexpected)}")
+    return method, missing, unexpected
+
+
+def encoder_shape(sd: dict) -> dict:
+    """embed_dim, depth, heads (from the ViT registry's architectures), patch size, mlp width of an encoder."""
+    w = sd["patch_embed.proj.weight"]
+    embed_dim, depth = w.shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads = next((a["num_heads"] for a in ARCHITECTURES.values()
+                  if a["embed_dim"] == embed_dim and a["depth"] == depth), None)
+    if heads is None:
+        raise AdaptationError(f"no registered ViT has embed_dim {embed_dim} and {depth} blocks: the number of attention "
+                        f"heads is unknown")
+    return {"embed_dim": embed_dim, "depth": depth, "heads": heads, "patch": w.shape[-1],
+            "mlp": sd["blocks.0.mlp.fc1.weight"].shape[0], "in_chans": w.shape[1]}
+
+
+def load_encoder(path: str, checkpoint: dict | None = None,
+                 mask_channel: str = "auto") -> tuple[dict, dict, str, tuple[int, int], dict]:
+    """(encoder state dict, full state dict, mask method, input size, shape) of a checkpoint
+    (``checkpoint``: the file already loaded)."""
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
+    method = pretrain_mask_method(ckpt)
+    sd = encoder_state_dict(ckpt, method, fold_mask_channel=True, mask_channel=mask_channel, path=path)
+    if "patch_embed.proj.weight" not in sd:
+        raise AdaptationError(f"{path} holds no ViT encoder (no patch_embed.proj.weight)")
+    gh, gw = patch_grid(sd["pos_embed"].shape[1] - 1, ckpt)  # the size it was trained at
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    full = state_dict_of(ckpt)
+    if is_segmae_combined(full):  # the original's preencoder: its MAE, the pre-encoder dropped
+        full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    else:
+        full = mae_state_dict(ckpt, path, mask_channel)
+    return sd, full, method, (gh * patch, gw * patch), encoder_shape(sd)
+
+
+def timm_name(shape: dict) -> str:
+    name = name_for(shape["embed_dim"], shape["depth"], shape["patch"])
+    if name is None:
+        raise AdaptationError(f"no timm model has this encoder's shape ({shape})")
+    return name
+
+
+def stack_official_into_mae(mae: nn.Module, path: str, mask_channel: str = "auto") -> None:
+    """--stack: an official (or any patches-pretrained) MAE encoder into an MAE of any method.
+
+    A 4-channel patch embedding gets the official RGB kernel and a zero mask-channel kernel; the
+    pre-encoder stays at identity; the decoder keeps its fresh initialisation unless the
+    checkpoint has one. With a zero mask channel the first forward equals the official model's."""
+    checkpoint = load_checkpoint(path)
+    sd = mae_state_dict(checkpoint, path, mask_channel)
+    sd = {k: v for k, v in sd.items() if not k.startswith("preencoder.")}
+    own = mae.state_dict()
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None:
+        sd["patch_embed.proj.weight"] = mae.method.stack_patch_embed(w, own["patch_embed.proj.weight"].shape[1])
+    encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token"))}
+    check_encoder_fits(encoder_only, mae, path)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in sd and sd[key].shape != own[key].shape:
+            del sd[key]  # fixed sin-cos tables: the model's own are right for its grid
+    missing, unexpected = mae.load_state_dict(sd, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
+    if unexpected:
+        raise AdaptationError(f"--stack {path} has weights this MAE does not know: {unexpected[:5]}")
+    print(f"Stacked {path} into the MAE; kept fresh: {sorted(missing)}")

@@ -12,7 +12,7 @@ import sys
 
 import main_finetune
 import main_linprobe
-from util.slurm import add_slurm_args, submit
+from run.slurm import add_slurm_args, submit
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ themselves and resume from the newest checkpoint in the job's output folder.
 import argparse
 
 import main_pretrain
-from util.slurm import add_slurm_args, submit
+from run.slurm import add_slurm_args, submit
 
 
 def parse_args(argv=None):

@@ -18,8 +18,8 @@ import torch
 import yaml
 
 import models_vit
-from util.errors import CheckpointError
-from util.files import atomic_write
+from run.checkpoint import CheckpointError
+from run.files import atomic_write
 
 ORIGINAL_HEAD_CLASSES = 1000  # the original's create_vit builds every encoder with an ImageNet head
 ORIGINAL_NORM_EPS = 1e-5  # torch's LayerNorm default, used throughout the original's ViT

@@ -19,9 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from util.datasets import EpochAware, sample_generator
-from util.images import IMAGE_ERRORS, DataError, load_rgb
-from util.transforms import NORMALIZATIONS
+from inputs.pretrain import EpochAware, sample_generator
+from sam.geometry import IMAGE_ERRORS
+from inputs.images import DataError, load_rgb
+from inputs.transforms import NORMALIZATIONS
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150

@@ -5,12 +5,13 @@ import time
 
 import torch
 
-import util.misc as misc
+from run.setup import Runtime
+from util.misc import autocast
+from util.misc import epoch_progress
 from segmenter.data import ADE20K
 from segmenter.inference import predict
 from segmenter.metrics import ConfusionMatrix
-from util.distributed import get_rank, get_world_size
-from util.runtime import Runtime
+from util.misc import get_rank, get_world_size
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, args) -> float:
@@ -36,7 +37,7 @@ def evaluate(model: torch.nn.Module, dataset: ADE20K, run: Runtime, args) -> dic
     start = time.time()
     for [(img, label)] in loader:
         img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with misc.autocast(device, run.amp):
+        with autocast(device, run.amp):
             pred = predict(model, img, label.shape[-2:], args.n_cls, args.window_size, args.window_stride)
         cm.update(pred, label)
     cm.reduce()
@@ -51,12 +52,12 @@ def train_one_epoch(model, loader, optimizer, criterion, loss_scaler, run: Runti
                     args, log_writer=None) -> tuple[dict, int]:
     model.train()
     device = run.device
-    metric_logger, monitor, iterator = misc.epoch_progress(loader, epoch, device, args, log_writer,
+    metric_logger, monitor, iterator = epoch_progress(loader, epoch, device, args, log_writer,
                                                            hint="Lower --lr.")
     for img, label in iterator:
         lr = poly_lr(optimizer, step, total_steps, args)
         img, label = img.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with misc.autocast(device, run.amp):
+        with autocast(device, run.amp):
             logits = model(img)
         loss = criterion(logits.float(), label)
         loss_scaler(loss, optimizer, parameters=model.parameters())

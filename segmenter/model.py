@@ -1,7 +1,7 @@
 """Segmenter (Strudel et al., ICCV 2021): a ViT encoder and a linear or mask-transformer decoder.
 
 The encoder is models_vit's ViT (timm's), loaded from any of our pretraining checkpoints through
-util/checkpoint_adapt.py; its position embeddings are resized bilinearly (as Segmenter's, where
+models_vit.py; its position embeddings are resized bilinearly (as Segmenter's, where
 timm would use antialiased bicubic) to the crop size when loading and on the fly for other input
 sizes (sliding windows, whole images). The encoder keeps MAE's LayerNorm eps 1e-6; the decoder has
 Segmenter's: eps 1e-5, dropout 0.1 on attention weights and projections in the mask transformer.

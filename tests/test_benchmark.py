@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import benchmark
+import evals.report
+import evals.runs
 import main_pretrain
-from util.errors import UserError
+from util.misc import UserError
 
 
 def bench_args(toy_root, toy_ade20k, out, *extra, method="segments"):
@@ -116,17 +118,17 @@ def test_compare_overlays_runs_and_table(tmp_path, capsys):
         d = tmp_path / method
         d.mkdir()
         for epochs, miou in zip((100, 200), mious):
-            benchmark.append_result(str(d / "results.jsonl"), {"method": method, "coverage_ratio": 50.0,
+            evals.runs.append_result(str(d / "results.jsonl"), {"method": method, "coverage_ratio": 50.0,
                                                                "epochs": epochs, "mIoU": miou,
                                                                "pixel_accuracy": 50.0})
         # a repeated row is not duplicated
-        benchmark.append_result(str(d / "results.jsonl"), {"method": method, "coverage_ratio": 50.0,
+        evals.runs.append_result(str(d / "results.jsonl"), {"method": method, "coverage_ratio": 50.0,
                                                            "epochs": 100, "mIoU": 0.0, "pixel_accuracy": 0.0})
     benchmark.cli(["compare", "--output-dir", str(tmp_path)])
     text = capsys.readouterr().out
     assert "patches" in text and "four_channels" in text and text.count("\n") >= 6
     assert (tmp_path / "miou_vs_epochs.png").stat().st_size > 1000
-    assert len(benchmark.read_results(str(tmp_path))) == 4
+    assert len(evals.report.read_results(str(tmp_path))) == 4
 
 
 def test_eval_points_and_backbone_default():
@@ -138,7 +140,7 @@ def test_eval_points_and_backbone_default():
     assert args.seg_backbone == "vit_large_patch16"
     with pytest.raises(UserError, match="no official MAE"):
         args.stack, args.model = "official", "mae_vit_tiny_patch16"
-        benchmark.resolve_stack(args)
+        evals.runs.resolve_stack(args)
 
 
 @pytest.mark.slow
@@ -150,14 +152,14 @@ def test_another_configuration_is_another_run_with_its_own_curve(toy_root, toy_a
     benchmark.cli(cov60)  # nothing of the 30 % run is reused
     runs = sorted(os.path.basename(p) for p in glob.glob(str(out / "pretrain_output" / "*")))
     assert [r.split("-seed0-")[0] for r in runs] == ["segments-cov30-vit_tiny_patch8", "segments-cov60-vit_tiny_patch8"]
-    rows = benchmark.read_results(str(out))
+    rows = evals.report.read_results(str(out))
     assert sorted(r["coverage_ratio"] for r in rows) == [30.0, 60.0]
     assert all(r["config"]["pretrain_args"] and r["run_id"] in runs for r in rows)
     capsys.readouterr()
     benchmark.cli(["compare", "--output-dir", str(out)])
     table = capsys.readouterr().out
     assert "segments 30%" in table and "segments 60%" in table
-    assert set(benchmark.curve_labels(rows).values()) == {"segments 30%", "segments 60%"}
+    assert set(evals.report.curve_labels(rows).values()) == {"segments 30%", "segments 60%"}
     # the same flags again: resumed, nothing trained
     capsys.readouterr()
     benchmark.cli(cov60)
@@ -170,11 +172,11 @@ def test_curve_labels_tell_apart_what_differs():
                 "mIoU": 1.0, "pixel_accuracy": 1.0, "model": "mae_vit_base_patch16", "stack": config.pop("stack", ""),
                 "config": {"seed": 0, "pretrain_epochs": 800, **config}}
     rows = [row("a"), row("b", stack="official"), row("c", seed=1), row("d", pretrain_epochs=400)]
-    labels = benchmark.curve_labels(rows)
+    labels = evals.report.curve_labels(rows)
     assert len(set(labels.values())) == 4
     assert labels[("b", "e")] == "patches, stacked" and labels[("c", "e")] == "patches, seed 1"
     legacy = {"method": "four_channels", "coverage_ratio": 40.0, "epochs": 1, "mIoU": 1.0, "pixel_accuracy": 1.0}
-    assert benchmark.curve_labels([legacy]) == {("four_channels|40.0", None): "four_channels 40%"}
+    assert evals.report.curve_labels([legacy]) == {("four_channels|40.0", None): "four_channels 40%"}
 
 
 def test_a_run_in_the_earlier_layout_is_not_continued_silently(toy_root, toy_ade20k, tmp_path, capsys):
@@ -207,7 +209,7 @@ def test_random_and_official_baselines_have_rows_and_reference_lines(toy_root, t
                if not k.startswith(("decoder_", "mask_token"))}
     official = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": encoder}, official)
-    monkeypatch.setitem(benchmark.OFFICIAL_MAE, "mae_vit_tiny_patch8", official.as_uri())
+    monkeypatch.setitem(evals.runs.OFFICIAL_MAE, "mae_vit_tiny_patch8", official.as_uri())
     out = tmp_path / "bench"
     benchmark.cli(bench_args(toy_root, toy_ade20k, out, "--eval", "-2"))  # the original's spelling of random
     assert "WARNING: no --mae-chp: the encoder starts from random weights" in capsys.readouterr().out

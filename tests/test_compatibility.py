@@ -14,7 +14,7 @@ import benchmark
 import main_finetune
 import main_pretrain
 import models_mae
-from util.bench_report import read_results
+from evals.report import read_results
 
 OLD = pathlib.Path(__file__).parent / "fixtures" / "runs_d94c266"
 RUNS = {"patches": "patches-vit_tiny_patch8-seed0-1f7fae",

@@ -11,9 +11,8 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from tools.make_toy_data import make_toy_dataset
-from util.datasets import DataError, PretrainDataset, PretrainTransform, SegmentMaskImageFolder, build_pretrain_dataset
-from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation, load_annotations,
-                            load_segment, select_annotation)
+from inputs.pretrain import DataError, PretrainDataset, PretrainTransform, SegmentMaskImageFolder, build_pretrain_dataset
+from sam.files import MaskFileError, decode_segmentation, encode_segmentation, load_annotations, load_segment, select_annotation
 
 
 def ann(area, h=10, w=10, counts="not-decoded"):
@@ -37,7 +36,7 @@ def test_select_annotation_closest_coverage_ties_first():
 
 def test_selection_never_decodes(monkeypatch):
     """Only area and size are read: an annotation with garbage counts can still be chosen."""
-    import util.sam_masks as sm
+    import sam.files as sm
     calls = []
     monkeypatch.setattr(sm, "decode_segmentation", lambda seg: calls.append(seg) or np.ones((10, 10), np.uint8))
     path_anns = [ann(10, counts="garbage-1"), ann(50, counts="garbage-2"), ann(90, counts="garbage-3")]
@@ -253,7 +252,7 @@ def test_randaugment_strongest_posterize_does_not_crash():
     """Pillow 13 rejects posterize(0 bits), which timm's 'inc1' RandAugment asks for at magnitude 10."""
     from timm.data import auto_augment
 
-    from util.finetune_data import _patch_timm_posterize
+    from inputs.classification import _patch_timm_posterize
     _patch_timm_posterize()  # as building the finetuning transform does
     img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
@@ -277,9 +276,9 @@ def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root,
     """Same seeds -> the same boxes and flips: masks identical, pixels within interpolation noise
     (torch's antialiased bicubic vs Pillow's), for JPEG (decoded by decode_jpeg on the device) and
     PNG (decoded in the worker)."""
-    from util.datasets import collate_pretrain
-    from util.datasets import build_pretrain_transform
-    from util.prefetch import PendingBatch
+    from inputs.pretrain import collate_pretrain
+    from inputs.pretrain import build_pretrain_transform
+    from inputs.gpu_decode import PendingBatch
     root = jpeg_root if fmt == "jpeg" else toy_root
     size = 64 if fmt == "jpeg" else 24
     cpu = build_pretrain_dataset(root, build_pretrain_transform(size, "cpu"), with_masks=True, seed=5)
@@ -309,9 +308,9 @@ def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root,
 
 
 def test_gpu_data_path_names_a_broken_jpeg(jpeg_root, tmp_path):
-    from util.datasets import collate_pretrain
-    from util.errors import UserError
-    from util.datasets import build_pretrain_transform
+    from inputs.pretrain import collate_pretrain
+    from util.misc import UserError
+    from inputs.pretrain import build_pretrain_transform
     root = tmp_path / "broken"
     shutil.copytree(jpeg_root, root)
     victim = sorted((root / "train").rglob("*.jpg"))[0]
@@ -343,9 +342,9 @@ def test_device_prefetcher_yields_the_loaders_batches_in_order_and_passes_errors
 
     from torch.utils.data import DataLoader
 
-    from util.datasets import collate_pretrain
-    from util.prefetch import DevicePrefetcher
-    from util.datasets import build_pretrain_transform
+    from inputs.pretrain import collate_pretrain
+    from inputs.gpu_decode import DevicePrefetcher
+    from inputs.pretrain import build_pretrain_transform
     ds = build_pretrain_dataset(jpeg_root, build_pretrain_transform(32, "gpu"), with_masks=True, seed=2)
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_pretrain, num_workers=1)
     prefetched = DevicePrefetcher(loader, torch.device("cpu"))
@@ -408,7 +407,7 @@ def test_dataloader_pinning_reaches_the_pending_batch(monkeypatch):
     PendingBatch.pin_memory), so their copy to the GPU can be asynchronous."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    from util.prefetch import PendingBatch, PendingImage
+    from inputs.gpu_decode import PendingBatch, PendingImage
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.numel()) or self)
     items = [PendingImage(torch.zeros(n, dtype=torch.uint8), True, (0, 0, 1, 1), False, (4, 4), (0, 0, 0), (1, 1, 1))
@@ -421,8 +420,8 @@ def test_persistent_workers_see_each_new_epoch(toy_root):
     """Workers are forked once for the run; the epoch set in the main process still reseeds every
     sample, so each epoch equals what a fresh loader (or one process, or a resumed run) gives."""
     from torch.utils.data import DataLoader
-    from util.datasets import collate_pretrain, loader_options
-    from util.datasets import build_pretrain_transform
+    from inputs.pretrain import collate_pretrain, loader_options
+    from inputs.pretrain import build_pretrain_transform
 
     def first_batch(loader):
         imgs, masks, _ = next(iter(loader))

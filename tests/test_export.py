@@ -8,8 +8,8 @@ import torch
 import models_mae
 from conftest import REPO
 from tools import export
-from util.checkpoint import atomic_torch_save
-from util.errors import UserError
+from run.checkpoint import atomic_torch_save
+from util.misc import UserError
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_hf_vit_export_equals_our_encoder(pretrained, tmp_path):
 
 def test_hf_mae_export_equals_our_mae_with_the_same_noise(pretrained, tmp_path):
     from transformers import ViTMAEForPreTraining
-    from util.checkpoint import load_checkpoint
+    from run.checkpoint import load_checkpoint
     export.main(["--checkpoint", pretrained["patches"], "--to", "hf-mae", "--out", str(tmp_path)])
     hf = ViTMAEForPreTraining.from_pretrained(str(tmp_path)).eval()
     ours = models_mae.build_mae("mae_vit_tiny_patch8", img_size=(32, 32), mask_method="patches")

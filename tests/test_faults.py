@@ -19,16 +19,18 @@ import torch
 from PIL import Image
 
 import benchmark
+import evals.runs
 import main_finetune
 import main_pretrain
 import segmenter.train
-import util.checkpoint as checkpoint
+import run.checkpoint as checkpoint
+import run.files as files
 from conftest import REPO
 from test_benchmark import bench_args
 from test_pretrain_cli import common
-from util.errors import UserError
-from util.mask_cache_build import build_mask_cache
-from util.sam_masks import MaskFileError, load_segment, mask_path_for
+from util.misc import UserError
+from sam.cache import build_mask_cache
+from sam.files import MaskFileError, load_segment, mask_path_for
 
 
 def checkpoints(folder):
@@ -73,7 +75,7 @@ class Killed(BaseException):
 def test_benchmark_row_survives_a_kill_between_row_and_done_file(toy_root, toy_ade20k, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     argv = bench_args(toy_root, toy_ade20k, out, "--pretrain-epochs", "1")
-    real = checkpoint.atomic_write_json
+    real = files.atomic_write_json
 
     def killed_at_done_json(path, *a, **k):
         if path.endswith("done.json"):
@@ -185,7 +187,7 @@ def test_a_second_writer_to_one_folder_is_refused(toy_root, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); import util.files as c; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import run.files as c; "
         "c.lock_output_dir(sys.argv[2]); print('locked', flush=True); time.sleep(60)"), REPO, str(out)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -344,7 +346,7 @@ def test_real_full_disk_during_a_checkpoint_save(toy_root, tiny_tmpfs, capsys):
 def test_real_full_disk_for_json_writers(tiny_tmpfs):
     (tiny_tmpfs / "filler").write_bytes(b"\0" * (12 * 2 ** 20 - 4096))
     with pytest.raises(checkpoint.StorageError, match=r"could not write .*metrics.json: No space left on device"):
-        checkpoint.atomic_write_json(str(tiny_tmpfs / "metrics.json"), {"x": list(range(10000))})
+        files.atomic_write_json(str(tiny_tmpfs / "metrics.json"), {"x": list(range(10000))})
     with pytest.raises(checkpoint.StorageError, match="log.txt"):
         checkpoint.append_log(str(tiny_tmpfs), {"epoch": 0, "x": "y" * 10000})
 
@@ -434,7 +436,7 @@ def test_negative_rle_count_is_skipped_with_skip_bad_samples(root_copy, tmp_path
 
 
 def test_damaged_mask_cache_is_named_on_open(root_copy, tmp_path, capsys):
-    from util.datasets import SegmentMaskImageFolder
+    from inputs.pretrain import SegmentMaskImageFolder
     images = SegmentMaskImageFolder(str(root_copy), with_masks=True).rel_paths
     bin_path = build_mask_cache(str(root_copy), images, 50.0)
     with open(bin_path, "r+b") as f:  # truncated
@@ -500,7 +502,7 @@ def test_collectives_get_the_dist_timeout(monkeypatch):
     import argparse
     import datetime
     import torch.distributed as dist
-    import util.distributed as distributed
+    import run.distributed as distributed
     seen = {}
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
     monkeypatch.setattr(dist, "barrier", lambda: None)
@@ -541,15 +543,15 @@ def test_stack_official_records_and_checks_its_sha256(tmp_path, monkeypatch, cap
     monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, path: shutil.copy(source, path))
     args = argparse.Namespace(stack="official", model="mae_vit_base_patch16", output_dir=str(tmp_path / "b"),
                               stack_sha256="")
-    path = benchmark.resolve_stack(args)
+    path = evals.runs.resolve_stack(args)
     digest = checkpoint.file_digest(str(source), "sha256")
-    assert benchmark.stack_sha256(args) == digest and open(path + ".sha256").read().split()[0] == digest
+    assert evals.runs.stack_sha256(args) == digest and open(path + ".sha256").read().split()[0] == digest
     assert digest in capsys.readouterr().out
-    assert benchmark.resolve_stack(args) == path  # later use: verified, not downloaded again
+    assert evals.runs.resolve_stack(args) == path  # later use: verified, not downloaded again
     with open(path, "ab") as f:
         f.write(b"changed")
     with pytest.raises(UserError, match="the file changed"):
-        benchmark.resolve_stack(args)
+        evals.runs.resolve_stack(args)
 
     def offline(url, path):
         raise urllib.error.URLError("no network")
@@ -557,4 +559,4 @@ def test_stack_official_records_and_checks_its_sha256(tmp_path, monkeypatch, cap
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     args.output_dir = str(tmp_path / "c")
     with pytest.raises(UserError, match="cannot download .*without network, copy the file"):
-        benchmark.resolve_stack(args)
+        evals.runs.resolve_stack(args)

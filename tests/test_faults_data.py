@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-import util.knn as knn
+import evals.knn as knn
 from tools import check_dataset, sort_imagenet_val
-from util.datasets import build_pretrain_dataset
-from util.finetune_data import CheckedImageFolder, build_classification_datasets, build_eval_transform
-from util.images import DataError
+from inputs.pretrain import build_pretrain_dataset
+from inputs.classification import CheckedImageFolder, build_classification_datasets, build_eval_transform
+from inputs.images import DataError
 
 
 def copy_tree(toy_root, tmp_path, name="data"):
@@ -214,7 +214,7 @@ def test_deeply_nested_mask_json_is_a_bad_sample(toy_root, tmp_path):
                                      '[{"area": 10, "segmentation": [[1.0, 2.0, 5.0, 2.0, 5.0, 6.0]]}]'])  # polygon
 def test_mask_cache_builder_names_a_malformed_file_in_one_line(toy_root, tmp_path, content, capsys):
     from tools import build_mask_cache
-    from util.errors import run_tool
+    from run.setup import run_tool
     root = copy_tree(toy_root, tmp_path)
     mask = first_mask_file(root)
     mask.write_text(content)
@@ -279,7 +279,7 @@ def images_only(toy_root, tmp_path):
 
 def test_generate_masks_removes_what_killed_runs_left(toy_root, tmp_path):
     from tools import generate_masks
-    from util import claims
+    from run import claims
     root = images_only(toy_root, tmp_path)
     dead = root / "masks" / "discs" / ".discs_train_0000.json.tmp99999999"
     dead.write_text('{"half": ')
@@ -325,8 +325,8 @@ def test_two_concurrent_mask_generators_share_the_work(toy_root, tmp_path):
 
 
 def test_mask_cache_builder_removes_a_killed_builders_temp_file(toy_root, tmp_path):
-    from util.image_folders import list_images
-    from util.mask_cache_build import build_mask_cache
+    from inputs.folders import list_images
+    from sam.cache import build_mask_cache
     root = copy_tree(toy_root, tmp_path)
     (root / "masks_cache").mkdir()
     stale = root / "masks_cache" / ".coverage_50.bin.tmp99999999"
@@ -337,7 +337,7 @@ def test_mask_cache_builder_removes_a_killed_builders_temp_file(toy_root, tmp_pa
 
 def test_a_claim_from_another_host_expires(tmp_path):
     import time
-    from util import claims
+    from run import claims
     out = tmp_path / "x.json"
     (tmp_path / ".x.json.claim").write_text("other-host 123\n")
     assert not claims.try_claim(str(out))  # a run elsewhere is on it

@@ -15,17 +15,19 @@ import pytest
 import torch
 
 import benchmark
+import evals.runs
 import main_finetune
 import main_pretrain
 import segmenter.train
-import util.stops as stops
+import run.stops as stops
+from util.misc import PROGRESS
 from conftest import REPO
 from test_benchmark import bench_args, run_dir
 from test_faults import mounted_tmpfs, run_exit_code, seg_argv
 from test_finetune import downstream
 from test_pretrain_cli import common
-from util.checkpoint import load_checkpoint
-from util.files import atomic_write
+from run.checkpoint import load_checkpoint
+from run.files import atomic_write
 
 
 # ---- 6. SIGTERM / SIGINT: one line, 128 + signal, the checkpoint whole ----------------------------
@@ -107,12 +109,12 @@ def test_a_stop_during_a_checkpoint_write_leaves_the_previous_file(tmp_path):
 
 
 def test_the_stop_line_says_where_the_loop_was():
-    stops.PROGRESS.clear()
-    stops.PROGRESS.update(header="Epoch: [3]", step=5, steps=12)
+    PROGRESS.clear()
+    PROGRESS.update(header="Epoch: [3]", step=5, steps=12)
     line = stops.stop_message("main_pretrain.py", stops.Stopped(signal.SIGTERM), "out/checkpoint-2.pth")
     assert line == ("main_pretrain.py stopped by SIGTERM at epoch 3, step 5/12; newest complete checkpoint: "
                     "out/checkpoint-2.pth; run the same command to resume")
-    stops.PROGRESS.clear()
+    PROGRESS.clear()
 
 
 # ---- 4. the benchmark's relative paths are the caller's ------------------------------------------
@@ -171,17 +173,17 @@ def test_a_resumed_benchmark_totals_its_stage_times(toy_root, toy_ade20k, tmp_pa
 @pytest.mark.parametrize("content", ["", "  \n", "0123"])
 def test_an_empty_sha256_record_is_written_anew(tmp_path, content, capsys):
     args = argparse.Namespace(model="mae_vit_base_patch16", output_dir=str(tmp_path), stack_sha256=None)
-    url = benchmark.OFFICIAL_MAE[args.model]
+    url = evals.runs.OFFICIAL_MAE[args.model]
     path = tmp_path / "official" / os.path.basename(url)
     path.parent.mkdir()
     path.write_bytes(b"stand-in for the official checkpoint")
     (tmp_path / "official" / (path.name + ".sha256")).write_text(content)
-    _, digest = benchmark.official_checkpoint(args)
+    _, digest = evals.runs.official_checkpoint(args)
     assert "holds no SHA-256" in capsys.readouterr().out
     assert open(str(path) + ".sha256").read().split()[0] == digest
     path.write_bytes(b"changed")  # from now on verified again
     with pytest.raises(Exception, match="the file changed"):
-        benchmark.official_checkpoint(args)
+        evals.runs.official_checkpoint(args)
 
 
 # ---- 15. torch's legacy (non-zip) checkpoint format ------------------------------------------------
@@ -234,12 +236,12 @@ def test_unwritable_output_folders_are_one_line(toy_root, tmp_path, read_only_fs
     assert run_exit_code(common(toy_root, read_only_fs / "data")) == 1  # exists, but cannot be written in
     assert "read-only file system" in one_error_line(capsys)
     with pytest.raises(SystemExit):
-        from util.errors import run_tool
+        from run.setup import run_tool
         run_tool(export.main, ["--checkpoint", pretrained["patches"], "--to", "encoder", "--out",
                                str(read_only_fs / "export")])
     assert "--out" in one_error_line(capsys)
     with pytest.raises(SystemExit):
-        from util.errors import run_tool
+        from run.setup import run_tool
         run_tool(visualize.main, ["--data_path", toy_root, "--out", str(read_only_fs / "vis"), "--num", "1"])
     assert "--out" in one_error_line(capsys)
 

@@ -10,9 +10,9 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
-from util.checkpoint_adapt import (encoder_state_dict, fold_visibility_channel, load_pretrained_encoder,
-                                   stack_official_into_mae)
-from util.optim import LARS, param_groups_layer_decay
+from models_vit import encoder_state_dict, fold_visibility_channel, load_pretrained_encoder, stack_official_into_mae
+from util.lars import LARS
+from util.lr_decay import param_groups_layer_decay
 
 from conftest import METHODS
 

@@ -123,10 +123,10 @@ def test_a_given_class_count_that_disagrees(toy_root, pretrained, tmp_path, caps
 def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatch):  # noqa: F811
     from test_mask_policy import sample_mask
     from tools import check_dataset
-    import util.mask_sources.json_layout
-    import util.sam_masks
-    from util.mask_cache_build import build_mask_cache
-    from util.sam_masks import MaskFileError
+    import sam.layouts
+    import sam.files
+    from sam.cache import build_mask_cache
+    from sam.files import MaskFileError
     add_image(tree, "x.png", scene(24, 40))
     mask_path = tree / "masks" / "c" / "x.json"
     os.makedirs(mask_path.parent)
@@ -136,8 +136,8 @@ def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatc
     def no_decoding(*a, **k):
         raise AssertionError("decoded a mask that should have been refused")
 
-    monkeypatch.setattr(util.sam_masks, "decode_segmentation", no_decoding)
-    monkeypatch.setattr(util.mask_sources.json_layout, "decode_segmentation", no_decoding)
+    monkeypatch.setattr(sam.files, "decode_segmentation", no_decoding)
+    monkeypatch.setattr(sam.layouts, "decode_segmentation", no_decoding)
     message = "the mask claims 100000x100000 pixels but its image is 40x24: not a mask of this picture"
     with pytest.raises(MaskFileError, match=message) as e:
         sample_mask(tree)
@@ -158,10 +158,10 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
     from PIL import Image
 
     from conftest import REPO
-    from util.datasets import PretrainDataset, SegmentMaskImageFolder
-    from util.images import DataError, load_rgb
-    from util.mask_cache_build import build_mask_cache
-    from util.sam_masks import MaskFileError
+    from inputs.pretrain import PretrainDataset, SegmentMaskImageFolder
+    from inputs.images import DataError, load_rgb
+    from sam.cache import build_mask_cache
+    from sam.files import MaskFileError
     path = add_image(tree, "big.png", scene(60, 60))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as a 20000x20000 photo against the default
     fix = "shrink the file, or raise the limit with PIL_MAX_IMAGE_PIXELS=<pixels> in the environment"
@@ -173,12 +173,12 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
     assert fix in skipping[0].message
     write = tree / "masks" / "c" / "big.json"
     os.makedirs(write.parent)
-    from util.sam_masks import encode_segmentation
+    from sam.files import encode_segmentation
     write.write_text(json.dumps({"annotations": [{"segmentation": encode_segmentation(np.ones((60, 60), np.uint8)),
                                                   "area": 3600}]}))
     with pytest.raises(MaskFileError, match=fix):
         build_mask_cache(str(tree), ["c/big.png"], 50.0)
-    out = subprocess.run([sys.executable, "-c", "import util.images, PIL.Image; print(PIL.Image.MAX_IMAGE_PIXELS)"],
+    out = subprocess.run([sys.executable, "-c", "import inputs.images, PIL.Image; print(PIL.Image.MAX_IMAGE_PIXELS)"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PIL_MAX_IMAGE_PIXELS": "0"})
     assert out.stdout.strip() == "None"
 
@@ -186,8 +186,8 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
 def test_no_mask_at_all_says_so_even_with_allow_missing_masks(toy_root, tmp_path):
     import shutil
 
-    from util.datasets import SegmentMaskImageFolder
-    from util.images import DataError
+    from inputs.pretrain import SegmentMaskImageFolder
+    from inputs.images import DataError
     root = tmp_path / "nomasks"
     shutil.copytree(os.path.join(toy_root, "train"), root / "train")
     os.makedirs(root / "masks" / "boxes")  # a masks/ folder, but nothing in it
@@ -210,7 +210,7 @@ def test_a_typo_in_stage_flags_is_named_once(toy_root, toy_ade20k, tmp_path, cap
 
 def test_tensorboard_goes_beside_the_run_when_only_output_dir_is_given(tmp_path):
     import main_pretrain
-    from util.runsetup import run_cli
+    from run.setup import run_cli
     args = run_cli(main_pretrain.get_args_parser(), lambda a, p: None, lambda a: a,
                    ["--output_dir", str(tmp_path / "run")])
     assert args.log_dir == str(tmp_path / "run")
@@ -221,10 +221,10 @@ def test_tensorboard_goes_beside_the_run_when_only_output_dir_is_given(tmp_path)
 
 def test_benchmark_and_knn_help_show_defaults(capsys):
     import benchmark
-    import util.knn
+    import evals.knn
     for parser, flags in ((benchmark.get_args_parser(), ("--output-dir", "--pretrain-epochs", "--seg-epochs",
                                                          "--mask-method", "--crop-size")),
-                          (util.knn.get_args_parser(), ("--k", "--temperature", "--batch_size", "--num_workers"))):
+                          (evals.knn.get_args_parser(), ("--k", "--temperature", "--batch_size", "--num_workers"))):
         text = " ".join(parser.format_help().split())
         for flag in flags:
             action = next(a for a in parser._actions if flag in a.option_strings)
@@ -235,16 +235,16 @@ def test_benchmark_and_knn_help_show_defaults(capsys):
 def test_knn_loader_workers_fit_the_machine(monkeypatch):
     import importlib
 
-    import util.knn
+    import evals.knn
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert importlib.reload(util.knn).get_args_parser().parse_args(["--checkpoint", "c", "--data_path", "d"]) \
+    assert importlib.reload(evals.knn).get_args_parser().parse_args(["--checkpoint", "c", "--data_path", "d"]) \
         .num_workers == 2
 
 
 def test_without_an_output_folder_the_arguments_are_one_line(capsys):
     import argparse
 
-    from util.runsetup import log_details
+    from run.setup import log_details
     args = argparse.Namespace(output_dir="", checkpoint="c.pth", k=20, given_flags=["checkpoint"])
     log_details(args, "args.txt", str(args).replace(", ", ",\n"), "all arguments")
     out = capsys.readouterr().out
@@ -311,7 +311,7 @@ def test_make_reinstalls_from_the_content_of_requirements_not_its_time(tmp_path)
 
 
 def test_runs_that_differ_by_one_flag_are_labelled_by_that_flag():
-    from util.bench_report import curve_labels
+    from evals.report import curve_labels
 
     def row(run_id, pretrain_args, seg_args=()):
         return {"run_id": f"patches-vit_base_patch16-seed0-{run_id}", "eval_id": "e", "method": "patches",
@@ -332,8 +332,8 @@ def test_runs_that_differ_by_one_flag_are_labelled_by_that_flag():
 
 def test_a_mask_of_the_wrong_size_is_found_at_start_up(tree, capsys):  # noqa: F811
     from test_mask_policy import write_masks
-    from util.datasets import build_pretrain_dataset
-    from util.sam_masks import MaskFileError
+    from inputs.pretrain import build_pretrain_dataset
+    from sam.files import MaskFileError
     for i in range(4):
         add_image(tree, f"x{i}.png", scene(24, 40))
         write_masks(str(tree / "masks" / "c" / f"x{i}.json"), [np.ones((24, 40), np.uint8)])
@@ -353,8 +353,8 @@ def test_an_error_in_a_loader_worker_is_one_line(capsys):
 
     import torch
 
-    from util.runsetup import run_cli
-    from util.sam_masks import MaskFileError
+    from run.setup import run_cli
+    from sam.files import MaskFileError
 
     class Broken(torch.utils.data.Dataset):
         def __len__(self):
@@ -389,8 +389,8 @@ def test_visualize_shows_the_images_asked_for(pretrained, toy_root, tmp_path):
 
 
 def test_visualize_names_the_generator_and_what_black_and_white_mean(tmp_path):
-    from util.mask_sources import describe_generator
-    from util.visualize import panel_titles
+    from sam.layouts import describe_generator
+    from evals.visualize import panel_titles
     assert describe_generator({"backend": "sam2", "model": "hiera_large"}) == "SAM 2 hiera_large"
     assert describe_generator({"backend": "sam", "model": "vit_b", "checkpoint": "random-weights"}) == \
         "SAM vit_b (random weights)"
@@ -405,7 +405,7 @@ def test_visualize_mask_preview_without_a_checkpoint(tree, tmp_path):  # noqa: F
     import torch
 
     from tools import visualize
-    from util.visualize import mask_panels
+    from evals.visualize import mask_panels
     img = add_image(tree, "x.png", scene(32, 32))
     generate_masks.generate(str(tree), generate_masks.superpixel_backend, log_every=0)
     written = visualize.main(["--data_path", str(tree), "--images", str(img), "--input_size", "32",
@@ -428,7 +428,7 @@ def test_visualize_mask_preview_without_a_checkpoint(tree, tmp_path):  # noqa: F
 
 
 def test_visualize_draws_non_ascii_names_legibly():
-    from util.visualize import _unicode_font, labelled_grid, legible
+    from evals.visualize import _unicode_font, labelled_grid, legible
     assert legible("caf\u00e9_\u732b.png") == "caf\\xe9_\\u732b.png"  # no font: escapes, never boxes
     found = _unicode_font()
     if found is not None:

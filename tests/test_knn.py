@@ -1,4 +1,4 @@
-"""util/knn.py: weighted kNN top-1 (DINO protocol), the seeded class-balanced bank, the CLI, the
+"""evals/knn.py: weighted kNN top-1 (DINO protocol), the seeded class-balanced bank, the CLI, the
 same score on one or two ranks, and the benchmark's kNN stage."""
 import json
 import subprocess
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from util import knn
+from evals import knn
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_cli_scores_a_checkpoint_of_each_kind(pretrained, toy_root, tmp_path):
 
 @pytest.mark.slow
 def test_the_score_does_not_depend_on_the_number_of_ranks(pretrained, toy_root, tmp_path):
-    base = ["-m", "util.knn", "--checkpoint", pretrained["segments"], "--data_path", toy_root, "--bank_per_class",
+    base = ["-m", "evals.knn", "--checkpoint", pretrained["segments"], "--data_path", toy_root, "--bank_per_class",
             "5", "--num_workers", "0", "--device", "cpu", "--batch_size", "3", "--pool", "mean"]
     one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one.json")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)

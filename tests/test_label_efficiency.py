@@ -11,7 +11,7 @@ import benchmark
 import main_finetune
 import main_linprobe
 from test_finetune import downstream
-from util.finetune_data import class_balanced_subset
+from inputs.classification import class_balanced_subset
 
 
 def test_class_balanced_subset_is_seeded_and_balanced():

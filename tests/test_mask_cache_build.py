@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from util import mask_cache_build
-from util.image_folders import list_images
-from util.mask_cache import MaskCache, mask_cache_paths
-from util.mask_cache_build import Progress, build_mask_cache
+from sam import cache as mask_cache_build
+from inputs.folders import list_images
+from sam.cache import MaskCache, mask_cache_paths
+from sam.cache import Progress, build_mask_cache
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_parts_of_another_build_are_not_reused(root, monkeypatch):
 
 
 def test_a_bad_mask_file_in_a_worker_names_the_file_and_keeps_the_finished_parts(root):
-    from util.sam_masks import MaskFileError
+    from sam.files import MaskFileError
     images = sorted(list_images(os.path.join(root, "train")))
     bad = os.path.join(root, "masks", os.path.splitext(images[-1])[0] + ".json")
     open(bad, "w").write("{broken")
@@ -147,7 +147,7 @@ def test_cli_rejects_zero_workers(toy_root, capsys):
 
 
 def test_bench_tool_builds_with_each_worker_count(tmp_path, monkeypatch):
-    from tools import bench_mask_cache
+    from perf import bench_mask_cache
     monkeypatch.setattr(mask_cache_build, "PART_IMAGES", 4)
     rows = bench_mask_cache.main(["--images", "12", "--annotations", "5", "--workers", "1", "2",
                                   "--root", str(tmp_path / "bench")])

@@ -13,11 +13,12 @@ import main_pretrain
 from test_pretrain_cli import common
 from tools import check_dataset, convert_masks, visualize
 from tools.make_toy_data import annotation, make_toy_dataset, write_amg_masks, write_segmae_masks
-from util.datasets import DataError, SegmentMaskImageFolder
-from util.mask_cache import MaskCache
-from util.mask_cache_build import build_mask_cache
-from util.mask_sources import SegmaeMasks, closest_larger, detect_format, open_mask_source
-from util.sam_masks import MaskFileError, encode_segmentation, write_mask_file
+from inputs.pretrain import DataError, SegmentMaskImageFolder
+from sam.cache import MaskCache
+from sam.cache import build_mask_cache
+from sam.layouts import SegmaeMasks, closest_larger, open_mask_source
+from sam.listing import detect_format
+from sam.files import MaskFileError, encode_segmentation, write_mask_file
 
 LAYOUTS = ["json", "segmae", "amg"]
 

@@ -10,8 +10,9 @@ import main_pretrain
 import models_mae
 from test_finetune import downstream
 from test_pretrain_cli import common
-from util import knn, masking
-from util.masking import MaskMethod, get_method, register
+from evals import knn
+import mask_methods as masking
+from mask_methods import MaskMethod, get_method, register
 
 
 class Outline(MaskMethod):
@@ -65,7 +66,7 @@ def test_a_fifth_method_is_one_class(toy_method, toy_root, tmp_path):
     # the Segmenter's encoder (folded) and the pictures
     from segmenter.model import build_segmenter
     from tools import visualize
-    from util.checkpoint_adapt import load_pretrained_encoder
+    from models_vit import load_pretrained_encoder
     seg = build_segmenter("vit_tiny_patch8", "linear", 150, 32)
     assert load_pretrained_encoder(seg.encoder, str(out / "checkpoint-0.pth"))[0] == toy_method
     written = visualize.main(["--checkpoint", str(out / "checkpoint-0.pth"), "--data_path", toy_root, "--num", "1",

@@ -16,12 +16,11 @@ import main_pretrain
 from conftest import REPO
 from test_pretrain_cli import common
 from tools import check_dataset, generate_masks
-from util.datasets import PretrainDataset, SegmentMaskImageFolder
-from util.images import load_rgb
-from util.mask_cache import MaskCache
-from util.mask_cache_build import build_mask_cache
-from util.sam_masks import (MaskFileError, decode_segmentation, encode_segmentation,
-                            load_annotations)
+from inputs.pretrain import PretrainDataset, SegmentMaskImageFolder
+from inputs.images import load_rgb
+from sam.cache import MaskCache
+from sam.cache import build_mask_cache
+from sam.files import MaskFileError, decode_segmentation, encode_segmentation, load_annotations
 
 
 def write_masks(path, masks):
@@ -214,7 +213,7 @@ def test_the_cache_is_checked_file_by_file_once_per_node(toy_root, tmp_path, mon
     (and stops the job when it is stale); the others do not stat the files again."""
     import shutil
 
-    import util.image_roots
+    import inputs.roots
     root = tmp_path / "data"
     shutil.copytree(toy_root, root)
     rels = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).rel_paths
@@ -222,7 +221,7 @@ def test_the_cache_is_checked_file_by_file_once_per_node(toy_root, tmp_path, mon
     edited = root / "masks" / rels[3].replace(".png", ".json")
     h, w = load_annotations(str(edited))[0]["segmentation"]["size"]
     write_masks(str(edited), [np.ones((h, w), np.uint8)])
-    monkeypatch.setattr(util.image_roots, "first_rank_on_node", lambda: False)
+    monkeypatch.setattr(inputs.roots, "first_rank_on_node", lambda: False)
     checked = []
     monkeypatch.setattr(MaskCache, "_stale_entries", staticmethod(lambda *a: checked.append(1) or []))
     assert SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).cache is not None
@@ -248,13 +247,13 @@ def test_the_cache_check_stats_folders_and_a_sample_not_every_file(toy_root, tmp
     """Without a change, only SAMPLED_FILES mask files are stat'ed; every file of a folder that
     changed (a file replaced, deleted or added) is; an unrelated new file is not stale; an edit in
     place outside the sample is found by tools/check_dataset.py, which checks every file."""
-    import util.mask_cache
+    import sam.cache
     root = _aged_copy(toy_root, tmp_path)
     rels = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).rel_paths
     build_mask_cache(str(root), rels, 30.0)
     with np.load(root / "masks_cache" / "coverage_30.npz") as index:
         assert (index["mask_folder_mtime_ns"] > 0).all() and len(index["key_folder"]) == len(rels)
-    monkeypatch.setattr(util.mask_cache, "SAMPLED_FILES", 2)
+    monkeypatch.setattr(sam.cache, "SAMPLED_FILES", 2)
     checked = []
     real = MaskCache._stale_entries
 
@@ -278,7 +277,7 @@ def test_the_cache_check_stats_folders_and_a_sample_not_every_file(toy_root, tmp
     h, w = load_annotations(str(edited))[0]["segmentation"]["size"]
     write_masks(str(edited) + ".new", [np.ones((h, w), np.uint8)])
     os.replace(str(edited) + ".new", edited)
-    monkeypatch.setattr(util.mask_cache, "SAMPLED_FILES", 0)
+    monkeypatch.setattr(sam.cache, "SAMPLED_FILES", 0)
     with pytest.raises(MaskFileError, match="older than 1 mask file"):
         MaskCache(str(root), 30.0)
     build_mask_cache(str(root), rels, 30.0)
@@ -306,7 +305,7 @@ def test_a_fresh_mask_folder_makes_every_file_checked(toy_root, tmp_path, monkey
     edit in place there is found without the sample."""
     import shutil
 
-    import util.mask_cache
+    import sam.cache
     root = tmp_path / "data"
     shutil.copytree(toy_root, root)
     rels = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30.0).rel_paths
@@ -318,7 +317,7 @@ def test_a_fresh_mask_folder_makes_every_file_checked(toy_root, tmp_path, monkey
     edited = root / "masks" / rels[7].replace(".png", ".json")
     with open(edited, "a") as f:
         f.write(" ")
-    monkeypatch.setattr(util.mask_cache, "SAMPLED_FILES", 0)
+    monkeypatch.setattr(sam.cache, "SAMPLED_FILES", 0)
     with pytest.raises(MaskFileError, match="older than 1 mask file"):
         MaskCache(str(root), 30.0)
 

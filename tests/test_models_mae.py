@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 import models_mae
-from models_mae import MaskedAutoencoderViT, PreEncoder
-from util.masking import patch_loss_weights, random_masking, visible_input
+from mask_methods import PreEncoder
+from models_mae import MaskedAutoencoderViT
+from mask_methods import patch_loss_weights, random_masking, visible_input
 from util.pos_embed import get_2d_sincos_pos_embed
 
 

@@ -10,7 +10,7 @@ import torch
 
 import main_pretrain
 import models_mae
-from util.checkpoint import StorageError, atomic_torch_save, find_last_checkpoint
+from run.checkpoint import StorageError, atomic_torch_save, find_last_checkpoint
 from conftest import REPO
 
 

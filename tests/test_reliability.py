@@ -15,11 +15,11 @@ import torch
 import main_pretrain
 import models_mae
 import submitit_pretrain
-from util.checkpoint import atomic_torch_save, find_last_checkpoint, prune_checkpoints
-from util.run_identity import auto_resume
+from run.checkpoint import atomic_torch_save, find_last_checkpoint, prune_checkpoints
+from run.checkpoint import auto_resume
 from conftest import REPO
 from test_pretrain_cli import common
-from util.slurm import Trainer
+from run.slurm import Trainer
 
 
 def sha(path):
@@ -31,7 +31,7 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint_readable(tmp
     atomic_torch_save({"epoch": 0, "w": torch.ones(4)}, str(path))
     before = sha(path)
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); import util.files as m; "
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import run.files as m; "
         "m.atomic_torch_save({'epoch': 1, 'w': torch.zeros(150_000_000)}, sys.argv[2])"), REPO, str(path)])
     deadline = time.time() + 60
     while time.time() < deadline:  # kill it as soon as the temporary file is being written

@@ -32,16 +32,16 @@ def test_readme_names_the_two_commands_and_ci_runs_make_test():
 
 
 def test_a_pretraining_step_runs_code_from_few_modules(toy_root, tmp_path):
-    """tools/step_modules.py's count for one epoch (data -> model -> loss -> optimizer ->
+    """perf/step_modules.py's count for one epoch (data -> model -> loss -> optimizer ->
     checkpoint): a reader following a step opens these files and no more."""
-    from tools.step_modules import step_modules
+    from perf.step_modules import step_modules
     patches = step_modules(toy_root, "patches", str(tmp_path / "patches"))
     segments = step_modules(toy_root, "segments", str(tmp_path / "segments"))
-    seen = {"main_pretrain.py", "engine_pretrain.py", "models_mae.py", "util/masking.py", "util/datasets.py",
-            "util/images.py", "util/checkpoint.py", "util/misc.py"}
+    seen = {"main_pretrain.py", "engine_pretrain.py", "models_mae.py", "mask_methods.py", "inputs/pretrain.py",
+            "inputs/images.py", "run/checkpoint.py", "util/misc.py"}
     assert seen <= set(patches), sorted(patches)  # the profiler saw every part of the step
     assert len(patches) <= 10, sorted(patches)
     # a segment method adds reading its mask: the SAM JSON format, the layout reader and its
     # interface, the mask-size policy
     assert set(patches) < set(segments) and len(segments) <= 14, sorted(segments)
-    assert "util/mask_sources/json_layout.py" in segments
+    assert "sam/layouts.py" in segments

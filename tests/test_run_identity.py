@@ -13,11 +13,12 @@ import main_linprobe
 import main_pretrain
 import models_vit
 import segmenter.train
-import util.checkpoint as checkpoint
-import util.run_identity as run_identity
+import run.checkpoint as checkpoint
+import run.checkpoint as run_identity
 from test_faults import run_exit_code, seg_argv
 from test_pretrain_cli import common
-from util.optim import adamw, param_groups_layer_decay
+from run.setup import adamw
+from util.lr_decay import param_groups_layer_decay
 
 
 def finetune_argv(toy_root, finetune, out, *extra):
@@ -162,9 +163,9 @@ def test_our_optimizer_state_carries_names_and_loads_after_a_reorder():
 
 
 def test_given_flags_are_told_from_defaults():
-    import util.misc as misc
+    import run.flags as flags
     parser = main_pretrain.get_args_parser()
-    assert misc.given_flags(parser, ["--coverage_ratio", "40", "--norm_pix_loss"]) == ["coverage_ratio",
+    assert flags.given_flags(parser, ["--coverage_ratio", "40", "--norm_pix_loss"]) == ["coverage_ratio",
                                                                                         "norm_pix_loss"]
     args = argparse.Namespace(resume="", given_flags=[])
     run_identity.reconcile_with_checkpoint(args, ["model"])  # no checkpoint: nothing to do
@@ -266,13 +267,14 @@ def test_run_benchmark_sh_keeps_its_recipe(tmp_path):
 
 def test_seg_loss_is_recorded_part_of_the_benchmark_identity_and_older_runs_keep_theirs(toy_root, tmp_path, capsys):
     import benchmark
+    import evals.runs
     parser = benchmark.get_args_parser()
     base = ["--in1k-dir", "a", "--ade20k-dir", "b", "--mask-method", "segments"]
     ids = {}
     for extra in ([], ["--pretrain-args=--seg_loss pixel"], ["--pretrain-args=--seg-loss=patch"]):
         args = parser.parse_args(base + extra)
         benchmark.check_args(args, parser)
-        ids[tuple(extra)] = (benchmark.run_config(args)["seg_loss"], benchmark.run_id(args))
+        ids[tuple(extra)] = (evals.runs.run_config(args)["seg_loss"], evals.runs.run_id(args))
     assert [v[0] for v in ids.values()] == ["pixel", "pixel", "patch"]
     assert len({v[1] for v in ids.values()}) == 3  # another flag string, another run
     # a run's checkpoints record the loss; a checkpoint from before --seg_loss continues with its per-patch loss

@@ -8,8 +8,8 @@ import torch
 import engine_pretrain
 import main_pretrain
 from test_pretrain_cli import common
-from util.checkpoint import checkpoint_args
-from util.runtime import Runtime
+from run.checkpoint import checkpoint_args
+from run.setup import Runtime
 
 DERIVED = ("rank", "gpu", "distributed", "dist_backend", "record")  # (--world_size is a flag, as in the reference)
 
@@ -51,7 +51,7 @@ def test_checkpoint_args_copies_and_leaves_the_flags_alone():
 def test_a_compile_mode_is_in_the_runtime(toy_root, tmp_path, monkeypatch):
     """--compile_mode implies --compile (a flag's meaning, applied at parsing); the mode in force is
     the Runtime's (None when not compiled)."""
-    import util.runsetup as runsetup
+    import run.setup as runsetup
     made = []
     real = runsetup.setup_run
     monkeypatch.setattr(runsetup, "setup_run", lambda *a: made.append(real(*a)) or made[-1])

@@ -15,10 +15,9 @@ import models_vit
 from test_finetune import downstream
 from test_pretrain_cli import common
 from tools import export, visualize
-from util import knn
-from util.checkpoint import load_checkpoint
-from util.checkpoint_adapt import (AdaptationError, checkpoint_origin, encoder_state_dict, fourth_channel,
-                                   load_pretrained_encoder, mae_state_dict)
+from evals import knn
+from run.checkpoint import load_checkpoint
+from models_vit import AdaptationError, checkpoint_origin, encoder_state_dict, fourth_channel, load_pretrained_encoder, mae_state_dict
 
 
 def original_args(method, **kw):

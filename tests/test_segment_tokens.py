@@ -13,7 +13,7 @@ from test_finetune import downstream
 from test_models_mae import tiny
 from test_pretrain_cli import common
 from test_mask_layouts import layout_roots  # noqa: F401 (a fixture)
-from util.masking import content_noise, get_method, patch_loss_weights
+from mask_methods import content_noise, get_method, patch_loss_weights
 
 METHOD = get_method("segment_tokens")
 
@@ -126,7 +126,7 @@ def test_two_ranks_train_as_one_process(toy_root, tmp_path):
 
 
 def test_pictures_draw_the_segment_black_and_the_fill_red():
-    from util.visualize import FILL_COLOUR, mask_panels, panel_titles
+    from evals.visualize import FILL_COLOUR, mask_panels, panel_titles
     seg = grid_mask([0, 1, 2, 3, 4, 5])  # 6 of the 12 hidden patches; 6 more are fill
     panels = mask_panels("segment_tokens", torch.zeros(1, 3, 32, 32), seg, 0.75, 8)
     visibility = panels[0, 2]  # (3, H, W)
@@ -163,7 +163,7 @@ def test_every_mask_layout_trains_and_every_export_takes_the_checkpoint(layout_r
 
 @pytest.mark.slow
 def test_stack_on_an_official_checkpoint_and_knn(toy_root, tmp_path):
-    import util.knn as knn
+    import evals.knn as knn
     from test_finetune import official_like_checkpoint
     official_like_checkpoint(tmp_path / "official.pth")
     official = torch.load(tmp_path / "official.pth", weights_only=True)["model"]

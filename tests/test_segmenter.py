@@ -16,7 +16,7 @@ from segmenter.data import ADE20K, IGNORE_INDEX, SegEvalTransform, SegTrainTrans
 from segmenter.inference import sliding_window_logits, window_starts
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import build_segmenter
-from util.checkpoint_adapt import AdaptationError, load_pretrained_encoder
+from models_vit import AdaptationError, load_pretrained_encoder
 
 
 def seg_model(decoder="linear", channels=3, crop=32):

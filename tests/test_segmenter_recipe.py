@@ -19,7 +19,7 @@ import segmenter.train
 from conftest import REPO
 from segmenter.inference import predict
 from segmenter.model import build_segmenter
-from util.errors import UserError
+from util.misc import UserError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_position_embeddings_are_resized_bilinearly_on_the_fly():
 
 
 def test_position_embeddings_are_resized_bilinearly_when_loading(pretrained):
-    from util.checkpoint_adapt import load_pretrained_encoder
+    from models_vit import load_pretrained_encoder
     enc = build_segmenter("vit_tiny_patch8", "linear", 150, 48).encoder  # 6x6, pretrained at 4x4
     load_pretrained_encoder(enc, pretrained["patches"])
     pos = torch.load(pretrained["patches"], weights_only=False)["model"]["pos_embed"]

@@ -1,4 +1,4 @@
-"""Tar shards (util/shards.py, tools/write_shards.py): the samples are the tree's, every sample is
+"""Tar shards (inputs/shards.py, tools/write_shards.py): the samples are the tree's, every sample is
 read once per epoch across ranks and workers, SA-1B's own tars train as they are, resume at an
 epoch boundary is exact, and the errors a user can cause name the problem."""
 import io
@@ -21,11 +21,11 @@ from conftest import REPO
 from test_distributed import assert_ranks_in_sync
 from test_pretrain_cli import common
 from tools.write_shards import write_shards
-from util import shard_index as shards_module  # count_samples lives there
-from util.datasets import SegmentMaskImageFolder
-from util.errors import UserError
-from util.sam_masks import MaskFileError
-from util.shards import ShardDataset, build_shard_dataset, expand_shards, shard_counts, worker_ranges
+from inputs import shards as shards_module  # count_samples lives there
+from inputs.pretrain import SegmentMaskImageFolder
+from util.misc import UserError
+from sam.files import MaskFileError
+from inputs.shards import ShardDataset, build_shard_dataset, expand_shards, shard_counts, worker_ranges
 
 
 @pytest.fixture(scope="module")

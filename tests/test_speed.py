@@ -6,8 +6,10 @@ import torch
 
 import models_mae
 from util.misc import autocast, mark_step_begin
-from util.optim import adamw, param_groups_weight_decay
-from util.speed import convert_to_fp8, find_max_batch, fp8_layer_filter, set_fused_attention
+from run.setup import adamw
+from util.lr_decay import param_groups_weight_decay
+from run.setup import convert_to_fp8, fp8_layer_filter
+from perf.throughput import find_max_batch, set_fused_attention
 
 METHODS = ["patches", "segments", "four_channels", "preencoder"]
 
@@ -126,7 +128,7 @@ def test_fp8_layer_filter_skips_heads_and_odd_sizes():
 
 
 def test_fp8_errors_name_the_fix(monkeypatch):
-    from util.errors import UserError
+    from util.misc import UserError
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(UserError, match="compute capability 8.9.*8.0.*without --fp8"):
         convert_to_fp8(tiny(), torch.device("cuda"))
@@ -150,7 +152,7 @@ def test_find_max_batch_finds_the_boundary_in_few_tries(capacity):
 def test_a_compile_mode_implies_compile():
     from argparse import Namespace
 
-    from util.speed import resolve_compile_flags
+    from run.setup import resolve_compile_flags
     args = Namespace(compile=False, compile_mode="reduce-overhead")
     resolve_compile_flags(args)
     assert args.compile
@@ -209,7 +211,7 @@ def test_training_loop_does_not_wait_for_the_device_every_step(toy_root, tmp_pat
 
 
 def test_throughput_ablation_and_max_batch_on_cpu(tmp_path):
-    from tools import throughput
+    from perf import throughput
     common = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "4", "--device", "cpu",
               "--warmup", "1", "--iters", "2"]
     rows = throughput.main(common + ["--ablation", "reference,sdpa,fused_adamw", "--json", str(tmp_path / "a.json")])
@@ -223,7 +225,7 @@ def test_throughput_ablation_and_max_batch_on_cpu(tmp_path):
 
 
 def test_throughput_peer_without_transformers_says_how_to_install(monkeypatch, capsys):
-    from tools import throughput
+    from perf import throughput
     block_import(monkeypatch, "transformers")
     rows = throughput.main(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "2",
                             "--device", "cpu", "--warmup", "0", "--iters", "1", "--peer"])
@@ -232,7 +234,7 @@ def test_throughput_peer_without_transformers_says_how_to_install(monkeypatch, c
 
 
 def test_max_batch_counts_allocation_failures_as_not_fitting(monkeypatch, capsys):
-    from tools import throughput
+    from perf import throughput
     real_build = throughput.build_step
 
     def build(cfg, device):

@@ -12,7 +12,7 @@ from PIL import Image
 import main_pretrain
 from conftest import METHODS
 from tools import check_dataset, generate_masks, visualize
-from util.sam_masks import decode_segmentation, encode_segmentation, load_annotations
+from sam.files import decode_segmentation, encode_segmentation, load_annotations
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_pretraining_logs_a_reconstruction_grid(toy_root, tmp_path):
 
 
 def test_throughput_tool_runs_on_cpu(tmp_path):
-    from tools import throughput
+    from perf import throughput
     rows = throughput.main(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "4",
                             "--device", "cpu", "--warmup", "1", "--iters", "2", "--mask_method", "four_channels",
                             "--grad_checkpointing", "--json", str(tmp_path / "t.json")])
@@ -167,7 +167,7 @@ def test_throughput_tool_runs_on_cpu(tmp_path):
 
 def test_mask_cache_serves_the_same_segments_as_the_json_files(toy_root, tmp_path):
     from tools import build_mask_cache
-    from util.datasets import SegmentMaskImageFolder
+    from inputs.pretrain import SegmentMaskImageFolder
     root = tmp_path / "cached"
     shutil.copytree(toy_root, root)
     plain = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30)
@@ -189,7 +189,7 @@ def test_mask_cache_serves_the_same_segments_as_the_json_files(toy_root, tmp_pat
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_loader_throughput_tool(toy_root, backend):
-    from tools import loader_throughput
+    from perf import loader_throughput
     r = loader_throughput.main(["--data_path", toy_root, "--input_size", "32", "--batch_size", "8",
                                 "--num_workers", "1", "--steps", "6", "--device", "cpu", "--data_backend", backend])
     assert r["samples_per_sec"] > 0 and r["steps"] == 6 and r["data_backend"] == backend
@@ -197,7 +197,7 @@ def test_loader_throughput_tool(toy_root, backend):
 
 @pytest.mark.slow
 def test_perf_report_smoke_writes_every_part(tmp_path):
-    from tools import perf_report
+    from perf import perf_report
     report = perf_report.main(["--out", str(tmp_path), "--smoke", "--num_workers", "1"])
     assert set(report) == {"ablation_b", "ablation_l", "methods", "memory", "loader"}
     assert "+ fused attention (SDPA)" in open(tmp_path / "ablation_b.md").read()
@@ -215,7 +215,7 @@ def test_visualized_mask_lines_up_with_the_image_as_in_training():
     """A 500x375 picture whose bright part is its mask: after the same resize and crop, the mask
     panel and the picture agree pixel for pixel (rounding the long side instead of truncating, as
     torchvision does, shifted it by one pixel)."""
-    from util.finetune_data import build_eval_transform
+    from inputs.classification import build_eval_transform
     h, w = 375, 500
     mask = np.zeros((h, w), np.uint8)
     mask[:, 185:] = 1  # a vertical edge (where rounding the long side shifted the old mask by one column)

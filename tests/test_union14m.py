@@ -14,9 +14,9 @@ import main_pretrain
 import models_mae
 import models_vit
 from test_pretrain_cli import common
-from util.datasets import BadSample, build_pretrain_dataset, collate_pretrain
-from util.images import DataError
-from util.datasets import PretrainTransform, build_pretrain_transform
+from inputs.pretrain import BadSample, build_pretrain_dataset, collate_pretrain
+from inputs.images import DataError
+from inputs.pretrain import PretrainTransform, build_pretrain_transform
 
 
 def trainable(model: torch.nn.Module) -> int:

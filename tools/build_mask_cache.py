@@ -16,11 +16,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.image_folders import relative_paths, scan_image_folder  # noqa: E402
-from util.image_roots import image_folder_of  # noqa: E402
-from util.errors import run_tool  # noqa: E402
-from util.mask_cache_build import build_mask_cache  # noqa: E402
-from util.mask_sources import MASK_FORMATS  # noqa: E402
+from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
+from inputs.roots import image_folder_of  # noqa: E402
+from run.setup import run_tool  # noqa: E402
+from sam.cache import build_mask_cache  # noqa: E402
+from sam.listing import MASK_FORMATS  # noqa: E402
 
 
 def main(argv=None) -> list[str]:

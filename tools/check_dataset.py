@@ -18,19 +18,21 @@ from multiprocessing import Pool
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.image_folders import relative_paths, scan_image_folder  # noqa: E402
-from util.image_roots import image_folder_of  # noqa: E402
-from util.mask_cache import MaskCache  # noqa: E402
-from util.mask_sources import MaskSource, SOURCES, open_mask_source, png_size, read_empty_list, stem_of  # noqa: E402
-from util.mask_geometry import exif_orientation, mask_fit  # noqa: E402
-from util.sam_masks import MaskFileError, check_rle, duplicate_stems  # noqa: E402
-from util.images import IMAGE_ERRORS, DataError, image_error  # noqa: E402
+from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
+from inputs.roots import image_folder_of  # noqa: E402
+from sam.cache import MaskCache  # noqa: E402
+from sam.layouts import SOURCES, MaskSource, closest, open_mask_source, png_size  # noqa: E402
+from sam.listing import read_empty_list, stem_of  # noqa: E402
+from sam.geometry import exif_orientation, mask_fit  # noqa: E402
+from sam.files import MaskFileError, check_rle, duplicate_stems  # noqa: E402
+from sam.geometry import IMAGE_ERRORS  # noqa: E402
+from inputs.images import DataError, image_error  # noqa: E402
 
 _sources: dict[tuple[str, str], MaskSource] = {}  # one reader per worker process
 
 
 def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
-    """One image and its masks, under the same rules as training (util/sam_masks.py, util/mask_geometry.py)."""
+    """One image and its masks, under the same rules as training (sam/files.py, sam/geometry.py)."""
     rel, image_root, mask_root, mask_format, coverage, tolerance = job
     source = _sources.setdefault((mask_root, mask_format), SOURCES[mask_format](mask_root, shared_counters=False))
     result = {"image": rel, "problems": [], "near_coverage": False, "empty": False, "resize": False,
@@ -62,7 +64,7 @@ def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
                 rule = mask_fit((h, w), size, orientation)
                 if rule != "same":
                     result[rule] = True
-        chosen = source.choose(segments, coverage)
+        chosen = closest(segments, coverage)
         if chosen.rle is None:  # a PNG: decode the one training uses
             before = source.thresholded.value
             chosen.decode()

@@ -27,56 +27,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_vit  # noqa: E402
-from util.args import add_mask_channel_arg  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
-from util.checkpoint_adapt import (describe_encoder, encoder_state_dict, mae_state_dict, patch_grid,  # noqa: E402
-                                   pretrain_mask_method)
-from util.checkpoint_origin import is_segmae_combined, state_dict_of  # noqa: E402
-from util.errors import UserError, run_tool  # noqa: E402
-from util.files import atomic_torch_save, writable_dir  # noqa: E402
-from util.masking import get_method  # noqa: E402
-from util.transforms import NORMALIZATIONS, as_hw  # noqa: E402
+from inputs.transforms import NORMALIZATIONS, as_hw  # noqa: E402
+from mask_methods import get_method  # noqa: E402
+from models_vit import describe_encoder, load_encoder, timm_name  # noqa: E402
+from run.checkpoint import load_checkpoint  # noqa: E402
+from util.misc import UserError  # noqa: E402
+from run.setup import run_tool  # noqa: E402
+from run.files import atomic_torch_save, writable_dir  # noqa: E402
+from run.flags import add_mask_channel_arg  # noqa: E402
 
 TARGETS = ("timm", "hf", "hf-mae", "encoder")
-
-
-def encoder_shape(sd: dict) -> dict:
-    """embed_dim, depth, heads (from the ViT registry's architectures), patch size, mlp width of an encoder."""
-    w = sd["patch_embed.proj.weight"]
-    embed_dim, depth = w.shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    heads = next((a["num_heads"] for a in models_vit.ARCHITECTURES.values()
-                  if a["embed_dim"] == embed_dim and a["depth"] == depth), None)
-    if heads is None:
-        raise UserError(f"no registered ViT has embed_dim {embed_dim} and {depth} blocks: the number of attention "
-                        f"heads is unknown")
-    return {"embed_dim": embed_dim, "depth": depth, "heads": heads, "patch": w.shape[-1],
-            "mlp": sd["blocks.0.mlp.fc1.weight"].shape[0], "in_chans": w.shape[1]}
-
-
-def load_encoder(path: str, checkpoint: dict | None = None,
-                 mask_channel: str = "auto") -> tuple[dict, dict, str, tuple[int, int], dict]:
-    """(encoder state dict, full state dict, mask method, input size, shape) of a checkpoint
-    (``checkpoint``: the file already loaded)."""
-    ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
-    method = pretrain_mask_method(ckpt)
-    sd = encoder_state_dict(ckpt, method, fold_mask_channel=True, mask_channel=mask_channel, path=path)
-    if "patch_embed.proj.weight" not in sd:
-        raise UserError(f"{path} holds no ViT encoder (no patch_embed.proj.weight)")
-    gh, gw = patch_grid(sd["pos_embed"].shape[1] - 1, ckpt)  # the size it was trained at
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    full = state_dict_of(ckpt)
-    if is_segmae_combined(full):  # the original's preencoder: its MAE, the pre-encoder dropped
-        full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-    else:
-        full = mae_state_dict(ckpt, path, mask_channel)
-    return sd, full, method, (gh * patch, gw * patch), encoder_shape(sd)
-
-
-def timm_name(shape: dict) -> str:
-    name = models_vit.name_for(shape["embed_dim"], shape["depth"], shape["patch"])
-    if name is None:
-        raise UserError(f"no timm model has this encoder's shape ({shape})")
-    return name
 
 
 def build_timm_encoder(sd: dict, shape: dict, size) -> torch.nn.Module:

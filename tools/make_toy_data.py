@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.sam_masks import encode_segmentation, write_mask_file  # noqa: E402
+from sam.files import encode_segmentation, write_mask_file  # noqa: E402
 
 CLASSES = ("discs", "boxes", "triangles", "stripes")
 

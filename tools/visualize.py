@@ -21,19 +21,20 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
-from util.checkpoint_adapt import mae_state_dict, pretrain_mask_method  # noqa: E402
-from util.finetune_data import build_eval_transform  # noqa: E402
-from util.image_folders import list_images  # noqa: E402
-from util.images import load_rgb  # noqa: E402
-from util.errors import run_tool  # noqa: E402
-from util.files import writable_dir  # noqa: E402
-from util.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from util.mask_sources import SOURCES, open_mask_source, stem_of  # noqa: E402
-from util.mask_geometry import exif_orientation, fit_mask  # noqa: E402
-from util.transforms import as_hw  # noqa: E402
-from util.args import DEFAULT_COVERAGE_RATIO  # noqa: E402
-from util.masking import MASK_METHODS, get_method  # noqa: E402
-from util.visualize import labelled_grid, mask_panels, panel_titles, reconstruction_panels  # noqa: E402
+from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
+from inputs.classification import build_eval_transform  # noqa: E402
+from inputs.folders import list_images  # noqa: E402
+from inputs.images import load_rgb  # noqa: E402
+from run.setup import run_tool  # noqa: E402
+from run.files import writable_dir  # noqa: E402
+from run.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from sam.layouts import SOURCES, closest, open_mask_source, segment_mask  # noqa: E402
+from sam.listing import stem_of  # noqa: E402
+from sam.geometry import exif_orientation, fit_mask  # noqa: E402
+from inputs.transforms import as_hw  # noqa: E402
+from mask_methods import DEFAULT_COVERAGE_RATIO  # noqa: E402
+from mask_methods import MASK_METHODS, get_method  # noqa: E402
+from evals.visualize import labelled_grid, mask_panels, panel_titles, reconstruction_panels  # noqa: E402
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
@@ -148,7 +149,7 @@ def image_and_segment(path: str, size, normalization: str = "imagenet", source=N
     if source is None:
         return x, None, None
     rel = os.path.relpath(path, os.path.join(data_path, "train"))
-    m, _ = fit_mask(source.load(rel, coverage, img.size), img.size, exif_orientation(path), source.location(rel))
+    m, _ = fit_mask(segment_mask(closest(source.segments(rel), coverage), img.size), img.size, exif_orientation(path), source.location(rel))
     seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
     return x, seg, source.generator(rel)
 

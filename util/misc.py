@@ -1,20 +1,76 @@
-"""What a training step calls around the model: metric logging without a host-device sync per
-step, the learning-rate schedule, mixed precision (autocast, loss scaling), the loss check and the
-CUDA-graph step marker (the run set-up and the command line are util/runsetup.py's)."""
+"""What the MAE reference's util/misc.py holds: what a training step calls around the model. The
+process's rank, metric logging without a host-device sync per step (device tensors are read at
+print time) and the check that stops a run whose loss is not finite, mixed precision (autocast,
+loss scaling), the CUDA-graph step marker, and the base of the errors a user can fix. A run's
+set-up, checkpoints and signals are the run/ package's."""
 from __future__ import annotations
 
+import builtins
 import datetime
-import math
+import string
 import time
 from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
 
-from util.distributed import get_world_size, is_dist_avail_and_initialized
-from util.errors import UserError
-from util.speed import CUDA_GRAPH_MODES
-from util.stops import PROGRESS
+_builtin_print = builtins.print  # wrapped (not re-wrapped) by setup_for_distributed
+# where the training loop is: header, step, steps (set by MetricLogger.log_every); stage and
+# checkpoint_dir (set by the benchmark while a stage runs): run/stops.py's message on a signal
+PROGRESS: dict = {}
+# the torch.compile modes with CUDA graphs: they need a step marker (mark_step_begin)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class UserError(RuntimeError):
+    """An error a user can cause and fix (a wrong path, a missing or corrupt file, a mismatched
+    checkpoint, a loss that is not finite): the command lines print its message, which names the
+    problem and the fix, as one line without a traceback and exit with status 1. Each concern has
+    its own kind (inputs.images.DataError, sam.files.MaskFileError, run.checkpoint.CheckpointError)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the process's place in the job (the process group itself: run/distributed.py)
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silences print() on every rank but the first (print(..., force=True) still prints)."""
+    builtin_print = _builtin_print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        force = force or (get_world_size() > 8)
+        if is_master or force:
+            now = datetime.datetime.now().time()
+            builtin_print(f"[{now}] ", end="")
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def all_reduce_mean(x: float) -> float:
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return (t / world_size).item()
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +127,6 @@ class SmoothedValue:
         if not self.deque:  # nothing recorded yet (e.g. every step so far was skipped)
             return "-"
         # only the statistics the format shows: each one reads device values
-        import string
         used = {name for _, name, _, _ in string.Formatter().parse(self.fmt) if name}
         return self.fmt.format(**{name: getattr(self, name) for name in used})
 
@@ -138,49 +193,7 @@ class MetricLogger:
 
 
 # ------------------------------------------------------------------------------------------------
-# the learning rate (the reference's util/lr_sched.py; that name still imports it)
-
-def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
-    """Learning rate at a fractional epoch: linear warmup, then half-cycle cosine down to min_lr."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def adjust_learning_rate(optimizer, epoch: float, args) -> float:
-    """Sets every param group's lr (scaled by its 'lr_scale', used by layer-wise decay)."""
-    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
-    return lr
-
-
-# ------------------------------------------------------------------------------------------------
-# mixed precision
-
-def resolve_amp(amp: str | None, device: torch.device) -> str:
-    """'bf16' | 'fp16' | 'none'. None picks bf16 on GPUs that support it, else none."""
-    if amp is None:
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "none"
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on CPU")
-    return amp
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def mark_step_begin(compile_mode: str | None) -> None:
-    """Call at the start of every training step under a CUDA-graph compile mode: tells the graph
-    runner that the previous step's outputs may be overwritten."""
-    if compile_mode in CUDA_GRAPH_MODES:
-        torch.compiler.cudagraph_mark_step_begin()
-
+# backward and optimizer step
 
 class LossScaler:
     """Backward + (optional clip) + step. Scales the loss only for fp16; a no-op scaler otherwise.
@@ -210,6 +223,27 @@ class LossScaler:
         if state_dict:
             self._scaler.load_state_dict(state_dict)
 
+
+NativeScalerWithGradNormCount = LossScaler  # the reference's name
+
+
+# ------------------------------------------------------------------------------------------------
+# mixed precision and compilation
+
+def autocast(device: torch.device, amp: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def mark_step_begin(compile_mode: str | None) -> None:
+    """Call at the start of every training step under a CUDA-graph compile mode: tells the graph
+    runner that the previous step's outputs may be overwritten."""
+    if compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+# ------------------------------------------------------------------------------------------------
+# a loss that is not finite
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; training stops before anything more is saved."""
@@ -283,6 +317,3 @@ def epoch_progress(data_loader, epoch: int, device: torch.device, args, log_writ
                                        batch_size=args.batch_size, on_print=monitor,
                                        epochs_after=max(last_epoch - epoch - 1, 0))
     return metric_logger, monitor, iterator
-
-
-from util.runsetup import given_flags  # noqa: E402,F401  (its old home)

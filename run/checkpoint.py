@@ -1,0 +1,485 @@
+"""Checkpoints and resume: save, load, the newest, pruning, which run a command continues, the
+optimizer state by parameter name, which codebase a checkpoint comes from, and the per-epoch log.
+Every write goes through run/files.py's ``atomic_write``; a checkpoint is written only when its
+weights are finite, so the newest checkpoint is always one a run can continue from."""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import zipfile
+
+import torch
+
+from util.misc import UserError
+from run.files import StorageError, atomic_torch_save, file_digest, read_jsonl, write_jsonl
+from util.lr_decay import param_groups_layer_decay
+from util.misc import is_main_process
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, not finite or does not fit the run."""
+
+
+class AdaptationError(UserError):
+    """A checkpoint that does not fit the requested model or method."""
+
+# Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
+# torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def append_log(output_dir: str, stats: dict) -> None:
+    """Adds this epoch's row to output_dir/log.txt (main process only). The file is rewritten
+    atomically: rows of this epoch or later (left by a run resumed from an older checkpoint) and a
+    torn last line are dropped, so the log has one row per epoch whatever crashed when."""
+    if not is_main_process():
+        return
+    path = os.path.join(output_dir, "log.txt")
+    rows = [r for r in read_jsonl(path) if not (isinstance(r, dict) and r.get("epoch", -1) >= stats["epoch"])]
+    write_jsonl(path, rows + [stats])
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def first_nonfinite(state_dict: dict) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None (one device sync)."""
+    floats = [(k, v) for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).cpu()
+    return None if bool(finite.all()) else floats[int((~finite).nonzero()[0])][0]
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Writes a checkpoint dict atomically, refusing non-finite weights: a run never leaves behind a
+    checkpoint it cannot continue from. Errors name the newest intact checkpoint in the folder."""
+    bad = first_nonfinite(obj["model"])
+    if bad is not None:
+        previous = _newest_intact(path)
+        raise CheckpointError(
+            f"the weights are not finite (NaN/inf in '{bad}') at epoch {obj.get('epoch')}: {path} was not "
+            f"written. " + (f"The last good checkpoint is {previous}. " if previous else "No earlier checkpoint. ")
+            + "Lower the learning rate (--blr / --lr), raise --warmup_epochs, or set --clip_grad.")
+    try:
+        atomic_torch_save(obj, path)
+    except StorageError as e:
+        previous = _newest_intact(path)
+        raise StorageError(f"{e}. Nothing was overwritten"
+                           + (f"; the newest intact checkpoint is {previous}" if previous else "")
+                           + ". Free space (or fix the path) and rerun the same command to resume.") from None
+
+
+def _newest_intact(path: str) -> str | None:
+    found = find_last_checkpoint(os.path.dirname(os.path.abspath(path)))
+    return found or (path if os.path.exists(path) else None)
+
+
+def checkpoint_args(args: argparse.Namespace, run) -> argparse.Namespace:
+    """The flags as a checkpoint stores them: a copy of args with the values the reference's
+    start-up wrote into its args (rank, world size, GPU, backend) taken from ``run``
+    (run.setup.Runtime), the resolved --amp and the run record."""
+    saved = argparse.Namespace(**vars(args))
+    saved.distributed, saved.rank, saved.world_size, saved.gpu = run.distributed, run.rank, run.world_size, run.local_rank
+    if run.distributed:
+        saved.dist_backend = run.dist_backend
+    saved.device, saved.amp, saved.record = str(run.device), run.amp, run.record
+    return saved
+
+
+def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None,
+               run=None) -> str:
+    """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
+    process writes. 'args' holds the flags with the run's Runtime values in them (run: a
+    run.setup.Runtime). With --keep_last K older epoch checkpoints are pruned."""
+    path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
+    if is_main_process():
+        save_checkpoint({
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
+            "epoch": epoch,
+            "scaler": loss_scaler.state_dict(),
+            "args": checkpoint_args(args, run) if run is not None else args,
+        }, path)
+        if getattr(args, "keep_last", 0) and (name is None or name.isdigit()):
+            prune_checkpoints(args.output_dir, args.keep_last, just_written=path)
+    return path
+
+
+def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(number in the name, path) of every checkpoint-<number>.pth, ascending."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    checkpoint = _read_checkpoint(path)
+    refuse_foreign(checkpoint, path)
+    return checkpoint
+
+
+def _read_checkpoint(path: str) -> dict:
+    try:
+        # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        error = e
+    if not zipfile.is_zipfile(path):  # torch's legacy format (before 1.6, or _use_new_zipfile_serialization=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        else:
+            print(f"{path} is in torch's legacy (non-zip) format: read without mmap")
+            return checkpoint
+    raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {error}")
+
+
+def stored_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(stored epoch, path) of every readable checkpoint-<number>.pth, oldest first (ties: by name).
+    The stored epoch, not the name, says which is newest: resume and pruning both use this."""
+    found = []
+    for number, path in checkpoint_epochs(output_dir):
+        try:
+            found.append((int(load_checkpoint(path)["epoch"]), number, path))
+        except (UserError, KeyError, TypeError, ValueError):
+            print(f"WARNING: skipping unreadable checkpoint {path}")
+    return [(epoch, path) for epoch, _, path in sorted(found)]
+
+
+def find_last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir, judged by content: the readable
+    checkpoint-*.pth with the highest stored epoch (a truncated or foreign file is skipped)."""
+    found = stored_epochs(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: str, keep_last: int, just_written: str | None = None) -> None:
+    """Deletes all but the newest keep_last readable numbered checkpoints, newest by stored epoch
+    (as resume judges it). Never deletes just_written, and never a file it cannot read (a stray or
+    foreign file is not ours to delete)."""
+    found = [path for _, path in stored_epochs(output_dir)]
+    keep = set(found[-max(keep_last, 1):])
+    if just_written:
+        keep.add(os.path.abspath(just_written))
+    for path in found:
+        if path not in keep and os.path.abspath(path) not in keep:
+            os.remove(path)
+
+
+def same_model_family(a: str | None, b: str | None) -> bool:
+    """A short model name and its explicit name (mae_vit_small_patch4 and
+    mae_vit_small_patch4_dec256d4b): a checkpoint recorded under the short name resumes under the
+    explicit one; the weights' shapes then decide (load_state_dict is strict)."""
+    return bool(a and b) and (a == b or a.startswith(b + "_dec") or b.startswith(a + "_dec"))
+
+
+def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
+    """--resume: restores model, optimizer, scaler and sets args.start_epoch."""
+    if not args.resume:
+        return
+    checkpoint = load_checkpoint(args.resume)
+    saved = checkpoint.get("args")
+    for key in ("mask_method", "model"):
+        ours, theirs = getattr(args, key, None), getattr(saved, key, None)
+        if key == "model" and same_model_family(ours, theirs):
+            continue
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointError(f"--resume {args.resume} was trained with --{key} {theirs}, but this run has "
+                                  f"--{key} {ours}: pass --{key} {theirs} to continue it, or start a new run")
+    bad = first_nonfinite(checkpoint["model"]) if "model" in checkpoint else None
+    if bad is not None:
+        raise CheckpointError(f"--resume {args.resume} holds non-finite weights (NaN/inf in '{bad}'): resume "
+                              f"from an earlier checkpoint (--resume PATH) or move this one away")
+    try:
+        model_without_ddp.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"--resume {args.resume} does not fit this model ({mismatch_hint(str(e))}): "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+    print(f"Resume checkpoint {args.resume}")
+    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
+        load_optimizer_state(optimizer, checkpoint["optimizer"], model_without_ddp)
+        args.start_epoch = checkpoint["epoch"] + 1
+        if hasattr(saved, "max_accuracy"):  # finetuning's best top-1 so far
+            args.max_accuracy = saved.max_accuracy
+        if "scaler" in checkpoint:
+            loss_scaler.load_state_dict(checkpoint["scaler"])
+        print("With optim & sched!")
+
+
+def mismatch_hint(error: str) -> str:
+    """Which flag to look at for a load_state_dict size mismatch."""
+    if "head." in error or "head.weight" in error:
+        return "check --nb_classes / --n-cls"
+    if "pos_embed" in error:
+        return "check --input_size / --crop-size"
+    if "patch_embed" in error:
+        return "check --model (patch size) and the input channels"
+    return "check --model"
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer state by parameter name: a checkpoint's moments go to the same parameters whatever the
+# group order (ours store the names; the reference's order is reconstructed)
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of each of the optimizer's groups, in order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """optimizer.state_dict() with each group's parameter names ('param_names', as PyTorch writes for
+    named parameters), so the state can be matched by name when the order changes."""
+    state = optimizer.state_dict()
+    for group, names in zip(state["param_groups"], optimizer_param_names(optimizer, model)):
+        group.setdefault("param_names", names)
+    return state
+
+
+def _reference_group_names(model: torch.nn.Module) -> list[list[str]] | None:
+    """The groups the original MAE code (timm 0.3.2) made for this model: there fc_norm is
+    registered after head, so the layer-decay groups come in another order."""
+    params = list(model.named_parameters())
+    if not any(n.startswith("fc_norm.") for n, _ in params) or not hasattr(model, "blocks"):
+        return None
+    moved = [x for x in params if not x[0].startswith("fc_norm.")]
+    at = max(i for i, (n, _) in enumerate(moved) if n.startswith("head")) + 1
+    moved[at:at] = [x for x in params if x[0].startswith("fc_norm.")]
+
+    class ReferenceOrder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = model.blocks
+
+        def named_parameters(self, *a, **k):
+            return iter(moved)
+
+    names = {id(p): n for n, p in params}
+    groups = param_groups_layer_decay(ReferenceOrder(), no_weight_decay=model.no_weight_decay()
+                                      if hasattr(model, "no_weight_decay") else ())
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: torch.nn.Module) -> None:
+    """Loads an optimizer state, matching parameters by name: names stored with the state, or, for
+    a state written by the original MAE code, the names its parameter order implies."""
+    ours = optimizer_param_names(optimizer, model)
+    saved_groups = state["param_groups"]
+    theirs = [g.get("param_names") for g in saved_groups]
+    same_shape = [len(g["params"]) for g in saved_groups] == [len(n) for n in ours]
+    if any(t is None for t in theirs):
+        theirs = None if same_shape else _reference_group_names(model)
+    if theirs is None or theirs == ours:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}); resume "
+                                  f"with the same model and flags, or start the optimizer afresh") from None
+        return
+    where = {name: idx for names, g in zip(theirs, saved_groups) for name, idx in zip(names, g["params"])}
+    missing = [n for names in ours for n in names if n not in where]
+    if missing:
+        raise CheckpointError(f"the checkpoint's optimizer state has no entry for {missing[:3]}: it was made for "
+                              f"another model")
+    remapped, index = {}, 0
+    groups = []
+    for names, group in zip(ours, optimizer.state_dict()["param_groups"]):
+        new_ids = []
+        for name in names:
+            if where[name] in state["state"]:
+                remapped[index] = state["state"][where[name]]
+            new_ids.append(index)
+            index += 1
+        groups.append({**group, "params": new_ids})
+    optimizer.load_state_dict({"state": remapped, "param_groups": groups})
+    print("optimizer state matched to the parameters by name")
+
+
+# ------------------------------------------------------------------------------------------------
+# which run a command continues: where a run started (run_start: data roots, --finetune / --stack
+# files and their SHA-256), auto-resume of only that run from --output_dir, and the flags that
+# define a run reconciled with the checkpoint it continues (a default is taken from it, a conflict
+# is an error naming both values)
+
+def _normalised(key: str, value):
+    if key == "input_size" and isinstance(value, (list, tuple)):
+        return [int(value[0]), int(value[-1])]
+    if key == "input_size" and isinstance(value, int):  # the reference stores one int for a square
+        return [value, value]
+    return value
+
+
+def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, dashes: bool = False,
+                              saved: argparse.Namespace | None = None) -> None:
+    """Flags that define a run (or a model to evaluate) must agree with the checkpoint (--resume
+    unless path is given): a flag given on the command line that disagrees is an error naming both
+    values; one left at its default takes the checkpoint's value (so resuming or evaluating needs
+    no retyping). dashes: the command spells its flags --crop-size rather than --crop_size.
+    saved: the checkpoint's settings where they are not its 'args' (another codebase's layout)."""
+    path = path if path is not None else getattr(args, "resume", "")
+    if not path:
+        return
+    saved = saved if saved is not None else load_checkpoint(path).get("args")
+    if saved is None:
+        return
+    flag = (lambda k: "--" + k.replace("_", "-")) if dashes else (lambda k: "--" + k)
+    given = set(getattr(args, "given_flags", []))
+    for key in keys:
+        if not hasattr(saved, key):
+            continue
+        ours, theirs = _normalised(key, getattr(args, key, None)), _normalised(key, getattr(saved, key))
+        if ours == theirs:
+            continue
+        if key in given:
+            raise CheckpointError(
+                f"{path} was trained with {flag(key)} {_flag_value(theirs)}, but this run has "
+                f"{flag(key)} {_flag_value(ours)}: pass {flag(key)} {_flag_value(theirs)} (or leave it out) to use that "
+                f"checkpoint, or start a new run in another output folder")
+        print(f"{flag(key)} {_flag_value(theirs)} taken from {path}")
+        setattr(args, key, getattr(saved, key))
+        args.from_checkpoint = [*getattr(args, "from_checkpoint", []), key]  # as binding as a given flag
+
+
+def _flag_value(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def run_start(args, files: list[str], keys: list[str] = ("data_path",)) -> dict:
+    """Where a run starts: the flags in keys (paths made absolute) and, for each flag in files
+    (e.g. --finetune, --stack), the file's absolute path and SHA-256. Stored in the checkpoint's
+    args, it lets auto-resume continue only the run this command would start."""
+    start: dict = {}
+    for key in keys:
+        value = getattr(args, key, None)
+        if key == "data_path" and value is not None:
+            value = [os.path.abspath(p) for p in ([value] if isinstance(value, str) else value)]
+        start[key] = value
+    for key in files:
+        path = getattr(args, key, "") or ""
+        start[key] = os.path.abspath(path) if path else ""
+        start[key + "_sha256"] = file_digest(path, "sha256") if path and os.path.isfile(path) else ""
+    return start
+
+
+def _real_paths(start: dict) -> dict:
+    """run_start with its paths resolved: the same data reached through a symlink is the same run."""
+    real = dict(start)
+    for key, value in start.items():
+        if key == "data_path" and value is not None:
+            real[key] = [os.path.realpath(p) for p in ([value] if isinstance(value, str) else value)]
+        elif key + "_sha256" in start and value:
+            real[key] = os.path.realpath(value)
+    return real
+
+
+def _describe(start: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in start.items() if v and not k.endswith("_sha256")) or "scratch"
+
+
+def auto_resume(args, start: dict | None = None) -> None:
+    """Without --resume, continue from the newest complete checkpoint in --output_dir (a plain
+    rerun after a crash or a preemption picks up where the run stopped) -- but only a run that
+    started where this command starts (``start``, see run_start); another one is an error that
+    names both. The run's start is kept in args.run_start (a continued run keeps its own)."""
+    if start is not None:
+        args.run_start = start
+    if args.resume or not args.output_dir or not getattr(args, "auto_resume", True):
+        return
+    last = find_last_checkpoint(args.output_dir)
+    if not last:
+        return
+    saved = load_checkpoint(last).get("args")
+    theirs = getattr(saved, "run_start", None)
+    if start is not None and theirs is not None:
+        mine, theirs_real = _real_paths(start), _real_paths(theirs)
+        differ = [k for k in start if k in theirs and mine[k] != theirs_real[k]]
+        if differ:
+            changed = [k for k in differ if k.endswith("_sha256") and mine[k[:-7]] == theirs_real.get(k[:-7])]
+            what = (f"{', '.join(k[:-7] for k in changed)} has the same path but other contents" if changed
+                    else f"this command starts from {_describe(start)}, that run from {_describe(theirs)}")
+            raise CheckpointError(
+                f"--output_dir {args.output_dir} holds {last}, a run that did not start where this command "
+                f"starts ({what}). Use another --output_dir for a new run, or pass --resume {last} to continue "
+                f"that one")
+    print(f"Auto-resume: found {last} in --output_dir")
+    args.resume = last
+    if theirs is not None:
+        args.run_start = theirs
+
+
+# ------------------------------------------------------------------------------------------------
+# which codebase a checkpoint comes from, read off its contents: this repo's, the original segmae
+# code's (DeinAlptraum/mae: its args have mask_method and none of this repo's flags, its
+# preencoder checkpoints a CombinedModel), facebookresearch/mae's and the official files, or
+# another MAE codebase whose model is not this one (refused whole)
+
+# recorded in the args of this repo's checkpoints: a mask channel holds v = 1 - m (the original's: m)
+FOURTH_CHANNEL_KEY = "fourth_channel"
+
+# flags that only this repo writes into a checkpoint's args (the original segmae code has none of them)
+_OWN_ARGS = ("data_timeout", "in_chans", "amp", "data_backend", "fold_mask_channel")
+
+
+def checkpoint_origin(checkpoint: dict) -> str:
+    """'repo' (this code), 'segmae' (the original segmae code: its args have mask_method and none
+    of this repo's flags) or 'reference' (facebookresearch/mae, official files: patches only)."""
+    saved = checkpoint.get("args")
+    if saved is None:
+        return "reference"
+    has = (lambda k: k in saved) if isinstance(saved, dict) else (lambda k: hasattr(saved, k))  # noqa: E731
+    if any(has(k) for k in (FOURTH_CHANNEL_KEY,) + _OWN_ARGS):
+        return "repo"
+    return "segmae" if has("mask_method") else "reference"
+
+
+def is_segmae_combined(sd: dict) -> bool:
+    """The original segmae code's preencoder checkpoint: model.* (the MAE) + encoder.* (its conv)."""
+    return "encoder.weight" in sd and any(k.startswith("model.") for k in sd)
+
+
+def state_dict_of(checkpoint: dict) -> dict:
+    """The weights in a checkpoint dict ('model', 'state_dict' or the dict itself)."""
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def mae_pytorch_kind(checkpoint: dict) -> str | None:
+    """'pretraining' or 'finetuned' for a checkpoint of pengzhiliang/MAE-pytorch (BEiT's ViT: the
+    encoder under ``encoder.`` beside ``encoder_to_decoder``, or a ViT with BEiT's ``q_bias`` and
+    no class token), else None."""
+    sd = checkpoint.get("module") if isinstance(checkpoint.get("module"), dict) else state_dict_of(checkpoint)
+    if not isinstance(sd, dict):
+        return None
+    def beit_without_cls(prefix: str) -> bool:  # BEiT's attention biases, no class token
+        return f"{prefix}cls_token" not in sd and any(k.startswith(f"{prefix}blocks.") and k.endswith(".attn.q_bias")
+                                                       for k in sd)
+    # (Segmenter's checkpoints also hold encoder.blocks.*, with a class token and timm's qkv bias)
+    if "encoder_to_decoder.weight" in sd or beit_without_cls("encoder."):
+        return "pretraining"
+    if beit_without_cls(""):
+        return "finetuned"
+    return None
+
+
+def refuse_foreign(checkpoint: dict, path: str) -> None:
+    """A checkpoint of another MAE codebase whose model is not this repo's is refused whole: loading
+    the tensors whose names happen to match would train a silently different model."""
+    kind = mae_pytorch_kind(checkpoint) if isinstance(checkpoint, dict) else None
+    if kind:
+        raise AdaptationError(
+            f"{path} is a MAE-pytorch (pengzhiliang/MAE-pytorch) {kind} checkpoint: its ViT has no class token "
+            f"and a fixed 1-D sine-cosine position table that the file does not store, where this repo's ViT "
+            f"(facebookresearch/mae's) has a class token and a 2-D table, so it cannot be loaded here, in whole "
+            f"or in part. Start from an official MAE checkpoint (facebookresearch/mae) or one of this repo's")
