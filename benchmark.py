@@ -37,16 +37,15 @@ import segmenter.train  # noqa: E402
 from evals.report import (FINETUNE_RESULT, finetune_table, plot, read_finetune_results, read_results,  # noqa: E402
                           results_table)
 from evals.runs import (add_stage_time, append_result, eval_config, official_checkpoint, paths,  # noqa: E402
-                        pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest,
-                        stack_sha256, stage_times)
+                        pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest, stack_sha256,
+                        stage_times)
 from evals.stages import run_stage  # noqa: E402
 from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
 from run.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
-from util.misc import UserError  # noqa: E402
 from run.files import atomic_write_json  # noqa: E402
 from run.flags import coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
 from run.slurm import add_slurm_job_args, submit  # noqa: E402
-
+from util.misc import UserError  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -9,10 +9,8 @@ from timm.data import Mixup
 
 import util.misc as misc
 from run.setup import Runtime
-from util.misc import autocast, mark_step_begin
-from util.misc import epoch_progress
 from util.lr_sched import adjust_learning_rate
-from util.misc import is_dist_avail_and_initialized
+from util.misc import autocast, epoch_progress, is_dist_avail_and_initialized, mark_step_begin
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,

@@ -11,12 +11,10 @@ import torch
 
 import util.misc as misc
 from mask_methods import get_method, uses_segments
-from util.misc import UserError
 from run.setup import Runtime
-from util.misc import autocast, mark_step_begin
-from util.misc import NonFiniteLossError, epoch_progress
 from util.lr_sched import adjust_learning_rate
-from util.misc import all_reduce_mean, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.misc import (NonFiniteLossError, UserError, all_reduce_mean, autocast, epoch_progress, get_world_size,
+                       is_dist_avail_and_initialized, is_main_process, mark_step_begin)
 
 
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

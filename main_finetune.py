@@ -26,17 +26,15 @@ from inputs.pretrain import loader_options
 from inputs.transforms import REFERENCE_RECIPE, add_recipe_args, as_hw
 from mask_methods import MASK_METHODS
 from models_vit import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
-from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
-                            run_start, save_model)
+from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start,
+                            save_model)
 from run.distributed import check_ranks_agree, local_main_first
-from util.misc import UserError
 from run.files import atomic_write_json
 from run.flags import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int)
 from run.setup import Runtime, build_optimizer
 from util.lr_decay import param_groups_layer_decay
-from util.misc import get_rank, get_world_size, is_main_process
-
+from util.misc import UserError, get_rank, get_world_size, is_main_process
 
 # What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
 # and the file a run starts from (auto-resume continues only a run from the same --finetune file).

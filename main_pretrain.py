@@ -24,18 +24,15 @@ from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_
 from inputs.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, add_recipe_args, as_hw
 from mask_methods import add_method_args, get_method, uses_segments
 from models_vit import refuse_original_to_continue, stack_official_into_mae
-from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint,
-                            run_start, save_model)
+from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start,
+                            save_model)
 from run.distributed import check_ranks_agree, local_main_first
-from util.misc import UserError
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
                        mask_ratio_type, non_negative_int, positive_int)
 from run.setup import Runtime, build_optimizer, convert_to_fp8
-from util.misc import autocast
 from sam.listing import MASK_FORMATS
 from util.lr_decay import param_groups_weight_decay
-from util.misc import all_reduce_mean, get_rank, get_world_size
-
+from util.misc import UserError, all_reduce_mean, autocast, get_rank, get_world_size
 
 # What defines a pretraining run besides its mask method's own flags (MaskMethod.run_flags): a
 # resume keeps the checkpoint's values; and the files it starts from (auto-resume continues only

@@ -10,12 +10,12 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
 
-from models_vit import ARCHITECTURES, check_registered
 from mask_methods import SEG_LOSSES, get_method, hidden_pixel_loss, weighted_patch_loss
+from models_vit import ARCHITECTURES, check_registered
 from util.pos_embed import get_2d_sincos_pos_embed
 
 

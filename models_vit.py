@@ -32,13 +32,13 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import timm.models.vision_transformer as timm_vit
 import torch
 import torch.nn as nn
-import timm.models.vision_transformer as timm_vit
 
 from mask_methods import MASK_METHODS, get_method
-from run.checkpoint import (FOURTH_CHANNEL_KEY, AdaptationError, checkpoint_origin, is_segmae_combined,
-                            load_checkpoint, state_dict_of)
+from run.checkpoint import (FOURTH_CHANNEL_KEY, AdaptationError, checkpoint_origin, is_segmae_combined, load_checkpoint,
+                            state_dict_of)
 from util.pos_embed import resize_pos_embed
 
 

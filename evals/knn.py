@@ -27,12 +27,10 @@ import run.setup as runsetup
 from inputs.classification import CheckedImageFolder, build_eval_transform, build_resize_transform
 from models_vit import load_encoder, load_pretrained_encoder, timm_name
 from run.checkpoint import load_checkpoint
-from util.misc import UserError
 from run.files import atomic_write_json, writable_dir
 from run.flags import add_mask_channel_arg, show_defaults
 from run.setup import Runtime, resolve_amp
-from util.misc import autocast
-from util.misc import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.misc import UserError, autocast, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 
 
 def balanced_subset(targets: list[int], per_class: int, seed: int = 0) -> list[int]:

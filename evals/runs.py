@@ -13,12 +13,11 @@ import os
 import shlex
 import urllib.request
 
-from segmenter import RECIPE as SEGMENTER_RECIPE
-from run.checkpoint import load_checkpoint
-from util.misc import UserError
-from run.files import atomic_write_json, file_digest, read_jsonl, read_sha256_record, write_jsonl, write_sha256_record
 from mask_methods import uses_segments
-
+from run.checkpoint import load_checkpoint
+from run.files import atomic_write_json, file_digest, read_jsonl, read_sha256_record, write_jsonl, write_sha256_record
+from segmenter import RECIPE as SEGMENTER_RECIPE
+from util.misc import UserError
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
     "mae_vit_base_patch16": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",

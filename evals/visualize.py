@@ -15,8 +15,8 @@ import unicodedata
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mask_methods import as_nchw, get_method
 from inputs.transforms import NORMALIZATIONS
+from mask_methods import as_nchw, get_method
 
 PANEL_TITLES = ("original", "encoder input (hidden: grey)", "white: visible, black: {what}", "reconstruction",
                 "pasted into hidden part")

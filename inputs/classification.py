@@ -16,12 +16,12 @@ from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 
-from inputs.pretrain import EpochAware, sample_generator
 from inputs.folders import empty_classes_message, scan_image_folder
-from util.misc import is_main_process
-from run.files import atomic_write
 from inputs.images import DataError, load_rgb
+from inputs.pretrain import EpochAware, sample_generator
 from inputs.transforms import NORMALIZATIONS, as_hw
+from run.files import atomic_write
+from util.misc import is_main_process
 
 
 def build_eval_transform(input_size, crop_pct: float = 224 / 256, normalization: str = "imagenet"):

@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from inputs.images import DataError, ImageList

@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from util.misc import UserError
 from sam.geometry import IMAGE_ERRORS, image_error_message
+from util.misc import UserError
 
 
 class DataError(UserError):

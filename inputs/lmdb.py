@@ -18,8 +18,8 @@ import os
 
 from torch.utils.data import Dataset
 
-from run.flags import DEFAULT_DATA_TIMEOUT_S
 from inputs.images import DataError, EncodedImage, load_rgb, read_deadline
+from run.flags import DEFAULT_DATA_TIMEOUT_S
 
 COUNT_KEY = b"num-samples"
 IMAGE_KEY = "image-{:09d}"

@@ -22,15 +22,15 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import ConcatDataset, Dataset, default_collate
 
-from util.misc import UserError
-from inputs.roots import DEFAULT_MASK_SIZE_CHECK, LMDB, ImageRoot, root_kind
-from run.flags import DEFAULT_DATA_TIMEOUT_S
+from inputs.gpu_decode import PendingBatch, PendingImage
 from inputs.images import DataError, EncodedImage, load_rgb, read_deadline
 from inputs.lmdb import LmdbImages
+from inputs.roots import DEFAULT_MASK_SIZE_CHECK, LMDB, ImageRoot, root_kind
+from inputs.transforms import DATA_BACKENDS, NORMALIZATIONS, as_hw
+from run.flags import DEFAULT_DATA_TIMEOUT_S
 from sam.geometry import exif_orientation, fit_mask
 from sam.layouts import closest, segment_mask
-from inputs.gpu_decode import PendingBatch, PendingImage
-from inputs.transforms import DATA_BACKENDS, NORMALIZATIONS, as_hw
+from util.misc import UserError
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

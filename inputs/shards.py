@@ -38,11 +38,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from inputs.images import EncodedImage, load_rgb
 from inputs.pretrain import BadSample, sample_generator
-from util.misc import UserError
 from run.files import atomic_write_json
 from sam.files import MaskFileError, parse_mask_json
 from sam.geometry import IMAGE_ERRORS, exif_orientation, fit_mask
 from sam.layouts import Counter, closest, is_unsorted, json_segments, segment_mask
+from util.misc import UserError
 
 SHARD_INDEX = "shards.json"  # written by tools/write_shards.py: the shards, their sample counts, the classes
 COUNTS_FILE = ".segmae_shard_counts.json"

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import list_images  # noqa: E402
-from sam.cache import build_mask_cache  # noqa: E402
 from run.files import atomic_write_json  # noqa: E402
+from sam.cache import build_mask_cache  # noqa: E402
 
 IMAGENET = 1_281_167
 W, H = 500, 375

@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.make_toy_data import annotation, write_amg_masks, write_segmae_masks  # noqa: E402
 from inputs.pretrain import SegmentMaskImageFolder  # noqa: E402
-from sam.listing import MASK_FORMATS  # noqa: E402
 from sam.files import MASK_SUFFIX  # noqa: E402
+from sam.listing import MASK_FORMATS  # noqa: E402
+from tools.make_toy_data import annotation, write_amg_masks, write_segmae_masks  # noqa: E402
 
 
 def tiny_sample() -> tuple[bytes, np.ndarray, dict]:

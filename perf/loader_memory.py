@@ -80,8 +80,7 @@ def cache_root(root: str) -> str:
 
 def build_cache_tree(root: str) -> None:
     from inputs.pretrain import SegmentMaskImageFolder
-    from sam.cache import MaskCache
-    from sam.cache import build_mask_cache
+    from sam.cache import MaskCache, build_mask_cache
     linked = cache_root(root)
     os.makedirs(linked, exist_ok=True)
     for sub in ("train", "masks"):
@@ -111,6 +110,7 @@ def child(kind: str, root: str) -> dict:
     """Build, then one epoch in a forked worker; the numbers as a dict."""
     import numpy as np
     import torchvision  # noqa: F401 - imported before the first measurement, as in a training run
+
     import inputs.pretrain  # noqa: F401
     before = rss_kib()
     start = time.perf_counter()

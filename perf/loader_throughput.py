@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.pretrain import build_pretrain_dataset, build_pretrain_transform, collate_pretrain  # noqa: E402
-from run.files import atomic_write_json  # noqa: E402
-from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
 from inputs.shards import is_shard_path  # noqa: E402
 from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset  # noqa: E402
 from inputs.transforms import DATA_BACKENDS, as_hw  # noqa: E402
+from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
+from run.files import atomic_write_json  # noqa: E402
 
 
 def measure(args) -> dict:

@@ -21,9 +21,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools import build_mask_cache, make_toy_data  # noqa: E402
 from perf import loader_throughput  # noqa: E402
 from perf import throughput  # noqa: E402
+from tools import build_mask_cache, make_toy_data  # noqa: E402
 
 # the targets on one H100 (img/s at the given batch; GiB: the reference code's best peak memory)
 STEP_TARGETS = {("mae_vit_base_patch16", "patches"): (5000, 13.4),

@@ -34,9 +34,9 @@ from inputs.transforms import as_hw  # noqa: E402
 from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
 from run.flags import COMPILE_MODES  # noqa: E402
 from run.setup import ADAMW_IMPLS, adamw, compile_model, convert_to_fp8, resolve_amp
-from util.misc import autocast, mark_step_begin
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 from util.misc import LossScaler  # noqa: E402
+from util.misc import autocast, mark_step_begin
 
 # --ablation: each row adds one option to the row before
 ABLATION = [

@@ -12,10 +12,9 @@ import zipfile
 
 import torch
 
-from util.misc import UserError
 from run.files import StorageError, atomic_torch_save, file_digest, read_jsonl, write_jsonl
 from util.lr_decay import param_groups_layer_decay
-from util.misc import is_main_process
+from util.misc import UserError, is_main_process
 
 
 class CheckpointError(UserError):

@@ -12,8 +12,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from util.misc import UserError
-from util.misc import get_world_size, is_dist_avail_and_initialized, setup_for_distributed
+from util.misc import UserError, get_world_size, is_dist_avail_and_initialized, setup_for_distributed
 
 DEFAULT_DIST_TIMEOUT_S = 600
 

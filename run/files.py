@@ -14,8 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from util.misc import UserError
-from util.misc import is_main_process
+from util.misc import UserError, is_main_process
 
 
 class StorageError(UserError):

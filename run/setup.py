@@ -31,8 +31,8 @@ from run.distributed import init_distributed_mode
 from run.files import lock_output_dir, release_output_dir_locks, writable_dir
 from run.flags import COMPILE_MODES, given_flags, normalise_flag_spelling
 from util.lars import LARS
-from util.misc import (PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized,
-                       is_main_process)
+from util.misc import PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+
 
 @dataclass(frozen=True)
 class Runtime:

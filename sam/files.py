@@ -15,8 +15,8 @@ import os
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from util.misc import UserError
 from run.files import atomic_write_json
+from util.misc import UserError
 
 MASK_SUFFIX = ".json"
 

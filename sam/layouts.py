@@ -35,6 +35,7 @@ from sam.files import (MASK_SUFFIX, MaskFileError, annotation_coverages, closest
 from sam.geometry import IMAGE_ERRORS, check_mask_not_huge
 from sam.listing import AMG_HEADER, AMG_METADATA, MASK_FORMATS, SEGMAE_TABLE, _detect, scan
 
+
 @dataclass
 class Segment:
     """One segment of an image: its coverage (percent of the mask's pixels), its size (H, W) when

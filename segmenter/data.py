@@ -19,10 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from inputs.pretrain import EpochAware, sample_generator
-from sam.geometry import IMAGE_ERRORS
 from inputs.images import DataError, load_rgb
+from inputs.pretrain import EpochAware, sample_generator
 from inputs.transforms import NORMALIZATIONS
+from sam.geometry import IMAGE_ERRORS
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150

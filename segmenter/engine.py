@@ -6,12 +6,10 @@ import time
 import torch
 
 from run.setup import Runtime
-from util.misc import autocast
-from util.misc import epoch_progress
 from segmenter.data import ADE20K
 from segmenter.inference import predict
 from segmenter.metrics import ConfusionMatrix
-from util.misc import get_rank, get_world_size
+from util.misc import autocast, epoch_progress, get_rank, get_world_size
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, args) -> float:

@@ -22,27 +22,25 @@ if __package__ in (None, ""):  # run as a file: python segmenter/train.py
 
 import torch
 
-import util.misc as misc
 import run.setup as runsetup
-from inputs.transforms import NORMALIZATIONS
-from run.checkpoint import append_log, checkpoint_args, load_checkpoint, load_optimizer_state, mismatch_hint, optimizer_state_dict, save_checkpoint
-from run.checkpoint import reconcile_with_checkpoint
-from util.lr_decay import param_groups_weight_decay
+import util.misc as misc
 from inputs.pretrain import loader_options
+from inputs.transforms import NORMALIZATIONS
+from mask_methods import MASK_METHODS
+from models_vit import load_pretrained_encoder
+from run.checkpoint import (append_log, checkpoint_args, load_checkpoint, load_optimizer_state, mismatch_hint,
+                            optimizer_state_dict, reconcile_with_checkpoint, save_checkpoint)
+from run.distributed import DEFAULT_DIST_TIMEOUT_S, check_ranks_agree, file_list_digest
 from run.files import atomic_write_json, read_jsonl, writable_dir
-from run.distributed import check_ranks_agree, file_list_digest
-from util.misc import get_rank, get_world_size, is_main_process
+from run.flags import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
+from run.setup import Runtime
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
 from segmenter.engine import evaluate, train_one_epoch
 from segmenter.model import BACKBONES, DECODERS, build_segmenter
-from run.flags import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
-from models_vit import load_pretrained_encoder
-from run.distributed import DEFAULT_DIST_TIMEOUT_S
-from util.misc import UserError
-from mask_methods import MASK_METHODS
-from run.setup import Runtime
+from util.lr_decay import param_groups_weight_decay
+from util.misc import UserError, get_rank, get_world_size, is_main_process
 
 CHECKPOINT = "checkpoint.pth"
 # what defines the model; a resumed or evaluated checkpoint supplies them unless given

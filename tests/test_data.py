@@ -10,9 +10,11 @@ import torchvision.transforms as T
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from inputs.pretrain import (DataError, PretrainDataset, PretrainTransform, SegmentMaskImageFolder,
+                             build_pretrain_dataset)
+from sam.files import (MaskFileError, decode_segmentation, encode_segmentation, load_annotations, load_segment,
+                       select_annotation)
 from tools.make_toy_data import make_toy_dataset
-from inputs.pretrain import DataError, PretrainDataset, PretrainTransform, SegmentMaskImageFolder, build_pretrain_dataset
-from sam.files import MaskFileError, decode_segmentation, encode_segmentation, load_annotations, load_segment, select_annotation
 
 
 def ann(area, h=10, w=10, counts="not-decoded"):
@@ -276,9 +278,8 @@ def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root,
     """Same seeds -> the same boxes and flips: masks identical, pixels within interpolation noise
     (torch's antialiased bicubic vs Pillow's), for JPEG (decoded by decode_jpeg on the device) and
     PNG (decoded in the worker)."""
-    from inputs.pretrain import collate_pretrain
-    from inputs.pretrain import build_pretrain_transform
     from inputs.gpu_decode import PendingBatch
+    from inputs.pretrain import build_pretrain_transform, collate_pretrain
     root = jpeg_root if fmt == "jpeg" else toy_root
     size = 64 if fmt == "jpeg" else 24
     cpu = build_pretrain_dataset(root, build_pretrain_transform(size, "cpu"), with_masks=True, seed=5)
@@ -308,9 +309,8 @@ def test_gpu_data_path_gives_the_cpu_paths_crops_flips_and_masks(fmt, jpeg_root,
 
 
 def test_gpu_data_path_names_a_broken_jpeg(jpeg_root, tmp_path):
-    from inputs.pretrain import collate_pretrain
+    from inputs.pretrain import build_pretrain_transform, collate_pretrain
     from util.misc import UserError
-    from inputs.pretrain import build_pretrain_transform
     root = tmp_path / "broken"
     shutil.copytree(jpeg_root, root)
     victim = sorted((root / "train").rglob("*.jpg"))[0]
@@ -342,9 +342,8 @@ def test_device_prefetcher_yields_the_loaders_batches_in_order_and_passes_errors
 
     from torch.utils.data import DataLoader
 
-    from inputs.pretrain import collate_pretrain
     from inputs.gpu_decode import DevicePrefetcher
-    from inputs.pretrain import build_pretrain_transform
+    from inputs.pretrain import build_pretrain_transform, collate_pretrain
     ds = build_pretrain_dataset(jpeg_root, build_pretrain_transform(32, "gpu"), with_masks=True, seed=2)
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_pretrain, num_workers=1)
     prefetched = DevicePrefetcher(loader, torch.device("cpu"))
@@ -420,8 +419,8 @@ def test_persistent_workers_see_each_new_epoch(toy_root):
     """Workers are forked once for the run; the epoch set in the main process still reseeds every
     sample, so each epoch equals what a fresh loader (or one process, or a resumed run) gives."""
     from torch.utils.data import DataLoader
-    from inputs.pretrain import collate_pretrain, loader_options
-    from inputs.pretrain import build_pretrain_transform
+
+    from inputs.pretrain import build_pretrain_transform, collate_pretrain, loader_options
 
     def first_batch(loader):
         imgs, masks, _ = next(iter(loader))

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from test_pretrain_cli import common
 
 from conftest import REPO
-from test_pretrain_cli import common
 
 
 def assert_ranks_in_sync(stdout: str) -> None:

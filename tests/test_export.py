@@ -7,8 +7,8 @@ import torch
 
 import models_mae
 from conftest import REPO
-from tools import export
 from run.checkpoint import atomic_torch_save
+from tools import export
 from util.misc import UserError
 
 
@@ -91,6 +91,7 @@ def test_hf_vit_export_equals_our_encoder(pretrained, tmp_path):
 
 def test_hf_mae_export_equals_our_mae_with_the_same_noise(pretrained, tmp_path):
     from transformers import ViTMAEForPreTraining
+
     from run.checkpoint import load_checkpoint
     export.main(["--checkpoint", pretrained["patches"], "--to", "hf-mae", "--out", str(tmp_path)])
     hf = ViTMAEForPreTraining.from_pretrained(str(tmp_path)).eval()

@@ -17,20 +17,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_benchmark import bench_args
+from test_pretrain_cli import common
 
 import benchmark
 import evals.runs
 import main_finetune
 import main_pretrain
-import segmenter.train
 import run.checkpoint as checkpoint
 import run.files as files
+import segmenter.train
 from conftest import REPO
-from test_benchmark import bench_args
-from test_pretrain_cli import common
-from util.misc import UserError
 from sam.cache import build_mask_cache
 from sam.files import MaskFileError, load_segment, mask_path_for
+from util.misc import UserError
 
 
 def checkpoints(folder):
@@ -501,7 +501,9 @@ def test_a_blocking_read_fails_with_the_file_named(root_copy, tmp_path, capsys):
 def test_collectives_get_the_dist_timeout(monkeypatch):
     import argparse
     import datetime
+
     import torch.distributed as dist
+
     import run.distributed as distributed
     seen = {}
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))

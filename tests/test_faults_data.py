@@ -8,10 +8,10 @@ import shutil
 import pytest
 
 import evals.knn as knn
-from tools import check_dataset, sort_imagenet_val
-from inputs.pretrain import build_pretrain_dataset
 from inputs.classification import CheckedImageFolder, build_classification_datasets, build_eval_transform
 from inputs.images import DataError
+from inputs.pretrain import build_pretrain_dataset
+from tools import check_dataset, sort_imagenet_val
 
 
 def copy_tree(toy_root, tmp_path, name="data"):
@@ -197,8 +197,10 @@ def first_mask_file(root):
 
 def test_deeply_nested_mask_json_is_a_bad_sample(toy_root, tmp_path):
     import json
-    import main_pretrain
+
     from test_pretrain_cli import common
+
+    import main_pretrain
     root = copy_tree(toy_root, tmp_path)
     mask = first_mask_file(root)
     mask.write_text("[" * 200_000 + "]" * 200_000)
@@ -213,8 +215,8 @@ def test_deeply_nested_mask_json_is_a_bad_sample(toy_root, tmp_path):
 @pytest.mark.parametrize("content", ["[" * 200_000 + "]" * 200_000,  # nested
                                      '[{"area": 10, "segmentation": [[1.0, 2.0, 5.0, 2.0, 5.0, 6.0]]}]'])  # polygon
 def test_mask_cache_builder_names_a_malformed_file_in_one_line(toy_root, tmp_path, content, capsys):
-    from tools import build_mask_cache
     from run.setup import run_tool
+    from tools import build_mask_cache
     root = copy_tree(toy_root, tmp_path)
     mask = first_mask_file(root)
     mask.write_text(content)
@@ -231,8 +233,9 @@ def test_mask_cache_builder_names_a_malformed_file_in_one_line(toy_root, tmp_pat
 # ---- 12. segmenter.prepare_ade20k ----------------------------------------------------------------
 
 def test_prepare_ade20k_wrong_sha1_of_the_users_zip_says_it_was_left(tmp_path):
-    from segmenter import prepare_ade20k
     from test_segmenter import make_zip
+
+    from segmenter import prepare_ade20k
     archive, _ = make_zip(tmp_path)
     with pytest.raises(SystemExit, match="was left as it is") as exc:
         prepare_ade20k.main(["--out", str(tmp_path / "out"), "--zip", str(archive), "--sha1", "0" * 40])
@@ -240,8 +243,9 @@ def test_prepare_ade20k_wrong_sha1_of_the_users_zip_says_it_was_left(tmp_path):
 
 
 def test_prepare_ade20k_folder_over_an_incomplete_copy(tmp_path):
-    from segmenter import prepare_ade20k
     from test_segmenter import make_zip
+
+    from segmenter import prepare_ade20k
     archive, sha1 = make_zip(tmp_path)
     good = prepare_ade20k.main(["--out", str(tmp_path / "b"), "--zip", str(archive), "--sha1", sha1])
     assert good is None
@@ -258,6 +262,7 @@ def test_prepare_ade20k_folder_over_an_incomplete_copy(tmp_path):
 
 def test_prepare_ade20k_member_both_file_and_folder(tmp_path):
     import zipfile
+
     from segmenter import prepare_ade20k
     archive = tmp_path / "ADEChallengeData2016.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -278,8 +283,8 @@ def images_only(toy_root, tmp_path):
 
 
 def test_generate_masks_removes_what_killed_runs_left(toy_root, tmp_path):
-    from tools import generate_masks
     from run import claims
+    from tools import generate_masks
     root = images_only(toy_root, tmp_path)
     dead = root / "masks" / "discs" / ".discs_train_0000.json.tmp99999999"
     dead.write_text('{"half": ')
@@ -300,6 +305,7 @@ def test_generate_masks_removes_what_killed_runs_left(toy_root, tmp_path):
 def test_two_concurrent_mask_generators_share_the_work(toy_root, tmp_path):
     import threading
     import time
+
     from tools import generate_masks
     root = images_only(toy_root, tmp_path)
 
@@ -337,6 +343,7 @@ def test_mask_cache_builder_removes_a_killed_builders_temp_file(toy_root, tmp_pa
 
 def test_a_claim_from_another_host_expires(tmp_path):
     import time
+
     from run import claims
     out = tmp_path / "x.json"
     (tmp_path / ".x.json.claim").write_text("other-host 123\n")

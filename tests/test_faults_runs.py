@@ -13,22 +13,21 @@ import time
 
 import pytest
 import torch
+from test_benchmark import bench_args, run_dir
+from test_faults import mounted_tmpfs, run_exit_code, seg_argv
+from test_finetune import downstream
+from test_pretrain_cli import common
 
 import benchmark
 import evals.runs
 import main_finetune
 import main_pretrain
-import segmenter.train
 import run.stops as stops
-from util.misc import PROGRESS
+import segmenter.train
 from conftest import REPO
-from test_benchmark import bench_args, run_dir
-from test_faults import mounted_tmpfs, run_exit_code, seg_argv
-from test_finetune import downstream
-from test_pretrain_cli import common
 from run.checkpoint import load_checkpoint
 from run.files import atomic_write
-
+from util.misc import PROGRESS
 
 # ---- 6. SIGTERM / SIGINT: one line, 128 + signal, the checkpoint whole ----------------------------
 

@@ -10,11 +10,10 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
+from conftest import METHODS
 from models_vit import encoder_state_dict, fold_visibility_channel, load_pretrained_encoder, stack_official_into_mae
 from util.lars import LARS
 from util.lr_decay import param_groups_layer_decay
-
-from conftest import METHODS
 
 
 def downstream(toy_root, out, *extra):

@@ -5,10 +5,9 @@ import os
 
 import numpy as np
 import pytest
-
 from test_mask_policy import add_image, scene, tree  # noqa: F401 - the fixture
-from tools import generate_masks
 
+from tools import generate_masks
 
 # ------------------------------------------------------------------------------------------------
 # generate_masks.py
@@ -122,11 +121,12 @@ def test_a_given_class_count_that_disagrees(toy_root, pretrained, tmp_path, caps
 
 def test_an_rle_claiming_a_huge_size_is_refused_before_decoding(tree, monkeypatch):  # noqa: F811
     from test_mask_policy import sample_mask
-    from tools import check_dataset
-    import sam.layouts
+
     import sam.files
+    import sam.layouts
     from sam.cache import build_mask_cache
     from sam.files import MaskFileError
+    from tools import check_dataset
     add_image(tree, "x.png", scene(24, 40))
     mask_path = tree / "masks" / "c" / "x.json"
     os.makedirs(mask_path.parent)
@@ -158,8 +158,8 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
     from PIL import Image
 
     from conftest import REPO
-    from inputs.pretrain import PretrainDataset, SegmentMaskImageFolder
     from inputs.images import DataError, load_rgb
+    from inputs.pretrain import PretrainDataset, SegmentMaskImageFolder
     from sam.cache import build_mask_cache
     from sam.files import MaskFileError
     path = add_image(tree, "big.png", scene(60, 60))
@@ -186,8 +186,8 @@ def test_an_image_over_pillows_limit_is_named_with_the_fix_and_skipped_on_reques
 def test_no_mask_at_all_says_so_even_with_allow_missing_masks(toy_root, tmp_path):
     import shutil
 
-    from inputs.pretrain import SegmentMaskImageFolder
     from inputs.images import DataError
+    from inputs.pretrain import SegmentMaskImageFolder
     root = tmp_path / "nomasks"
     shutil.copytree(os.path.join(toy_root, "train"), root / "train")
     os.makedirs(root / "masks" / "boxes")  # a masks/ folder, but nothing in it
@@ -332,6 +332,7 @@ def test_runs_that_differ_by_one_flag_are_labelled_by_that_flag():
 
 def test_a_mask_of_the_wrong_size_is_found_at_start_up(tree, capsys):  # noqa: F811
     from test_mask_policy import write_masks
+
     from inputs.pretrain import build_pretrain_dataset
     from sam.files import MaskFileError
     for i in range(4):
@@ -389,8 +390,8 @@ def test_visualize_shows_the_images_asked_for(pretrained, toy_root, tmp_path):
 
 
 def test_visualize_names_the_generator_and_what_black_and_white_mean(tmp_path):
-    from sam.layouts import describe_generator
     from evals.visualize import panel_titles
+    from sam.layouts import describe_generator
     assert describe_generator({"backend": "sam2", "model": "hiera_large"}) == "SAM 2 hiera_large"
     assert describe_generator({"backend": "sam", "model": "vit_b", "checkpoint": "random-weights"}) == \
         "SAM vit_b (random weights)"
@@ -404,8 +405,8 @@ def test_visualize_names_the_generator_and_what_black_and_white_mean(tmp_path):
 def test_visualize_mask_preview_without_a_checkpoint(tree, tmp_path):  # noqa: F811
     import torch
 
-    from tools import visualize
     from evals.visualize import mask_panels
+    from tools import visualize
     img = add_image(tree, "x.png", scene(32, 32))
     generate_masks.generate(str(tree), generate_masks.superpixel_backend, log_every=0)
     written = visualize.main(["--data_path", str(tree), "--images", str(img), "--input_size", "32",

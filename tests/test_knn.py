@@ -29,8 +29,8 @@ def colour_classes(tmp_path_factory):
 
 
 def pixels_and_labels(root, split):
-    from torchvision.datasets import ImageFolder
     import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
     ds = ImageFolder(f"{root}/{split}", transform=T.ToTensor())
     return torch.stack([x.flatten() for x, _ in ds]), torch.tensor(ds.targets)
 
@@ -79,8 +79,9 @@ def test_the_score_does_not_depend_on_the_number_of_ranks(pretrained, toy_root, 
 
 @pytest.mark.slow
 def test_benchmark_knn_stage_fills_the_table_and_a_second_panel(toy_root, toy_ade20k, tmp_path, capsys):
-    import benchmark
     from test_benchmark import bench_args
+
+    import benchmark
     out = tmp_path / "bench"
     rows = benchmark.cli(bench_args(toy_root, toy_ade20k, out, "--knn-eval", "--knn-bank-per-class", "4",
                                     "--knn-args", "--num_workers 0 --device cpu --batch_size 8"))

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_finetune import downstream
 
 import benchmark
 import main_finetune
 import main_linprobe
-from test_finetune import downstream
 from inputs.classification import class_balanced_subset
 
 

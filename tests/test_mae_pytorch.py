@@ -4,14 +4,14 @@ import argparse
 
 import pytest
 import torch
+from test_benchmark import bench_args
+from test_finetune import downstream
+from test_pretrain_cli import common
 
 import benchmark
 import main_finetune
 import main_linprobe
 import main_pretrain
-from test_finetune import downstream
-from test_pretrain_cli import common
-from test_benchmark import bench_args
 
 
 def beit_blocks(prefix: str, dim: int, depth: int) -> dict:

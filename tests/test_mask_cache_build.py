@@ -10,10 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from sam import cache as mask_cache_build
 from inputs.folders import list_images
-from sam.cache import MaskCache, mask_cache_paths
-from sam.cache import Progress, build_mask_cache
+from sam import cache as mask_cache_build
+from sam.cache import MaskCache, Progress, build_mask_cache, mask_cache_paths
 
 
 @pytest.fixture

@@ -8,17 +8,16 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from test_pretrain_cli import common
 
 import main_pretrain
-from test_pretrain_cli import common
-from tools import check_dataset, convert_masks, visualize
-from tools.make_toy_data import annotation, make_toy_dataset, write_amg_masks, write_segmae_masks
 from inputs.pretrain import DataError, SegmentMaskImageFolder
-from sam.cache import MaskCache
-from sam.cache import build_mask_cache
+from sam.cache import MaskCache, build_mask_cache
+from sam.files import MaskFileError, encode_segmentation, write_mask_file
 from sam.layouts import SegmaeMasks, closest_larger, open_mask_source
 from sam.listing import detect_format
-from sam.files import MaskFileError, encode_segmentation, write_mask_file
+from tools import check_dataset, convert_masks, visualize
+from tools.make_toy_data import annotation, make_toy_dataset, write_amg_masks, write_segmae_masks
 
 LAYOUTS = ["json", "segmae", "amg"]
 

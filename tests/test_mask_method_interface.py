@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from test_finetune import downstream
+from test_pretrain_cli import common
 
 import main_finetune
 import main_pretrain
-import models_mae
-from test_finetune import downstream
-from test_pretrain_cli import common
-from evals import knn
 import mask_methods as masking
+import models_mae
+from evals import knn
 from mask_methods import MaskMethod, get_method, register
 
 
@@ -64,9 +64,9 @@ def test_a_fifth_method_is_one_class(toy_method, toy_root, tmp_path):
                       "4", "--num_workers", "0", "--device", "cpu"])
     assert 0 <= result["knn_top1"] <= 100
     # the Segmenter's encoder (folded) and the pictures
+    from models_vit import load_pretrained_encoder
     from segmenter.model import build_segmenter
     from tools import visualize
-    from models_vit import load_pretrained_encoder
     seg = build_segmenter("vit_tiny_patch8", "linear", 150, 32)
     assert load_pretrained_encoder(seg.encoder, str(out / "checkpoint-0.pth"))[0] == toy_method
     written = visualize.main(["--checkpoint", str(out / "checkpoint-0.pth"), "--data_path", toy_root, "--num", "1",

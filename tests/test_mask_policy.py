@@ -11,16 +11,15 @@ import time
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from test_pretrain_cli import common
 
 import main_pretrain
 from conftest import REPO
-from test_pretrain_cli import common
-from tools import check_dataset, generate_masks
-from inputs.pretrain import PretrainDataset, SegmentMaskImageFolder
 from inputs.images import load_rgb
-from sam.cache import MaskCache
-from sam.cache import build_mask_cache
+from inputs.pretrain import PretrainDataset, SegmentMaskImageFolder
+from sam.cache import MaskCache, build_mask_cache
 from sam.files import MaskFileError, decode_segmentation, encode_segmentation, load_annotations
+from tools import check_dataset, generate_masks
 
 
 def write_masks(path, masks):

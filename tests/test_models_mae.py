@@ -7,9 +7,8 @@ import torch
 import torch.nn as nn
 
 import models_mae
-from mask_methods import PreEncoder
+from mask_methods import PreEncoder, patch_loss_weights, random_masking, visible_input
 from models_mae import MaskedAutoencoderViT
-from mask_methods import patch_loss_weights, random_masking, visible_input
 from util.pos_embed import get_2d_sincos_pos_embed
 
 

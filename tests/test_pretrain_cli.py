@@ -10,8 +10,8 @@ import torch
 
 import main_pretrain
 import models_mae
-from run.checkpoint import StorageError, atomic_torch_save, find_last_checkpoint
 from conftest import REPO
+from run.checkpoint import StorageError, atomic_torch_save, find_last_checkpoint
 
 
 def common(toy_root, out, *extra):

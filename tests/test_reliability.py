@@ -11,14 +11,13 @@ import time
 
 import pytest
 import torch
+from test_pretrain_cli import common
 
 import main_pretrain
 import models_mae
 import submitit_pretrain
-from run.checkpoint import atomic_torch_save, find_last_checkpoint, prune_checkpoints
-from run.checkpoint import auto_resume
 from conftest import REPO
-from test_pretrain_cli import common
+from run.checkpoint import atomic_torch_save, auto_resume, find_last_checkpoint, prune_checkpoints
 from run.slurm import Trainer
 
 

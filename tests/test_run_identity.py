@@ -7,16 +7,16 @@ import shutil
 
 import pytest
 import torch
+from test_faults import run_exit_code, seg_argv
+from test_pretrain_cli import common
 
 import main_finetune
 import main_linprobe
 import main_pretrain
 import models_vit
-import segmenter.train
 import run.checkpoint as checkpoint
 import run.checkpoint as run_identity
-from test_faults import run_exit_code, seg_argv
-from test_pretrain_cli import common
+import segmenter.train
 from run.setup import adamw
 from util.lr_decay import param_groups_layer_decay
 
@@ -259,6 +259,7 @@ def test_miou_without_a_labelled_pixel_is_nan():
 
 def test_run_benchmark_sh_keeps_its_recipe(tmp_path):
     import subprocess
+
     from conftest import REPO
     res = subprocess.run(["bash", "run_benchmark.sh", "--pretrain-args", "--blr 1"], cwd=REPO, capture_output=True,
                          text=True)

@@ -4,10 +4,10 @@ its args, in the layout the reference's checkpoints have."""
 import argparse
 
 import torch
+from test_pretrain_cli import common
 
 import engine_pretrain
 import main_pretrain
-from test_pretrain_cli import common
 from run.checkpoint import checkpoint_args
 from run.setup import Runtime
 

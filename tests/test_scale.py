@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from torchvision.datasets import ImageFolder
 
-from inputs.pretrain import SegmentMaskImageFolder
 from inputs.classification import CheckedImageFolder
 from inputs.folders import scan_image_folder
 from inputs.images import ImageList
+from inputs.pretrain import SegmentMaskImageFolder
 
 OLD = 1_500_000_000  # a date (2017) long before any test runs: the tree has settled
 

@@ -7,17 +7,18 @@ import re
 
 import pytest
 import torch
+from test_finetune import downstream
+from test_pretrain_cli import common
 
 import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
-from test_finetune import downstream
-from test_pretrain_cli import common
-from tools import export, visualize
 from evals import knn
+from models_vit import (AdaptationError, checkpoint_origin, encoder_state_dict, fourth_channel, load_pretrained_encoder,
+                        mae_state_dict)
 from run.checkpoint import load_checkpoint
-from models_vit import AdaptationError, checkpoint_origin, encoder_state_dict, fourth_channel, load_pretrained_encoder, mae_state_dict
+from tools import export, visualize
 
 
 def original_args(method, **kw):

@@ -3,16 +3,16 @@ import json
 
 import pytest
 import torch
+from test_distributed import pretrain_one_and_two_ranks
+from test_faults import seg_argv
+from test_finetune import downstream
+from test_mask_layouts import layout_roots  # noqa: F401 (a fixture)
+from test_models_mae import tiny
+from test_pretrain_cli import common
 
 import main_finetune
 import main_pretrain
 import segmenter.train
-from test_distributed import pretrain_one_and_two_ranks
-from test_faults import seg_argv
-from test_finetune import downstream
-from test_models_mae import tiny
-from test_pretrain_cli import common
-from test_mask_layouts import layout_roots  # noqa: F401 (a fixture)
 from mask_methods import content_noise, get_method, patch_loss_weights
 
 METHOD = get_method("segment_tokens")
@@ -143,6 +143,7 @@ def test_pictures_draw_the_segment_black_and_the_fill_red():
 def test_every_mask_layout_trains_and_every_export_takes_the_checkpoint(layout_roots, tmp_path):
     import timm
     from test_export import features_of_ours
+
     from tools import export
     for fmt, root in layout_roots.items():
         main_pretrain.cli(common(root, tmp_path / fmt, "--mask_method", "segment_tokens", "--input_size", "32",
@@ -163,8 +164,9 @@ def test_every_mask_layout_trains_and_every_export_takes_the_checkpoint(layout_r
 
 @pytest.mark.slow
 def test_stack_on_an_official_checkpoint_and_knn(toy_root, tmp_path):
-    import evals.knn as knn
     from test_finetune import official_like_checkpoint
+
+    import evals.knn as knn
     official_like_checkpoint(tmp_path / "official.pth")
     official = torch.load(tmp_path / "official.pth", weights_only=True)["model"]
     out = tmp_path / "stacked"

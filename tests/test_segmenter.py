@@ -11,12 +11,12 @@ from torchvision import tv_tensors
 
 import segmenter.train as seg_train
 from conftest import METHODS
+from models_vit import AdaptationError, load_pretrained_encoder
 from segmenter import prepare_ade20k
 from segmenter.data import ADE20K, IGNORE_INDEX, SegEvalTransform, SegTrainTransform, reduce_zero_label
 from segmenter.inference import sliding_window_logits, window_starts
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import build_segmenter
-from models_vit import AdaptationError, load_pretrained_encoder
 
 
 def seg_model(decoder="linear", channels=3, crop=32):

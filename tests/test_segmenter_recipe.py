@@ -21,7 +21,6 @@ from segmenter.inference import predict
 from segmenter.model import build_segmenter
 from util.misc import UserError
 
-
 # ------------------------------------------------------------------------------------------------
 # the original's inference, written from its description (segm/model/utils.py)
 

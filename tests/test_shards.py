@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from test_distributed import assert_ranks_in_sync
+from test_pretrain_cli import common
 
 import main_pretrain
 from conftest import REPO
-from test_distributed import assert_ranks_in_sync
-from test_pretrain_cli import common
-from tools.write_shards import write_shards
 from inputs import shards as shards_module  # count_samples lives there
 from inputs.pretrain import SegmentMaskImageFolder
-from util.misc import UserError
-from sam.files import MaskFileError
 from inputs.shards import ShardDataset, build_shard_dataset, expand_shards, shard_counts, worker_ranges
+from sam.files import MaskFileError
+from tools.write_shards import write_shards
+from util.misc import UserError
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 import models_mae
-from util.misc import autocast, mark_step_begin
-from run.setup import adamw
-from util.lr_decay import param_groups_weight_decay
-from run.setup import convert_to_fp8, fp8_layer_filter
 from perf.throughput import find_max_batch, set_fused_attention
+from run.setup import adamw, convert_to_fp8, fp8_layer_filter
+from util.lr_decay import param_groups_weight_decay
+from util.misc import autocast, mark_step_begin
 
 METHODS = ["patches", "segments", "four_channels", "preencoder"]
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 import main_pretrain
 from conftest import METHODS
-from tools import check_dataset, generate_masks, visualize
 from sam.files import decode_segmentation, encode_segmentation, load_annotations
+from tools import check_dataset, generate_masks, visualize
 
 
 @pytest.fixture
@@ -166,8 +166,8 @@ def test_throughput_tool_runs_on_cpu(tmp_path):
 
 
 def test_mask_cache_serves_the_same_segments_as_the_json_files(toy_root, tmp_path):
-    from tools import build_mask_cache
     from inputs.pretrain import SegmentMaskImageFolder
+    from tools import build_mask_cache
     root = tmp_path / "cached"
     shutil.copytree(toy_root, root)
     plain = SegmentMaskImageFolder(str(root), with_masks=True, coverage_ratio=30)

@@ -8,15 +8,15 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from test_pretrain_cli import common
 
 import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
-from test_pretrain_cli import common
-from inputs.pretrain import BadSample, build_pretrain_dataset, collate_pretrain
 from inputs.images import DataError
-from inputs.pretrain import PretrainTransform, build_pretrain_transform
+from inputs.pretrain import (BadSample, PretrainTransform, build_pretrain_dataset, build_pretrain_transform,
+                             collate_pretrain)
 
 
 def trainable(model: torch.nn.Module) -> int:
@@ -154,6 +154,7 @@ def test_lmdb_problems_are_clear_errors(toy_root, text_lmdb, tmp_path, capsys):
     assert exc.value.code == 1
     assert f"--data_path {text_lmdb} is an LMDB database, which holds images only" in capsys.readouterr().err
     import io
+
     from PIL import Image
     good = io.BytesIO()
     Image.new("RGB", (128, 32), (200, 10, 10)).save(good, format="PNG")
@@ -252,7 +253,9 @@ def test_a_text_line_encoder_exports_to_timm_with_its_config(tmp_path):
     """Patch 4 at 32 x 128 with 0.5 / 0.5: the timm config names a model timm has, the arguments
     that make it this one, and the normalisation; timm then gives the same features."""
     import argparse
+
     import timm
+
     from tools import export
     torch.manual_seed(0)
     mae = models_mae.build_mae("mae_vit_tiny_patch4", img_size=(32, 128))

@@ -19,14 +19,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
+from inputs.images import DataError, image_error  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
 from sam.cache import MaskCache  # noqa: E402
-from sam.layouts import SOURCES, MaskSource, closest, open_mask_source, png_size  # noqa: E402
-from sam.listing import read_empty_list, stem_of  # noqa: E402
-from sam.geometry import exif_orientation, mask_fit  # noqa: E402
 from sam.files import MaskFileError, check_rle, duplicate_stems  # noqa: E402
 from sam.geometry import IMAGE_ERRORS  # noqa: E402
-from inputs.images import DataError, image_error  # noqa: E402
+from sam.geometry import exif_orientation, mask_fit  # noqa: E402
+from sam.layouts import SOURCES, MaskSource, closest, open_mask_source, png_size  # noqa: E402
+from sam.listing import read_empty_list, stem_of  # noqa: E402
 
 _sources: dict[tuple[str, str], MaskSource] = {}  # one reader per worker process
 

@@ -20,13 +20,13 @@ from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import list_images  # noqa: E402
-from util.misc import UserError  # noqa: E402
-from run.setup import run_tool  # noqa: E402
 from run.files import remove_stale_temp_files  # noqa: E402
+from run.setup import run_tool  # noqa: E402
 from sam.cache import build_mask_cache  # noqa: E402
+from sam.files import MASK_SUFFIX, MaskFileError, encode_segmentation, write_mask_file  # noqa: E402
 from sam.layouts import SOURCES, MaskSource, open_mask_source  # noqa: E402
 from sam.listing import read_empty_list, stem_of  # noqa: E402
-from sam.files import MASK_SUFFIX, MaskFileError, encode_segmentation, write_mask_file  # noqa: E402
+from util.misc import UserError  # noqa: E402
 
 _sources: dict[tuple[str, str], MaskSource] = {}  # one reader per worker process
 

@@ -31,10 +31,10 @@ from inputs.transforms import NORMALIZATIONS, as_hw  # noqa: E402
 from mask_methods import get_method  # noqa: E402
 from models_vit import describe_encoder, load_encoder, timm_name  # noqa: E402
 from run.checkpoint import load_checkpoint  # noqa: E402
-from util.misc import UserError  # noqa: E402
-from run.setup import run_tool  # noqa: E402
 from run.files import atomic_torch_save, writable_dir  # noqa: E402
 from run.flags import add_mask_channel_arg  # noqa: E402
+from run.setup import run_tool  # noqa: E402
+from util.misc import UserError  # noqa: E402
 
 TARGETS = ("timm", "hf", "hf-mae", "encoder")
 

@@ -33,11 +33,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run.claims as claims  # noqa: E402
-from run.files import file_digest  # noqa: E402
 from inputs.folders import list_images  # noqa: E402 (its earlier home was this module)
 from inputs.images import load_rgb  # noqa: E402
-from sam.layouts import RANDOM_WEIGHTS  # noqa: E402
+from run.files import file_digest  # noqa: E402
 from sam.files import annotation_coverage, duplicate_stems, encode_segmentation, mask_path_for, write_mask_file
+from sam.layouts import RANDOM_WEIGHTS  # noqa: E402
 
 # SA-1B's key order of an annotation; keys a backend does not give are left out
 SA1B_ANNOTATION_KEYS = ("bbox", "area", "segmentation", "predicted_iou", "point_coords", "crop_box", "id",

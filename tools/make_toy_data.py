@@ -211,6 +211,7 @@ def make_toy_text_lmdb(out: str, n: int = 64, height: int = 32, width: int = 128
     """An LMDB of n JPEG text lines (a word or two in a random shade on a noisy background), keys
     num-samples, image-%09d and label-%09d from 1, as text-recognition data sets store them."""
     import io
+
     import lmdb
     rng = np.random.RandomState(seed)
     os.makedirs(out, exist_ok=True)

@@ -21,9 +21,9 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.misc import UserError  # noqa: E402
-from run.setup import run_tool  # noqa: E402
 from inputs.folders import is_image  # noqa: E402
+from run.setup import run_tool  # noqa: E402
+from util.misc import UserError  # noqa: E402
 
 
 def _stem(name: str) -> str:

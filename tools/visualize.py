@@ -21,20 +21,20 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
-from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
+from evals.visualize import labelled_grid, mask_panels, panel_titles, reconstruction_panels  # noqa: E402
 from inputs.classification import build_eval_transform  # noqa: E402
 from inputs.folders import list_images  # noqa: E402
 from inputs.images import load_rgb  # noqa: E402
-from run.setup import run_tool  # noqa: E402
-from run.files import writable_dir  # noqa: E402
-from run.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from sam.layouts import SOURCES, closest, open_mask_source, segment_mask  # noqa: E402
-from sam.listing import stem_of  # noqa: E402
-from sam.geometry import exif_orientation, fit_mask  # noqa: E402
 from inputs.transforms import as_hw  # noqa: E402
 from mask_methods import DEFAULT_COVERAGE_RATIO  # noqa: E402
 from mask_methods import MASK_METHODS, get_method  # noqa: E402
-from evals.visualize import labelled_grid, mask_panels, panel_titles, reconstruction_panels  # noqa: E402
+from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
+from run.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from run.files import writable_dir  # noqa: E402
+from run.setup import run_tool  # noqa: E402
+from sam.geometry import exif_orientation, fit_mask  # noqa: E402
+from sam.layouts import SOURCES, closest, open_mask_source, segment_mask  # noqa: E402
+from sam.listing import stem_of  # noqa: E402
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):

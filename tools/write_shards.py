@@ -23,14 +23,14 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.misc import UserError  # noqa: E402
-from run.setup import run_tool  # noqa: E402
-from run.files import atomic_write, atomic_write_json, remove_stale_temp_files, writable_dir  # noqa: E402
 from inputs.folders import scan_image_folder  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
+from inputs.shards import SHARD_INDEX  # noqa: E402
+from run.files import atomic_write, atomic_write_json, remove_stale_temp_files, writable_dir  # noqa: E402
+from run.setup import run_tool  # noqa: E402
 from sam.layouts import MaskSource, open_mask_source  # noqa: E402
 from sam.listing import read_empty_list, stem_of  # noqa: E402
-from inputs.shards import SHARD_INDEX  # noqa: E402
+from util.misc import UserError  # noqa: E402
 
 
 def mask_json(source: MaskSource, rel: str) -> bytes:
