@@ -4,8 +4,7 @@ On a synthetic tree (--images tiny real JPEGs in --classes class folders, one SA
 each dataset is built in a fresh process, timed, and then read for one full epoch (every index,
 shuffled) by a forked child, as a data-loader worker would. Reported per dataset:
 
-    build s        seconds from nothing to the built dataset (the scan and every start-up check); a
-                   first start walks the tree, a restart reads the scan saved by the previous one
+    build s        seconds from nothing to the built dataset (the scan and every start-up check)
     rank MiB       the building process's resident memory grown by the build (held by every rank)
     worker MiB     a worker's private memory after one full epoch minus after its first 1000 samples
                    (read in file order, so they touch little of the metadata; the rest is shuffled):
@@ -27,12 +26,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+from torchvision.datasets import ImageFolder
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import inputs.roots  # noqa: E402
+from inputs.pretrain import SegmentMaskImageFolder  # noqa: E402
+from perf.dataset_startup import tiny_sample  # noqa: E402
+from sam.cache import MaskCache, build_mask_cache  # noqa: E402
+from sam.files import MASK_SUFFIX  # noqa: E402
 
-KINDS = {"imagefolder": "torchvision ImageFolder",
-         "patches-scan": "patches, first start (scan)", "patches": "patches, restart (saved scan)",
-         "json-scan": "json masks, first start (scan)", "json": "json masks, restart (saved scan)",
+KINDS = {"imagefolder": "torchvision ImageFolder", "patches": "patches", "json": "json masks",
          "cache": "+ mask cache, restart, first rank", "cache-rank": "+ mask cache, restart, other ranks"}
 IMAGENET = 1_281_167
 RANKS, WORKERS = 8, 10
@@ -41,8 +46,6 @@ FIRST = 1000  # samples read before the first measurement: the worker's own star
 
 def build_tree(root: str, images: int, classes: int) -> None:
     """train/<class>/<i>.JPEG and masks/<class>/<i>.json; kept between runs once complete."""
-    from perf.dataset_startup import tiny_sample
-    from sam.files import MASK_SUFFIX
     done = os.path.join(root, f".complete-{images}-{classes}")
     if os.path.exists(done):
         return
@@ -79,8 +82,6 @@ def cache_root(root: str) -> str:
 
 
 def build_cache_tree(root: str) -> None:
-    from inputs.pretrain import SegmentMaskImageFolder
-    from sam.cache import MaskCache, build_mask_cache
     linked = cache_root(root)
     os.makedirs(linked, exist_ok=True)
     for sub in ("train", "masks"):
@@ -93,14 +94,9 @@ def build_cache_tree(root: str) -> None:
 
 def make_dataset(kind: str, root: str):
     if kind == "imagefolder":
-        from torchvision.datasets import ImageFolder
         return ImageFolder(os.path.join(root, "train"))
-    if kind.endswith("-scan"):
-        os.environ["SEGMAE_SCAN_INDEX"] = "0"  # walk the tree, as a first start does
-    from inputs.pretrain import SegmentMaskImageFolder
     if kind.startswith("cache"):
         if kind == "cache-rank":  # a node's other ranks: its first rank checked the cache against masks/
-            import inputs.roots
             inputs.roots.first_rank_on_node = lambda: False
         return SegmentMaskImageFolder(cache_root(root), with_masks=True, coverage_ratio=50.0)
     return SegmentMaskImageFolder(root, with_masks=kind.startswith("json"), coverage_ratio=50.0)
@@ -108,10 +104,6 @@ def make_dataset(kind: str, root: str):
 
 def child(kind: str, root: str) -> dict:
     """Build, then one epoch in a forked worker; the numbers as a dict."""
-    import numpy as np
-    import torchvision  # noqa: F401 - imported before the first measurement, as in a training run
-
-    import inputs.pretrain  # noqa: F401
     before = rss_kib()
     start = time.perf_counter()
     dataset = make_dataset(kind, root)
@@ -154,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     build_tree(args.root, args.images, args.classes)
     subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "patches", "--root", args.root],
-                   capture_output=True, check=True, cwd=REPO)  # saves the scan that restarts read
+                   capture_output=True, check=True, cwd=REPO)  # a warm page cache for every kind
     if any(k.startswith("cache") for k in args.kinds):
         build_cache_tree(args.root)
     print(f"tree of {args.images} images ready in {time.time() - start:.0f}s", file=sys.stderr)

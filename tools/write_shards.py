@@ -30,6 +30,7 @@ from run.files import atomic_write, atomic_write_json, remove_stale_temp_files, 
 from run.setup import run_tool  # noqa: E402
 from sam.layouts import MaskSource, open_mask_source  # noqa: E402
 from sam.listing import read_empty_list, stem_of  # noqa: E402
+from tools.convert_masks import converted_annotations  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
 
@@ -38,7 +39,6 @@ def mask_json(source: MaskSource, rel: str) -> bytes:
     if source.format == "json":
         with open(source.location(rel), "rb") as f:
             return f.read()
-    from tools.convert_masks import converted_annotations
     annotations, _ = converted_annotations(source, rel)
     data = {"image": {"file_name": os.path.basename(rel)}, "annotations": annotations}
     if source.format == "segmae":
