@@ -41,7 +41,7 @@ from evals.runs import (add_stage_time, append_result, eval_config, official_che
                         stage_times)
 from evals.stages import run_stage  # noqa: E402
 from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
-from run.checkpoint import find_last_checkpoint, load_checkpoint  # noqa: E402
+from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
 from run.files import atomic_write_json  # noqa: E402
 from run.flags import coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
 from run.slurm import add_slurm_job_args, submit  # noqa: E402
@@ -183,12 +183,12 @@ def check_old_layout(args) -> None:
     if os.path.exists(new) or not os.path.isdir(old):
         return
     last = find_last_checkpoint(old)
-    saved = load_checkpoint(last).get("args") if last else None
-    if saved is None:
+    saved = saved_args(load_checkpoint(last)) if last else {}
+    if not saved:
         return
-    same = (getattr(saved, "model", None) == args.model and getattr(saved, "epochs", None) == args.pretrain_epochs
-            and getattr(saved, "seed", 0) == args.seed and (not uses_segments(args.mask_method)
-                                                            or getattr(saved, "coverage_ratio", None) == args.coverage_ratio))
+    same = (saved.get("model") == args.model and saved.get("epochs") == args.pretrain_epochs
+            and saved.get("seed", 0) == args.seed and (not uses_segments(args.mask_method)
+                                                       or saved.get("coverage_ratio") == args.coverage_ratio))
     if same:
         raise UserError(f"{old} holds a run of this configuration in the earlier layout (one folder per method). To "
                         f"continue it, move it: mv {old} {new} (evaluations: move each eval_output/"
@@ -201,7 +201,7 @@ def check_old_layout(args) -> None:
 def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
     """The newest complete pretraining checkpoint (by content) and its number of epochs done."""
     path = find_last_checkpoint(pretrain_dir)
-    return (path, int(load_checkpoint(path)["epoch"]) + 1) if path else (None, 0)
+    return (path, stored_epoch(path) + 1) if path else (None, 0)
 
 
 def pretrain_argv(args, epochs: int, out: str) -> list[str]:

@@ -10,18 +10,24 @@ from typing import Iterable
 import torch
 
 import util.misc as misc
-from mask_methods import get_method, uses_segments
 from run.setup import Runtime
 from util.lr_sched import adjust_learning_rate
 from util.misc import (NonFiniteLossError, UserError, all_reduce_mean, autocast, epoch_progress, get_world_size,
                        is_dist_avail_and_initialized, is_main_process, mark_step_begin)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The MaskedAutoencoderViT inside DDP and torch.compile (run.setup.wrap_model)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def normalise_by_global_weight(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Turns sum(w * mse) / sum_local(w) into sum(w * mse) / mean_over_ranks(sum(w)).
+    """Turns sum(w * e) / sum_local(w) into sum(w * e) / mean_over_ranks(sum(w)), ``weights`` the
+    loss's own (models_mae.loss_weights, whose sum forward_loss divides by).
 
     DDP averages gradients over ranks, so with this every rank's share is weighted by how much of
-    the global batch's hidden area it holds, and N ranks compute the gradient of one process with
+    the global batch's loss weight it holds, and N ranks compute the gradient of one process with
     the whole batch. One small all-reduce on device; no host sync."""
     local = weights.detach().sum().float()
     mean = local.clone()
@@ -102,16 +108,16 @@ def batch_to_device(batch: tuple, counts: EpochCounts, run: Runtime) -> tuple | 
 def mae_step(model: torch.nn.Module, samples: torch.Tensor, seg_mask: torch.Tensor | None, optimizer,
              loss_scaler: misc.LossScaler, run: Runtime, args, update: bool, where: tuple) -> tuple | None:
     """Forward, loss, backward; the optimizer steps when ``update`` (the last of --accum_iter steps).
-    Returns (loss, the per-patch loss weights), or None for a step --skip_nonfinite skipped.
+    Returns (loss, the per-patch hidden fraction), or None for a step --skip_nonfinite skipped.
     where: (epoch, step, EpochCounts)."""
     # skip DDP's gradient all-reduce on accumulation steps
     sync_ctx = model.no_sync() if (run.distributed and not update) else nullcontext()
     mark_step_begin(run.compile_mode)
     with sync_ctx:
         with autocast(run.device, run.amp):
-            loss, _, weights = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
-        if run.distributed and seg_mask is not None:
-            loss = normalise_by_global_weight(loss, weights)
+            loss, _, mask = model(samples, mask_ratio=args.mask_ratio, seg_mask=seg_mask)
+        if run.distributed:
+            loss = normalise_by_global_weight(loss, unwrapped(model).loss_weights(mask, seg_mask))
         epoch, step, counts = where
         if args.skip_nonfinite and skip_nonfinite_step(loss, args, epoch, step, counts.skipped_steps):
             optimizer.zero_grad(set_to_none=True)
@@ -119,18 +125,18 @@ def mae_step(model: torch.nn.Module, samples: torch.Tensor, seg_mask: torch.Tens
         loss_scaler(loss / args.accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
     if update:
         optimizer.zero_grad(set_to_none=True)
-    return loss, weights
+    return loss, mask
 
 
-def record_step(metric_logger: misc.MetricLogger, monitor, method, loss: torch.Tensor, weights: torch.Tensor,
+def record_step(metric_logger: misc.MetricLogger, monitor, method, loss: torch.Tensor, mask: torch.Tensor,
                 batch: tuple, counts: EpochCounts, lr: float) -> None:
     """The step's numbers, all kept on the device (no host sync)."""
     samples, seg_mask = batch
     monitor.record(loss)
-    metric_logger.update(hidden=weights.detach().float().mean())
+    metric_logger.update(hidden=mask.detach().float().mean())
     if seg_mask is not None:
         counts.empty_segments += (seg_mask.flatten(1).sum(dim=1) == 0).sum()
-        metric_logger.update(**method.batch_stats(weights.detach(), seg_mask))
+        metric_logger.update(**method.batch_stats(mask.detach(), seg_mask))
     counts.images += samples.shape[0]
     metric_logger.update(lr=lr)
 
@@ -144,7 +150,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     metric_logger, monitor, iterator = epoch_progress(
         data_loader, epoch, run.device, args, log_writer,
         hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
-    method, counts, steps_per_epoch = get_method(args.mask_method), EpochCounts(run.device), len(data_loader)
+    method, counts, steps_per_epoch = unwrapped(model).method, EpochCounts(run.device), len(data_loader)
     optimizer.zero_grad(set_to_none=True)
     if log_writer is not None:
         print(f'log_dir: {log_writer.log_dir}')
@@ -164,10 +170,10 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
             monitor(step, to_tensorboard=True)
             if log_images is not None and log_writer is not None:
                 log_images(monitor.epoch_1000x(step))
-    return epoch_stats(metric_logger, epoch, counts, args)
+    return epoch_stats(metric_logger, epoch, counts, args, method.needs_segment)
 
 
-def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCounts, args) -> dict:
+def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCounts, args, segments: bool) -> dict:
     """The epoch's log row: the meters averaged over ranks, speed, and the samples and steps that
     were counted or skipped (each read once, here)."""
     epoch_time = time.time() - counts.start
@@ -176,7 +182,7 @@ def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCount
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["img_per_sec"] = counts.images * get_world_size() / max(epoch_time, 1e-9)
     stats["epoch_time"] = epoch_time
-    if uses_segments(args.mask_method):
+    if segments:
         # samples whose chosen segment hides nothing (they add no loss)
         stats["empty_segments"] = int(round(all_reduce_mean(float(counts.empty_segments.item())) * get_world_size()))
     if args.skip_bad_samples:

@@ -26,8 +26,8 @@ from inputs.pretrain import loader_options
 from inputs.transforms import REFERENCE_RECIPE, add_recipe_args, as_hw
 from mask_methods import MASK_METHODS
 from models_vit import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
-from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start,
-                            save_model)
+from run.checkpoint import (Resumed, append_log, checkpoint_config, load_checkpoint, open_resume, resume_states,
+                            run_start, save_model)
 from run.distributed import check_ranks_agree, local_main_first
 from run.files import atomic_write_json
 from run.flags import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
@@ -36,9 +36,11 @@ from run.setup import Runtime, build_optimizer
 from util.lr_decay import param_groups_layer_decay
 from util.misc import UserError, get_rank, get_world_size, is_main_process
 
-# What defines a finetuned model: a resumed or evaluated checkpoint supplies them unless given;
-# and the file a run starts from (auto-resume continues only a run from the same --finetune file).
-RUN_FLAGS = ["model", "nb_classes", "input_size", "global_pool", "augment", "normalization", "train_subset"]
+# What defines a finetuned model (a resumed or evaluated checkpoint supplies them unless given), with
+# each flag's value in checkpoints written before it existed; and the file a run starts from
+# (auto-resume continues only a run from the same --finetune file).
+RUN_FLAGS = {"model": None, "nb_classes": None, "input_size": None, "global_pool": None, "train_subset": None,
+             **REFERENCE_RECIPE}
 RUN_START_FILES = ["finetune"]
 
 
@@ -109,11 +111,11 @@ def check_downstream_args(args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error("--cutmix_minmax takes two values: min max")
 
 
-def take_pretraining_size(args: argparse.Namespace, saved: argparse.Namespace | None) -> None:
+def take_pretraining_size(args: argparse.Namespace, pretrained_config: dict) -> None:
     """No --input_size given, a new run: the size the encoder was pretrained at (text lines stay 32 x
-    128), when --model's patch divides it. A resumed run keeps its own size."""
-    pretrained = getattr(saved, "input_size", None)
-    if not pretrained or args.resume or "input_size" in getattr(args, "given_flags", []):
+    128), when --model's patch divides it."""
+    pretrained = pretrained_config.get("input_size")
+    if not pretrained or "input_size" in getattr(args, "given_flags", []):
         return
     hw = list(as_hw(pretrained))
     if hw != list(as_hw(args.input_size)) and all(side % models_vit.model_patch_size(args.model) == 0 for side in hw):
@@ -121,56 +123,69 @@ def take_pretraining_size(args: argparse.Namespace, saved: argparse.Namespace | 
         args.input_size = hw
 
 
-def build_downstream_model(args: argparse.Namespace, **extra) -> torch.nn.Module:
-    """The ViT for --model, with the input channels and adapted encoder of --finetune (if any).
-    Records the pretraining method and in_chans in args."""
-    checkpoint = load_checkpoint(args.finetune) if args.finetune and not args.eval else None
-    if checkpoint is not None:
-        method = resolve_mask_method(checkpoint, args.mask_method, args.finetune)
-        in_chans = downstream_in_chans(method, args.fold_mask_channel)
-    elif args.resume:
-        # a finetuned checkpoint: its own args say which pretraining method and input it has
-        saved = load_checkpoint(args.resume).get("args")
-        method = resolve_mask_method({"args": saved}, args.mask_method, args.resume)
-        in_chans = getattr(saved, "in_chans", 3)
-    else:
-        method = args.mask_method or "patches"
-        in_chans = downstream_in_chans(method, args.fold_mask_channel)
-    args.mask_method, args.in_chans = method, in_chans
+class Downstream:
+    """What a finetuning or linear-probing run starts from, each file read once: the checkpoint it
+    continues or evaluates (``resumed``), else the pretraining checkpoint of --finetune
+    (``pretrained``); the pretraining method and the input channels they give; the run's start."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.start = run_start(args, files=RUN_START_FILES, keys=("data_path", "train_subset"))
+        # auto-resume (training only) continues only a run that started from the same --finetune file;
+        # the model's settings come from the checkpoint being continued or evaluated unless given
+        self.resumed: Resumed | None = open_resume(args, RUN_FLAGS, self.start,
+                                                   path=args.resume if args.eval else None)
+        self.pretrained = load_checkpoint(args.finetune) if args.finetune and self.resumed is None else None
+        if self.resumed is not None:  # a finetuned checkpoint: it says which pretraining method and input it has
+            config = checkpoint_config(self.resumed.checkpoint)
+            self.method = resolve_mask_method(self.resumed.checkpoint, args.mask_method, self.resumed.path)
+            self.in_chans = config.get("in_chans") or 3
+        else:
+            self.method = (resolve_mask_method(self.pretrained, args.mask_method, args.finetune)
+                           if self.pretrained is not None else args.mask_method or "patches")
+            self.in_chans = downstream_in_chans(self.method, args.fold_mask_channel)
+            take_pretraining_recipe(args, checkpoint_config(self.pretrained) if self.pretrained else {})
+        for key, default in REFERENCE_RECIPE.items():  # nothing said otherwise: the reference's
+            setattr(args, key, getattr(args, key) or default)
+
+    def config(self, args: argparse.Namespace) -> dict:
+        """The checkpoint's record of this run (run.checkpoint: ``config``)."""
+        return {"model": args.model, "input_size": args.input_size, "in_chans": self.in_chans,
+                "mask_method": self.method, "nb_classes": args.nb_classes, "global_pool": args.global_pool,
+                "augment": args.augment, "normalization": args.normalization,
+                "run_start": self.resumed.run_start if self.resumed is not None else self.start}
+
+    def max_accuracy(self) -> float:
+        """The best top-1 of the run being continued (0 for a new run)."""
+        if self.resumed is None:
+            return 0.0
+        return float(self.resumed.args.get("max_accuracy", 0.0))
+
+
+def build_downstream_model(args: argparse.Namespace, downstream: Downstream, **extra) -> torch.nn.Module:
+    """The ViT for --model, with the input channels and adapted encoder of --finetune (if any)."""
     model = models_vit.build_vit(args.model, img_size=as_hw(args.input_size), num_classes=args.nb_classes,
-                                 global_pool=args.global_pool, in_chans=args.in_chans, **extra)
-    if checkpoint is not None:
-        load_pretrained_encoder(model, args.finetune, method, args.fold_mask_channel, checkpoint=checkpoint,
-                                mask_channel=args.mask_channel)
+                                 global_pool=args.global_pool, in_chans=downstream.in_chans, **extra)
+    if downstream.pretrained is not None:
+        load_pretrained_encoder(model, args.finetune, downstream.method, args.fold_mask_channel,
+                                checkpoint=downstream.pretrained, mask_channel=args.mask_channel)
         trunc_normal_(model.head.weight, std=2e-5)  # manually initialize fc layer, as the reference
     return model
 
 
-def start_and_reconcile(args: argparse.Namespace) -> None:
-    """Auto-resume (training) only a run that started from the same --finetune file; then the
-    model's settings come from the checkpoint being continued or evaluated unless given."""
-    if not args.eval:
-        auto_resume(args, run_start(args, files=RUN_START_FILES, keys=("data_path", "train_subset")))
-    reconcile_with_checkpoint(args, RUN_FLAGS)
-    take_pretraining_recipe(args)
+def take_pretraining_recipe(args: argparse.Namespace, pretrained: dict) -> None:
+    """A new run: --input_size, --augment and --normalization, unless given, are the --finetune
+    checkpoint's (a text-line encoder is finetuned on text lines as it was pretrained)."""
+    take_pretraining_size(args, pretrained)
+    for key in REFERENCE_RECIPE:
+        if getattr(args, key) is None and pretrained.get(key):
+            setattr(args, key, pretrained[key])
+            print(f"--{key} {pretrained[key]} taken from {args.finetune}")
 
 
-def take_pretraining_recipe(args: argparse.Namespace) -> None:
-    """--augment and --normalization, unless given or resumed: the --finetune checkpoint's (a
-    text-line encoder is finetuned on text lines as it was pretrained), else the reference's."""
-    saved = load_checkpoint(args.finetune).get("args") if args.finetune and not args.eval else None
-    take_pretraining_size(args, saved)
-    for key, default in REFERENCE_RECIPE.items():
-        if getattr(args, key) is None:
-            pretrained = getattr(saved, key, None)
-            setattr(args, key, pretrained or default)
-            if pretrained:
-                print(f"--{key} {pretrained} taken from {args.finetune}")
-
-
-def build_loaders(args, build_transform):
+def build_loaders(args, build_transform, downstream: Downstream):
     with local_main_first():
-        dataset_train, dataset_val = build_classification_datasets(args, build_transform)
+        classes_fixed = downstream.resumed is not None and "nb_classes" in downstream.resumed.args
+        dataset_train, dataset_val = build_classification_datasets(args, build_transform, classes_fixed)
     check_ranks_agree(args, {f"{name} images": (len(ds), ds.samples.digest())
                              for name, ds in (("train", dataset_train), ("val", dataset_val))})
     num_tasks, global_rank = get_world_size(), get_rank()
@@ -200,18 +215,19 @@ def build_loaders(args, build_transform):
 
 
 def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train, sampler_train,
-                 loader_val, run: Runtime, mixup_fn=None, max_norm=None, kind: str = "finetune") -> dict:
+                 loader_val, run: Runtime, downstream: Downstream, start_epoch: int, mixup_fn=None, max_norm=None,
+                 kind: str = "finetune") -> dict:
     """The epoch loop shared by finetuning and linear probing (kind): train, evaluate, keep the best."""
     log_writer = runsetup.tensorboard_writer(args.log_dir)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    max_accuracy = getattr(args, "max_accuracy", 0.0)
-    if not runsetup.check_trains_something(args, len(loader_train), args.epochs):
+    max_accuracy, config = downstream.max_accuracy(), downstream.config(args)
+    if not runsetup.check_trains_something(args, len(loader_train), args.epochs, start_epoch):
         return {"max_accuracy": max_accuracy}
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         runsetup.seed_epoch(args.seed, epoch, get_rank())
         sampler_train.set_epoch(epoch)
         loader_train.dataset.set_epoch(epoch)
@@ -221,7 +237,6 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         print(f"Accuracy of the network on the {test_stats['count']} test images: {test_stats['acc1']:.1f}%")
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
-        args.max_accuracy = max_accuracy
         print(f'Max accuracy: {max_accuracy:.2f}%')
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                      **{f'test_{k}': v for k, v in test_stats.items()},
@@ -231,12 +246,13 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
         # epoch, which rewrites the row and (if it improves again) the best checkpoint.
         if args.output_dir:
             append_log(args.output_dir, log_stats)
+        best = {"max_accuracy": max_accuracy}
         if args.output_dir and improved:
             save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                       loss_scaler=loss_scaler, epoch=epoch, name="best", run=run)
+                       loss_scaler=loss_scaler, epoch=epoch, name="best", run=run, config=config, state=best)
         if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == args.epochs):
             save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                       loss_scaler=loss_scaler, epoch=epoch, run=run)
+                       loss_scaler=loss_scaler, epoch=epoch, run=run, config=config, state=best)
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f'val/{key}', test_stats[key], epoch)
@@ -257,9 +273,9 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
 def main(args: argparse.Namespace) -> dict:
     run = runsetup.setup_run(args, __file__)
     device = run.device
-    start_and_reconcile(args)
+    downstream = Downstream(args)
 
-    _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform)
+    _, sampler_train, loader_train, loader_val = build_loaders(args, build_finetune_transform, downstream)
 
     mixup_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
@@ -269,7 +285,7 @@ def main(args: argparse.Namespace) -> dict:
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
-    model = build_downstream_model(args, drop_path_rate=args.drop_path)
+    model = build_downstream_model(args, downstream, drop_path_rate=args.drop_path)
     model.to(device)
     model_without_ddp = model
     runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
@@ -293,14 +309,18 @@ def main(args: argparse.Namespace) -> dict:
         criterion = torch.nn.CrossEntropyLoss()
     print(f"criterion = {criterion}")
 
-    load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    start_epoch = args.start_epoch
+    if downstream.resumed is not None:
+        start_epoch = resume_states(downstream.resumed, model_without_ddp, None if args.eval else optimizer,
+                                    loss_scaler) or start_epoch
 
     if args.eval:
         test_stats = evaluate(loader_val, model, device, run.amp)
         print(f"Accuracy of the network on the {test_stats['count']} test images: {test_stats['acc1']:.1f}%")
         return test_stats
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
-                        sampler_train, loader_val, run, mixup_fn=mixup_fn, max_norm=args.clip_grad)
+                        sampler_train, loader_val, run, downstream, start_epoch, mixup_fn=mixup_fn,
+                        max_norm=args.clip_grad)
 
 
 def cli(argv: list[str] | None = None):

@@ -15,10 +15,9 @@ import util.misc as misc
 from engine_finetune import evaluate
 from inputs.classification import build_linprobe_transform
 from inputs.transforms import add_recipe_args
-from main_finetune import (build_downstream_model, build_loaders, check_downstream_args, run_training,
-                           start_and_reconcile)
+from main_finetune import Downstream, build_downstream_model, build_loaders, check_downstream_args, run_training
 from mask_methods import MASK_METHODS
-from run.checkpoint import load_model
+from run.checkpoint import resume_states
 from run.flags import add_downstream_args, add_training_args, check_optimizer_args
 from run.setup import build_optimizer
 
@@ -47,10 +46,10 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 def main(args: argparse.Namespace) -> dict:
     run = runsetup.setup_run(args, __file__)
     device = run.device
-    start_and_reconcile(args)
+    downstream = Downstream(args)
 
-    _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform)
-    model = build_downstream_model(args)
+    _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform, downstream)
+    model = build_downstream_model(args, downstream)
     linear_probe_head(model)
     model.to(device)
     model_without_ddp = model
@@ -68,11 +67,14 @@ def main(args: argparse.Namespace) -> dict:
     loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
     criterion = torch.nn.CrossEntropyLoss()
 
-    load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
+    start_epoch = args.start_epoch
+    if downstream.resumed is not None:
+        start_epoch = resume_states(downstream.resumed, model_without_ddp, None if args.eval else optimizer,
+                                    loss_scaler) or start_epoch
     if args.eval:
         return evaluate(loader_val, model, device, run.amp)
     return run_training(args, model, model_without_ddp, optimizer, criterion, loss_scaler, loader_train,
-                        sampler_train, loader_val, run, kind="linprobe")
+                        sampler_train, loader_val, run, downstream, start_epoch, kind="linprobe")
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

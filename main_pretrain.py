@@ -22,23 +22,22 @@ from inputs.pretrain import (DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, bu
                              collate_pretrain, loader_options)
 from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path
 from inputs.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, add_recipe_args, as_hw
-from mask_methods import add_method_args, get_method, uses_segments
-from models_vit import refuse_original_to_continue, stack_official_into_mae
-from run.checkpoint import (append_log, auto_resume, load_checkpoint, load_model, reconcile_with_checkpoint, run_start,
-                            save_model)
+from mask_methods import MaskMethod, add_method_args, build_method, method_flags, warn_ignored_flags
+from models_vit import stack_official_into_mae
+from run.checkpoint import FOURTH_CHANNEL_KEY, Resumed, append_log, open_resume, resume_states, run_start, save_model
 from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
-                       mask_ratio_type, non_negative_int, positive_int)
+                       non_negative_int, positive_int)
 from run.setup import Runtime, build_optimizer, convert_to_fp8
 from sam.listing import MASK_FORMATS
 from util.lr_decay import param_groups_weight_decay
 from util.misc import UserError, all_reduce_mean, autocast, get_rank, get_world_size
 
-# What defines a pretraining run besides its mask method's own flags (MaskMethod.run_flags): a
-# resume keeps the checkpoint's values; and the files it starts from (auto-resume continues only
-# a run that started from the same data and the same --stack file).
-RUN_FLAGS = ["model", "mask_method", "norm_pix_loss", "input_size", "augment", "normalization"]
-RUN_START_FILES = ["stack"]
+# What defines a pretraining run, with each flag's value in this repo's checkpoints written before it
+# existed (None: it always was recorded); a mask method's own flags join them (mask_methods.Flag).
+RUN_FLAGS = {"model": None, "mask_method": None, "norm_pix_loss": None, "input_size": None,
+             **REFERENCE_RECIPE}  # the recipe before --augment / --normalization: the reference's
+RUN_START_FILES = ["stack"]  # auto-resume continues only a run that started from the same --stack file
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,8 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_recipe_args(parser)
     parser.add_argument('--model', default='mae_vit_large_patch16', type=str, metavar='MODEL',
                         help='Name of model to train')
-    parser.add_argument('--mask_ratio', default=0.75, type=mask_ratio_type,
-                        help='Masking ratio (percentage of removed patches), patches method only')
     parser.add_argument('--norm_pix_loss', action='store_true',
                         help='Use (per-patch) normalized pixels as targets for computing loss')
     parser.set_defaults(norm_pix_loss=False)
@@ -87,8 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--allow_missing_masks', action='store_true',
                         help='skip images without a mask file instead of stopping')
     parser.add_argument('--mask_size_check', default=DEFAULT_MASK_SIZE_CHECK, type=non_negative_int, metavar='N',
-                        help='at start-up, check the chosen mask of N images spread over the set against the '
-                             f'image headers (0: every image; default {DEFAULT_MASK_SIZE_CHECK})')
+                        help='at start-up, check the masks of N images spread over the set against the image '
+                             f'headers (0: every image; default {DEFAULT_MASK_SIZE_CHECK})')
     parser.add_argument('--stack', default='', metavar='CHECKPOINT',
                         help='start from an official MAE checkpoint (e.g. mae_pretrain_vit_base.pth) with any '
                              'mask method: a 4th input channel starts at zero weight, the pre-encoder at identity; '
@@ -110,18 +107,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     recipe = TEXT_LINE_RECIPE if args.model in models_mae.TEXT_LINE_MODELS else REFERENCE_RECIPE
     for key, default in recipe.items():
         setattr(args, key, getattr(args, key) or default)
-    method = get_method(args.mask_method)
-    if method.drops_tokens and args.mask_ratio == 0:
-        parser.error("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
+    try:
+        build_method(args)  # its parameters' values are checked by the method
+    except ValueError as e:
+        parser.error(str(e))
     if args.start_epoch >= args.epochs:
         parser.error(f"--start_epoch {args.start_epoch} >= --epochs {args.epochs}: there is no epoch to train")
-    given = set(getattr(args, "given_flags", []))
-    if not method.drops_tokens and "mask_ratio" in given:
-        print(f"WARNING: --mask_ratio is ignored by --mask_method {args.mask_method}: the SAM segment decides "
-              f"what is hidden (see --coverage_ratio)", file=sys.stderr)
-    if not method.needs_segment and "coverage_ratio" in given:
-        print(f"WARNING: --coverage_ratio is ignored by --mask_method {args.mask_method} (it chooses SAM segments)",
-              file=sys.stderr)
+    warn_ignored_flags(args)
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
@@ -143,22 +135,6 @@ def tell_mask_notes(dataset, told: set[str]) -> None:
         if total:
             print(f"NOTE: {total} {MASK_NOTES[key]}")
             told.add(key)
-
-
-def seg_loss_of_older_checkpoint(args: argparse.Namespace) -> None:
-    """Checkpoints written before --seg_loss existed trained with the per-patch loss: a resumed
-    run keeps it (unless the flag asks otherwise, which is an error like any other conflict)."""
-    if not args.resume:
-        return
-    saved = load_checkpoint(args.resume).get("args")
-    if saved is None or hasattr(saved, "seg_loss") or not hasattr(saved, "in_chans"):
-        return  # new checkpoints record it; the original's and the reference's are refused or patches
-    if "seg_loss" in set(getattr(args, "given_flags", [])) and args.seg_loss != "patch":
-        raise UserError(f"{args.resume} was trained with the per-patch loss (it predates --seg_loss, whose "
-                         f"default is now pixel): pass --seg_loss patch (or leave it out) to continue it, or "
-                         f"start a new run in another output folder")
-    print(f"--seg_loss patch taken from {args.resume} (written before --seg_loss existed)")
-    args.seg_loss = "patch"
 
 
 def log_reconstructions(log_writer, model, dataset, run: Runtime, args, epoch: int, n: int = 4,
@@ -192,35 +168,30 @@ def log_reconstructions_mid_epoch(log_writer, model, dataset, run: Runtime, args
     model.train(True)
 
 
-def continue_as_written(args: argparse.Namespace, checkpoint: dict) -> None:
-    """A resumed checkpoint written before a model name or a flag changed meaning continues as it
-    was trained: under the model's explicit name, with the reference's recipe."""
+def method_run_flags(args: argparse.Namespace) -> dict:
+    """The flags of --mask_method's class, with their values before they existed."""
+    own = {f.name for f in build_method(args).flags}
+    return {name: flag.before for name, flag in method_flags().items() if name in own}
+
+
+def continue_as_written(args: argparse.Namespace, checkpoint: dict, path: str) -> None:
+    """A checkpoint that records a model name whose model changed since (Union14M's
+    mae_vit_small_patch4) continues as the model its weights are, under that one's explicit name."""
     state = checkpoint.get("model", {})
     name = models_mae.model_of_checkpoint(args.model, state)
     if name != args.model:
-        print(f"{args.resume} holds the model now named {name} (its decoder is {state['decoder_embed.weight'].shape[0]}"
+        print(f"{path} holds the model now named {name} (its decoder is {state['decoder_embed.weight'].shape[0]}"
               f" wide; {args.model} is now Union14M's): continuing it as {name}")
         args.model = name
-    saved = checkpoint.get("args")
-    for key, before in REFERENCE_RECIPE.items():
-        if saved is not None and not hasattr(saved, key) and key not in getattr(args, "given_flags", []):
-            setattr(args, key, before)  # a run from before the flag existed
 
 
-def reconcile_run(args: argparse.Namespace) -> None:
-    """Auto-resume (only the run this command starts); the flags that define the run must be the
-    checkpoint's (a default is taken from it)."""
-    auto_resume(args, run_start(args, files=RUN_START_FILES))
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        refuse_original_to_continue(checkpoint, args.resume, "--resume")
-    reconcile_with_checkpoint(args, RUN_FLAGS, saved=checkpoint.get("args") if checkpoint is not None else None)
-    if checkpoint is not None:
-        continue_as_written(args, checkpoint)
-    method_flags = get_method(args.mask_method).run_flags
-    if "seg_loss" in method_flags:
-        seg_loss_of_older_checkpoint(args)
-    reconcile_with_checkpoint(args, list(method_flags))
+def run_config(args: argparse.Namespace, model, start: dict) -> dict:
+    """The checkpoint's record of the run (run.checkpoint: ``config``): what finetuning, the
+    Segmenter, kNN, exports and the pictures need of it, and where it started."""
+    return {"model": args.model, "input_size": list(as_hw(args.input_size)), "in_chans": model.encoder_in_chans,
+            FOURTH_CHANNEL_KEY: "visible",  # a mask channel holds v = 1 - m (the original segmae code's: m)
+            "mask_method": model.method.name, "method": model.method.params(), "augment": args.augment,
+            "normalization": args.normalization, "norm_pix_loss": args.norm_pix_loss, "run_start": start}
 
 
 def uses_shards(args: argparse.Namespace) -> bool:
@@ -233,12 +204,13 @@ def uses_shards(args: argparse.Namespace) -> bool:
     return kinds.pop()
 
 
-def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
+def build_shard_data(args: argparse.Namespace, device: torch.device, transform, method: MaskMethod):
     """(dataset, None, the loader) of pretraining samples read from tar shards (inputs/shards.py)."""
     with local_main_first():  # the first rank counts the samples of unindexed tars and saves the counts
-        dataset = build_shard_dataset(args.data_path, transform, uses_segments(args.mask_method), args.coverage_ratio,
-                                      args.batch_size, get_world_size(), get_rank(), args.seed, args.shuffle_buffer,
-                                      args.skip_bad_samples, decode=transform.decodes_in_workers)
+        dataset = build_shard_dataset(args.data_path, transform, method.needs_segment, None, args.batch_size,
+                                      get_world_size(), get_rank(), args.seed, args.shuffle_buffer,
+                                      args.skip_bad_samples, decode=transform.decodes_in_workers,
+                                      segment_choice=method)
     print(dataset)
     check_ranks_agree(args, {"images": (dataset.total, [dataset.digest()])})
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
@@ -250,18 +222,18 @@ def build_shard_data(args: argparse.Namespace, device: torch.device, transform):
     return dataset, None, loader
 
 
-def build_data(args: argparse.Namespace, device: torch.device):
+def build_data(args: argparse.Namespace, device: torch.device, method: MaskMethod):
     """(dataset, its DistributedSampler (None for shards), the loader) of the pretraining images
-    (and masks)."""
+    (and what ``method`` hides of each)."""
     transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend, args.augment, args.normalization)
     if uses_shards(args):
-        return build_shard_data(args, device, transform)
+        return build_shard_data(args, device, transform, method)
     with local_main_first():
-        dataset = build_pretrain_dataset(args.data_path, transform, with_masks=uses_segments(args.mask_method),
-                                         coverage_ratio=args.coverage_ratio, allow_missing_masks=args.allow_missing_masks,
-                                         seed=args.seed, skip_bad_samples=args.skip_bad_samples,
-                                         read_timeout=args.data_timeout, mask_format=args.mask_format,
-                                         mask_size_check=args.mask_size_check)
+        dataset = build_pretrain_dataset(args.data_path, transform, with_masks=method.needs_segment,
+                                         allow_missing_masks=args.allow_missing_masks, seed=args.seed,
+                                         skip_bad_samples=args.skip_bad_samples, read_timeout=args.data_timeout,
+                                         mask_format=args.mask_format, mask_size_check=args.mask_size_check,
+                                         segment_choice=method)
     print(dataset)
     check_ranks_agree(args, {"images": (len(dataset), [f.digest() for f in dataset.folders])})
     num_tasks = get_world_size()
@@ -280,17 +252,11 @@ def build_data(args: argparse.Namespace, device: torch.device):
     return dataset, sampler, loader
 
 
-def build_model(args: argparse.Namespace, run: Runtime):
-    """(model to train: compiled / DDP-wrapped, the plain model, optimizer, loss scaler), resumed
-    or stacked on an official checkpoint where asked."""
-    input_size = as_hw(args.input_size)
-    model = models_mae.build_mae(args.model, img_size=input_size, norm_pix_loss=args.norm_pix_loss,
-                                 mask_method=args.mask_method, grad_checkpointing=args.grad_checkpointing,
-                                 seg_loss=args.seg_loss)
-    # recorded in the checkpoint's args for finetuning / segmentation
-    args.in_chans = model.encoder_in_chans
-    args.fourth_channel = "visible"  # a mask channel holds v = 1 - m (the original segmae code's: m)
-    args.input_size = list(input_size)
+def build_model(args: argparse.Namespace, run: Runtime, method: MaskMethod, resumed: Resumed | None):
+    """(model to train: compiled / DDP-wrapped, the plain model, optimizer, loss scaler, first
+    epoch), resumed, or stacked on an official checkpoint where asked."""
+    model = models_mae.build_mae(args.model, img_size=as_hw(args.input_size), norm_pix_loss=args.norm_pix_loss,
+                                 mask_method=method, grad_checkpointing=args.grad_checkpointing)
     device = run.device
     model.to(device)
     if args.fp8:
@@ -304,21 +270,24 @@ def build_model(args: argparse.Namespace, run: Runtime):
     optimizer = build_optimizer(args, param_groups, device)
     runsetup.log_details(args, "optimizer.txt", str(optimizer), "optimizer")
     loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
-    if args.stack and not args.resume:
+    start_epoch = args.start_epoch
+    if resumed is not None:
+        start_epoch = resume_states(resumed, model_without_ddp, optimizer, loss_scaler) or start_epoch
+    elif args.stack:
         stack_official_into_mae(model_without_ddp, args.stack, args.mask_channel)
-    load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler)
-    return model, model_without_ddp, optimizer, loss_scaler
+    return model, model_without_ddp, optimizer, loss_scaler, start_epoch
 
 
 def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_without_ddp, optimizer, loss_scaler,
-              dataset, run: Runtime, log_writer) -> None:
+              dataset, run: Runtime, log_writer, config: dict) -> None:
     """The log row, then the checkpoint (a failed or killed save only repeats the epoch and its
     row), then TensorBoard."""
     if args.output_dir:
         append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
     if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
         save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
-                   epoch=epoch, name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None, run=run)
+                   epoch=epoch, name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None, run=run,
+                   config=config)
     if log_writer is not None and args.vis_freq and (epoch + 1) % args.vis_freq == 0:
         log_reconstructions(log_writer, model_without_ddp, dataset, run, args, epoch)
     if log_writer is not None:
@@ -330,18 +299,21 @@ def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_withou
 
 def main(args: argparse.Namespace) -> None:
     run = runsetup.setup_run(args, __file__)
-    reconcile_run(args)
-    dataset_train, sampler_train, data_loader_train = build_data(args, run.device)
+    start = run_start(args, files=RUN_START_FILES)
+    resumed = open_resume(args, RUN_FLAGS, start, then=method_run_flags, upgrade=continue_as_written)
+    method = build_method(args)
+    dataset_train, sampler_train, data_loader_train = build_data(args, run.device, method)
     log_writer = runsetup.tensorboard_writer(args.log_dir)
-    model, model_without_ddp, optimizer, loss_scaler = build_model(args, run)
+    model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, method, resumed)
+    config = run_config(args, model_without_ddp, resumed.run_start if resumed is not None else start)
 
     last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
-    if not runsetup.check_trains_something(args, len(data_loader_train), last_epoch):
+    if not runsetup.check_trains_something(args, len(data_loader_train), last_epoch, start_epoch):
         return
-    print(f"Start training for {args.epochs} epochs ({args.mask_method}, amp {run.amp})")
+    print(f"Start training for {args.epochs} epochs ({method}, amp {run.amp})")
     start_time = time.time()
     told: set[str] = set()
-    for epoch in range(args.start_epoch, last_epoch):
+    for epoch in range(start_epoch, last_epoch):
         runsetup.seed_epoch(args.seed, epoch, get_rank())
         if sampler_train is not None:
             sampler_train.set_epoch(epoch)
@@ -353,7 +325,7 @@ def main(args: argparse.Namespace) -> None:
         if dataset_train.with_masks:
             tell_mask_notes(dataset_train, told)
         end_epoch(args, epoch, last_epoch, train_stats, model_without_ddp, optimizer, loss_scaler, dataset_train,
-                  run, log_writer)
+                  run, log_writer, config)
 
     runsetup.print_weights_fingerprint(model_without_ddp)
     total_time = time.time() - start_time

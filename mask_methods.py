@@ -1,32 +1,63 @@
-"""The mask methods: one class each, behind one small interface, and a registry by name.
+"""The mask methods: one class each, behind one interface, and a registry by name.
+
+A method decides everything that differs between ways of hiding: its own flags, which SAM
+segment(s) of an image it hides, what the encoder sees, which tokens it keeps, what the loss
+weighs. The model (models_mae.py), the loader, the command lines, checkpoint adaptation and the
+pictures ask it; a new method is one subclass here passed to ``register`` (a method with its own
+flag and its own segment choice included).
 
 ``patches`` is the paper's random token dropping. The three segment methods hide one SAM segment
 ``m`` (1 = hidden) of the image ``x``; with ``v = 1 - m``:
 
-- ``segments``:      the encoder sees ``x * v`` (3 channels), every token.
-- ``four_channels``: the encoder sees ``concat(x * v, v)`` (4 channels), every token.
-- ``preencoder``:    ``concat(x * v, v)`` goes through a learned pre-encoder to 3 channels.
+- ``segments``:       the encoder sees ``x * v`` (3 channels), every token.
+- ``four_channels``:  the encoder sees ``concat(x * v, v)`` (4 channels), every token.
+- ``preencoder``:     ``concat(x * v, v)`` goes through a learned pre-encoder to 3 channels.
+- ``segment_tokens``: MAE's token dropping, the segment's patches first.
 
-For the segment methods the loss is on the hidden pixels only (``--seg_loss pixel``, the default):
+For the first three the loss is on the hidden pixels only (``--seg_loss pixel``, the default):
 ``sum(m * e) / sum(m)`` over every hidden pixel and channel, ``e`` the squared error against the
 target. ``--seg_loss patch`` keeps the older per-patch form: each patch's mean error weighted by
-the fraction of its pixels that are hidden.
-
-A new method is one subclass of ``MaskMethod`` passed to ``register``: the model, the training
-loop, the command lines, checkpoint adaptation and the pictures ask it what to do.
+the fraction of its pixels that are hidden. The segment is the one whose coverage is closest to
+``--coverage_ratio`` percent.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from run.flags import coverage_ratio_type
+from run.flags import coverage_ratio_type, mask_ratio_type
+from sam.layouts import ImageSegments, closest, segment_mask
 
 SEG_LOSSES = ("pixel", "patch")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A method's own command-line flag: added to the parser from the class, recorded in every
+    checkpoint, reconciled when a run resumes, part of a benchmark run's identity. Methods that
+    share a flag share its declaration."""
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple | None = None
+    before: Any = None  # its value in this repo's checkpoints written before the flag existed
+
+
+MASK_RATIO = Flag("mask_ratio", mask_ratio_type, 0.75, "fraction of the patch tokens dropped")
+COVERAGE_RATIO = Flag("coverage_ratio", coverage_ratio_type, 50.0,
+                      "percent of the image the hidden SAM segment should cover: the segment whose coverage "
+                      "is closest is hidden")
+SEG_LOSS = Flag("seg_loss", str, "pixel", "pixel: mean squared error over the hidden pixels only (sum(m * e) / "
+                "sum(m)); patch: the older per-patch form (hidden fraction of a patch times its mean error over "
+                "all its pixels), for ablations", choices=SEG_LOSSES, before="patch")
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -59,37 +90,69 @@ def patch_loss_weights(seg_mask: torch.Tensor, patch_size: int | tuple[int, int]
     return F.avg_pool2d(as_nchw(seg_mask).float(), kernel_size=patch_size, stride=patch_size).flatten(1)
 
 
-def weighted_patch_loss(per_patch_loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum(w * loss) / sum(w). All-zero weights give 0 (not NaN) and no gradient, so a sample whose
-    segment is empty contributes nothing."""
-    return (per_patch_loss * weights).sum() / weights.sum().clamp_min(1e-12)
-
-
-def hidden_pixel_loss(sq_error: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """sum(m * e) / sum(m) over every hidden pixel and channel.
-
-    sq_error: (N, L, p*p*C) squared errors in patchify order (row, col, channel within a patch);
-    hidden: (N, L, p*p) the patchified segment mask (1 = hidden), the same for every channel.
-    Nothing hidden gives 0 (not NaN) and no gradient."""
-    n, length, values = sq_error.shape
-    chans = values // hidden.shape[-1]
-    per_pixel = sq_error.reshape(n, length, hidden.shape[-1], chans).sum(dim=-1)  # summed over channels
-    hidden = hidden.to(per_pixel.dtype)
-    return (per_pixel * hidden).sum() / (hidden.sum() * chans).clamp_min(1e-12)
+def patchified_mask(seg_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, [1,] H, W) -> (N, L, p*p): each patch's pixels in the order of models_mae's patchify."""
+    m = as_nchw(seg_mask).float()
+    n, _, h, w = m.shape
+    p = patch_size
+    return m.reshape(n, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(n, (h // p) * (w // p), p * p)
 
 
 class MaskMethod:
     """What one mask method does, everywhere it matters. The defaults are a segment method that
-    feeds the encoder every token of ``x * v`` and has its loss on the hidden pixels."""
+    hides the segment closest to --coverage_ratio, feeds the encoder every token of ``x * v``, and
+    has its loss on the hidden pixels. An instance holds the values of the class's ``flags``."""
 
     name = ""
-    needs_segment = True  # reads a SAM segment per image (a masks/ folder); uses --coverage_ratio
+    needs_segment = True  # reads SAM segments (a masks/ folder)
     drops_tokens = False  # the encoder sees only the kept tokens (and the decoder gets mask tokens)
     mask_channels = 0  # channels added to the image for the encoder (the visibility v)
     hidden_label = "SAM segment"  # what the pictures call the hidden part
-    # the flags of this method that define a run: a resume keeps the checkpoint's, a different one
-    # given on the command line is refused (the model's own flags are listed by main_pretrain)
-    run_flags = ("coverage_ratio", "seg_loss")
+    flags: tuple[Flag, ...] = (COVERAGE_RATIO, SEG_LOSS)
+
+    def __init__(self, **params):
+        unknown = sorted(set(params) - {f.name for f in self.flags})
+        if unknown:
+            raise ValueError(f"mask_method {self.name!r} has no parameter {', '.join(unknown)}; its flags: "
+                             f"{', '.join('--' + f.name for f in self.flags) or 'none'}")
+        for flag in self.flags:
+            value = params.get(flag.name, flag.default)
+            if flag.choices is not None and value not in flag.choices:
+                raise ValueError(f"unknown {flag.name} {value!r} for mask_method {self.name!r}; choose one of "
+                                 f"{', '.join(map(str, flag.choices))}")
+            setattr(self, flag.name, value)
+        self.check()
+
+    @classmethod
+    def from_args(cls, args) -> "MaskMethod":
+        """The method with the values of its flags in ``args`` (parsed flags, or a checkpoint's)."""
+        saved = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        return cls(**{f.name: saved[f.name] for f in cls.flags if f.name in saved})
+
+    def params(self) -> dict[str, Any]:
+        """The values of the method's flags (recorded in every checkpoint)."""
+        return {f.name: getattr(self, f.name) for f in self.flags}
+
+    def check(self) -> None:
+        """Raises ValueError for parameter values that would train nothing."""
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params().items())})"
+
+    # ---- which pixels of an image are hidden (in the loader's workers) --------------------------
+    def hidden_segment(self, segments: ImageSegments, image_size: tuple[int, int],
+                       generator: torch.Generator | None = None) -> np.ndarray:
+        """The (H, W) uint8 mask (1 = hidden) of one image from its SAM segments (read from any mask
+        layout or a tar shard; each decoded only when asked), at the masks' resolution;
+        ``image_size`` (W, H) sizes an all-zero mask for an image without segments. ``generator``:
+        the sample's own random numbers of this epoch (seeded by seed, epoch and index, so N ranks
+        choose as one process). Default: the segment closest to --coverage_ratio."""
+        return segment_mask(closest(segments, self.coverage_ratio), image_size)
+
+    def cached_coverage(self) -> float | None:
+        """The --coverage_ratio whose compact mask cache (tools/build_mask_cache.py) holds this
+        method's choice for every image; None when the cache cannot serve it (masks/ is read)."""
+        return self.coverage_ratio
 
     # ---- pretraining ----------------------------------------------------------------------------
     def encoder_in_chans(self, img_chans: int = 3) -> int:
@@ -108,17 +171,21 @@ class MaskMethod:
         return torch.cat([x, visible], dim=1) if self.mask_channels else x
 
     def hide_tokens(self, tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None,
-                    seg_mask: torch.Tensor | None, patch_size: int):
-        """(tokens the encoder sees, per-patch hidden fraction (N, L), ids_restore or None)."""
+                    seg_mask: torch.Tensor | None, patch_size: int, grid: tuple[int, int] | None = None):
+        """(tokens the encoder sees, per-patch hidden fraction (N, L), ids_restore or None).
+        tokens: (N, L, D) in row-major order of the (rows, cols) patch ``grid`` (None: square);
+        ``noise`` (N, L): given for a reproducible draw, else drawn here; seg_mask: (N, 1, H, W)
+        or None."""
         return tokens, patch_loss_weights(seg_mask, patch_size), None
 
-    def loss_weights(self, mask: torch.Tensor, seg_mask: torch.Tensor | None, seg_loss: str,
-                     patchify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """What the loss weighs each squared error with: the patchified hidden pixels (N, L, p*p)
-        for the loss on hidden pixels only (seg_loss 'pixel'), or the per-patch mask (N, L)."""
-        if seg_loss == "pixel":
-            return patchify(as_nchw(seg_mask).float())
-        return mask
+    def loss_weights(self, mask: torch.Tensor, seg_mask: torch.Tensor | None, patch_size: int) -> torch.Tensor:
+        """What the loss weighs each patch's squared errors with, (N, L, K): K = 1, one weight per
+        patch on the mean of its errors, or K = p*p, one per pixel on the mean over its channels
+        (models_mae.forward_loss: sum(w * e) / sum(w)). Here: the hidden pixels (--seg_loss
+        pixel), or each patch's hidden fraction (--seg_loss patch)."""
+        if self.seg_loss == "pixel":
+            return patchified_mask(seg_mask, patch_size)
+        return mask.unsqueeze(-1)
 
     # ---- downstream -----------------------------------------------------------------------------
     def downstream_in_chans(self, fold_mask_channel: bool, img_chans: int = 3) -> int:
@@ -154,6 +221,11 @@ class MaskMethod:
         return None
 
 
+def _check_mask_ratio(method: MaskMethod) -> None:
+    if method.mask_ratio == 0:
+        raise ValueError("--mask_ratio 0 hides no patch: the loss is 0 and nothing is learned; use e.g. 0.75")
+
+
 class Patches(MaskMethod):
     """The paper's MAE: a random --mask_ratio of the patch tokens is dropped."""
 
@@ -161,16 +233,22 @@ class Patches(MaskMethod):
     needs_segment = False
     drops_tokens = True
     hidden_label = "dropped patches"
-    run_flags = ("mask_ratio",)
+    flags = (MASK_RATIO,)
+
+    def check(self):
+        _check_mask_ratio(self)
+
+    def cached_coverage(self):
+        return None
 
     def encoder_input(self, imgs, seg_mask):
         return imgs
 
-    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size):
+    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size, grid=None):
         return random_masking(tokens, mask_ratio, noise)
 
-    def loss_weights(self, mask, seg_mask, seg_loss, patchify):
-        return mask  # the dropped patches, as the reference
+    def loss_weights(self, mask, seg_mask, patch_size):
+        return mask.unsqueeze(-1)  # the dropped patches, as the reference
 
 
 class Segments(MaskMethod):
@@ -266,15 +344,18 @@ class SegmentTokens(MaskMethod):
     name = "segment_tokens"
     drops_tokens = True
     hidden_label = "patches of the SAM segment, red: random fill"
-    run_flags = ("coverage_ratio", "seg_loss", "mask_ratio")  # seg_loss: recorded as before, unused
+    flags = (COVERAGE_RATIO, SEG_LOSS, MASK_RATIO)  # seg_loss: recorded as before, unused
     COVERED = 0.5
+
+    def check(self):
+        _check_mask_ratio(self)
 
     def encoder_input(self, imgs, seg_mask):
         if seg_mask is None:
             raise ValueError(f"mask_method={self.name!r} needs seg_mask (N, 1, H, W) with 1 = hidden")
         return imgs
 
-    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size):
+    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size, grid=None):
         coverage = patch_loss_weights(seg_mask, patch_size)
         if noise is None:
             noise = content_noise(coverage, patch_size)
@@ -283,8 +364,8 @@ class SegmentTokens(MaskMethod):
         key = coverage + noise.to(coverage.dtype) * (0.5 / patch_size ** 2)
         return random_masking(tokens, mask_ratio, noise=key)
 
-    def loss_weights(self, mask, seg_mask, seg_loss, patchify):
-        return mask
+    def loss_weights(self, mask, seg_mask, patch_size):
+        return mask.unsqueeze(-1)
 
     def fill_part(self, mask, seg_mask):
         return mask * (patch_coverage(mask, seg_mask) < self.COVERED)
@@ -296,42 +377,80 @@ class SegmentTokens(MaskMethod):
         return {"hidden_segment": 1.0 - fill / mask.sum().clamp_min(1.0)}
 
 
-REGISTRY: dict[str, MaskMethod] = {}
+# ------------------------------------------------------------------------------------------------
+# the registry and the command line
+
+REGISTRY: dict[str, type[MaskMethod]] = {}
 MASK_METHODS: list[str] = []  # the names, in registration order (argparse choices: kept up to date)
 
 
 def register(method_class: type[MaskMethod]) -> type[MaskMethod]:
-    """Adds a method under its name (usable as a class decorator)."""
+    """Adds a method under its name (usable as a class decorator). A flag it shares with another
+    method must be declared the same way."""
     if not method_class.name:
         raise ValueError(f"{method_class.__name__} has no name")
-    REGISTRY[method_class.name] = method_class()
+    for flag in method_class.flags:
+        other = method_flags().get(flag.name)
+        if other is not None and other != flag:
+            raise ValueError(f"{method_class.__name__} declares --{flag.name} unlike the methods before it")
+    REGISTRY[method_class.name] = method_class
     if method_class.name not in MASK_METHODS:
         MASK_METHODS.append(method_class.name)
     return method_class
+
+
+def method_class(name: str) -> type[MaskMethod]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown mask_method {name!r}; choose one of {', '.join(MASK_METHODS)}")
+    return REGISTRY[name]
+
+
+def get_method(name: str, **params) -> MaskMethod:
+    """The method ``name`` with these parameters (the others at their defaults)."""
+    return method_class(name)(**params)
+
+
+def build_method(args) -> MaskMethod:
+    """The method of --mask_method with the values of its flags (parsed flags or a checkpoint's)."""
+    saved = vars(args) if isinstance(args, argparse.Namespace) else args
+    return method_class(saved.get("mask_method") or "patches").from_args(saved)
+
+
+def uses_segments(mask_method: str) -> bool:
+    """True when the method needs SAM segments (and so a masks/ folder)."""
+    return method_class(mask_method).needs_segment
+
+
+def method_flags() -> dict[str, Flag]:
+    """Every registered method's flags, by name."""
+    return {f.name: f for cls in REGISTRY.values() for f in cls.flags}
 
 
 for _cls in (Patches, Segments, FourChannels, PreEncoderMethod, SegmentTokens):
     register(_cls)
 
 
-def get_method(name: str) -> MaskMethod:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown mask_method {name!r}; choose one of {', '.join(MASK_METHODS)}")
-    return REGISTRY[name]
+def add_method_args(parser: argparse.ArgumentParser, default_method: str | None = "patches") -> None:
+    """--mask_method and the flags of every registered method."""
+    parser.add_argument('--mask_method', default=default_method, choices=MASK_METHODS,
+                        help='patches: random patch dropping (MAE); segments: hide one SAM segment; '
+                             'four_channels: hide it and add the visibility as a 4th channel; '
+                             'preencoder: a learned pre-encoder maps image + visibility to 3 channels; '
+                             'segment_tokens: drop the segment\'s patches, as MAE drops tokens')
+    for flag in method_flags().values():
+        users = [name for name, cls in REGISTRY.items() if flag in cls.flags]
+        parser.add_argument('--' + flag.name, type=flag.type, default=flag.default, choices=flag.choices,
+                            help=f"{flag.help} ({', '.join(users)})")
 
 
-def check_mask_method(mask_method: str) -> str:
-    return get_method(mask_method).name
-
-
-def uses_segments(mask_method: str) -> bool:
-    """True when the method needs a SAM segment per image (and so a masks/ folder)."""
-    return get_method(mask_method).needs_segment
-
-
-def encoder_in_chans(mask_method: str, img_chans: int = 3) -> int:
-    """Channels of the encoder's patch embedding for a method (a mask channel adds one)."""
-    return get_method(mask_method).encoder_in_chans(img_chans)
+def warn_ignored_flags(args: argparse.Namespace) -> None:
+    """A method flag given for a method that does not have it is named once."""
+    own = {f.name for f in method_class(args.mask_method).flags}
+    for name, flag in method_flags().items():
+        if name in getattr(args, "given_flags", ()) and name not in own:
+            users = [m for m, cls in REGISTRY.items() if flag in cls.flags]
+            print(f"WARNING: --{name} is ignored by --mask_method {args.mask_method} (a flag of "
+                  f"{', '.join(users)})", file=sys.stderr)
 
 
 def visible_input(imgs: torch.Tensor, seg_mask: torch.Tensor, mask_method: str) -> torch.Tensor:
@@ -341,21 +460,3 @@ def visible_input(imgs: torch.Tensor, seg_mask: torch.Tensor, mask_method: str) 
     if not method.needs_segment:
         raise ValueError(f"visible_input is for segment methods, not {mask_method!r}")
     return method.encoder_input(imgs, seg_mask)
-
-
-DEFAULT_COVERAGE_RATIO = 50.0  # percent of the image the hidden segment should cover
-
-
-def add_method_args(parser: argparse.ArgumentParser, default_method: str | None = "patches"):
-    parser.add_argument('--mask_method', default=default_method, choices=MASK_METHODS,
-                        help='patches: random patch dropping (MAE); segments: hide one SAM segment; '
-                             'four_channels: hide it and add the visibility as a 4th channel; '
-                             'preencoder: a learned pre-encoder maps image + visibility to 3 channels')
-    parser.add_argument('--coverage_ratio', default=DEFAULT_COVERAGE_RATIO, type=coverage_ratio_type,
-                        help='percent of the image the hidden SAM segment should cover: the annotation '
-                             'whose coverage is closest is used (segment methods only)')
-    parser.add_argument('--seg_loss', default='pixel', choices=SEG_LOSSES,
-                        help='segment methods: pixel = mean squared error over the hidden pixels only '
-                             '(sum(m * e) / sum(m)); patch = the older per-patch form (hidden fraction of a '
-                             'patch times its mean error over all its pixels), for ablations')
-    return parser

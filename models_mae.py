@@ -14,7 +14,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from mask_methods import SEG_LOSSES, get_method, hidden_pixel_loss, weighted_patch_loss
+from mask_methods import SEG_LOSSES, MaskMethod, get_method, method_class
 from models_vit import ARCHITECTURES, check_registered
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -24,22 +24,27 @@ class MaskedAutoencoderViT(nn.Module):
 
     ``in_chans`` is the number of image channels (the reconstruction target). The encoder's patch
     embedding takes one more channel with ``mask_method="four_channels"``; see
-    ``self.encoder_in_chans``. ``img_size`` may be an int or an ``(H, W)`` pair.
+    ``self.encoder_in_chans``. ``img_size`` may be an int or an ``(H, W)`` pair. ``mask_method`` is
+    a method's name (its parameters at their defaults; ``seg_loss`` sets that one) or a
+    mask_methods.MaskMethod built from the flags.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False,
-                 mask_method: str = "patches", grad_checkpointing: bool = False, seg_loss: str = "pixel"):
+                 mask_method: str | MaskMethod = "patches", grad_checkpointing: bool = False,
+                 seg_loss: str | None = None):
         super().__init__()
-        if seg_loss not in SEG_LOSSES:
+        if seg_loss is not None and seg_loss not in SEG_LOSSES:
             raise ValueError(f"unknown seg_loss {seg_loss!r}; choose one of {', '.join(SEG_LOSSES)}")
-        self.seg_loss = seg_loss  # segment methods: loss on hidden pixels, or the per-patch form
+        if isinstance(mask_method, str):
+            has_seg_loss = "seg_loss" in {f.name for f in method_class(mask_method).flags}
+            mask_method = get_method(mask_method, **({"seg_loss": seg_loss} if seg_loss and has_seg_loss else {}))
+        self.method = mask_method
+        self.mask_method = self.method.name
         # recompute block activations in the backward pass: less memory, about a third more compute
         self.grad_checkpointing = grad_checkpointing
-        self.method = get_method(mask_method)
-        self.mask_method = self.method.name
         self.in_chans = in_chans
         self.encoder_in_chans = self.method.encoder_in_chans(in_chans)
         self.norm_pix_loss = norm_pix_loss
@@ -147,7 +152,7 @@ class MaskedAutoencoderViT(nn.Module):
         the per-patch hidden fraction."""
         x = self.patch_embed(self.encoder_input(imgs, seg_mask))
         x = x + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.method.hide_tokens(x, mask_ratio, noise, seg_mask, self.patch_size)
+        x, mask, ids_restore = self.method.hide_tokens(x, mask_ratio, noise, seg_mask, self.patch_size, self.grid_size)
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -172,25 +177,40 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_pred(x)
         return x[:, 1:, :]  # drop the cls token
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """imgs: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L) per-patch loss weights (the
-        reference's form), or (N, L, p*p) the patchified hidden pixels: the loss is then on hidden
-        pixels only, sum(m * e) / sum(m) over every hidden pixel and channel."""
+    @property
+    def seg_loss(self) -> str | None:
+        """The segment methods' --seg_loss (None for a method without it)."""
+        return getattr(self.method, "seg_loss", None)
+
+    def loss_weights(self, mask: torch.Tensor, seg_mask: torch.Tensor | None) -> torch.Tensor:
+        """(N, L, K): what forward_loss weighs each patch's squared errors with, as the mask method
+        says (K = 1: a weight per patch, K = p*p: per pixel). Their sum is the loss's normaliser,
+        by which N ranks also rescale their losses to compute the gradient of one process
+        (engine_pretrain.normalise_by_global_weight)."""
+        return self.method.loss_weights(mask, seg_mask, self.patch_size)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The whole loss: sum(w * e) / sum(w). imgs: (N, C, H, W); pred: (N, L, p*p*C); weights
+        (N, L, K) (or (N, L), one per patch), each on the mean squared error of the K-th part of its
+        patch against the target (per-patch normalised with --norm_pix_loss): with K = 1 the
+        patch's mean error (the reference's loss on dropped patches), with K = p*p a pixel's mean
+        over channels (the loss on hidden pixels only). Nothing weighed gives 0, not NaN."""
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.e-6) ** .5
         sq_error = (pred.float() - target) ** 2
-        if mask.dim() == 3:
-            return hidden_pixel_loss(sq_error, mask)
-        return weighted_patch_loss(sq_error.mean(dim=-1), mask.float())  # mean loss per patch, weighted
+        weights = (weights.unsqueeze(-1) if weights.dim() == 2 else weights).float()
+        n, length, parts = weights.shape
+        per_part = sq_error.reshape(n, length, parts, -1).mean(dim=-1)
+        return (per_part * weights).sum() / weights.sum().clamp_min(1e-12)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 seg_mask: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seg_mask)
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
-        loss = self.forward_loss(imgs, pred, self.method.loss_weights(mask, seg_mask, self.seg_loss, self.patchify))
+        loss = self.forward_loss(imgs, pred, self.loss_weights(mask, seg_mask))
         return loss, pred, mask
 
 

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from mask_methods import MASK_METHODS, get_method
-from run.checkpoint import (FOURTH_CHANNEL_KEY, AdaptationError, checkpoint_origin, is_segmae_combined, load_checkpoint,
-                            state_dict_of)
+from run.checkpoint import (FOURTH_CHANNEL_KEY, PREENCODER_NOT_CONTINUABLE, AdaptationError, checkpoint_config,
+                            checkpoint_origin, is_segmae_combined, load_checkpoint, state_dict_of)
 from util.pos_embed import resize_pos_embed
 
 
@@ -164,11 +164,7 @@ PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "preencoder.")
 
 def pretrain_mask_method(checkpoint: dict) -> str:
     """The mask method a checkpoint was pretrained with ('patches' for official/reference ones)."""
-    saved = checkpoint.get("args")
-    method = getattr(saved, "mask_method", None) if saved is not None else None
-    if method is None and isinstance(saved, dict):
-        method = saved.get("mask_method")
-    return method or "patches"
+    return checkpoint_config(checkpoint).get("mask_method") or "patches"
 
 
 def resolve_mask_method(checkpoint: dict, requested: str | None, path: str = "the checkpoint") -> str:
@@ -186,8 +182,7 @@ def fourth_channel(checkpoint: dict, declared: str = "auto", path: str = "the ch
     """What a checkpoint's 4th input channel holds: 'visible' (v = 1 - m) or 'hidden' (m). A
     declared value (--mask_channel) is used where the checkpoint does not say; one that
     contradicts the checkpoint's own record is an error."""
-    saved = checkpoint.get("args")
-    recorded = (saved.get(FOURTH_CHANNEL_KEY) if isinstance(saved, dict) else getattr(saved, FOURTH_CHANNEL_KEY, None))
+    recorded = checkpoint_config(checkpoint).get(FOURTH_CHANNEL_KEY)
     if declared not in (None, "auto"):
         if recorded is not None and recorded != declared:
             raise AdaptationError(f"--mask_channel {declared} contradicts {path}, which records that its 4th channel "
@@ -207,13 +202,6 @@ def hidden_to_visible(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.T
     return weight, bias
 
 
-PREENCODER_NOT_CONTINUABLE = (
-    "its pre-encoder is a Conv2d(4, 3, kernel 16, padding 'same') that mixes neighbouring patches, where this "
-    "repo's is a per-patch Conv2d(4, 3*p*p) + PixelShuffle; the weights do not map onto each other, so its "
-    "pretraining cannot be continued (or reconstructed) here. Its encoder works downstream: --finetune, "
-    "main_linprobe.py, segmenter.train --mae-chp, evals.knn, tools/export.py")
-
-
 def mae_state_dict(checkpoint: dict, path: str = "the checkpoint", mask_channel: str = "auto") -> dict:
     """A pretraining checkpoint's full MAE weights in this repo's conventions (an original segmae
     four_channels patch embedding converted to the visibility channel)."""
@@ -229,20 +217,6 @@ def mae_state_dict(checkpoint: dict, path: str = "the checkpoint", mask_channel:
     return sd
 
 
-def refuse_original_to_continue(checkpoint: dict, path: str, flag: str) -> None:
-    """--resume of an original segmae checkpoint whose weights needed converting is refused: its
-    optimizer state belongs to the other parametrisation (or model)."""
-    if is_segmae_combined(state_dict_of(checkpoint)):
-        raise AdaptationError(f"{flag} {path}: a preencoder checkpoint of the original segmae code; "
-                              + PREENCODER_NOT_CONTINUABLE)
-    method = pretrain_mask_method(checkpoint)
-    if checkpoint_origin(checkpoint) == "segmae" and method in MASK_METHODS and get_method(method).mask_channels:
-        raise AdaptationError(f"{flag} {path}: a four_channels checkpoint of the original segmae code, whose 4th "
-                              f"channel is the hidden mask m where this repo's is v = 1 - m; its optimizer state "
-                              f"belongs to that parametrisation. Continue from its weights with --stack {path} "
-                              f"(converted exactly, fresh optimizer), or use it downstream as it is")
-
-
 def downstream_in_chans(mask_method: str, fold_mask_channel: bool) -> int:
     """Input channels of the downstream encoder for a pretraining method."""
     return get_method(mask_method).downstream_in_chans(fold_mask_channel)
@@ -255,8 +229,7 @@ def fold_visibility_channel(weight: torch.Tensor, bias: torch.Tensor) -> tuple[t
 
 def patch_grid(num_patches: int, checkpoint: dict) -> tuple[int, int]:
     """The (rows, cols) patch grid of a checkpoint's position embedding with num_patches patches."""
-    saved = checkpoint.get("args")
-    size, patch = getattr(saved, "input_size", None), None
+    size, patch = checkpoint_config(checkpoint).get("input_size"), None
     sd = state_dict_of(checkpoint)
     if "patch_embed.proj.weight" in sd:
         patch = sd["patch_embed.proj.weight"].shape[-1]

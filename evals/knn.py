@@ -26,7 +26,7 @@ import models_vit
 import run.setup as runsetup
 from inputs.classification import CheckedImageFolder, build_eval_transform, build_resize_transform
 from models_vit import load_encoder, load_pretrained_encoder, timm_name
-from run.checkpoint import load_checkpoint
+from run.checkpoint import checkpoint_config, load_checkpoint
 from run.files import atomic_write_json, writable_dir
 from run.flags import add_mask_channel_arg, show_defaults
 from run.setup import Runtime, resolve_amp
@@ -102,9 +102,9 @@ def knn_eval(args: argparse.Namespace, run: Runtime | None = None) -> dict:
     load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True, checkpoint=ckpt,
                             mask_channel=args.mask_channel)
     model.to(device)
-    saved = ckpt.get("args")  # the pretraining recipe: how its inputs were resized and normalised
-    normalization = getattr(saved, "normalization", None) or "imagenet"
-    transform = (build_resize_transform(size, normalization) if getattr(saved, "augment", None) == "resize"
+    config = checkpoint_config(ckpt)  # the pretraining recipe: how its inputs were resized and normalised
+    normalization = config.get("normalization") or "imagenet"
+    transform = (build_resize_transform(size, normalization) if config.get("augment") == "resize"
                  else build_eval_transform(size, normalization=normalization))
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(args.data_path, split)):

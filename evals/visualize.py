@@ -84,8 +84,9 @@ def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | N
     weights = None
     if method.drops_tokens:
         n, _, h, w = imgs.shape
-        tokens = imgs.new_zeros(n, (h // patch_size) * (w // patch_size), 1)
-        _, weights, _ = method.hide_tokens(tokens, mask_ratio, None, seg_mask, patch_size)
+        grid = (h // patch_size, w // patch_size)
+        tokens = imgs.new_zeros(n, grid[0] * grid[1], 1)
+        _, weights, _ = method.hide_tokens(tokens, mask_ratio, None, seg_mask, patch_size, grid)
     hidden, fill = _hidden_maps(method, weights, seg_mask, patch_size, imgs.shape[-2:])
     return torch.stack(_view_panels(method, imgs, seg_mask, hidden, fill, normalization), dim=1)
 

@@ -136,14 +136,16 @@ class CheckedImageFolder(EpochAware, Dataset):
             return self.transform(img), target
 
 
-def build_classification_datasets(args, build_transform: Callable) -> tuple[CheckedImageFolder, CheckedImageFolder]:
-    """<data_path>/train and <data_path>/val as ImageFolders, val numbered by train's classes."""
+def build_classification_datasets(args, build_transform: Callable,
+                                  classes_fixed: bool = False) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+    """<data_path>/train and <data_path>/val as ImageFolders, val numbered by train's classes.
+    ``classes_fixed``: --nb_classes comes from the checkpoint being continued or evaluated."""
     paths = [args.data_path] if isinstance(args.data_path, str) else list(args.data_path)
     if len(paths) != 1:
         raise DataError(f"finetuning and linear probing take one --data_path, got {len(paths)}")
     root = paths[0]
     train = CheckedImageFolder(os.path.join(root, "train"), build_transform(True, args), seed=args.seed)
-    check_class_count(args, len(train.classes), train.root)
+    check_class_count(args, len(train.classes), train.root, classes_fixed)
     if getattr(args, "train_subset", None):
         take_train_subset(train, args)
     val = CheckedImageFolder(os.path.join(root, "val"), build_transform(False, args), seed=args.seed,
@@ -181,12 +183,11 @@ def take_train_subset(train: "CheckedImageFolder", args) -> None:
             f.writelines(f"{train.samples.rel(i)}\t{int(train.samples.labels[i])}\n" for i in range(len(keep)))
 
 
-def check_class_count(args, n_classes: int, root: str) -> None:
+def check_class_count(args, n_classes: int, root: str, from_checkpoint: bool = False) -> None:
     """--nb_classes left out: the training folder's class count. Given (or taken from the checkpoint
     being continued): fewer than the folder's classes is an error, more a warning (a subset of a
     larger label set, e.g. 100 ImageNet classes scored by a 1000-way head)."""
-    fixed = {"nb_classes"} & (set(getattr(args, "given_flags", [])) | set(getattr(args, "from_checkpoint", [])))
-    if not fixed:
+    if not (from_checkpoint or "nb_classes" in getattr(args, "given_flags", [])):
         if args.nb_classes != n_classes:
             print(f"--nb_classes {n_classes}: the class folders in {root}")
         args.nb_classes = n_classes

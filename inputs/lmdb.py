@@ -103,6 +103,10 @@ class LmdbImages(Dataset):
         return IMAGE_KEY.format(index + 1)
 
     def __getitem__(self, index: int):
+        return self.read(index)
+
+    def read(self, index: int, generator=None):
+        """(image, None, 0): an LMDB holds images only (``generator``: unused, as no mask is chosen)."""
         key = self.name(index)
         where = f"{self.root}[{key}]"
         with read_deadline(where, self.read_timeout):

@@ -20,7 +20,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import ConcatDataset, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from inputs.gpu_decode import PendingBatch, PendingImage
 from inputs.images import DataError, EncodedImage, load_rgb, read_deadline
@@ -29,7 +29,6 @@ from inputs.roots import DEFAULT_MASK_SIZE_CHECK, LMDB, ImageRoot, root_kind
 from inputs.transforms import DATA_BACKENDS, NORMALIZATIONS, as_hw
 from run.flags import DEFAULT_DATA_TIMEOUT_S
 from sam.geometry import exif_orientation, fit_mask
-from sam.layouts import closest, segment_mask
 from util.misc import UserError
 
 
@@ -205,12 +204,17 @@ class SegmentMaskImageFolder(ImageRoot, Dataset):
     """One root's train/ split, un-augmented: yields (PIL image, segment mask or None, class);
     opened and checked at construction (inputs/roots.py).
 
-    The segment is the annotation whose coverage is closest to ``coverage_ratio`` percent, as an
-    (H, W) uint8 array on the image's pixel grid, 1 = hidden. With ``decode=False`` the image is an
+    The mask is what ``segment_choice`` (the mask method) hides of the image's SAM segments, by
+    default the one whose coverage is closest to ``coverage_ratio`` percent, as an (H, W) uint8
+    array on the image's pixel grid, 1 = hidden. With ``decode=False`` the image is an
     EncodedImage (the file's bytes) instead of a PIL image.
     """
 
     def __getitem__(self, index: int):
+        return self.read(index)
+
+    def read(self, index: int, generator: torch.Generator | None = None):
+        """Sample ``index``; ``generator``: its random numbers of this epoch, for a method's choice."""
         rel, target = self.samples.rel(index), int(self.samples.labels[index])
         path = os.path.join(self.image_root, rel)
         with read_deadline(path, self.read_timeout):
@@ -222,7 +226,7 @@ class SegmentMaskImageFolder(ImageRoot, Dataset):
                 mask = self.cache.load_row(int(self.cache_rows[index]), img.size, rel)
         else:
             with read_deadline(self.source.location(rel), self.read_timeout):
-                mask = segment_mask(closest(self.source.segments(rel), self.coverage_ratio), img.size)
+                mask = self.segment_choice.hidden_segment(self.source.segments(rel), img.size, generator)
         if mask.shape != (img.height, img.width):  # the size policy of sam/geometry.py
             orientation = exif_orientation(path if self.decode else io.BytesIO(img.data))
             mask, rule = fit_mask(mask, img.size, orientation, self.source.location(rel))
@@ -245,23 +249,25 @@ class PretrainDataset(EpochAware, Dataset):
                  skip_bad_samples: bool = False):
         self.folders = list(folders)
         self.skip_bad_samples = skip_bad_samples
-        self.samples = ConcatDataset(self.folders)
+        self.ends = np.cumsum([len(f) for f in self.folders])  # where each folder's samples end
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.with_masks = self.folders[0].with_masks
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return int(self.ends[-1])
 
     def __getitem__(self, index: int):
+        generator = sample_generator(self.seed, self.epoch, index)
+        folder = int(np.searchsorted(self.ends, index, side="right"))
         try:
-            img, mask, target = self.samples[index]
+            img, mask, target = self.folders[folder].read(index - int(self.ends[folder - 1] if folder else 0),
+                                                          generator)
         except UserError as e:
             if not self.skip_bad_samples:
                 raise
             return BadSample(str(e))
-        generator = sample_generator(self.seed, self.epoch, index)
         if mask is None:
             return self.transform(img, generator=generator), target
         img_t, mask_t = self.transform(img, mask, generator=generator)
@@ -285,9 +291,12 @@ def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable,
                            coverage_ratio: float = 50.0, allow_missing_masks: bool = False,
                            seed: int = 0, skip_bad_samples: bool = False,
                            read_timeout: float = DEFAULT_DATA_TIMEOUT_S, mask_format: str = "auto",
-                           mask_size_check: int | None = DEFAULT_MASK_SIZE_CHECK) -> PretrainDataset:
+                           mask_size_check: int | None = DEFAULT_MASK_SIZE_CHECK,
+                           segment_choice=None) -> PretrainDataset:
     """One dataset over one or several roots of any kind (printing which kind each was taken as).
-    A transform with ``decodes_in_workers`` False (DeferredPretrainTransform) gets the encoded files."""
+    A transform with ``decodes_in_workers`` False (DeferredPretrainTransform) gets the encoded files.
+    ``segment_choice``: the mask method, which chooses what each image hides (default: the segment
+    closest to ``coverage_ratio``)."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
     decode = getattr(transform, "decodes_in_workers", True)  # any other transform takes PIL images
@@ -304,6 +313,6 @@ def build_pretrain_dataset(data_paths: Sequence[str] | str, transform: Callable,
             folders.append(SegmentMaskImageFolder(
                 root, with_masks, coverage_ratio, allow_missing_masks=allow_missing_masks, decode=decode,
                 skip_bad_samples=skip_bad_samples, read_timeout=read_timeout, mask_format=mask_format,
-                mask_size_check=mask_size_check))
+                mask_size_check=mask_size_check, segment_choice=segment_choice))
         print(f"--data_path {root}: {folders[-1].describe()}")
     return PretrainDataset(folders, transform, seed, skip_bad_samples)

@@ -28,7 +28,7 @@ from run.flags import DEFAULT_DATA_TIMEOUT_S
 from sam.cache import MaskCache
 from sam.files import MaskFileError
 from sam.geometry import IMAGE_ERRORS, exif_orientation, mask_fit
-from sam.layouts import MaskSource, closest, mask_source
+from sam.layouts import ClosestSegment, MaskSource, mask_source
 from sam.listing import check_images, read_empty_list
 
 # images whose mask size is checked against the image header at start-up (0: all)
@@ -69,19 +69,23 @@ def image_folder_of(root: str, split: str = "train") -> tuple[str, tuple[str, ..
 class ImageRoot:
     """One root's train/ split, opened: its images (``samples``, an ImageList), the source of
     their SAM masks and the mask cache, after every start-up check. Reading a sample is
-    inputs/pretrain.py's SegmentMaskImageFolder, which is this class plus ``__getitem__``."""
+    inputs/pretrain.py's SegmentMaskImageFolder, which is this class plus ``read``.
+
+    ``segment_choice`` decides which of an image's segments is hidden: the mask method
+    (mask_methods.MaskMethod.hidden_segment and cached_coverage), by default the segment closest
+    to ``coverage_ratio`` percent."""
 
     def __init__(self, root: str, with_masks: bool, coverage_ratio: float = 50.0,
                  split: str = "train", allow_missing_masks: bool = False, decode: bool = True,
                  skip_bad_samples: bool = False, read_timeout: float = DEFAULT_DATA_TIMEOUT_S,
-                 mask_format: str = "auto", mask_size_check: int | None = None):
+                 mask_format: str = "auto", mask_size_check: int | None = None, segment_choice=None):
         self.root = root
         self.decode = decode
         self.read_timeout = read_timeout
         self.image_root = os.path.join(root, split)
         self.mask_root = os.path.join(root, "masks")
         self.with_masks = with_masks
-        self.coverage_ratio = coverage_ratio
+        self.segment_choice = segment_choice if segment_choice is not None else ClosestSegment(coverage_ratio)
 
         self.kind = root_kind(root, split)
         if self.kind == CLASS_FOLDERS:
@@ -117,15 +121,19 @@ class ImageRoot:
             self._leave_out_listed_empty()
             check = check_images(self.mask_root, self.samples, mask_format)  # one listing of masks/
             self.source = mask_source(self.mask_root, check.format)
-            if MaskCache.exists(self.root, self.coverage_ratio):
+            coverage = self.segment_choice.cached_coverage()
+            if coverage is not None and MaskCache.exists(self.root, coverage):
                 # the cache is checked against masks/ once per node: the node's first rank checks
                 # before the others build (run.distributed.local_main_first) and stops the job if stale
-                self.cache = MaskCache(self.root, self.coverage_ratio, self.source, check_files=first_rank_on_node())
+                self.cache = MaskCache(self.root, coverage, self.source, check_files=first_rank_on_node())
                 self.cache_rows = self.cache.rows_for(self.samples.rels())  # the cache's keys: paths relative to train/
                 self.cache.forget_keys()
                 uncached = int((self.cache_rows < 0).sum())
                 print(f"Using the mask cache {self.cache.bin_path}" +
                       (f" ({uncached} images not in it are read from masks/)" if uncached else ""))
+            elif coverage is None and os.path.isdir(os.path.join(self.root, "masks_cache")):
+                print(f"NOTE: the mask cache in {os.path.join(self.root, 'masks_cache')} holds one segment per image "
+                      f"chosen by coverage; {self.segment_choice} chooses otherwise, so masks/ is read")
             self._check_masks(allow_missing_masks, check.missing)
             if mask_size_check is not None:
                 self._check_mask_sizes(mask_size_check, skip_bad_samples)
@@ -168,7 +176,7 @@ class ImageRoot:
             raise DataError(f"every image under {self.image_root} is listed in emptyfiles.txt: no image has masks")
 
     def _check_mask_sizes(self, sample: int, skip_bad_samples: bool) -> None:
-        """The chosen mask's size against the image's header (no pixels decoded) for ``sample``
+        """The masks' sizes against the image's header (no pixels decoded) for ``sample``
         images spread over the set (0: every image), so that a mask of another picture is found at
         start-up, not in a loader worker hours later. Cached masks were checked when cached."""
         candidates = self._uncached()
@@ -181,11 +189,12 @@ class ImageRoot:
             if not (os.path.isfile(path) and os.path.isfile(self.source.index_file(rel))):
                 continue  # a FIFO or device: read by the loader only, under its read deadline
             try:
-                seg = closest(self.source.segments(rel), self.coverage_ratio)
-                if seg is None or seg.size is None:
+                sizes = {seg.size for seg in self.source.segments(rel) if seg.size is not None}
+                if not sizes:
                     continue
                 with Image.open(path) as im:
-                    mask_fit(seg.size, im.size, exif_orientation(im))
+                    for size in sizes:  # whichever segment a method chooses
+                        mask_fit(size, im.size, exif_orientation(im))
             except ValueError as e:
                 bad.append(f"{self.source.location(rel)}: {e}")
             except (MaskFileError, DataError, *IMAGE_ERRORS) as e:

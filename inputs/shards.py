@@ -28,6 +28,7 @@ import glob
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import tarfile
@@ -41,7 +42,7 @@ from inputs.pretrain import BadSample, sample_generator
 from run.files import atomic_write_json
 from sam.files import MaskFileError, parse_mask_json
 from sam.geometry import IMAGE_ERRORS, exif_orientation, fit_mask
-from sam.layouts import Counter, closest, is_unsorted, json_segments, segment_mask
+from sam.layouts import ClosestSegment, Counter, is_unsorted, json_segments
 from util.misc import UserError
 
 SHARD_INDEX = "shards.json"  # written by tools/write_shards.py: the shards, their sample counts, the classes
@@ -182,10 +183,12 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[str], counts: list[int], transform: Callable, with_masks: bool,
                  coverage_ratio: float, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, skip_bad_samples: bool = False, decode: bool = True):
-        import multiprocessing
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, skip_bad_samples: bool = False, decode: bool = True,
+                 segment_choice=None):
         self.shards, self.counts = list(shards), np.asarray(counts, np.int64)
-        self.transform, self.with_masks, self.coverage_ratio = transform, with_masks, coverage_ratio
+        self.transform, self.with_masks = transform, with_masks
+        # which of a sample's segments is hidden: the mask method, by default the closest to the coverage
+        self.segment_choice = segment_choice if segment_choice is not None else ClosestSegment(coverage_ratio)
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         self.shuffle_buffer, self.skip_bad_samples, self.decode = shuffle_buffer, skip_bad_samples, decode
         self.total = int(self.counts.sum())
@@ -255,20 +258,21 @@ class ShardDataset(IterableDataset):
     def prepare(self, sample: dict, position: int, epoch: int):
         """One sample, read and augmented (a BadSample with --skip_bad_samples when unreadable)."""
         where = f"{sample['__url__']}:{sample['__key__']}"
+        generator = sample_generator(self.seed, epoch, position)
         try:
-            img, mask, label = self.read(sample, where)
+            img, mask, label = self.read(sample, where, generator)
         except UserError as e:
             if not self.skip_bad_samples:
                 raise
             return BadSample(str(e))
-        generator = sample_generator(self.seed, epoch, position)
         if mask is None:
             return self.transform(img, generator=generator), label
         img_t, mask_t = self.transform(img, mask, generator=generator)
         return img_t, mask_t, label
 
-    def read(self, sample: dict, where: str):
-        """(image, mask or None, class) of one sample as stored."""
+    def read(self, sample: dict, where: str, generator=None):
+        """(image, mask or None, class) of one sample as stored (``generator``: the sample's random
+        numbers of this epoch, for the method's choice of segment)."""
         suffix = next(s for s in IMAGE_SUFFIXES if s in sample)
         data = sample[suffix]
         img = load_rgb(f"{where}.{suffix}", data) if self.decode else EncodedImage(f"{where}.{suffix}", data)
@@ -282,7 +286,7 @@ class ShardDataset(IterableDataset):
         segments = json_segments(*parse_mask_json(sample["json"], mask_where), mask_where)
         if segments.ties == "larger" and is_unsorted(segments.coverages):
             self.unsorted.add()
-        mask = segment_mask(closest(segments, self.coverage_ratio), img.size)
+        mask = self.segment_choice.hidden_segment(segments, img.size, generator)
         if mask.shape != (img.height, img.width):  # the size policy of sam/geometry.py
             try:
                 orientation = exif_orientation(io.BytesIO(data))
@@ -315,11 +319,11 @@ class ShardDataset(IterableDataset):
 
 def build_shard_dataset(data_paths: list[str], transform: Callable, with_masks: bool, coverage_ratio: float,
                         batch_size: int, world_size: int, rank: int, seed: int, shuffle_buffer: int,
-                        skip_bad_samples: bool, decode: bool) -> ShardDataset:
+                        skip_bad_samples: bool, decode: bool, segment_choice=None) -> ShardDataset:
     shards = [s for path in data_paths for s in expand_shards(path)]
     counts, _ = shard_counts(shards)
     dataset = ShardDataset(shards, counts, transform, with_masks, coverage_ratio, batch_size, world_size, rank, seed,
-                           shuffle_buffer, skip_bad_samples, decode)
+                           shuffle_buffer, skip_bad_samples, decode, segment_choice)
     if dataset.batches_per_rank == 0:
         raise UserError(f"only {dataset.total} samples in {len(shards)} shard(s) for a global batch of "
                         f"{batch_size * world_size}: lower --batch_size")

@@ -1,20 +1,34 @@
-"""Checkpoints and resume: save, load, the newest, pruning, which run a command continues, the
-optimizer state by parameter name, which codebase a checkpoint comes from, and the per-epoch log.
-Every write goes through run/files.py's ``atomic_write``; a checkpoint is written only when its
-weights are finite, so the newest checkpoint is always one a run can continue from."""
+"""Checkpoints and resume: what a checkpoint holds and how it is written, read, found and pruned;
+what a run continues from, read once, with the flags that define the run reconciled; the
+optimizer state by parameter name; which codebase a checkpoint comes from; the per-epoch log.
+
+A checkpoint is the reference's dict (``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``).
+Beside the flags, ``args.config`` is one record of what later use needs to know of the run (the
+model, its input size and channels, the mask method and its parameters, the input recipe, where
+the run started), written explicitly rather than left to be found among the flags; the live flags
+stay as parsed. Every write goes through run/files.py's
+``atomic_write``; a checkpoint is written only when its weights are finite, so the newest
+checkpoint is always one a run can continue from.
+"""
 from __future__ import annotations
 
 import argparse
 import glob
+import io
 import os
+import pickle
 import re
 import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from run.files import StorageError, atomic_torch_save, file_digest, read_jsonl, write_jsonl
 from util.lr_decay import param_groups_layer_decay
 from util.misc import UserError, is_main_process
+
+CONFIG = "config"  # the record of the run in a checkpoint's args
 
 
 class CheckpointError(UserError):
@@ -23,6 +37,7 @@ class CheckpointError(UserError):
 
 class AdaptationError(UserError):
     """A checkpoint that does not fit the requested model or method."""
+
 
 # Our checkpoints store ``args`` as a Namespace (the reference's format); allow it in
 # torch.load(weights_only=True) so no checkpoint needs unpickling of arbitrary objects.
@@ -41,7 +56,136 @@ def append_log(output_dir: str, stats: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints
+# reading
+
+def load_checkpoint(path: str) -> dict:
+    """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU; another MAE
+    codebase's is refused whole."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    checkpoint = _read_checkpoint(path)
+    refuse_foreign(checkpoint, path)
+    return checkpoint
+
+
+def _read_checkpoint(path: str) -> dict:
+    try:
+        # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        error = e
+    if not zipfile.is_zipfile(path):  # torch's legacy format (before 1.6, or _use_new_zipfile_serialization=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        else:
+            print(f"{path} is in torch's legacy (non-zip) format: read without mmap")
+            return checkpoint
+    raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {error}")
+
+
+def saved_args(checkpoint: dict) -> dict:
+    """A checkpoint's flags as a dict (this repo and the reference store a Namespace, some other
+    codebases a dict; official files none)."""
+    saved = checkpoint.get("args")
+    if saved is None:
+        return {}
+    return dict(saved) if isinstance(saved, dict) else vars(saved)
+
+
+def checkpoint_config(checkpoint: dict) -> dict:
+    """What a pretraining or finetuning checkpoint says about its run: its ``config`` record, or the
+    same keys read off the flags of a checkpoint written before the record (None where it does not
+    say; the mask method's parameters are those of its time: coverage_ratio, mask_ratio, seg_loss)."""
+    saved = saved_args(checkpoint)
+    if isinstance(saved.get(CONFIG), dict):
+        return saved[CONFIG]
+    keys = ("model", "input_size", "in_chans", FOURTH_CHANNEL_KEY, "mask_method", "augment", "normalization",
+            "norm_pix_loss", "run_start", "nb_classes", "global_pool")
+    config = {k: saved.get(k) for k in keys}
+    config["method"] = {k: saved[k] for k in ("coverage_ratio", "mask_ratio", "seg_loss") if k in saved}
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# the newest checkpoint of a folder, and pruning
+
+def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(number in the name, path) of every checkpoint-<number>.pth, ascending."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+class _EpochOnly(pickle.Unpickler):
+    """Unpickles a checkpoint's record without its tensors: every torch object is a stand-in and
+    no storage is read, so a file's stored epoch costs a few KB of reading, not a load."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in (("argparse", "Namespace"), ("collections", "OrderedDict")):
+            return super().find_class(module, name)
+        return lambda *args, **kwargs: None
+
+    def persistent_load(self, pid):
+        return None
+
+
+def stored_epoch(path: str) -> int | None:
+    """The epoch a checkpoint file records, read from its pickle alone (no tensor is loaded);
+    None for a file that is not a readable checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            record = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            epoch = _EpochOnly(io.BytesIO(archive.read(record))).load().get("epoch")
+        return int(epoch)
+    except Exception:  # noqa: BLE001 - truncated, foreign or torch's legacy format: read it whole
+        pass
+    try:
+        return int(_read_checkpoint(path)["epoch"])
+    except Exception:  # noqa: BLE001 - not a checkpoint this run can read
+        return None
+
+
+def stored_epochs(output_dir: str) -> list[tuple[int, str]]:
+    """(stored epoch, path) of every readable checkpoint-<number>.pth, oldest first (ties: by name).
+    The stored epoch, not the name, says which is newest (a file renamed by hand, a stray): resume
+    and pruning both use this, reading each file's small record only."""
+    found = []
+    for number, path in checkpoint_epochs(output_dir):
+        epoch = stored_epoch(path)
+        if epoch is None:
+            print(f"WARNING: skipping unreadable checkpoint {path}")
+        else:
+            found.append((epoch, number, path))
+    return [(epoch, path) for epoch, _, path in sorted(found)]
+
+
+def find_last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir: the readable checkpoint-*.pth with the highest
+    stored epoch (a truncated or foreign file is skipped)."""
+    found = stored_epochs(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: str, keep_last: int, just_written: str | None = None) -> None:
+    """Deletes all but the newest keep_last readable numbered checkpoints, newest by stored epoch
+    (as resume judges it). Never deletes just_written, and never a file it cannot read (a stray or
+    foreign file is not ours to delete)."""
+    found = [path for _, path in stored_epochs(output_dir)]
+    keep = set(found[-max(keep_last, 1):])
+    if just_written:
+        keep.add(os.path.abspath(just_written))
+    for path in found:
+        if path not in keep and os.path.abspath(path) not in keep:
+            os.remove(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
 
 def first_nonfinite(state_dict: dict) -> str | None:
     """The name of the first floating-point tensor holding NaN or inf, or None (one device sync)."""
@@ -76,143 +220,133 @@ def _newest_intact(path: str) -> str | None:
     return found or (path if os.path.exists(path) else None)
 
 
-def checkpoint_args(args: argparse.Namespace, run) -> argparse.Namespace:
+def checkpoint_args(args: argparse.Namespace, run, config: dict | None = None) -> argparse.Namespace:
     """The flags as a checkpoint stores them: a copy of args with the values the reference's
     start-up wrote into its args (rank, world size, GPU, backend) taken from ``run``
-    (run.setup.Runtime), the resolved --amp and the run record."""
+    (run.setup.Runtime), the resolved --amp and the run record; and the run's ``config`` record,
+    with the keys that readers of older checkpoints find among the flags copied there too (input
+    size as [H, W], input channels, what the 4th channel holds, where the run started)."""
     saved = argparse.Namespace(**vars(args))
     saved.distributed, saved.rank, saved.world_size, saved.gpu = run.distributed, run.rank, run.world_size, run.local_rank
     if run.distributed:
         saved.dist_backend = run.dist_backend
     saved.device, saved.amp, saved.record = str(run.device), run.amp, run.record
+    if config is not None:
+        setattr(saved, CONFIG, config)
+        for key in ("model", "input_size", "in_chans", FOURTH_CHANNEL_KEY, "mask_method", "run_start"):
+            if config.get(key) is not None:
+                setattr(saved, key, config[key])
     return saved
 
 
 def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, name: str | None = None,
-               run=None) -> str:
-    """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys; only the main
-    process writes. 'args' holds the flags with the run's Runtime values in them (run: a
-    run.setup.Runtime). With --keep_last K older epoch checkpoints are pruned."""
+               run=None, config: dict | None = None, state: dict | None = None) -> str:
+    """checkpoint-<epoch>.pth (or checkpoint-<name>.pth) with the reference's keys and the run's
+    config record; only the main process writes. 'args' holds the flags with the run's Runtime
+    values in them (run: a run.setup.Runtime). ``state``: more of the run's state to store with
+    the flags (finetuning's best top-1, max_accuracy, as this repo always did).
+    With --keep_last K older epoch checkpoints are pruned."""
     path = os.path.join(args.output_dir, f"checkpoint-{epoch if name is None else name}.pth")
     if is_main_process():
+        saved = checkpoint_args(args, run, config) if run is not None else argparse.Namespace(**vars(args))
+        for key, value in (state or {}).items():
+            setattr(saved, key, value)
         save_checkpoint({
             "model": model_without_ddp.state_dict(),
             "optimizer": optimizer_state_dict(optimizer, model_without_ddp),
             "epoch": epoch,
             "scaler": loss_scaler.state_dict(),
-            "args": checkpoint_args(args, run) if run is not None else args,
+            "args": saved,
         }, path)
         if getattr(args, "keep_last", 0) and (name is None or name.isdigit()):
             prune_checkpoints(args.output_dir, args.keep_last, just_written=path)
     return path
 
 
-def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
-    """(number in the name, path) of every checkpoint-<number>.pth, ascending."""
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+# ------------------------------------------------------------------------------------------------
+# what a run continues from: one read, the flags that define the run reconciled, then the states
+
+@dataclass
+class Resumed:
+    """The checkpoint a run continues from, read once."""
+    path: str
+    checkpoint: dict
+    run_start: dict  # where the run started (a continued run keeps its own)
+
+    @property
+    def args(self) -> dict:
+        return saved_args(self.checkpoint)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.checkpoint["epoch"])
 
 
-def load_checkpoint(path: str) -> dict:
-    """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    checkpoint = _read_checkpoint(path)
-    refuse_foreign(checkpoint, path)
-    return checkpoint
+def open_resume(args, run_flags: dict[str, Any], start: dict | None = None, path: str | None = None,
+                dashes: bool = False, settings: Callable[[dict, str], dict] | None = None,
+                then: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
+                upgrade: Callable[[argparse.Namespace, dict, str], None] | None = None) -> Resumed | None:
+    """What this run continues from, read once: ``path`` (a command's own checkpoint file), else
+    --resume, else (unless --no_auto_resume) the newest complete checkpoint in --output_dir, which
+    becomes --resume. Auto-resume continues only a run that started where this one starts
+    (``start``, see run_start; another run is an error naming both). An original segmae
+    checkpoint that cannot continue is refused. Then the flags that define the run (``run_flags``:
+    flag -> its value in this repo's checkpoints written before the flag existed, or None) are
+    reconciled with the checkpoint's (reconcile_flags), then ``then(args)``'s (flags that depend on
+    those: a mask method's own), and ``upgrade(args, checkpoint, path)`` continues a checkpoint of
+    an earlier layout as it was trained. None: the run starts afresh. ``settings(checkpoint,
+    path)``: the checkpoint's flags where they are not its 'args' (another codebase's layout)."""
+    auto = False
+    if path is None:
+        path = getattr(args, "resume", "")
+        if not path and getattr(args, "output_dir", "") and getattr(args, "auto_resume", True):
+            path = find_last_checkpoint(args.output_dir) or ""
+            auto = bool(path)
+    if not path:
+        return None
+    checkpoint = load_checkpoint(path)  # the one read
+    theirs = checkpoint_config(checkpoint).get("run_start")
+    if auto:
+        check_same_start(start, theirs, args.output_dir, path)
+        print(f"Auto-resume: found {path} in --output_dir")
+        args.resume = path  # --resume's default: the newest checkpoint of the output folder
+    refuse_original_to_continue(checkpoint, path, "--resume")
+    saved = settings(checkpoint, path) if settings is not None else saved_args(checkpoint)
+    # the values before a flag existed hold for checkpoints of this repo and the original segmae code
+    predates = checkpoint_origin(checkpoint) in ("repo", "segmae")
+    reconcile_flags(args, list(run_flags), saved, path, dashes, run_flags if predates else {})
+    if then is not None:
+        more = then(args)
+        reconcile_flags(args, list(more), saved, path, dashes, more if predates else {})
+    if upgrade is not None:
+        upgrade(args, checkpoint, path)
+    return Resumed(path, checkpoint, theirs or start or {})
 
 
-def _read_checkpoint(path: str) -> dict:
-    try:
-        # mmap: tensors are paged in when used, so peeking at a checkpoint's args is cheap
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        error = e
-    if not zipfile.is_zipfile(path):  # torch's legacy format (before 1.6, or _use_new_zipfile_serialization=False)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            error = e
-        else:
-            print(f"{path} is in torch's legacy (non-zip) format: read without mmap")
-            return checkpoint
-    raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a PyTorch checkpoint?): {error}")
-
-
-def stored_epochs(output_dir: str) -> list[tuple[int, str]]:
-    """(stored epoch, path) of every readable checkpoint-<number>.pth, oldest first (ties: by name).
-    The stored epoch, not the name, says which is newest: resume and pruning both use this."""
-    found = []
-    for number, path in checkpoint_epochs(output_dir):
-        try:
-            found.append((int(load_checkpoint(path)["epoch"]), number, path))
-        except (UserError, KeyError, TypeError, ValueError):
-            print(f"WARNING: skipping unreadable checkpoint {path}")
-    return [(epoch, path) for epoch, _, path in sorted(found)]
-
-
-def find_last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint in output_dir, judged by content: the readable
-    checkpoint-*.pth with the highest stored epoch (a truncated or foreign file is skipped)."""
-    found = stored_epochs(output_dir)
-    return found[-1][1] if found else None
-
-
-def prune_checkpoints(output_dir: str, keep_last: int, just_written: str | None = None) -> None:
-    """Deletes all but the newest keep_last readable numbered checkpoints, newest by stored epoch
-    (as resume judges it). Never deletes just_written, and never a file it cannot read (a stray or
-    foreign file is not ours to delete)."""
-    found = [path for _, path in stored_epochs(output_dir)]
-    keep = set(found[-max(keep_last, 1):])
-    if just_written:
-        keep.add(os.path.abspath(just_written))
-    for path in found:
-        if path not in keep and os.path.abspath(path) not in keep:
-            os.remove(path)
-
-
-def same_model_family(a: str | None, b: str | None) -> bool:
-    """A short model name and its explicit name (mae_vit_small_patch4 and
-    mae_vit_small_patch4_dec256d4b): a checkpoint recorded under the short name resumes under the
-    explicit one; the weights' shapes then decide (load_state_dict is strict)."""
-    return bool(a and b) and (a == b or a.startswith(b + "_dec") or b.startswith(a + "_dec"))
-
-
-def load_model(args, model_without_ddp, optimizer, loss_scaler) -> None:
-    """--resume: restores model, optimizer, scaler and sets args.start_epoch."""
-    if not args.resume:
-        return
-    checkpoint = load_checkpoint(args.resume)
-    saved = checkpoint.get("args")
-    for key in ("mask_method", "model"):
-        ours, theirs = getattr(args, key, None), getattr(saved, key, None)
-        if key == "model" and same_model_family(ours, theirs):
-            continue
-        if ours is not None and theirs is not None and ours != theirs:
-            raise CheckpointError(f"--resume {args.resume} was trained with --{key} {theirs}, but this run has "
-                                  f"--{key} {ours}: pass --{key} {theirs} to continue it, or start a new run")
-    bad = first_nonfinite(checkpoint["model"]) if "model" in checkpoint else None
+def resume_states(resumed: Resumed, model_without_ddp: torch.nn.Module, optimizer=None, loss_scaler=None,
+                  weights: dict | None = None) -> int:
+    """Loads the weights (``weights``, default the checkpoint's 'model'; and, given an optimizer,
+    its state and the loss scaler's) of the checkpoint the run continues; returns the first epoch
+    to train (0 when it holds no optimizer state)."""
+    checkpoint, path = resumed.checkpoint, resumed.path
+    weights = checkpoint.get("model") if weights is None else weights
+    bad = first_nonfinite(weights) if weights is not None else None
     if bad is not None:
-        raise CheckpointError(f"--resume {args.resume} holds non-finite weights (NaN/inf in '{bad}'): resume "
+        raise CheckpointError(f"--resume {path} holds non-finite weights (NaN/inf in '{bad}'): resume "
                               f"from an earlier checkpoint (--resume PATH) or move this one away")
     try:
-        model_without_ddp.load_state_dict(checkpoint["model"])
+        model_without_ddp.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"--resume {args.resume} does not fit this model ({mismatch_hint(str(e))}): "
+        raise CheckpointError(f"--resume {path} does not fit this model ({mismatch_hint(str(e))}): "
                               f"{str(e).splitlines()[-1].strip()}") from None
-    print(f"Resume checkpoint {args.resume}")
-    if "optimizer" in checkpoint and "epoch" in checkpoint and not getattr(args, "eval", False):
-        load_optimizer_state(optimizer, checkpoint["optimizer"], model_without_ddp)
-        args.start_epoch = checkpoint["epoch"] + 1
-        if hasattr(saved, "max_accuracy"):  # finetuning's best top-1 so far
-            args.max_accuracy = saved.max_accuracy
-        if "scaler" in checkpoint:
-            loss_scaler.load_state_dict(checkpoint["scaler"])
-        print("With optim & sched!")
+    print(f"Resume checkpoint {path}")
+    if optimizer is None or "optimizer" not in checkpoint or "epoch" not in checkpoint:
+        return 0
+    load_optimizer_state(optimizer, checkpoint["optimizer"], model_without_ddp)
+    if loss_scaler is not None and "scaler" in checkpoint:
+        loss_scaler.load_state_dict(checkpoint["scaler"])
+    print("With optim & sched!")
+    return resumed.epoch + 1
 
 
 def mismatch_hint(error: str) -> str:
@@ -224,6 +358,120 @@ def mismatch_hint(error: str) -> str:
     if "patch_embed" in error:
         return "check --model (patch size) and the input channels"
     return "check --model"
+
+
+def _normalised(key: str, value):
+    if key == "input_size" and isinstance(value, (list, tuple)):
+        return [int(value[0]), int(value[-1])]
+    if key == "input_size" and isinstance(value, int):  # the reference stores one int for a square
+        return [value, value]
+    return value
+
+
+def _flag_value(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def reconcile_flags(args, keys: list[str], saved: dict, path: str, dashes: bool = False,
+                    before: dict | None = None) -> list[str]:
+    """Flags that define a run (or a model to evaluate) must agree with the checkpoint's (``saved``):
+    a flag given on the command line that disagrees is an error naming both values; one left at
+    its default takes the checkpoint's value (so resuming or evaluating needs no retyping). A flag
+    the checkpoint predates takes its value of that time (``before``; a different one given is an
+    error). dashes: the command spells its flags --crop-size rather than --crop_size. Returns the
+    flags taken from the checkpoint."""
+    flag = (lambda k: "--" + k.replace("_", "-")) if dashes else (lambda k: "--" + k)
+    given = set(getattr(args, "given_flags", []))
+    taken = []
+    for key in keys:
+        if key in saved:
+            theirs, note = saved[key], ""
+        elif (before or {}).get(key) is not None:
+            theirs, note = before[key], f" (written before {flag(key)} existed)"
+        else:
+            continue
+        ours = getattr(args, key, None)
+        if _normalised(key, ours) == _normalised(key, theirs):
+            continue
+        if key in given:
+            predates = f" (it predates {flag(key)})" if note else ""
+            raise CheckpointError(
+                f"{path} was trained with {flag(key)} {_flag_value(theirs)}{predates}, but this run has "
+                f"{flag(key)} {_flag_value(ours)}: pass {flag(key)} {_flag_value(theirs)} (or leave it out) to use "
+                f"that checkpoint, or start a new run in another output folder")
+        print(f"{flag(key)} {_flag_value(theirs)} taken from {path}{note}")
+        setattr(args, key, theirs)
+        taken.append(key)
+    return taken
+
+
+def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, dashes: bool = False,
+                              saved: dict | None = None) -> list[str]:
+    """reconcile_flags against the checkpoint at ``path`` (default --resume; read here unless its
+    flags are given as ``saved``); nothing without one."""
+    path = path if path is not None else getattr(args, "resume", "")
+    if not path:
+        return []
+    saved = saved if saved is not None else saved_args(load_checkpoint(path))
+    return reconcile_flags(args, keys, saved, path, dashes)
+
+
+def run_start(args, files: list[str], keys: list[str] = ("data_path",)) -> dict:
+    """Where a run starts: the flags in keys (paths made absolute) and, for each flag in files
+    (e.g. --finetune, --stack), the file's absolute path and SHA-256. Stored in the checkpoint's
+    args, it lets auto-resume continue only the run this command would start."""
+    start: dict = {}
+    for key in keys:
+        value = getattr(args, key, None)
+        if key == "data_path" and value is not None:
+            value = [os.path.abspath(p) for p in ([value] if isinstance(value, str) else value)]
+        start[key] = value
+    for key in files:
+        path = getattr(args, key, "") or ""
+        start[key] = os.path.abspath(path) if path else ""
+        start[key + "_sha256"] = file_digest(path, "sha256") if path and os.path.isfile(path) else ""
+    return start
+
+
+def _real_paths(start: dict) -> dict:
+    """run_start with its paths resolved: the same data reached through a symlink is the same run."""
+    real = dict(start)
+    for key, value in start.items():
+        if key == "data_path" and value is not None:
+            real[key] = [os.path.realpath(p) for p in ([value] if isinstance(value, str) else value)]
+        elif key + "_sha256" in start and value:
+            real[key] = os.path.realpath(value)
+    return real
+
+
+def _describe(start: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in start.items() if v and not k.endswith("_sha256")) or "scratch"
+
+
+def check_same_start(start: dict | None, theirs: dict | None, output_dir: str, path: str) -> None:
+    """Auto-resume continues only the run this command starts: another start is an error naming
+    both (the same data reached through a symlink is the same run)."""
+    if start is None or theirs is None:
+        return
+    mine, theirs_real = _real_paths(start), _real_paths(theirs)
+    differ = [k for k in start if k in theirs and mine[k] != theirs_real[k]]
+    if not differ:
+        return
+    changed = [k for k in differ if k.endswith("_sha256") and mine[k[:-7]] == theirs_real.get(k[:-7])]
+    what = (f"{', '.join(k[:-7] for k in changed)} has the same path but other contents" if changed
+            else f"this command starts from {_describe(start)}, that run from {_describe(theirs)}")
+    raise CheckpointError(
+        f"--output_dir {output_dir} holds {path}, a run that did not start where this command starts ({what}). "
+        f"Use another --output_dir for a new run, or pass --resume {path} to continue that one")
+
+
+def auto_resume(args, start: dict | None = None) -> str | None:
+    """Without --resume, --resume becomes the newest complete checkpoint in --output_dir (a plain
+    rerun after a crash or a preemption picks up where the run stopped), but only of a run that
+    started where this command starts. Reads that checkpoint; open_resume does this and more in
+    the same read."""
+    resumed = open_resume(args, {}, start) if not getattr(args, "resume", "") else None
+    return resumed.path if resumed is not None else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,118 +553,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: t
 
 
 # ------------------------------------------------------------------------------------------------
-# which run a command continues: where a run started (run_start: data roots, --finetune / --stack
-# files and their SHA-256), auto-resume of only that run from --output_dir, and the flags that
-# define a run reconciled with the checkpoint it continues (a default is taken from it, a conflict
-# is an error naming both values)
-
-def _normalised(key: str, value):
-    if key == "input_size" and isinstance(value, (list, tuple)):
-        return [int(value[0]), int(value[-1])]
-    if key == "input_size" and isinstance(value, int):  # the reference stores one int for a square
-        return [value, value]
-    return value
-
-
-def reconcile_with_checkpoint(args, keys: list[str], path: str | None = None, dashes: bool = False,
-                              saved: argparse.Namespace | None = None) -> None:
-    """Flags that define a run (or a model to evaluate) must agree with the checkpoint (--resume
-    unless path is given): a flag given on the command line that disagrees is an error naming both
-    values; one left at its default takes the checkpoint's value (so resuming or evaluating needs
-    no retyping). dashes: the command spells its flags --crop-size rather than --crop_size.
-    saved: the checkpoint's settings where they are not its 'args' (another codebase's layout)."""
-    path = path if path is not None else getattr(args, "resume", "")
-    if not path:
-        return
-    saved = saved if saved is not None else load_checkpoint(path).get("args")
-    if saved is None:
-        return
-    flag = (lambda k: "--" + k.replace("_", "-")) if dashes else (lambda k: "--" + k)
-    given = set(getattr(args, "given_flags", []))
-    for key in keys:
-        if not hasattr(saved, key):
-            continue
-        ours, theirs = _normalised(key, getattr(args, key, None)), _normalised(key, getattr(saved, key))
-        if ours == theirs:
-            continue
-        if key in given:
-            raise CheckpointError(
-                f"{path} was trained with {flag(key)} {_flag_value(theirs)}, but this run has "
-                f"{flag(key)} {_flag_value(ours)}: pass {flag(key)} {_flag_value(theirs)} (or leave it out) to use that "
-                f"checkpoint, or start a new run in another output folder")
-        print(f"{flag(key)} {_flag_value(theirs)} taken from {path}")
-        setattr(args, key, getattr(saved, key))
-        args.from_checkpoint = [*getattr(args, "from_checkpoint", []), key]  # as binding as a given flag
-
-
-def _flag_value(v) -> str:
-    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-
-def run_start(args, files: list[str], keys: list[str] = ("data_path",)) -> dict:
-    """Where a run starts: the flags in keys (paths made absolute) and, for each flag in files
-    (e.g. --finetune, --stack), the file's absolute path and SHA-256. Stored in the checkpoint's
-    args, it lets auto-resume continue only the run this command would start."""
-    start: dict = {}
-    for key in keys:
-        value = getattr(args, key, None)
-        if key == "data_path" and value is not None:
-            value = [os.path.abspath(p) for p in ([value] if isinstance(value, str) else value)]
-        start[key] = value
-    for key in files:
-        path = getattr(args, key, "") or ""
-        start[key] = os.path.abspath(path) if path else ""
-        start[key + "_sha256"] = file_digest(path, "sha256") if path and os.path.isfile(path) else ""
-    return start
-
-
-def _real_paths(start: dict) -> dict:
-    """run_start with its paths resolved: the same data reached through a symlink is the same run."""
-    real = dict(start)
-    for key, value in start.items():
-        if key == "data_path" and value is not None:
-            real[key] = [os.path.realpath(p) for p in ([value] if isinstance(value, str) else value)]
-        elif key + "_sha256" in start and value:
-            real[key] = os.path.realpath(value)
-    return real
-
-
-def _describe(start: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in start.items() if v and not k.endswith("_sha256")) or "scratch"
-
-
-def auto_resume(args, start: dict | None = None) -> None:
-    """Without --resume, continue from the newest complete checkpoint in --output_dir (a plain
-    rerun after a crash or a preemption picks up where the run stopped) -- but only a run that
-    started where this command starts (``start``, see run_start); another one is an error that
-    names both. The run's start is kept in args.run_start (a continued run keeps its own)."""
-    if start is not None:
-        args.run_start = start
-    if args.resume or not args.output_dir or not getattr(args, "auto_resume", True):
-        return
-    last = find_last_checkpoint(args.output_dir)
-    if not last:
-        return
-    saved = load_checkpoint(last).get("args")
-    theirs = getattr(saved, "run_start", None)
-    if start is not None and theirs is not None:
-        mine, theirs_real = _real_paths(start), _real_paths(theirs)
-        differ = [k for k in start if k in theirs and mine[k] != theirs_real[k]]
-        if differ:
-            changed = [k for k in differ if k.endswith("_sha256") and mine[k[:-7]] == theirs_real.get(k[:-7])]
-            what = (f"{', '.join(k[:-7] for k in changed)} has the same path but other contents" if changed
-                    else f"this command starts from {_describe(start)}, that run from {_describe(theirs)}")
-            raise CheckpointError(
-                f"--output_dir {args.output_dir} holds {last}, a run that did not start where this command "
-                f"starts ({what}). Use another --output_dir for a new run, or pass --resume {last} to continue "
-                f"that one")
-    print(f"Auto-resume: found {last} in --output_dir")
-    args.resume = last
-    if theirs is not None:
-        args.run_start = theirs
-
-
-# ------------------------------------------------------------------------------------------------
 # which codebase a checkpoint comes from, read off its contents: this repo's, the original segmae
 # code's (DeinAlptraum/mae: its args have mask_method and none of this repo's flags, its
 # preencoder checkpoints a CombinedModel), facebookresearch/mae's and the official files, or
@@ -436,7 +572,7 @@ def checkpoint_origin(checkpoint: dict) -> str:
     if saved is None:
         return "reference"
     has = (lambda k: k in saved) if isinstance(saved, dict) else (lambda k: hasattr(saved, k))  # noqa: E731
-    if any(has(k) for k in (FOURTH_CHANNEL_KEY,) + _OWN_ARGS):
+    if any(has(k) for k in (FOURTH_CHANNEL_KEY, CONFIG) + _OWN_ARGS):
         return "repo"
     return "segmae" if has("mask_method") else "reference"
 
@@ -482,3 +618,25 @@ def refuse_foreign(checkpoint: dict, path: str) -> None:
             f"and a fixed 1-D sine-cosine position table that the file does not store, where this repo's ViT "
             f"(facebookresearch/mae's) has a class token and a 2-D table, so it cannot be loaded here, in whole "
             f"or in part. Start from an official MAE checkpoint (facebookresearch/mae) or one of this repo's")
+
+
+PREENCODER_NOT_CONTINUABLE = (
+    "its pre-encoder is a Conv2d(4, 3, kernel 16, padding 'same') that mixes neighbouring patches, where this "
+    "repo's is a per-patch Conv2d(4, 3*p*p) + PixelShuffle; the weights do not map onto each other, so its "
+    "pretraining cannot be continued (or reconstructed) here. Its encoder works downstream: --finetune, "
+    "main_linprobe.py, segmenter.train --mae-chp, evals.knn, tools/export.py")
+
+
+def refuse_original_to_continue(checkpoint: dict, path: str, flag: str = "--resume") -> None:
+    """Continuing an original segmae checkpoint whose weights need converting is refused: its
+    optimizer state belongs to the other parametrisation (or model)."""
+    if is_segmae_combined(state_dict_of(checkpoint)):
+        raise AdaptationError(f"{flag} {path}: a preencoder checkpoint of the original segmae code; "
+                              + PREENCODER_NOT_CONTINUABLE)
+    saved = checkpoint.get("args")
+    method = saved.get("mask_method") if isinstance(saved, dict) else getattr(saved, "mask_method", None)
+    if checkpoint_origin(checkpoint) == "segmae" and method == "four_channels":
+        raise AdaptationError(f"{flag} {path}: a four_channels checkpoint of the original segmae code, whose 4th "
+                              f"channel is the hidden mask m where this repo's is v = 1 - m; its optimizer state "
+                              f"belongs to that parametrisation. Continue from its weights with --stack {path} "
+                              f"(converted exactly, fresh optimizer), or use it downstream as it is")

@@ -204,16 +204,20 @@ def end_distributed() -> None:
             dist.destroy_process_group()
 
 
-def check_trains_something(args: argparse.Namespace, steps_per_epoch: int, last_epoch: int) -> bool:
-    """False (with a message) when a resumed run has no epoch left; an error when the flags would
-    make an epoch without a single optimizer step."""
+def check_trains_something(args: argparse.Namespace, steps_per_epoch: int, last_epoch: int,
+                           start_epoch: int | None = None) -> bool:
+    """False (with a message) when a resumed run has no epoch left (``start_epoch``: the first to
+    train, default --start_epoch); an error when the flags would make an epoch without a single
+    optimizer step."""
+    start_epoch = args.start_epoch if start_epoch is None else start_epoch
     if args.accum_iter > steps_per_epoch:
         raise UserError(f"--accum_iter {args.accum_iter} is more than the {steps_per_epoch} steps of an epoch: "
                         f"no optimizer step would ever be taken. Lower --accum_iter (or --batch_size)")
-    if args.start_epoch >= last_epoch:
-        print(f"Already finished ({args.start_epoch} epochs done, --epochs {last_epoch}): nothing to train")
+    if start_epoch >= last_epoch:
+        print(f"Already finished ({start_epoch} epochs done, --epochs {last_epoch}): nothing to train")
         return False
     return True
+
 
 def print_weights_fingerprint(model: torch.nn.Module) -> float:
     """Prints, on every rank, a checksum of the weights: equal lines mean the ranks ended in sync."""

@@ -51,7 +51,7 @@ def get_init_file(job_dir: str) -> Path:
 class Trainer:
     """The callable submitit runs on every task; on preemption or timeout submitit calls
     ``checkpoint``, which requeues the same training: it resumes from the newest complete
-    checkpoint in the output folder (run.checkpoint.auto_resume)."""
+    checkpoint in the output folder (run.checkpoint.open_resume)."""
 
     def __init__(self, main: Callable, args: argparse.Namespace):
         self.main, self.args = main, args

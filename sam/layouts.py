@@ -9,10 +9,10 @@
     amg     masks/<class>/<stem>/metadata.csv       segment-anything's scripts/amg.py default output:
             + 0.png, 1.png, ...                     row i describes i.png; coverage from its `area`
 
-A reader hands over an image's ``Segments``: every segment's coverage, read from the small index
-(the JSON's areas, table.txt, metadata.csv's area column), and each segment built and decoded only
-when asked. Which segment (or segments) hides what is the mask method's choice (mask_methods.py);
-``closest`` is the default rule, with the layout's own tie rule. The layout is detected per root
+A reader hands over an image's ``ImageSegments``: every segment's coverage, read from the small
+index (the JSON's areas, table.txt, metadata.csv's area column), and each segment built and
+decoded only when asked. Which segment (or segments) hides what is the mask method's choice
+(mask_methods.py); ``closest`` is the default rule, with the layout's own tie rule. The layout is detected per root
 (``--mask_format`` forces one; sam/listing.py); a root mixing layouts is an error.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Segment:
         return self.read_fields()
 
 
-class Segments:
+class ImageSegments:
     """One image's segments in file order: every coverage up front, each ``Segment`` built (and
     decoded) only when asked. ``ties`` is how the layout breaks a tie of coverage in ``closest``:
     'first' (SAM's layouts) or 'larger' (the original segmae code's)."""
@@ -97,7 +97,7 @@ def closest_larger(coverages: list[float], coverage_ratio: float) -> tuple[int |
     return order[above], unsorted
 
 
-def closest(segments: Segments, coverage_ratio: float) -> Segment | None:
+def closest(segments: ImageSegments, coverage_ratio: float) -> Segment | None:
     """The segment whose coverage is closest to coverage_ratio percent, ties broken by the
     layout's rule (None for an image without segments): the default choice of every SAM method,
     and what the compact cache stores."""
@@ -106,6 +106,20 @@ def closest(segments: Segments, coverage_ratio: float) -> Segment | None:
     else:
         i = closest_first(segments.coverages, coverage_ratio)
     return None if i is None else segments[i]
+
+
+class ClosestSegment:
+    """The choice by coverage alone, where no mask method chooses (the tools, datasets built
+    directly): the segment closest to ``coverage_ratio`` percent, which the compact cache holds."""
+
+    def __init__(self, coverage_ratio: float):
+        self.coverage_ratio = coverage_ratio
+
+    def hidden_segment(self, segments: ImageSegments, image_size: tuple[int, int], generator=None) -> np.ndarray:
+        return segment_mask(closest(segments, self.coverage_ratio), image_size)
+
+    def cached_coverage(self) -> float:
+        return self.coverage_ratio
 
 
 def segment_mask(seg: Segment | None, image_size: tuple[int, int]) -> np.ndarray:
@@ -168,7 +182,7 @@ class MaskSource:
         """The file whose size and mtime change when the image's masks change (cache staleness)."""
         return self.location(rel)
 
-    def segments(self, rel: str) -> Segments:
+    def segments(self, rel: str) -> ImageSegments:
         """Every segment of image rel, in the file's order; only the index is read."""
         raise NotImplementedError
 
@@ -191,8 +205,8 @@ GENERATOR_NAMES = {"sam": "SAM", "sam2": "SAM 2", "superpixels": "superpixels"}
 RANDOM_WEIGHTS = "random-weights"  # what a file made without a checkpoint records as its checkpoint
 
 
-def json_segments(anns: list[dict], choice: str, path: str) -> Segments:
-    """The Segments of one SAM mask file's annotations (read from masks/ or from a tar shard);
+def json_segments(anns: list[dict], choice: str, path: str) -> ImageSegments:
+    """The ImageSegments of one SAM mask file's annotations (read from masks/ or from a tar shard);
     ``choice`` 'segmae' marks a file converted from the original's layout (its tie rule)."""
     coverages = annotation_coverages(anns, path)  # checks every annotation's area and size
 
@@ -200,7 +214,7 @@ def json_segments(anns: list[dict], choice: str, path: str) -> Segments:
         seg = anns[i]["segmentation"]
         return Segment(coverages[i], mask_size(seg), _rle_decoder(seg, path), path,
                        lambda: {k: v for k, v in anns[i].items() if k != "segmentation"}, seg)
-    return Segments(coverages, make, path, "larger" if choice == "segmae" else "first")
+    return ImageSegments(coverages, make, path, "larger" if choice == "segmae" else "first")
 
 
 def _rle_decoder(segmentation: dict, path: str) -> Callable[[], np.ndarray]:
@@ -221,7 +235,7 @@ class JsonMasks(MaskSource):
     def location(self, rel: str) -> str:
         return os.path.join(self.mask_root, os.path.splitext(rel)[0] + MASK_SUFFIX)
 
-    def segments(self, rel: str) -> Segments:
+    def segments(self, rel: str) -> ImageSegments:
         path = self.location(rel)
         anns, choice = load_mask_json(path)
         segments = json_segments(anns, choice, path)
@@ -329,7 +343,7 @@ class SegmaeMasks(_FolderMasks):
     def generator(self, rel: str) -> str:
         return "SAM (segmae layout)"
 
-    def segments(self, rel: str) -> Segments:
+    def segments(self, rel: str) -> ImageSegments:
         folder, path = self.location(rel), self.index_file(rel)
         entries = []
         for n, line in enumerate(self._read_index(rel).splitlines(), 1):
@@ -348,7 +362,7 @@ class SegmaeMasks(_FolderMasks):
         coverages = [c for c, _ in entries]
         if is_unsorted(coverages):
             self.unsorted.add()  # closest sorts it first, where the original would pick by position
-        return Segments(coverages, lambda i: self._png(folder, entries[i][1], coverages[i], None), path, "larger")
+        return ImageSegments(coverages, lambda i: self._png(folder, entries[i][1], coverages[i], None), path, "larger")
 
 
 class AmgMasks(_FolderMasks):
@@ -360,7 +374,7 @@ class AmgMasks(_FolderMasks):
     def generator(self, rel: str) -> str:
         return "SAM (amg.py)"
 
-    def segments(self, rel: str) -> Segments:
+    def segments(self, rel: str) -> ImageSegments:
         # only the id and area columns are read up front, and one PNG header (every mask of an
         # image has its size); the rest of a row when its fields are asked for
         folder, path = self.location(rel), self.index_file(rel)
@@ -368,7 +382,7 @@ class AmgMasks(_FolderMasks):
         header = [c.strip() for c in rows[0]]
         rows = [r for r in rows[1:] if r]
         if not rows:
-            return Segments([], lambda i: None, path)
+            return ImageSegments([], lambda i: None, path)
         try:
             areas = [float(r[1]) for r in rows]
             if not all(math.isfinite(a) and a >= 0 for a in areas):
@@ -381,7 +395,7 @@ class AmgMasks(_FolderMasks):
         def make(i: int) -> Segment:
             return self._png(folder, f"{rows[i][0].strip()}.png", coverages[i], (h, w),
                              lambda: _amg_fields(header, rows[i], path))
-        return Segments(coverages, make, path)
+        return ImageSegments(coverages, make, path)
 
 
 def _amg_rows(text: str, path: str) -> list[list[str]]:

@@ -28,8 +28,8 @@ from inputs.pretrain import loader_options
 from inputs.transforms import NORMALIZATIONS
 from mask_methods import MASK_METHODS
 from models_vit import load_pretrained_encoder
-from run.checkpoint import (append_log, checkpoint_args, load_checkpoint, load_optimizer_state, mismatch_hint,
-                            optimizer_state_dict, reconcile_with_checkpoint, save_checkpoint)
+from run.checkpoint import (Resumed, append_log, checkpoint_args, checkpoint_config, load_checkpoint, open_resume,
+                            optimizer_state_dict, resume_states, save_checkpoint, saved_args)
 from run.distributed import DEFAULT_DIST_TIMEOUT_S, check_ranks_agree, file_list_digest
 from run.files import atomic_write_json, read_jsonl, writable_dir
 from run.flags import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
@@ -44,7 +44,9 @@ from util.misc import UserError, get_rank, get_world_size, is_main_process
 
 CHECKPOINT = "checkpoint.pth"
 # what defines the model; a resumed or evaluated checkpoint supplies them unless given
-MODEL_FLAGS = ["backbone", "decoder", "n_cls", "crop_size", "channels", "normalization", "encoder_norm_eps"]
+# what defines a Segmenter: a resumed checkpoint supplies them unless given
+MODEL_FLAGS = {k: None for k in ("backbone", "decoder", "n_cls", "crop_size", "channels", "normalization",
+                                 "encoder_norm_eps")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -158,39 +160,36 @@ def build_datasets(args) -> tuple[ADE20K, ADE20K]:
     return train_set, val_set
 
 
-def build_model(args, run: Runtime, ckpt: dict | None, ckpt_path: str, original: bool):
-    """(model to train, the plain model, optimizer, loss scaler, first epoch): from --mae-chp, or
-    resumed from the run's checkpoint (ours, or rstrudel/segmenter's layout: weights only)."""
+def build_model(args, run: Runtime, resumed: Resumed | None, pretrained: dict | None):
+    """(model to train, the plain model, optimizer, loss scaler, first epoch): from --mae-chp
+    (``pretrained``, read), or resumed from the run's checkpoint (ours, or rstrudel/segmenter's
+    layout: weights only)."""
     model = build_segmenter(args.backbone, args.decoder, args.n_cls, args.crop_size, args.channels,
                             drop_path_rate=args.drop_path)
     set_layernorm_eps(model.encoder, args.encoder_norm_eps)
-    if args.mae_chp and ckpt is None:
+    if pretrained is not None:
         method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
-                                               fold_mask_channel=args.channels == 3, mask_channel=args.mask_channel)
+                                               fold_mask_channel=args.channels == 3, checkpoint=pretrained,
+                                               mask_channel=args.mask_channel)
         args.mask_method = method
-    elif not args.mae_chp and ckpt is None:
+    elif resumed is None:
         print("WARNING: no --mae-chp: the encoder starts from random weights")
     model.to(run.device)
     model_without_ddp = model
     model = runsetup.wrap_model(model, run)
     optimizer = build_optimizer(model_without_ddp, args)
     loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
-    if ckpt is None:
+    if resumed is None:
         return model, model_without_ddp, optimizer, loss_scaler, 0
-    try:
-        model_without_ddp.load_state_dict(own_state_dict(ckpt))
-    except RuntimeError as e:
-        raise UserError(f"{ckpt_path} does not fit this Segmenter ({mismatch_hint(str(e))}): "
-                        f"{str(e).splitlines()[-1].strip()}") from None
+    ckpt = resumed.checkpoint
+    original = is_original_layout(ckpt)
     if original:
-        print(f"{ckpt_path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
+        print(f"{resumed.path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
               f"lr_scheduler state are not" + ("" if args.eval_only else " (training goes on with a fresh SGD)"))
-    else:
-        load_optimizer_state(optimizer, ckpt["optimizer"], model_without_ddp)  # by parameter name
-        loss_scaler.load_state_dict(ckpt.get("scaler", {}))
-    start_epoch = ckpt["epoch"] + 1
-    args.mask_method = getattr(ckpt.get("args"), "mask_method", args.mask_method)
-    print(f"Resumed from {ckpt_path} at epoch {start_epoch}")
+    resume_states(resumed, model_without_ddp, None if original else optimizer, loss_scaler, own_state_dict(ckpt))
+    start_epoch = resumed.epoch + 1
+    args.mask_method = resumed.args.get("mask_method", args.mask_method)
+    print(f"Resumed from {resumed.path} at epoch {start_epoch}")
     return model, model_without_ddp, optimizer, loss_scaler, start_epoch
 
 
@@ -226,34 +225,38 @@ def save_epoch(args, run: Runtime, epoch: int, stats: dict, model_without_ddp, o
         log_writer.flush()
 
 
-def take_pretrained_normalization(args: argparse.Namespace) -> None:
+def take_pretrained_normalization(args: argparse.Namespace, pretrained: dict | None) -> None:
     """No --normalization: the input statistics the encoder was pretrained with (ImageNet's without
     --mae-chp or where it does not say)."""
-    pretrained = getattr(load_checkpoint(args.mae_chp).get("args"), "normalization", None) if args.mae_chp else None
-    args.normalization = pretrained or "imagenet"
-    if pretrained:
-        print(f"--normalization {pretrained} taken from {args.mae_chp}")
+    normalization = checkpoint_config(pretrained).get("normalization") if pretrained is not None else None
+    args.normalization = normalization or "imagenet"
+    if normalization:
+        print(f"--normalization {normalization} taken from {args.mae_chp}")
+
+
+def checkpoint_settings(checkpoint: dict, path: str) -> dict:
+    """The Segmenter's flags a checkpoint was trained with (rstrudel/segmenter's layout: read off
+    its variant.yml or tensors)."""
+    return vars(original_settings(checkpoint, path)) if is_original_layout(checkpoint) else saved_args(checkpoint)
 
 
 def main(args: argparse.Namespace) -> dict:
     writable_dir(args.log_dir, "--log-dir")
     run = runsetup.setup_run(args, __file__)
     ckpt_path = os.path.join(args.log_dir, CHECKPOINT)
-    resuming = args.resume and os.path.exists(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path) if resuming else None
-    original = resuming and is_original_layout(ckpt)
-    if resuming:  # the model's settings are the checkpoint's unless given (a conflict is an error)
-        reconcile_with_checkpoint(args, MODEL_FLAGS, path=ckpt_path, dashes=True,
-                                  saved=original_settings(ckpt, ckpt_path) if original else ckpt.get("args"))
+    resumed = None
+    if args.resume and os.path.exists(ckpt_path):  # the model's settings are the checkpoint's unless given
+        resumed = open_resume(args, MODEL_FLAGS, path=ckpt_path, dashes=True, settings=checkpoint_settings)
         check_args(args, None, derive_only=True)
     elif args.eval_only and not args.mae_chp:
         raise UserError(f"--eval-only found no {ckpt_path} and no --mae-chp: nothing to evaluate")
+    pretrained = load_checkpoint(args.mae_chp) if args.mae_chp and resumed is None else None
     if args.normalization is None:
-        take_pretrained_normalization(args)
+        take_pretrained_normalization(args, pretrained)
     batch_per_rank = per_rank_batch(args)
     train_set, val_set = build_datasets(args)
-    model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, ckpt, ckpt_path,
-                                                                                original)
+    model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, resumed, pretrained)
+    original = resumed is not None and is_original_layout(resumed.checkpoint)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     if args.eval_only:
         metrics = evaluate(model_without_ddp, val_set, run, args)
@@ -273,7 +276,7 @@ def main(args: argparse.Namespace) -> dict:
     log_writer = runsetup.tensorboard_writer(args.log_dir)
     metrics: dict = {}
     last_done = start_epoch - 1
-    if (resuming and last_done >= 0 and evaluation_due(args, last_done)
+    if (resumed is not None and last_done >= 0 and evaluation_due(args, last_done)
             and not os.path.exists(os.path.join(args.log_dir, f"metrics_epoch{last_done}.json"))):
         print(f"The evaluation after epoch {last_done} did not finish: running it now")
         metrics = evaluate_and_record(model_without_ddp, val_set, run, args, last_done, log_writer)

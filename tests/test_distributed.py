@@ -94,3 +94,68 @@ def test_two_process_finetuning_matches_one_process(toy_root, pretrained, tmp_pa
     la = json.loads((one / "log.txt").read_text())
     lb = json.loads((two / "log.txt").read_text())
     assert la["test_acc1"] == pytest.approx(lb["test_acc1"]) and lb["test_count"] == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# every registered method: a step on two gloo ranks equals the step of one process
+
+def _method_step(rank: int, world: int, port: int, out: str) -> None:
+    """One SGD step of every registered method, on ``world`` ranks each holding its share of a
+    fixed batch of 8 (with the matching share of fixed noise); rank 0 saves the weights."""
+    import os
+
+    import torch.distributed as dist
+    from test_models_mae import block_mask, tiny
+    from torch.nn.parallel import DistributedDataParallel
+
+    import mask_methods
+    from engine_pretrain import normalise_by_global_weight
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(1)
+    imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 16)
+    seg = block_mask(8)
+    seg[::3, :, 20:30, 2:9] = 1  # the samples hide different areas: the ranks' loss weights differ
+    seg[5] = 0  # and one hides nothing
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    weights = {}
+    for name in mask_methods.MASK_METHODS:
+        model = tiny(name)
+        trained = DistributedDataParallel(model) if world > 1 else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss, _, mask = trained(imgs[share], mask_ratio=0.5, noise=noise[share], seg_mask=seg[share])
+        if world > 1:
+            loss = normalise_by_global_weight(loss, model.loss_weights(mask, seg[share]))
+        loss.backward()
+        optimizer.step()
+        weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(weights, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_method_steps_alike_on_one_and_two_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _method_step(0, 1, port, str(tmp_path / "one.pt"))
+    mp.spawn(_method_step, args=(2, port, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert set(one) == set(two) and {"patches", "segments", "four_channels", "preencoder", "segment_tokens"} <= set(one)
+    for method in one:
+        moved = [k for k in one[method] if not torch.equal(one[method][k], tiny_init(method)[k])]
+        assert "blocks.0.attn.qkv.weight" in moved, method  # the step changed the encoder
+        for k in one[method]:
+            torch.testing.assert_close(two[method][k], one[method][k], rtol=1e-5, atol=1e-6, msg=f"{method} {k}")
+
+
+def tiny_init(method: str) -> dict:
+    from test_models_mae import tiny
+    return tiny(method).state_dict()

@@ -12,7 +12,8 @@ import main_pretrain
 import mask_methods as masking
 import models_mae
 from evals import knn
-from mask_methods import MaskMethod, get_method, register
+from mask_methods import Flag, MaskMethod, get_method, register
+from sam.layouts import segment_mask
 
 
 class Outline(MaskMethod):
@@ -72,3 +73,80 @@ def test_a_fifth_method_is_one_class(toy_method, toy_root, tmp_path):
     written = visualize.main(["--checkpoint", str(out / "checkpoint-0.pth"), "--data_path", toy_root, "--num", "1",
                               "--out", str(tmp_path / "vis")])
     assert len(written) == 1 and written[0].endswith(f"_{toy_method}.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# a method with its own flag and its own choice of segment, defined here alone
+
+class LargeRandomSegment(MaskMethod):
+    """Toy: hides one segment drawn at random (a new one each epoch, the same on any number of
+    ranks) among those covering at least --min_coverage percent of the image."""
+
+    name = "toy_large_random_segment"
+    flags = (Flag("min_coverage", float, 5.0, "percent a segment must cover to be drawn"), masking.SEG_LOSS)
+
+    def hidden_segment(self, segments, image_size, generator=None):
+        eligible = [i for i, c in enumerate(segments.coverages) if c >= self.min_coverage]
+        if not eligible:
+            return segment_mask(None, image_size)
+        i = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
+        return segment_mask(segments[i], image_size)
+
+    def cached_coverage(self):
+        return None  # the compact cache holds one segment per image: it cannot serve a random draw
+
+
+@pytest.fixture
+def toy_random():
+    register(LargeRandomSegment)
+    yield LargeRandomSegment.name
+    masking.REGISTRY.pop(LargeRandomSegment.name)
+    masking.MASK_METHODS.remove(LargeRandomSegment.name)
+
+
+def test_a_method_owns_its_flag_and_its_segment_choice(toy_random, toy_root, tmp_path, capsys):
+    from inputs.pretrain import SegmentMaskImageFolder
+    method = get_method(toy_random, min_coverage=10.0)
+    folder = SegmentMaskImageFolder(toy_root, with_masks=True, segment_choice=method)
+    rel = folder.rel_paths[0]
+    segments = folder.source.segments(rel)
+    drawn = {int(method.hidden_segment(segments, (32, 32), torch.Generator().manual_seed(s)).sum())
+             for s in range(40)}
+    allowed = {int(segments[i].decode().sum()) for i, c in enumerate(segments.coverages) if c >= 10.0}
+    assert drawn == allowed and len(allowed) > 1  # every large segment, nothing else
+    same = [folder.read(0, torch.Generator().manual_seed(7))[1] for _ in range(2)]
+    assert (same[0] == same[1]).all()  # the choice depends on the sample's generator alone
+
+    out = tmp_path / "pre"
+    run = common(toy_root, out, "--mask_method", toy_random, "--min_coverage", "10", "--epochs", "2")
+    main_pretrain.cli(run + ["--stop_epoch", "1"])
+    saved = torch.load(out / "checkpoint-0.pth", weights_only=False)["args"]
+    assert saved.min_coverage == 10.0 and saved.config["method"] == {"min_coverage": 10.0, "seg_loss": "pixel"}
+    # resume: the flag left out comes from the checkpoint; another value is refused
+    resume = [a for a in run if a not in ("--min_coverage", "10")]
+    main_pretrain.cli(resume)
+    assert "--min_coverage 10.0 taken from" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint-1.pth", weights_only=False)["args"].min_coverage == 10.0
+    with pytest.raises(SystemExit):
+        main_pretrain.cli(common(toy_root, out, "--mask_method", toy_random, "--min_coverage", "20", "--epochs", "3"))
+    assert "trained with --min_coverage 10.0" in capsys.readouterr().err
+    # another method's run names the flag as ignored
+    main_pretrain.cli(common(toy_root, tmp_path / "p", "--min_coverage", "20"))
+    assert f"--min_coverage is ignored by --mask_method patches (a flag of {toy_random})" in capsys.readouterr().err
+    # finetuning and evaluation take it like any other method's checkpoint
+    main_finetune.cli(downstream(toy_root, tmp_path / "ft", "--finetune", str(out / "checkpoint-1.pth")))
+    assert torch.load(tmp_path / "ft" / "checkpoint-0.pth", weights_only=False)["args"].mask_method == toy_random
+    result = knn.cli(["--checkpoint", str(out / "checkpoint-1.pth"), "--data_path", toy_root, "--bank_per_class",
+                      "4", "--num_workers", "0", "--device", "cpu"])
+    assert 0 <= result["knn_top1"] <= 100 and result["method"] == toy_random
+
+
+def test_methods_declare_shared_flags_alike():
+    class Clash(MaskMethod):
+        name = "toy_clash"
+        flags = (Flag("coverage_ratio", float, 10.0, "another default"),)
+    with pytest.raises(ValueError, match="declares --coverage_ratio unlike"):
+        register(Clash)
+    assert "toy_clash" not in masking.REGISTRY
+    with pytest.raises(ValueError, match="has no parameter block_size"):
+        get_method("segments", block_size=4)

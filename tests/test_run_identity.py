@@ -292,3 +292,19 @@ def test_seg_loss_is_recorded_part_of_the_benchmark_identity_and_older_runs_keep
     assert run_exit_code(common(toy_root, out, "--mask_method", "segments", "--epochs", "3", "--seg_loss", "pixel",
                                 "--resume", str(out / "checkpoint-0.pth")), main_pretrain.cli) == 1
     assert "predates --seg_loss" in capsys.readouterr().err
+
+
+def test_an_auto_resume_reads_the_newest_checkpoint_once_and_the_others_never(toy_root, tmp_path, monkeypatch):
+    """The run it continues is read once (one torch.load), with its flags reconciled and its states
+    loaded from that read; the other checkpoints of the folder, also while --keep_last prunes,
+    are judged without being loaded."""
+    out = tmp_path / "o"
+    flags = ["--mask_method", "segments", "--epochs", "5", "--save_freq", "1", "--keep_last", "2"]
+    main_pretrain.cli(common(toy_root, out, *flags, "--stop_epoch", "3"))
+    assert sorted(os.listdir(out)).count("checkpoint-0.pth") == 0  # pruned
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(str(f))) or real(f, *a, **k))
+    main_pretrain.cli(common(toy_root, out, *flags))
+    assert loads == ["checkpoint-2.pth"]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-3.pth", "checkpoint-4.pth"]

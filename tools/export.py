@@ -30,7 +30,7 @@ import models_vit  # noqa: E402
 from inputs.transforms import NORMALIZATIONS, as_hw  # noqa: E402
 from mask_methods import get_method  # noqa: E402
 from models_vit import describe_encoder, load_encoder, timm_name  # noqa: E402
-from run.checkpoint import load_checkpoint  # noqa: E402
+from run.checkpoint import checkpoint_config, load_checkpoint  # noqa: E402
 from run.files import atomic_torch_save, writable_dir  # noqa: E402
 from run.flags import add_mask_channel_arg  # noqa: E402
 from run.setup import run_tool  # noqa: E402
@@ -188,12 +188,13 @@ def export_encoder(sd: dict, out: str) -> list[str]:
 
 
 def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_zero_head: bool = False) -> list[str]:
-    sd, full, method, size, shape = load_encoder(checkpoint, mask_channel=mask_channel)
+    ckpt = load_checkpoint(checkpoint)
+    sd, full, method, size, shape = load_encoder(checkpoint, ckpt, mask_channel=mask_channel)
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
     writable_dir(out, "--out")
     if to == "timm":
-        saved = load_checkpoint(checkpoint).get("args")  # the input statistics it was pretrained with
-        files = export_timm(sd, shape, size, out, timm_zero_head, getattr(saved, "normalization", None) or "imagenet")
+        normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
+        files = export_timm(sd, shape, size, out, timm_zero_head, normalization)
     elif to == "hf":
         files = export_hf(sd, shape, size, out)
     elif to == "hf-mae":

@@ -26,32 +26,30 @@ from inputs.classification import build_eval_transform  # noqa: E402
 from inputs.folders import list_images  # noqa: E402
 from inputs.images import load_rgb  # noqa: E402
 from inputs.transforms import as_hw  # noqa: E402
-from mask_methods import DEFAULT_COVERAGE_RATIO  # noqa: E402
-from mask_methods import MASK_METHODS, get_method  # noqa: E402
+from mask_methods import COVERAGE_RATIO, MASK_METHODS, get_method, method_class  # noqa: E402
 from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
-from run.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, saved_args  # noqa: E402
 from run.files import writable_dir  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.geometry import exif_orientation, fit_mask  # noqa: E402
-from sam.layouts import SOURCES, closest, open_mask_source, segment_mask  # noqa: E402
+from sam.layouts import SOURCES, ClosestSegment, open_mask_source  # noqa: E402
 from sam.listing import stem_of  # noqa: E402
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
-    """(the MAE in eval mode, its input size, its coverage ratio, its input normalisation) of any
-    checkpoint of this repo, the reference's, segmae's or an official one."""
+    """(the MAE in eval mode, with its mask method and that method's parameters, its input size,
+    its input normalisation) of any checkpoint of this repo, the reference's, segmae's or an
+    official one."""
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("args")
-    name = model or getattr(saved, "model", None)
+    config = checkpoint_config(ckpt)
+    name = model or config.get("model")
     if name is None:
         raise SystemExit(f"{path} records no model name: pass --model (e.g. mae_vit_large_patch16)")
-    size = as_hw(input_size or getattr(saved, "input_size", 224))
-    method = pretrain_mask_method(ckpt)
+    size = as_hw(input_size or config.get("input_size") or 224)
+    method = method_class(pretrain_mask_method(ckpt)).from_args(saved_args(ckpt))
     weights = mae_state_dict(ckpt, path, mask_channel)
     name = models_mae.model_of_checkpoint(name, weights)
-    mae = models_mae.build_mae(name, img_size=size, mask_method=method,
-                               norm_pix_loss=bool(getattr(saved, "norm_pix_loss", False)),
-                               seg_loss=getattr(saved, "seg_loss", "pixel"))
+    mae = models_mae.build_mae(name, img_size=size, mask_method=method, norm_pix_loss=bool(config.get("norm_pix_loss")))
     try:
         missing, _ = mae.load_state_dict(weights, strict=False)
     except RuntimeError as e:
@@ -60,8 +58,7 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
     if missing:
         print(f"note: {len(missing)} weights not in the checkpoint (e.g. {missing[0]}): an encoder-only "
               f"checkpoint reconstructs with a random decoder")
-    return (mae.eval(), size, getattr(saved, "coverage_ratio", DEFAULT_COVERAGE_RATIO),
-            getattr(saved, "normalization", None) or "imagenet")
+    return mae.eval(), size, config.get("normalization") or "imagenet"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
     p.add_argument("--num", type=int, default=4, help="how many images of --data_path/train, when no --images")
     p.add_argument("--coverage_ratio", type=float, default=None,
-                   help=f"default: the checkpoint's (without one: {DEFAULT_COVERAGE_RATIO:g})")
+                   help=f"default: the checkpoint's (without one: {COVERAGE_RATIO.default:g})")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="default: the checkpoint's (without one: 224)")
@@ -95,15 +92,17 @@ def main(argv=None) -> list[str]:
     if args.checkpoint:
         if args.mask_method:
             raise SystemExit("--mask_method is read from --checkpoint: give one of the two")
-        model, size, coverage, normalization = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
+        model, size, normalization = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
         method_name, method = model.mask_method, model.method
     else:
-        model, size, coverage, normalization = None, as_hw(args.input_size or 224), DEFAULT_COVERAGE_RATIO, "imagenet"
+        model, size, normalization = None, as_hw(args.input_size or 224), "imagenet"
         method_name = args.mask_method or "segments"
         method = get_method(method_name)
         if method.drops_tokens and (size[0] % args.patch_size or size[1] % args.patch_size):
             raise SystemExit(f"--input_size {size} is not a multiple of --patch_size {args.patch_size}")
-    coverage = args.coverage_ratio or coverage
+    if args.coverage_ratio and hasattr(method, "coverage_ratio"):  # which segment the pictures hide
+        method = get_method(method_name, **{**method.params(), "coverage_ratio": args.coverage_ratio})
+    coverage = getattr(method, "coverage_ratio", None)
     # --images: exactly those (--data_path then only supplies their masks); else --num from train/
     images = list(args.images)
     if not images and args.data_path:
@@ -119,7 +118,7 @@ def main(argv=None) -> list[str]:
             raise SystemExit(f"{method_name} needs SAM masks: give --data_path (with masks/)")
         source = open_segments(args.data_path, images, args.mask_format)
     for path in images:
-        x, seg, generator = image_and_segment(path, size, normalization, source, args.data_path, coverage)
+        x, seg, generator = image_and_segment(path, size, normalization, source, args.data_path, method)
         if model is None:
             panels = mask_panels(method_name, x, seg, args.mask_ratio, args.patch_size, normalization)
         else:
@@ -141,15 +140,18 @@ def open_segments(data_path: str, images: list[str], mask_format: str = "auto"):
 
 
 def image_and_segment(path: str, size, normalization: str = "imagenet", source=None, data_path: str = "",
-                      coverage: float = DEFAULT_COVERAGE_RATIO):
-    """(the image as the model takes it (1, 3, H, W), its SAM segment on the same grid (1, 1, H, W)
-    with 1 = hidden, or None without a mask source, and what made the segment)."""
+                      segment_choice=None):
+    """(the image as the model takes it (1, 3, H, W), what ``segment_choice`` (the mask method;
+    default: the segment closest to 50%) hides of it on the same grid (1, 1, H, W) with 1 =
+    hidden, or None without a mask source, and what made the segment)."""
     img = load_rgb(path)
     x = build_eval_transform(size, crop_pct=1.0, normalization=normalization)(img).unsqueeze(0)
     if source is None:
         return x, None, None
     rel = os.path.relpath(path, os.path.join(data_path, "train"))
-    m, _ = fit_mask(segment_mask(closest(source.segments(rel), coverage), img.size), img.size, exif_orientation(path), source.location(rel))
+    choice = segment_choice if segment_choice is not None else ClosestSegment(COVERAGE_RATIO.default)
+    hidden = choice.hidden_segment(source.segments(rel), img.size, torch.Generator().manual_seed(0))
+    m, _ = fit_mask(hidden, img.size, exif_orientation(path), source.location(rel))
     seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
     return x, seg, source.generator(rel)
 
