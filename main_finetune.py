@@ -147,11 +147,13 @@ class Downstream:
         for key, default in REFERENCE_RECIPE.items():  # nothing said otherwise: the reference's
             setattr(args, key, getattr(args, key) or default)
 
-    def config(self, args: argparse.Namespace) -> dict:
-        """The checkpoint's record of this run (run.checkpoint: ``config``)."""
+    def config(self, args: argparse.Namespace, train) -> dict:
+        """The checkpoint's record of this run (run.checkpoint: ``config``); ``train``: the training
+        images (their list's digest identifies a --train_subset)."""
         return {"model": args.model, "input_size": args.input_size, "in_chans": self.in_chans,
                 "mask_method": self.method, "nb_classes": args.nb_classes, "global_pool": args.global_pool,
                 "augment": args.augment, "normalization": args.normalization,
+                "train_images": train.samples.digest(),
                 "run_start": self.resumed.run_start if self.resumed is not None else self.start}
 
     def max_accuracy(self) -> float:
@@ -222,7 +224,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    max_accuracy, config = downstream.max_accuracy(), downstream.config(args)
+    max_accuracy, config = downstream.max_accuracy(), downstream.config(args, loader_train.dataset)
     if not runsetup.check_trains_something(args, len(loader_train), args.epochs, start_epoch):
         return {"max_accuracy": max_accuracy}
     print(f"Start training for {args.epochs} epochs")

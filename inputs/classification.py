@@ -170,13 +170,12 @@ def class_balanced_subset(labels: np.ndarray, per_class: int | float, seed: int)
 
 def take_train_subset(train: "CheckedImageFolder", args) -> None:
     """--train_subset: keeps the chosen images of train; the list goes to
-    <output_dir>/train_subset.txt (relative path, tab, class index) and its digest to the args."""
+    <output_dir>/train_subset.txt (relative path, tab, class index)."""
     keep = class_balanced_subset(train.samples.labels, args.train_subset, args.seed)
     full = len(train.samples)
     train.samples = train.samples.select(keep)
     print(f"--train_subset {args.train_subset}: {len(keep)} of {full} training images "
           f"({len(np.unique(train.samples.labels))} classes), seed {args.seed}")
-    args.train_subset_digest = train.samples.digest()
     if args.output_dir and is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         with atomic_write(os.path.join(args.output_dir, "train_subset.txt"), "w") as f:

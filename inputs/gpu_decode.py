@@ -1,5 +1,5 @@
 """The GPU half of the data path (``--data_backend gpu``): a batch that the loader workers left
-encoded (util/datasets.DeferredPretrainTransform: the file's bytes, the crop box and flip already
+encoded (inputs/pretrain.DeferredPretrainTransform: the file's bytes, the crop box and flip already
 drawn) is decoded (nvjpeg, one batched call), cropped, resized, flipped and normalised on the
 training device when it is moved there (``PendingBatch.to``); and ``DevicePrefetcher`` moves batch
 k+1 on its own CUDA stream while the step runs on batch k. Same boxes, same flips, same masks as the

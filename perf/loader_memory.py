@@ -15,6 +15,7 @@ and the projection to 1.28M images on a node of 8 ranks x 10 workers (every cost
     node GiB = 8 x (rank MiB + 10 x worker MiB) x 1.28M / N.
 
     python perf/loader_memory.py --images 200000 --root /tmp/loader_memory_200k --repeats 3
+    python perf/loader_memory.py ... --cold     # the page cache dropped before each build (root only)
 """
 from __future__ import annotations
 
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--root", default="/tmp/loader_memory", help="where the synthetic tree is written (kept)")
     p.add_argument("--repeats", type=int, default=3, help="runs per dataset, interleaved; medians reported")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache before each build (writes /proc/sys/vm/drop_caches: root only)")
     p.add_argument("--child", choices=list(KINDS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {k: [] for k in args.kinds}
     for _ in range(args.repeats):
         for kind in args.kinds:
+            if args.cold:
+                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, "--root", args.root],
                                  capture_output=True, text=True, check=True, cwd=REPO)
             runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -17,8 +17,7 @@ from timm.models.vision_transformer import Block
 import models_vit
 from util.pos_embed import resize_pos_embed
 
-BACKBONES = ("vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16",
-             "vit_tiny_patch8", "vit_small_patch8", "vit_base_patch8", "vit_tiny_patch4", "vit_small_patch4")
+BACKBONES = tuple(models_vit.MODEL_NAMES)  # every registered ViT (an image is padded to its patch size)
 DECODERS = ("linear", "mask_transformer")
 
 
