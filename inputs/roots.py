@@ -189,12 +189,13 @@ class ImageRoot:
             if not (os.path.isfile(path) and os.path.isfile(self.source.index_file(rel))):
                 continue  # a FIFO or device: read by the loader only, under its read deadline
             try:
-                sizes = {seg.size for seg in self.source.segments(rel) if seg.size is not None}
+                segments = self.source.segments(rel)
+                sizes = {seg.size for seg in segments if seg.size is not None}
                 if not sizes:
                     continue
                 with Image.open(path) as im:
                     for size in sizes:  # whichever segment a method chooses
-                        mask_fit(size, im.size, exif_orientation(im))
+                        mask_fit(size, im.size, exif_orientation(im), segments.frame)
             except ValueError as e:
                 bad.append(f"{self.source.location(rel)}: {e}")
             except (MaskFileError, DataError, *IMAGE_ERRORS) as e:

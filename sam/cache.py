@@ -7,13 +7,20 @@ layout (sam/layouts.py), in parallel and resumably.
                                                height, width (length -1: no segment), the mask
                                                layout, the size + mtime of each image's mask
                                                index file (the JSON, table.txt or metadata.csv),
-                                               and the mtime of each folder holding those files
+                                               the mtime of each folder holding those files, and
+                                               the frame the masks are stored in
+
+Every mask is stored in the stored pixels' frame of its image (sam/geometry.py): one made on the
+displayed, EXIF-oriented picture (amg.py's) is mapped when the cache is built, at its resolution.
 
 Staleness without a stat per file: adding, removing, renaming or atomically replacing a mask file
-changes the mtime of its folder, so a start stats the ~1,000 folders (one per class for the json
-layout) and then every file in a folder that changed, plus SAMPLED_FILES files drawn at random from
-the rest, for edits in place (a regeneration in place touches every file, so a sample finds it).
-``tools/check_dataset.py`` checks every file.
+changes its folder, so a start stats the ~1,000 folders (one per class for the json layout) and
+then every file in a folder that changed, plus SAMPLED_FILES files drawn at random from the rest,
+for edits in place (a regeneration in place touches every file, so a sample finds it). A file or
+folder changed when its size or mtime differs from the record, or when its ctime is later than
+the cache itself (its index file's mtime): ``touch -d`` sets an mtime back, but not a ctime (so a
+copy of the data made after the cache makes it stale, too). ``tools/check_dataset.py`` checks
+every file.
 
 Building: the images are cut into parts of PART_IMAGES; worker processes each build whole parts,
 written atomically to <root>/masks_cache/coverage_<C>.parts/. A killed build, rerun, keeps every
@@ -23,6 +30,7 @@ stderr.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -36,8 +44,9 @@ from PIL import Image
 
 from run.files import (atomic_write, atomic_write_json, lock_output_dir, remove_stale_temp_files, unlock_output_dir,
                        writable_dir)
-from sam.files import MaskFileError, check_rle, check_unique_stems, decode_segmentation, encode_segmentation
-from sam.geometry import IMAGE_ERRORS, exif_orientation, image_error_message, mask_fit
+from sam.files import (STORED, MaskFileError, check_rle, check_unique_stems, decode_segmentation,
+                       encode_segmentation)
+from sam.geometry import IMAGE_ERRORS, exif_orientation, image_error_message, mask_fit, to_stored_frame
 from sam.layouts import MaskSource, closest, open_mask_source
 from sam.listing import read_empty_list, stem_of
 
@@ -54,15 +63,17 @@ def unpack_strings(buffer: np.ndarray) -> list[str]:
     return text.split("\0") if text else []
 
 
-def folder_mtimes(root: str, folders: list[str]) -> np.ndarray:
-    """The mtime (ns) of each folder relative to root, one stat each; -2 for one that is gone (never
-    equal to a recorded mtime, nor to -1, which marks a folder too fresh to trust)."""
-    def mtime(rel: str) -> int:
+def folder_times(root: str, folders: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The mtime and ctime (ns) of each folder relative to root, one stat each; -2 for one that is
+    gone (never equal to a recorded time, nor to -1, which marks a folder too fresh to trust)."""
+    times = np.full((len(folders), 2), -2, dtype=np.int64)
+    for i, rel in enumerate(folders):
         try:
-            return os.stat(os.path.join(root, rel)).st_mtime_ns
+            st = os.stat(os.path.join(root, rel))
         except OSError:
-            return -2
-    return np.array([mtime(rel) for rel in folders], dtype=np.int64)
+            continue
+        times[i] = st.st_mtime_ns, st.st_ctime_ns
+    return times[:, 0], times[:, 1]
 
 
 def image_folder(root: str) -> str:
@@ -85,7 +96,7 @@ def mask_folders(source: MaskSource, keys: list[str]) -> dict[str, np.ndarray]:
     for i, rel in enumerate(keys):
         key_folder[i] = ids.setdefault(os.path.dirname(source.index_file(rel))[cut:], len(ids))
     started = time.time()
-    mtimes = folder_mtimes(source.mask_root, list(ids))
+    mtimes, _ = folder_times(source.mask_root, list(ids))
     mtimes[mtimes / 1e9 > started - SETTLE_S] = -1
     return {"mask_folders": pack_strings(list(ids)), "mask_folder_mtime_ns": mtimes, "key_folder": key_folder}
 
@@ -112,11 +123,15 @@ class MaskCache:
                 keys = index["keys"].tolist()
                 self.offset, self.length = index["offset"], index["length"]
                 self.height, self.width = index["height"], index["width"]
-                built_from = (index["mask_bytes"], index["mask_mtime_ns"]) if "mask_bytes" in index else None
+                # None: an older version built it (without dates, or with masks of EXIF-oriented pictures
+                # kept in the frame they were made in)
+                built_from = ((index["mask_bytes"], index["mask_mtime_ns"])
+                              if "mask_bytes" in index and "frame" in index else None)
                 built_for = float(index["coverage_ratio"])
                 built_format = str(index["mask_format"]) if "mask_format" in index else "json"
                 folders = ({k: index[k] for k in ("mask_folders", "mask_folder_mtime_ns", "key_folder")}
                            if "key_folder" in index else None)  # None: a cache from before folder records
+            built_ns = os.stat(index_path).st_mtime_ns  # a ctime after it: changed since the build
         except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
             raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
                                 f"{rebuild}") from None
@@ -137,15 +152,17 @@ class MaskCache:
             raise MaskFileError(f"mask cache {index_path} was built for coverage {built_for:g}, not {coverage_ratio:g}. "
                                 f"{rebuild}")
         if built_from is None:
-            raise MaskFileError(f"mask cache {index_path} records no mask file dates (an older version built it), "
-                                f"so it cannot be checked against the mask files. {rebuild}")
+            raise MaskFileError(f"mask cache {index_path} records no mask file dates or no frame (an older version "
+                                f"built it), so it cannot be checked against the mask files, nor trusted with masks "
+                                f"made on EXIF-oriented pictures. {rebuild}")
         if built_format != source.format:
             raise MaskFileError(f"mask cache {index_path} was built from {built_format} masks, but masks/ now holds the "
                                 f"{source.format} layout. {rebuild}")
         stale = []
         if check_files:
-            rows = None if every_file or folders is None else self._rows_to_check(source.mask_root, folders)
-            stale = self._stale_entries(source, keys, *built_from, rows)
+            rows = None if every_file or folders is None else self._rows_to_check(source.mask_root, folders, built_ns)
+            sizes, mtimes = built_from
+            stale = self._stale_entries(source, keys, sizes, np.stack([mtimes, np.full_like(mtimes, built_ns)], 1), rows)
         if stale:
             raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
                                 f"deleted since it was built), e.g. {stale[0]}. {rebuild}")
@@ -155,32 +172,34 @@ class MaskCache:
         self._fd = None  # opened lazily: one descriptor per data-loader worker
 
     @staticmethod
-    def _rows_to_check(mask_root: str, folders: dict[str, np.ndarray]) -> np.ndarray:
-        """The rows whose files are stat'ed: all in a folder whose mtime changed since the build,
-        and SAMPLED_FILES drawn at random from the others (one stat per folder)."""
-        now = folder_mtimes(mask_root, unpack_strings(folders["mask_folders"]))
-        changed = (now != folders["mask_folder_mtime_ns"])[folders["key_folder"]]
+    def _rows_to_check(mask_root: str, folders: dict[str, np.ndarray], built_ns: int) -> np.ndarray:
+        """The rows whose files are stat'ed: all in a folder whose mtime changed since the build, or
+        whose ctime is later than the build, and SAMPLED_FILES drawn at random from the others (one
+        stat per folder)."""
+        mtimes, ctimes = folder_times(mask_root, unpack_strings(folders["mask_folders"]))
+        changed = ((mtimes != folders["mask_folder_mtime_ns"]) | (ctimes > built_ns))[folders["key_folder"]]
         others = np.flatnonzero(~changed)
         if len(others) > SAMPLED_FILES:
             others = np.random.default_rng().choice(others, SAMPLED_FILES, replace=False)
         return np.union1d(np.flatnonzero(changed), others)
 
     @staticmethod
-    def _stale_entries(source: MaskSource, keys: list[str], sizes: np.ndarray, mtimes: np.ndarray,
+    def _stale_entries(source: MaskSource, keys: list[str], sizes: np.ndarray, times: np.ndarray,
                        rows: np.ndarray | None = None) -> list[str]:
         """Mask index files (of these rows; None: all) whose size or mtime differ from when the
-        cache was built (one stat each)."""
+        cache was built, or whose ctime is later than the build (``times``: per key, the recorded
+        mtime and the build's time), one stat each."""
         if rows is not None:
-            keys, sizes, mtimes = [keys[i] for i in rows.tolist()], sizes[rows], mtimes[rows]
+            keys, sizes, times = [keys[i] for i in rows.tolist()], sizes[rows], times[rows]
         stale = []
-        for rel, size, mtime in zip(keys, sizes.tolist(), mtimes.tolist()):
+        for rel, size, (mtime, built_ns) in zip(keys, sizes.tolist(), times.tolist()):
             path = source.index_file(rel)
             try:
                 st = os.stat(path)
             except OSError:
                 stale.append(path)
                 continue
-            if st.st_size != size or st.st_mtime_ns != mtime:
+            if st.st_size != size or st.st_mtime_ns != mtime or st.st_ctime_ns > built_ns:
                 stale.append(path)
         return stale
 
@@ -235,9 +254,11 @@ PART_IMAGES = 2048  # images per part: what a killed build can lose, per worker
 
 
 def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path: str) -> tuple[bytes, int, int] | None:
-    """(RLE counts, H, W) of the image's chosen segment, checked as training checks it (valid
-    RLE, the size policy against the image's header); None when it has no segment."""
-    seg = closest(source.segments(rel), coverage_ratio)
+    """(RLE counts, H, W) of the image's chosen segment in the stored pixels' frame, checked as
+    training checks it (valid RLE, the size policy against the image's header); None when it has
+    no segment."""
+    segments = source.segments(rel)
+    seg = closest(segments, coverage_ratio)
     if seg is None:
         return None
     where = source.location(rel)
@@ -246,24 +267,26 @@ def cache_entry(source: MaskSource, rel: str, coverage_ratio: float, image_path:
             image_wh, orientation = im.size, exif_orientation(im)
     except IMAGE_ERRORS as e:
         raise MaskFileError(image_error_message(image_path, e)) from None
+    rule = None
     if seg.size is not None:  # the size policy before anything is decoded
         try:
-            mask_fit(seg.size, image_wh, orientation)
+            rule = mask_fit(seg.size, image_wh, orientation, segments.frame)
         except ValueError as e:
             raise MaskFileError(f"{where}: {e}") from None
     try:
-        if seg.rle is not None and not isinstance(seg.rle["counts"], list):
+        if seg.rle is not None and not isinstance(seg.rle["counts"], list) and rule != "orient":
             check_rle(seg.rle)
             rle = seg.rle
-        else:  # a PNG, or an uncompressed RLE: stored compressed (decoding checks it)
-            rle = encode_segmentation(seg.decode() if seg.rle is None else decode_segmentation(seg.rle))
+        else:  # a PNG, an uncompressed RLE or a mask to map: stored compressed (decoding checks it)
+            mask = seg.decode() if seg.rle is None else decode_segmentation(seg.rle)
+            if rule is None:  # a PNG: its size is known now
+                try:
+                    rule = mask_fit(mask.shape, image_wh, orientation, segments.frame)
+                except ValueError as e:
+                    raise MaskFileError(f"{where}: {e}") from None
+            rle = encode_segmentation(to_stored_frame(mask, orientation) if rule == "orient" else mask)
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise MaskFileError(f"invalid RLE in {where}: {e}. Regenerate this mask file") from None
-    if seg.size is None:  # a PNG: its size is known now
-        try:
-            mask_fit(tuple(rle["size"]), image_wh, orientation)
-        except ValueError as e:
-            raise MaskFileError(f"{where}: {e}") from None
     counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else bytes(rle["counts"])
     return counts, int(rle["size"][0]), int(rle["size"][1])
 
@@ -284,23 +307,26 @@ def _part_path(parts_dir: str, part: int) -> str:
     return os.path.join(parts_dir, f"part-{part:06d}.npz")
 
 
-def _mask_stats(source: MaskSource, root: str, rels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    sizes, mtimes = np.zeros(len(rels), np.int64), np.zeros(len(rels), np.int64)
+def _mask_stats(source: MaskSource, root: str, rels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sizes, mtimes, ctimes) of the images' mask index files."""
+    stats = np.zeros((3, len(rels)), np.int64)
     for i, rel in enumerate(rels):
         try:
             st = os.stat(source.index_file(rel))
         except OSError:
             raise MaskFileError(f"no masks for {os.path.join(image_folder(root), rel)}: {source.index_file(rel)} is "
                                 f"missing") from None
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    return sizes, mtimes
+        stats[:, i] = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return stats[0], stats[1], stats[2]
 
 
-def _part_is_current(path: str, sizes: np.ndarray, mtimes: np.ndarray) -> bool:
-    """A part left by an earlier, killed build counts if its mask files have not changed since."""
+def _part_is_current(path: str, sizes: np.ndarray, mtimes: np.ndarray, ctimes: np.ndarray) -> bool:
+    """A part left by an earlier, killed build counts if its mask files have not changed since
+    (the same sizes and mtimes, no ctime after the part was written)."""
     try:
         with np.load(path) as part:
-            return np.array_equal(part["mask_bytes"], sizes) and np.array_equal(part["mask_mtime_ns"], mtimes)
+            return (np.array_equal(part["mask_bytes"], sizes) and np.array_equal(part["mask_mtime_ns"], mtimes)
+                    and ctimes.max(initial=0) <= os.stat(path).st_mtime_ns)
     except Exception:  # noqa: BLE001 - unreadable: build it again
         return False
 
@@ -310,8 +336,8 @@ def _build_part(part: int) -> tuple[int, int, int, int, bool]:
     job = _job
     rels = job.keys[part * PART_IMAGES:(part + 1) * PART_IMAGES]
     path = _part_path(job.parts_dir, part)
-    sizes, mtimes = _mask_stats(job.source, job.root, rels)
-    if _part_is_current(path, sizes, mtimes):
+    sizes, mtimes, ctimes = _mask_stats(job.source, job.root, rels)
+    if _part_is_current(path, sizes, mtimes, ctimes):
         return part, len(rels), 0, 0, True
     thresholded, unsorted = job.source.thresholded.value, job.source.unsorted.value
     length = np.full(len(rels), -1, np.int64)
@@ -400,7 +426,7 @@ def _join_parts(parts_dir: str, n_parts: int, keys: list[str], bin_path: str, in
         np.savez(f, keys=np.array(keys), offset=offset, length=length, height=joined["height"].astype(np.int32),
                  width=joined["width"].astype(np.int32), coverage_ratio=np.float64(coverage_ratio),
                  mask_bytes=joined["mask_bytes"], mask_mtime_ns=joined["mask_mtime_ns"], mask_format=np.array(mask_format),
-                 **folders)
+                 frame=np.array(STORED), **folders)
 
 
 def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: float, mask_format: str = "auto",
@@ -435,8 +461,9 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
             if workers == 1:
                 results = map(_build_part, range(n_parts))
                 pool = None
-            else:  # fork: the workers inherit _job (key list, mask reader) instead of unpickling it
-                pool = multiprocessing.get_context("fork").Pool(workers)
+            else:  # fork: the workers inherit _job (key list, mask reader) instead of unpickling it; each
+                # freezes what it inherited at once, so that its collections never copy the parent's heap
+                pool = multiprocessing.get_context("fork").Pool(workers, initializer=gc.freeze)
                 results = pool.imap_unordered(_build_part, range(n_parts))
             for _, images, t, u, was_kept in results:
                 thresholded, unsorted = thresholded + t, unsorted + u

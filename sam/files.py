@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -19,15 +20,42 @@ from run.files import atomic_write_json
 from util.misc import UserError
 
 MASK_SUFFIX = ".json"
+# the picture a mask was made on (sam/geometry.py maps it onto the stored pixels): the image file's
+# stored pixels, the picture as displayed (its EXIF orientation applied), or not recorded
+STORED, DISPLAYED, UNKNOWN = "stored", "displayed", "unknown"
+OWN_BACKENDS = ("sam", "sam2", "superpixels")  # tools/generate_masks.py: it reads the stored pixels
 
 
 class MaskFileError(UserError):
     """A SAM mask file that cannot be read or does not fit its image; the message names it."""
 
 
-def load_mask_json(path: str) -> tuple[list[dict], str]:
-    """A SAM mask file's annotations, and its tie rule: 'segmae' for a file converted from the
-    original segmae layout (it records ``"choice": "segmae"``), else 'first'."""
+class MaskJson(NamedTuple):
+    """A SAM mask file's content: its annotations, its tie rule ('segmae' for a file converted from
+    the original segmae layout, which records ``"choice": "segmae"``, else 'first') and the frame
+    its masks were made in (``recorded_frame``)."""
+    annotations: list[dict]
+    choice: str
+    frame: str
+
+
+def recorded_frame(data) -> str:
+    """The frame a mask file's masks were made in, from its "generator" entry: what it records as
+    "frame"; the displayed picture for a file converted from amg.py's layout (OpenCV applied the
+    EXIF orientation); the stored pixels for this repo's generator; unknown for anything else
+    (SA-1B's files, SAM's own scripts), which is taken as the stored pixels."""
+    entry = data.get("generator") if isinstance(data, dict) else None
+    if not isinstance(entry, dict):
+        return UNKNOWN
+    if entry.get("frame") in (STORED, DISPLAYED):
+        return entry["frame"]
+    if entry.get("converted_from") == "amg":
+        return DISPLAYED
+    return STORED if entry.get("backend") in OWN_BACKENDS else UNKNOWN
+
+
+def load_mask_json(path: str) -> MaskJson:
+    """A SAM mask file's annotations, tie rule and frame (MaskJson)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -38,7 +66,7 @@ def load_mask_json(path: str) -> tuple[list[dict], str]:
     return parse_mask_json(raw, path)
 
 
-def parse_mask_json(raw: bytes, where: str) -> tuple[list[dict], str]:
+def parse_mask_json(raw: bytes, where: str) -> MaskJson:
     """load_mask_json for bytes already read (a mask file inside a tar shard); ``where`` names it."""
     try:
         data = json.loads(raw)
@@ -51,7 +79,7 @@ def parse_mask_json(raw: bytes, where: str) -> tuple[list[dict], str]:
         raise MaskFileError(f"{where} is not a SAM mask file: expected a list of annotations or a dict "
                             f"with an 'annotations' list")
     choice = data.get("choice", "first") if isinstance(data, dict) else "first"
-    return annotations, choice
+    return MaskJson(annotations, choice, recorded_frame(data))
 
 
 def load_annotations(path: str) -> list[dict]:

@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from sam.files import (MASK_SUFFIX, MaskFileError, annotation_coverages, closest_first, decode_segmentation,
-                       load_mask_json, mask_size)
+from sam.files import (DISPLAYED, MASK_SUFFIX, UNKNOWN, MaskFileError, annotation_coverages, closest_first,
+                       decode_segmentation, load_mask_json, mask_size)
 from sam.geometry import IMAGE_ERRORS, check_mask_not_huge
 from sam.listing import AMG_HEADER, AMG_METADATA, MASK_FORMATS, SEGMAE_TABLE, _detect, scan
 
@@ -56,10 +56,12 @@ class Segment:
 class ImageSegments:
     """One image's segments in file order: every coverage up front, each ``Segment`` built (and
     decoded) only when asked. ``ties`` is how the layout breaks a tie of coverage in ``closest``:
-    'first' (SAM's layouts) or 'larger' (the original segmae code's)."""
+    'first' (SAM's layouts) or 'larger' (the original segmae code's). ``frame``: the picture the
+    masks were made on (sam/files.py: stored, displayed or unknown; sam/geometry.py maps them)."""
 
-    def __init__(self, coverages: list[float], make: Callable[[int], Segment], where: str, ties: str = "first"):
-        self.coverages, self._make, self.where, self.ties = coverages, make, where, ties
+    def __init__(self, coverages: list[float], make: Callable[[int], Segment], where: str, ties: str = "first",
+                 frame: str = UNKNOWN):
+        self.coverages, self._make, self.where, self.ties, self.frame = coverages, make, where, ties, frame
 
     def __len__(self) -> int:
         return len(self.coverages)
@@ -205,16 +207,17 @@ GENERATOR_NAMES = {"sam": "SAM", "sam2": "SAM 2", "superpixels": "superpixels"}
 RANDOM_WEIGHTS = "random-weights"  # what a file made without a checkpoint records as its checkpoint
 
 
-def json_segments(anns: list[dict], choice: str, path: str) -> ImageSegments:
+def json_segments(anns: list[dict], choice: str, path: str, frame: str = UNKNOWN) -> ImageSegments:
     """The ImageSegments of one SAM mask file's annotations (read from masks/ or from a tar shard);
-    ``choice`` 'segmae' marks a file converted from the original's layout (its tie rule)."""
+    ``choice`` 'segmae' marks a file converted from the original's layout (its tie rule); ``frame``
+    the picture its masks were made on (sam/files.py recorded_frame)."""
     coverages = annotation_coverages(anns, path)  # checks every annotation's area and size
 
     def make(i: int) -> Segment:
         seg = anns[i]["segmentation"]
         return Segment(coverages[i], mask_size(seg), _rle_decoder(seg, path), path,
                        lambda: {k: v for k, v in anns[i].items() if k != "segmentation"}, seg)
-    return ImageSegments(coverages, make, path, "larger" if choice == "segmae" else "first")
+    return ImageSegments(coverages, make, path, "larger" if choice == "segmae" else "first", frame)
 
 
 def _rle_decoder(segmentation: dict, path: str) -> Callable[[], np.ndarray]:
@@ -237,8 +240,8 @@ class JsonMasks(MaskSource):
 
     def segments(self, rel: str) -> ImageSegments:
         path = self.location(rel)
-        anns, choice = load_mask_json(path)
-        segments = json_segments(anns, choice, path)
+        anns, choice, frame = load_mask_json(path)
+        segments = json_segments(anns, choice, path, frame)
         if segments.ties == "larger" and is_unsorted(segments.coverages):
             self.unsorted.add()  # closest sorts it first, where the original would pick by position
         return segments
@@ -366,7 +369,9 @@ class SegmaeMasks(_FolderMasks):
 
 
 class AmgMasks(_FolderMasks):
-    """segment-anything's scripts/amg.py default output: metadata.csv, row i for i.png."""
+    """segment-anything's scripts/amg.py default output: metadata.csv, row i for i.png. amg.py
+    reads each image with OpenCV, which applies its EXIF orientation: the masks are of the
+    displayed picture."""
 
     format = "amg"
     index_name = AMG_METADATA
@@ -382,7 +387,7 @@ class AmgMasks(_FolderMasks):
         header = [c.strip() for c in rows[0]]
         rows = [r for r in rows[1:] if r]
         if not rows:
-            return ImageSegments([], lambda i: None, path)
+            return ImageSegments([], lambda i: None, path, frame=DISPLAYED)
         try:
             areas = [float(r[1]) for r in rows]
             if not all(math.isfinite(a) and a >= 0 for a in areas):
@@ -395,7 +400,7 @@ class AmgMasks(_FolderMasks):
         def make(i: int) -> Segment:
             return self._png(folder, f"{rows[i][0].strip()}.png", coverages[i], (h, w),
                              lambda: _amg_fields(header, rows[i], path))
-        return ImageSegments(coverages, make, path)
+        return ImageSegments(coverages, make, path, frame=DISPLAYED)  # amg.py reads with OpenCV: orientation applied
 
 
 def _amg_rows(text: str, path: str) -> list[list[str]]:

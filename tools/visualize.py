@@ -150,8 +150,9 @@ def image_and_segment(path: str, size, normalization: str = "imagenet", source=N
         return x, None, None
     rel = os.path.relpath(path, os.path.join(data_path, "train"))
     choice = segment_choice if segment_choice is not None else ClosestSegment(COVERAGE_RATIO.default)
-    hidden = choice.hidden_segment(source.segments(rel), img.size, torch.Generator().manual_seed(0))
-    m, _ = fit_mask(hidden, img.size, exif_orientation(path), source.location(rel))
+    segments = source.segments(rel)
+    hidden = choice.hidden_segment(segments, img.size, torch.Generator().manual_seed(0))
+    m, _ = fit_mask(hidden, img.size, exif_orientation(path), source.location(rel), segments.frame)
     seg = torch.from_numpy(np.asarray(to_mask(Image.fromarray(m), size), dtype=np.float32))[None, None]
     return x, seg, source.generator(rel)
 
