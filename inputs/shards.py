@@ -4,8 +4,10 @@ millions of small files, and for SA-1B's own tars, which train as they are.
 A shard is a tar file; a sample is the members that share a key (the name up to its first dot):
 its image (``.jpg``, ``.jpeg``, ``.png``, ``.webp``, ...), optionally its SAM masks (``.json``, any
 form sam/files.py reads: SA-1B's {"image", "annotations"} or a bare list) and its class
-(``.cls``, an integer; 0 when absent, as for SA-1B). webdataset reads the tars and groups their
-members; this module decides which samples each rank and worker reads.
+(``.cls``, an integer; 0 when absent, as for SA-1B, and when it is not a number: pretraining does
+not use it). This module reads the tars member by member and groups them as webdataset does (a
+truncated tar, a key holding one suffix twice: one line naming the shard), and decides which
+samples each rank and worker reads.
 
 Every epoch, the shards are put in an order drawn from (seed, epoch) and the samples of that order
 are dealt out as contiguous ranges: rank r reads the r-th range of len(dataset) samples, and its
@@ -16,11 +18,18 @@ at most one shard in the middle. Within a worker, a buffer of --shuffle_buffer s
 across its shards. Augmentations are seeded per sample by its position in the epoch's order, so an
 epoch is the same after a resume at an epoch boundary (with the same ranks, workers and batch).
 
-Which tars a path names and how many samples each holds: sample counts come from the
-``shards.json`` that tools/write_shards.py writes beside the shards; for tars without one (SA-1B),
-from one pass over the tar headers at the first start, saved as ``.segmae_shard_counts.json``
-beside them (or in the user's cache when that folder is read-only) and read again while each tar
-keeps its size and modification time.
+Which tars a path names and how many samples each holds: a folder with the ``shards.json`` that
+tools/write_shards.py writes beside its shards is read by that list only (other tars there are
+named and left out), with the sample counts it records; every name it holds must be a file of that
+folder, every count a whole number >= 0. For tars without one (SA-1B), the counts come from one
+pass over the tar headers at the first start, saved as ``.segmae_shard_counts.json`` beside them
+(or in the user's cache when that folder is read-only) and read again while each tar keeps its size
+and change time (ctime: ``touch -d`` cannot set it back); a saved file naming anything but a file of
+its folder is counted again.
+
+A member is read only when its header's size is within MAX_MEMBER_BYTES (100 MB; the environment
+variable SEGMAE_MAX_SHARD_MEMBER_MB changes it): a crafted header (a GNU sparse member "holding"
+64 GB in 10 KB) makes its sample a bad sample, named, instead of an allocation of that size.
 """
 from __future__ import annotations
 
@@ -31,16 +40,18 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import tarfile
+import zlib
 from typing import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from inputs.images import EncodedImage, load_rgb
+from inputs.images import DataError, EncodedImage, load_rgb
 from inputs.pretrain import BadSample, sample_generator
 from run.files import atomic_write_json
-from sam.files import MaskFileError, parse_mask_json
+from sam.files import DISPLAYED, MaskFileError, parse_mask_json
 from sam.geometry import IMAGE_ERRORS, exif_orientation, fit_mask
 from sam.layouts import ClosestSegment, Counter, is_unsorted, json_segments
 from util.misc import UserError
@@ -48,26 +59,38 @@ from util.misc import UserError
 SHARD_INDEX = "shards.json"  # written by tools/write_shards.py: the shards, their sample counts, the classes
 COUNTS_FILE = ".segmae_shard_counts.json"
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+MAX_MEMBER_VARIABLE = "SEGMAE_MAX_SHARD_MEMBER_MB"
+DEFAULT_MAX_MEMBER_MB = 100
+REWRITE = "rewrite the folder with tools/write_shards.py"
 
 
 def is_shard_path(path: str) -> bool:
     """A data path that names shards: a .tar file, a brace pattern (``train-{000..099}.tar``), a
-    glob, or a folder of .tar files without a train/ folder."""
+    glob, or a folder of .tar files (or with a shards.json) without a train/ folder."""
     if path.endswith(".tar") or "{" in path or "*" in path:
         return True
     return (os.path.isdir(path) and not os.path.isdir(os.path.join(path, "train"))
-            and bool(glob.glob(os.path.join(path, "*.tar"))))
+            and (os.path.isfile(os.path.join(path, SHARD_INDEX)) or bool(glob.glob(os.path.join(path, "*.tar")))))
 
 
 def expand_shards(path: str) -> list[str]:
-    """The tar files a shard path names, sorted."""
+    """The tar files a shard path names, sorted; a folder with a shards.json: the shards it lists."""
     if "{" in path:
         import braceexpand
         paths = list(braceexpand.braceexpand(path))
     elif "*" in path:
         paths = glob.glob(path)
     elif os.path.isdir(path):
-        paths = glob.glob(os.path.join(path, "*.tar"))
+        index = read_shard_index(path)
+        tars = glob.glob(os.path.join(path, "*.tar"))
+        if index is None:
+            paths = tars
+        else:
+            paths = [os.path.join(path, entry["name"]) for entry in index["shards"]]
+            unlisted = sorted(set(map(os.path.basename, tars)) - {entry["name"] for entry in index["shards"]})
+            if unlisted:
+                print(f"NOTE: {len(unlisted)} .tar file(s) in {path} are not listed in its {SHARD_INDEX} and are not "
+                      f"read, e.g. {unlisted[0]} (left by an older write into this folder?)")
     else:
         paths = [path]
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -78,9 +101,64 @@ def expand_shards(path: str) -> list[str]:
     return sorted(paths)
 
 
+def is_plain_name(name) -> bool:
+    """A file name of the folder itself: one path component, not '.' or '..' (what a shard index
+    or a counts file may name; anything else could lead outside the data folder)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and os.path.basename(name) == name and (os.altsep is None or os.altsep not in name))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_shard_index(folder: str, writing: bool = False) -> dict | None:
+    """The folder's shards.json, checked (None when there is none): ``shards``, a list of
+    {"name": a file of this folder, "samples": a whole number >= 0}, names once each; ``classes``.
+    Anything else is a DataError naming the file, the entry and the fix. An index a writer left
+    unfinished is refused too, unless ``writing`` (the writer itself reads which files are its own)."""
+    path = os.path.join(folder, SHARD_INDEX)
+    if not os.path.isfile(path):
+        return None
+    fix = f"{REWRITE}, or delete {path} to read every .tar file in the folder"
+    try:
+        with open(path, "rb") as f:
+            index = json.loads(f.read())
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"cannot read the shard index {path} ({str(e)[:100]}): {fix}") from None
+    if not isinstance(index, dict):
+        raise DataError(f"{path} is not a shard index (a JSON object with a 'shards' list): {fix}")
+    if index.get("incomplete") and not writing:
+        raise DataError(f"{path} says a tools/write_shards.py run into {folder} did not finish (killed?): its shards "
+                        f"are not all written. Run the same command again")
+    entries = index.get("writing" if index.get("incomplete") else "shards", [])
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: its 'shards' is not a list: {fix}")
+    if index.get("incomplete"):
+        entries = [{"name": name, "samples": 0} for name in entries]
+    seen: set[str] = set()
+    for n, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not is_plain_name(name):
+            raise DataError(f"{path}: shard entry {n} names {str(name)[:80]!r}, which is not a file of {folder} "
+                            f"(an index names its own folder's files only): {fix}")
+        if not _is_count(entry.get("samples")):
+            raise DataError(f"{path}: shard {name} has {str(entry.get('samples'))[:40]!r} samples, not a whole number "
+                            f">= 0: {fix}")
+        if name in seen:
+            raise DataError(f"{path} lists shard {name} twice: {fix}")
+        seen.add(name)
+    classes = index.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: its 'classes' is not a list of names: {fix}")
+    return {"shards": entries, "classes": classes}
+
+
 def _key_and_suffix(name: str) -> tuple[str | None, str]:
+    """(key, suffix) of a member: its path up to the first dot of its file name, and the rest
+    (lower case); (None, "") for a name without a dot or starting with one (not a sample's member)."""
     base = os.path.basename(name)
-    if "." not in base:
+    if "." not in base or base.startswith("."):
         return None, ""
     stem, suffix = base.split(".", 1)
     return os.path.join(os.path.dirname(name), stem), suffix.lower()
@@ -106,13 +184,23 @@ def _counts_paths(folder: str) -> list[str]:
     return [os.path.join(folder, COUNTS_FILE), os.path.join(cache, "segmae", "shards", f"{digest}.json")]
 
 
-def _read_json(path: str) -> dict:
+def _read_saved_counts(path: str) -> dict[str, list[int]]:
+    """A saved counts file, {name: [size, ctime_ns, samples]}; one naming anything but a file of its
+    folder, or holding anything else, counts for nothing (its tars are counted again)."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    for name, record in data.items():
+        if not (is_plain_name(name) and isinstance(record, list) and len(record) == 3
+                and all(_is_count(v) for v in record)):
+            print(f"NOTE: {path} holds an entry that is not a shard count of its folder ({str(name)[:60]!r}): "
+                  f"the shards are counted again and the file rewritten")
+            return {}
+    return data
 
 
 def shard_counts(paths: list[str]) -> tuple[list[int], list[str]]:
@@ -121,13 +209,13 @@ def shard_counts(paths: list[str]) -> tuple[list[int], list[str]]:
     counts: dict[str, int] = {}
     classes: list[str] = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        index = _read_json(os.path.join(folder, SHARD_INDEX))
-        for entry in index.get("shards", []):
-            counts[os.path.join(folder, entry["name"])] = int(entry["samples"])
-        classes = classes or list(index.get("classes", []))
-        saved = {}
+        index = read_shard_index(folder) or {"shards": [], "classes": []}
+        for entry in index["shards"]:
+            counts[os.path.join(folder, entry["name"])] = entry["samples"]
+        classes = classes or list(index["classes"])
+        saved: dict[str, list[int]] = {}
         for candidate in _counts_paths(folder):
-            saved.update(_read_json(candidate))
+            saved.update(_read_saved_counts(candidate))
         fresh = {}
         for p in paths:
             ap = os.path.abspath(p)
@@ -136,11 +224,12 @@ def shard_counts(paths: list[str]) -> tuple[list[int], list[str]]:
             st = os.stat(ap)
             name = os.path.basename(ap)
             known = saved.get(name)
-            if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+            # ctime, not mtime: a tar rewritten and then dated back with touch -d still changes its ctime
+            if known and known[:2] == [st.st_size, st.st_ctime_ns]:
                 counts[ap] = int(known[2])
             else:
                 counts[ap] = count_samples(ap)
-                fresh[name] = [st.st_size, st.st_mtime_ns, counts[ap]]
+                fresh[name] = [st.st_size, st.st_ctime_ns, counts[ap]]
         if fresh:
             _save_counts(folder, {**saved, **fresh})
     return [counts[os.path.abspath(p)] for p in paths], classes
@@ -160,6 +249,91 @@ def _save_counts(folder: str, counts: dict) -> None:
 # reading the samples
 
 DEFAULT_SHUFFLE_BUFFER = 2000
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (``__key__`` ...), not samples' files
+
+
+def max_member_bytes() -> int:
+    """The largest member a shard may hold, from SEGMAE_MAX_SHARD_MEMBER_MB (default 100 MB)."""
+    text = os.environ.get(MAX_MEMBER_VARIABLE, "")
+    try:
+        mb = float(text) if text else DEFAULT_MAX_MEMBER_MB
+        if not mb > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{MAX_MEMBER_VARIABLE}={text!r} is not a size in MB above 0") from None
+    return int(mb * 1_000_000)
+
+
+class OversizedMember:
+    """A member whose header claims more than the limit: left unread, its sample is a bad sample."""
+
+    def __init__(self, name: str, size: int, limit: int):
+        self.name, self.size, self.limit = name, size, limit
+
+    def error(self, shard: str) -> DataError:
+        return DataError(f"{shard}: member {self.name} claims {self.size:,} bytes, over the {self.limit:,} a shard "
+                         f"member may hold (a damaged or crafted tar, e.g. a sparse member): not read. Rewrite the "
+                         f"shard, or raise the limit with {MAX_MEMBER_VARIABLE}=<MB> if it is a real image")
+
+
+def shard_members(shard: str, limit: int) -> Iterator[tuple[str, str, bytes | OversizedMember]]:
+    """(key, suffix, data) of every regular file of a shard, in order, read one at a time; a member
+    whose header claims more than ``limit`` bytes is not read (an OversizedMember instead). A tar
+    that ends early or is damaged is a DataError naming it."""
+    name = "its first member"
+    try:
+        with open(shard, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                tar.members = []  # a stream's headers are not needed again
+                name = member.name
+                key, suffix = _key_and_suffix(member.name)
+                if not member.isreg() or key is None or _META_MEMBER.match(member.name):
+                    continue
+                if member.size > limit:
+                    yield key, suffix, OversizedMember(member.name, member.size, limit)
+                    continue
+                yield key, suffix, tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read shard {shard} at {name} ({e}): the file is truncated or damaged. {REWRITE}, "
+                        f"or copy the shard again") from None
+
+
+def shard_samples(shard: str, limit: int) -> Iterator[dict]:
+    """A shard's samples: its members grouped by key (consecutive members sharing the name up to
+    the first dot), as webdataset groups them: {"__key__", "__url__", suffix: data, ...}. A key
+    holding the same suffix twice is a DataError naming the member."""
+    sample: dict | None = None
+    for key, suffix, data in shard_members(shard, limit):
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": shard}
+        if suffix in sample:
+            raise DataError(f"{shard}: {key}.{suffix} appears twice in a row (a duplicate key): a sample holds one "
+                            f"file of each kind. {REWRITE}, which numbers the samples")
+        sample[suffix] = data
+    if sample is not None:
+        yield sample
+
+
+_noted_classes: set[str] = set()  # shards whose unreadable .cls this process already noted
+
+
+def sample_class(sample: dict, where: str) -> int:
+    """The sample's class from its .cls member (0 without one, as SA-1B); one that is not a whole
+    number is read as 0 with a note, once per shard and process: pretraining does not use the class."""
+    raw = sample.get("cls")
+    if raw is None:
+        return 0
+    try:
+        return int(raw.decode("ascii").strip())
+    except (AttributeError, UnicodeDecodeError, ValueError):
+        if sample["__url__"] not in _noted_classes:
+            _noted_classes.add(sample["__url__"])
+            shown = f"{raw.size:,} bytes" if isinstance(raw, OversizedMember) else repr(raw[:20])
+            print(f"NOTE: {where}.cls holds {shown}, not a class index: read as class 0 (pretraining does not "
+                  f"use the class; other such samples of {os.path.basename(sample['__url__'])} are not reported)")
+        return 0
 
 
 def worker_ranges(order_counts: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -191,6 +365,7 @@ class ShardDataset(IterableDataset):
         self.segment_choice = segment_choice if segment_choice is not None else ClosestSegment(coverage_ratio)
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         self.shuffle_buffer, self.skip_bad_samples, self.decode = shuffle_buffer, skip_bad_samples, decode
+        self.max_member_bytes = max_member_bytes()
         self.total = int(self.counts.sum())
         self.batches_per_rank = self.total // (world_size * batch_size)
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with forked persistent workers
@@ -225,19 +400,16 @@ class ShardDataset(IterableDataset):
                 for pos, skip, take in worker_ranges(counts, start, stop)]
 
     def _samples(self, plan: list[tuple[str, int, int, int]]) -> Iterator[tuple[int, dict]]:
-        from webdataset.tariterators import group_by_keys, tar_file_expander
         for shard, skip, take, first in plan:
-            with open(shard, "rb") as stream:
-                members = tar_file_expander([{"url": shard, "stream": stream}])
-                seen = 0
-                for sample in group_by_keys(members):
-                    if not any(s in sample for s in IMAGE_SUFFIXES):
-                        continue  # a key without an image (e.g. a stray metadata file)
-                    if seen >= skip:
-                        yield first + seen - skip, sample
-                    seen += 1
-                    if seen == skip + take:
-                        break
+            seen = 0
+            for sample in shard_samples(shard, self.max_member_bytes):
+                if not any(s in sample for s in IMAGE_SUFFIXES):
+                    continue  # a key without an image (e.g. a stray metadata file)
+                if seen >= skip:
+                    yield first + seen - skip, sample
+                seen += 1
+                if seen == skip + take:
+                    break
             if seen < skip + take:
                 raise UserError(f"shard {shard} holds {seen} samples, but its count says {skip + take} or more: it "
                                 f"changed since it was counted. Delete {os.path.dirname(shard)}/{COUNTS_FILE} (and "
@@ -275,25 +447,30 @@ class ShardDataset(IterableDataset):
         numbers of this epoch, for the method's choice of segment)."""
         suffix = next(s for s in IMAGE_SUFFIXES if s in sample)
         data = sample[suffix]
+        if isinstance(data, OversizedMember):
+            raise data.error(sample["__url__"])
         img = load_rgb(f"{where}.{suffix}", data) if self.decode else EncodedImage(f"{where}.{suffix}", data)
-        label = int(sample["cls"]) if "cls" in sample else 0
+        label = sample_class(sample, where)
         if not self.with_masks:
             return img, None, label
         if "json" not in sample:
             raise MaskFileError(f"{where} has no masks (.json member): this mask method needs SAM masks in each "
                                 f"sample; write the shards with tools/write_shards.py from a tree with masks/")
+        if isinstance(sample["json"], OversizedMember):
+            raise sample["json"].error(sample["__url__"])
         mask_where = f"{where}.json"
-        segments = json_segments(*parse_mask_json(sample["json"], mask_where), mask_where)
+        parsed = parse_mask_json(sample["json"], mask_where)
+        segments = json_segments(parsed.annotations, parsed.choice, mask_where, parsed.frame)
         if segments.ties == "larger" and is_unsorted(segments.coverages):
             self.unsorted.add()
         mask = self.segment_choice.hidden_segment(segments, img.size, generator)
-        if mask.shape != (img.height, img.width):  # the size policy of sam/geometry.py
+        if mask.shape != (img.height, img.width) or segments.frame == DISPLAYED:  # sam/geometry.py's policy
             try:
                 orientation = exif_orientation(io.BytesIO(data))
             except IMAGE_ERRORS:
                 orientation = 1
-            mask, rule = fit_mask(mask, img.size, orientation, mask_where)
-            if rule == "rotate":
+            mask, rule = fit_mask(mask, img.size, orientation, mask_where, segments.frame)
+            if rule == "orient":
                 with self.rotated.get_lock():
                     self.rotated.value += 1
         return img, mask, label

@@ -11,6 +11,12 @@ segment for every coverage ratio unchanged), <key>.json. Samples go into shards 
 from --seed, so every shard mixes the classes. OUT/shards.json lists the shards with their sample
 counts and the class names. SA-1B's own tars need no conversion: point --data_path at them.
 Every shard is written atomically; images listed in the original's emptyfiles.txt are left out.
+
+A rerun into the same folder leaves exactly its own shards: the shards an earlier run listed there
+and this one does not write are removed, and a folder holding any other .tar file is refused
+before anything is written (training reads a folder with shards.json by that list only). While a
+run writes, shards.json says so and names every file it may leave, so a killed run is finished or
+cleaned up by the next one, and training refuses the folder until then.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import scan_image_folder  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
-from inputs.shards import SHARD_INDEX  # noqa: E402
+from inputs.images import DataError  # noqa: E402
+from inputs.shards import SHARD_INDEX, read_shard_index  # noqa: E402
 from run.files import atomic_write, atomic_write_json, remove_stale_temp_files, writable_dir  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.layouts import MaskSource, open_mask_source  # noqa: E402
@@ -40,10 +47,28 @@ def mask_json(source: MaskSource, rel: str) -> bytes:
         with open(source.location(rel), "rb") as f:
             return f.read()
     annotations, _ = converted_annotations(source, rel)
-    data = {"image": {"file_name": os.path.basename(rel)}, "annotations": annotations}
+    # what the masks were made from travels with them: the frame of amg.py's masks (the displayed
+    # picture, sam/geometry.py), the original's tie rule for segmae's
+    data = {"image": {"file_name": os.path.basename(rel)}, "annotations": annotations,
+            "generator": {"converted_from": source.format}}
     if source.format == "segmae":
-        data["choice"] = "segmae"  # the original's tie rule travels with its masks
+        data["choice"] = "segmae"
     return json.dumps(data).encode()
+
+
+def own_shards(out: str) -> set[str]:
+    """The shard files an earlier run of this writer left in ``out`` (listed in its shards.json,
+    finished or not); any other .tar file there is an error naming it."""
+    try:
+        index = read_shard_index(out, writing=True)
+    except DataError as e:
+        raise UserError(f"--out {out}: {e}") from None
+    own = {entry["name"] for entry in index["shards"]} if index is not None else set()
+    others = sorted(name for name in os.listdir(out) if name.endswith(".tar") and name not in own)
+    if others:
+        raise UserError(f"--out {out} holds {len(others)} .tar file(s) that no earlier tools/write_shards.py run into "
+                        f"it wrote, e.g. {others[0]}: pass an empty folder (or remove them)")
+    return own
 
 
 def write_shards(data_path: str, out: str, samples_per_shard: int = 1000, seed: int = 0,
@@ -63,10 +88,14 @@ def write_shards(data_path: str, out: str, samples_per_shard: int = 1000, seed: 
                             f"{sorted(missing)[0]}: make them (tools/generate_masks.py) or pass --no_masks")
     writable_dir(out, "shard folder")
     remove_stale_temp_files(out)
+    earlier = own_shards(out)
     order = np.random.default_rng(seed).permutation(np.asarray(keep, np.int64))
+    names = [f"shard-{k:06d}.tar" for k in range(-(-len(order) // samples_per_shard))]
+    # first, the folder says a write is under way and which files it may leave (a killed run's too)
+    atomic_write_json(os.path.join(out, SHARD_INDEX), {"incomplete": True, "writing": sorted(earlier | set(names))})
     shards, start = [], time.time()
     for first in range(0, len(order), samples_per_shard):
-        name = f"shard-{len(shards):06d}.tar"
+        name = names[len(shards)]
         chunk = order[first:first + samples_per_shard].tolist()
         with atomic_write(os.path.join(out, name)) as f, TarWriter(f) as writer:  # it leaves f open
             for i in chunk:
@@ -79,6 +108,10 @@ def write_shards(data_path: str, out: str, samples_per_shard: int = 1000, seed: 
                 writer.write(sample)
         shards.append({"name": name, "samples": len(chunk)})
         print(f"{out}/{name}: {len(chunk)} samples ({first + len(chunk)}/{len(order)}, {time.time() - start:.0f} s)")
+    for name in sorted(earlier - set(names)):  # an earlier run's shards this run did not rewrite
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+            print(f"removed {out}/{name}, left by an earlier run into this folder")
     index = {"shards": shards, "classes": list(scan.classes), "source": os.path.abspath(data_path),
              "masks": source.format if source is not None else None}
     atomic_write_json(os.path.join(out, SHARD_INDEX), index, indent=1)
