@@ -59,16 +59,43 @@ def skip_nonfinite_step(loss: torch.Tensor, args, epoch: int, step: int, skipped
     return True
 
 
-def report_bad_samples(bad_samples: list[str], epoch: int, output_dir: str) -> int:
-    """--skip_bad_samples: the unreadable samples of every rank, printed and appended to
-    bad_samples.txt; returns how many."""
+MIN_BAD_SAMPLES_TO_STOP = 10  # a handful of unreadable files in a small set never stops a run
+SHOWN_BAD_SAMPLES = 3  # examples printed at the end of an epoch; bad_samples.txt lists them all
+
+
+def report_bad_samples(bad_samples: list[str], epoch: int, output_dir: str, samples_per_epoch: int = 0) -> int:
+    """--skip_bad_samples: the unreadable samples of every rank, counted on the screen (with a few
+    examples) and listed in bad_samples.txt; returns how many."""
     all_bad = gather_lists(bad_samples)
     if all_bad:
-        print(f"{len(all_bad)} unreadable samples skipped in epoch {epoch}:\n  " + "\n  ".join(all_bad))
+        listed = (f"; all in {os.path.join(output_dir, 'bad_samples.txt')}" if output_dir else "")
+        share = f" of {samples_per_epoch:,} ({100 * len(all_bad) / samples_per_epoch:.2f} %)" if samples_per_epoch else ""
+        examples = "\n  ".join(m.splitlines()[-1] if m else m for m in all_bad[:SHOWN_BAD_SAMPLES])
+        print(f"{len(all_bad):,} unreadable samples{share} skipped in epoch {epoch}{listed}; e.g.\n  {examples}")
         if output_dir and is_main_process():
             with open(os.path.join(output_dir, "bad_samples.txt"), "a") as f:
                 f.writelines(f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad)
     return len(all_bad)
+
+
+def bad_sample_limit(max_bad_percent: float, samples_per_epoch: int) -> int:
+    """How many unreadable samples an epoch of ``samples_per_epoch`` may skip (--max_bad_percent of
+    them, at least MIN_BAD_SAMPLES_TO_STOP)."""
+    if max_bad_percent >= 100:
+        return samples_per_epoch
+    return max(math.ceil(max_bad_percent / 100 * samples_per_epoch), MIN_BAD_SAMPLES_TO_STOP)
+
+
+def stop_if_too_many_bad(counts: "EpochCounts", limit: int, samples_per_epoch: int, epoch: int, args) -> None:
+    """--skip_bad_samples: stops the run once this rank skipped more than its share of the limit
+    (a wrong count or a broken file system would otherwise train on nothing, one line per sample)."""
+    if len(counts.bad_samples) <= limit:
+        return
+    first = counts.bad_samples[0].splitlines()[-1] if counts.bad_samples[0] else ""
+    raise UserError(f"{len(counts.bad_samples):,} unreadable samples skipped so far in epoch {epoch}, more than "
+                    f"--max_bad_percent {args.max_bad_percent:g} of the epoch's {samples_per_epoch:,} samples allow "
+                    f"({limit:,}), e.g. {first}. Fix the data (python tools/check_dataset.py lists what is wrong), or "
+                    f"raise --max_bad_percent")
 
 
 def gather_lists(items: list) -> list:
@@ -151,6 +178,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         data_loader, epoch, run.device, args, log_writer,
         hint="Lower --blr, raise --warmup_epochs, or try --amp bf16/none.")
     method, counts, steps_per_epoch = unwrapped(model).method, EpochCounts(run.device), len(data_loader)
+    samples_per_epoch = steps_per_epoch * args.batch_size  # this rank's
+    bad_limit = bad_sample_limit(getattr(args, "max_bad_percent", 100.0), samples_per_epoch)
     optimizer.zero_grad(set_to_none=True)
     if log_writer is not None:
         print(f'log_dir: {log_writer.log_dir}')
@@ -159,6 +188,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         if step % args.accum_iter == 0:  # per-iteration (instead of per-epoch) lr schedule
             adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
         batch = batch_to_device(batch, counts, run)
+        if args.skip_bad_samples:
+            stop_if_too_many_bad(counts, bad_limit, samples_per_epoch, epoch, args)
         if batch is None:
             continue
         update = (step + 1) % args.accum_iter == 0
@@ -170,10 +201,11 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
             monitor(step, to_tensorboard=True)
             if log_images is not None and log_writer is not None:
                 log_images(monitor.epoch_1000x(step))
-    return epoch_stats(metric_logger, epoch, counts, args, method.needs_segment)
+    return epoch_stats(metric_logger, epoch, counts, args, method.needs_segment, samples_per_epoch)
 
 
-def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCounts, args, segments: bool) -> dict:
+def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCounts, args, segments: bool,
+                samples_per_epoch: int = 0) -> dict:
     """The epoch's log row: the meters averaged over ranks, speed, and the samples and steps that
     were counted or skipped (each read once, here)."""
     epoch_time = time.time() - counts.start
@@ -186,7 +218,8 @@ def epoch_stats(metric_logger: misc.MetricLogger, epoch: int, counts: EpochCount
         # samples whose chosen segment hides nothing (they add no loss)
         stats["empty_segments"] = int(round(all_reduce_mean(float(counts.empty_segments.item())) * get_world_size()))
     if args.skip_bad_samples:
-        stats["bad_samples"] = report_bad_samples(counts.bad_samples, epoch, args.output_dir)
+        stats["bad_samples"] = report_bad_samples(counts.bad_samples, epoch, args.output_dir,
+                                                  samples_per_epoch * get_world_size())
     if args.skip_nonfinite:
         stats["skipped_nonfinite_steps"] = len(counts.skipped_steps)
     if not math.isfinite(stats.get("loss", 0.0)):

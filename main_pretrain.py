@@ -27,7 +27,7 @@ from models_vit import stack_official_into_mae
 from run.checkpoint import FOURTH_CHANNEL_KEY, Resumed, append_log, open_resume, resume_states, run_start, save_model
 from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
-                       non_negative_int, positive_int)
+                       non_negative_float, non_negative_int, positive_int)
 from run.setup import Runtime, build_optimizer, convert_to_fp8
 from sam.listing import MASK_FORMATS
 from util.lr_decay import param_groups_weight_decay
@@ -76,8 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="checkpoint-<epoch>.pth names files by the 0-based epoch index (the reference's "
                              "way); epochs_done by the number of epochs pretrained (checkpoint-<epoch+1>.pth)")
     parser.add_argument('--skip_bad_samples', action='store_true',
-                        help='skip unreadable images / mask files (counted and listed at the end of each '
-                             'epoch) instead of stopping')
+                        help='skip unreadable images / mask files (counted at the end of each epoch and listed '
+                             'in bad_samples.txt) instead of stopping')
+    parser.add_argument('--max_bad_percent', default=1.0, type=non_negative_float, metavar='P',
+                        help='with --skip_bad_samples: stop once more than P %% of an epoch\'s samples were '
+                             'skipped (never for 10 or fewer; 100: never)')
     parser.add_argument('--skip_nonfinite', default=0, type=non_negative_int, metavar='N',
                         help='skip up to N optimizer steps per epoch whose loss is NaN/inf (logged) instead of '
                              'stopping at the first; costs one host-device sync per step')
@@ -120,8 +123,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 MASK_NOTES = {  # what the mask readers repaired, said once per run (counted over one epoch, every rank)
-    "rotated": "mask(s) had the transposed size of an image with EXIF orientation 5-8 (made on the rotated "
-               "picture, as SAM's amg.py does) and were rotated into the image's frame",
+    "rotated": "mask(s) were made on the displayed picture of an image with an EXIF orientation (as SAM's amg.py "
+               "makes them) and were mapped into the image's stored pixels",
     "thresholded": "mask PNG(s) were not strictly 0/255 (resampled or antialiased) and were thresholded at 128",
     "unsorted": "segmae table.txt file(s) were not sorted by coverage: they were sorted before choosing (the "
                 "original code would have picked from the unsorted order)"}

@@ -9,6 +9,11 @@ The database is opened read-only without locking, once per process and lazily: L
 second handle on the same database in one process, also in a forked child whose parent held one,
 so every handle of a process is closed just before it forks (loader workers) and reopened when
 next read.
+
+The count is not taken on trust: the key of the last image it promises must exist. And LMDB maps
+data.mdb into memory, so reading a page of a file truncated under a running job kills the process
+with SIGBUS (exit 135, no message): every read first checks that the file still holds every page
+the database uses, and stops with one line naming it otherwise.
 """
 from __future__ import annotations
 
@@ -29,11 +34,11 @@ def is_lmdb_root(root: str) -> bool:
     return os.path.isfile(os.path.join(root, "data.mdb"))
 
 
-_OPEN: dict[str, object] = {}  # this process's handles, by real path
+_OPEN: dict[str, tuple[object, int]] = {}  # this process's handles and the bytes data.mdb must hold, by real path
 
 
 def _close_all() -> None:
-    for env in _OPEN.values():
+    for env, _ in _OPEN.values():
         env.close()
     _OPEN.clear()
 
@@ -42,22 +47,33 @@ os.register_at_fork(before=_close_all)
 
 
 def environment(root: str, key: str | None = None):
-    """This process's read-only handle on the database at root (opened on first use); key: the
-    root's real path, when the caller has it (a dataset computes it once, not per read)."""
+    """This process's read-only handle on the database at root (opened on first use), after
+    checking that data.mdb still holds every page the database uses; key: the root's real path,
+    when the caller has it (a dataset computes it once, not per read)."""
     key = key or os.path.realpath(root)
-    env = _OPEN.get(key)
-    if env is None:
+    opened = _OPEN.get(key)
+    if opened is None:
         import lmdb  # local: only LMDB roots need the package
         try:
-            env = _OPEN[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
-                                         max_readers=512)
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+            opened = _OPEN[key] = env, (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         except lmdb.Error as e:
             raise DataError(f"--data_path {root}: cannot open the LMDB database ({e})") from None
+    env, needed = opened
+    data_file = os.path.join(key, "data.mdb")
+    try:
+        size = os.stat(data_file).st_size
+    except OSError as e:
+        raise DataError(f"--data_path {root}: cannot read {data_file} ({e.strerror}): restore the database") from None
+    if size < needed:  # a page past the end would kill this process with SIGBUS
+        raise DataError(f"{data_file} is {size:,} bytes but its database uses {needed:,}: it was truncated or "
+                        f"replaced (while this run read it?). Restore the database and start again")
     return env
 
 
 def count_images(root: str) -> int:
-    """N from the database's num-samples key, with an error naming the problem when it is absent."""
+    """N from the database's num-samples key, with an error naming the problem when it is absent,
+    not a number, or more than the images stored (the key of image N must exist)."""
     with environment(root).begin() as txn:
         raw = txn.get(COUNT_KEY)
     if raw is None:
@@ -70,7 +86,23 @@ def count_images(root: str) -> int:
         raise DataError(f"--data_path {root}: its 'num-samples' key holds {raw[:40]!r}, not a number") from None
     if count <= 0:
         raise DataError(f"--data_path {root}: the LMDB database holds no image (num-samples = {count})")
+    last = IMAGE_KEY.format(count)
+    with environment(root).begin() as txn:
+        if txn.get(last.encode("ascii")) is None:
+            found = last_image_key(txn)
+            raise DataError(f"--data_path {root}: its 'num-samples' says {count:,} images, but {last} does not exist "
+                            f"(the last image key is {found or 'none'}): the count is wrong or the database "
+                            f"incomplete. Set num-samples to the number of images stored")
     return count
+
+
+def last_image_key(txn) -> str | None:
+    """The last image-... key in the database's order (None: no image key): one cursor seek."""
+    cursor = txn.cursor()
+    # the key just before the first one past every image-... key (or the last key of all)
+    found = cursor.prev() if cursor.set_range(b"image-\xff") else cursor.last()
+    key = cursor.key() if found else b""
+    return key.decode("ascii", "replace") if key.startswith(b"image-") else None
 
 
 class LmdbImages(Dataset):
