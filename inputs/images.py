@@ -1,6 +1,6 @@
 """Image files: the list of a dataset's images (``ImageList``, shared by forked loader workers
 without copying), reading one decoded to RGB as the MAE reference reads them (Pillow, EXIF
-orientation not applied, 16-bit greyscale scaled rather than clipped) or kept encoded for the GPU
+orientation not applied, 16-bit and 32-bit float greyscale scaled rather than clipped) or kept encoded for the GPU
 decoder, and a read deadline, so that a hung file system stops a run with the file named.
 
 An ``ImageList`` holds the paths in one byte buffer and the labels in one numpy array, not a list
@@ -130,6 +130,8 @@ def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
             img = Image.open(f)
             if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
                 return _high_bit_depth_to_rgb(img)
+            if img.mode == "F":
+                return _float_to_rgb(img, path)
             return img.convert("RGB")
     except IMAGE_ERRORS as e:
         raise image_error(path, e) from None
@@ -140,6 +142,24 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     above 255 and turns such images white."""
     values = np.asarray(img, dtype=np.float64)
     top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
+    grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+FLOAT_RANGES = (1.0, 255.0, 65535.0)  # the ranges float images are written in: [0, 1], 8 and 16 bit
+
+
+def _float_to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """32-bit float greyscale (Pillow mode F, e.g. a float TIFF) scaled to 8 bit like the 16-bit
+    path: by the smallest of [0, 1], [0, 255], [0, 65535] that holds its values (or its maximum);
+    convert('RGB') truncates such values and trains a [0, 1] image as a black one. Values that are
+    not finite or below 0 are no picture: a DataError naming the file."""
+    values = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(values).all() or values.min(initial=0) < 0:
+        raise DataError(f"image {path} is a 32-bit float image with values that are not finite or below 0: not a "
+                        f"picture of light intensities. Convert it to 8 or 16 bit (or replace it)")
+    peak = values.max(initial=0)
+    top = next((r for r in FLOAT_RANGES if peak <= r), peak)
     grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 

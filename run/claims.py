@@ -2,10 +2,13 @@
 that overlap) never compute the same file twice, and temporary files of killed writers are found.
 
 A claim is a file ``.<name>.claim`` beside the output, created exclusively (O_EXCL), holding
-"<host> <pid>". It is live while that process runs (checked on this host) or, for a claim made on
-another host, for CLAIM_TTL_S after it was made (one file takes seconds). A writer writes only
-while it holds the claim, so a temporary file ``.<name>.tmp<pid>`` without a live claim belongs to
-a writer that died.
+"<host> <pid> <start>", <start> the boot and start time of that process (Linux's /proc). It is live
+while that very process runs (checked on this host: a pid alone is not enough, since the system
+hands a dead process's pid to a new one, which would hold the claim forever) or, for a claim made
+on another host, for CLAIM_TTL_S after it was made (one file takes seconds). A claim without a
+start time (an older version's) counts as live on this host for CLAIM_TTL_S at most. A writer
+writes only while it holds the claim, so a temporary file ``.<name>.tmp<pid>`` without a live
+claim belongs to a writer that died.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 
 CLAIM_TTL_S = 600.0
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(tmp\d+|claim)$")  # a temporary file, or a claim
+NO_START = "-"  # recorded where a process's start time cannot be read (no /proc)
 
 
 def claim_path(path: str) -> str:
@@ -33,16 +37,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "boot"
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started, as "<boot id>:<clock ticks since boot>" (Linux's
+    /proc/<pid>/stat, field 22): with the pid, it names one process, even after the pid is reused.
+    NO_START where it cannot be read (no /proc, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # the fields after the command name, which may itself hold spaces and parentheses
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return f"{_boot_id()}:{int(fields[19])}"  # field 22 of the line; these start at field 3
+    except (OSError, ValueError, IndexError):
+        return NO_START
+
+
 def claim_is_live(claim: str) -> bool:
     try:
         with open(claim) as f:
-            host, pid = f.read().split()[:2]
+            words = f.read().split()
+        host, pid = words[0], int(words[1])
         age = time.time() - os.path.getmtime(claim)
-    except (OSError, ValueError):  # gone (or unreadable)
+    except (OSError, ValueError, IndexError):  # gone (or unreadable)
         return False
-    if host == socket.gethostname():
-        return _pid_alive(int(pid))
-    return age < CLAIM_TTL_S
+    if host != socket.gethostname():
+        return age < CLAIM_TTL_S
+    if not _pid_alive(pid):
+        return False
+    started = words[2] if len(words) > 2 else None
+    if started is None:  # an older version's claim: its pid alone proves nothing after a while
+        return age < CLAIM_TTL_S
+    now = process_start(pid)
+    return started == now or NO_START in (started, now)  # without /proc, the pid is all there is
 
 
 def try_claim(path: str) -> bool:
@@ -54,7 +87,7 @@ def try_claim(path: str) -> bool:
     draft = f"{claim}.tmp{os.getpid()}{threading.get_ident() % 10 ** 6}"
     for _ in range(3):
         with open(draft, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            f.write(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())}\n")
         try:
             os.link(draft, claim)
             return True
