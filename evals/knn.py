@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import models_vit
 import run.setup as runsetup
 from inputs.classification import CheckedImageFolder, build_eval_transform, build_resize_transform
+from inputs.pretrain import freeze_heap
 from models_vit import load_encoder, load_pretrained_encoder, timm_name
 from run.checkpoint import checkpoint_config, load_checkpoint
 from run.files import atomic_write_json, writable_dir
@@ -69,6 +70,7 @@ def extract_features(model: torch.nn.Module, dataset, indices: list[int], device
     world, rank = get_world_size(), get_rank()
     bounds = [len(indices) * r // world for r in range(world + 1)]
     mine = indices[bounds[rank]:bounds[rank + 1]]
+    freeze_heap(num_workers)  # the workers' collections then leave this process's heap shared
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
     feats = []

@@ -24,7 +24,7 @@ import torch
 
 import run.setup as runsetup
 import util.misc as misc
-from inputs.pretrain import loader_options
+from inputs.pretrain import freeze_heap, loader_options
 from inputs.transforms import NORMALIZATIONS
 from mask_methods import MASK_METHODS
 from models_vit import load_pretrained_encoder
@@ -259,6 +259,7 @@ def main(args: argparse.Namespace) -> dict:
     original = resumed is not None and is_original_layout(resumed.checkpoint)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     if args.eval_only:
+        freeze_heap(args.num_workers)  # the evaluation's loader workers fork from this heap
         metrics = evaluate(model_without_ddp, val_set, run, args)
         write_metrics(args, start_epoch - 1, metrics)
         return metrics

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run.claims as claims  # noqa: E402
 from inputs.folders import list_images  # noqa: E402 (its earlier home was this module)
 from inputs.images import load_rgb  # noqa: E402
+from inputs.pretrain import freeze_heap  # noqa: E402
 from run.files import file_digest  # noqa: E402
 from sam.files import annotation_coverage, duplicate_stems, encode_segmentation, mask_path_for, write_mask_file
 from sam.layouts import RANDOM_WEIGHTS  # noqa: E402
@@ -360,6 +361,7 @@ def run_jobs(jobs: list[tuple], backend_factory: Callable, workers: int, mask_ro
     done = {"counts": [], "coverages": [], "errors": [], "elsewhere": 0, "bytes": 0}
     start = last = time.time()
     if workers > 1 and jobs:
+        freeze_heap(workers)
         pool = Pool(workers, initializer=_init_worker, initargs=(backend_factory,))
         results = pool.imap_unordered(_work, jobs, chunksize=4)
     else:
