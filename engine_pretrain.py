@@ -69,7 +69,8 @@ def report_bad_samples(bad_samples: list[str], epoch: int, output_dir: str, samp
     all_bad = gather_lists(bad_samples)
     if all_bad:
         listed = (f"; all in {os.path.join(output_dir, 'bad_samples.txt')}" if output_dir else "")
-        share = f" of {samples_per_epoch:,} ({100 * len(all_bad) / samples_per_epoch:.2f} %)" if samples_per_epoch else ""
+        share = (f" of {samples_per_epoch:,} ({100 * len(all_bad) / samples_per_epoch:.2f} %)"
+                 if samples_per_epoch else "")
         examples = "\n  ".join(m.splitlines()[-1] if m else m for m in all_bad[:SHOWN_BAD_SAMPLES])
         print(f"{len(all_bad):,} unreadable samples{share} skipped in epoch {epoch}{listed}; e.g.\n  {examples}")
         if output_dir and is_main_process():
@@ -87,8 +88,8 @@ def bad_sample_limit(max_bad_percent: float, samples_per_epoch: int) -> int:
 
 
 def stop_if_too_many_bad(counts: "EpochCounts", limit: int, samples_per_epoch: int, epoch: int, args) -> None:
-    """--skip_bad_samples: stops the run once this rank skipped more than its share of the limit
-    (a wrong count or a broken file system would otherwise train on nothing, one line per sample)."""
+    """--skip_bad_samples: stops the run once this rank skipped more than ``limit`` samples of its
+    epoch (a wrong count or a broken file system would otherwise train on nothing)."""
     if len(counts.bad_samples) <= limit:
         return
     first = counts.bad_samples[0].splitlines()[-1] if counts.bad_samples[0] else ""

@@ -294,7 +294,7 @@ def shard_members(shard: str, limit: int) -> Iterator[tuple[str, str, bytes | Ov
                     continue
                 yield key, suffix, tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot read shard {shard} at {name} ({e}): the file is truncated or damaged. {REWRITE}, "
+        raise DataError(f"cannot read shard {shard} at {name} ({e}): the file is truncated or damaged: {REWRITE}, "
                         f"or copy the shard again") from None
 
 
@@ -309,8 +309,8 @@ def shard_samples(shard: str, limit: int) -> Iterator[dict]:
                 yield sample
             sample = {"__key__": key, "__url__": shard}
         if suffix in sample:
-            raise DataError(f"{shard}: {key}.{suffix} appears twice in a row (a duplicate key): a sample holds one "
-                            f"file of each kind. {REWRITE}, which numbers the samples")
+            raise DataError(f"{shard}: {key}.{suffix} appears twice in a row (a duplicate key), but a sample holds "
+                            f"one file of each kind: {REWRITE}, which numbers the samples")
         sample[suffix] = data
     if sample is not None:
         yield sample

@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -51,6 +52,8 @@ from sam.layouts import MaskSource, closest, open_mask_source
 from sam.listing import read_empty_list, stem_of
 
 SETTLE_S = 2.0  # a folder changed this recently is too fresh to trust on file systems with coarse times
+# an absolute path or a '..' part among NUL-joined relative paths: a path that leaves its root
+_LEAVES_ROOT = re.compile(r"(?:^|\0)/|(?:^|[\0/])\.\.(?:[\0/]|$)")
 
 
 def pack_strings(strings: list[str]) -> np.ndarray:
@@ -135,6 +138,10 @@ class MaskCache:
         except Exception as e:  # noqa: BLE001 - a damaged index, whatever numpy says about it
             raise MaskFileError(f"mask cache index {index_path} is unreadable ({type(e).__name__}: {e}). "
                                 f"{rebuild}") from None
+        named = "\0".join(keys) + ("\0" + "\0".join(unpack_strings(folders["mask_folders"])) if folders else "")
+        if _LEAVES_ROOT.search(named):  # its paths are listed and stat'ed under masks/: never outside it
+            raise MaskFileError(f"mask cache index {index_path} names a path outside {root} (an absolute path or "
+                                f"'..'): not this tree's cache. {rebuild}")
         if source is None:
             source = open_mask_source(os.path.join(root, "masks"), {stem_of(k) for k in keys}, shared_counters=False)
         n = len(keys)
@@ -162,7 +169,8 @@ class MaskCache:
         if check_files:
             rows = None if every_file or folders is None else self._rows_to_check(source.mask_root, folders, built_ns)
             sizes, mtimes = built_from
-            stale = self._stale_entries(source, keys, sizes, np.stack([mtimes, np.full_like(mtimes, built_ns)], 1), rows)
+            times = np.stack([mtimes, np.full_like(mtimes, built_ns)], 1)  # per key: its mtime, the build's time
+            stale = self._stale_entries(source, keys, sizes, times, rows)
         if stale:
             raise MaskFileError(f"mask cache {index_path} is older than {len(stale)} mask file(s) (edited, replaced or "
                                 f"deleted since it was built), e.g. {stale[0]}. {rebuild}")

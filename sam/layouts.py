@@ -394,12 +394,16 @@ class AmgMasks(_FolderMasks):
                 raise ValueError
         except (IndexError, ValueError):
             raise MaskFileError(f"{path}: an 'area' is not a finite number >= 0") from None
-        h, w = png_size(os.path.join(folder, f"{rows[0][0].strip()}.png"))
+        names = [f"{r[0].strip()}.png" for r in rows]
+        outside = next((r[0] for r in rows if os.path.basename(r[0].strip()) != r[0].strip() or
+                        r[0].strip() in ("", ".", "..")), None)
+        if outside is not None:  # the id names a PNG of this folder, never a path elsewhere
+            raise MaskFileError(f"{path}: the id {outside[:60]!r} is not the name of a PNG in {folder}")
+        h, w = png_size(os.path.join(folder, names[0]))
         coverages = [100.0 * a / (h * w) for a in areas]
 
         def make(i: int) -> Segment:
-            return self._png(folder, f"{rows[i][0].strip()}.png", coverages[i], (h, w),
-                             lambda: _amg_fields(header, rows[i], path))
+            return self._png(folder, names[i], coverages[i], (h, w), lambda: _amg_fields(header, rows[i], path))
         return ImageSegments(coverages, make, path, frame=DISPLAYED)  # amg.py reads with OpenCV: orientation applied
 
 
