@@ -25,7 +25,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from sam.files import DISPLAYED, STORED, UNKNOWN, MaskFileError
+from sam.files import DISPLAYED, UNKNOWN, MaskFileError
 
 # what Pillow raises for a file it cannot read, including one over its decompression-bomb limit
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -41,7 +41,6 @@ STORED_TO_DISPLAYED = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_B
 # and its exact inverse, for a mask made on the displayed picture (the rotations swap; the rest
 # are their own inverse)
 DISPLAYED_TO_STORED = {**STORED_TO_DISPLAYED, 6: _T.ROTATE_90, 8: _T.ROTATE_270}
-FRAMES = (STORED, DISPLAYED, UNKNOWN)
 
 
 def image_error_message(path: str, e: BaseException) -> str:
