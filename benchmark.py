@@ -39,7 +39,7 @@ import run.setup as runsetup  # noqa: E402
 import segmenter.train  # noqa: E402
 from evals.report import (FINETUNE_RESULT, finetune_table, plot, read_finetune_results, read_results,  # noqa: E402
                           results_table)
-from evals.runs import (ade20k_record, add_stage_time, append_result, check_eval_data, eval_config,  # noqa: E402
+from evals.runs import (add_stage_time, ade20k_record, append_result, check_eval_data, eval_config,  # noqa: E402
                         in1k_record, official_checkpoint, paths, pretrain_throughput, read_json_object, record_run,
                         recorded_run_data, resolve_stack, row_problem, run_config, run_id, short_digest, stack_sha256,
                         stage_times)

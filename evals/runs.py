@@ -113,11 +113,18 @@ def record_run(args, in1k: dict) -> None:
                           indent=1)
         return
     config = read_json_object(path, "the run's record")
-    recorded = (config.get("data") or {}).get("in1k_dir")
+    recorded = _data_entry(config, "in1k_dir")
     if recorded is None and isinstance(config.get("in1k_dir"), str):  # an earlier version recorded the path only
         recorded = {"path": os.path.realpath(config["in1k_dir"]), "files": None}
     if check_recorded_data(recorded, in1k, "--in1k-dir", f"the run {folder}"):
-        atomic_write_json(path, {**config, "data": {**(config.get("data") or {}), "in1k_dir": in1k}}, indent=1)
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        atomic_write_json(path, {**config, "data": {**data, "in1k_dir": in1k}}, indent=1)
+
+
+def _data_entry(record: dict, flag: str):
+    """record['data'][flag] (None where there is none)."""
+    data = record.get("data")
+    return data.get(flag) if isinstance(data, dict) else None
 
 
 def recorded_run_data(args) -> dict | None:
@@ -159,9 +166,8 @@ def in1k_record(root: str, train_samples=None) -> dict:
     if is_shard_path(root):
         return {"path": real, "files": _names_and_sizes(expand_shards(root), root)}
     kind = root_kind(root)
-    if kind == LMDB:
-        names = sorted(os.path.join(root, n) for n in os.listdir(root) if not n.startswith("."))
-        return {"path": real, "files": _names_and_sizes(names, root)}
+    if kind == LMDB:  # its data file (lock.mdb is the readers' table, not data)
+        return {"path": real, "files": _names_and_sizes([os.path.join(root, "data.mdb")], root)}
     if train_samples is None or kind != SPLIT:
         image_root, exclude = (os.path.join(root, "train"), ()) if kind == SPLIT else (root, NOT_CLASSES)
         train_samples = scan_image_folder(image_root, exclude=exclude).samples
@@ -186,12 +192,13 @@ def ade20k_record(root: str) -> dict:
 
 def describe_data(record: dict) -> str:
     files = record.get("files")
-    if not files:
+    if not isinstance(files, dict) or not files:
         return "its file list not recorded"
     if "train" in files:
-        return ", ".join(f"{split} {v['images']} images, list {v['digest']}" for split, v in files.items())
-    count = f"{files['images']} images" if "images" in files else f"{files['files']} files"
-    return f"{count}, list {files['digest']}"
+        return ", ".join(f"{split} {v.get('images')} images, list {v.get('digest')}" for split, v in files.items()
+                         if isinstance(v, dict))
+    count = f"{files['images']} images" if "images" in files else f"{files.get('files')} files"
+    return f"{count}, list {files.get('digest')}"
 
 
 def check_recorded_data(recorded: dict | None, current: dict, flag: str, what: str) -> bool:
@@ -202,6 +209,9 @@ def check_recorded_data(recorded: dict | None, current: dict, flag: str, what: s
     i.e. the data moved (a record without a file list, from an earlier version: the path alone)."""
     if not recorded:
         return True
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("path"), str)):
+        raise UserError(f"{what} holds a damaged record of its {flag} ({recorded!r:.80}): restore it from the results "
+                        f"rows, or move that folder away to start it afresh")
     old_path, old_files = recorded.get("path"), recorded.get("files")
     same_files = old_files is None or old_files == current["files"]
     if old_path == current["path"]:
@@ -233,10 +243,11 @@ def check_eval_data(folder: str, ade20k: dict, record: bool = False) -> None:
     if os.path.exists(path):
         recorded = read_json_object(path, "the evaluation's data").get("ade20k_dir")
     elif os.path.exists(done):
-        recorded = (read_json_object(done, "a finished evaluation").get("data") or {}).get("ade20k_dir")
+        recorded = _data_entry(read_json_object(done, "a finished evaluation"), "ade20k_dir")
         if recorded is None:
             return
-    if check_recorded_data(recorded, ade20k, "--ade20k-dir", f"the evaluation {folder}") and record:
+    if check_recorded_data(recorded, ade20k, "--ade20k-dir", f"the evaluation {folder}") and \
+            (record or os.path.exists(path)):  # a new evaluation, or data that moved
         os.makedirs(folder, exist_ok=True)
         atomic_write_json(path, {"ade20k_dir": ade20k}, indent=1)
 
@@ -312,7 +323,7 @@ def read_result_rows(path: str) -> list[dict]:
 
 def parse_results(text: bytes, path: str) -> list[dict]:
     rows = []
-    for n, line in enumerate(text.decode("utf-8", "replace").splitlines(), 1):
+    for n, line in enumerate(text.decode("utf-8", "replace").split("\n"), 1):  # lines as the writer ends them
         if not line.strip():
             continue
         try:

@@ -10,7 +10,6 @@ import pathlib
 import shlex
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from inputs.folders import scan_image_folder
 from inputs.images import DataError
 from run.files import StorageError
 from sam.cache import MaskCache
+from sam.files import MaskFileError
 from segmenter import prepare_ade20k
 from tools import check_dataset, convert_masks, export, sort_imagenet_val, visualize
 from util.misc import UserError
@@ -161,7 +161,7 @@ def test_every_printed_command_quotes_its_paths(toy_root, toy_ade20k, tmp_path, 
     (weird / "masks_cache").mkdir()
     (weird / "masks_cache" / "coverage_50.npz").write_bytes(b"garbage")
     (weird / "masks_cache" / "coverage_50.bin").write_bytes(b"garbage")
-    with pytest.raises(Exception) as e:
+    with pytest.raises(MaskFileError) as e:
         MaskCache(str(weird), 50.0)
     assert command_words(str(e.value), "python tools/", 4)[2:] == ["--data_path", str(weird)]
     # segmenter.prepare_ade20k: the rm -r of an incomplete folder

@@ -29,7 +29,6 @@ from inputs.folders import is_image  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
-
 # a class folder name: one path component, and one that every scan reads (a leading dot is hidden)
 CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
