@@ -11,6 +11,7 @@ how many images have a segment within +-5 points of a coverage ratio, and how ma
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from multiprocessing import Pool
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
 from inputs.images import DataError, image_error  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
+from run.flags import coverage_ratio_type  # noqa: E402
 from sam.cache import MaskCache  # noqa: E402
 from sam.files import MaskFileError, check_rle, duplicate_stems  # noqa: E402
 from sam.geometry import IMAGE_ERRORS  # noqa: E402
@@ -145,11 +147,20 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
     return report
 
 
+def tolerance_type(value: str) -> float:
+    """Points around --coverage_ratio: a finite number >= 0 (nan would count no image as near, and
+    report no problem)."""
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of points >= 0, got {value}")
+    return v
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", required=True)
-    p.add_argument("--coverage_ratio", type=float, default=50.0)
-    p.add_argument("--tolerance", type=float, default=5.0, help="points around --coverage_ratio")
+    p.add_argument("--coverage_ratio", type=coverage_ratio_type, default=50.0)
+    p.add_argument("--tolerance", type=tolerance_type, default=5.0, help="points around --coverage_ratio")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--mask_format", default="auto", choices=("auto",) + tuple(SOURCES),
                    help="layout of masks/ (default: detected)")
