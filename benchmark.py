@@ -8,10 +8,13 @@ Segmenter on ADE20k from that checkpoint, to see how a mask method's downstream 
 Outputs under --output-dir, keyed by the run's identity RUN = <method>[-cov<C>]-<model>[-stacked]-seed<S>-<digest>
 (the digest covers every setting of the pretraining run: schedule, --stack and its SHA-256, --pretrain-args):
     pretrain_output/RUN/checkpoint-<epochs>.pth, config.json   one pretraining run, chunk by chunk
-    eval_output/RUN/<epochs>ep-seg<digest>/                     Segmenter logs, metrics.json, done.json
+    eval_output/RUN/<epochs>ep-seg<digest>/                     Segmenter logs, metrics.json, data.json, done.json
     results.jsonl                                               one row per finished evaluation, full config
     miou_vs_epochs.png                                          one curve per run (and Segmenter settings)
 A rerun with the same flags continues its run; other flags (e.g. another --coverage-ratio) make another run.
+The data is part of the identity too: config.json and each evaluation's data.json record the real path and
+file list of --in1k-dir and --ade20k-dir, and a command with other data is refused before any stage runs.
+Every input and flag a later stage uses (val/ for kNN, ADE20k, the stages' flags) is checked before the first.
 
 The chunks are one pretraining run (the lr schedule spans --pretrain-epochs; each chunk resumes the
 previous checkpoint with its optimizer state). Run the same command again after a crash or kill:
@@ -36,13 +39,15 @@ import run.setup as runsetup  # noqa: E402
 import segmenter.train  # noqa: E402
 from evals.report import (FINETUNE_RESULT, finetune_table, plot, read_finetune_results, read_results,  # noqa: E402
                           results_table)
-from evals.runs import (add_stage_time, append_result, eval_config, official_checkpoint, paths,  # noqa: E402
-                        pretrain_throughput, record_run, resolve_stack, run_config, run_id, short_digest, stack_sha256,
+from evals.runs import (add_stage_time, ade20k_record, append_result, check_eval_data, eval_config,  # noqa: E402
+                        in1k_record, official_checkpoint, paths, pretrain_throughput, read_json_object, record_run,
+                        recorded_run_data, resolve_stack, row_problem, run_config, run_id, short_digest, stack_sha256,
                         stage_times)
 from evals.stages import run_stage  # noqa: E402
 from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
+from models_mae import model_patch_size  # noqa: E402
 from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
-from run.files import atomic_write_json  # noqa: E402
+from run.files import atomic_write_json, writable_dir  # noqa: E402
 from run.flags import coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
 from run.slurm import add_slurm_job_args, submit  # noqa: E402
 from util.misc import UserError  # noqa: E402
@@ -80,7 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-eval", action="store_true",
                    help="after each chunk, before the Segmenter: weighted kNN top-1 of the encoder on --in1k-dir "
                         "(minutes, where a Segmenter takes hours); in results.jsonl, the table and the plot")
-    p.add_argument("--knn-bank-per-class", type=int, default=100, help="training images per class in the kNN bank")
+    p.add_argument("--knn-bank-per-class", type=positive_int, default=100,
+                   help="training images per class in the kNN bank")
     p.add_argument("--knn-args", default="", help="extra flags for evals.knn (e.g. '--pool mean --batch_size 256')")
     p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
                    help="how a one-process stage runs (inprocess: in this Python process)")
@@ -111,6 +117,9 @@ def eval_type(value: str):
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("in1k_dir", "ade20k_dir", "output_dir"):
+        if not getattr(args, name).strip():
+            parser.error(f"--{name.replace('_', '-')} is empty: give a folder (e.g. --output-dir bench)")
     # relative paths mean what they mean in the caller's shell, whatever folder a stage runs in
     for name in ("in1k_dir", "ade20k_dir", "output_dir", "job_dir"):
         if getattr(args, name, None):
@@ -134,6 +143,8 @@ SEG_FLAGS_SET_HERE = {"dataset_dir": "--ade20k-dir", "log_dir": "--output-dir", 
                       "backbone": "--seg-backbone", "decoder": "--seg-decoder", "mae_chp": None,
                       "epochs": "--seg-epochs", "crop_size": "--crop-size", "eval_freq": None, "eval_only": None,
                       "seed": "--seed"}
+KNN_FLAGS_SET_HERE = {"checkpoint": None, "data_path": "--in1k-dir", "bank_per_class": "--knn-bank-per-class",
+                      "seed": "--seed", "out": None}
 
 
 class _StageArgsParser(argparse.ArgumentParser):
@@ -145,13 +156,16 @@ class _StageArgsParser(argparse.ArgumentParser):
 
 
 def check_stage_args(args: argparse.Namespace) -> None:
-    """Parses and checks --pretrain-args and --seg-args as the stages will, before any stage runs:
-    a typo or a conflict with the benchmark's own flags is found now, not after hours of
-    pretraining."""
-    stages = (("--pretrain-args", args.pretrain_args, main_pretrain, PRETRAIN_FLAGS_SET_HERE,
+    """Parses and checks --pretrain-args, --seg-args and (with --knn-eval) --knn-args as the stages
+    will, before any stage runs: a typo or a conflict with the benchmark's own flags is found now,
+    not after hours of pretraining."""
+    checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+    stages = [("--pretrain-args", args.pretrain_args, main_pretrain, PRETRAIN_FLAGS_SET_HERE,
                pretrain_argv(args, eval_points(args)[0], os.path.join(args.output_dir, "pretrain_output"))),
-              ("--seg-args", args.seg_args, segmenter.train, SEG_FLAGS_SET_HERE,
-               seg_argv(args, os.path.join(args.output_dir, "checkpoint.pth"), "eval")))
+              ("--seg-args", args.seg_args, segmenter.train, SEG_FLAGS_SET_HERE, seg_argv(args, checkpoint, "eval"))]
+    if args.knn_eval and args.eval == -1:
+        stages.append(("--knn-args", args.knn_args, evals.knn, KNN_FLAGS_SET_HERE,
+                       knn_argv(args, checkpoint, os.path.join(args.output_dir, "knn.json"))))
     for option, extra, module, set_here, base in stages:  # base ends with the extra flags
         parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
         try:
@@ -163,8 +177,26 @@ def check_stage_args(args: argparse.Namespace) -> None:
                 raise UserError(f"sets {names}, which the benchmark sets itself")
             stage_args = parser.parse_args(base)  # the stage's whole command line, extra flags included
             module.check_args(stage_args, parser)
+            if module is evals.knn and stage_args.input_size:  # the encoder's patch is --model's
+                evals.knn.check_input_size(stage_args.input_size, model_patch_size(args.model), args.model)
         except (UserError, ValueError) as e:
             raise UserError(f"{option} {extra!r}: {e}") from None
+
+
+def check_inputs(args: argparse.Namespace) -> dict:
+    """Every input a stage of this command reads, checked before the first stage runs (so that a
+    flat val/ or an incomplete ADE20k is not found after hours of pretraining); returns the data
+    records the run and its evaluations are tied to ({'ade20k_dir', 'in1k_dir'})."""
+    data = {"ade20k_dir": ade20k_record(args.ade20k_dir)}  # every command trains a Segmenter
+    if args.eval == -1:  # the whole pipeline: pretraining (and kNN) read --in1k-dir
+        train = None
+        if args.knn_eval:
+            try:
+                train = evals.knn.knn_datasets(args.in1k_dir)[0]
+            except UserError as e:
+                raise UserError(f"--knn-eval (kNN reads --in1k-dir's train/ and val/): {e}") from None
+        data["in1k_dir"] = in1k_record(args.in1k_dir, train.samples if train is not None else None)
+    return data
 
 
 def eval_points(args) -> list[int]:
@@ -191,7 +223,7 @@ def check_old_layout(args) -> None:
                                                        or saved.get("coverage_ratio") == args.coverage_ratio))
     if same:
         raise UserError(f"{old} holds a run of this configuration in the earlier layout (one folder per method). To "
-                        f"continue it, move it: mv {old} {new} (evaluations: move each eval_output/"
+                        f"continue it, move it: {shlex.join(['mv', old, new])} (evaluations: move each eval_output/"
                         f"{args.mask_method}_<E> to {os.path.dirname(paths(args, 0)['eval'])}/<E>ep-seg"
                         f"{short_digest(eval_config(args))} if they used these Segmenter settings); or move it away "
                         f"to start afresh")
@@ -252,29 +284,46 @@ def pretrain_until(epochs: int, args, stack: str) -> dict:
     return total
 
 
+def knn_argv(args, checkpoint: str, out: str) -> list[str]:
+    """evals.knn's flags for the score of one pretraining checkpoint, written to out."""
+    return ["--checkpoint", checkpoint, "--data_path", args.in1k_dir, "--bank_per_class", str(args.knn_bank_per_class),
+            "--seed", str(args.seed), "--out", out, *shlex.split(args.knn_args)]
+
+
 def knn_until(epochs: int, args) -> dict | None:
     """The kNN score of checkpoint-<epochs>.pth (computed once, kept in the run's folder)."""
     p = paths(args, epochs)
     out = os.path.join(p["pretrain"], f"knn-{epochs}.json")
     if not os.path.exists(out):
-        argv = ["--checkpoint", p["checkpoint"], "--data_path", args.in1k_dir, "--bank_per_class",
-                str(args.knn_bank_per_class), "--seed", str(args.seed), "--out", out, *shlex.split(args.knn_args)]
-        run_stage("evals.knn", argv, args, evals.knn.cli)
+        run_stage("evals.knn", knn_argv(args, p["checkpoint"], out), args, evals.knn.cli)
     return json.load(open(out))
 
 
-def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | None = None) -> dict:
-    """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already."""
+def finished_row(done_file: str) -> dict:
+    """The results row a finished evaluation kept in its done.json."""
+    row = read_json_object(done_file, "a finished evaluation")
+    problem = row_problem(row)
+    if problem:
+        raise UserError(f"{done_file} is not a finished evaluation's results row ({problem}): restore it, or move "
+                        f"its folder away to evaluate again")
+    return row
+
+
+def evaluate(epochs: int, args, data: dict, pretrain_time: dict | None = None, knn: dict | None = None) -> dict:
+    """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already.
+    ``data``: check_inputs' records (the evaluation's ADE20k is checked against the one it recorded)."""
     p = paths(args, epochs)
+    check_eval_data(p["eval"], data["ade20k_dir"])
     done_file = os.path.join(p["eval"], "done.json")
     if os.path.exists(done_file):
         print(f"[benchmark] evaluation after {epochs} epochs already done: {done_file}")
-        row = json.load(open(done_file))
+        row = finished_row(done_file)
         append_result(p["results"], row)  # a kill after done.json but before the row: add it now
         return row
     if not os.path.exists(p["checkpoint"]):
         raise UserError(f"no pretraining checkpoint {p['checkpoint']}: run the benchmark without --eval first "
                         f"(or check --output-dir and --mask-method)")
+    check_eval_data(p["eval"], data["ade20k_dir"], record=True)
     argv = seg_argv(args, p["checkpoint"], p["eval"])
     eval_time = timed_stage(p["eval"], "segmenter", "segmenter.train", argv, args, segmenter.train.cli)
     pretrain_time = pretrain_time or {"seconds": 0.0, "invocations": 0}
@@ -289,7 +338,8 @@ def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | N
            "pretrain_img_per_sec": pretrain_throughput(p["pretrain"], epochs - args.eval_freq, epochs),
            "model": args.model, "seg_backbone": args.seg_backbone,
            "stack": args.stack, "stack_sha256": stack_sha256(args),
-           "config": {**run_config(args), **eval_config(args)}, "record": runsetup.run_record(args.num_gpus)}
+           "config": {**run_config(args), **eval_config(args)}, "record": runsetup.run_record(args.num_gpus),
+           "data": {"in1k_dir": data.get("in1k_dir") or recorded_run_data(args), "ade20k_dir": data["ade20k_dir"]}}
     if knn is not None:
         row.update(knn_top1=knn["knn_top1"], knn_time_s=knn["seconds"], knn_bank=knn["bank_size"])
     append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
@@ -297,7 +347,7 @@ def evaluate(epochs: int, args, pretrain_time: dict | None = None, knn: dict | N
     return row
 
 
-def evaluate_baseline(kind: str, args) -> dict:
+def evaluate_baseline(kind: str, args, data: dict) -> dict:
     """The original segmae code's reference points: a Segmenter trained from a randomly initialised
     encoder ('random', its --eval -2) or from the official MAE checkpoint of --model ('official',
     its --eval -3). A results row of its own, drawn as a reference line by compare."""
@@ -307,9 +357,10 @@ def evaluate_baseline(kind: str, args) -> dict:
     folder = os.path.join(args.output_dir, "eval_output", rid, f"seg{eval_id}")
     results = os.path.join(args.output_dir, "results.jsonl")
     done_file = os.path.join(folder, "done.json")
+    check_eval_data(folder, data["ade20k_dir"], record=not os.path.exists(done_file))
     if os.path.exists(done_file):
         print(f"[benchmark] {kind} baseline already done: {done_file}")
-        row = json.load(open(done_file))
+        row = finished_row(done_file)
         append_result(results, row)
         return row
     eval_time = timed_stage(folder, "segmenter", "segmenter.train", seg_argv(args, checkpoint, folder), args,
@@ -322,7 +373,7 @@ def evaluate_baseline(kind: str, args) -> dict:
            "pretrain_img_per_sec": None, "model": args.model,
            "seg_backbone": args.seg_backbone, "stack": "", "stack_sha256": "", "checkpoint_sha256": sha,
            "config": {"baseline": kind, "model": args.model, **eval_config(args)},
-           "record": runsetup.run_record(args.num_gpus)}
+           "record": runsetup.run_record(args.num_gpus), "data": {"ade20k_dir": data["ade20k_dir"]}}
     append_result(results, row)
     atomic_write_json(done_file, row, indent=1)
     return row
@@ -332,11 +383,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     for d, what in ((args.in1k_dir, "--in1k-dir"), (args.ade20k_dir, "--ade20k-dir")):
         if not os.path.isdir(d):
             raise UserError(f"{what} {d} does not exist")
-    os.makedirs(args.output_dir, exist_ok=True)
+    writable_dir(args.output_dir, "--output-dir")
     check_stage_args(args)
+    data = check_inputs(args)
     stack = resolve_stack(args)  # its SHA-256 is part of the run's identity
     if args.eval in BASELINES:
-        evaluate_baseline(args.eval, args)
+        evaluate_baseline(args.eval, args, data)
         rows = read_results(args.output_dir)
         print(results_table(rows))
         print(f"plot: {plot(rows, os.path.join(args.output_dir, 'miou_vs_epochs.png'))}")
@@ -344,13 +396,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_old_layout(args)
     print(f"[benchmark] run {run_id(args)}: {paths(args)['pretrain']}")
     if args.eval >= 0:
-        evaluate(args.eval, args)
+        evaluate(args.eval, args, data)
     else:
-        record_run(args)
+        for epochs in eval_points(args):  # every evaluation's data against what it recorded, before any stage
+            check_eval_data(paths(args, epochs)["eval"], data["ade20k_dir"])
+        record_run(args, data["in1k_dir"])  # and the run's (recorded here when the run starts)
         for epochs in eval_points(args):
             pretrain_time = pretrain_until(epochs, args, stack)
             knn = knn_until(epochs, args) if args.knn_eval else None
-            evaluate(epochs, args, pretrain_time, knn)
+            evaluate(epochs, args, data, pretrain_time, knn)
     rows = read_results(args.output_dir)
     print(results_table(rows))
     print(f"plot: {plot(rows, os.path.join(args.output_dir, 'miou_vs_epochs.png'))}")

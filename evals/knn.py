@@ -12,6 +12,7 @@ four_channels patch embedding folded (= the image fully visible, 4th channel 1).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ import models_vit
 import run.setup as runsetup
 from inputs.classification import CheckedImageFolder, build_eval_transform, build_resize_transform
 from inputs.pretrain import freeze_heap
+from inputs.transforms import as_hw
 from models_vit import load_encoder, load_pretrained_encoder, timm_name
 from run.checkpoint import checkpoint_config, load_checkpoint
 from run.files import atomic_write_json, writable_dir
@@ -91,6 +93,27 @@ def extract_features(model: torch.nn.Module, dataset, indices: list[int], device
     return torch.cat([g[:bounds[r + 1] - bounds[r]].cpu() for r, g in enumerate(gathered)])
 
 
+def knn_datasets(data_path: str, transform=None) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+    """(train, val) of data_path as kNN reads them: ImageFolders, val numbered by train's classes
+    (a flat val/, a class train/ lacks, an empty class: one error naming it). The benchmark calls
+    it before its first stage."""
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise UserError(f"--data_path {data_path} has no {split}/ folder (ImageFolder layout), which kNN reads")
+    train = CheckedImageFolder(os.path.join(data_path, "train"), transform)
+    val = CheckedImageFolder(os.path.join(data_path, "val"), transform, class_to_idx=train.class_to_idx)
+    return train, val
+
+
+def check_input_size(size, patch: int, model: str) -> tuple[int, int]:
+    """--input_size as (H, W), each side a multiple of the encoder's patch (and at least one patch)."""
+    h, w = as_hw(size)
+    if h < patch or w < patch or h % patch or w % patch:
+        raise UserError(f"--input_size {h} {w} does not fit {model}: each side must be a multiple of its patch size "
+                        f"{patch} (leave --input_size out to use the size it was pretrained at)")
+    return h, w
+
+
 def knn_eval(args: argparse.Namespace, run: Runtime | None = None) -> dict:
     """Builds the encoder of args.checkpoint and scores it; returns {'knn_top1', ...}. run: the
     command's Runtime (without one: one process on --device)."""
@@ -99,7 +122,8 @@ def knn_eval(args: argparse.Namespace, run: Runtime | None = None) -> dict:
     start = time.time()
     ckpt = load_checkpoint(args.checkpoint)
     _, _, method, size, shape = load_encoder(args.checkpoint, ckpt, args.mask_channel)
-    size = tuple(args.input_size) if args.input_size else size
+    if args.input_size:
+        size = check_input_size(args.input_size, shape["patch"], f"the encoder of {args.checkpoint}")
     model = models_vit.build_vit(timm_name(shape), img_size=size, num_classes=0)
     load_pretrained_encoder(model, args.checkpoint, fold_mask_channel=True, checkpoint=ckpt,
                             mask_channel=args.mask_channel)
@@ -108,11 +132,7 @@ def knn_eval(args: argparse.Namespace, run: Runtime | None = None) -> dict:
     normalization = config.get("normalization") or "imagenet"
     transform = (build_resize_transform(size, normalization) if config.get("augment") == "resize"
                  else build_eval_transform(size, normalization=normalization))
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data_path, split)):
-            raise UserError(f"--data_path {args.data_path} has no {split}/ folder (ImageFolder layout)")
-    train = CheckedImageFolder(os.path.join(args.data_path, "train"), transform)
-    val = CheckedImageFolder(os.path.join(args.data_path, "val"), transform, class_to_idx=train.class_to_idx)
+    train, val = knn_datasets(args.data_path, transform)
     bank_idx = balanced_subset(train.targets, args.bank_per_class, args.seed)
     bank = extract_features(model, train, bank_idx, device, amp, args.batch_size, args.num_workers, args.pool)
     queries = extract_features(model, val, list(range(len(val))), device, amp, args.batch_size,
@@ -130,13 +150,23 @@ def knn_eval(args: argparse.Namespace, run: Runtime | None = None) -> dict:
     return result
 
 
+def temperature_type(value: str) -> float:
+    """A finite temperature > 0: 0 divides by zero, a negative one makes the least similar features
+    win, nan and inf make every vote equal (each a chance-level top-1)."""
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (the DINO protocol's is 0.07), got {value}")
+    return v
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Weighted kNN top-1 of a pretrained encoder", add_help=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data_path", required=True, help="train/ (the memory bank is drawn from it) and val/")
     p.add_argument("--bank_per_class", type=int, default=100, help="training images per class in the memory bank")
     p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--temperature", type=temperature_type, default=0.07,
+                   help="the votes' weight is exp(similarity / temperature)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens")
     p.add_argument("--input_size", type=int, nargs="+", default=None, help="default: the pretraining size")
     p.add_argument("--batch_size", type=int, default=128)
@@ -154,6 +184,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.bank_per_class < 1 or args.k < 1:
         parser.error("--bank_per_class and --k must be positive")
+    if args.input_size is not None and not (len(args.input_size) in (1, 2) and min(args.input_size) > 0):
+        parser.error(f"--input_size takes one or two positive integers (H W), got {' '.join(map(str, args.input_size))}")
     args.dist_on_itp, args.output_dir = False, ""
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 
-from evals.runs import result_key
-from run.files import read_jsonl
+from evals.runs import read_result_rows, result_key
 
 
 def read_results(output_dir: str) -> list[dict]:
+    """Every results row under output_dir, once each (a line that is not a row is named in a
+    warning and left out)."""
     rows = []
     for root, _, files in os.walk(output_dir):
         if "results.jsonl" in files:
-            rows += read_jsonl(os.path.join(root, "results.jsonl"))
+            rows += read_result_rows(os.path.join(root, "results.jsonl"))
     seen, unique = set(), []
     for r in rows:
         if result_key(r) not in seen:
@@ -25,7 +26,7 @@ def read_results(output_dir: str) -> list[dict]:
 
 
 def curve_key(row: dict) -> tuple:
-    return (row.get("run_id") or f"{row['method']}|{row['coverage_ratio']}", row.get("eval_id"))
+    return (row.get("run_id") or f"{row['method']}|{row.get('coverage_ratio')}", row.get("eval_id"))
 
 
 def curve_labels(rows: list[dict]) -> dict:
@@ -38,7 +39,7 @@ def curve_labels(rows: list[dict]) -> dict:
         return r["method"] if cov is None else f"{r['method']} {cov:g}%"
 
     config = lambda r, k: (r.get("config") or {}).get(k)  # noqa: E731
-    extras = [lambda r: r.get("model", "").replace("mae_", ""),
+    extras = [lambda r: (r.get("model") or "").replace("mae_", ""),
               lambda r: "stacked" if r.get("stack") else "",
               lambda r: f"seed {config(r, 'seed')}" if config(r, "seed") is not None else "",
               lambda r: f"{config(r, 'pretrain_epochs')} ep schedule" if config(r, "pretrain_epochs") else "",
@@ -106,8 +107,8 @@ def results_table(rows: list[dict]) -> str:
         knn_s = f"{r['knn_time_s']:.1f}" if r.get("knn_time_s") is not None else "-"
         epochs = ("-" if r.get("baseline") else str(r["epochs"])) + ("*" if r.get("resumed") else "")
         lines.append(f"{labels[curve_key(r)]:<{width}} {epochs:>7} {r['mIoU']:>7.2f} "
-                     f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s', 0):>11.1f} "
-                     f"{r.get('eval_time_s', 0):>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
+                     f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s') or 0:>11.1f} "
+                     f"{r.get('eval_time_s') or 0:>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
     if any(r.get("resumed") for r in rows):
         lines.append("* resumed after an interrupt: its times are totals over every invocation")
     return "\n".join(lines)
@@ -122,8 +123,16 @@ def read_finetune_results(output_dir: str) -> list[dict]:
     rows = []
     for root, _, files in os.walk(output_dir):
         if FINETUNE_RESULT in files:
-            with open(os.path.join(root, FINETUNE_RESULT)) as f:
-                rows.append({**json.load(f), "dir": os.path.relpath(root, output_dir)})
+            path = os.path.join(root, FINETUNE_RESULT)
+            try:
+                with open(path) as f:
+                    result = json.load(f)
+            except (OSError, ValueError) as e:
+                result = e
+            if not isinstance(result, dict):
+                print(f"WARNING: {path} is not a finetuning result (a JSON object): left out")
+                continue
+            rows.append({**result, "dir": os.path.relpath(root, output_dir)})
     return sorted(rows, key=lambda r: (r.get("finetune", ""), r.get("kind", ""), r.get("train_images", 0), r["dir"]))
 
 

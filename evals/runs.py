@@ -2,21 +2,34 @@
 
 A pretraining run's folder is named after everything that defines it, so another configuration
 never continues (or reports as) this one: RUN = <method>[-cov<C>]-<model>[-stacked]-seed<S>-<digest>.
-results.jsonl holds one row per (run, Segmenter settings, epochs), never duplicated.
+The data is part of a run's and an evaluation's identity too, but kept out of the names (runs of
+earlier versions keep theirs): its real path and file list are recorded (the run's config.json, each
+evaluation's data.json) and every later command is checked against them.
+results.jsonl holds one row per (run, Segmenter settings, epochs), never duplicated; it is only
+ever appended to, one line per write, so writers sharing the folder lose no row.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import shlex
 import urllib.request
 
+from inputs.folders import scan_image_folder
+from inputs.roots import LMDB, NOT_CLASSES, SPLIT, root_kind
+from inputs.shards import expand_shards, is_shard_path
 from mask_methods import uses_segments
 from run.checkpoint import load_checkpoint
-from run.files import atomic_write_json, file_digest, read_jsonl, read_sha256_record, write_jsonl, write_sha256_record
+from run.distributed import file_list_digest
+from run.files import (StorageError, atomic_write_json, file_digest, free_space, read_jsonl, read_sha256_record,
+                       write_sha256_record)
 from segmenter import RECIPE as SEGMENTER_RECIPE
+from segmenter.data import ADE20K
 from util.misc import UserError
 
 OFFICIAL_MAE = {  # official MAE encoders for --stack official
@@ -84,15 +97,159 @@ def paths(args, epochs: int | None = None) -> dict:
     return d
 
 
-def record_run(args) -> None:
-    """config.json in the run's folder: the full configuration, for a person and for compare."""
+def record_run(args, in1k: dict) -> None:
+    """config.json in the run's folder: the full configuration, for a person and for compare, and
+    the pretraining data (``in1k``: in1k_record) the run is tied to. A run's recorded data is
+    checked against this command's before anything is done: another folder, or the same folder
+    with another file list, is refused (a run that recorded no data, from an earlier version, is
+    checked by the path it recorded and gets the record now)."""
     folder = paths(args)["pretrain"]
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         atomic_write_json(path, {"run_id": run_id(args), "config": run_config(args),
                                  "in1k_dir": os.path.abspath(args.in1k_dir),
-                                 "ade20k_dir": os.path.abspath(args.ade20k_dir)}, indent=1)
+                                 "ade20k_dir": os.path.abspath(args.ade20k_dir), "data": {"in1k_dir": in1k}},
+                          indent=1)
+        return
+    config = read_json_object(path, "the run's record")
+    recorded = _data_entry(config, "in1k_dir")
+    if recorded is None and isinstance(config.get("in1k_dir"), str):  # an earlier version recorded the path only
+        recorded = {"path": os.path.realpath(config["in1k_dir"]), "files": None}
+    if check_recorded_data(recorded, in1k, "--in1k-dir", f"the run {folder}"):
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        atomic_write_json(path, {**config, "data": {**data, "in1k_dir": in1k}}, indent=1)
+
+
+def _data_entry(record: dict, flag: str):
+    """record['data'][flag] (None where there is none)."""
+    data = record.get("data")
+    return data.get(flag) if isinstance(data, dict) else None
+
+
+def recorded_run_data(args) -> dict | None:
+    """The pretraining data the run recorded in its config.json (None: none recorded)."""
+    path = os.path.join(paths(args)["pretrain"], "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        return config["data"]["in1k_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file this repo wrote that must hold an object; anything else (edited by hand, or
+    damaged) is one error naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} ({what}) cannot be read ({e}): restore it, or move it away to start that part "
+                        f"afresh") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} ({what}) holds a {type(obj).__name__}, not a JSON object: restore it, or move it "
+                        f"away to start that part afresh")
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# the data a run and an evaluation are tied to: its real path and its file list (the digest the
+# ranks check computes), recorded when they start and checked by every later command
+
+def in1k_record(root: str, train_samples=None) -> dict:
+    """{'path': the real path, 'files': what lists the pretraining data} of --in1k-dir: the file
+    list of train/ (or of the class folders directly inside) as a count and a digest; the names and
+    sizes of the files of an LMDB or of tar shards. ``train_samples``: train/'s scan, when one was
+    made already (the kNN check)."""
+    real = os.path.realpath(root)
+    if is_shard_path(root):
+        return {"path": real, "files": _names_and_sizes(expand_shards(root), root)}
+    kind = root_kind(root)
+    if kind == LMDB:  # its data file (lock.mdb is the readers' table, not data)
+        return {"path": real, "files": _names_and_sizes([os.path.join(root, "data.mdb")], root)}
+    if train_samples is None or kind != SPLIT:
+        image_root, exclude = (os.path.join(root, "train"), ()) if kind == SPLIT else (root, NOT_CLASSES)
+        train_samples = scan_image_folder(image_root, exclude=exclude).samples
+    return {"path": real, "files": {"images": len(train_samples), "digest": train_samples.digest()[:16]}}
+
+
+def _names_and_sizes(files: list[str], root: str) -> dict:
+    listing = [f"{os.path.relpath(f, root)}:{os.path.getsize(f)}" for f in files]
+    return {"files": len(files), "digest": file_list_digest(listing, "")}
+
+
+def ade20k_record(root: str) -> dict:
+    """{'path', 'files'} of --ade20k-dir: each split's image count and file-list digest (as the
+    Segmenter's ranks check computes them). Opening the splits checks the layout, so a missing or
+    incomplete ADE20k is found before any stage runs."""
+    files = {}
+    for split in ("train", "val"):
+        names = ADE20K(root, split, transform=None).names
+        files[split] = {"images": len(names), "digest": file_list_digest(names, "")}
+    return {"path": os.path.realpath(root), "files": files}
+
+
+def describe_data(record: dict) -> str:
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its file list not recorded"
+    if "train" in files:
+        return ", ".join(f"{split} {v.get('images')} images, list {v.get('digest')}" for split, v in files.items()
+                         if isinstance(v, dict))
+    count = f"{files['images']} images" if "images" in files else f"{files.get('files')} files"
+    return f"{count}, list {files.get('digest')}"
+
+
+def check_recorded_data(recorded: dict | None, current: dict, flag: str, what: str) -> bool:
+    """Checks the data given now (``current``) against what ``what`` recorded; returns True when
+    the record should be written (none yet, or the data moved). The same real path and file list
+    pass; a file list that changed, or another folder, is one error naming both and the way out;
+    the same file list at a new path passes (with a note) only when the recorded folder is gone,
+    i.e. the data moved (a record without a file list, from an earlier version: the path alone)."""
+    if not recorded:
+        return True
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("path"), str)):
+        raise UserError(f"{what} holds a damaged record of its {flag} ({recorded!r:.80}): restore it from the results "
+                        f"rows, or move that folder away to start it afresh")
+    old_path, old_files = recorded.get("path"), recorded.get("files")
+    same_files = old_files is None or old_files == current["files"]
+    if old_path == current["path"]:
+        if same_files:
+            return old_files is None  # an earlier version's record: completed now
+        raise UserError(f"{flag} {current['path']} changed since {what} started on it ({describe_data(recorded)} then, "
+                        f"{describe_data(current)} now): its results would mix two data sets. Use another "
+                        f"--output-dir for the data as it is now (or restore the files the run was made on)")
+    if same_files and not os.path.exists(old_path):
+        print(f"[benchmark] note: {what} was made on {old_path}, which is gone; {current['path']} holds the same file "
+              f"list ({describe_data(current)}): continuing on it, as data that moved")
+        return True
+    raise UserError(f"{what} was made on {flag} {old_path} ({describe_data(recorded)}), not on {current['path']} "
+                    f"({describe_data(current)}{'; the same file list, but another folder' if same_files else ''}): "
+                    f"pass {flag} {shlex.quote(old_path)} to continue it, or use another --output-dir for a run on "
+                    f"this data")
+
+
+EVAL_DATA = "data.json"  # in an evaluation's folder: the ADE20k it is made on
+
+
+def check_eval_data(folder: str, ade20k: dict, record: bool = False) -> None:
+    """An evaluation's ADE20k (``ade20k``: ade20k_record) against the one its folder recorded
+    (data.json, or the finished row in done.json). ``record``: the evaluation starts now, so the
+    data is recorded if it is not yet (a finished evaluation of an earlier version, which recorded
+    nothing, is left as it is)."""
+    path, done = os.path.join(folder, EVAL_DATA), os.path.join(folder, "done.json")
+    recorded = None
+    if os.path.exists(path):
+        recorded = read_json_object(path, "the evaluation's data").get("ade20k_dir")
+    elif os.path.exists(done):
+        recorded = _data_entry(read_json_object(done, "a finished evaluation"), "ade20k_dir")
+        if recorded is None:
+            return
+    if check_recorded_data(recorded, ade20k, "--ade20k-dir", f"the evaluation {folder}") and \
+            (record or os.path.exists(path)):  # a new evaluation, or data that moved
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_json(path, {"ade20k_dir": ade20k}, indent=1)
 
 
 def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) -> float | None:
@@ -106,13 +263,117 @@ def pretrain_throughput(pretrain_dir: str, first_epoch: int, last_epoch: int) ->
 
 
 def append_result(results_path: str, row: dict) -> None:
-    """One row per (method, coverage, epochs): a re-run never duplicates a row. The file is
-    rewritten atomically, which also drops a line torn by a crash mid-write."""
-    rows = read_jsonl(results_path)
-    if any(result_key(old) == result_key(row) for old in rows):
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-    write_jsonl(results_path, rows + [row])
+    """Adds ``row`` to results.jsonl unless a row of its key is there (a rerun never duplicates
+    one). Safe between processes and hosts sharing the folder: the file is never rewritten, only
+    appended to, the row in one write() of one line under O_APPEND, with a POSIX lock (which NFS
+    and Lustre pass on to every host) held from the duplicate check to the write. So no writer
+    loses another's row, and a line that is not a row (torn by a crash, edited by hand) stays in
+    the file as it is."""
+    folder = os.path.dirname(os.path.abspath(results_path))
+    line = (json.dumps(row) + "\n").encode()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(results_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StorageError(f"could not write {results_path}: {e.strerror or e}; pass a writable --output-dir") from None
+    try:
+        _lock(fd)
+        text = _read_from(fd)
+        if any(result_key(old) == result_key(row) for old in parse_results(text, results_path)):
+            return
+        if text and not text.endswith(b"\n"):
+            line = b"\n" + line  # a line torn by a crash keeps a line of its own
+        if os.write(fd, line) != len(line):
+            raise OSError(errno.ENOSPC, "the row was written only in part (file system full?)")
+        os.fsync(fd)
+    except OSError as e:
+        raise StorageError(f"could not write {results_path}: {e.strerror or e} ({free_space(folder)} there); "
+                           f"the row is kept in its evaluation's folder and added by the next run") from None
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    """An exclusive POSIX lock on the whole file, released when fd is closed; a file system that
+    has no locks leaves the single O_APPEND write alone to keep rows whole."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+
+
+def _read_from(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def read_result_rows(path: str) -> list[dict]:
+    """The results rows of one results.jsonl; a line that is not a row is left in the file as it
+    is and out of the results, with a warning naming it."""
+    try:
+        with open(path, "rb") as f:
+            return parse_results(f.read(), path)
+    except FileNotFoundError:
+        return []
+
+
+def parse_results(text: bytes, path: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.decode("utf-8", "replace").split("\n"), 1):  # lines as the writer ends them
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            problem = "is not JSON (torn by a crash, or edited)"
+        else:
+            problem = row_problem(row)
+            if problem is None:
+                rows.append(row)
+                continue
+            problem = f"is not a results row ({problem})"
+        print(f"WARNING: {path} line {n} {problem}: left in the file as it is, and out of the results")
+    return rows
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is(value, kind: type) -> bool:
+    """JSON types: a float is any number; true/false are no numbers."""
+    if kind is float:
+        return _number(value)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def row_problem(row) -> str | None:
+    """What makes ``row`` unusable as a results row (the table, the curves and the duplicate check
+    read these keys), or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    if "run_id" not in row and "coverage_ratio" not in row:
+        return "neither 'run_id' nor 'coverage_ratio'"
+    needed = [("method", str), ("epochs", int), ("mIoU", float), ("pixel_accuracy", float)]
+    optional = [("run_id", str), ("eval_id", str), ("model", str), ("config", dict), ("coverage_ratio", float),
+                ("knn_top1", float), ("knn_time_s", float), ("pretrain_time_s", float), ("eval_time_s", float),
+                ("pretrain_img_per_sec", float)]
+    names = {str: "a string", int: "a whole number", float: "a number", dict: "an object"}
+    for key, kind in needed:
+        if not _is(row.get(key), kind):
+            return f"'{key}' is missing or not {names[kind]}"
+    for key, kind in optional:
+        if row.get(key) is not None and not _is(row[key], kind):
+            return f"'{key}' is not {names[kind]}"
+    for key in ("pretrain_args", "seg_args"):
+        argv = (row.get("config") or {}).get(key)
+        if argv is not None and not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+            return f"config '{key}' is not a list of strings"
+    return None
 
 
 def result_key(row: dict) -> tuple:
@@ -124,8 +385,9 @@ def result_key(row: dict) -> tuple:
 
 def add_stage_time(folder: str, stage: str, seconds: float) -> dict:
     """Adds one invocation's wall-clock to <folder>/stage_times.json and returns the stage's total
-    over every invocation: a stage resumed after an interrupt reports all the time it took."""
-    totals = stage_times(folder)
+    over every invocation: a stage resumed after an interrupt reports all the time it took. A file
+    that is not a record of stage times is set aside (named in a warning), not overwritten."""
+    totals = stage_times(folder, set_aside=True)
     entry = totals.setdefault(stage, {"seconds": 0.0, "invocations": 0})
     entry["seconds"] = round(entry["seconds"] + seconds, 3)
     entry["invocations"] += 1
@@ -134,13 +396,40 @@ def add_stage_time(folder: str, stage: str, seconds: float) -> dict:
     return entry
 
 
-def stage_times(folder: str) -> dict:
+def stage_times(folder: str, set_aside: bool = False) -> dict:
+    """{stage: {'seconds', 'invocations'}} of <folder>/stage_times.json; {} when there is none. One
+    that cannot be read as that (edited by hand, damaged) counts as none, with a warning; with
+    ``set_aside`` it is renamed to stage_times.json.unreadable, so that nothing is lost."""
     path = os.path.join(folder, "stage_times.json")
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+            totals = json.load(f)
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        totals, problem = None, f"cannot be read ({e})"
+    else:
+        problem = _stage_times_problem(totals)
+    if problem is None:
+        return totals
+    note = ""
+    if set_aside:
+        os.replace(path, path + ".unreadable")
+        note = f"; set aside as {path}.unreadable"
+    print(f"WARNING: {path} {problem}: the stage times count from this invocation on (the table's times are "
+          f"lower than the time spent){note}")
+    return {}
+
+
+def _stage_times_problem(totals) -> str | None:
+    if not isinstance(totals, dict):
+        return f"holds a JSON {type(totals).__name__}, not an object of stages"
+    for stage, entry in totals.items():
+        if not (isinstance(entry, dict) and _number(entry.get("seconds")) and math.isfinite(entry["seconds"])
+                and entry["seconds"] >= 0 and isinstance(entry.get("invocations"), int)
+                and not isinstance(entry["invocations"], bool) and entry["invocations"] >= 0):
+            return f"has an entry {stage!r} that is not {{'seconds': number, 'invocations': count}}"
+    return None
 
 
 def resolve_stack(args) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,7 +151,7 @@ def _walk_split(root: str, exclude: tuple[str, ...] = ()):
         flat = [e.name for e in entries if e.is_file() and is_image(e.name)]
         if flat:
             raise DataError(f"{root} holds {len(flat)} images directly, not in class folders (the official "
-                            f"ImageNet val tarball is flat): " + SORT_VAL_HINT.format(root=root))
+                            f"ImageNet val tarball is flat): " + SORT_VAL_HINT.format(root=shlex.quote(root)))
         raise DataError(f"no class folder in {root}: expected {root}/<class>/<image>")
     st = os.stat(root)
     seen: dict[tuple[int, int], str] = {(st.st_dev, st.st_ino): root}

@@ -118,7 +118,7 @@ def submit(main: Callable, args: argparse.Namespace, name: str, tasks_per_node: 
     if args.dry_run:
         from submitit.slurm.slurm import _make_sbatch_string
         script = _make_sbatch_string(
-            command=f"{job_python()} -u -m submitit.core._submit {args.job_dir}", folder=args.job_dir, job_name=name,
+            command=f"{job_python()} -u -m submitit.core._submit {shlex.quote(str(args.job_dir))}", folder=args.job_dir, job_name=name,
             partition=args.partition, time=args.timeout, nodes=args.nodes, ntasks_per_node=tasks,
             gpus_per_node=args.ngpus, cpus_per_task=cpus, mem=f"{40 * args.ngpus}GB", signal_delay_s=120,
             comment=args.comment or None, constraint="volta32gb" if args.use_volta32 else None)

@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -119,7 +120,7 @@ class MaskCache:
     def __init__(self, root: str, coverage_ratio: float, source: MaskSource | None = None,
                  check_files: bool = True, every_file: bool = False):
         self.bin_path, index_path = mask_cache_paths(root, coverage_ratio)
-        rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {root} --coverage_ratio "
+        rebuild = (f"Rebuild it: python tools/build_mask_cache.py --data_path {shlex.quote(root)} --coverage_ratio "
                    f"{coverage_ratio:g} (or delete {os.path.dirname(index_path)} to read masks/ itself)")
         try:
             with np.load(index_path) as index:

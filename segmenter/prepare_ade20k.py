@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -68,7 +69,7 @@ def link_folder(folder: str, out: str, root: str) -> str:
         os.remove(root)
     elif os.path.exists(root):
         raise SystemExit(f"{root} exists but is incomplete (needs {', '.join(missing_parts(root))}): move or "
-                         f"remove it (rm -r {root}), or pass another --out, then run again")
+                         f"remove it (rm -r {shlex.quote(root)}), or pass another --out, then run again")
     os.symlink(os.path.abspath(folder), root)
     print(f"ADE20k ready in {root} (a link to {folder})")
     return root

@@ -13,6 +13,7 @@ are counted as "could not be checked", and the report then does not say "no prob
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from multiprocessing import Pool
@@ -24,6 +25,7 @@ from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
 from inputs.images import DataError, image_error  # noqa: E402
 from inputs.pretrain import freeze_heap  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
+from run.flags import coverage_ratio_type  # noqa: E402
 from sam.cache import MaskCache  # noqa: E402
 from sam.files import MaskFileError, check_rle, duplicate_stems  # noqa: E402
 from sam.geometry import IMAGE_ERRORS  # noqa: E402
@@ -153,11 +155,20 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
     return report
 
 
+def tolerance_type(value: str) -> float:
+    """Points around --coverage_ratio: a finite number >= 0 (nan would count no image as near, and
+    report no problem)."""
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of points >= 0, got {value}")
+    return v
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", required=True)
-    p.add_argument("--coverage_ratio", type=float, default=50.0)
-    p.add_argument("--tolerance", type=float, default=5.0, help="points around --coverage_ratio")
+    p.add_argument("--coverage_ratio", type=coverage_ratio_type, default=50.0)
+    p.add_argument("--tolerance", type=tolerance_type, default=5.0, help="points around --coverage_ratio")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--mask_format", default="auto", choices=("auto",) + tuple(SOURCES),
                    help="layout of masks/ (default: detected)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from multiprocessing import Pool
@@ -146,7 +147,10 @@ def main(argv=None) -> dict:
         if summary["error"]:
             raise SystemExit(1)
         masks = os.path.join(args.data_path, "masks")
-        print(f"To train on them: mv {masks} {masks}_{summary['format']} && mv {summary['out']} {masks}")
+        backup = f"{masks}_{summary['format']}"
+        while os.path.exists(backup) or os.path.abspath(backup) == os.path.abspath(summary["out"]):
+            backup += "_original"  # not the converted folder itself (masks_json from a JSON layout)
+        print(f"To train on them: {shlex.join(['mv', masks, backup])} && {shlex.join(['mv', summary['out'], masks])}")
     return summary
 
 

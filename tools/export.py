@@ -15,12 +15,18 @@ hf:      a transformers ViTModel folder (save_pretrained): ViTModel.from_pretrai
 hf-mae:  a transformers ViTMAEForPreTraining folder, decoder included (patches checkpoints)
 encoder: checkpoint.pth = {'model': encoder weights} in the official MAE layout, which the original
          facebookresearch/mae main_finetune.py --finetune (and this repo's) accepts.
+
+Every file is written into a temporary folder inside --out first and moved into --out only when all
+are complete, config.json last: a full disk (or a kill) leaves the previous export as it was, never a
+config.json without its weights.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 
 import torch
@@ -31,7 +37,7 @@ from inputs.transforms import NORMALIZATIONS, as_hw  # noqa: E402
 from mask_methods import get_method  # noqa: E402
 from models_vit import describe_encoder, load_encoder, timm_name  # noqa: E402
 from run.checkpoint import checkpoint_config, load_checkpoint  # noqa: E402
-from run.files import atomic_torch_save, writable_dir  # noqa: E402
+from run.files import StorageError, atomic_torch_save, free_space, writable_dir  # noqa: E402
 from run.flags import add_mask_channel_arg  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from util.misc import UserError  # noqa: E402
@@ -187,20 +193,69 @@ def export_encoder(sd: dict, out: str) -> list[str]:
     return [path]
 
 
+_STAGING = re.compile(r"^\.export\.tmp(\d+)$")  # a folder of files being written, inside --out
+
+
+def _failed_write(e: BaseException) -> bool:
+    """A write that failed (full disk, quota, I/O error), as the writers report it: an OSError,
+    safetensors' 'I/O error ... (os error 28)', torch's zip writer's RuntimeError."""
+    return isinstance(e, OSError) or any(s in str(e) for s in ("I/O error", "os error", "No space left",
+                                                                "PytorchStreamWriter", "file write failed"))
+
+
+def _remove_stale_staging(out: str) -> None:
+    """Temporary folders of exports that were killed (their process is gone)."""
+    for name in os.listdir(out):
+        match = _STAGING.match(name)
+        if match and os.path.isdir(os.path.join(out, name)):
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            except PermissionError:  # another user's live process
+                pass
+
+
+def _publish(staging: str, out: str) -> list[str]:
+    """Moves every file written in staging into out, the JSON files (config.json: what makes a
+    folder loadable) last; returns their paths in out."""
+    names = sorted(os.listdir(staging), key=lambda n: (n.endswith(".json"), n == "config.json", n))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
+    return sorted(os.path.join(out, n) for n in names)
+
+
 def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_zero_head: bool = False) -> list[str]:
     ckpt = load_checkpoint(checkpoint)
     sd, full, method, size, shape = load_encoder(checkpoint, ckpt, mask_channel=mask_channel)
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
     writable_dir(out, "--out")
-    if to == "timm":
-        normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
-        files = export_timm(sd, shape, size, out, timm_zero_head, normalization)
-    elif to == "hf":
-        files = export_hf(sd, shape, size, out)
-    elif to == "hf-mae":
-        files = export_hf_mae(full, sd, shape, size, method, out)
-    else:
-        files = export_encoder(sd, out)
+    _remove_stale_staging(out)
+    staging = os.path.join(out, f".export.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        os.makedirs(staging)
+        if to == "timm":
+            normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
+            export_timm(sd, shape, size, staging, timm_zero_head, normalization)
+        elif to == "hf":
+            export_hf(sd, shape, size, staging)
+        elif to == "hf-mae":
+            export_hf_mae(full, sd, shape, size, method, staging)
+        else:
+            export_encoder(sd, staging)
+        files = _publish(staging, out)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, StorageError):  # atomic_torch_save's, naming the temporary folder's file
+            reason = str(e).split(": ", 1)[-1]
+        elif _failed_write(e):
+            reason = f"{(e.strerror or str(e)) if isinstance(e, OSError) else e} ({free_space(out)} there)"
+        else:
+            raise
+        raise StorageError(f"could not write the {to} export into {out}: {reason}; nothing in {out} was changed. "
+                           f"Free some space (or pass another --out) and run again") from None
     print("wrote " + ", ".join(files))
     return files
 

@@ -9,14 +9,18 @@ val/<wnid>/<image>, the layout finetuning, linear probing and kNN read. The labe
 
     python tools/sort_imagenet_val.py --val_dir /datasets/imagenet/val --labels LOC_val_solution.csv
 
-Images are moved within val/ (--copy copies them instead). Running it again after an interruption
-finishes the job: images already in their class folder are left there.
+Images are moved within val/ (--copy copies them instead). Every class name must be one plain folder
+name (letters, digits, '_', '-', '.', '+'; not starting with '.'): a label file naming anything else
+(../x, an absolute path) is refused whole. Every move is planned and checked before the first one
+(a class folder that would be a file, an image already there), so a refusal moves nothing. Running
+it again after an interruption finishes the job: images already in their class folder are left there.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
+import re
 import shutil
 import sys
 
@@ -25,16 +29,31 @@ from inputs.folders import is_image  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
+# a class folder name: one path component, and one that every scan reads (a leading dot is hidden)
+CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
 
 def _stem(name: str) -> str:
     return os.path.splitext(os.path.basename(name.strip()))[0]
+
+
+def check_class_names(labels: dict[str, str], source: str) -> None:
+    """Refuses the whole label file when one class name is not a plain folder name: joined to
+    --val_dir, '../x' or '/x' would move images out of val/."""
+    for key, name in labels.items():
+        if not (CLASS_NAME.fullmatch(name) and len(name.encode()) <= 255):
+            raise UserError(f"{source}: the class name {name!r} (of {key}) is not a plain folder name (letters, "
+                            f"digits, '_', '-', '.', '+', not starting with '.'), so nothing was moved. Is it the "
+                            f"validation set's label file? Fix the class names in it")
 
 
 def read_synsets(meta: str | None, synsets: str | None) -> list[str]:
     """wnids in ILSVRC2012_ID order (ID 1 first)."""
     if synsets:
         with open(synsets) as f:
-            return [line.split()[0] for line in f if line.strip()]
+            wnids = [line.split()[0] for line in f if line.strip()]
+        check_class_names({f"class ID {i}": w for i, w in enumerate(wnids, 1)}, f"--synsets {synsets}")
+        return wnids
     if not meta:
         raise UserError("the devkit's ground truth gives class IDs: pass --meta <devkit>/data/meta.mat "
                         "(or --synsets, a file of wnids in ID order)")
@@ -44,11 +63,18 @@ def read_synsets(meta: str | None, synsets: str | None) -> list[str]:
         raise UserError("reading meta.mat needs scipy: pip install scipy (or pass --synsets)") from None
     rows = loadmat(meta, squeeze_me=True)["synsets"]
     by_id = {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in rows}
+    check_class_names({f"class ID {i}": w for i, w in by_id.items()}, f"--meta {meta}")
     return [by_id[i] for i in range(1, 1001)]
 
 
 def read_labels(path: str, meta: str | None = None, synsets: str | None = None) -> dict[str, str]:
-    """image stem -> wnid, from any of the label files above."""
+    """image stem -> wnid, from any of the label files above; every wnid a plain folder name."""
+    labels = _read_labels(path, meta, synsets)
+    check_class_names(labels, f"--labels {path}")
+    return labels
+
+
+def _read_labels(path: str, meta: str | None, synsets: str | None) -> dict[str, str]:
     if not os.path.isfile(path):
         raise UserError(f"--labels {path} does not exist")
     with open(path, newline="") as f:
@@ -72,23 +98,59 @@ def read_labels(path: str, meta: str | None = None, synsets: str | None = None) 
     raise UserError(f"--labels {path}: not a format this tool reads (see --help)")
 
 
-def sort_val(val_dir: str, labels: dict[str, str], copy: bool = False, dry_run: bool = False) -> dict[str, int]:
-    """Moves (or copies) each flat image of val_dir into val_dir/<wnid>/. Returns counts."""
+def plan_moves(val_dir: str, labels: dict[str, str], copy: bool = False) -> tuple[list[tuple[str, str]], int]:
+    """([(image, its place in its class folder)] for every flat image still to sort, how many are
+    there already (--copy run again)). Every move is checked here, before the first is made: a
+    class folder that would be a file of val/ (a wnid equal to an image's name) or an image of
+    that name already in its class folder is an error naming the first and the count."""
     if not os.path.isdir(val_dir):
         raise UserError(f"--val_dir {val_dir} does not exist")
+    check_class_names(labels, "the labels")
     flat = sorted(e.name for e in os.scandir(val_dir) if e.is_file() and is_image(e.name))
     unlabelled = [n for n in flat if _stem(n) not in labels]
     if unlabelled:
         raise UserError(f"{len(unlabelled)} images in {val_dir} are not in the labels file, e.g. {unlabelled[0]}: "
                         f"is it the validation set's label file?")
+    moves, done, blocked = [], 0, []
     for name in flat:
-        target = os.path.join(val_dir, labels[_stem(name)])
-        if dry_run:
-            continue
-        os.makedirs(target, exist_ok=True)
-        (shutil.copy2 if copy else os.replace)(os.path.join(val_dir, name), os.path.join(target, name))
-    classes = {labels[_stem(n)] for n in flat}
-    return {"sorted": len(flat), "classes": len(classes)}
+        folder = os.path.join(val_dir, labels[_stem(name)])
+        source, target = os.path.join(val_dir, name), os.path.join(folder, name)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            blocked.append(f"the class folder {folder} of {name} would be a file that is already there")
+        elif os.path.lexists(target):
+            if copy and _same_file_contents(source, target):
+                done += 1
+                continue
+            blocked.append(f"{target} already exists (another file of the same name as {source})")
+        else:
+            moves.append((source, target))
+    if blocked:
+        raise UserError(f"{len(blocked)} of {len(flat)} images cannot be sorted, e.g. {blocked[0]}; nothing was "
+                        f"moved. Move those files away (or fix the labels), then run again")
+    return moves, done
+
+
+def _same_file_contents(a: str, b: str) -> bool:
+    """A copy this tool made (same size and modification time: copy2 keeps it)."""
+    sa, sb = os.stat(a), os.stat(b)
+    return sa.st_size == sb.st_size and abs(sa.st_mtime - sb.st_mtime) < 1
+
+
+def sort_val(val_dir: str, labels: dict[str, str], copy: bool = False, dry_run: bool = False) -> dict[str, int]:
+    """Moves (or copies) each flat image of val_dir into val_dir/<wnid>/, every move planned and
+    checked first. Returns counts."""
+    moves, done = plan_moves(val_dir, labels, copy)
+    if not dry_run:
+        for source, target in moves:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if copy:  # through a temporary name: an interrupted copy never looks finished
+                partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.part")
+                shutil.copy2(source, partial)
+                os.replace(partial, target)
+            else:
+                os.replace(source, target)
+    classes = {os.path.basename(os.path.dirname(target)) for _, target in moves}
+    return {"sorted": len(moves), "classes": len(classes), "already": done}
 
 
 def main(argv=None) -> int:
@@ -104,7 +166,8 @@ def main(argv=None) -> int:
     labels = read_labels(args.labels, args.meta, args.synsets)
     counts = sort_val(args.val_dir, labels, args.copy, args.dry_run)
     verb = "would sort" if args.dry_run else ("copied" if args.copy else "moved")
-    print(f"{verb} {counts['sorted']} images of {args.val_dir} into {counts['classes']} class folders")
+    print(f"{verb} {counts['sorted']} images of {args.val_dir} into {counts['classes']} class folders"
+          + (f" ({counts['already']} copied by an earlier run)" if counts["already"] else ""))
     return 0
 
 

@@ -29,7 +29,8 @@ from inputs.transforms import as_hw  # noqa: E402
 from mask_methods import COVERAGE_RATIO, MASK_METHODS, get_method, method_class  # noqa: E402
 from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
 from run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, saved_args  # noqa: E402
-from run.files import writable_dir  # noqa: E402
+from run.files import atomic_write, writable_dir  # noqa: E402
+from run.flags import coverage_ratio_type, mask_ratio_type, positive_int  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.geometry import exif_orientation, fit_mask  # noqa: E402
 from sam.layouts import SOURCES, ClosestSegment, open_mask_source  # noqa: E402
@@ -71,10 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
     p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
-    p.add_argument("--num", type=int, default=4, help="how many images of --data_path/train, when no --images")
-    p.add_argument("--coverage_ratio", type=float, default=None,
+    p.add_argument("--num", type=positive_int, default=4, help="how many images of --data_path/train, when no --images")
+    p.add_argument("--coverage_ratio", type=coverage_ratio_type, default=None,
                    help=f"default: the checkpoint's (without one: {COVERAGE_RATIO.default:g})")
-    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--mask_ratio", type=mask_ratio_type, default=0.75)
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="default: the checkpoint's (without one: 224)")
     p.add_argument("--seed", type=int, default=0)
@@ -126,7 +127,8 @@ def main(argv=None) -> list[str]:
         grid = labelled_grid(panels, panel_titles(method_name, generator, coverage), [os.path.basename(path)])
         suffix = f"_{method_name}" + ("" if model is not None else "_mask")
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + suffix + ".png")
-        grid.save(out)
+        with atomic_write(out) as f:  # a full disk: one line naming the file, no half-written PNG
+            grid.save(f, format="PNG")
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")
     return written
