@@ -17,7 +17,7 @@ Staleness without a stat per file: adding, removing, renaming or atomically repl
 changes its folder, so a start stats the ~1,000 folders (one per class for the json layout) and
 then every file in a folder that changed, plus SAMPLED_FILES files drawn at random from the rest,
 for edits in place (a regeneration in place touches every file, so a sample finds it). A file or
-folder changed when its size or mtime differs from the record, or when its ctime is later than
+folder changed when its size or mtime differs from the record, or when its ctime is not earlier than
 the cache itself (its index file's mtime): ``touch -d`` sets an mtime back, but not a ctime (so a
 copy of the data made after the cache makes it stale, too). ``tools/check_dataset.py`` checks
 every file.
@@ -183,10 +183,10 @@ class MaskCache:
     @staticmethod
     def _rows_to_check(mask_root: str, folders: dict[str, np.ndarray], built_ns: int) -> np.ndarray:
         """The rows whose files are stat'ed: all in a folder whose mtime changed since the build, or
-        whose ctime is later than the build, and SAMPLED_FILES drawn at random from the others (one
+        whose ctime is not earlier than the build, and SAMPLED_FILES drawn at random from the others (one
         stat per folder)."""
         mtimes, ctimes = folder_times(mask_root, unpack_strings(folders["mask_folders"]))
-        changed = ((mtimes != folders["mask_folder_mtime_ns"]) | (ctimes > built_ns))[folders["key_folder"]]
+        changed = ((mtimes != folders["mask_folder_mtime_ns"]) | (ctimes >= built_ns))[folders["key_folder"]]
         others = np.flatnonzero(~changed)
         if len(others) > SAMPLED_FILES:
             others = np.random.default_rng().choice(others, SAMPLED_FILES, replace=False)
@@ -196,7 +196,7 @@ class MaskCache:
     def _stale_entries(source: MaskSource, keys: list[str], sizes: np.ndarray, times: np.ndarray,
                        rows: np.ndarray | None = None) -> list[str]:
         """Mask index files (of these rows; None: all) whose size or mtime differ from when the
-        cache was built, or whose ctime is later than the build (``times``: per key, the recorded
+        cache was built, or whose ctime is not earlier than the build (clocks tick coarsely) (``times``: per key, the recorded
         mtime and the build's time), one stat each."""
         if rows is not None:
             keys, sizes, times = [keys[i] for i in rows.tolist()], sizes[rows], times[rows]
@@ -208,7 +208,7 @@ class MaskCache:
             except OSError:
                 stale.append(path)
                 continue
-            if st.st_size != size or st.st_mtime_ns != mtime or st.st_ctime_ns > built_ns:
+            if st.st_size != size or st.st_mtime_ns != mtime or st.st_ctime_ns >= built_ns:  # the same tick: not provably before
                 stale.append(path)
         return stale
 

@@ -73,3 +73,13 @@ def count_stages(monkeypatch):
 
     monkeypatch.setattr(benchmark, "run_stage", counting)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def plain_print():
+    """Entry points run in-process wrap print with a timestamp for the rest of the process (as the
+    reference does): each test starts with the plain one, as a user's fresh command does."""
+    import builtins
+    plain = builtins.print
+    yield
+    builtins.print = plain
