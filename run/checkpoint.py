@@ -335,10 +335,13 @@ def file_identity(path: str) -> tuple:
 def check_unchanged(path: str) -> None:
     """Call once a checkpoint's tensors have been used (copied into a model, checked): its tensors
     are read from the file as they are used (memory-mapped), so a file written over in place since
-    load_checkpoint read its record would have given that record with another file's weights."""
+    load_checkpoint read its record would have given that record with another file's weights. A
+    file replaced by another (a new inode: an atomic save, mv, rsync) is not: the mapping keeps the
+    one that was read."""
     before = _READ_AS.get(os.path.realpath(path))
-    if before is None or file_identity(path) == before:
-        return
+    now = file_identity(path)
+    if before is None or now == before or now[:2] != before[:2]:
+        return  # unchanged, or replaced by another file (an atomic save): the mapped one was read whole
     raise CheckpointError(f"{path} changed while it was being read (written or copied over in place?): what was read "
                           f"may mix two files. Let the copy finish (copy to a new name, then mv it into place) and "
                           f"rerun")
@@ -521,8 +524,8 @@ def resume_states(resumed: Resumed, model_without_ddp: torch.nn.Module, optimize
     state = checkpoint.get("optimizer")
     if not isinstance(state, dict) or not state or "epoch" not in checkpoint:
         check_unchanged(path)
-        missing = " and ".join(what for what, absent in (("no optimizer state", not isinstance(state, dict) or not state),
-                                                         ("no epoch", "epoch" not in checkpoint)) if absent)
+        absent = {"no optimizer state": not isinstance(state, dict) or not state, "no epoch": "epoch" not in checkpoint}
+        missing = " and ".join(what for what, is_absent in absent.items() if is_absent)
         hint = (f"; to continue its schedule after epoch {resumed.epoch}, pass --start_epoch {resumed.epoch + 1}"
                 if resumed.epoch >= 0 else "")
         print(f"WARNING: --resume {path} holds {missing}: its weights are loaded, the optimizer starts afresh (no "

@@ -206,6 +206,9 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     except UserError as e:
         print_error(user_message(e))
         raise SystemExit(1) from None
+    except stops.Stopped as e:
+        print(stops.stop_message(parser.prog, e, newest_checkpoint(args)), file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
     except RuntimeError as e:  # a collective failed: another rank stopped (its own ERROR line says why) or died
         if not (distributed_process() and lost_another_rank(e)):
             raise
@@ -213,9 +216,6 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         print_error(f"lost contact with another rank ({reason}): it stopped or died; its own ERROR line above says "
                     f"why (or it was killed: see the launcher's message)")
         raise SystemExit(1) from None
-    except stops.Stopped as e:
-        print(stops.stop_message(parser.prog, e, newest_checkpoint(args)), file=sys.stderr, flush=True)
-        raise SystemExit(128 + e.signum) from None
     finally:
         release_output_dir_locks()
 
@@ -353,11 +353,13 @@ def check_same_effective_batch(args: argparse.Namespace, saved: dict, eff_batch_
         return
     changed = ", ".join(f"{k} {theirs[k]} -> {factors[k]}" for k in factors if factors[k] != theirs[k])
     old_lr = saved.get("lr")
-    old = f" (it trained with lr {old_lr:.2e})" if isinstance(old_lr, (int, float)) and not isinstance(old_lr, bool) else ""
+    known = isinstance(old_lr, (int, float)) and not isinstance(old_lr, bool)
+    old = f" (it trained with lr {old_lr:.2e})" if known else ""
     if not getattr(args, "accept_batch_change", False):
         raise UserError(
             f"--resume {args.resume} was trained with an effective batch of {before} and this run has {eff_batch_size} "
-            f"({changed}): the lr would change in the middle of its schedule{old}. Resume with the same ranks, "
+            f"({changed}): the batch{'' if given_lr else ' and the lr'} would change in the middle of its "
+            f"schedule{old}. Resume with the same ranks, "
             f"--batch_size and --accum_iter, or pass --accept_batch_change to continue with the new batch")
     how = "--lr as given" if given_lr else f"--blr {args.blr:.2e} x {eff_batch_size} / 256"
     print(f"WARNING: the effective batch changes from {before} to {eff_batch_size} ({changed}) "

@@ -210,7 +210,12 @@ def build_model(args, run: Runtime, resumed: Resumed | None, pretrained: dict | 
     if original:
         print(f"{resumed.path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
               f"lr_scheduler state are not" + ("" if args.eval_only else " (training goes on with a fresh SGD)"))
-    resume_states(resumed, model_without_ddp, None if original else optimizer, loss_scaler, own_state_dict(ckpt))
+    state = ckpt.get("optimizer")
+    weights_only = original or not (isinstance(state, dict) and state)
+    if weights_only and not original and not args.eval_only:
+        print(f"WARNING: {resumed.path} holds no optimizer state: its weights are loaded, SGD starts afresh (no "
+              f"momentum) at epoch {resumed.epoch + 1}", file=sys.stderr)
+    resume_states(resumed, model_without_ddp, None if weights_only else optimizer, loss_scaler, own_state_dict(ckpt))
     start_epoch = resumed.epoch + 1
     args.mask_method = resumed.args.get("mask_method", args.mask_method)
     print(f"Resumed from {resumed.path} at epoch {start_epoch}")

@@ -230,6 +230,7 @@ def two_checkpoints(tmp_path):
     first, second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
     torch.save({"model": first.state_dict(), "epoch": 1}, tmp_path / "a.pth")
     torch.save({"model": second.state_dict(), "epoch": 2}, tmp_path / "b.pth")
+    shutil.copy(tmp_path / "b.pth", tmp_path / "b_before.pth")
     return str(tmp_path / "a.pth"), str(tmp_path / "b.pth")
 
 
@@ -246,8 +247,14 @@ def test_a_checkpoint_copied_over_while_it_is_read_is_caught(tmp_path):
     overwrite_in_place(a, b)
     with pytest.raises(CheckpointError, match="changed while it was being read"):
         resume_states(Resumed(a, checkpoint, {}), torch.nn.Linear(64, 64))
-    # unchanged: loads as before
+    # unchanged, or replaced by another file (an atomic save: the mapped file is read whole): loads as before
     resume_states(Resumed(b, load_checkpoint(b), {}), torch.nn.Linear(64, 64))
+    checkpoint = load_checkpoint(b)
+    shutil.copy(a, tmp_path / "new.pth")
+    os.replace(tmp_path / "new.pth", b)
+    model = torch.nn.Linear(64, 64)
+    assert resume_states(Resumed(b, checkpoint, {}), model, torch.optim.SGD(model.parameters(), lr=0.1)) == 0
+    assert torch.equal(model.weight, torch.load(tmp_path / "b_before.pth", weights_only=True)["model"]["weight"])
 
 
 def test_an_encoder_copied_over_while_it_is_read_is_caught(tmp_path):
