@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 
 import util.misc as misc
+from run.files import append_auxiliary
 from run.setup import Runtime
 from util.lr_sched import adjust_learning_rate
 from util.misc import (NonFiniteLossError, UserError, all_reduce_mean, autocast, epoch_progress, get_world_size,
@@ -73,9 +74,9 @@ def report_bad_samples(bad_samples: list[str], epoch: int, output_dir: str, samp
                  if samples_per_epoch else "")
         examples = "\n  ".join(m.splitlines()[-1] if m else m for m in all_bad[:SHOWN_BAD_SAMPLES])
         print(f"{len(all_bad):,} unreadable samples{share} skipped in epoch {epoch}{listed}; e.g.\n  {examples}")
-        if output_dir and is_main_process():
-            with open(os.path.join(output_dir, "bad_samples.txt"), "a") as f:
-                f.writelines(f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad)
+        if output_dir and is_main_process():  # an auxiliary output: a failed write warns once (run.files)
+            append_auxiliary(os.path.join(output_dir, "bad_samples.txt"),
+                             [f"epoch {epoch}\t{m.splitlines()[-1] if m else m}\n" for m in all_bad])
     return len(all_bad)
 
 

@@ -11,6 +11,7 @@ import datetime
 import os
 import time
 
+import numpy as np
 import torch
 from timm.data.mixup import Mixup
 from timm.layers import trunc_normal_
@@ -26,12 +27,12 @@ from inputs.pretrain import loader_options
 from inputs.transforms import REFERENCE_RECIPE, add_recipe_args, as_hw
 from mask_methods import MASK_METHODS
 from models_vit import downstream_in_chans, load_pretrained_encoder, resolve_mask_method
-from run.checkpoint import (Resumed, append_log, checkpoint_config, load_checkpoint, open_resume, resume_states,
-                            run_start, save_model)
+from run.checkpoint import (CheckpointError, Resumed, append_log, check_writable_names, checkpoint_config,
+                            load_checkpoint, open_resume, resume_states, resumed_identity, run_start, save_model)
 from run.distributed import check_ranks_agree, local_main_first
 from run.files import atomic_write_json
 from run.flags import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
-                       non_negative_float, non_negative_int)
+                       fraction_below_one, non_negative_float, non_negative_int)
 from run.setup import Runtime, build_optimizer
 from util.lr_decay import param_groups_layer_decay
 from util.misc import UserError, get_rank, get_world_size, is_main_process
@@ -51,8 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.set_defaults(epochs=50, warmup_epochs=5, min_lr=1e-6, blr=1e-3)
     parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
                         help='Name of model to train')
-    parser.add_argument('--drop_path', type=non_negative_float, default=0.1, metavar='PCT',
-                        help='Drop path rate (default: 0.1)')
+    parser.add_argument('--drop_path', type=fraction_below_one, default=0.1, metavar='PCT',
+                        help='Drop path rate, in [0, 1) (default: 0.1)')
     parser.add_argument('--clip_grad', type=non_negative_float, default=None, metavar='NORM',
                         help='Clip gradient norm (default: None, no clipping)')
     parser.add_argument('--layer_decay', type=non_negative_float, default=0.75,
@@ -63,8 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='Color jitter factor (enabled only when not using Auto/RandAug)')
     parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                         help='Use AutoAugment policy. "v0" or "original". " + "(default: rand-m9-mstd0.5-inc1)')
-    parser.add_argument('--smoothing', type=non_negative_float, default=0.1,
-                        help='Label smoothing (default: 0.1)')
+    parser.add_argument('--smoothing', type=fraction_below_one, default=0.1,
+                        help='Label smoothing, in [0, 1) (default: 0.1)')
 
     # * Random Erase params
     parser.add_argument('--reprob', type=non_negative_float, default=0.25, metavar='PCT',
@@ -153,7 +154,7 @@ class Downstream:
         return {"model": args.model, "input_size": args.input_size, "in_chans": self.in_chans,
                 "mask_method": self.method, "nb_classes": args.nb_classes, "global_pool": args.global_pool,
                 "augment": args.augment, "normalization": args.normalization,
-                "train_images": train.samples.digest(),
+                "train_images": train.samples.digest(), "classes": list(train.classes),
                 "run_start": self.resumed.run_start if self.resumed is not None else self.start}
 
     def max_accuracy(self) -> float:
@@ -184,12 +185,43 @@ def take_pretraining_recipe(args: argparse.Namespace, pretrained: dict) -> None:
             print(f"--{key} {pretrained[key]} taken from {args.finetune}")
 
 
+def match_recorded_classes(downstream: Downstream, train, val) -> None:
+    """A finetuned checkpoint being continued or evaluated records its class names: the folders'
+    classes must be those, or some of them (a class folder missing: each label is mapped to the
+    checkpoint's class of that name, exactly); a folder it does not know (renamed, added) is
+    refused, since every label after it would move to another class of its head. A checkpoint
+    written before the record is not checked."""
+    if downstream.resumed is None:
+        return
+    recorded = checkpoint_config(downstream.resumed.checkpoint).get("classes")
+    if not recorded or list(train.classes) == list(recorded):
+        return
+    path = downstream.resumed.path
+    unknown = [c for c in train.classes if c not in recorded]
+    missing = [c for c in recorded if c not in train.classes]
+    if unknown:
+        lacks = f", and lacks {len(missing)} of its classes ({', '.join(missing[:5])})" if missing else ""
+        raise CheckpointError(
+            f"{path} was trained on {len(recorded)} classes; {train.root} has {len(unknown)} class folder(s) it does "
+            f"not know ({', '.join(unknown[:5])}){lacks}: the labels would not be its head's. Give the folders the "
+            f"names they had in training, or finetune anew from the pretrained checkpoint")
+    index = {name: i for i, name in enumerate(recorded)}
+    relabel = np.array([index[name] for name in train.classes], dtype=np.int64)
+    for dataset in (train, val):  # val is numbered by train's classes
+        dataset.samples.labels = relabel[dataset.samples.labels]
+        dataset.classes, dataset.class_to_idx = list(recorded), dict(index)
+    print(f"NOTE: {train.root} lacks {len(missing)} of the {len(recorded)} classes of {path} "
+          f"({', '.join(missing[:5])}): the labels are mapped to its classes by name")
+
+
 def build_loaders(args, build_transform, downstream: Downstream):
     with local_main_first():
         classes_fixed = downstream.resumed is not None and "nb_classes" in downstream.resumed.args
         dataset_train, dataset_val = build_classification_datasets(args, build_transform, classes_fixed)
-    check_ranks_agree(args, {f"{name} images": (len(ds), ds.samples.digest())
-                             for name, ds in (("train", dataset_train), ("val", dataset_val))})
+    match_recorded_classes(downstream, dataset_train, dataset_val)
+    check_ranks_agree(args, {**{f"{name} images": (len(ds), ds.samples.digest())
+                                for name, ds in (("train", dataset_train), ("val", dataset_val))},
+                             **resumed_identity(downstream.resumed)})
     num_tasks, global_rank = get_world_size(), get_rank()
     sampler_train = torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True, seed=args.seed)
@@ -227,6 +259,10 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
     max_accuracy, config = downstream.max_accuracy(), downstream.config(args, loader_train.dataset)
     if not runsetup.check_trains_something(args, len(loader_train), args.epochs, start_epoch):
         return {"max_accuracy": max_accuracy}
+    if args.output_dir:  # never write over a file that could not be read
+        check_writable_names(args.output_dir, ["checkpoint-best.pth"] + [
+            f"checkpoint-{epoch}.pth" for epoch in range(start_epoch, args.epochs)
+            if epoch % args.save_freq == 0 or epoch + 1 == args.epochs])
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -293,7 +329,7 @@ def main(args: argparse.Namespace) -> dict:
     runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
     print(f'number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1.e6:.2f}')
 
-    runsetup.set_lr_from_blr(args)
+    runsetup.set_lr_from_blr(args, downstream.resumed.args if downstream.resumed is not None else None)
 
     model = runsetup.wrap_model(model, run)
 

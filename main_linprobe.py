@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> dict:
     runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
     print(f"number of trainable params (M): {n_trainable / 1.e6:.4f}")
 
-    runsetup.set_lr_from_blr(args)
+    runsetup.set_lr_from_blr(args, downstream.resumed.args if downstream.resumed is not None else None)
 
     model = runsetup.wrap_model(model, run)
 

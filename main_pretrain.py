@@ -24,7 +24,8 @@ from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_
 from inputs.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, add_recipe_args, as_hw
 from mask_methods import MaskMethod, add_method_args, build_method, method_flags, warn_ignored_flags
 from models_vit import stack_official_into_mae
-from run.checkpoint import FOURTH_CHANNEL_KEY, Resumed, append_log, open_resume, resume_states, run_start, save_model
+from run.checkpoint import (FOURTH_CHANNEL_KEY, Resumed, append_log, check_writable_names, open_resume,
+                            resume_states, resumed_identity, run_start, save_model)
 from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int, positive_int)
@@ -117,6 +118,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if args.start_epoch >= args.epochs:
         parser.error(f"--start_epoch {args.start_epoch} >= --epochs {args.epochs}: there is no epoch to train")
     warn_ignored_flags(args)
+    given = set(getattr(args, "given_flags", ()))
+    if "mask_format" in given and not build_method(args).needs_segment:
+        print(f"WARNING: --mask_format is ignored by --mask_method {args.mask_method}, which reads no masks",
+              file=sys.stderr)
+    if args.resume and args.stack and {"resume", "stack"} <= given:
+        parser.error(f"--resume {args.resume} continues a run (its weights and optimizer) and --stack {args.stack} "
+                     f"starts one from an official checkpoint: pass only one (resuming a run that started with "
+                     f"--stack needs only --resume)")
     if args.warmup_epochs > args.epochs:
         print(f"WARNING: --warmup_epochs {args.warmup_epochs} > --epochs {args.epochs}: the learning rate "
               f"never reaches its peak", file=sys.stderr)
@@ -207,7 +216,8 @@ def uses_shards(args: argparse.Namespace) -> bool:
     return kinds.pop()
 
 
-def build_shard_data(args: argparse.Namespace, device: torch.device, transform, method: MaskMethod):
+def build_shard_data(args: argparse.Namespace, device: torch.device, transform, method: MaskMethod,
+                     resumed: Resumed | None = None):
     """(dataset, None, the loader) of pretraining samples read from tar shards (inputs/shards.py)."""
     with local_main_first():  # the first rank counts the samples of unindexed tars and saves the counts
         dataset = build_shard_dataset(args.data_path, transform, method.needs_segment, None, args.batch_size,
@@ -215,7 +225,7 @@ def build_shard_data(args: argparse.Namespace, device: torch.device, transform, 
                                       args.skip_bad_samples, decode=transform.decodes_in_workers,
                                       segment_choice=method)
     print(dataset)
-    check_ranks_agree(args, {"images": (dataset.total, [dataset.digest()])})
+    check_ranks_agree(args, {"images": (dataset.total, [dataset.digest()]), **resumed_identity(resumed)})
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
                                          pin_memory=args.pin_mem and device.type == "cuda",
                                          collate_fn=collate_pretrain,
@@ -225,12 +235,13 @@ def build_shard_data(args: argparse.Namespace, device: torch.device, transform, 
     return dataset, None, loader
 
 
-def build_data(args: argparse.Namespace, device: torch.device, method: MaskMethod):
+def build_data(args: argparse.Namespace, device: torch.device, method: MaskMethod, resumed: Resumed | None = None):
     """(dataset, its DistributedSampler (None for shards), the loader) of the pretraining images
-    (and what ``method`` hides of each)."""
+    (and what ``method`` hides of each); the ranks check that they agree on the images and on the
+    checkpoint they continue (``resumed``)."""
     transform = build_pretrain_transform(as_hw(args.input_size), args.data_backend, args.augment, args.normalization)
     if uses_shards(args):
-        return build_shard_data(args, device, transform, method)
+        return build_shard_data(args, device, transform, method, resumed)
     with local_main_first():
         dataset = build_pretrain_dataset(args.data_path, transform, with_masks=method.needs_segment,
                                          allow_missing_masks=args.allow_missing_masks, seed=args.seed,
@@ -238,7 +249,8 @@ def build_data(args: argparse.Namespace, device: torch.device, method: MaskMetho
                                          mask_format=args.mask_format, mask_size_check=args.mask_size_check,
                                          segment_choice=method)
     print(dataset)
-    check_ranks_agree(args, {"images": (len(dataset), [f.digest() for f in dataset.folders])})
+    check_ranks_agree(args, {"images": (len(dataset), [f.digest() for f in dataset.folders]),
+                             **resumed_identity(resumed)})
     num_tasks = get_world_size()
     # A seeded DistributedSampler also for one process: its order depends only on (seed, epoch).
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_tasks, rank=get_rank(), shuffle=True,
@@ -266,7 +278,7 @@ def build_model(args: argparse.Namespace, run: Runtime, method: MaskMethod, resu
         print(f"FP8: {convert_to_fp8(model, device)} Linear layers converted")
     model_without_ddp = model
     runsetup.log_details(args, "model.txt", f"Model = {model_without_ddp}", f"{args.model} structure")
-    runsetup.set_lr_from_blr(args)
+    runsetup.set_lr_from_blr(args, resumed.args if resumed is not None else None)
     model = runsetup.wrap_model(model, run)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay,
                                              model_without_ddp.no_weight_decay_keys())
@@ -275,10 +287,22 @@ def build_model(args: argparse.Namespace, run: Runtime, method: MaskMethod, resu
     loss_scaler = misc.LossScaler(enabled=run.amp == "fp16")
     start_epoch = args.start_epoch
     if resumed is not None:
+        if args.stack:  # auto-resume of a run that started from --stack: the run's own weights win
+            print(f"--stack {args.stack} is not loaded: the run it started continues from {resumed.path}")
         start_epoch = resume_states(resumed, model_without_ddp, optimizer, loss_scaler) or start_epoch
     elif args.stack:
         stack_official_into_mae(model_without_ddp, args.stack, args.mask_channel)
     return model, model_without_ddp, optimizer, loss_scaler, start_epoch
+
+
+def saves_checkpoint(args: argparse.Namespace, epoch: int, last_epoch: int) -> bool:
+    return bool(args.output_dir) and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch)
+
+
+def checkpoint_names(args: argparse.Namespace, start_epoch: int, last_epoch: int) -> list[str]:
+    """The checkpoint files the epochs from start_epoch to last_epoch will write."""
+    return [f"checkpoint-{epoch + 1 if args.checkpoint_name == 'epochs_done' else epoch}.pth"
+            for epoch in range(start_epoch, last_epoch) if saves_checkpoint(args, epoch, last_epoch)]
 
 
 def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_without_ddp, optimizer, loss_scaler,
@@ -287,7 +311,7 @@ def end_epoch(args, epoch: int, last_epoch: int, train_stats: dict, model_withou
     row), then TensorBoard."""
     if args.output_dir:
         append_log(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-    if args.output_dir and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch):
+    if saves_checkpoint(args, epoch, last_epoch):
         save_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer, loss_scaler=loss_scaler,
                    epoch=epoch, name=str(epoch + 1) if args.checkpoint_name == "epochs_done" else None, run=run,
                    config=config)
@@ -305,7 +329,7 @@ def main(args: argparse.Namespace) -> None:
     start = run_start(args, files=RUN_START_FILES)
     resumed = open_resume(args, RUN_FLAGS, start, then=method_run_flags, upgrade=continue_as_written)
     method = build_method(args)
-    dataset_train, sampler_train, data_loader_train = build_data(args, run.device, method)
+    dataset_train, sampler_train, data_loader_train = build_data(args, run.device, method, resumed)
     log_writer = runsetup.tensorboard_writer(args.log_dir)
     model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, method, resumed)
     config = run_config(args, model_without_ddp, resumed.run_start if resumed is not None else start)
@@ -313,6 +337,8 @@ def main(args: argparse.Namespace) -> None:
     last_epoch = min(args.epochs, args.stop_epoch or args.epochs)
     if not runsetup.check_trains_something(args, len(data_loader_train), last_epoch, start_epoch):
         return
+    if args.output_dir:  # never write over a file that could not be read
+        check_writable_names(args.output_dir, checkpoint_names(args, start_epoch, last_epoch))
     print(f"Start training for {args.epochs} epochs ({method}, amp {run.amp})")
     start_time = time.time()
     told: set[str] = set()

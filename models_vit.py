@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 
 from mask_methods import MASK_METHODS, get_method
-from run.checkpoint import (FOURTH_CHANNEL_KEY, PREENCODER_NOT_CONTINUABLE, AdaptationError, checkpoint_config,
-                            checkpoint_origin, is_segmae_combined, load_checkpoint, state_dict_of)
+from run.checkpoint import (FOURTH_CHANNEL_KEY, PREENCODER_NOT_CONTINUABLE, AdaptationError, CheckpointError,
+                            check_unchanged, checkpoint_config, checkpoint_origin, first_nonfinite, is_segmae_combined,
+                            load_checkpoint, state_dict_of)
 from util.pos_embed import resize_pos_embed
 
 
@@ -288,6 +289,16 @@ def check_encoder_fits(sd: dict, model: nn.Module, path: str) -> None:
                               f"this model ({describe_encoder(own)}): " + "; ".join(problems))
 
 
+def refuse_nonfinite(weights: dict, path: str) -> None:
+    """A checkpoint used for its weights (finetuning, probing, the Segmenter, kNN, exports, --stack)
+    must hold finite ones: the first NaN / inf tensor is named (a run that diverged before this
+    repo refused to save such weights, or a damaged file)."""
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite weights (NaN/inf in '{bad}'): nothing can be learnt or "
+                              f"measured from it. Use an earlier checkpoint of its run")
+
+
 def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
     """Resize of sd['pos_embed'] to the model's patch grid (in place): bicubic, or the model's own
     ``pos_embed_resize_mode`` (the Segmenter's encoder: bilinear)."""
@@ -311,6 +322,7 @@ def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     method = resolve_mask_method(checkpoint, mask_method, path)
     sd = encoder_state_dict(checkpoint, method, fold_mask_channel, mask_channel, path)
+    refuse_nonfinite(sd, path)
     check_encoder_fits(sd, model, path)
     resize_pos_embed_to(model, sd, checkpoint)
     own = model.state_dict()
@@ -321,6 +333,7 @@ def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None
         # the pretrained final norm has no place behind average pooling (fc_norm is new)
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    check_unchanged(path)  # the weights were read from the file as they were copied
     print(f"Loaded {method} encoder from {path}; missing keys: {sorted(missing)}; unexpected keys: {sorted(unexpected)}")
     return method, missing, unexpected
 
@@ -354,6 +367,8 @@ def load_encoder(path: str, checkpoint: dict | None = None,
         full = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
     else:
         full = mae_state_dict(ckpt, path, mask_channel)
+    refuse_nonfinite(full, path)  # reads every tensor of the file
+    check_unchanged(path)
     return sd, full, method, (gh * patch, gw * patch), encoder_shape(sd)
 
 
@@ -373,6 +388,7 @@ def stack_official_into_mae(mae: nn.Module, path: str, mask_channel: str = "auto
     checkpoint = load_checkpoint(path)
     sd = mae_state_dict(checkpoint, path, mask_channel)
     sd = {k: v for k, v in sd.items() if not k.startswith("preencoder.")}
+    refuse_nonfinite(sd, path)
     own = mae.state_dict()
     w = sd.get("patch_embed.proj.weight")
     if w is not None:
@@ -383,6 +399,7 @@ def stack_official_into_mae(mae: nn.Module, path: str, mask_channel: str = "auto
         if key in sd and sd[key].shape != own[key].shape:
             del sd[key]  # fixed sin-cos tables: the model's own are right for its grid
     missing, unexpected = mae.load_state_dict(sd, strict=False)
+    check_unchanged(path)
     unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
     if unexpected:
         raise AdaptationError(f"--stack {path} has weights this MAE does not know: {unexpected[:5]}")

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
+import math
+import operator
 import os
 import pickle
 import re
+import shlex
+import sys
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -60,11 +65,20 @@ def append_log(output_dir: str, stats: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """Loads a checkpoint file (ours, the reference's or an official one) onto the CPU; another MAE
-    codebase's is refused whole."""
+    codebase's is refused whole, and so is a record whose epoch or flags have impossible types or
+    values (one line naming the key). The file's identity at the read is kept (check_unchanged):
+    the tensors are memory-mapped and read when used, so a file written over in place meanwhile
+    would give this file's record with another file's weights."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    before = file_identity(path)
     checkpoint = _read_checkpoint(path)
+    _READ_AS[os.path.realpath(path)] = before
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict with 'model', "
+                              f"or an official state dict): pass a checkpoint file")
     refuse_foreign(checkpoint, path)
+    check_record(checkpoint, path)
     return checkpoint
 
 
@@ -109,6 +123,87 @@ def checkpoint_config(checkpoint: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# what a checkpoint's record may hold: a damaged or crafted record stops its reader with one line
+# naming the key, never a traceback somewhere downstream
+
+def valid_epoch(value) -> int | None:
+    """A stored epoch as an int: a whole number >= 0 (not a bool, a string or a float); else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        epoch = operator.index(value)
+    except TypeError:
+        return None
+    return epoch if epoch >= 0 else None
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _input_size(v) -> bool:
+    return _positive_int(v) or (isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(map(_positive_int, v)))
+
+
+def _strings(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _run_start(v) -> bool:
+    return isinstance(v, dict) and all(x is None or isinstance(x, (str, int, float, bool)) or _strings(x)
+                                       for x in v.values())
+
+
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_COUNT = (_positive_int, "a positive integer")
+_NUMBER = (_number, "a finite number")
+# the keys of 'args' (and of its 'config' record) that readers use, with what each must be; None
+# is always allowed (the key says nothing), keys not listed are not read
+RECORD_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": _TEXT, "mask_method": _TEXT, "augment": _TEXT, "normalization": _TEXT, "seg_loss": _TEXT,
+    "backbone": _TEXT, "decoder": _TEXT, "fourth_channel": _TEXT,
+    "input_size": (_input_size, "one or two positive integers"), "crop_size": _COUNT,
+    "in_chans": _COUNT, "channels": _COUNT, "nb_classes": _COUNT, "n_cls": _COUNT, "world_size": _COUNT,
+    "batch_size": _COUNT, "accum_iter": _COUNT,
+    "global_pool": _FLAG, "norm_pix_loss": _FLAG,
+    "coverage_ratio": _NUMBER, "mask_ratio": _NUMBER, "lr": _NUMBER, "blr": _NUMBER, "max_accuracy": _NUMBER,
+    "encoder_norm_eps": _NUMBER, "run_start": (_run_start, "a dict of paths and digests"),
+}
+# and of the 'config' record alone (another codebase's flags may use these names otherwise)
+CONFIG_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **RECORD_KEYS, "method": (lambda v: isinstance(v, dict), "a dict (the mask method's parameters)"),
+    "classes": (_strings, "a list of class names"),
+}
+
+
+def check_record(checkpoint: dict, path: str) -> None:
+    """Refuses, with one line naming the key, a checkpoint whose epoch is not a whole number >= 0 or
+    whose flags (``args``, and its ``config`` record) hold a value of an impossible type."""
+    if "epoch" in checkpoint and valid_epoch(checkpoint["epoch"]) is None:
+        raise CheckpointError(f"{path} records epoch {checkpoint['epoch']!r:.40}, which is not a whole number >= 0: "
+                              f"the file is damaged or was written by other code; use another checkpoint")
+    saved = checkpoint.get("args")
+    if saved is not None and not isinstance(saved, (dict, argparse.Namespace)):
+        raise CheckpointError(f"{path} stores its flags ('args') as type {type(saved).__name__}, not a Namespace or a "
+                              f"dict: the file is damaged or was written by other code; use another checkpoint")
+    saved = saved_args(checkpoint)
+    config = saved.get(CONFIG)  # this repo's record is a dict (another codebase's --config may be a path)
+    for where, record, keys in (("args.", saved, RECORD_KEYS),
+                                (f"args.{CONFIG}.", config if isinstance(config, dict) else {}, CONFIG_KEYS)):
+        for key, (fits, what) in keys.items():
+            value = record.get(key)
+            if value is not None and not fits(value):
+                raise CheckpointError(
+                    f"{path} records {where}{key} = {value!r:.60}, which is not {what}: the file is damaged or was "
+                    f"written by other code; use another checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------
 # the newest checkpoint of a folder, and pruning
 
 def checkpoint_epochs(output_dir: str) -> list[tuple[int, str]]:
@@ -136,16 +231,19 @@ class _EpochOnly(pickle.Unpickler):
 
 def stored_epoch(path: str) -> int | None:
     """The epoch a checkpoint file records, read from its pickle alone (no tensor is loaded);
-    None for a file that is not a readable checkpoint."""
+    None for a file that is not a readable checkpoint (truncated, foreign, of a newer layout, or
+    whose epoch is not a whole number >= 0)."""
+    epoch = None
     try:
         with zipfile.ZipFile(path) as archive:
             record = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
             epoch = _EpochOnly(io.BytesIO(archive.read(record))).load().get("epoch")
-        return int(epoch)
     except Exception:  # noqa: BLE001 - truncated, foreign or torch's legacy format: read it whole
         pass
-    try:
-        return int(_read_checkpoint(path)["epoch"])
+    if epoch is not None:
+        return valid_epoch(epoch)
+    try:  # torch's legacy format, or an epoch stored as a tensor (a stand-in above)
+        return valid_epoch(_read_checkpoint(path)["epoch"])
     except Exception:  # noqa: BLE001 - not a checkpoint this run can read
         return None
 
@@ -184,6 +282,71 @@ def prune_checkpoints(output_dir: str, keep_last: int, just_written: str | None 
             os.remove(path)
 
 
+def unreadable_message(path: str) -> str:
+    quoted = shlex.quote(path)
+    return (f"{path} is not a checkpoint this version can read (truncated, damaged, of a newer layout, or its epoch is "
+            f"not a whole number) and this run would write over it: nothing is written over a file that could not "
+            f"be read. Move it aside (mv {quoted} {shlex.quote(path + '.unreadable')}) or use another output folder")
+
+
+def check_writable_names(folder: str, names) -> None:
+    """Before a run trains: none of the checkpoint files it will write (``names`` in ``folder``)
+    is a file it could not read (another version's, a damaged one), which the write would destroy.
+    A readable file of that name is a checkpoint of this run or of one it continues."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and stored_epoch(path) is None:
+            raise CheckpointError(unreadable_message(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# a checkpoint file's identity: what it held when it was read, and what two ranks compare
+
+_READ_AS: dict[str, tuple] = {}  # real path -> file_identity() when load_checkpoint read it
+
+
+def content_fingerprint(path: str) -> str:
+    """A digest of a checkpoint's contents without reading its tensors: the zip directory's name,
+    size and CRC-32 of every record (torch writes each tensor as one record with its CRC, and a
+    serialization id unique to each save) and the pickled record itself; a file in torch's legacy
+    format is hashed whole. Two files with the same fingerprint hold the same checkpoint."""
+    h = hashlib.sha1()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                h.update(f"{info.filename}\0{info.file_size}\0{info.CRC}\n".encode("utf-8", "surrogateescape"))
+                if info.filename.endswith("data.pkl"):  # small; covers a save made without CRCs
+                    h.update(archive.read(info))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return file_digest(path) if os.path.isfile(path) else ""
+    return h.hexdigest()[:16]
+
+
+def file_identity(path: str) -> tuple:
+    """(device, inode, size, mtime in ns, content fingerprint): changes when the file is written over,
+    in place or by a new file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, content_fingerprint(path)
+
+
+def check_unchanged(path: str) -> None:
+    """Call once a checkpoint's tensors have been used (copied into a model, checked): its tensors
+    are read from the file as they are used (memory-mapped), so a file written over in place since
+    load_checkpoint read its record would have given that record with another file's weights. A
+    file replaced by another (a new inode: an atomic save, mv, rsync) is not: the mapping keeps the
+    one that was read."""
+    before = _READ_AS.get(os.path.realpath(path))
+    now = file_identity(path)
+    if before is None or now == before or now[:2] != before[:2]:
+        return  # unchanged, or replaced by another file (an atomic save): the mapped one was read whole
+    raise CheckpointError(f"{path} changed while it was being read (written or copied over in place?): what was read "
+                          f"may mix two files. Let the copy finish (copy to a new name, then mv it into place) and "
+                          f"rerun")
+
+
 # ------------------------------------------------------------------------------------------------
 # writing
 
@@ -198,7 +361,11 @@ def first_nonfinite(state_dict: dict) -> str | None:
 
 def save_checkpoint(obj: dict, path: str) -> None:
     """Writes a checkpoint dict atomically, refusing non-finite weights: a run never leaves behind a
-    checkpoint it cannot continue from. Errors name the newest intact checkpoint in the folder."""
+    checkpoint it cannot continue from. Errors name the newest intact checkpoint in the folder.
+    Never writes over a file that is not a readable checkpoint (check_writable_names says so at
+    start-up; this holds for a file that appeared since)."""
+    if os.path.lexists(path) and stored_epoch(path) is None:
+        raise CheckpointError(unreadable_message(path))
     bad = first_nonfinite(obj["model"])
     if bad is not None:
         previous = _newest_intact(path)
@@ -279,7 +446,18 @@ class Resumed:
 
     @property
     def epoch(self) -> int:
-        return int(self.checkpoint["epoch"])
+        """The epoch it records (-1: it records none, so no epoch is done)."""
+        epoch = valid_epoch(self.checkpoint.get("epoch"))
+        return -1 if epoch is None else epoch
+
+
+def resumed_identity(resumed: Resumed | None) -> dict:
+    """What the ranks check compares of the checkpoint each rank continues (run.distributed.
+    check_ranks_agree): its epoch and content fingerprint, so that ranks resuming different files
+    stop at start-up instead of training together and writing a mixed checkpoint."""
+    if resumed is None:
+        return {"resumed checkpoint": None}
+    return {"resumed checkpoint": (resumed.epoch, content_fingerprint(resumed.path))}
 
 
 def open_resume(args, run_flags: dict[str, Any], start: dict | None = None, path: str | None = None,
@@ -340,11 +518,24 @@ def resume_states(resumed: Resumed, model_without_ddp: torch.nn.Module, optimize
         raise CheckpointError(f"--resume {path} does not fit this model ({mismatch_hint(str(e))}): "
                               f"{str(e).splitlines()[-1].strip()}") from None
     print(f"Resume checkpoint {path}")
-    if optimizer is None or "optimizer" not in checkpoint or "epoch" not in checkpoint:
+    if optimizer is None:
+        check_unchanged(path)
         return 0
-    load_optimizer_state(optimizer, checkpoint["optimizer"], model_without_ddp)
+    state = checkpoint.get("optimizer")
+    if not isinstance(state, dict) or not state or "epoch" not in checkpoint:
+        check_unchanged(path)
+        absent = {"no optimizer state": not isinstance(state, dict) or not state, "no epoch": "epoch" not in checkpoint}
+        missing = " and ".join(what for what, is_absent in absent.items() if is_absent)
+        hint = (f"; to continue its schedule after epoch {resumed.epoch}, pass --start_epoch {resumed.epoch + 1}"
+                if resumed.epoch >= 0 else "")
+        print(f"WARNING: --resume {path} holds {missing}: its weights are loaded, the optimizer starts afresh (no "
+              f"moments) and the epochs count from --start_epoch (0 unless given), lr warmup included{hint}",
+              file=sys.stderr)
+        return 0
+    load_optimizer_state(optimizer, state, model_without_ddp)
     if loss_scaler is not None and "scaler" in checkpoint:
         loss_scaler.load_state_dict(checkpoint["scaler"])
+    check_unchanged(path)
     print("With optim & sched!")
     return resumed.epoch + 1
 

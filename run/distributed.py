@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import os
 import re
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from util.misc import UserError, get_world_size, is_dist_avail_and_initialized, setup_for_distributed
 
 DEFAULT_DIST_TIMEOUT_S = 600
+RENDEZVOUS_GRACE_S = 5  # the store's own timeout error comes about a second after --dist_timeout
 
 
 def init_distributed_mode(args: argparse.Namespace) -> dict:
@@ -52,7 +54,7 @@ def init_distributed_mode(args: argparse.Namespace) -> dict:
     timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT_S))
     print(f"| distributed init (rank {rank}/{world_size}, {backend}): {url}, collective timeout {timeout}",
           flush=True)
-    dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank, timeout=timeout)
+    rendezvous(backend, url, world_size, rank, timeout, local_rank if use_cuda else None)
     dist.barrier()
     setup_for_distributed(rank == 0)
     return {"distributed": True, "rank": rank, "world_size": world_size, "local_rank": local_rank,
@@ -60,6 +62,57 @@ def init_distributed_mode(args: argparse.Namespace) -> dict:
 
 
 _LOCAL_RANK = 0  # this process's index on its node, set by init_distributed_mode
+
+
+def rendezvous(backend: str, url: str, world_size: int, rank: int, timeout: datetime.timedelta,
+               cuda_device: int | None = None) -> None:
+    """init_process_group, bounded by --dist_timeout. Its store client can wait without end where
+    MASTER_PORT belongs to another program that accepts the connection and never answers, so it
+    runs in a thread that is given up after the timeout; its failures (the port in use, ranks that
+    never came) become one line naming the address and the fix."""
+    outcome: dict = {}
+
+    def join() -> None:
+        try:
+            if cuda_device is not None:  # the current GPU is per thread
+                torch.cuda.set_device(cuda_device)
+            dist.init_process_group(backend=backend, init_method=url, world_size=world_size, rank=rank,
+                                    timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=join, name="rendezvous", daemon=True)
+    thread.start()
+    seconds = int(timeout.total_seconds())
+    thread.join(timeout.total_seconds() + RENDEZVOUS_GRACE_S)
+    where = rendezvous_address(url)
+    if thread.is_alive():
+        raise UserError(f"the rendezvous of {world_size} ranks at {where} did not complete within --dist_timeout "
+                        f"{seconds} s: another program may own that port (pick a free MASTER_PORT), or a rank never "
+                        f"started (start every rank, or raise --dist_timeout)")
+    error = outcome.get("error")
+    if error is None:
+        return
+    if not isinstance(error, (RuntimeError, OSError, TimeoutError)):
+        raise error
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        raise UserError(f"cannot host the rendezvous at {where}: the port is in use by another program; pick a free "
+                        f"MASTER_PORT (or --dist_url) and start every rank again") from None
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:
+        raise UserError(f"only {joined.group(1)} of {joined.group(2)} ranks joined the rendezvous at {where} within "
+                        f"--dist_timeout {seconds} s: start every rank (the same command on each, or torchrun "
+                        f"--nproc_per_node), or raise --dist_timeout") from None
+    raise UserError(f"the rendezvous of {world_size} ranks at {where} failed ({text[:300]}): check MASTER_ADDR / "
+                    f"MASTER_PORT (or --dist_url) and that every rank started") from None
+
+
+def rendezvous_address(url: str) -> str:
+    """host:port (or the file) where the ranks meet."""
+    if url == "env://":
+        return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} (MASTER_ADDR:MASTER_PORT)"
+    return url
 
 
 def first_rank_on_node() -> bool:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -78,6 +79,9 @@ def atomic_write(path: str, mode: str = "wb"):
     write (full disk, I/O error) becomes a StorageError naming the file and the free space."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    if not os.path.isdir(directory):
+        raise StorageError(f"could not write {path}: its folder {directory} is gone (deleted, moved or unmounted while "
+                           f"the run was going); restore it, or rerun with another output folder")
     try:
         with open(tmp, mode) as f:
             yield f
@@ -121,6 +125,25 @@ def read_jsonl(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 print(f"WARNING: {path} line {n} is not JSON (torn by a crash?); ignored")
     return rows
+
+
+_FAILED_AUXILIARY: set[str] = set()  # auxiliary files whose writes failed (said once)
+
+
+def append_auxiliary(path: str, lines: list[str]) -> bool:
+    """Appends lines to an auxiliary output (bad_samples.txt: a listing beside the run, not part of
+    what it continues from). A failed write (a full disk, a deleted folder) is one warning, the
+    first time, and the run goes on. Returns whether the lines were written."""
+    try:
+        with open(path, "a") as f:
+            f.writelines(lines)
+        return True
+    except OSError as e:
+        if path not in _FAILED_AUXILIARY:
+            _FAILED_AUXILIARY.add(path)
+            print(f"WARNING: could not append to {path} ({e.strerror or e}; {free_space(path)} there): the lines "
+                  f"were not written; training goes on (this warning is not repeated)", file=sys.stderr, flush=True)
+        return False
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

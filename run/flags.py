@@ -48,6 +48,23 @@ def positive_float(value: str) -> float:
     return v
 
 
+def fraction_below_one(value: str) -> float:
+    """A rate in [0, 1): drop-path, label smoothing (1 would drop every block, or leave no label)."""
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return v
+
+
+def device_type(value: str) -> str:
+    """A device torch knows: cpu, cuda, cuda:N, mps, ..."""
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda or cuda:N") from None
+    return value
+
+
 def train_subset_type(value: str) -> int | float:
     """K >= 1 (images per class) or a fraction in (0, 1)."""
     v = float(value)
@@ -121,7 +138,7 @@ def add_data_and_output_args(parser: argparse.ArgumentParser) -> None:
                         help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='TensorBoard folder (default: --output_dir, so that each run keeps its own)')
-    parser.add_argument('--device', default=default_device(),
+    parser.add_argument('--device', default=default_device(), type=device_type,
                         help='device to use for training / testing (default: cuda if available, else cpu)')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--resume', default='',
@@ -141,6 +158,9 @@ def add_data_and_output_args(parser: argparse.ArgumentParser) -> None:
                         help='do not continue from the newest checkpoint in --output_dir when --resume is not given')
     parser.add_argument('--keep_last', default=0, type=non_negative_int, metavar='K',
                         help='keep only the newest K checkpoint-<epoch>.pth files (0: keep all)')
+    parser.add_argument('--accept_batch_change', action='store_true',
+                        help='resume with another effective batch (ranks x --batch_size x --accum_iter) than the '
+                             'checkpoint trained with; the lr then follows --blr (or --lr) from the resumed epoch on')
 
 
 def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +241,23 @@ def check_model_and_input_size(args: argparse.Namespace, parser: argparse.Argume
     h, w = args.input_size[0], args.input_size[-1]
     if h % patch or w % patch:
         parser.error(f"--input_size {h} {w} is not divisible by the patch size {patch} of {args.model}")
+    problem = too_many_tokens(h, w, patch)
+    if problem:
+        parser.error(f"--input_size {h} {w}: {problem}")
+
+
+MAX_TOKENS = 65536  # a 256 x 256 patch grid (4096 x 4096 pixels at patch 16): beyond it, a typo, not a model
+
+
+def too_many_tokens(h: int, w: int, patch: int) -> str:
+    """Why an input of h x w pixels is too large for a ViT of this patch size ("" when it is not):
+    its position embedding alone would take gigabytes."""
+    tokens = -(-h // patch) * -(-w // patch)
+    if tokens <= MAX_TOKENS:
+        return ""
+    side = int(MAX_TOKENS ** 0.5) * patch
+    return (f"{tokens:,} patches of {patch} px, more than the {MAX_TOKENS:,} a ViT here takes (e.g. {side} x {side}); "
+            f"pass a smaller size")
 
 
 def check_optimizer_args(args: argparse.Namespace, parser: argparse.ArgumentParser, allowed: tuple[str, ...],

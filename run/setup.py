@@ -14,8 +14,10 @@ import datetime
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +33,8 @@ from run.distributed import init_distributed_mode
 from run.files import lock_output_dir, release_output_dir_locks, writable_dir
 from run.flags import COMPILE_MODES, given_flags, normalise_flag_spelling
 from util.lars import LARS
-from util.misc import PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from util.misc import (PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process,
+                       print_on_every_rank)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}); pass one of them, or --device cuda")
     if device.type == "cuda" and place["distributed"]:
         device = torch.device("cuda", place["local_rank"])
     record = run_record()  # stored with args in every checkpoint
@@ -105,12 +111,61 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def tensorboard_writer(log_dir: str | None):
-    """A TensorBoard SummaryWriter for log_dir on the main process; None elsewhere or without one."""
+    """A TensorBoard SummaryWriter for log_dir on the main process; None elsewhere or without one.
+    TensorBoard is an auxiliary output: a write that fails later (a full or deleted --log_dir)
+    warns once and turns it off, and training goes on (AuxiliaryWriter)."""
     if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported only where it is used
     writable_dir(log_dir, "--log_dir")
-    return SummaryWriter(log_dir=log_dir)
+    return AuxiliaryWriter(SummaryWriter(log_dir=log_dir), log_dir)
+
+
+class AuxiliaryWriter:
+    """A TensorBoard writer whose first failure (a full disk, a deleted or unmounted --log_dir) is
+    one warning, after which it writes nothing: losing TensorBoard curves must not cost the
+    training. Attributes other than methods (log_dir) are the writer's."""
+
+    def __init__(self, writer, log_dir: str):
+        self._writer, self._log_dir, self.failed = writer, log_dir, False
+        _quiet_tensorboard_threads()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - whatever TensorBoard's writer raises, training goes on
+                self.failed = True
+                reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).splitlines()[0][:200]
+                print(f"WARNING: TensorBoard could not write to {self._log_dir} ({reason}): TensorBoard logging is off "
+                      f"for the rest of this run; training goes on", file=sys.stderr, flush=True)
+                return None
+        return guarded
+
+
+_TENSORBOARD_THREAD = "_AsyncWriterThread"  # tensorboard's event-file writer thread
+
+
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard's writer thread re-raises a failed write as an uncaught exception, which Python
+    prints as a traceback; the same error reaches the writer's next call, where AuxiliaryWriter
+    reports it once. Other threads' exceptions are printed as before."""
+    if getattr(threading.excepthook, "quiet_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(exc):
+        if type(exc.thread).__name__ != _TENSORBOARD_THREAD:
+            previous(exc)
+
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def log_details(args: argparse.Namespace, filename: str, text: str, what: str) -> None:
@@ -149,13 +204,55 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         end_distributed()  # on success only: after an error the other ranks may never reach a barrier
         return result
     except UserError as e:
-        print(f"ERROR: {user_message(e)}", file=sys.stderr, flush=True)
+        print_error(user_message(e))
         raise SystemExit(1) from None
     except stops.Stopped as e:
         print(stops.stop_message(parser.prog, e, newest_checkpoint(args)), file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
+    except RuntimeError as e:  # a collective failed: another rank stopped (its own ERROR line says why) or died
+        if not (distributed_process() and lost_another_rank(e)):
+            raise
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0][:200]
+        print_error(f"lost contact with another rank ({reason}): it stopped or died; its own ERROR line above says "
+                    f"why (or it was killed: see the launcher's message)")
+        raise SystemExit(1) from None
     finally:
         release_output_dir_locks()
+
+
+# what a collective raises when another rank is gone (gloo's transport errors are plain RuntimeErrors)
+_LOST_RANK_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "remote worker")
+
+
+def lost_another_rank(e: BaseException) -> bool:
+    return isinstance(e, dist.DistError) or any(m in str(e) for m in _LOST_RANK_MARKERS)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def distributed_process() -> bool:
+    """Whether this process is one rank of several (also before or after the process group)."""
+    return (get_world_size() > 1 or _env_int("WORLD_SIZE", 1) > 1
+            or ("SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", 1) > 1))
+
+
+def process_rank() -> int:
+    if is_dist_avail_and_initialized():
+        return get_rank()
+    return _env_int("RANK", _env_int("SLURM_PROCID", 0))
+
+
+def print_error(message: str) -> None:
+    """A fatal error's one line on stderr, from every rank (print() is silenced on ranks other than
+    the first), prefixed with the rank when the job has several: a rank that stops alone (its own
+    --data_path is wrong) is seen."""
+    where = f" (rank {process_rank()})" if distributed_process() else ""
+    print_on_every_rank(f"ERROR{where}: {message}", file=sys.stderr, flush=True)
 
 
 def newest_checkpoint(args: argparse.Namespace) -> str | None:
@@ -190,7 +287,7 @@ def run_tool(main, argv=None):
     try:
         return main(argv)
     except UserError as e:
-        print(f"ERROR: {user_message(e)}", file=sys.stderr, flush=True)
+        print_error(user_message(e))
         raise SystemExit(1) from None
 
 
@@ -227,14 +324,46 @@ def print_weights_fingerprint(model: torch.nn.Module) -> float:
     return value
 
 
-def set_lr_from_blr(args: argparse.Namespace) -> int:
-    """lr = blr * effective batch / 256 unless --lr is given; returns the effective batch size."""
+def set_lr_from_blr(args: argparse.Namespace, resumed: dict | None = None) -> int:
+    """lr = blr * effective batch / 256 unless --lr is given; returns the effective batch size.
+    ``resumed``: the flags of the checkpoint a run continues; another effective batch (ranks x
+    --batch_size x --accum_iter) than it trained with would change the lr in the middle of its
+    schedule, so it is refused unless --accept_batch_change, and then said with the lr the run
+    continues with."""
     eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    given_lr = args.lr is not None
     if args.lr is None:  # only base_lr is specified
         args.lr = args.blr * eff_batch_size / 256
+    if resumed and not getattr(args, "eval", False):
+        check_same_effective_batch(args, resumed, eff_batch_size, given_lr)
     print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}, "
           f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
     return eff_batch_size
+
+
+def check_same_effective_batch(args: argparse.Namespace, saved: dict, eff_batch_size: int, given_lr: bool) -> None:
+    """A resumed run keeps its effective batch, or says (with --accept_batch_change) that it changes."""
+    factors = {"ranks": get_world_size(), "--batch_size": args.batch_size, "--accum_iter": args.accum_iter}
+    theirs = {"ranks": saved.get("world_size"), "--batch_size": saved.get("batch_size"),
+              "--accum_iter": saved.get("accum_iter")}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in theirs.values()):
+        return  # a checkpoint that does not say (an official one, another codebase's)
+    before = theirs["ranks"] * theirs["--batch_size"] * theirs["--accum_iter"]
+    if before == eff_batch_size:
+        return
+    changed = ", ".join(f"{k} {theirs[k]} -> {factors[k]}" for k in factors if factors[k] != theirs[k])
+    old_lr = saved.get("lr")
+    known = isinstance(old_lr, (int, float)) and not isinstance(old_lr, bool)
+    old = f" (it trained with lr {old_lr:.2e})" if known else ""
+    if not getattr(args, "accept_batch_change", False):
+        raise UserError(
+            f"--resume {args.resume} was trained with an effective batch of {before} and this run has {eff_batch_size} "
+            f"({changed}): the batch{'' if given_lr else ' and the lr'} would change in the middle of its "
+            f"schedule{old}. Resume with the same ranks, "
+            f"--batch_size and --accum_iter, or pass --accept_batch_change to continue with the new batch")
+    how = "--lr as given" if given_lr else f"--blr {args.blr:.2e} x {eff_batch_size} / 256"
+    print(f"WARNING: the effective batch changes from {before} to {eff_batch_size} ({changed}) "
+          f"(--accept_batch_change): the run continues with lr {args.lr:.2e} ({how}){old}", file=sys.stderr)
 
 
 def wrap_model(model: torch.nn.Module, run: Runtime) -> torch.nn.Module:

@@ -32,12 +32,38 @@ def is_original_layout(checkpoint: dict) -> bool:
     return "args" not in checkpoint and ("lr_scheduler" in checkpoint or HEAD_KEYS[0] in checkpoint.get("model", {}))
 
 
+class _VariantLoader(yaml.SafeLoader):
+    """Plain YAML and the one Python tag the original writes (!!python/tuple); any other tag (a
+    crafted !!python/name, !!python/object) is refused rather than resolved."""
+
+
+_VariantLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                               lambda loader, node: tuple(loader.construct_sequence(node)))
+
+
 def read_variant(folder: str) -> dict | None:
+    """<folder>/variant.yml as a dict (None without one); one that is not plain YAML, holds
+    another tag or is not a mapping is one CheckpointError naming the file."""
     path = os.path.join(folder, "variant.yml")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return yaml.load(f, Loader=yaml.FullLoader)  # the original writes tuples (!!python/tuple)
+    try:
+        with open(path, encoding="utf-8") as f:
+            variant = yaml.load(f, Loader=_VariantLoader)  # noqa: S506 - a SafeLoader with !!python/tuple only
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise CheckpointError(f"{path} is not a variant.yml this reader accepts ({problem}): only plain YAML and "
+                              f"!!python/tuple are read; fix the file or move it away (the settings are then read "
+                              f"off the checkpoint's tensors)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if variant is None:
+        return None
+    if not isinstance(variant, dict) or not all(isinstance(variant.get(k, {}), dict)
+                                                for k in ("net_kwargs", "dataset_kwargs")):
+        raise CheckpointError(f"{path} is not a Segmenter variant.yml (a mapping with net_kwargs and dataset_kwargs): "
+                              f"fix the file or move it away")
+    return variant
 
 
 def original_settings(checkpoint: dict, path: str) -> argparse.Namespace:
@@ -55,7 +81,11 @@ def original_settings(checkpoint: dict, path: str) -> argparse.Namespace:
     backbone = models_vit.name_for(d_model, depth, patch)
     if backbone is None:
         raise CheckpointError(f"{path}: no backbone here has embed {d_model}, depth {depth}, patch {patch}")
-    crop = net.get("image_size", [math.isqrt(sd["encoder.pos_embed"].shape[1] - 1) * patch])[0]
+    crop = net.get("image_size", [math.isqrt(sd["encoder.pos_embed"].shape[1] - 1) * patch])
+    crop = crop[0] if isinstance(crop, (list, tuple)) and crop else crop
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
+        raise CheckpointError(f"{path}: its variant.yml's net_kwargs.image_size {crop!r:.40} is not a size: fix the "
+                              f"file or move it away")
     normalization = variant.get("dataset_kwargs", {}).get("normalization")
     if normalization is None:
         print(f"{path}: no variant.yml beside it: input normalisation 'vit' (mean = std = 0.5), as the original's "

@@ -27,12 +27,14 @@ import util.misc as misc
 from inputs.pretrain import freeze_heap, loader_options
 from inputs.transforms import NORMALIZATIONS
 from mask_methods import MASK_METHODS
-from models_vit import load_pretrained_encoder
-from run.checkpoint import (Resumed, append_log, checkpoint_args, checkpoint_config, load_checkpoint, open_resume,
-                            optimizer_state_dict, resume_states, save_checkpoint, saved_args)
+from models_vit import load_pretrained_encoder, model_patch_size
+from run.checkpoint import (Resumed, append_log, check_writable_names, checkpoint_args, checkpoint_config,
+                            load_checkpoint, open_resume, optimizer_state_dict, resume_states, resumed_identity,
+                            save_checkpoint, saved_args)
 from run.distributed import DEFAULT_DIST_TIMEOUT_S, check_ranks_agree, file_list_digest
 from run.files import atomic_write_json, read_jsonl, writable_dir
-from run.flags import add_mask_channel_arg, non_negative_float, non_negative_int, positive_int
+from run.flags import (add_mask_channel_arg, device_type, fraction_below_one, non_negative_float, non_negative_int,
+                       positive_int, too_many_tokens)
 from run.setup import Runtime
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
@@ -83,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=non_negative_float, default=0.001)
     p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
-    p.add_argument("--drop-path", type=non_negative_float, default=0.1)
+    p.add_argument("--drop-path", type=fraction_below_one, default=0.1, help="drop-path rate, in [0, 1)")
     p.add_argument("--eval-freq", type=positive_int, default=4, help="evaluate every N epochs and after the last")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --log-dir (or --mae-chp "
                                                             "with a fresh decoder) and exit")
@@ -95,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_false", dest="resume")
     p.add_argument("--num-workers", type=non_negative_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_type)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--print-freq", type=positive_int, default=50)
     p.add_argument("--dist-url", dest="dist_url", default="env://")
@@ -114,12 +116,33 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None,
         args.window_stride = args.window_stride if "window_stride" in given else args.window_size
     if derive_only or not args.eval_short_side:
         args.eval_short_side = args.eval_short_side if "eval_short_side" in given else args.crop_size
+    check_sizes(args, parser)
     if derive_only:
         return
     if args.window_stride > args.window_size:
         parser.error(f"--window-stride {args.window_stride} > --window-size {args.window_size} leaves pixels unseen")
     # names the shared distributed and run set-up expects
     args.dist_on_itp, args.output_dir = False, args.log_dir
+
+
+def check_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser | None) -> None:
+    """The crop and the sliding window hold at least one patch of --backbone, and not more than a
+    ViT here takes (a size taken from a checkpoint is checked too: then the error is a UserError)."""
+    def refuse(message: str):
+        if parser is not None:
+            parser.error(message)
+        raise UserError(message)
+
+    patch = model_patch_size(args.backbone) if args.backbone in BACKBONES else None
+    if patch is None:
+        return
+    for flag, size in (("--crop-size", args.crop_size), ("--window-size", args.window_size)):
+        if size < patch:
+            refuse(f"{flag} {size} is smaller than the patch size {patch} of --backbone {args.backbone}: an image "
+                   f"would hold no patch; pass at least {patch} (Segmenter's ADE20k crop: 512)")
+        problem = too_many_tokens(size, size, patch)
+        if problem:
+            refuse(f"{flag} {size}: {problem}")
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
@@ -149,14 +172,15 @@ def write_metrics(args, epoch: int, metrics: dict) -> None:
             atomic_write_json(os.path.join(args.log_dir, name), {"epoch": epoch, **metrics}, indent=1)
 
 
-def build_datasets(args) -> tuple[ADE20K, ADE20K]:
+def build_datasets(args, resumed: Resumed | None = None) -> tuple[ADE20K, ADE20K]:
     train_set = ADE20K(args.dataset_dir, "train", SegTrainTransform(args.crop_size, normalization=args.normalization),
                        seed=args.seed, num_classes=args.n_cls)
     val_set = ADE20K(args.dataset_dir, "val", SegEvalTransform(args.eval_short_side, normalization=args.normalization),
                      num_classes=args.n_cls)
     print(f"{len(train_set)} training and {len(val_set)} validation images")
-    check_ranks_agree(args, {f"{split} images": (len(ds), file_list_digest(ds.names, ""))
-                             for split, ds in (("train", train_set), ("val", val_set))})
+    check_ranks_agree(args, {**{f"{split} images": (len(ds), file_list_digest(ds.names, ""))
+                                for split, ds in (("train", train_set), ("val", val_set))},
+                             **resumed_identity(resumed)})
     return train_set, val_set
 
 
@@ -186,7 +210,12 @@ def build_model(args, run: Runtime, resumed: Resumed | None, pretrained: dict | 
     if original:
         print(f"{resumed.path} is in rstrudel/segmenter's layout: its weights are loaded, its optimizer and "
               f"lr_scheduler state are not" + ("" if args.eval_only else " (training goes on with a fresh SGD)"))
-    resume_states(resumed, model_without_ddp, None if original else optimizer, loss_scaler, own_state_dict(ckpt))
+    state = ckpt.get("optimizer")
+    weights_only = original or not (isinstance(state, dict) and state)
+    if weights_only and not original and not args.eval_only:
+        print(f"WARNING: {resumed.path} holds no optimizer state: its weights are loaded, SGD starts afresh (no "
+              f"momentum) at epoch {resumed.epoch + 1}", file=sys.stderr)
+    resume_states(resumed, model_without_ddp, None if weights_only else optimizer, loss_scaler, own_state_dict(ckpt))
     start_epoch = resumed.epoch + 1
     args.mask_method = resumed.args.get("mask_method", args.mask_method)
     print(f"Resumed from {resumed.path} at epoch {start_epoch}")
@@ -254,7 +283,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.normalization is None:
         take_pretrained_normalization(args, pretrained)
     batch_per_rank = per_rank_batch(args)
-    train_set, val_set = build_datasets(args)
+    train_set, val_set = build_datasets(args, resumed)
     model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, resumed, pretrained)
     original = resumed is not None and is_original_layout(resumed.checkpoint)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
@@ -269,6 +298,7 @@ def main(args: argparse.Namespace) -> dict:
     if len(train_set) < args.batch_size:
         raise UserError(f"only {len(train_set)} training images for a global batch of {args.batch_size}: "
                         f"lower --batch-size")
+    check_writable_names(args.log_dir, [CHECKPOINT])  # never write over a file that could not be read
     if is_main_process() and not original:
         write_variant(args, model_without_ddp, batch_per_rank, run.amp)
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank, drop_last=True,

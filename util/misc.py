@@ -63,6 +63,12 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
+def print_on_every_rank(*args, **kwargs) -> None:
+    """print() as it is before setup_for_distributed silences the other ranks: for what every rank
+    must say (its fatal error)."""
+    _builtin_print(*args, **kwargs)
+
+
 def all_reduce_mean(x: float) -> float:
     world_size = get_world_size()
     if world_size == 1:
