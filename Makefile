@@ -11,7 +11,7 @@ REQ_HASH := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(open
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 TOY := data/toy
 
-.PHONY: venv demo test test-fast clean-demo
+.PHONY: venv demo demo-compare test test-fast clean-demo
 
 venv: $(STAMP)
 
@@ -34,14 +34,29 @@ data/.toy_done: tools/make_toy_data.py | $(STAMP)
 # The benchmark on the toy data: a tiny MAE pretrained in three chunks, a Segmenter trained and
 # scored after each (mIoU rises from chunk to chunk); ends with the results table and
 # output_demo/miou_vs_epochs.png. tests/test_demo.py runs these settings and checks the rise.
+DEMO_PRETRAIN := --input_size 64 --batch_size 16 --warmup_epochs 1 --blr 1.5e-2 --num_workers 2 --print_freq 6
 DEMO_ARGS := --in1k-dir $(TOY) --ade20k-dir $(TOY_ADE) --output-dir output_demo \
 	--mask-method four_channels --coverage-ratio 40 --model mae_vit_tiny_patch8 \
 	--pretrain-epochs 18 --eval-freq 6 --seg-epochs 8 --crop-size 32 --seg-decoder linear \
-	--pretrain-args "--input_size 64 --batch_size 16 --warmup_epochs 1 --blr 1.5e-2 --num_workers 2 --print_freq 6" \
+	--pretrain-args "$(DEMO_PRETRAIN)" \
 	--seg-args "--batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5"
+
+# Every mask method on the demo's harness, one run each (and the SAM methods' other segment
+# choices) into output_compare/, each chunk scored by kNN, the frozen probe and the Segmenter; then
+# one table and plot of them all (the README's "Comparing masking strategies"; ~30 min on 2 cores).
+COMPARE_ARGS := $(subst output_demo,output_compare,$(subst --mask-method four_channels ,,$(DEMO_ARGS))) \
+	--probe-eval --probe-args "--epochs 8 --batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5" \
+	--knn-eval --knn-bank-per-class 8 --knn-args "--num_workers 2 --batch_size 16"
+COMPARE_METHODS := patches blocks blockwise noise segments four_channels preencoder segment_tokens
 
 demo: $(STAMP) data/.toy_done
 	$(PY) benchmark.py $(DEMO_ARGS)
+
+demo-compare: $(STAMP) data/.toy_done
+	for m in $(COMPARE_METHODS); do $(PY) benchmark.py $(COMPARE_ARGS) --mask-method $$m || exit 1; done
+	$(PY) benchmark.py $(COMPARE_ARGS) --mask-method segments --pretrain-args "$(DEMO_PRETRAIN) --segment_choice random"
+	$(PY) benchmark.py $(COMPARE_ARGS) --mask-method segment_tokens --pretrain-args "$(DEMO_PRETRAIN) --segment_choice union"
+	$(PY) benchmark.py compare --output-dir output_compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto tests
@@ -50,4 +65,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not slow" tests
 
 clean-demo:
-	rm -rf output_demo $(TOY) $(TOY_ADE)
+	rm -rf output_demo output_compare $(TOY) $(TOY_ADE)

@@ -4,10 +4,12 @@ Segmenter on ADE20k from that checkpoint, to see how a mask method's downstream 
     python benchmark.py --in1k-dir /datasets/imagenet --ade20k-dir data/ADEChallengeData2016 \\
         --mask-method four_channels --pretrain-epochs 800 --eval-freq 100 --num-gpus 8
     python benchmark.py compare --output-dir .          # overlay every run found: miou_vs_epochs.png
+    python benchmark.py ... --mask-method blocks --pretrain-args "--block_size 4" --probe-eval --knn-eval
 
 Outputs under --output-dir, keyed by the run's identity RUN = <method>[-cov<C>]-<model>[-stacked]-seed<S>-<digest>
 (the digest covers every setting of the pretraining run: schedule, --stack and its SHA-256, --pretrain-args):
     pretrain_output/RUN/checkpoint-<epochs>.pth, config.json   one pretraining run, chunk by chunk
+                        knn-<epochs>.json, probe-<epochs>-<digest>.json   its kNN and frozen-probe scores
     eval_output/RUN/<epochs>ep-seg<digest>/                     Segmenter logs, metrics.json, data.json, done.json
     results.jsonl                                               one row per finished evaluation, full config
     miou_vs_epochs.png                                          one curve per run (and Segmenter settings)
@@ -34,6 +36,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import evals.knn  # noqa: E402
+import evals.probe  # noqa: E402
 import main_pretrain  # noqa: E402
 import run.setup as runsetup  # noqa: E402
 import segmenter.train  # noqa: E402
@@ -44,7 +47,7 @@ from evals.runs import (add_stage_time, ade20k_record, append_result, check_eval
                         recorded_run_data, resolve_stack, row_problem, run_config, run_id, short_digest, stack_sha256,
                         stage_times)
 from evals.stages import run_stage  # noqa: E402
-from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
+from mask_methods import MASK_METHODS, build_method, uses_segments  # noqa: E402
 from models_mae import model_patch_size  # noqa: E402
 from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
 from run.files import atomic_write_json, writable_dir  # noqa: E402
@@ -88,6 +91,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-bank-per-class", type=positive_int, default=100,
                    help="training images per class in the kNN bank")
     p.add_argument("--knn-args", default="", help="extra flags for evals.knn (e.g. '--pool mean --batch_size 256')")
+    p.add_argument("--probe-eval", action="store_true",
+                   help="after each chunk, before the Segmenter: the frozen-encoder linear probe on --ade20k-dir "
+                        "(evals.probe: dense features, minutes where a Segmenter takes hours); with --eval random "
+                        "or official, the probe of that encoder too (the reference line of the probe panel)")
+    p.add_argument("--probe-args", default="", help="extra flags for evals.probe (e.g. '--epochs 8 --batchnorm')")
     p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
                    help="how a one-process stage runs (inprocess: in this Python process)")
     p.add_argument("--slurm", action="store_true",
@@ -145,6 +153,8 @@ SEG_FLAGS_SET_HERE = {"dataset_dir": "--ade20k-dir", "log_dir": "--output-dir", 
                       "seed": "--seed"}
 KNN_FLAGS_SET_HERE = {"checkpoint": None, "data_path": "--in1k-dir", "bank_per_class": "--knn-bank-per-class",
                       "seed": "--seed", "out": None}
+PROBE_FLAGS_SET_HERE = {"checkpoint": None, "dataset_dir": "--ade20k-dir", "backbone": "--seg-backbone",
+                        "crop_size": "--crop-size", "seed": "--seed", "out": None}
 
 
 class _StageArgsParser(argparse.ArgumentParser):
@@ -155,10 +165,11 @@ class _StageArgsParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def check_stage_args(args: argparse.Namespace) -> None:
-    """Parses and checks --pretrain-args, --seg-args and (with --knn-eval) --knn-args as the stages
-    will, before any stage runs: a typo or a conflict with the benchmark's own flags is found now,
-    not after hours of pretraining."""
+def check_stage_args(args: argparse.Namespace) -> dict:
+    """Parses and checks --pretrain-args, --seg-args and (with --knn-eval, --probe-eval) --knn-args and
+    --probe-args as the stages will, before any stage runs: a typo or a conflict with the benchmark's
+    own flags is found now, not after hours of pretraining. Returns the mask method's parameters as
+    the pretraining stage resolves them (its flags' defaults included): what a results row shows."""
     checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
     stages = [("--pretrain-args", args.pretrain_args, main_pretrain, PRETRAIN_FLAGS_SET_HERE,
                pretrain_argv(args, eval_points(args)[0], os.path.join(args.output_dir, "pretrain_output"))),
@@ -166,6 +177,10 @@ def check_stage_args(args: argparse.Namespace) -> None:
     if args.knn_eval and args.eval == -1:
         stages.append(("--knn-args", args.knn_args, evals.knn, KNN_FLAGS_SET_HERE,
                        knn_argv(args, checkpoint, os.path.join(args.output_dir, "knn.json"))))
+    if args.probe_eval and (args.eval == -1 or args.eval in BASELINES):
+        stages.append(("--probe-args", args.probe_args, evals.probe, PROBE_FLAGS_SET_HERE,
+                       probe_argv(args, checkpoint, os.path.join(args.output_dir, "probe.json"))))
+    method_params = {}
     for option, extra, module, set_here, base in stages:  # base ends with the extra flags
         parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
         try:
@@ -177,10 +192,13 @@ def check_stage_args(args: argparse.Namespace) -> None:
                 raise UserError(f"sets {names}, which the benchmark sets itself")
             stage_args = parser.parse_args(base)  # the stage's whole command line, extra flags included
             module.check_args(stage_args, parser)
+            if module is main_pretrain:
+                method_params = build_method(stage_args).params()
             if module is evals.knn and stage_args.input_size:  # the encoder's patch is --model's
                 evals.knn.check_input_size(stage_args.input_size, model_patch_size(args.model), args.model)
         except (UserError, ValueError) as e:
             raise UserError(f"{option} {extra!r}: {e}") from None
+    return method_params
 
 
 def check_inputs(args: argparse.Namespace) -> dict:
@@ -299,6 +317,32 @@ def knn_until(epochs: int, args) -> dict | None:
     return json.load(open(out))
 
 
+def probe_argv(args, checkpoint: str, out: str) -> list[str]:
+    """evals.probe's flags for the frozen-encoder probe of one checkpoint ('random': the MAE init)."""
+    return ["--checkpoint", checkpoint, "--dataset-dir", args.ade20k_dir, "--backbone", args.seg_backbone,
+            "--crop-size", str(args.crop_size), "--seed", str(args.seed), "--out", out, *shlex.split(args.probe_args)]
+
+
+def probe_until(folder: str, checkpoint: str, name: str, args) -> dict:
+    """The probe score of a checkpoint, computed once per probe settings and kept in folder as
+    <name>-<digest>.json (other --probe-args: another file, never a stale score)."""
+    out = os.path.join(folder, f"{name}-{short_digest(probe_argv(args, 'CKPT', 'OUT'))}.json")
+    if not os.path.exists(out):
+        os.makedirs(folder, exist_ok=True)
+        run_stage("evals.probe", probe_argv(args, checkpoint, out), args, evals.probe.cli)
+    return read_json_object(out, "a probe score")
+
+
+def scores_row(knn: dict | None, probe: dict | None) -> dict:
+    """The cheap evaluations' columns of a results row."""
+    row = {}
+    if knn is not None:
+        row.update(knn_top1=knn["knn_top1"], knn_time_s=knn["seconds"], knn_bank=knn["bank_size"])
+    if probe is not None:
+        row.update(probe_miou=probe["probe_miou"], probe_time_s=probe["seconds"], probe_epochs=probe["epochs"])
+    return row
+
+
 def finished_row(done_file: str) -> dict:
     """The results row a finished evaluation kept in its done.json."""
     row = read_json_object(done_file, "a finished evaluation")
@@ -309,9 +353,11 @@ def finished_row(done_file: str) -> dict:
     return row
 
 
-def evaluate(epochs: int, args, data: dict, pretrain_time: dict | None = None, knn: dict | None = None) -> dict:
+def evaluate(epochs: int, args, data: dict, pretrain_time: dict | None = None, scores: dict | None = None,
+             method_params: dict | None = None) -> dict:
     """Trains and scores a Segmenter from checkpoint-<epochs>.pth, unless that was done already.
-    ``data``: check_inputs' records (the evaluation's ADE20k is checked against the one it recorded)."""
+    ``data``: check_inputs' records (the evaluation's ADE20k is checked against the one it recorded);
+    ``scores``: the kNN / probe columns; ``method_params``: the mask method's resolved parameters."""
     p = paths(args, epochs)
     check_eval_data(p["eval"], data["ade20k_dir"])
     done_file = os.path.join(p["eval"], "done.json")
@@ -329,7 +375,8 @@ def evaluate(epochs: int, args, data: dict, pretrain_time: dict | None = None, k
     pretrain_time = pretrain_time or {"seconds": 0.0, "invocations": 0}
     metrics = json.load(open(os.path.join(p["eval"], "metrics.json")))
     row = {"run_id": run_id(args), "eval_id": short_digest(eval_config(args)),
-           "method": args.mask_method, "coverage_ratio": run_config(args)["coverage_ratio"], "epochs": epochs,
+           "method": args.mask_method, "method_params": method_params or {},
+           "coverage_ratio": run_config(args)["coverage_ratio"], "epochs": epochs,
            "mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"],
            "mean_class_accuracy": metrics["mean_class_accuracy"],
            "pretrain_time_s": round(pretrain_time["seconds"], 1),
@@ -340,8 +387,7 @@ def evaluate(epochs: int, args, data: dict, pretrain_time: dict | None = None, k
            "stack": args.stack, "stack_sha256": stack_sha256(args),
            "config": {**run_config(args), **eval_config(args)}, "record": runsetup.run_record(args.num_gpus),
            "data": {"in1k_dir": data.get("in1k_dir") or recorded_run_data(args), "ade20k_dir": data["ade20k_dir"]}}
-    if knn is not None:
-        row.update(knn_top1=knn["knn_top1"], knn_time_s=knn["seconds"], knn_bank=knn["bank_size"])
+    row.update(scores or {})
     append_result(p["results"], row)  # the row first (a rerun never duplicates it), then done.json:
     atomic_write_json(done_file, row, indent=1)  # the stage counts as finished only now
     return row
@@ -363,6 +409,7 @@ def evaluate_baseline(kind: str, args, data: dict) -> dict:
         row = finished_row(done_file)
         append_result(results, row)
         return row
+    probe = probe_until(folder, checkpoint or evals.probe.RANDOM, "probe", args) if args.probe_eval else None
     eval_time = timed_stage(folder, "segmenter", "segmenter.train", seg_argv(args, checkpoint, folder), args,
                             segmenter.train.cli)
     metrics = json.load(open(os.path.join(folder, "metrics.json")))
@@ -373,7 +420,8 @@ def evaluate_baseline(kind: str, args, data: dict) -> dict:
            "pretrain_img_per_sec": None, "model": args.model,
            "seg_backbone": args.seg_backbone, "stack": "", "stack_sha256": "", "checkpoint_sha256": sha,
            "config": {"baseline": kind, "model": args.model, **eval_config(args)},
-           "record": runsetup.run_record(args.num_gpus), "data": {"ade20k_dir": data["ade20k_dir"]}}
+           "record": runsetup.run_record(args.num_gpus), "data": {"ade20k_dir": data["ade20k_dir"]},
+           **scores_row(None, probe)}
     append_result(results, row)
     atomic_write_json(done_file, row, indent=1)
     return row
@@ -384,7 +432,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if not os.path.isdir(d):
             raise UserError(f"{what} {d} does not exist")
     writable_dir(args.output_dir, "--output-dir")
-    check_stage_args(args)
+    method_params = check_stage_args(args)
     data = check_inputs(args)
     stack = resolve_stack(args)  # its SHA-256 is part of the run's identity
     if args.eval in BASELINES:
@@ -396,15 +444,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_old_layout(args)
     print(f"[benchmark] run {run_id(args)}: {paths(args)['pretrain']}")
     if args.eval >= 0:
-        evaluate(args.eval, args, data)
+        evaluate(args.eval, args, data, method_params=method_params)
     else:
         for epochs in eval_points(args):  # every evaluation's data against what it recorded, before any stage
             check_eval_data(paths(args, epochs)["eval"], data["ade20k_dir"])
         record_run(args, data["in1k_dir"])  # and the run's (recorded here when the run starts)
         for epochs in eval_points(args):
             pretrain_time = pretrain_until(epochs, args, stack)
+            p = paths(args, epochs)
             knn = knn_until(epochs, args) if args.knn_eval else None
-            evaluate(epochs, args, data, pretrain_time, knn)
+            probe = probe_until(p["pretrain"], p["checkpoint"], f"probe-{epochs}", args) if args.probe_eval else None
+            evaluate(epochs, args, data, pretrain_time, scores_row(knn, probe), method_params)
     rows = read_results(args.output_dir)
     print(results_table(rows))
     print(f"plot: {plot(rows, os.path.join(args.output_dir, 'miou_vs_epochs.png'))}")

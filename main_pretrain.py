@@ -24,12 +24,13 @@ from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_
 from inputs.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, add_recipe_args, as_hw
 from mask_methods import MaskMethod, add_method_args, build_method, method_flags, warn_ignored_flags
 from models_vit import stack_official_into_mae
-from run.checkpoint import (FOURTH_CHANNEL_KEY, Resumed, append_log, check_writable_names, open_resume,
-                            resume_states, resumed_identity, run_start, save_model)
+from run.checkpoint import (FOURTH_CHANNEL_KEY, Resumed, append_log, check_writable_names, open_resume, resume_states,
+                            resumed_identity, run_start, save_model)
 from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int, positive_int)
 from run.setup import Runtime, build_optimizer, convert_to_fp8
+from run.tracking import tensorboard_writer
 from sam.listing import MASK_FORMATS
 from util.lr_decay import param_groups_weight_decay
 from util.misc import UserError, all_reduce_mean, autocast, get_rank, get_world_size
@@ -330,7 +331,7 @@ def main(args: argparse.Namespace) -> None:
     resumed = open_resume(args, RUN_FLAGS, start, then=method_run_flags, upgrade=continue_as_written)
     method = build_method(args)
     dataset_train, sampler_train, data_loader_train = build_data(args, run.device, method, resumed)
-    log_writer = runsetup.tensorboard_writer(args.log_dir)
+    log_writer = tensorboard_writer(args.log_dir)
     model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, method, resumed)
     config = run_config(args, model_without_ddp, resumed.run_start if resumed is not None else start)
 

@@ -23,6 +23,7 @@ the fraction of its pixels that are hidden. The segment is the one whose coverag
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from run.flags import coverage_ratio_type, mask_ratio_type
+from run.flags import coverage_ratio_type, mask_ratio_type, positive_float, positive_int
+from sam.files import MaskFileError
 from sam.layouts import ImageSegments, closest, segment_mask
 
 SEG_LOSSES = ("pixel", "patch")
@@ -58,6 +60,21 @@ COVERAGE_RATIO = Flag("coverage_ratio", coverage_ratio_type, 50.0,
 SEG_LOSS = Flag("seg_loss", str, "pixel", "pixel: mean squared error over the hidden pixels only (sum(m * e) / "
                 "sum(m)); patch: the older per-patch form (hidden fraction of a patch times its mean error over "
                 "all its pixels), for ablations", choices=SEG_LOSSES, before="patch")
+SEGMENT_CHOICES = ("closest", "random", "union", "union_smallest")
+SEGMENT_CHOICE = Flag("segment_choice", str, "closest",
+                      "which SAM segments of an image are hidden: closest: the one whose coverage is closest to "
+                      "--coverage_ratio (the same every epoch); random: one drawn per sample and epoch; union, "
+                      "union_smallest (token-dropping methods): whole segments, in random order or smallest first, "
+                      "until --mask_ratio of the image is covered", choices=SEGMENT_CHOICES, before="closest")
+BLOCK_SIZE = Flag("block_size", positive_int, 4, "blocks: the side K of the K x K groups of patches dropped together "
+                  "(1: patches)")
+BLOCKWISE_MIN = Flag("blockwise_min_patches", positive_int, 16, "blockwise: the smallest area of a rectangle, in "
+                     "patches (BEiT's 16)")
+BLOCKWISE_ASPECT = Flag("blockwise_aspect", positive_float, 0.3, "blockwise: a rectangle's aspect ratio is drawn "
+                        "log-uniformly from [a, 1/a] (BEiT's 0.3)")
+NOISE_FILTER = Flag("noise_filter", str, "green", "noise: the filter of the random field whose highest values are "
+                    "dropped: green (band-pass, ColorMAE's best), blue (high-pass), red (low-pass), purple "
+                    "(band-stop), white (none: random patches)", choices=("green", "blue", "red", "purple", "white"))
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -108,7 +125,7 @@ class MaskMethod:
     drops_tokens = False  # the encoder sees only the kept tokens (and the decoder gets mask tokens)
     mask_channels = 0  # channels added to the image for the encoder (the visibility v)
     hidden_label = "SAM segment"  # what the pictures call the hidden part
-    flags: tuple[Flag, ...] = (COVERAGE_RATIO, SEG_LOSS)
+    flags: tuple[Flag, ...] = (COVERAGE_RATIO, SEG_LOSS, SEGMENT_CHOICE)
 
     def __init__(self, **params):
         unknown = sorted(set(params) - {f.name for f in self.flags})
@@ -134,7 +151,10 @@ class MaskMethod:
         return {f.name: getattr(self, f.name) for f in self.flags}
 
     def check(self) -> None:
-        """Raises ValueError for parameter values that would train nothing."""
+        """Raises ValueError for parameter values that would train nothing (or mean nothing)."""
+        if getattr(self, "segment_choice", "closest").startswith("union") and not self.drops_tokens:
+            raise ValueError(f"--segment_choice {self.segment_choice} adds segments until --mask_ratio is hidden: "
+                             f"it is for token-dropping methods (segment_tokens), not {self.name}")
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params().items())})"
@@ -146,13 +166,32 @@ class MaskMethod:
         layout or a tar shard; each decoded only when asked), at the masks' resolution;
         ``image_size`` (W, H) sizes an all-zero mask for an image without segments. ``generator``:
         the sample's own random numbers of this epoch (seeded by seed, epoch and index, so N ranks
-        choose as one process). Default: the segment closest to --coverage_ratio."""
-        return segment_mask(closest(segments, self.coverage_ratio), image_size)
+        choose as one process). Here, by --segment_choice: the segment closest to --coverage_ratio,
+        one drawn at random, or whole segments until --mask_ratio of the image is covered."""
+        choice = getattr(self, "segment_choice", "closest")
+        if choice == "closest" or not len(segments):
+            return segment_mask(closest(segments, self.coverage_ratio), image_size)
+        if choice == "union_smallest":
+            order = sorted(range(len(segments)), key=lambda i: segments.coverages[i])
+        else:
+            order = torch.randperm(len(segments), generator=generator).tolist()
+        if choice == "random":
+            return segment_mask(segments[order[0]], image_size)
+        union = None
+        for i in order:  # whole segments until the ratio is covered; each decoded only when added
+            mask = segment_mask(segments[i], image_size)
+            if union is not None and mask.shape != union.shape:
+                raise MaskFileError(f"{segments.where}: its segments have different sizes ({union.shape[::-1]} "
+                                    f"and {mask.shape[::-1]}): not the masks of one picture. Regenerate them")
+            union = mask if union is None else union | mask
+            if union.mean() >= self.mask_ratio:
+                break
+        return union
 
     def cached_coverage(self) -> float | None:
         """The --coverage_ratio whose compact mask cache (tools/build_mask_cache.py) holds this
         method's choice for every image; None when the cache cannot serve it (masks/ is read)."""
-        return self.coverage_ratio
+        return self.coverage_ratio if getattr(self, "segment_choice", "closest") == "closest" else None
 
     # ---- pretraining ----------------------------------------------------------------------------
     def encoder_in_chans(self, img_chans: int = 3) -> int:
@@ -344,7 +383,7 @@ class SegmentTokens(MaskMethod):
     name = "segment_tokens"
     drops_tokens = True
     hidden_label = "patches of the SAM segment, red: random fill"
-    flags = (COVERAGE_RATIO, SEG_LOSS, MASK_RATIO)  # seg_loss: recorded as before, unused
+    flags = (COVERAGE_RATIO, SEG_LOSS, MASK_RATIO, SEGMENT_CHOICE)  # seg_loss: recorded as before, unused
     COVERED = 0.5
 
     def check(self):
@@ -375,6 +414,185 @@ class SegmentTokens(MaskMethod):
         fill (patches it only touches, then random ones)."""
         fill = self.fill_part(mask, seg_mask).sum()
         return {"hidden_segment": 1.0 - fill / mask.sum().clamp_min(1.0)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the masking baselines a SAM method is compared with: token dropping by other rules
+
+class TokenMethod(MaskMethod):
+    """A method that drops exactly --mask_ratio of the tokens (every sample the same number, as the
+    MAE gather needs) by a rule of its own, without SAM masks: a step costs what a ``patches`` step
+    costs. Subclasses give ``drop_keys``: per token, a key whose largest values are dropped."""
+
+    needs_segment = False
+    drops_tokens = True
+    flags = (MASK_RATIO,)
+
+    def check(self):
+        _check_mask_ratio(self)
+
+    def cached_coverage(self):
+        return None
+
+    def encoder_input(self, imgs, seg_mask):
+        return imgs
+
+    def drop_keys(self, n: int, grid: tuple[int, int], noise: torch.Tensor | None, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hide_tokens(self, tokens, mask_ratio, noise, seg_mask, patch_size, grid=None):
+        n, length, _ = tokens.shape
+        grid = grid or (math.isqrt(length), math.isqrt(length))
+        return random_masking(tokens, mask_ratio, noise=self.drop_keys(n, grid, noise, tokens.device))
+
+    def loss_weights(self, mask, seg_mask, patch_size):
+        return mask.unsqueeze(-1)
+
+
+def group_keys(groups: torch.Tensor, group_noise: torch.Tensor, token_noise: torch.Tensor) -> torch.Tensor:
+    """Keys that order tokens group by group (by ``group_noise``, (N, G)) and, within a group, by
+    ``token_noise`` (N, L): dropping the largest keys drops whole groups and cuts one.
+    ``groups``: (L,) each token's group."""
+    rank = group_noise.argsort(dim=1).argsort(dim=1).to(token_noise.dtype)  # each group's place
+    return rank[:, groups] + token_noise.clamp(0, 1 - 1e-6)
+
+
+class Blocks(TokenMethod):
+    """Whole K x K groups of patches are dropped (Pixio's 4 x 4 block masking; K = 1 is
+    ``patches``), groups drawn at random until exactly --mask_ratio of the tokens are dropped; on
+    a grid K does not divide the edge groups are smaller, and the last group drawn is cut to hit the
+    exact count. With given ``noise`` a group's place is its top-left patch's noise."""
+
+    name = "blocks"
+    hidden_label = "dropped blocks of patches"
+    flags = (MASK_RATIO, BLOCK_SIZE)
+
+    def drop_keys(self, n, grid, noise, device):
+        gh, gw = grid
+        k = self.block_size
+        rows, cols = torch.arange(gh, device=device), torch.arange(gw, device=device)
+        groups = ((rows[:, None] // k) * (-(-gw // k)) + cols[None, :] // k).flatten()  # (L,)
+        if noise is None:
+            noise = torch.rand(n, gh * gw, device=device)
+        first = torch.full((int(groups.max()) + 1,), gh * gw, device=device, dtype=torch.long)
+        first = first.scatter_reduce(0, groups, torch.arange(gh * gw, device=device), reduce="amin")
+        return group_keys(groups, noise[:, first], noise)
+
+
+def sample_uniforms(n: int, device, noise: torch.Tensor | None = None):
+    """A source of (n,) uniform draws in [0, 1), one per sample per call: torch's generator, or,
+    given ``noise`` (N, L), a hash of each sample's noise and the call's number (integer arithmetic:
+    the same sample draws the same on any rank and in any batch)."""
+    if noise is None:
+        return lambda: torch.rand(n, device=device)
+    bits = (noise.double() * 2.0 ** 24).long()
+    position = torch.arange(noise.shape[1], device=noise.device)
+    seeds = _mix32((bits * (_mix32(position + 1) + 1)).sum(dim=1))
+    calls = iter(range(1, 1 << 30))
+    return lambda: _mix32(seeds + next(calls) * 0x9E3779B9).double().div(2.0 ** 32).float()
+
+
+class Blockwise(TokenMethod):
+    """BEiT's blockwise masking: random rectangles of at least --blockwise_min_patches patches and an
+    aspect ratio drawn log-uniformly from [a, 1/a] are added until --mask_ratio of the tokens are
+    covered (one rectangle per sample per round, all samples at once on the device), then trimmed
+    or filled at random to exactly that count. Given ``noise`` (N, L), every draw is a function of
+    each sample's noise, so the same samples get the same rectangles on any number of ranks."""
+
+    name = "blockwise"
+    hidden_label = "dropped rectangles of patches"
+    flags = (MASK_RATIO, BLOCKWISE_MIN, BLOCKWISE_ASPECT)
+    ROUNDS = 64  # rectangles tried per sample at most; a sample still short is filled at random
+
+    def check(self):
+        super().check()
+        if not 0 < self.blockwise_aspect <= 1:
+            raise ValueError(f"--blockwise_aspect must be in (0, 1]: the range is [a, 1/a], got {self.blockwise_aspect}")
+
+    def drop_keys(self, n, grid, noise, device):
+        # drawn on the CPU: the rounds stop when every sample is covered, a check that would make
+        # the GPU wait once per round (~30 rounds at 14 x 14); 22 ms per 256 samples on one core,
+        # done while the GPU runs the previous step's kernels
+        cpu = torch.device("cpu")
+        covered, _ = self.rectangles(n, grid, cpu, noise.to(cpu) if noise is not None else None)
+        # from pinned memory the copy to a GPU is queued, not waited for
+        covered = covered.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else covered.to(device)
+        if noise is None:
+            noise = torch.rand(n, grid[0] * grid[1], device=device)
+        # the covered tokens first (at random among them), then random ones: exactly the count dropped
+        return covered.flatten(1).to(noise.dtype) + noise.clamp(0, 1 - 1e-6)
+
+    def rectangles(self, n: int, grid: tuple[int, int], device,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """(n, rows, cols) the patches covered by the rectangles, and each round's draws (area,
+        aspect, then top, left, h, w as placed; ``added``: the samples that took it)."""
+        uniform = sample_uniforms(n, device, noise)
+        gh, gw = grid
+        target = gh * gw - int(gh * gw * (1 - self.mask_ratio))  # what random_masking drops
+        covered = torch.zeros(n, gh, gw, dtype=torch.bool, device=device)
+        rows = torch.arange(gh, device=device).view(1, gh, 1)
+        cols = torch.arange(gw, device=device).view(1, 1, gw)
+        log_aspect = math.log(self.blockwise_aspect)
+        low = min(self.blockwise_min_patches, target)
+        rounds = []
+        for _ in range(self.ROUNDS):
+            short = covered.flatten(1).sum(1) < target
+            if not short.any():
+                break
+            remaining = (target - covered.flatten(1).sum(1)).clamp_min(low)
+            area = low + uniform() * (remaining - low)
+            aspect = torch.exp(log_aspect * (1 - 2 * uniform()))
+            h = (area * aspect).sqrt().round().clamp(1, gh).long()
+            w = (area / aspect).sqrt().round().clamp(1, gw).long()
+            top = (uniform() * (gh - h + 1)).long()
+            left = (uniform() * (gw - w + 1)).long()
+            rect = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
+                    & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))
+            covered |= rect & short.view(-1, 1, 1)
+            rounds.append({"area": area, "aspect": aspect, "top": top, "left": left, "h": h, "w": w, "added": short})
+        return covered, rounds
+
+
+def noise_field_filter(size: tuple[int, int], kind: str, device) -> torch.Tensor:
+    """The frequency response (rfft2 layout) of a noise colour on a field of ``size``: Gaussian
+    low-pass (red) and its complement (blue), their difference of two widths, a band-pass (green),
+    and its complement (purple); white passes all. Widths in cycles per token."""
+    fy = torch.fft.fftfreq(size[0], device=device).view(-1, 1)
+    fx = torch.fft.rfftfreq(size[1], device=device).view(1, -1)
+    f2 = fy ** 2 + fx ** 2
+
+    def low(cutoff: float) -> torch.Tensor:
+        return torch.exp(-f2 / (2 * cutoff ** 2))
+    band = low(0.16) - low(0.06)  # mid frequencies: clusters of a few tokens
+    return {"white": torch.ones_like(f2), "red": low(0.06), "blue": 1 - low(0.16), "green": band,
+            "purple": 1 - band}[kind]
+
+
+class Noise(TokenMethod):
+    """ColorMAE's data-independent masks: a random field filtered in the frequency domain (green:
+    band-pass, its best; blue: high-pass; red: low-pass; purple: band-stop; white: none), one field
+    per sample drawn on the device, larger than the token grid so that the filter's band is
+    resolved (the grid is a window of it); the --mask_ratio highest values of each sample's grid
+    are dropped. Given ``noise`` (N, L), that is the white field, filtered at the grid's size."""
+
+    name = "noise"
+    hidden_label = "dropped patches (filtered noise)"
+    flags = (MASK_RATIO, NOISE_FILTER)
+    FIELD = 64  # side of the generated field (at least twice the grid's)
+
+    def drop_keys(self, n, grid, noise, device):
+        gh, gw = grid
+        filtered = self.field(noise.view(n, gh, gw).float() if noise is not None else None, n, grid, device)
+        ranks = filtered[:, :gh, :gw].flatten(1).argsort(dim=1).argsort(dim=1)
+        return ranks.float() / (gh * gw)  # order-preserving, in [0, 1)
+
+    def field(self, white: torch.Tensor | None, n: int, grid: tuple[int, int], device) -> torch.Tensor:
+        """(n, H, W) filtered fields: of ``white`` if given, else of new uniform noise FIELD wide."""
+        if white is None:
+            side = max(self.FIELD, 2 * grid[0], 2 * grid[1])
+            white = torch.rand(n, side, side, device=device)
+        response = noise_field_filter(white.shape[-2:], self.noise_filter, white.device)
+        return torch.fft.irfft2(torch.fft.rfft2(white) * response, s=white.shape[-2:])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,7 +644,7 @@ def method_flags() -> dict[str, Flag]:
     return {f.name: f for cls in REGISTRY.values() for f in cls.flags}
 
 
-for _cls in (Patches, Segments, FourChannels, PreEncoderMethod, SegmentTokens):
+for _cls in (Patches, Segments, FourChannels, PreEncoderMethod, SegmentTokens, Blocks, Blockwise, Noise):
     register(_cls)
 
 

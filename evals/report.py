@@ -1,12 +1,14 @@
 """The benchmark's comparison: every results row found under a folder, as a table and as one
-curve per run (mIoU, and kNN top-1 when measured) against pretraining epochs, the baselines drawn
-as reference lines."""
+curve per run (Segmenter mIoU, and the frozen probe's mIoU and kNN top-1 when measured) against
+pretraining epochs, the baselines drawn as reference lines; curves are labelled by what tells them
+apart (the method, then its parameters and whatever other setting differs)."""
 from __future__ import annotations
 
 import json
 import os
 
 from evals.runs import read_result_rows, result_key
+from mask_methods import REGISTRY, get_method
 
 
 def read_results(output_dir: str) -> list[dict]:
@@ -66,10 +68,15 @@ def curve_labels(rows: list[dict]) -> dict:
 
 
 def row_settings(row: dict) -> dict:
-    """A row's configuration as flat name -> value: the benchmark's own settings and every flag of
+    """A row's configuration as flat name -> value: the benchmark's own settings, the mask method's
+    parameters (defaults included, so '--block_size 4' and no flag read the same) and every flag of
     its --pretrain-args / --seg-args (a bare flag: 'on')."""
     config = row.get("config") or {}
     flat = {k: v for k, v in config.items() if not isinstance(v, (list, dict)) and k != "stack_sha256"}
+    params = row.get("method_params")
+    if params is None and row.get("method") in REGISTRY:  # a row from before method parameters: the defaults
+        params = get_method(row["method"]).params()
+    flat.update({f"--{k}": str(v) for k, v in (params or {}).items() if k != "coverage_ratio"})
     for key in ("pretrain_args", "seg_args"):
         argv = config.get(key) or []
         i = 0
@@ -98,17 +105,18 @@ def differing_settings(rows: list[dict]) -> list[str]:
 def results_table(rows: list[dict]) -> str:
     labels = curve_labels(rows)
     width = max([len(v) for v in labels.values()] + [5])
-    head = (f"{'run':<{width}} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'kNN':>7} {'pretrain s':>11} {'eval s':>8} "
-            f"{'kNN s':>7} {'img/s':>8}")
+    head = (f"{'run':<{width}} {'epochs':>7} {'mIoU':>7} {'pix acc':>8} {'probe':>7} {'kNN':>7} {'pretrain s':>11} "
+            f"{'eval s':>8} {'probe s':>8} {'kNN s':>7} {'img/s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r.get("pretrain_img_per_sec")
-        knn = f"{r['knn_top1']:.2f}" if r.get("knn_top1") is not None else "-"
-        knn_s = f"{r['knn_time_s']:.1f}" if r.get("knn_time_s") is not None else "-"
+        knn, knn_s, probe, probe_s = (f"{r[k]:.{d}f}" if r.get(k) is not None else "-" for k, d in
+                                      (("knn_top1", 2), ("knn_time_s", 1), ("probe_miou", 2), ("probe_time_s", 1)))
         epochs = ("-" if r.get("baseline") else str(r["epochs"])) + ("*" if r.get("resumed") else "")
         lines.append(f"{labels[curve_key(r)]:<{width}} {epochs:>7} {r['mIoU']:>7.2f} "
-                     f"{r['pixel_accuracy']:>8.2f} {knn:>7} {r.get('pretrain_time_s') or 0:>11.1f} "
-                     f"{r.get('eval_time_s') or 0:>8.1f} {knn_s:>7} {speed if speed is None else round(speed, 1)!s:>8}")
+                     f"{r['pixel_accuracy']:>8.2f} {probe:>7} {knn:>7} {r.get('pretrain_time_s') or 0:>11.1f} "
+                     f"{r.get('eval_time_s') or 0:>8.1f} {probe_s:>8} {knn_s:>7} "
+                     f"{speed if speed is None else round(speed, 1)!s:>8}")
     if any(r.get("resumed") for r in rows):
         lines.append("* resumed after an interrupt: its times are totals over every invocation")
     return "\n".join(lines)
@@ -150,7 +158,8 @@ def finetune_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> str:
-    """mIoU vs pretraining epochs, one curve per run (and a kNN top-1 panel when rows have it).
+    """mIoU vs pretraining epochs, one curve per run (and frozen-probe mIoU and kNN top-1 panels when
+    rows have them).
     The y-axis spans the data with a margin of at least 2 points, so a 0.3-point difference
     does not look like a cliff."""
     import matplotlib
@@ -159,6 +168,8 @@ def plot(rows: list[dict], path: str) -> str:
     from matplotlib.ticker import MaxNLocator
     labels = curve_labels(rows)
     panels = [("mIoU", "ADE20k mIoU (%)", "Segmenter mIoU vs pretraining")]
+    if any(r.get("probe_miou") is not None for r in rows):
+        panels.append(("probe_miou", "ADE20k mIoU (%)", "frozen-encoder probe mIoU vs pretraining"))
     if any(r.get("knn_top1") is not None for r in rows):
         panels.append(("knn_top1", "kNN top-1 (%)", "kNN top-1 vs pretraining"))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)

@@ -361,7 +361,8 @@ def row_problem(row) -> str | None:
     needed = [("method", str), ("epochs", int), ("mIoU", float), ("pixel_accuracy", float)]
     optional = [("run_id", str), ("eval_id", str), ("model", str), ("config", dict), ("coverage_ratio", float),
                 ("knn_top1", float), ("knn_time_s", float), ("pretrain_time_s", float), ("eval_time_s", float),
-                ("pretrain_img_per_sec", float)]
+                ("pretrain_img_per_sec", float), ("probe_miou", float), ("probe_time_s", float),
+                ("method_params", dict)]
     names = {str: "a string", int: "a whole number", float: "a number", dict: "an object"}
     for key, kind in needed:
         if not _is(row.get(key), kind):

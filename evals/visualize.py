@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from inputs.transforms import NORMALIZATIONS
-from mask_methods import as_nchw, get_method
+from mask_methods import MaskMethod, as_nchw, get_method
 
 PANEL_TITLES = ("original", "encoder input (hidden: grey)", "white: visible, black: {what}", "reconstruction",
                 "pasted into hidden part")
@@ -76,11 +76,16 @@ def reconstruction_panels(model, imgs: torch.Tensor, seg_mask: torch.Tensor | No
 
 
 @torch.no_grad()
-def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | None = None,
+def as_method(mask_method: str | MaskMethod) -> MaskMethod:
+    """A method given by name (its flags at their defaults) or as built (its flags as set)."""
+    return get_method(mask_method) if isinstance(mask_method, str) else mask_method
+
+
+def mask_panels(mask_method: str | MaskMethod, imgs: torch.Tensor, seg_mask: torch.Tensor | None = None,
                 mask_ratio: float = 0.75, patch_size: int = 16, normalization: str = "imagenet") -> torch.Tensor:
     """Without a model: (N, 3, 3, H, W) panels of what ``mask_method`` hides (the first three
-    columns of PANEL_TITLES); a token-dropping method draws its random patches (seeded by torch)."""
-    method = get_method(mask_method)
+    columns of PANEL_TITLES); a token-dropping method draws its patches (seeded by torch)."""
+    method = as_method(mask_method)
     weights = None
     if method.drops_tokens:
         n, _, h, w = imgs.shape
@@ -91,13 +96,22 @@ def mask_panels(mask_method: str, imgs: torch.Tensor, seg_mask: torch.Tensor | N
     return torch.stack(_view_panels(method, imgs, seg_mask, hidden, fill, normalization), dim=1)
 
 
-def panel_titles(mask_method: str, generator: str | None = None, coverage: float | None = None) -> list[str]:
+def panel_titles(mask_method: str | MaskMethod, generator: str | None = None,
+                 coverage: float | None = None) -> list[str]:
     """Column titles; ``generator`` (what made a segment method's masks, e.g. 'SAM 2 hiera_large')
-    and the target ``coverage`` (percent) name the hidden part."""
-    method = get_method(mask_method)
+    and the target ``coverage`` (percent) name the hidden part, as the method's segment choice
+    picks it."""
+    method = as_method(mask_method)
     what = method.hidden_label
     if generator and method.needs_segment:
-        what = f"{generator} segment" + (f" (closest to {coverage:g}%)" if coverage is not None else "")
+        choice = getattr(method, "segment_choice", "closest")
+        if choice == "closest":
+            what = f"{generator} segment" + (f" (closest to {coverage:g}%)" if coverage is not None else "")
+        elif choice == "random":
+            what = f"a random {generator} segment"
+        else:
+            order = "smallest first" if choice == "union_smallest" else "in random order"
+            what = f"whole {generator} segments ({order}) up to {method.mask_ratio:.0%}"
         if method.drops_tokens:
             what = f"patches of the {what}, red: random fill"
     return [t.format(what=what) for t in PANEL_TITLES]

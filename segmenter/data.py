@@ -86,6 +86,14 @@ def photometric_distortion(img: torch.Tensor, generator=None) -> torch.Tensor:
     return x
 
 
+def training_scale(short_side: int) -> tuple[int, int]:
+    """The scale images are resized to before the random ratio and crop, for an evaluation at
+    ``short_side``: (4 s, s), i.e. rstrudel/segmenter's (2048, 512) at 512 and (2560, 640) at 640,
+    so that training sees objects at the size it is scored at, whatever the crop (the frozen probe
+    uses it; the Segmenter keeps its recipe's (2048, 512) for every crop)."""
+    return 4 * short_side, short_side
+
+
 class SegTrainTransform:
     def __init__(self, crop_size: int | tuple[int, int], base_scale=(2048, 512), ratio_range=(0.5, 2.0),
                  cat_max_ratio: float = 0.75, flip: float = 0.5, photometric: bool = True,

@@ -36,6 +36,7 @@ from run.files import atomic_write_json, read_jsonl, writable_dir
 from run.flags import (add_mask_channel_arg, device_type, fraction_below_one, non_negative_float, non_negative_int,
                        positive_int, too_many_tokens)
 from run.setup import Runtime
+from run.tracking import tensorboard_writer
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
@@ -304,7 +305,7 @@ def main(args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank, drop_last=True,
                                          pin_memory=run.device.type == "cuda", **loader_options(args.num_workers))
     total_steps = args.epochs * len(loader)
-    log_writer = runsetup.tensorboard_writer(args.log_dir)
+    log_writer = tensorboard_writer(args.log_dir)
     metrics: dict = {}
     last_done = start_epoch - 1
     if (resumed is not None and last_done >= 0 and evaluation_due(args, last_done)

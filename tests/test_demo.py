@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def demo_args(toy: Path, toy_ade: Path, out: Path) -> list[str]:
     text = (REPO / "Makefile").read_text().replace("\\\n", " ")
     line = re.search(r"^DEMO_ARGS :=(.*)$", text, re.M).group(1)
+    line = line.replace("$(DEMO_PRETRAIN)", re.search(r"^DEMO_PRETRAIN :=(.*)$", text, re.M).group(1).strip())
     line = line.replace("$(TOY_ADE)", str(toy_ade)).replace("$(TOY)", str(toy))
     argv = shlex.split(line)
     argv[argv.index("--output-dir") + 1] = str(out)

@@ -148,7 +148,8 @@ def test_every_method_steps_alike_on_one_and_two_ranks(tmp_path):
     _method_step(0, 1, port, str(tmp_path / "one.pt"))
     mp.spawn(_method_step, args=(2, port, str(tmp_path / "two.pt")), nprocs=2, join=True)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert set(one) == set(two) and {"patches", "segments", "four_channels", "preencoder", "segment_tokens"} <= set(one)
+    assert set(one) == set(two) and {"patches", "segments", "four_channels", "preencoder", "segment_tokens", "blocks",
+                                     "blockwise", "noise"} <= set(one)
     for method in one:
         moved = [k for k in one[method] if not torch.equal(one[method][k], tiny_init(method)[k])]
         assert "blocks.0.attn.qkv.weight" in moved, method  # the step changed the encoder

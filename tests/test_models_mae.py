@@ -260,7 +260,7 @@ def test_segment_methods_need_a_mask():
     with pytest.raises(ValueError, match="needs seg_mask"):
         tiny("segments")(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="unknown mask_method"):
-        tiny("blocks")
+        tiny("no_such_method")
 
 
 def test_random_masking_keeps_the_lowest_noise():

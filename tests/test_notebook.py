@@ -39,15 +39,16 @@ def test_notebook_shows_a_segment_methods_reconstruction(pretrained, toy_root, t
     text = printed(nb)
     assert f"{pretrained['segments']}: segments, input 32x32, normalisation imagenet" in text
     assert "% of the image hidden" in text  # the SAM segment was read from masks/
-    (figure,) = figures(nb)
-    assert len(figure["data"]["image/png"]) > 1000
+    reconstruction, every_method = figures(nb)  # the checkpoint's method, then what each method hides
+    assert len(reconstruction["data"]["image/png"]) > 1000
+    assert len(every_method["data"]["image/png"]) > len(reconstruction["data"]["image/png"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["patches", "four_channels", "preencoder"])
 def test_notebook_runs_for_every_method(pretrained, toy_root, tmp_path, monkeypatch, method):
     nb = run_notebook(tmp_path, monkeypatch, SEGMAE_CHECKPOINT=pretrained[method], SEGMAE_DATA_PATH=toy_root)
-    assert f": {method}, input 32x32" in printed(nb) and len(figures(nb)) == 1
+    assert f": {method}, input 32x32" in printed(nb) and len(figures(nb)) == 2
 
 
 @pytest.mark.slow
@@ -60,4 +61,4 @@ def test_notebook_shows_an_official_encoder(toy_root, tmp_path, monkeypatch):
                       SEGMAE_DATA_PATH=toy_root)
     text = printed(nb)
     assert ": patches, input 224x224" in text and "random decoder" in text
-    assert len(figures(nb)) == 1
+    assert len(figures(nb)) == 2

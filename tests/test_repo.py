@@ -38,10 +38,11 @@ def test_a_pretraining_step_runs_code_from_few_modules(toy_root, tmp_path):
     patches = step_modules(toy_root, "patches", str(tmp_path / "patches"))
     segments = step_modules(toy_root, "segments", str(tmp_path / "segments"))
     seen = {"main_pretrain.py", "engine_pretrain.py", "models_mae.py", "mask_methods.py", "inputs/pretrain.py",
-            "inputs/images.py", "run/checkpoint.py", "util/misc.py"}
+            "inputs/images.py", "run/checkpoint.py", "util/misc.py", "run/tracking.py"}
     assert seen <= set(patches), sorted(patches)  # the profiler saw every part of the step
-    assert len(patches) <= 10, sorted(patches)
+    # the ten of a step plus its tracking (TensorBoard behind a writer that survives a failing disk)
+    assert len(patches) <= 11, sorted(patches)
     # a segment method adds reading its mask: the SAM JSON format, the layout reader and its
     # interface, the mask-size policy
-    assert set(patches) < set(segments) and len(segments) <= 14, sorted(segments)
+    assert set(patches) < set(segments) and len(segments) <= 15, sorted(segments)
     assert "sam/layouts.py" in segments

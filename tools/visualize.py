@@ -8,6 +8,10 @@ any pretraining.
     python tools/visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 \\
         --images a.jpg b.jpg --out vis/          # official checkpoints: give --model
     python tools/visualize.py --data_path data/toy --mask_method segments --coverage_ratio 40 --out vis/
+    python tools/visualize.py --data_path data/toy --all_methods --num 1 --out vis/   # a row per method
+
+Every mask method's flags are taken (--block_size, --noise_filter, --segment_choice, ...); with
+--checkpoint, those given replace the checkpoint's.
 """
 from __future__ import annotations
 
@@ -26,11 +30,11 @@ from inputs.classification import build_eval_transform  # noqa: E402
 from inputs.folders import list_images  # noqa: E402
 from inputs.images import load_rgb  # noqa: E402
 from inputs.transforms import as_hw  # noqa: E402
-from mask_methods import COVERAGE_RATIO, MASK_METHODS, get_method, method_class  # noqa: E402
+from mask_methods import COVERAGE_RATIO, MASK_METHODS, add_method_args, get_method, method_class  # noqa: E402
 from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
 from run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, saved_args  # noqa: E402
 from run.files import atomic_write, writable_dir  # noqa: E402
-from run.flags import coverage_ratio_type, mask_ratio_type, positive_int  # noqa: E402
+from run.flags import given_flags, positive_int  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.geometry import exif_orientation, fit_mask  # noqa: E402
 from sam.layouts import SOURCES, ClosestSegment, open_mask_source  # noqa: E402
@@ -66,16 +70,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="pretrained MAE; without it: only what --mask_method hides (no reconstruction)")
-    p.add_argument("--mask_method", default=None, choices=MASK_METHODS,
-                   help="without --checkpoint: the method to show (default: segments)")
+    add_method_args(p, default_method=None)  # without --checkpoint: the method to show (default: segments)
+    p.add_argument("--all_methods", action="store_true",
+                   help="without --checkpoint: one grid per image, a row per mask method (segment methods need "
+                        "--data_path with masks/)")
     p.add_argument("--patch_size", type=int, default=16, help="without --checkpoint: the patch grid of 'patches'")
     p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
     p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
     p.add_argument("--num", type=positive_int, default=4, help="how many images of --data_path/train, when no --images")
-    p.add_argument("--coverage_ratio", type=coverage_ratio_type, default=None,
-                   help=f"default: the checkpoint's (without one: {COVERAGE_RATIO.default:g})")
-    p.add_argument("--mask_ratio", type=mask_ratio_type, default=0.75)
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="default: the checkpoint's (without one: 224)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,23 +90,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_given_flags(method, args, given: set[str]):
+    """``method`` with the values of the method flags given on the command line (the others as set)."""
+    given_params = {f.name: getattr(args, f.name) for f in method.flags if f.name in given}
+    return get_method(method.name, **{**method.params(), **given_params}) if given_params else method
+
+
 def main(argv=None) -> list[str]:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    given = set(given_flags(parser, argv))
     torch.manual_seed(args.seed)
     if args.checkpoint:
-        if args.mask_method:
+        if args.mask_method or args.all_methods:
             raise SystemExit("--mask_method is read from --checkpoint: give one of the two")
         model, size, normalization = load_mae(args.checkpoint, args.model, args.input_size, args.mask_channel)
-        method_name, method = model.mask_method, model.method
+        methods = [with_given_flags(model.method, args, given)]
     else:
         model, size, normalization = None, as_hw(args.input_size or 224), "imagenet"
-        method_name = args.mask_method or "segments"
-        method = get_method(method_name)
-        if method.drops_tokens and (size[0] % args.patch_size or size[1] % args.patch_size):
+        names = MASK_METHODS if args.all_methods else [args.mask_method or "segments"]
+        methods = [with_given_flags(get_method(name), args, given) for name in names]
+        if any(m.drops_tokens for m in methods) and (size[0] % args.patch_size or size[1] % args.patch_size):
             raise SystemExit(f"--input_size {size} is not a multiple of --patch_size {args.patch_size}")
-    if args.coverage_ratio and hasattr(method, "coverage_ratio"):  # which segment the pictures hide
-        method = get_method(method_name, **{**method.params(), "coverage_ratio": args.coverage_ratio})
-    coverage = getattr(method, "coverage_ratio", None)
     # --images: exactly those (--data_path then only supplies their masks); else --num from train/
     images = list(args.images)
     if not images and args.data_path:
@@ -114,24 +123,42 @@ def main(argv=None) -> list[str]:
     writable_dir(args.out, "--out")
     written = []
     source = None
-    if method.needs_segment:
+    if any(m.needs_segment for m in methods):
         if not args.data_path:
-            raise SystemExit(f"{method_name} needs SAM masks: give --data_path (with masks/)")
-        source = open_segments(args.data_path, images, args.mask_format)
-    for path in images:
-        x, seg, generator = image_and_segment(path, size, normalization, source, args.data_path, method)
-        if model is None:
-            panels = mask_panels(method_name, x, seg, args.mask_ratio, args.patch_size, normalization)
+            if not args.all_methods:
+                raise SystemExit(f"{methods[0].name} needs SAM masks: give --data_path (with masks/)")
+            methods = [m for m in methods if not m.needs_segment]  # the SAM methods need masks/: left out
         else:
-            panels = reconstruction_panels(model, x, seg, args.mask_ratio, normalization)
-        grid = labelled_grid(panels, panel_titles(method_name, generator, coverage), [os.path.basename(path)])
-        suffix = f"_{method_name}" + ("" if model is not None else "_mask")
+            source = open_segments(args.data_path, images, args.mask_format)
+    for path in images:
+        rows, labels = [], []
+        for method in methods:
+            x, seg, generator = image_and_segment(path, size, normalization, source if method.needs_segment else None,
+                                                  args.data_path, method)
+            mask_ratio = getattr(method, "mask_ratio", args.mask_ratio)
+            if model is None:
+                rows.append(mask_panels(method, x, seg, mask_ratio, args.patch_size, normalization))
+            else:
+                rows.append(reconstruction_panels(model, x, seg, mask_ratio, normalization))
+            labels.append(method_label(method) if args.all_methods else os.path.basename(path))
+        titles = panel_titles(methods[0], generator, getattr(methods[0], "coverage_ratio", None))
+        if args.all_methods:
+            titles = ["original", "encoder input (hidden: grey)", "white: visible, black: hidden"]
+        grid = labelled_grid(torch.cat(rows), titles, labels)
+        suffix = "_methods" if args.all_methods else f"_{methods[0].name}" + ("" if model is not None else "_mask")
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + suffix + ".png")
         with atomic_write(out) as f:  # a full disk: one line naming the file, no half-written PNG
             grid.save(f, format="PNG")
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")
     return written
+
+
+def method_label(method) -> str:
+    """A row label: the method and the flags that shape what it hides."""
+    shown = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in method.params().items()
+             if k != "seg_loss"]
+    return f"{method.name} ({', '.join(shown)})" if shown else method.name
 
 
 def open_segments(data_path: str, images: list[str], mask_format: str = "auto"):
