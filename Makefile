@@ -41,10 +41,10 @@ DEMO_ARGS := --in1k-dir $(TOY) --ade20k-dir $(TOY_ADE) --output-dir output_demo 
 	--pretrain-args "$(DEMO_PRETRAIN)" \
 	--seg-args "--batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5"
 
-# Every mask method on the demo's harness, one run each (and the SAM methods' other segment
-# choices) into output_compare/, each chunk scored by kNN, the frozen probe and the Segmenter; then
-# one table and plot of them all (the README's "Comparing masking strategies"; ~30 min on 2 cores).
-COMPARE_ARGS := $(subst output_demo,output_compare,$(subst --mask-method four_channels ,,$(DEMO_ARGS))) \
+# Every mask method on the demo's harness (two chunks of 6 epochs), one run each, and the SAM
+# methods' other segment choices, into output_compare/, each chunk scored by kNN, the frozen probe
+# and the Segmenter; then one table and plot of them all (the README's "Comparing masking strategies").
+COMPARE_ARGS := $(subst --pretrain-epochs 18,--pretrain-epochs 12,$(subst output_demo,output_compare,$(subst --mask-method four_channels ,,$(DEMO_ARGS)))) \
 	--probe-eval --probe-args "--epochs 8 --batch-size 8 --lr 0.01 --num-workers 2 --print-freq 5" \
 	--knn-eval --knn-bank-per-class 8 --knn-args "--num_workers 2 --batch_size 16"
 COMPARE_METHODS := patches blocks blockwise noise segments four_channels preencoder segment_tokens

@@ -654,7 +654,9 @@ def add_method_args(parser: argparse.ArgumentParser, default_method: str | None 
                         help='patches: random patch dropping (MAE); segments: hide one SAM segment; '
                              'four_channels: hide it and add the visibility as a 4th channel; '
                              'preencoder: a learned pre-encoder maps image + visibility to 3 channels; '
-                             'segment_tokens: drop the segment\'s patches, as MAE drops tokens')
+                             'segment_tokens: drop the segment\'s patches, as MAE drops tokens; '
+                             'blocks: drop whole KxK groups of patches; blockwise: BEiT\'s random rectangles; '
+                             'noise: ColorMAE\'s filtered-noise masks')
     for flag in method_flags().values():
         users = [name for name, cls in REGISTRY.items() if flag in cls.flags]
         parser.add_argument('--' + flag.name, type=flag.type, default=flag.default, choices=flag.choices,
