@@ -419,23 +419,11 @@ class SegmentTokens(MaskMethod):
 # ------------------------------------------------------------------------------------------------
 # the masking baselines a SAM method is compared with: token dropping by other rules
 
-class TokenMethod(MaskMethod):
+class TokenMethod(Patches):
     """A method that drops exactly --mask_ratio of the tokens (every sample the same number, as the
-    MAE gather needs) by a rule of its own, without SAM masks: a step costs what a ``patches`` step
-    costs. Subclasses give ``drop_keys``: per token, a key whose largest values are dropped."""
-
-    needs_segment = False
-    drops_tokens = True
-    flags = (MASK_RATIO,)
-
-    def check(self):
-        _check_mask_ratio(self)
-
-    def cached_coverage(self):
-        return None
-
-    def encoder_input(self, imgs, seg_mask):
-        return imgs
+    MAE gather needs) by a rule of its own, without SAM masks: everything else is ``patches``', so a
+    step costs what a ``patches`` step costs. Subclasses give ``drop_keys``: per token, a key whose
+    largest values are dropped."""
 
     def drop_keys(self, n: int, grid: tuple[int, int], noise: torch.Tensor | None, device) -> torch.Tensor:
         raise NotImplementedError
@@ -444,9 +432,6 @@ class TokenMethod(MaskMethod):
         n, length, _ = tokens.shape
         grid = grid or (math.isqrt(length), math.isqrt(length))
         return random_masking(tokens, mask_ratio, noise=self.drop_keys(n, grid, noise, tokens.device))
-
-    def loss_weights(self, mask, seg_mask, patch_size):
-        return mask.unsqueeze(-1)
 
 
 def group_keys(groups: torch.Tensor, group_noise: torch.Tensor, token_noise: torch.Tensor) -> torch.Tensor:
