@@ -47,3 +47,15 @@ def test_errors_are_one_line(toy_ade20k, tmp_path, capsys):
         assert e.value.code == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0] and not (tmp_path / "out.json").exists()
+
+
+def test_the_probe_measures_the_features(pretrained, toy_ade20k, tmp_path):
+    """The same probe on an encoder whose weights were zeroed (every patch gives the same feature)
+    can only predict one class everywhere; on the pretrained encoder it scores far above that."""
+    ckpt = torch.load(pretrained["patches"], map_location="cpu", weights_only=False)
+    ckpt["model"] = {k: torch.zeros_like(v) for k, v in ckpt["model"].items()}
+    blank = tmp_path / "blank.pth"
+    torch.save(ckpt, blank)
+    scores = {name: probe.cli(probe_args(path, toy_ade20k, tmp_path / f"{name}.json", "--epochs", "4"))["probe_miou"]
+              for name, path in (("pretrained", pretrained["patches"]), ("blank", str(blank)))}
+    assert scores["blank"] < 15 and scores["pretrained"] > scores["blank"] + 10, scores
