@@ -248,7 +248,7 @@ def test_without_an_output_folder_the_arguments_are_one_line(capsys):
     args = argparse.Namespace(output_dir="", checkpoint="c.pth", k=20, given_flags=["checkpoint"])
     log_details(args, "args.txt", str(args).replace(", ", ",\n"), "all arguments")
     out = capsys.readouterr().out
-    assert out.endswith("] all arguments not written (no output folder); given: --checkpoint c.pth\n")
+    assert out.endswith("all arguments not written (no output folder); given: --checkpoint c.pth\n")
     assert out.count("\n") == 1
 
 
