@@ -1,0 +1,85 @@
+"""What a new user reads and keeps of a run beside the checkpoints: the progress line's rates and
+ETA, the files a failed or refused command leaves behind, and the experiment tracking (TensorBoard,
+W&B)."""
+import re
+
+import pytest
+
+from util import misc
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class TimedLoader:
+    """An epoch of len(seconds) steps, step i taking seconds[i] (the clock moves as it is read)."""
+
+    def __init__(self, clock: FakeClock, seconds: list[float]):
+        self.clock, self.seconds = clock, seconds
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    def __iter__(self):
+        for i, s in enumerate(self.seconds):
+            self.clock.now += s
+            yield i
+
+
+def progress_lines(capsys, loader, print_freq: int, epochs_after: int = 0, batch_size: int = 5) -> list[str]:
+    for _ in misc.MetricLogger().log_every(loader, print_freq, "Epoch: [0]", batch_size=batch_size,
+                                           epochs_after=epochs_after):
+        pass
+    return [line for line in capsys.readouterr().out.splitlines() if "img/s" in line]
+
+
+def eta_seconds(line: str, which: str = "eta") -> int:
+    pattern = r"eta: (\d+):(\d+):(\d+)" if which == "eta" else r"\(run (\d+):(\d+):(\d+)\)"
+    h, m, s = map(int, re.search(pattern, line).groups())
+    return 3600 * h + 60 * m + s
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(misc, "time", fake)
+    return fake
+
+
+def test_the_last_progress_line_of_an_epoch_gives_the_rate_of_the_steps_since_the_previous_line(clock, capsys):
+    # 12 steps of 1 s with batch 5 and --print_freq 6: lines at steps 0, 6 and 11 (5 steps after 6)
+    lines = progress_lines(capsys, TimedLoader(clock, [1.0] * 12), print_freq=6)
+    assert len(lines) == 3
+    for line in lines:
+        assert "time: 1.0000" in line and "5.0 img/s" in line, line
+
+
+def test_the_eta_comes_from_a_smoothed_rate_not_from_the_last_interval(clock, capsys):
+    # 1 s steps, then one interval of 10 s steps (a stalled read), then 1 s steps again
+    seconds = [1.0] * 41 + [10.0] * 10 + [1.0] * 50
+    lines = progress_lines(capsys, TimedLoader(clock, seconds), print_freq=10)
+    remaining = [len(seconds) - 1 - int(re.search(r"\[\s*(\d+)/", line).group(1)) for line in lines]
+    etas = [eta_seconds(line) for line in lines]
+    assert etas[2] == remaining[2]  # steady 1 s steps: the ETA is exact
+    # the slow interval (line at step 50) moves the ETA, but by far less than 10x
+    assert remaining[5] < etas[5] < 3 * remaining[5]
+    assert etas[6] < etas[5]  # and it settles back
+    # at a constant rate the ETA of the run (epochs to come) is exact too
+    clock.now = 0.0
+    constant = progress_lines(capsys, TimedLoader(clock, [2.0] * 12), print_freq=6, epochs_after=3)
+    assert eta_seconds(constant[1], "run") == 2 * (5 + 3 * 12)
+
+
+def test_an_epochs_slow_first_step_does_not_make_the_eta_jump(clock, capsys):
+    # every epoch's first step starts the loader's workers (20 s); the others take 1 s
+    loader = TimedLoader(clock, [20.0] + [1.0] * 11)
+    epochs = [progress_lines(capsys, loader, print_freq=6, epochs_after=9 - e) for e in range(3)]
+    run_etas = [[eta_seconds(line, "run") for line in lines] for lines in epochs]
+    truth = [[(11 - step) + (9 - e) * (20 + 11) for step in (0, 6, 11)] for e in range(3)]
+    # the run's ETA after the first epoch is exact, first lines included (no jump to 12 x 20 s)
+    assert run_etas[1:] == truth[1:], (run_etas, truth)
