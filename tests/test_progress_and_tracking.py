@@ -83,3 +83,48 @@ def test_an_epochs_slow_first_step_does_not_make_the_eta_jump(clock, capsys):
     truth = [[(11 - step) + (9 - e) * (20 + 11) for step in (0, 6, 11)] for e in range(3)]
     # the run's ETA after the first epoch is exact, first lines included (no jump to 12 x 20 s)
     assert run_etas[1:] == truth[1:], (run_etas, truth)
+
+
+def test_a_failed_start_leaves_no_folder_it_created(toy_root, tmp_path):
+    import main_finetune
+    import main_pretrain
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    # pretraining that fails after writing args.txt, model.txt and optimizer.txt (--stack is read last)
+    out = tmp_path / "new" / "pretrain"
+    with pytest.raises(SystemExit) as e:
+        main_pretrain.cli(["--data_path", toy_root, "--output_dir", str(out), "--device", "cpu", "--input_size", "32",
+                           "--model", "mae_vit_tiny_patch8", "--batch_size", "16", "--num_workers", "0",
+                           "--stack", str(bad)])
+    assert e.value.code == 1
+    assert not (tmp_path / "new").exists()  # the parent it made too
+    # finetuning from a checkpoint that is not there, with a separate new TensorBoard folder
+    out, logs = tmp_path / "ft", tmp_path / "tb"
+    with pytest.raises(SystemExit):
+        main_finetune.cli(["--data_path", toy_root, "--output_dir", str(out), "--log_dir", str(logs), "--device", "cpu",
+                           "--model", "vit_tiny_patch8", "--finetune", str(tmp_path / "missing.pth")])
+    assert not out.exists() and not logs.exists()
+    # a folder that was there keeps what it held
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main_finetune.cli(["--data_path", toy_root, "--output_dir", str(kept), "--device", "cpu",
+                           "--model", "vit_tiny_patch8", "--finetune", str(tmp_path / "missing.pth")])
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_only_a_folder_of_start_up_files_is_removed(tmp_path):
+    from run.files import first_missing_folder, remove_failed_start
+    assert first_missing_folder(str(tmp_path / "a" / "b" / "c")) == str(tmp_path / "a")
+    assert first_missing_folder(str(tmp_path)) is None
+    started = tmp_path / "started"
+    (started / "tb").mkdir(parents=True)
+    for name in ("args.txt", "model.txt", ".lock", "tb/events.out.tfevents.1.host"):
+        (started / name).write_text("x")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "args.txt").write_text("x")
+    (trained / "log.txt").write_text("{}")
+    assert remove_failed_start([str(started), str(trained)]) == [str(started)]
+    assert not started.exists() and (trained / "log.txt").exists()
