@@ -1,6 +1,7 @@
 """What a new user reads and keeps of a run beside the checkpoints: the progress line's rates and
 ETA, the files a failed or refused command leaves behind, and the experiment tracking (TensorBoard,
 W&B)."""
+import os
 import re
 
 import pytest
@@ -128,3 +129,23 @@ def test_only_a_folder_of_start_up_files_is_removed(tmp_path):
     (trained / "log.txt").write_text("{}")
     assert remove_failed_start([str(started), str(trained)]) == [str(started)]
     assert not started.exists() and (trained / "log.txt").exists()
+
+
+def test_a_refused_export_leaves_no_folder(tmp_path):
+    import argparse
+
+    import models_mae
+    from run.checkpoint import atomic_torch_save
+    from tools import export
+    from util.misc import UserError
+    model = models_mae.build_mae("mae_vit_tiny_patch8", img_size=(32, 32), mask_method="segments")
+    path = str(tmp_path / "checkpoint-0.pth")
+    args = argparse.Namespace(model="mae_vit_tiny_patch8", mask_method="segments", input_size=[32, 32])
+    atomic_torch_save({"model": model.state_dict(), "epoch": 0, "args": args}, path)
+    with pytest.raises(UserError, match="random patches only"):
+        export.main(["--checkpoint", path, "--to", "hf-mae", "--out", str(tmp_path / "exports" / "hf-mae")])
+    assert not (tmp_path / "exports").exists()
+    (tmp_path / "there").mkdir()  # a folder that was there stays
+    with pytest.raises(UserError, match="random patches only"):
+        export.main(["--checkpoint", path, "--to", "hf-mae", "--out", str(tmp_path / "there")])
+    assert os.listdir(tmp_path / "there") == []
