@@ -149,3 +149,35 @@ def test_a_refused_export_leaves_no_folder(tmp_path):
     with pytest.raises(UserError, match="random patches only"):
         export.main(["--checkpoint", path, "--to", "hf-mae", "--out", str(tmp_path / "there")])
     assert os.listdir(tmp_path / "there") == []
+
+
+OUTPUT_FLAG = re.compile(r"--(?:output[_-]dir|out|log[_-]dir)[ =]([^\s`\"')\\]+)")
+
+
+def documented_output_folders() -> set[str]:
+    """The relative output folders of the commands in the docs' code blocks, the run_*.sh scripts and
+    the Makefile (perf/: the measurement reports, kept beside their scripts)."""
+    import glob
+
+    from conftest import REPO
+    found = set()
+    for path in [os.path.join(REPO, "README.md")] + glob.glob(os.path.join(REPO, "docs", "*.md")):
+        for block in re.findall(r"```[^\n]*\n(.*?)```", open(path).read(), re.S):
+            found.update(OUTPUT_FLAG.findall(block))
+    for path in glob.glob(os.path.join(REPO, "run_*.sh")) + [os.path.join(REPO, "Makefile")]:
+        found.update(OUTPUT_FLAG.findall(open(path).read()))
+    return {f.rstrip("/") for f in found if not f.startswith(("/", "$", "~")) and f.rstrip("/") != "perf"}
+
+
+def test_every_documented_output_folder_is_ignored_by_git():
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+    if shutil.which("git") is None or not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    folders = documented_output_folders()
+    assert {"out_lines", "export/hf-mae", "bench", "output_demo"} <= folders
+    for folder in sorted(folders):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/checkpoint-0.txt"], cwd=REPO)
+        assert ignored.returncode == 0, f"{folder}/ (written by a documented command) is not in .gitignore"
