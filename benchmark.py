@@ -255,10 +255,11 @@ def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
 
 
 def pretrain_argv(args, epochs: int, out: str) -> list[str]:
-    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs, written into out."""
+    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs, written into out. It
+    saves the chunk's checkpoint only (--save_freq 0): the evaluations and resume need no other."""
     return ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
             "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
-            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", str(10 ** 9),
+            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", "0",
             "--seed", str(args.seed), "--output_dir", out, "--log_dir", out, *shlex.split(args.pretrain_args)]
 
 

@@ -56,8 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='layout of masks/ (default auto: detected per data root): json = SAM coco_rle files '
                              '<stem>.json; segmae = the original code\'s <stem>/table.txt + PNGs; amg = '
                              'segment-anything amg.py folders <stem>/metadata.csv + 0.png, 1.png, ...')
-    parser.add_argument('--save_freq', default=20, type=positive_int,
-                        help='save a checkpoint every N epochs (and after the last)')
+    parser.add_argument('--save_freq', default=20, type=non_negative_int,
+                        help='save a checkpoint every N epochs, from the first (epochs 0, N, 2N, ...), and after the '
+                             'last (of --stop_epoch too); 0: after the last only')
     parser.add_argument('--grad_checkpointing', action='store_true',
                         help='activation checkpointing of the transformer blocks (ViT-L/H at large batch)')
     parser.add_argument('--data_backend', default='cpu', choices=DATA_BACKENDS,
@@ -297,7 +298,7 @@ def build_model(args: argparse.Namespace, run: Runtime, method: MaskMethod, resu
 
 
 def saves_checkpoint(args: argparse.Namespace, epoch: int, last_epoch: int) -> bool:
-    return bool(args.output_dir) and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch)
+    return bool(args.output_dir) and ((args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == last_epoch)
 
 
 def checkpoint_names(args: argparse.Namespace, start_epoch: int, last_epoch: int) -> list[str]:

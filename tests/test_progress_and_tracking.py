@@ -181,3 +181,28 @@ def test_every_documented_output_folder_is_ignored_by_git():
     for folder in sorted(folders):
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/checkpoint-0.txt"], cwd=REPO)
         assert ignored.returncode == 0, f"{folder}/ (written by a documented command) is not in .gitignore"
+
+
+def test_a_benchmark_run_keeps_only_the_chunks_checkpoints(toy_root, toy_ade20k, tmp_path):
+    import benchmark
+    from evals.runs import paths
+    parser = benchmark.get_args_parser()
+    args = parser.parse_args(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path / "bench"),
+                              "--mask-method", "patches", "--model", "mae_vit_tiny_patch8", "--pretrain-epochs", "4",
+                              "--eval-freq", "2", "--launcher", "inprocess", "--pretrain-args",
+                              "--input_size 32 --batch_size 16 --warmup_epochs 0 --num_workers 0 --device cpu"])
+    benchmark.check_args(args, parser)
+    for epochs in (2, 4):
+        benchmark.pretrain_until(epochs, args, stack="")
+    folder = paths(args)["pretrain"]
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".pth")) == ["checkpoint-2.pth", "checkpoint-4.pth"]
+
+
+def test_save_freq_zero_saves_after_the_last_epoch_only(tmp_path):
+    import argparse
+
+    import main_pretrain
+    args = argparse.Namespace(output_dir=str(tmp_path), save_freq=0)
+    assert [e for e in range(5) if main_pretrain.saves_checkpoint(args, e, 5)] == [4]
+    args.save_freq = 2  # the reference's rule: epochs 0, 2, 4 and the last
+    assert [e for e in range(6) if main_pretrain.saves_checkpoint(args, e, 6)] == [0, 2, 4, 5]
