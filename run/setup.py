@@ -134,6 +134,7 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     if "log_dir" in vars(args) and args.log_dir is None:  # TensorBoard beside the run's other outputs
         args.log_dir = args.output_dir
     check_args(args, parser)
+    cap_loader_workers(args, parser)
     # the output folders this command creates: a start that fails (before any step) removes them
     created = [f for f in dict.fromkeys(first_missing_folder(getattr(args, k, "") or "")
                                         for k in ("output_dir", "log_dir")) if f]
@@ -165,6 +166,28 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         raise SystemExit(1) from None
     finally:
         release_output_dir_locks()
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity: a SLURM or container limit), as the
+    DataLoader counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cap_loader_workers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """More loader workers than usable cores (the reference's default 10 on a laptop) only contend,
+    and the DataLoader warns at every loader it makes: the count is capped at the cores, said once."""
+    workers, cpus = getattr(args, "num_workers", None), usable_cpus()
+    if not isinstance(workers, int) or workers <= cpus:
+        return
+    flag = next((a.option_strings[0] for a in parser._actions if a.dest == "num_workers"), "--num_workers")
+    if process_rank() == 0:
+        print(f"NOTE: {flag} {workers} is more than the {cpus} CPU core{'s' * (cpus > 1)} this process can use: "
+              f"{cpus} loader worker{'s' * (cpus > 1)} per rank")
+    args.num_workers = cpus
 
 
 def failed(e: BaseException) -> bool:

@@ -206,3 +206,28 @@ def test_save_freq_zero_saves_after_the_last_epoch_only(tmp_path):
     assert [e for e in range(5) if main_pretrain.saves_checkpoint(args, e, 5)] == [4]
     args.save_freq = 2  # the reference's rule: epochs 0, 2, 4 and the last
     assert [e for e in range(6) if main_pretrain.saves_checkpoint(args, e, 6)] == [0, 2, 4, 5]
+
+
+def test_loader_workers_are_capped_at_the_usable_cores_said_once(toy_root, monkeypatch, capsys):
+    import warnings
+
+    import torch
+
+    import main_finetune
+    from run.setup import run_cli
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # a one-core job (the DataLoader asks the same)
+
+    def two_loaders(args):  # finetuning's train and val loaders, with the default --num_workers
+        for _ in range(2):
+            assert sum(len(b) for b in torch.utils.data.DataLoader(list(range(4)), num_workers=args.num_workers)) == 4
+        return args.num_workers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        workers = run_cli(main_finetune.get_args_parser(), main_finetune.check_args, two_loaders,
+                          ["--data_path", toy_root, "--model", "vit_tiny_patch8", "--device", "cpu"])
+    assert workers == 1
+    assert not [w for w in caught if "worker processes" in str(w.message)]
+    out = capsys.readouterr().out
+    assert out.count("NOTE: --num_workers 10 is more than the 1 CPU core this process can use: 1 loader worker "
+                     "per rank") == 1
