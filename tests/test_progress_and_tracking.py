@@ -187,7 +187,8 @@ def test_a_benchmark_run_keeps_only_the_chunks_checkpoints(toy_root, toy_ade20k,
     import benchmark
     from evals.runs import paths
     parser = benchmark.get_args_parser()
-    args = parser.parse_args(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path / "bench"),
+    args = parser.parse_args(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k,
+                              "--output-dir", str(tmp_path / "bench"),
                               "--mask-method", "patches", "--model", "mae_vit_tiny_patch8", "--pretrain-epochs", "4",
                               "--eval-freq", "2", "--launcher", "inprocess", "--pretrain-args",
                               "--input_size 32 --batch_size 16 --warmup_epochs 0 --num_workers 0 --device cpu"])
