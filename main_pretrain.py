@@ -30,7 +30,7 @@ from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int, positive_int)
 from run.setup import Runtime, build_optimizer, convert_to_fp8
-from run.tracking import tensorboard_writer
+from run.tracking import tracking_writer
 from sam.listing import MASK_FORMATS
 from util.lr_decay import param_groups_weight_decay
 from util.misc import UserError, all_reduce_mean, autocast, get_rank, get_world_size
@@ -332,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
     resumed = open_resume(args, RUN_FLAGS, start, then=method_run_flags, upgrade=continue_as_written)
     method = build_method(args)
     dataset_train, sampler_train, data_loader_train = build_data(args, run.device, method, resumed)
-    log_writer = tensorboard_writer(args.log_dir)
+    log_writer = tracking_writer(args, "pretrain")
     model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, method, resumed)
     config = run_config(args, model_without_ddp, resumed.run_start if resumed is not None else start)
 

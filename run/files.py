@@ -249,7 +249,8 @@ def first_missing_folder(path: str) -> str | None:
 
 
 def holds_only_start_up_files(folder: str) -> bool:
-    for _, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "wandb"]  # --wandb's run folder: its copy of what was logged
         if any(name not in START_UP_FILES and not _EVENT_FILE.match(name) for name in files):
             return False
     return True

@@ -31,6 +31,7 @@ from run.checkpoint import find_last_checkpoint
 from run.distributed import init_distributed_mode
 from run.files import first_missing_folder, lock_output_dir, release_output_dir_locks, remove_failed_start
 from run.flags import COMPILE_MODES, given_flags, normalise_flag_spelling
+from run.tracking import check_wandb_available, finish_open_runs
 from util.lars import LARS
 from util.misc import (PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process,
                        print_on_every_rank)
@@ -135,6 +136,7 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         args.log_dir = args.output_dir
     check_args(args, parser)
     cap_loader_workers(args, parser)
+    check_wandb_available(args, parser)
     # the output folders this command creates: a start that fails (before any step) removes them
     created = [f for f in dict.fromkeys(first_missing_folder(getattr(args, k, "") or "")
                                         for k in ("output_dir", "log_dir")) if f]
@@ -144,6 +146,8 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
             try:
                 result = main(args)
             except BaseException as e:  # an error raised while stopping (a worker's death) is the stop
+                if failed(e):
+                    finish_open_runs(exit_code=1)
                 if failed(e) and "step" not in PROGRESS and process_rank() == 0:
                     remove_failed_start(created)
                 if stops.stopping() and not isinstance(e, (stops.Stopped, SystemExit)):

@@ -232,3 +232,102 @@ def test_loader_workers_are_capped_at_the_usable_cores_said_once(toy_root, monke
     out = capsys.readouterr().out
     assert out.count("NOTE: --num_workers 10 is more than the 1 CPU core this process can use: 1 loader worker "
                      "per rank") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# W&B, read back from the offline run's .wandb file (records of wandb's own protobuf schema, in
+# LevelDB's log framing: 32 KiB blocks of chunks, each with a 7-byte header after the file's own)
+
+def wandb_records(run_folder) -> list:
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+    [path] = glob.glob(os.path.join(str(run_folder), "run-*.wandb"))
+    data, block = open(path, "rb").read(), 32768
+    assert data[:4] == b":W&B"
+    records, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_run_read_back(folder) -> dict:
+    """{'run': the run record, 'config': {key: value}, 'history': [{key: value}]} of the one
+    offline W&B run under folder."""
+    import glob
+    import json
+    import time
+    [run_folder] = glob.glob(os.path.join(str(folder), "wandb", "offline-run-*"))
+    records = wandb_records(run_folder)
+    for _ in range(300):  # wandb's service may still be writing the file's end after finish() returned
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+        records = wandb_records(run_folder)
+    out: dict = {"config": {}, "history": []}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = record.run
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            for key in [k for k in row if k.endswith("/_type")]:  # an image's fields, as one value
+                tag = key[:-len("/_type")]
+                row[tag] = {k[len(tag) + 1:]: row.pop(k) for k in list(row) if k.startswith(tag + "/")}
+            out["history"].append(row)
+    return out
+
+
+def logged(history: list[dict], tag: str) -> list[tuple]:
+    """(x, value) of each logged tag, x being TensorBoard's step for it."""
+    return [(row.get(f"step/{tag}"), row[tag]) for row in history if tag in row]
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+
+
+def test_pretraining_logs_the_tensorboard_scalars_images_and_configuration_to_wandb(toy_root, tmp_path, offline_wandb):
+    import main_pretrain
+    out = tmp_path / "pre"
+    main_pretrain.cli(["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32",
+                       "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
+                       "--device", "cpu", "--output_dir", str(out), "--print_freq", "1", "--vis_freq", "1",
+                       "--mask_method", "patches", "--wandb", "mae-sam", "--wandb_offline", "--wandb_group", "g1"])
+    got = wandb_run_read_back(out)
+    assert (got["run"].project, got["run"].run_group, got["run"].job_type) == ("mae-sam", "g1", "pretrain")
+    config = got["config"]
+    assert config["model"] == "mae_vit_tiny_patch8" and config["mask_method"] == "patches"
+    assert config["batch_size"] == 16 and config["epochs"] == 1 and config["data_path"] == [toy_root]
+    # two steps, a line at each: the loss at 1/1000 epochs 0 and 500, as in TensorBoard
+    loss = logged(got["history"], "train/loss")
+    assert [x for x, _ in loss] == [0, 500] and all(v > 0 for _, v in loss)
+    assert [x for x, _ in logged(got["history"], "train/lr")] == [0, 500]
+    assert [x for x, _ in logged(got["history"], "train/img_per_sec")] == [0]
+    images = logged(got["history"], "train/reconstructions")
+    assert [x for x, _ in images] == [0] and images[0][1]["_type"] == "image-file"
+    assert (out / "wandb").is_dir()  # beside TensorBoard's files
+    # TensorBoard has the same
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out))
+    events.Reload()
+    tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [x for x, _ in tb_loss] == [x for x, _ in loss]
+    assert all(abs(a - b) < 1e-6 * max(1, abs(a)) for (_, a), (_, b) in zip(tb_loss, loss))
