@@ -304,6 +304,7 @@ def offline_wandb(monkeypatch):
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
 
 
+@pytest.mark.slow
 def test_pretraining_logs_the_tensorboard_scalars_images_and_configuration_to_wandb(toy_root, tmp_path, offline_wandb):
     import main_pretrain
     out = tmp_path / "pre"
@@ -331,3 +332,121 @@ def test_pretraining_logs_the_tensorboard_scalars_images_and_configuration_to_wa
     tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [x for x, _ in tb_loss] == [x for x, _ in loss]
     assert all(abs(a - b) < 1e-6 * max(1, abs(a)) for (_, a), (_, b) in zip(tb_loss, loss))
+
+
+@pytest.mark.slow
+def test_a_benchmark_run_is_one_wandb_group_of_its_stages(toy_root, toy_ade20k, tmp_path, offline_wandb):
+    import benchmark
+    import segmenter.train
+    from evals.runs import paths, run_id
+    parser = benchmark.get_args_parser()
+    args = parser.parse_args(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path / "b"),
+                              "--mask-method", "patches", "--model", "mae_vit_tiny_patch8", "--pretrain-epochs", "1",
+                              "--eval-freq", "1", "--seg-epochs", "1", "--crop-size", "32", "--seg-decoder", "linear",
+                              "--launcher", "inprocess", "--wandb", "bench", "--wandb-offline", "--pretrain-args",
+                              "--input_size 32 --batch_size 16 --warmup_epochs 0 --num_workers 0 --device cpu",
+                              "--seg-args", "--batch-size 8 --lr 0.01 --num-workers 0 --device cpu"])
+    benchmark.check_args(args, parser)
+    benchmark.pretrain_until(1, args, stack="")  # the stages as the benchmark starts them
+    p = paths(args, 1)
+    segmenter.train.cli(benchmark.seg_argv(args, p["checkpoint"], p["eval"]))
+    pretraining, segmentation = wandb_run_read_back(p["pretrain"]), wandb_run_read_back(p["eval"])
+    assert pretraining["run"].run_group == segmentation["run"].run_group == run_id(args)
+    assert (pretraining["run"].job_type, segmentation["run"].job_type) == ("pretrain", "segmenter")
+    assert segmentation["config"]["backbone"] == "vit_tiny_patch8" and segmentation["config"]["epochs"] == 1
+    [(epoch, miou)] = logged(segmentation["history"], "val/mIoU")
+    assert epoch == 0 and 0 <= miou <= 100 and logged(segmentation["history"], "train/loss")
+    assert logged(pretraining["history"], "train/loss")
+    # --wandb in a stage's extra flags is the benchmark's own flag
+    args.pretrain_args += " --wandb other"
+    with pytest.raises(misc.UserError, match="--wandb \\(use the benchmark's --wandb\\)"):
+        benchmark.check_stage_args(args)
+
+
+@pytest.mark.slow
+def test_finetuning_and_linear_probing_log_to_wandb(toy_root, tmp_path, offline_wandb):
+    import main_finetune
+    import main_linprobe
+    for cli, kind in ((main_finetune.cli, "finetune"), (main_linprobe.cli, "linprobe")):
+        out = tmp_path / kind
+        cli(["--data_path", toy_root, "--model", "vit_tiny_patch8", "--input_size", "32", "--epochs", "1",
+             "--batch_size", "16", "--num_workers", "0", "--device", "cpu", "--output_dir", str(out),
+             "--wandb", "ft", "--wandb_offline"])
+        got = wandb_run_read_back(out)
+        assert got["run"].job_type == kind and got["config"]["model"] == "vit_tiny_patch8"
+        [(epoch, top1)] = logged(got["history"], "val/acc1")
+        assert epoch == 0 and 0 <= top1 <= 100 and logged(got["history"], "train/loss")
+
+
+def pretrain_argv(toy_root, out, *extra) -> list[str]:
+    return ["--data_path", toy_root, "--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "16",
+            "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu", "--output_dir", str(out),
+            "--print_freq", "1", *extra]
+
+
+def test_wandb_without_the_package_is_one_line_before_anything_runs(toy_root, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import main_pretrain
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        main_pretrain.cli(pretrain_argv(toy_root, tmp_path / "out", "--wandb", "p"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--wandb needs the wandb package, which is not installed: pip install wandb")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_command_runs_without_the_wandb_package():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    # sys.modules['wandb'] = None: `import wandb` raises ImportError, as where it is not installed
+    code = ("import sys, argparse; sys.modules['wandb'] = None; "
+            "import main_pretrain, main_finetune, main_linprobe, benchmark, segmenter.train; "
+            "from run.tracking import tracking_writer; "
+            "assert tracking_writer(argparse.Namespace(log_dir=None, output_dir='', wandb=None), 'pretrain') is None")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_wandb_failures_warn_once_and_training_goes_on(toy_root, tmp_path, monkeypatch, offline_wandb, capsys):
+    import wandb
+
+    import main_pretrain
+
+    def unreachable(*args, **kwargs):
+        raise wandb.errors.CommError("could not reach api.wandb.ai")
+
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", unreachable)
+    main_pretrain.cli(pretrain_argv(toy_root, tmp_path / "a", "--wandb", "p"))
+    err = capsys.readouterr().err
+    assert err.count("WARNING: W&B could not start a run in project p (could not reach api.wandb.ai): W&B logging "
+                     "is off for this run") == 1
+    assert (tmp_path / "a" / "checkpoint-0.pth").exists()
+    monkeypatch.setattr(wandb, "init", real_init)
+    # a W&B write that fails mid-run (its service gone): one warning, TensorBoard keeps every point
+    from wandb.sdk.wandb_run import Run
+    real_log, calls = Run.log, []
+
+    def log_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(32, "Broken pipe")
+        return real_log(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", log_then_fail)
+    main_pretrain.cli(pretrain_argv(toy_root, tmp_path / "b", "--wandb", "p", "--wandb_offline"))
+    err = capsys.readouterr().err
+    assert err.count("WARNING: W&B could not write to") == 1 and "(Broken pipe)" in err and "Traceback" not in err
+    assert len(calls) == 2  # nothing more was tried after the failure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "b"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 500]
+    assert (tmp_path / "b" / "checkpoint-0.pth").exists()
