@@ -51,7 +51,7 @@ from mask_methods import MASK_METHODS, build_method, uses_segments  # noqa: E402
 from models_mae import model_patch_size  # noqa: E402
 from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
 from run.files import atomic_write_json, writable_dir  # noqa: E402
-from run.flags import coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
+from run.flags import add_tracking_args, coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
 from run.slurm import add_slurm_job_args, submit  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
@@ -96,6 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(evals.probe: dense features, minutes where a Segmenter takes hours); with --eval random "
                         "or official, the probe of that encoder too (the reference line of the probe panel)")
     p.add_argument("--probe-args", default="", help="extra flags for evals.probe (e.g. '--epochs 8 --batchnorm')")
+    add_tracking_args(p, dashes=True)  # passed to the pretraining and Segmenter stages, one group per run
     p.add_argument("--launcher", default="subprocess", choices=["subprocess", "inprocess"],
                    help="how a one-process stage runs (inprocess: in this Python process)")
     p.add_argument("--slurm", action="store_true",
@@ -146,11 +147,13 @@ PRETRAIN_FLAGS_SET_HERE = {"data_path": "--in1k-dir", "model": "--model", "mask_
                            "coverage_ratio": "--coverage-ratio", "epochs": "--pretrain-epochs",
                            "stop_epoch": "--eval-freq", "checkpoint_name": None, "save_freq": None,
                            "output_dir": "--output-dir", "log_dir": "--output-dir", "resume": None,
-                           "stack": "--stack", "seed": "--seed"}
+                           "stack": "--stack", "seed": "--seed", "wandb": "--wandb", "wandb_offline": "--wandb-offline",
+                           "wandb_group": "--wandb-group"}
 SEG_FLAGS_SET_HERE = {"dataset_dir": "--ade20k-dir", "log_dir": "--output-dir", "output_dir": "--output-dir",
                       "backbone": "--seg-backbone", "decoder": "--seg-decoder", "mae_chp": None,
                       "epochs": "--seg-epochs", "crop_size": "--crop-size", "eval_freq": None, "eval_only": None,
-                      "seed": "--seed"}
+                      "seed": "--seed", "wandb": "--wandb", "wandb_offline": "--wandb-offline",
+                      "wandb_group": "--wandb-group"}
 KNN_FLAGS_SET_HERE = {"checkpoint": None, "data_path": "--in1k-dir", "bank_per_class": "--knn-bank-per-class",
                       "seed": "--seed", "out": None}
 PROBE_FLAGS_SET_HERE = {"checkpoint": None, "dataset_dir": "--ade20k-dir", "backbone": "--seg-backbone",
@@ -255,11 +258,23 @@ def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
 
 
 def pretrain_argv(args, epochs: int, out: str) -> list[str]:
-    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs, written into out."""
+    """main_pretrain.py's flags for the chunk that ends after `epochs` epochs, written into out. It
+    saves the chunk's checkpoint only (--save_freq 0): the evaluations and resume need no other."""
     return ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
             "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
-            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", str(10 ** 9),
-            "--seed", str(args.seed), "--output_dir", out, "--log_dir", out, *shlex.split(args.pretrain_args)]
+            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", "0",
+            "--seed", str(args.seed), "--output_dir", out, "--log_dir", out, *wandb_argv(args, "_"),
+            *shlex.split(args.pretrain_args)]
+
+
+def wandb_argv(args, sep: str) -> list[str]:
+    """--wandb for a stage (its flags spelt with sep): every stage of one benchmark run in one W&B
+    group, the run's id unless --wandb-group (or $WANDB_RUN_GROUP) names another."""
+    if not getattr(args, "wandb", None):
+        return []
+    group = args.wandb_group or os.environ.get("WANDB_RUN_GROUP") or run_id(args)
+    offline = [f"--wandb{sep}offline"] if args.wandb_offline else []
+    return ["--wandb", args.wandb, f"--wandb{sep}group", group, *offline]
 
 
 def seg_argv(args, checkpoint: str | None, eval_dir: str) -> list[str]:
@@ -269,7 +284,7 @@ def seg_argv(args, checkpoint: str | None, eval_dir: str) -> list[str]:
     return ["--dataset-dir", args.ade20k_dir, "--log-dir", eval_dir, "--backbone", args.seg_backbone,
             "--decoder", args.seg_decoder, *start, "--epochs", str(args.seg_epochs),
             "--crop-size", str(args.crop_size), "--eval-freq", str(args.seg_epochs), "--seed", str(args.seed),
-            *shlex.split(args.seg_args)]
+            *wandb_argv(args, "-"), *shlex.split(args.seg_args)]
 
 
 def timed_stage(folder: str, stage: str, module: str, argv: list[str], args, inprocess) -> dict:

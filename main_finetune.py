@@ -34,7 +34,7 @@ from run.files import atomic_write_json
 from run.flags import (add_downstream_args, add_training_args, check_model_and_input_size, check_optimizer_args,
                        fraction_below_one, non_negative_float, non_negative_int)
 from run.setup import Runtime, build_optimizer
-from run.tracking import tensorboard_writer
+from run.tracking import tracking_writer
 from util.lr_decay import param_groups_layer_decay
 from util.misc import UserError, get_rank, get_world_size, is_main_process
 
@@ -253,7 +253,7 @@ def run_training(args, model, model_without_ddp, optimizer, criterion, loss_scal
                  loader_val, run: Runtime, downstream: Downstream, start_epoch: int, mixup_fn=None, max_norm=None,
                  kind: str = "finetune") -> dict:
     """The epoch loop shared by finetuning and linear probing (kind): train, evaluate, keep the best."""
-    log_writer = tensorboard_writer(args.log_dir)
+    log_writer = tracking_writer(args, kind)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 

@@ -30,7 +30,7 @@ from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int, positive_int)
 from run.setup import Runtime, build_optimizer, convert_to_fp8
-from run.tracking import tensorboard_writer
+from run.tracking import tracking_writer
 from sam.listing import MASK_FORMATS
 from util.lr_decay import param_groups_weight_decay
 from util.misc import UserError, all_reduce_mean, autocast, get_rank, get_world_size
@@ -56,8 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='layout of masks/ (default auto: detected per data root): json = SAM coco_rle files '
                              '<stem>.json; segmae = the original code\'s <stem>/table.txt + PNGs; amg = '
                              'segment-anything amg.py folders <stem>/metadata.csv + 0.png, 1.png, ...')
-    parser.add_argument('--save_freq', default=20, type=positive_int,
-                        help='save a checkpoint every N epochs (and after the last)')
+    parser.add_argument('--save_freq', default=20, type=non_negative_int,
+                        help='save a checkpoint every N epochs, from the first (epochs 0, N, 2N, ...), and after the '
+                             'last (of --stop_epoch too); 0: after the last only')
     parser.add_argument('--grad_checkpointing', action='store_true',
                         help='activation checkpointing of the transformer blocks (ViT-L/H at large batch)')
     parser.add_argument('--data_backend', default='cpu', choices=DATA_BACKENDS,
@@ -297,7 +298,7 @@ def build_model(args: argparse.Namespace, run: Runtime, method: MaskMethod, resu
 
 
 def saves_checkpoint(args: argparse.Namespace, epoch: int, last_epoch: int) -> bool:
-    return bool(args.output_dir) and (epoch % args.save_freq == 0 or epoch + 1 == last_epoch)
+    return bool(args.output_dir) and ((args.save_freq > 0 and epoch % args.save_freq == 0) or epoch + 1 == last_epoch)
 
 
 def checkpoint_names(args: argparse.Namespace, start_epoch: int, last_epoch: int) -> list[str]:
@@ -331,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
     resumed = open_resume(args, RUN_FLAGS, start, then=method_run_flags, upgrade=continue_as_written)
     method = build_method(args)
     dataset_train, sampler_train, data_loader_train = build_data(args, run.device, method, resumed)
-    log_writer = tensorboard_writer(args.log_dir)
+    log_writer = tracking_writer(args, "pretrain")
     model, model_without_ddp, optimizer, loss_scaler, start_epoch = build_model(args, run, method, resumed)
     config = run_config(args, model_without_ddp, resumed.run_start if resumed is not None else start)
 

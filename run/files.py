@@ -229,6 +229,45 @@ def release_output_dir_locks() -> None:
     _held_locks.clear()
 
 
+# what a command writes into its output folder before its first step (TensorBoard's event files
+# too): a start that fails leaves a folder it created holding nothing else, which is removed
+START_UP_FILES = {".lock", "args.txt", "model.txt", "optimizer.txt"}
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.")
+
+
+def first_missing_folder(path: str) -> str | None:
+    """The outermost folder of path that does not exist yet (what creating path creates); None
+    when path exists or is empty."""
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+def holds_only_start_up_files(folder: str) -> bool:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "wandb"]  # --wandb's run folder: its copy of what was logged
+        if any(name not in START_UP_FILES and not _EVENT_FILE.match(name) for name in files):
+            return False
+    return True
+
+
+def remove_failed_start(folders: list[str]) -> list[str]:
+    """Removes each folder (one this process created) that holds nothing but what a start writes
+    (START_UP_FILES, TensorBoard event files, folders of them): a start that failed leaves nothing
+    behind. Anything else in it keeps the folder. Returns the folders removed."""
+    removed = []
+    for folder in folders:
+        if os.path.isdir(folder) and not os.path.islink(folder) and holds_only_start_up_files(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def remove_stale_temp_files(output_dir: str) -> None:
     """Removes the temporary files of writers that were killed mid-save (GBs for a ViT-L checkpoint).
     Called with the folder's lock held, so no live writer of this folder owns one."""

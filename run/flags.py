@@ -138,6 +138,7 @@ def add_data_and_output_args(parser: argparse.ArgumentParser) -> None:
                         help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='TensorBoard folder (default: --output_dir, so that each run keeps its own)')
+    add_tracking_args(parser)
     parser.add_argument('--device', default=default_device(), type=device_type,
                         help='device to use for training / testing (default: cuda if available, else cpu)')
     parser.add_argument('--seed', default=0, type=int)
@@ -161,6 +162,21 @@ def add_data_and_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--accept_batch_change', action='store_true',
                         help='resume with another effective batch (ranks x --batch_size x --accum_iter) than the '
                              'checkpoint trained with; the lr then follows --blr (or --lr) from the resumed epoch on')
+
+
+def add_tracking_args(parser: argparse.ArgumentParser, dashes: bool = False) -> None:
+    """--wandb PROJECT, --wandb_offline, --wandb_group (spelt with '-' where the command's own
+    flags are)."""
+    sep = "-" if dashes else "_"
+    parser.add_argument("--wandb", default=None, metavar="PROJECT",
+                        help="also log to Weights & Biases, into this project (the same scalars and images as "
+                             "TensorBoard, and the whole configuration; needs `pip install wandb`)")
+    parser.add_argument(f"--wandb{sep}offline", action="store_true",
+                        help="--wandb without network: the run is kept under --log_dir's wandb/ (or $WANDB_DIR), "
+                             "for `wandb sync` later")
+    parser.add_argument(f"--wandb{sep}group", default=None, metavar="GROUP",
+                        help="the W&B run group (default: $WANDB_RUN_GROUP; the benchmark gives its stages one "
+                             "group per benchmark run)")
 
 
 def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:

@@ -29,8 +29,9 @@ import torchvision
 import run.stops as stops
 from run.checkpoint import find_last_checkpoint
 from run.distributed import init_distributed_mode
-from run.files import lock_output_dir, release_output_dir_locks
+from run.files import first_missing_folder, lock_output_dir, release_output_dir_locks, remove_failed_start
 from run.flags import COMPILE_MODES, given_flags, normalise_flag_spelling
+from run.tracking import check_wandb_available, finish_open_runs
 from util.lars import LARS
 from util.misc import (PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process,
                        print_on_every_rank)
@@ -134,11 +135,21 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     if "log_dir" in vars(args) and args.log_dir is None:  # TensorBoard beside the run's other outputs
         args.log_dir = args.output_dir
     check_args(args, parser)
+    cap_loader_workers(args, parser)
+    check_wandb_available(args, parser)
+    # the output folders this command creates: a start that fails (before any step) removes them
+    created = [f for f in dict.fromkeys(first_missing_folder(getattr(args, k, "") or "")
+                                        for k in ("output_dir", "log_dir")) if f]
+    PROGRESS.pop("step", None)
     try:
         with stops.stop_on_signals():
             try:
                 result = main(args)
             except BaseException as e:  # an error raised while stopping (a worker's death) is the stop
+                if failed(e):
+                    finish_open_runs(exit_code=1)
+                if failed(e) and "step" not in PROGRESS and process_rank() == 0:
+                    remove_failed_start(created)
                 if stops.stopping() and not isinstance(e, (stops.Stopped, SystemExit)):
                     raise stops.Stopped(stops.stopping()) from None
                 raise
@@ -159,6 +170,33 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         raise SystemExit(1) from None
     finally:
         release_output_dir_locks()
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity: a SLURM or container limit), as the
+    DataLoader counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cap_loader_workers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """More loader workers than usable cores (the reference's default 10 on a laptop) only contend,
+    and the DataLoader warns at every loader it makes: the count is capped at the cores, said once."""
+    workers, cpus = getattr(args, "num_workers", None), usable_cpus()
+    if not isinstance(workers, int) or workers <= cpus:
+        return
+    flag = next((a.option_strings[0] for a in parser._actions if a.dest == "num_workers"), "--num_workers")
+    if process_rank() == 0:
+        print(f"NOTE: {flag} {workers} is more than the {cpus} CPU core{'s' * (cpus > 1)} this process can use: "
+              f"{cpus} loader worker{'s' * (cpus > 1)} per rank")
+    args.num_workers = cpus
+
+
+def failed(e: BaseException) -> bool:
+    """Whether e ends a command as a failure (SystemExit(0) is a normal end)."""
+    return not (isinstance(e, SystemExit) and e.code in (0, None))
 
 
 # what a collective raises when another rank is gone (gloo's transport errors are plain RuntimeErrors)

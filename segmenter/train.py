@@ -33,10 +33,10 @@ from run.checkpoint import (Resumed, append_log, check_writable_names, checkpoin
                             save_checkpoint, saved_args)
 from run.distributed import DEFAULT_DIST_TIMEOUT_S, check_ranks_agree, file_list_digest
 from run.files import atomic_write_json, read_jsonl, writable_dir
-from run.flags import (add_mask_channel_arg, device_type, fraction_below_one, non_negative_float, non_negative_int,
-                       positive_int, too_many_tokens)
+from run.flags import (add_mask_channel_arg, add_tracking_args, device_type, fraction_below_one, non_negative_float,
+                       non_negative_int, positive_int, too_many_tokens)
 from run.setup import Runtime
-from run.tracking import tensorboard_writer
+from run.tracking import tracking_writer
 from segmenter.checkpoints import (is_original_layout, original_settings, own_state_dict, set_layernorm_eps,
                                    with_original_head, write_variant)
 from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform
@@ -98,6 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_false", dest="resume")
     p.add_argument("--num-workers", type=non_negative_int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    add_tracking_args(p, dashes=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_type)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--print-freq", type=positive_int, default=50)
@@ -305,7 +306,7 @@ def main(args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=batch_per_rank, drop_last=True,
                                          pin_memory=run.device.type == "cuda", **loader_options(args.num_workers))
     total_steps = args.epochs * len(loader)
-    log_writer = tensorboard_writer(args.log_dir)
+    log_writer = tracking_writer(args, "segmenter")
     metrics: dict = {}
     last_done = start_epoch - 1
     if (resumed is not None and last_done >= 0 and evaluation_due(args, last_done)

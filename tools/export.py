@@ -37,7 +37,8 @@ from inputs.transforms import NORMALIZATIONS, as_hw  # noqa: E402
 from mask_methods import get_method  # noqa: E402
 from models_vit import describe_encoder, load_encoder, timm_name  # noqa: E402
 from run.checkpoint import checkpoint_config, load_checkpoint  # noqa: E402
-from run.files import StorageError, atomic_torch_save, free_space, writable_dir  # noqa: E402
+from run.files import (StorageError, atomic_torch_save, first_missing_folder, free_space,  # noqa: E402
+                       remove_failed_start, writable_dir)
 from run.flags import add_mask_channel_arg  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from util.misc import UserError  # noqa: E402
@@ -230,6 +231,7 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
     ckpt = load_checkpoint(checkpoint)
     sd, full, method, size, shape = load_encoder(checkpoint, ckpt, mask_channel=mask_channel)
     print(f"{checkpoint}: {method} encoder, {describe_encoder(sd)}, input {size[0]}x{size[1]}")
+    created = first_missing_folder(out)  # removed again when the export is refused or fails
     writable_dir(out, "--out")
     _remove_stale_staging(out)
     staging = os.path.join(out, f".export.tmp{os.getpid()}")
@@ -248,6 +250,8 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
         files = _publish(staging, out)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            remove_failed_start([created])
         if isinstance(e, StorageError):  # atomic_torch_save's, naming the temporary folder's file
             reason = str(e).split(": ", 1)[-1]
         elif _failed_write(e):

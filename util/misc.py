@@ -9,6 +9,7 @@ import builtins
 import datetime
 import string
 import time
+import weakref
 from collections import defaultdict, deque
 
 import torch
@@ -167,11 +168,16 @@ class MetricLogger:
 
     def log_every(self, iterable, print_freq: int, header: str = "", batch_size: int | None = None,
                   on_print=None, epochs_after: int = 0):
-        """Yields from iterable; every print_freq steps prints meters, the epoch's ETA (and the
-        run's, with epochs_after more epochs of the same length to go) and img/s. ``on_print`` is
-        called just before each print (e.g. to check a device-side flag)."""
+        """Yields from iterable; every print_freq steps (and at the last) prints meters, the
+        epoch's ETA (and the run's, with epochs_after more epochs of the same length to go), the
+        seconds per step and img/s of the steps since the previous line (exact for a shorter last
+        interval). The ETA comes from a smoothed rate (StepRate), which is carried over the epochs
+        of one iterable (a training run's loader). ``on_print`` is called just before each print
+        (e.g. to check a device-side flag)."""
         total = len(iterable)
+        rate = step_rate_of(iterable)
         start = last = time.time()
+        last_step = -1
         width = len(str(total))
         for i, obj in enumerate(iterable):
             PROGRESS.update(header=header, step=i, steps=total)  # for the line a stop signal prints
@@ -180,11 +186,12 @@ class MetricLogger:
                 if on_print is not None:
                     on_print(i)
                 now = time.time()
-                steps = print_freq if i > 0 else 1
+                steps = i - last_step  # exact: the last interval of an epoch may be shorter
                 iter_time = (now - last) / steps
-                eta = datetime.timedelta(seconds=int(iter_time * (total - i - 1)))
+                rate.update(now - last, steps, includes_first=last_step < 0)
+                eta = datetime.timedelta(seconds=int(rate.seconds_for(total - i - 1)))
                 if epochs_after > 0:
-                    run_eta = datetime.timedelta(seconds=int(iter_time * (total - i - 1 + epochs_after * total)))
+                    run_eta = datetime.timedelta(seconds=int(rate.seconds_for(total - i - 1, epochs_after, total)))
                     eta = f"{eta} (run {run_eta})"
                 speed = f"  {batch_size * get_world_size() / max(iter_time, 1e-9):.1f} img/s" if batch_size else ""
                 mem = ""
@@ -192,10 +199,58 @@ class MetricLogger:
                     mem = f"  max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB"
                 print(f"{header} [{i:>{width}}/{total}]  eta: {eta}  {self}  "
                       f"time: {iter_time:.4f}{speed}{mem}")
-                last = now
+                last, last_step = now, i
         total_time = time.time() - start
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
               f"({total_time / max(total, 1):.4f} s / it)")
+
+
+class StepRate:
+    """The seconds per step behind a progress line's ETA: an exponential moving average over
+    steps (half-life ``half_life`` steps), so that one slow interval (a stalled read, a
+    checkpoint) moves the ETA a little, not by its own rate. An epoch's first step also pays
+    for starting the loader's workers: it is averaged on its own and counted once per epoch to
+    come, not as the rate of every step."""
+
+    def __init__(self, half_life: float = 50.0):
+        self.keep_per_step = 0.5 ** (1.0 / half_life)
+        self.per_step: float | None = None  # steps after an epoch's first
+        self.first_step: float | None = None  # an epoch's first step, loader start-up included
+
+    @staticmethod
+    def _blend(average: float | None, value: float, weight: float) -> float:
+        return value if average is None else average + weight * (value - average)
+
+    def update(self, seconds: float, steps: int, includes_first: bool = False) -> None:
+        """Records ``steps`` steps that took ``seconds`` together; ``includes_first``: the first
+        of them is an epoch's first step (so far only whole first steps are measured alone: the
+        first progress line of an epoch comes after its first step)."""
+        if includes_first:
+            self.first_step = self._blend(self.first_step, seconds / steps, 0.5)
+            return
+        self.per_step = self._blend(self.per_step, seconds / steps, 1.0 - self.keep_per_step ** steps)
+
+    def seconds_for(self, steps: int, epochs: int = 0, steps_per_epoch: int = 0) -> float:
+        """Seconds for ``steps`` more steps of this epoch and ``epochs`` more epochs."""
+        per_step = self.per_step if self.per_step is not None else (self.first_step or 0.0)
+        first = self.first_step if self.first_step is not None else per_step
+        return per_step * (steps + epochs * max(steps_per_epoch - 1, 0)) + first * epochs
+
+
+# one StepRate per iterable (a training run's loader, the same object every epoch); forgotten with it
+_STEP_RATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_rate_of(iterable) -> StepRate:
+    """The StepRate of this iterable, carried over its epochs; a new one for what cannot be
+    weakly referenced (a list, a generator's result is fine)."""
+    try:
+        rate = _STEP_RATES.get(iterable)
+        if rate is None:
+            rate = _STEP_RATES[iterable] = StepRate()
+        return rate
+    except TypeError:
+        return StepRate()
 
 
 # ------------------------------------------------------------------------------------------------
