@@ -174,7 +174,7 @@ def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:
     # distributed training parameters
     parser.add_argument('--world_size', default=1, type=int,
                         help='number of distributed processes')
-    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    add_local_rank_arg(parser)
     parser.add_argument('--dist_on_itp', action='store_true')
     parser.add_argument('--dist_url', default='env://',
                         help='url used to set up distributed training')
@@ -183,6 +183,17 @@ def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--data_timeout', default=DEFAULT_DATA_TIMEOUT_S, type=non_negative_float, metavar='SECONDS',
                         help='reading one image or mask file longer than this (hung file system, FIFO) is an error '
                              'naming the file (0: no limit); keep it below --dist_timeout')
+
+
+def add_local_rank_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--local_rank / --local-rank, which torch.distributed.launch (without --use-env) gives each rank its own
+    value of; the rank's place is read from the environment, so the flag is accepted and otherwise unused."""
+    known = {s for a in parser._actions for s in a.option_strings}
+    if not known & {'--local_rank', '--local-rank'}:
+        parser.add_argument('--local_rank', '--local-rank', default=-1, type=int,
+                            help="this rank's index on its node, given by torch.distributed.launch (read from "
+                                 "LOCAL_RANK; the same for torchrun)")
+    return parser
 
 
 def add_mask_channel_arg(parser: argparse.ArgumentParser, dashes: bool = False) -> argparse.ArgumentParser:
