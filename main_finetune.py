@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import time
 
 import numpy as np
@@ -125,17 +126,34 @@ def take_pretraining_size(args: argparse.Namespace, pretrained_config: dict) -> 
         args.input_size = hw
 
 
+def refuse_pretraining_checkpoint(args: argparse.Namespace, checkpoint: dict, path: str, script: str) -> None:
+    """--resume (and --eval --resume) take what finetuning or probing wrote; a pretraining checkpoint
+    there is refused with the commands that evaluate it: finetune (or probe) it, or score its encoder."""
+    if not models_vit.is_pretraining_checkpoint(checkpoint):
+        return
+    data, path_q = " ".join(shlex.quote(d) for d in args.data_path), shlex.quote(path)
+    model = models_vit.downstream_name(checkpoint)
+    model_flag = f" --model {model}" if model else ""
+    raise UserError(f"{path} is a pretraining checkpoint, not a finetuned or probed one: --resume"
+                    f"{' with --eval' if args.eval else ''} takes what {script} wrote. Evaluate it by training on "
+                    f"it first: python {script} --finetune {path_q}{model_flag} --data_path {data} --output_dir OUT "
+                    f"(it reports top-1 after each epoch), or score its frozen encoder: python -m evals.knn "
+                    f"--checkpoint {path_q} --data_path {data}")
+
+
 class Downstream:
     """What a finetuning or linear-probing run starts from, each file read once: the checkpoint it
     continues or evaluates (``resumed``), else the pretraining checkpoint of --finetune
     (``pretrained``); the pretraining method and the input channels they give; the run's start."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, script: str = "main_finetune.py"):
         self.start = run_start(args, files=RUN_START_FILES, keys=("data_path", "train_subset"))
         # auto-resume (training only) continues only a run that started from the same --finetune file;
         # the model's settings come from the checkpoint being continued or evaluated unless given
         self.resumed: Resumed | None = open_resume(args, RUN_FLAGS, self.start,
-                                                   path=args.resume if args.eval else None)
+                                                   path=args.resume if args.eval else None,
+                                                   accept=lambda checkpoint, path: refuse_pretraining_checkpoint(
+                                                       args, checkpoint, path, script))
         self.pretrained = load_checkpoint(args.finetune) if args.finetune and self.resumed is None else None
         if self.resumed is not None:  # a finetuned checkpoint: it says which pretraining method and input it has
             config = checkpoint_config(self.resumed.checkpoint)
