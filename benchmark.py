@@ -51,7 +51,7 @@ from mask_methods import MASK_METHODS, build_method, uses_segments  # noqa: E402
 from models_mae import model_patch_size  # noqa: E402
 from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
 from run.files import atomic_write_json, writable_dir  # noqa: E402
-from run.flags import coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
+from run.flags import coverage_ratio_type, given_flags, parse_flags, positive_int, show_defaults  # noqa: E402
 from run.slurm import add_slurm_job_args, submit  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
@@ -465,7 +465,7 @@ def compare_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser("benchmark.py compare: overlay every run's mIoU curve")
     p.add_argument("--output-dir", required=True, help="searched recursively for results.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: <output-dir>/miou_vs_epochs.png)")
-    a = p.parse_args(argv)
+    a = parse_flags(p, argv)
     rows = read_results(a.output_dir)
     finetuned = read_finetune_results(a.output_dir)
     if not rows and not finetuned:

@@ -12,6 +12,7 @@ import sys
 
 import main_finetune
 import main_linprobe
+from run.flags import parse_flags
 from run.slurm import add_slurm_args, submit
 
 
@@ -27,7 +28,7 @@ def parse_args(argv=None):
                         help="linear probing (main_linprobe.py's flags and defaults) instead of finetuning; "
                              "submitit_linprobe.py does the same")
     add_slurm_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     script.check_args(args, parser)
     return script, args
 

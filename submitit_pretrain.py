@@ -10,13 +10,14 @@ themselves and resume from the newest checkpoint in the job's output folder.
 import argparse
 
 import main_pretrain
+from run.flags import parse_flags
 from run.slurm import add_slurm_args, submit
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser("Submitit for MAE pretrain", parents=[main_pretrain.get_args_parser()])
     add_slurm_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     main_pretrain.check_args(args, parser)
     return args
 

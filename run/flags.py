@@ -8,6 +8,7 @@ Flags that belong to one concern are declared there: a mask method's by its clas
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -311,6 +312,11 @@ def normalise_flag_spelling(parser: argparse.ArgumentParser, argv: list[str]) ->
                     break
         out.append(token)
     return out
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args with either spelling of every flag: how every command reads its command line."""
+    return parser.parse_args(normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv)))
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

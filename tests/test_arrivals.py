@@ -1,6 +1,7 @@
 """Users arriving with other codebases' habits: the reference's launcher, its eval command, SLURM
 submissions checked before the queue, either flag spelling in every command, segmae's and
 MAE-pytorch's flags and model names."""
+import argparse
 import importlib
 import subprocess
 import sys
@@ -135,3 +136,90 @@ def test_stack_of_an_encoder_that_does_not_fit_names_the_pretraining_model(toy_r
                            "--stack", pretrained["patches"], "--num_workers", "0", "--device", "cpu", "--batch_size", "8",
                            "--epochs", "1", "--output_dir", str(tmp_path / "o")])
     assert "fits --model mae_vit_tiny_patch8" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# either spelling of every flag, in every command
+
+class Parsed(Exception):
+    """Raised with the namespace once a command has parsed its command line (nothing runs)."""
+
+
+@pytest.fixture
+def parse_only(monkeypatch):
+    real = argparse.ArgumentParser.parse_known_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        namespace, extras = real(self, args, namespace)
+        if extras:  # parse_args' own error for what no flag took
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        raise Parsed(namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_and_stop)
+
+
+# command: (module, function, the flags it requires, a flag in the command's own spelling, its value,
+# the parsed value); a command whose flags are all one word is listed with one of them
+COMMANDS = {
+    "main_pretrain.py": ("main_pretrain", "cli", [], "--output_dir", "o", "o"),
+    "main_finetune.py": ("main_finetune", "cli", [], "--output_dir", "o", "o"),
+    "main_linprobe.py": ("main_linprobe", "cli", [], "--output_dir", "o", "o"),
+    "benchmark.py": ("benchmark", "cli", ["--in1k-dir", "a", "--ade20k-dir", "b"], "--output-dir", "o", "o"),
+    "benchmark.py compare": ("benchmark", "cli", ["compare"], "--output-dir", "o", "o"),
+    "submitit_pretrain.py": ("submitit_pretrain", "main", [], "--use_volta32", None, True),
+    "submitit_finetune.py": ("submitit_finetune", "main", [], "--use_volta32", None, True),
+    "submitit_linprobe.py": ("submitit_linprobe", "main", [], "--use_volta32", None, True),
+    "segmenter.train": ("segmenter.train", "cli", ["--dataset-dir", "a", "--log-dir", "b"], "--num-workers", "3", 3),
+    "segmenter.prepare_ade20k": ("segmenter.prepare_ade20k", "main", [], "--keep-zip", None, True),
+    "evals.knn": ("evals.knn", "cli", ["--checkpoint", "c", "--data_path", "d"], "--bank_per_class", "3", 3),
+    "evals.probe": ("evals.probe", "cli", ["--checkpoint", "c", "--dataset-dir", "d"], "--num-workers", "3", 3),
+    "tools/build_mask_cache.py": ("tools.build_mask_cache", "main", ["--data_path", "d"], "--mask_format", "json",
+                                  "json"),
+    "tools/check_dataset.py": ("tools.check_dataset", "main", ["--data_path", "d"], "--coverage_ratio", "30", 30.0),
+    "tools/convert_masks.py": ("tools.convert_masks", "main", ["--data_path", "d"], "--coverage_ratio", "30", 30.0),
+    "tools/export.py": ("tools.export", "main", ["--checkpoint", "c", "--to", "timm", "--out", "o"],
+                        "--timm_zero_head", None, True),
+    "tools/generate_masks.py": ("tools.generate_masks", "main", ["--data_path", "d"], "--sam_checkpoint", "s", "s"),
+    "tools/make_toy_data.py": ("tools.make_toy_data", "main", [], "--train_per_class", "3", 3),
+    "tools/sort_imagenet_val.py": ("tools.sort_imagenet_val", "main", ["--labels", "l"], "--val_dir", "v", "v"),
+    "tools/visualize.py": ("tools.visualize", "main", [], "--patch_size", "8", 8),
+    "tools/write_shards.py": ("tools.write_shards", "main", ["--data_path", "d", "--out", "o"],
+                              "--samples_per_shard", "5", 5),
+    "perf/bench_mask_cache.py": ("perf.bench_mask_cache", "main", [], "--images", "5", 5),
+    "perf/dataset_startup.py": ("perf.dataset_startup", "main", [], "--images", "5", 5),
+    "perf/loader_memory.py": ("perf.loader_memory", "main", [], "--images", "5", 5),
+    "perf/loader_throughput.py": ("perf.loader_throughput", "main", ["--data_path", "d"], "--coverage_ratio", "30",
+                                  30.0),
+    "perf/perf_report.py": ("perf.perf_report", "main", ["--out", "o"], "--num_workers", "3", 3),
+    "perf/probe_cost.py": ("perf.probe_cost", "main", [], "--crop-size", "64", 64),
+    "perf/step_modules.py": ("perf.step_modules", "main", [], "--data_path", "d", "d"),
+    "perf/throughput.py": ("perf.throughput", "main", [], "--batch_size", "3", 3),
+}
+
+
+def other_spelling(flag: str) -> str:
+    name = flag[2:]
+    return "--" + (name.replace("_", "-") if "_" in name else name.replace("-", "_"))
+
+
+@pytest.mark.parametrize("spelling", ["own", "other", "other="])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_takes_either_spelling_of_its_flags(command, spelling, parse_only):
+    module, function, required, flag, value, expected = COMMANDS[command]
+    spelt = flag if spelling == "own" else other_spelling(flag)
+    given = [spelt] if value is None else ([f"{spelt}={value}"] if spelling == "other=" else [spelt, value])
+    with pytest.raises(Parsed) as parsed:
+        getattr(importlib.import_module(module), function)([*required, *given])
+    dest = flag[2:].replace("-", "_")
+    assert getattr(parsed.value.args[0], dest) == expected
+
+
+def test_every_command_is_in_the_spelling_test():
+    """Each file a user runs (an entry point, a tool, a measurement script) is listed above."""
+    import glob
+    import os
+    listed = {c.split()[0] for c in COMMANDS} | {c.replace(".", "/") + ".py" for c in COMMANDS if "/" not in c}
+    scripts = [os.path.relpath(f, REPO) for pattern in ("*.py", "tools/*.py", "perf/*.py", "evals/*.py",
+                                                         "segmenter/*.py")
+               for f in glob.glob(os.path.join(REPO, pattern)) if "__main__" in open(f).read()]
+    assert sorted(set(scripts) - listed) == []
