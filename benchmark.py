@@ -428,6 +428,7 @@ def evaluate_baseline(kind: str, args, data: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    runsetup.check_gpu_count("--num-gpus", args.num_gpus, args.gpu)  # one rank per GPU, never CPU ranks
     for d, what in ((args.in1k_dir, "--in1k-dir"), (args.ade20k_dir, "--ade20k-dir")):
         if not os.path.isdir(d):
             raise UserError(f"{what} {d} does not exist")

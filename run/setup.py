@@ -82,7 +82,7 @@ def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     log_details(args, "args.txt", str(args).replace(', ', ',\n'), "all arguments")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
+        raise no_gpu_error("--device cuda", "--device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
                         f"cuda:{torch.cuda.device_count() - 1}); pass one of them, or --device cuda")
@@ -98,6 +98,27 @@ def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     seed_epoch(args.seed, 0, get_rank())
     torch.backends.cudnn.benchmark = True
     return run
+
+
+def no_gpu_error(asked: str, instead: str) -> UserError:
+    """The one line for a command that asks for GPUs (``asked``: its flag and value) where none is
+    visible, and what to pass instead."""
+    return UserError(f"{asked} was asked for but no GPU is visible; use {instead}")
+
+
+def check_gpu_count(flag: str, wanted: int, cuda_visible: str | None = None) -> None:
+    """``wanted`` GPUs (one process each) must be visible: without any, ``flag`` is refused as
+    --device cuda is; with fewer, the count there is is named. ``cuda_visible``: the
+    CUDA_VISIBLE_DEVICES the processes will get (e.g. '0,2'), when set."""
+    if wanted <= 1 and not torch.cuda.is_available():
+        return  # one process: the CPU runs it
+    if not torch.cuda.is_available():
+        raise no_gpu_error(f"{flag} {wanted}", f"{flag} 1 (one process on the CPU)")
+    visible = torch.cuda.device_count()
+    if cuda_visible:
+        visible = min(visible, len([g for g in cuda_visible.split(",") if g.strip()]))
+    if wanted > visible:
+        raise UserError(f"{flag} {wanted}: only {visible} GPU(s) are visible; pass {flag} {visible} or fewer")
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import run.setup as runsetup
 from conftest import REPO
@@ -223,3 +224,32 @@ def test_every_command_is_in_the_spelling_test():
                                                          "segmenter/*.py")
                for f in glob.glob(os.path.join(REPO, pattern)) if "__main__" in open(f).read()]
     assert sorted(set(scripts) - listed) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark.py --num-gpus on a machine without (enough) GPUs
+
+def test_benchmark_on_gpus_that_are_not_there_is_refused_as_device_cuda_is(toy_root, toy_ade20k, tmp_path, capsys,
+                                                                           count_stages, monkeypatch):
+    import benchmark
+    import main_pretrain
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main_pretrain.cli(["--device", "cuda", "--data_path", toy_root, "--output_dir", ""])
+    device_line = capsys.readouterr().err.strip().splitlines()[-1]
+    base = ["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path / "b"),
+            "--pretrain-args", "--amp bf16"]
+    with pytest.raises(SystemExit) as e:
+        benchmark.cli([*base, "--num-gpus", "8"])
+    assert e.value.code == 1 and count_stages == [] and not (tmp_path / "b").exists()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "ERROR: --num-gpus 8 was asked for but no GPU is visible; use --num-gpus 1 (one process on the CPU)"
+    assert device_line == "ERROR: --device cuda was asked for but no GPU is visible; use --device cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit):
+        benchmark.cli([*base, "--num-gpus", "8"])
+    assert "--num-gpus 8: only 2 GPU(s) are visible; pass --num-gpus 2 or fewer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.cli([*base, "--num-gpus", "2", "--gpu", "1"])
+    assert "--num-gpus 2: only 1 GPU(s) are visible" in capsys.readouterr().err
