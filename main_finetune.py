@@ -126,6 +126,35 @@ def take_pretraining_size(args: argparse.Namespace, pretrained_config: dict) -> 
         args.input_size = hw
 
 
+def check_before_submitting(args: argparse.Namespace, script: str = "main_finetune.py") -> None:
+    """What a SLURM job would find wrong at its start, checked where it is submitted (submitit_*.py),
+    so that it does not wait in the queue to fail: the data folders, the checkpoint files, and that
+    --finetune's encoder fits --model (shapes only: the model is built on the meta device)."""
+    if len(args.data_path) != 1:
+        raise UserError(f"finetuning and linear probing take one --data_path, got {len(args.data_path)}")
+    root = args.data_path[0]
+    for split in ("val",) if args.eval else ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"--data_path {root} has no {split}/ folder: expected {os.path.join(root, split)}"
+                            f"/<class>/<image> (checked before submitting)")
+    for flag in ("resume", "finetune"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path} does not exist (checked before submitting)")
+    if args.resume:
+        refuse_pretraining_checkpoint(args, load_checkpoint(args.resume), args.resume, script)
+    elif args.finetune:
+        checkpoint = load_checkpoint(args.finetune)
+        method = resolve_mask_method(checkpoint, args.mask_method, args.finetune)
+        encoder = models_vit.encoder_state_dict(checkpoint, method, args.fold_mask_channel, args.mask_channel,
+                                                args.finetune)
+        with torch.device("meta"):  # the shapes, without memory or initialisation
+            model = models_vit.build_vit(args.model, img_size=as_hw(args.input_size), num_classes=args.nb_classes,
+                                         global_pool=args.global_pool,
+                                         in_chans=downstream_in_chans(method, args.fold_mask_channel))
+        models_vit.check_encoder_fits(encoder, model, args.finetune)
+
+
 def refuse_pretraining_checkpoint(args: argparse.Namespace, checkpoint: dict, path: str, script: str) -> None:
     """--resume (and --eval --resume) take what finetuning or probing wrote; a pretraining checkpoint
     there is refused with the commands that evaluate it: finetune (or probe) it, or score its encoder."""

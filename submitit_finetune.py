@@ -13,6 +13,7 @@ import sys
 import main_finetune
 import main_linprobe
 from run.flags import parse_flags
+from run.setup import run_tool
 from run.slurm import add_slurm_args, submit
 
 
@@ -35,8 +36,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     script, args = parse_args(argv)
+    main_finetune.check_before_submitting(args, f"{script.__name__}.py")  # not after the queue wait
     return submit(script.main, args, name="mae_linprobe" if script is main_linprobe else "mae_finetune")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

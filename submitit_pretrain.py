@@ -11,6 +11,7 @@ import argparse
 
 import main_pretrain
 from run.flags import parse_flags
+from run.setup import run_tool
 from run.slurm import add_slurm_args, submit
 
 
@@ -23,8 +24,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return submit(main_pretrain.main, parse_args(argv), name="mae_pretrain")
+    args = parse_args(argv)
+    main_pretrain.check_before_submitting(args)  # not after the queue wait
+    return submit(main_pretrain.main, args, name="mae_pretrain")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

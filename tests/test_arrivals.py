@@ -253,3 +253,68 @@ def test_benchmark_on_gpus_that_are_not_there_is_refused_as_device_cuda_is(toy_r
     with pytest.raises(SystemExit):
         benchmark.cli([*base, "--num-gpus", "2", "--gpu", "1"])
     assert "--num-gpus 2: only 1 GPU(s) are visible" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# SLURM submissions: what the job would find wrong at its start is found before the queue
+
+@pytest.fixture
+def no_submission(monkeypatch):
+    """submitit's executor, recording whether a job was made (the local and SLURM paths alike)."""
+    import submitit
+    made = []
+
+    class Recording:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+            raise RuntimeError("a job would have been submitted")
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Recording)
+    return made
+
+
+@pytest.mark.parametrize("script", ["submitit_finetune", "submitit_linprobe"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_finetune_checkpoint_that_does_not_fit_is_refused_before_submitting(script, dry_run, toy_root, pretrained,
+                                                                              tmp_path, capsys, no_submission):
+    mod = importlib.import_module(script)
+    argv = ["--job_dir", str(tmp_path / "%j"), "--data_path", toy_root, "--finetune", pretrained["segments"],
+            "--model", "vit_small_patch8", "--input_size", "32", "--cluster", "local", "--ngpus", "1", "--nodes", "1",
+            *(["--dry_run"] if dry_run else [])]
+    with pytest.raises(SystemExit) as e:
+        runsetup.run_tool(mod.main, argv)
+    assert e.value.code == 1 and no_submission == []
+    out = capsys.readouterr()
+    assert "#SBATCH" not in out.out
+    [line] = out.err.strip().splitlines()
+    assert "does not fit this model" in line and "(fits --model vit_tiny_patch8)" in line
+
+
+def test_submitit_checks_data_and_files_before_submitting(toy_root, toy_ade20k, pretrained, tmp_path, capsys,
+                                                          no_submission):
+    import submitit_finetune
+    import submitit_pretrain
+    jobs = ["--job_dir", str(tmp_path / "%j"), "--cluster", "local", "--ngpus", "1", "--nodes", "1"]
+    cases = [
+        (submitit_pretrain, ["--data_path", toy_ade20k, "--mask_method", "segments"],
+         f"--data_path {toy_ade20k} has no masks/ folder, which --mask_method segments needs"),
+        (submitit_pretrain, ["--data_path", str(tmp_path / "nowhere")], "does not exist or is not a folder"),
+        (submitit_pretrain, ["--data_path", toy_root, "--resume", str(tmp_path / "ck.pth")],
+         f"--resume {tmp_path / 'ck.pth'} does not exist"),
+        (submitit_finetune, ["--data_path", toy_ade20k, "--finetune", pretrained["segments"]],
+         f"--data_path {toy_ade20k} has no train/ folder"),
+        (submitit_finetune, ["--data_path", toy_root, "--finetune", str(tmp_path / "ck.pth")],
+         f"--finetune {tmp_path / 'ck.pth'} does not exist"),
+        (submitit_finetune, ["--data_path", toy_root, "--eval", "--resume", pretrained["segments"]],
+         "is a pretraining checkpoint, not a finetuned or probed one"),
+    ]
+    for mod, argv, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            runsetup.run_tool(mod.main, [*jobs, *argv])
+        assert e.value.code == 1 and no_submission == [], argv
+        assert expected in capsys.readouterr().err, argv
+    # what fits is submitted
+    with pytest.raises(RuntimeError, match="would have been submitted"):
+        submitit_finetune.main([*jobs, "--data_path", toy_root, "--finetune", pretrained["segments"],
+                                "--model", "vit_tiny_patch8", "--input_size", "32"])
+    assert len(no_submission) == 1
