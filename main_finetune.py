@@ -105,7 +105,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 def check_downstream_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """What finetuning and linear probing both check."""
-    check_model_and_input_size(args, parser, models_vit.model_patch_size, models_vit.default_input_size)
+    check_model_and_input_size(args, parser, models_vit.model_patch_size, models_vit.default_input_size,
+                               models_vit.own_model_name)
     if args.eval and not args.resume:
         parser.error("--eval needs --resume CHECKPOINT (a finetuned or probed model)")
     if not args.eval and args.start_epoch >= args.epochs:

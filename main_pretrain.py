@@ -120,7 +120,7 @@ def check_before_submitting(args: argparse.Namespace) -> None:
                             f"generate SAM masks for it (tools/generate_masks.py), or pass --mask_method patches")
     for flag in ("resume", "stack"):
         path = getattr(args, flag, "")
-        if path and path != "official" and not os.path.isfile(path):
+        if path and not os.path.isfile(path):
             raise UserError(f"--{flag} {path} does not exist (checked before submitting)")
     if args.resume:
         load_checkpoint(args.resume)  # a truncated or foreign file is named here, not after the queue
@@ -128,7 +128,8 @@ def check_before_submitting(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Errors that depend on several flags, before any data is read."""
-    check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size)
+    check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size,
+                               models_mae.own_model_name)
     check_optimizer_args(args, parser, ("adamw",), default_betas=(0.9, 0.95))
     recipe = TEXT_LINE_RECIPE if args.model in models_mae.TEXT_LINE_MODELS else REFERENCE_RECIPE
     for key, default in recipe.items():

@@ -124,6 +124,20 @@ def vit_huge_patch14(**kwargs):
 
 
 MODEL_NAMES = sorted(n for n, f in list(globals().items()) if n.startswith("vit_") and callable(f))
+
+
+def own_model_name(name: str) -> tuple[str, str]:
+    """(this repo's name, a note saying so) for a name of another codebase's downstream ViT:
+    MAE-pytorch's vit_{small,base,large}_patch16_224, or a pretraining model's (mae_vit_base_patch16,
+    whose encoder this ViT is); (name, '') for any other."""
+    for size in ("small", "base", "large"):
+        if name == f"vit_{size}_patch16_224":
+            return f"vit_{size}_patch16", f"--model {name} is MAE-pytorch's name: this repo's is vit_{size}_patch16"
+    encoder = name[len("mae_"):].split("_dec")[0] if name.startswith("mae_vit_") else ""
+    if encoder in MODEL_NAMES:
+        return encoder, (f"--model {name} names the pretraining model (with its decoder): this command builds its "
+                         f"encoder, {encoder}")
+    return name, ""
 ARCHITECTURES = {"tiny": _TINY, "small": _SMALL, "base": _BASE, "large": _LARGE, "huge": _HUGE}
 
 

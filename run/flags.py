@@ -239,9 +239,14 @@ def add_downstream_args(parser: argparse.ArgumentParser, mask_methods: list[str]
 
 
 def check_model_and_input_size(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                               patch_size_of, default_input_size=None) -> None:
+                               patch_size_of, default_input_size=None, own_name=None) -> None:
     """--model must be registered and each side of --input_size divisible by its patch size; no
-    --input_size means the model's default."""
+    --input_size means the model's default. ``own_name(name) -> (name, note)``: another codebase's
+    name for a registered model, taken with the note printed."""
+    if own_name is not None:
+        args.model, note = own_name(args.model)
+        if note:
+            print(f"NOTE: {note}")
     try:
         patch = patch_size_of(args.model)
     except ValueError as e:
@@ -315,8 +320,59 @@ def normalise_flag_spelling(parser: argparse.ArgumentParser, argv: list[str]) ->
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """parser.parse_args with either spelling of every flag: how every command reads its command line."""
-    return parser.parse_args(normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv)))
+    """parser.parse_args with either spelling of every flag, and this repo's way for other codebases'
+    habits (check_habits): how every command reads its command line."""
+    argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
+    check_habits(parser, argv)
+    return parser.parse_args(argv)
+
+
+# What users of the original segmae code (and the MAE reference) type, with this repo's way, shown
+# instead of argparse's bare error. Keys in the underscore spelling.
+FOREIGN_FLAGS = {  # flags this repo does not have: (a flag of the commands where the hint holds, the hint)
+    "--decoder_depth": ("--norm_pix_loss",
+                        "the decoder is part of --model here: mae_vit_base_patch16 and mae_vit_large_patch16 are the "
+                        "reference's mae_vit_*_dec512d8b (8 blocks of 512, the original segmae's default "
+                        "--decoder_depth 8); another decoder is a registry function in models_mae.py"),
+    "--local": ("--cluster", "pass --cluster local to run the job on this machine (the original segmae's --local)"),
+}
+VALUE_FLAGS = {  # flags that were switches there and take a value here
+    "--stack": "--stack takes the checkpoint to start from: a path (the original segmae's --stack started from "
+               "mae_pretrain_vit_large.pth: pass that file); benchmark.py also takes --stack official, the "
+               "official MAE checkpoint of --model",
+}
+REQUIRED_FLAGS = {  # flags required here that were not there
+    "--ade20k_dir": "the original segmae downloaded ADE20k itself; here it is prepared once with python -m "
+                    "segmenter.prepare_ade20k --out data, then passed as --ade20k-dir data/ADEChallengeData2016",
+}
+
+
+def check_habits(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A parser error naming this repo's way where the command line holds another codebase's habit
+    (FOREIGN_FLAGS, VALUE_FLAGS, REQUIRED_FLAGS); nothing otherwise (argparse then parses)."""
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    underscored = lambda flag: "--" + flag[2:].replace("-", "_")  # noqa: E731
+    given = {t.split("=")[0] for t in argv if t.startswith("-")}
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        flag = token.split("=")[0]
+        where, hint = FOREIGN_FLAGS.get(underscored(flag), (None, ""))
+        if flag not in actions and where in actions:
+            parser.error(f"{flag}: {hint}")
+        action = actions.get(flag)
+        takes_value = action is not None and action.nargs is None and action.const is None and not isinstance(
+            action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
+        if (takes_value and underscored(flag) in VALUE_FLAGS and "=" not in token
+                and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            parser.error(VALUE_FLAGS[underscored(flag)])
+    if given & {"-h", "--help"}:
+        return
+    for action in parser._actions:
+        if action.required and action.option_strings and not given & set(action.option_strings):
+            flag = action.option_strings[0]
+            if underscored(flag) in REQUIRED_FLAGS:
+                parser.error(f"{flag} is required: {REQUIRED_FLAGS[underscored(flag)]}")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ import run.stops as stops
 from run.checkpoint import find_last_checkpoint
 from run.distributed import init_distributed_mode
 from run.files import lock_output_dir, release_output_dir_locks
-from run.flags import COMPILE_MODES, add_local_rank_arg, given_flags, normalise_flag_spelling
+from run.flags import COMPILE_MODES, add_local_rank_arg, check_habits, given_flags, normalise_flag_spelling
 from util.lars import LARS
 from util.misc import (PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process,
                        print_on_every_rank)
@@ -150,6 +150,7 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
         parser = argparse.ArgumentParser(description=parser.prog, parents=[parser])
     add_local_rank_arg(parser)  # every command that takes ranks starts under torchrun or torch.distributed.launch
     argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
+    check_habits(parser, argv)
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
     resolve_compile_flags(args)

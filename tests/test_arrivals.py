@@ -318,3 +318,62 @@ def test_submitit_checks_data_and_files_before_submitting(toy_root, toy_ade20k, 
         submitit_finetune.main([*jobs, "--data_path", toy_root, "--finetune", pretrained["segments"],
                                 "--model", "vit_tiny_patch8", "--input_size", "32"])
     assert len(no_submission) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the original segmae code's and MAE-pytorch's habits get this repo's way
+
+HABITS = [
+    ("benchmark", "cli", ["--in1k-dir=IN"],
+     "--ade20k-dir is required: the original segmae downloaded ADE20k itself; here it is prepared once with "
+     "python -m segmenter.prepare_ade20k --out data"),
+    ("benchmark", "cli", ["--in1k-dir", "IN", "--ade20k-dir", "ADE", "--stack"], "--stack takes the checkpoint"),
+    ("benchmark", "cli", ["--in1k-dir", "IN", "--ade20k-dir", "ADE", "--stack", "--eval", "3"],
+     "benchmark.py also takes --stack official"),
+    ("main_pretrain", "cli", ["--stack"], "pass that file"),
+    ("main_pretrain", "cli", ["--decoder_depth", "8"], "--decoder_depth: the decoder is part of --model here"),
+    ("submitit_pretrain", "main", ["--decoder-depth=8"], "--decoder-depth: the decoder is part of --model here"),
+    ("submitit_pretrain", "main", ["--local"], "--local: pass --cluster local to run the job on this machine"),
+    ("submitit_linprobe", "main", ["--local"], "--local: pass --cluster local"),
+]
+
+
+@pytest.mark.parametrize("module,function,argv,hint", HABITS)
+def test_segmae_habits_are_answered_with_this_repos_way(module, function, argv, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        getattr(importlib.import_module(module), function)(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert hint in err, err[-600:]
+    assert "ambiguous option" not in err and "the following arguments are required" not in err
+
+
+def test_a_segmae_flag_in_the_benchmarks_pretraining_flags_gets_the_hint(toy_root, toy_ade20k, tmp_path, capsys,
+                                                                         count_stages):
+    import benchmark
+    with pytest.raises(SystemExit) as e:
+        benchmark.cli(["--in1k-dir", toy_root, "--ade20k-dir", toy_ade20k, "--output-dir", str(tmp_path / "b"),
+                       "--pretrain-args", "--decoder_depth 8"])
+    assert e.value.code == 1 and count_stages == []
+    assert "--pretrain-args '--decoder_depth 8': --decoder_depth: the decoder is part of --model" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,given,ours", [
+    ("main_pretrain", "pretrain_mae_base_patch16_224", "mae_vit_base_patch16"),
+    ("main_pretrain", "pretrain_mae_small_patch16_224", "mae_vit_small_patch16"),
+    ("main_finetune", "vit_base_patch16_224", "vit_base_patch16"),
+    ("main_linprobe", "vit_large_patch16_224", "vit_large_patch16"),
+    ("main_finetune", "mae_vit_tiny_patch8", "vit_tiny_patch8"),
+    ("benchmark", "pretrain_mae_large_patch16_224", "mae_vit_large_patch16"),
+])
+def test_mae_pytorch_model_names_map_to_ours_with_a_note(module, given, ours, capsys):
+    from run.flags import parse_flags
+    mod = importlib.import_module(module)
+    parser = mod.get_args_parser()
+    required = ["--in1k-dir", "a", "--ade20k-dir", "b"] if module == "benchmark" else []
+    args = parse_flags(parser, [*required, "--model", given])
+    mod.check_args(args, parser)
+    assert args.model == ours
+    out = capsys.readouterr().out
+    assert f"NOTE: --model {given}" in out and ours in out
