@@ -377,3 +377,12 @@ def test_mae_pytorch_model_names_map_to_ours_with_a_note(module, given, ours, ca
     assert args.model == ours
     out = capsys.readouterr().out
     assert f"NOTE: --model {given}" in out and ours in out
+
+
+@pytest.mark.parametrize("flag", ["--local-rank=1", "--local_rank=1"])
+def test_mask_generation_accepts_the_launchers_local_rank(flag, parse_only):
+    """tools/generate_masks.py shards its images over the launcher's ranks (read from RANK)."""
+    from tools import generate_masks
+    with pytest.raises(Parsed) as parsed:
+        generate_masks.main(["--data_path", "d", flag])
+    assert parsed.value.args[0].local_rank == 1
