@@ -48,10 +48,11 @@ from evals.runs import (add_stage_time, ade20k_record, append_result, check_eval
                         stage_times)
 from evals.stages import run_stage  # noqa: E402
 from mask_methods import MASK_METHODS, build_method, uses_segments  # noqa: E402
-from models_mae import model_patch_size  # noqa: E402
+from models_mae import model_patch_size, own_model_name  # noqa: E402
 from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
 from run.files import atomic_write_json, writable_dir  # noqa: E402
-from run.flags import add_tracking_args, coverage_ratio_type, given_flags, positive_int, show_defaults  # noqa: E402
+from run.flags import (add_tracking_args, check_habits, coverage_ratio_type, given_flags, parse_flags,  # noqa: E402
+                       positive_int, show_defaults)
 from run.slurm import add_slurm_job_args, submit  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
@@ -133,6 +134,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     for name in ("in1k_dir", "ade20k_dir", "output_dir", "job_dir"):
         if getattr(args, name, None):
             setattr(args, name, os.path.abspath(getattr(args, name)))
+    args.model, note = own_model_name(args.model)  # MAE-pytorch's names
+    if note:
+        print(f"NOTE: {note}")
     encoder = args.model.replace("mae_", "", 1).split("_dec")[0]
     if args.seg_backbone is None:
         args.seg_backbone = encoder
@@ -188,6 +192,7 @@ def check_stage_args(args: argparse.Namespace) -> dict:
         parser = _StageArgsParser(prog=module.__name__, parents=[module.get_args_parser()], add_help=False)
         try:
             extra_argv = shlex.split(extra)
+            check_habits(parser, extra_argv)
             conflicts = sorted(set(given_flags(parser, extra_argv)) & set(set_here))
             if conflicts:
                 names = ", ".join(f"--{c}" + (f" (use the benchmark's {set_here[c]})" if set_here[c] else "")
@@ -443,6 +448,7 @@ def evaluate_baseline(kind: str, args, data: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    runsetup.check_gpu_count("--num-gpus", args.num_gpus, args.gpu)  # one rank per GPU, never CPU ranks
     for d, what in ((args.in1k_dir, "--in1k-dir"), (args.ade20k_dir, "--ade20k-dir")):
         if not os.path.isdir(d):
             raise UserError(f"{what} {d} does not exist")
@@ -480,7 +486,7 @@ def compare_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser("benchmark.py compare: overlay every run's mIoU curve")
     p.add_argument("--output-dir", required=True, help="searched recursively for results.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: <output-dir>/miou_vs_epochs.png)")
-    a = p.parse_args(argv)
+    a = parse_flags(p, argv)
     rows = read_results(a.output_dir)
     finetuned = read_finetune_results(a.output_dir)
     if not rows and not finetuned:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import time
 
 import numpy as np
@@ -104,7 +105,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 def check_downstream_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """What finetuning and linear probing both check."""
-    check_model_and_input_size(args, parser, models_vit.model_patch_size, models_vit.default_input_size)
+    check_model_and_input_size(args, parser, models_vit.model_patch_size, models_vit.default_input_size,
+                               models_vit.own_model_name)
     if args.eval and not args.resume:
         parser.error("--eval needs --resume CHECKPOINT (a finetuned or probed model)")
     if not args.eval and args.start_epoch >= args.epochs:
@@ -125,17 +127,63 @@ def take_pretraining_size(args: argparse.Namespace, pretrained_config: dict) -> 
         args.input_size = hw
 
 
+def check_before_submitting(args: argparse.Namespace, script: str = "main_finetune.py") -> None:
+    """What a SLURM job would find wrong at its start, checked where it is submitted (submitit_*.py),
+    so that it does not wait in the queue to fail: the data folders, the checkpoint files, and that
+    --finetune's encoder fits --model (shapes only: the model is built on the meta device)."""
+    if len(args.data_path) != 1:
+        raise UserError(f"finetuning and linear probing take one --data_path, got {len(args.data_path)}")
+    root = args.data_path[0]
+    for split in ("val",) if args.eval else ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"--data_path {root} has no {split}/ folder: expected {os.path.join(root, split)}"
+                            f"/<class>/<image> (checked before submitting)")
+    for flag in ("resume", "finetune"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path} does not exist (checked before submitting)")
+    if args.resume:
+        refuse_pretraining_checkpoint(args, load_checkpoint(args.resume), args.resume, script)
+    elif args.finetune:
+        checkpoint = load_checkpoint(args.finetune)
+        method = resolve_mask_method(checkpoint, args.mask_method, args.finetune)
+        encoder = models_vit.encoder_state_dict(checkpoint, method, args.fold_mask_channel, args.mask_channel,
+                                                args.finetune)
+        with torch.device("meta"):  # the shapes, without memory or initialisation
+            model = models_vit.build_vit(args.model, img_size=as_hw(args.input_size), num_classes=args.nb_classes,
+                                         global_pool=args.global_pool,
+                                         in_chans=downstream_in_chans(method, args.fold_mask_channel))
+        models_vit.check_encoder_fits(encoder, model, args.finetune)
+
+
+def refuse_pretraining_checkpoint(args: argparse.Namespace, checkpoint: dict, path: str, script: str) -> None:
+    """--resume (and --eval --resume) take what finetuning or probing wrote; a pretraining checkpoint
+    there is refused with the commands that evaluate it: finetune (or probe) it, or score its encoder."""
+    if not models_vit.is_pretraining_checkpoint(checkpoint):
+        return
+    data, path_q = " ".join(shlex.quote(d) for d in args.data_path), shlex.quote(path)
+    model = models_vit.downstream_name(checkpoint)
+    model_flag = f" --model {model}" if model else ""
+    raise UserError(f"{path} is a pretraining checkpoint, not a finetuned or probed one: --resume"
+                    f"{' with --eval' if args.eval else ''} takes what {script} wrote. Evaluate it by training on "
+                    f"it first: python {script} --finetune {path_q}{model_flag} --data_path {data} --output_dir OUT "
+                    f"(it reports top-1 after each epoch), or score its frozen encoder: python -m evals.knn "
+                    f"--checkpoint {path_q} --data_path {data}")
+
+
 class Downstream:
     """What a finetuning or linear-probing run starts from, each file read once: the checkpoint it
     continues or evaluates (``resumed``), else the pretraining checkpoint of --finetune
     (``pretrained``); the pretraining method and the input channels they give; the run's start."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, script: str = "main_finetune.py"):
         self.start = run_start(args, files=RUN_START_FILES, keys=("data_path", "train_subset"))
         # auto-resume (training only) continues only a run that started from the same --finetune file;
         # the model's settings come from the checkpoint being continued or evaluated unless given
         self.resumed: Resumed | None = open_resume(args, RUN_FLAGS, self.start,
-                                                   path=args.resume if args.eval else None)
+                                                   path=args.resume if args.eval else None,
+                                                   accept=lambda checkpoint, path: refuse_pretraining_checkpoint(
+                                                       args, checkpoint, path, script))
         self.pretrained = load_checkpoint(args.finetune) if args.finetune and self.resumed is None else None
         if self.resumed is not None:  # a finetuned checkpoint: it says which pretraining method and input it has
             config = checkpoint_config(self.resumed.checkpoint)

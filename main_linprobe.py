@@ -46,7 +46,7 @@ def linear_probe_head(model: torch.nn.Module) -> None:
 def main(args: argparse.Namespace) -> dict:
     run = runsetup.setup_run(args, __file__)
     device = run.device
-    downstream = Downstream(args)
+    downstream = Downstream(args, script="main_linprobe.py")
 
     _, sampler_train, loader_train, loader_val = build_loaders(args, build_linprobe_transform, downstream)
     model = build_downstream_model(args, downstream)

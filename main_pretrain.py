@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 
@@ -20,12 +21,13 @@ from evals.visualize import labelled_grid, panel_titles, reconstruction_panels
 from inputs.gpu_decode import DevicePrefetcher
 from inputs.pretrain import (DEFAULT_MASK_SIZE_CHECK, build_pretrain_dataset, build_pretrain_transform,
                              collate_pretrain, loader_options)
+from inputs.roots import LMDB, root_kind
 from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset, is_shard_path
 from inputs.transforms import DATA_BACKENDS, REFERENCE_RECIPE, TEXT_LINE_RECIPE, add_recipe_args, as_hw
-from mask_methods import MaskMethod, add_method_args, build_method, method_flags, warn_ignored_flags
+from mask_methods import MaskMethod, add_method_args, build_method, method_flags, uses_segments, warn_ignored_flags
 from models_vit import stack_official_into_mae
-from run.checkpoint import (FOURTH_CHANNEL_KEY, Resumed, append_log, check_writable_names, open_resume, resume_states,
-                            resumed_identity, run_start, save_model)
+from run.checkpoint import (FOURTH_CHANNEL_KEY, Resumed, append_log, check_writable_names, load_checkpoint, open_resume,
+                            resume_states, resumed_identity, run_start, save_model)
 from run.distributed import check_ranks_agree, local_main_first
 from run.flags import (add_mask_channel_arg, add_training_args, check_model_and_input_size, check_optimizer_args,
                        non_negative_float, non_negative_int, positive_int)
@@ -106,9 +108,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_before_submitting(args: argparse.Namespace) -> None:
+    """What a SLURM job would find wrong at its start, checked where it is submitted (submitit_pretrain.py),
+    so that it does not wait in the queue to fail: each --data_path root's layout, masks/ for the
+    segment methods, the --resume and --stack files."""
+    for root in args.data_path:
+        if is_shard_path(root):
+            continue
+        kind = root_kind(root)
+        if uses_segments(args.mask_method) and kind != LMDB and not os.path.isdir(os.path.join(root, "masks")):
+            raise UserError(f"--data_path {root} has no masks/ folder, which --mask_method {args.mask_method} needs: "
+                            f"generate SAM masks for it (tools/generate_masks.py), or pass --mask_method patches")
+    for flag in ("resume", "stack"):
+        path = getattr(args, flag, "")
+        if path and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path} does not exist (checked before submitting)")
+    if args.resume:
+        load_checkpoint(args.resume)  # a truncated or foreign file is named here, not after the queue
+
+
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Errors that depend on several flags, before any data is read."""
-    check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size)
+    check_model_and_input_size(args, parser, models_mae.model_patch_size, models_mae.default_input_size,
+                               models_mae.own_model_name)
     check_optimizer_args(args, parser, ("adamw",), default_betas=(0.9, 0.95))
     recipe = TEXT_LINE_RECIPE if args.model in models_mae.TEXT_LINE_MODELS else REFERENCE_RECIPE
     for key, default in recipe.items():

@@ -299,6 +299,17 @@ mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blo
 MODEL_NAMES = sorted(n for n, f in list(globals().items()) if n.startswith("mae_vit_") and callable(f))
 
 
+def own_model_name(name: str) -> tuple[str, str]:
+    """(this repo's name, a note saying so) for MAE-pytorch's pretraining names
+    (pretrain_mae_{small,base,large}_patch16_224: the same encoders); (name, '') for any other."""
+    for size in ("small", "base", "large"):
+        if name == f"pretrain_mae_{size}_patch16_224":
+            ours = f"mae_vit_{size}_patch16"
+            return ours, (f"--model {name} is MAE-pytorch's name: this repo's is {ours} (the same ViT encoder at 224; "
+                          f"its decoder is the MAE reference's, {globals()[ours].__name__})")
+    return name, ""
+
+
 # Names whose model changed: a checkpoint that records the name and holds the old model's weights
 # (told apart by the decoder's width) is the old model, under its explicit name.
 RENAMED = {"mae_vit_small_patch4": ("mae_vit_small_patch4_dec256d4b", 256)}

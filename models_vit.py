@@ -124,6 +124,20 @@ def vit_huge_patch14(**kwargs):
 
 
 MODEL_NAMES = sorted(n for n, f in list(globals().items()) if n.startswith("vit_") and callable(f))
+
+
+def own_model_name(name: str) -> tuple[str, str]:
+    """(this repo's name, a note saying so) for a name of another codebase's downstream ViT:
+    MAE-pytorch's vit_{small,base,large}_patch16_224, or a pretraining model's (mae_vit_base_patch16,
+    whose encoder this ViT is); (name, '') for any other."""
+    for size in ("small", "base", "large"):
+        if name == f"vit_{size}_patch16_224":
+            return f"vit_{size}_patch16", f"--model {name} is MAE-pytorch's name: this repo's is vit_{size}_patch16"
+    encoder = name[len("mae_"):].split("_dec")[0] if name.startswith("mae_vit_") else ""
+    if encoder in MODEL_NAMES:
+        return encoder, (f"--model {name} names the pretraining model (with its decoder): this command builds its "
+                         f"encoder, {encoder}")
+    return name, ""
 ARCHITECTURES = {"tiny": _TINY, "small": _SMALL, "base": _BASE, "large": _LARGE, "huge": _HUGE}
 
 
@@ -161,6 +175,27 @@ def name_for(embed_dim: int, depth: int, patch_size: int) -> str | None:
 # a pretraining checkpoint -> the encoder of a downstream model
 
 PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "preencoder.")
+
+
+def is_pretraining_checkpoint(checkpoint: dict) -> bool:
+    """A pretraining checkpoint (an MAE with its decoder, the original segmae code's pre-encoder
+    model, or an official encoder-only file), not one that finetuning or linear probing wrote (those
+    hold a classification head)."""
+    sd = state_dict_of(checkpoint)
+    if is_segmae_combined(sd) or any(k.startswith(PRETRAIN_ONLY_PREFIXES) for k in sd):
+        return True
+    return "patch_embed.proj.weight" in sd and not any(k.startswith("head.") for k in sd)
+
+
+def downstream_name(checkpoint: dict) -> str | None:
+    """The registry name of the downstream ViT a pretraining checkpoint's encoder fits, if any."""
+    sd = state_dict_of(checkpoint)
+    if is_segmae_combined(sd):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    w, cls = sd.get("patch_embed.proj.weight"), sd.get("cls_token")
+    if w is None or cls is None:
+        return None
+    return name_for(cls.shape[-1], len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), w.shape[-1])
 
 
 def pretrain_mask_method(checkpoint: dict) -> str:
@@ -244,14 +279,15 @@ def patch_grid(num_patches: int, checkpoint: dict) -> tuple[int, int]:
     return side, side
 
 
-def describe_encoder(sd: dict) -> str:
-    """'embed_dim 768, 12 blocks, patch 16, 3 input channels (fits --model vit_base_patch16)'."""
+def describe_encoder(sd: dict, flag: str = "--model", prefix: str = "") -> str:
+    """'embed_dim 768, 12 blocks, patch 16, 3 input channels (fits --model vit_base_patch16)'; ``flag``:
+    the command's flag for the encoder (the Segmenter's --backbone), ``prefix``: 'mae_' for pretraining."""
     dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     w = sd.get("patch_embed.proj.weight")
     patch, chans = (w.shape[-1], w.shape[1]) if w is not None else (None, None)
     name = name_for(dim, depth, patch) if dim and patch else None
-    fits = f" (fits --model {name})" if name else ""
+    fits = f" (fits {flag} {prefix}{name})" if name else ""
     return f"embed_dim {dim}, {depth} blocks, patch {patch}, {chans} input channels{fits}"
 
 
@@ -273,8 +309,9 @@ def encoder_state_dict(checkpoint: dict, mask_method: str, fold_mask_channel: bo
     return sd
 
 
-def check_encoder_fits(sd: dict, model: nn.Module, path: str) -> None:
-    """Refuses an encoder whose width, depth, patch size or channels differ from the model's."""
+def check_encoder_fits(sd: dict, model: nn.Module, path: str, flag: str = "--model", prefix: str = "") -> None:
+    """Refuses an encoder whose width, depth, patch size or channels differ from the model's, naming
+    the value of the command's ``flag`` (``prefix`` + registry name) it fits."""
     own = model.state_dict()
     problems = []
     for key in ("cls_token", "patch_embed.proj.weight"):
@@ -285,8 +322,8 @@ def check_encoder_fits(sd: dict, model: nn.Module, path: str) -> None:
     if depth_ckpt != depth_model:
         problems.append(f"{depth_ckpt} blocks vs {depth_model}")
     if problems:
-        raise AdaptationError(f"{path} holds an encoder with {describe_encoder(sd)}, which does not fit "
-                              f"this model ({describe_encoder(own)}): " + "; ".join(problems))
+        raise AdaptationError(f"{path} holds an encoder with {describe_encoder(sd, flag, prefix)}, which does not "
+                              f"fit this model ({describe_encoder(own, flag, prefix)}): " + "; ".join(problems))
 
 
 def refuse_nonfinite(weights: dict, path: str) -> None:
@@ -316,14 +353,15 @@ def resize_pos_embed_to(model: nn.Module, sd: dict, checkpoint: dict) -> None:
 
 def load_pretrained_encoder(model: nn.Module, path: str, mask_method: str | None = None,
                             fold_mask_channel: bool = True, checkpoint: dict | None = None,
-                            mask_channel: str = "auto"):
+                            mask_channel: str = "auto", flag: str = "--model"):
     """Loads a pretraining checkpoint's encoder into a downstream ViT (non-strict: the head and,
-    with global pooling, fc_norm are new). Prints and returns (missing, unexpected) keys."""
+    with global pooling, fc_norm are new). Prints and returns (missing, unexpected) keys. ``flag``:
+    the command's flag that chooses the ViT, named where the encoder does not fit."""
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     method = resolve_mask_method(checkpoint, mask_method, path)
     sd = encoder_state_dict(checkpoint, method, fold_mask_channel, mask_channel, path)
     refuse_nonfinite(sd, path)
-    check_encoder_fits(sd, model, path)
+    check_encoder_fits(sd, model, path, flag)
     resize_pos_embed_to(model, sd, checkpoint)
     own = model.state_dict()
     for key in [k for k in ("head.weight", "head.bias") if k in sd and sd[k].shape != own.get(k, sd[k]).shape]:
@@ -394,7 +432,7 @@ def stack_official_into_mae(mae: nn.Module, path: str, mask_channel: str = "auto
     if w is not None:
         sd["patch_embed.proj.weight"] = mae.method.stack_patch_embed(w, own["patch_embed.proj.weight"].shape[1])
     encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token"))}
-    check_encoder_fits(encoder_only, mae, path)
+    check_encoder_fits(encoder_only, mae, path, prefix="mae_")
     for key in ("pos_embed", "decoder_pos_embed"):
         if key in sd and sd[key].shape != own[key].shape:
             del sd[key]  # fixed sin-cos tables: the model's own are right for its grid

@@ -12,6 +12,8 @@ import sys
 
 import main_finetune
 import main_linprobe
+from run.flags import parse_flags
+from run.setup import run_tool
 from run.slurm import add_slurm_args, submit
 
 
@@ -27,15 +29,16 @@ def parse_args(argv=None):
                         help="linear probing (main_linprobe.py's flags and defaults) instead of finetuning; "
                              "submitit_linprobe.py does the same")
     add_slurm_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     script.check_args(args, parser)
     return script, args
 
 
 def main(argv=None):
     script, args = parse_args(argv)
+    main_finetune.check_before_submitting(args, f"{script.__name__}.py")  # not after the queue wait
     return submit(script.main, args, name="mae_linprobe" if script is main_linprobe else "mae_finetune")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

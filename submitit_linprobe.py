@@ -9,6 +9,7 @@ submitit_finetune.py --linprobe. Preempted or timed-out jobs requeue and resume 
 import sys
 
 import submitit_finetune
+from run.setup import run_tool
 
 
 def main(argv=None):
@@ -17,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -10,20 +10,24 @@ themselves and resume from the newest checkpoint in the job's output folder.
 import argparse
 
 import main_pretrain
+from run.flags import parse_flags
+from run.setup import run_tool
 from run.slurm import add_slurm_args, submit
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser("Submitit for MAE pretrain", parents=[main_pretrain.get_args_parser()])
     add_slurm_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     main_pretrain.check_args(args, parser)
     return args
 
 
 def main(argv=None):
-    return submit(main_pretrain.main, parse_args(argv), name="mae_pretrain")
+    args = parse_args(argv)
+    main_pretrain.check_before_submitting(args)  # not after the queue wait
+    return submit(main_pretrain.main, args, name="mae_pretrain")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

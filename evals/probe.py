@@ -27,8 +27,7 @@ from run.checkpoint import checkpoint_config, load_checkpoint
 from run.distributed import check_ranks_agree, file_list_digest
 from run.files import atomic_write_json, writable_dir
 from run.flags import non_negative_float, non_negative_int, positive_int, show_defaults
-from segmenter.data import (ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform,
-                            training_scale)
+from segmenter.data import ADE20K, ADE20K_CLASSES, IGNORE_INDEX, SegEvalTransform, SegTrainTransform, training_scale
 from segmenter.engine import evaluate, train_one_epoch
 from segmenter.model import BACKBONES, build_segmenter
 from util.misc import LossScaler, UserError, get_rank, get_world_size, is_main_process
@@ -72,7 +71,8 @@ def frozen_segmenter(args) -> tuple[nn.Module, str]:
         else load_checkpoint(args.checkpoint)
     backbone = args.backbone or timm_name(load_encoder(args.checkpoint, checkpoint)[4])
     model = build_segmenter(backbone, "linear", args.n_cls, args.crop_size, channels=3, drop_path_rate=0.0)
-    method, _, _ = load_pretrained_encoder(model.encoder, args.checkpoint, checkpoint=checkpoint)
+    method, _, _ = load_pretrained_encoder(model.encoder, args.checkpoint, checkpoint=checkpoint,
+                                           flag="--backbone")
     method = RANDOM if args.checkpoint == RANDOM else method
     model.encoder.requires_grad_(False)  # frozen: no gradient, its weights stay as loaded
     model.decoder = ProbeHead(args.n_cls, model.encoder.embed_dim, args.batchnorm)

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import list_images  # noqa: E402
 from run.files import atomic_write_json  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from sam.cache import build_mask_cache  # noqa: E402
 
 IMAGENET = 1_281_167
@@ -83,7 +84,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--root", default="/tmp/bench_mask_cache")
     p.add_argument("--json", default="", help="also write the rows here")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     mean_bytes = make_tree(args.root, args.images, args.annotations)
     images = list_images(os.path.join(args.root, "train"))
     print(f"{len(images)} images, mask files {mean_bytes / 1e3:.0f} KB on average, {args.annotations} masks each")

@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.pretrain import SegmentMaskImageFolder  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from sam.files import MASK_SUFFIX  # noqa: E402
 from sam.listing import MASK_FORMATS  # noqa: E402
 from tools.make_toy_data import annotation, write_amg_masks, write_segmae_masks  # noqa: E402
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--root", default="/tmp/mask_layout_startup", help="where the synthetic tree is written (kept)")
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     start = time.time()
     build_tree(args.root, args.images, args.classes)
     print(f"tree of {args.images} images ready in {time.time() - start:.0f}s", file=sys.stderr)

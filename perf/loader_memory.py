@@ -35,6 +35,7 @@ sys.path.insert(0, REPO)
 import inputs.roots  # noqa: E402
 from inputs.pretrain import SegmentMaskImageFolder  # noqa: E402
 from perf.dataset_startup import tiny_sample  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from sam.cache import MaskCache, build_mask_cache  # noqa: E402
 from sam.files import MASK_SUFFIX  # noqa: E402
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cold", action="store_true",
                    help="drop the page cache before each build (writes /proc/sys/vm/drop_caches: root only)")
     p.add_argument("--child", choices=list(KINDS), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if args.child:
         print(json.dumps(child(args.child, args.root)))
         return {}

@@ -24,6 +24,7 @@ from inputs.shards import DEFAULT_SHUFFLE_BUFFER, build_shard_dataset  # noqa: E
 from inputs.transforms import DATA_BACKENDS, as_hw  # noqa: E402
 from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
 from run.files import atomic_write_json  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 
 
 def measure(args) -> dict:
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data_backend", default="cpu", choices=DATA_BACKENDS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     result = measure(args)
     if args.json:
         atomic_write_json(args.json, result, indent=1)

@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from perf import loader_throughput  # noqa: E402
 from perf import throughput  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from tools import build_mask_cache, make_toy_data  # noqa: E402
 
 # the targets on one H100 (img/s at the given batch; GiB: the reference code's best peak memory)
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
     p.add_argument("--loader_data", default=None,
                    help="dataset for the loader part (default: a JPEG toy set of ImageNet size made in --out)")
     p.add_argument("--smoke", action="store_true", help="tiny models and data on the CPU: checks the tool itself")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     parts = args.parts.split(",")
     unknown = set(parts) - set(PARTS)
     if unknown:

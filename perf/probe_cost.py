@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evals.probe import ProbeHead  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from segmenter.data import ADE20K_CLASSES  # noqa: E402
 from segmenter.model import BACKBONES, build_segmenter  # noqa: E402
 from util.misc import autocast  # noqa: E402
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="achieved TFLOP/s assumed for the projection (H100 bf16: ~40%% of its dense peak)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"])
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     torch.manual_seed(0)
     device = torch.device(args.device)
     rows = [measure(kind, args, device) for kind in ("probe", "segmenter")]

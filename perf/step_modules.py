@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import main_pretrain  # noqa: E402
 from mask_methods import MASK_METHODS  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 
 
 def repo_functions_called(fn, calls: dict[str, set[str]]):
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default=os.path.join(REPO, "data", "toy"))
     parser.add_argument("--mask_method", default="patches", choices=MASK_METHODS)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     with tempfile.TemporaryDirectory() as out:
         calls = step_modules(args.data_path, args.mask_method, out)
     print(f"a {args.mask_method} pretraining step touches {len(calls)} modules:")

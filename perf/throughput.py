@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 from inputs.transforms import as_hw  # noqa: E402
 from mask_methods import MASK_METHODS, uses_segments  # noqa: E402
-from run.flags import COMPILE_MODES  # noqa: E402
+from run.flags import COMPILE_MODES, parse_flags  # noqa: E402
 from run.setup import ADAMW_IMPLS, adamw, compile_model, convert_to_fp8, resolve_amp
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 from util.misc import LossScaler  # noqa: E402
@@ -336,7 +336,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> list[dict]:
-    args = get_args_parser().parse_args(argv)
+    args = parse_flags(get_args_parser(), argv)
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
     torch.backends.cuda.matmul.allow_tf32 = True

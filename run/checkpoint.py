@@ -463,7 +463,8 @@ def resumed_identity(resumed: Resumed | None) -> dict:
 def open_resume(args, run_flags: dict[str, Any], start: dict | None = None, path: str | None = None,
                 dashes: bool = False, settings: Callable[[dict, str], dict] | None = None,
                 then: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
-                upgrade: Callable[[argparse.Namespace, dict, str], None] | None = None) -> Resumed | None:
+                upgrade: Callable[[argparse.Namespace, dict, str], None] | None = None,
+                accept: Callable[[dict, str], None] | None = None) -> Resumed | None:
     """What this run continues from, read once: ``path`` (a command's own checkpoint file), else
     --resume, else (unless --no_auto_resume) the newest complete checkpoint in --output_dir, which
     becomes --resume. Auto-resume continues only a run that started where this one starts
@@ -473,7 +474,9 @@ def open_resume(args, run_flags: dict[str, Any], start: dict | None = None, path
     reconciled with the checkpoint's (reconcile_flags), then ``then(args)``'s (flags that depend on
     those: a mask method's own), and ``upgrade(args, checkpoint, path)`` continues a checkpoint of
     an earlier layout as it was trained. None: the run starts afresh. ``settings(checkpoint,
-    path)``: the checkpoint's flags where they are not its 'args' (another codebase's layout)."""
+    path)``: the checkpoint's flags where they are not its 'args' (another codebase's layout).
+    ``accept(checkpoint, path)`` raises where the file is not what the command continues (before
+    its flags are read)."""
     auto = False
     if path is None:
         path = getattr(args, "resume", "")
@@ -489,6 +492,8 @@ def open_resume(args, run_flags: dict[str, Any], start: dict | None = None, path
         print(f"Auto-resume: found {path} in --output_dir")
         args.resume = path  # --resume's default: the newest checkpoint of the output folder
     refuse_original_to_continue(checkpoint, path, "--resume")
+    if accept is not None:
+        accept(checkpoint, path)
     saved = settings(checkpoint, path) if settings is not None else saved_args(checkpoint)
     # the values before a flag existed hold for checkpoints of this repo and the original segmae code
     predates = checkpoint_origin(checkpoint) in ("repo", "segmae")

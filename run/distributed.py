@@ -149,8 +149,8 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 # flags that rightly differ between ranks (or name the same thing by another mount point; the data
-# itself is compared by its file list)
-PER_RANK_FLAGS = {"dist_url", "given_flags", "from_checkpoint", "data_path", "output_dir", "log_dir", "job_dir",
+# itself is compared by its file list); torch.distributed.launch gives each rank its own --local_rank
+PER_RANK_FLAGS = {"dist_url", "local_rank", "given_flags", "from_checkpoint", "data_path", "output_dir", "log_dir", "job_dir",
                   "resume", "finetune", "stack", "mae_chp", "dataset_dir"}
 
 

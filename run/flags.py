@@ -8,6 +8,7 @@ Flags that belong to one concern are declared there: a mask method's by its clas
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -190,7 +191,7 @@ def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:
     # distributed training parameters
     parser.add_argument('--world_size', default=1, type=int,
                         help='number of distributed processes')
-    parser.add_argument('--local_rank', '--local-rank', default=-1, type=int)
+    add_local_rank_arg(parser)
     parser.add_argument('--dist_on_itp', action='store_true')
     parser.add_argument('--dist_url', default='env://',
                         help='url used to set up distributed training')
@@ -199,6 +200,17 @@ def add_speed_and_distributed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--data_timeout', default=DEFAULT_DATA_TIMEOUT_S, type=non_negative_float, metavar='SECONDS',
                         help='reading one image or mask file longer than this (hung file system, FIFO) is an error '
                              'naming the file (0: no limit); keep it below --dist_timeout')
+
+
+def add_local_rank_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--local_rank / --local-rank, which torch.distributed.launch (without --use-env) gives each rank its own
+    value of; the rank's place is read from the environment, so the flag is accepted and otherwise unused."""
+    known = {s for a in parser._actions for s in a.option_strings}
+    if not known & {'--local_rank', '--local-rank'}:
+        parser.add_argument('--local_rank', '--local-rank', default=-1, type=int,
+                            help="this rank's index on its node, given by torch.distributed.launch (read from "
+                                 "LOCAL_RANK; the same for torchrun)")
+    return parser
 
 
 def add_mask_channel_arg(parser: argparse.ArgumentParser, dashes: bool = False) -> argparse.ArgumentParser:
@@ -243,9 +255,14 @@ def add_downstream_args(parser: argparse.ArgumentParser, mask_methods: list[str]
 
 
 def check_model_and_input_size(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                               patch_size_of, default_input_size=None) -> None:
+                               patch_size_of, default_input_size=None, own_name=None) -> None:
     """--model must be registered and each side of --input_size divisible by its patch size; no
-    --input_size means the model's default."""
+    --input_size means the model's default. ``own_name(name) -> (name, note)``: another codebase's
+    name for a registered model, taken with the note printed."""
+    if own_name is not None:
+        args.model, note = own_name(args.model)
+        if note:
+            print(f"NOTE: {note}")
     try:
         patch = patch_size_of(args.model)
     except ValueError as e:
@@ -316,6 +333,62 @@ def normalise_flag_spelling(parser: argparse.ArgumentParser, argv: list[str]) ->
                     break
         out.append(token)
     return out
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args with either spelling of every flag, and this repo's way for other codebases'
+    habits (check_habits): how every command reads its command line."""
+    argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
+    check_habits(parser, argv)
+    return parser.parse_args(argv)
+
+
+# What users of the original segmae code (and the MAE reference) type, with this repo's way, shown
+# instead of argparse's bare error. Keys in the underscore spelling.
+FOREIGN_FLAGS = {  # flags this repo does not have: (a flag of the commands where the hint holds, the hint)
+    "--decoder_depth": ("--norm_pix_loss",
+                        "the decoder is part of --model here: mae_vit_base_patch16 and mae_vit_large_patch16 are the "
+                        "reference's mae_vit_*_dec512d8b (8 blocks of 512, the original segmae's default "
+                        "--decoder_depth 8); another decoder is a registry function in models_mae.py"),
+    "--local": ("--cluster", "pass --cluster local to run the job on this machine (the original segmae's --local)"),
+}
+VALUE_FLAGS = {  # flags that were switches there and take a value here
+    "--stack": "--stack takes the checkpoint to start from: a path (the original segmae's --stack started from "
+               "mae_pretrain_vit_large.pth: pass that file); benchmark.py also takes --stack official, the "
+               "official MAE checkpoint of --model",
+}
+REQUIRED_FLAGS = {  # flags required here that were not there
+    "--ade20k_dir": "the original segmae downloaded ADE20k itself; here it is prepared once with python -m "
+                    "segmenter.prepare_ade20k --out data, then passed as --ade20k-dir data/ADEChallengeData2016",
+}
+
+
+def check_habits(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A parser error naming this repo's way where the command line holds another codebase's habit
+    (FOREIGN_FLAGS, VALUE_FLAGS, REQUIRED_FLAGS); nothing otherwise (argparse then parses)."""
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    underscored = lambda flag: "--" + flag[2:].replace("-", "_")  # noqa: E731
+    given = {t.split("=")[0] for t in argv if t.startswith("-")}
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        flag = token.split("=")[0]
+        where, hint = FOREIGN_FLAGS.get(underscored(flag), (None, ""))
+        if flag not in actions and where in actions:
+            parser.error(f"{flag}: {hint}")
+        action = actions.get(flag)
+        takes_value = action is not None and action.nargs is None and action.const is None and not isinstance(
+            action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
+        if (takes_value and underscored(flag) in VALUE_FLAGS and "=" not in token
+                and (i + 1 == len(argv) or argv[i + 1].startswith("--"))):
+            parser.error(VALUE_FLAGS[underscored(flag)])
+    if given & {"-h", "--help"}:
+        return
+    for action in parser._actions:
+        if action.required and action.option_strings and not given & set(action.option_strings):
+            flag = action.option_strings[0]
+            if underscored(flag) in REQUIRED_FLAGS:
+                parser.error(f"{flag} is required: {REQUIRED_FLAGS[underscored(flag)]}")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ import run.stops as stops
 from run.checkpoint import find_last_checkpoint
 from run.distributed import init_distributed_mode
 from run.files import first_missing_folder, lock_output_dir, release_output_dir_locks, remove_failed_start
-from run.flags import COMPILE_MODES, given_flags, normalise_flag_spelling
+from run.flags import COMPILE_MODES, add_local_rank_arg, check_habits, given_flags, normalise_flag_spelling
 from run.tracking import check_wandb_available, finish_open_runs
 from util.lars import LARS
 from util.misc import (PROGRESS, UserError, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process,
@@ -83,7 +83,7 @@ def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     log_details(args, "args.txt", str(args).replace(', ', ',\n'), "all arguments")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
+        raise no_gpu_error("--device cuda", "--device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 to "
                         f"cuda:{torch.cuda.device_count() - 1}); pass one of them, or --device cuda")
@@ -99,6 +99,27 @@ def setup_run(args: argparse.Namespace, script: str) -> Runtime:
     seed_epoch(args.seed, 0, get_rank())
     torch.backends.cudnn.benchmark = True
     return run
+
+
+def no_gpu_error(asked: str, instead: str) -> UserError:
+    """The one line for a command that asks for GPUs (``asked``: its flag and value) where none is
+    visible, and what to pass instead."""
+    return UserError(f"{asked} was asked for but no GPU is visible; use {instead}")
+
+
+def check_gpu_count(flag: str, wanted: int, cuda_visible: str | None = None) -> None:
+    """``wanted`` GPUs (one process each) must be visible: without any, ``flag`` is refused as
+    --device cuda is; with fewer, the count there is is named. ``cuda_visible``: the
+    CUDA_VISIBLE_DEVICES the processes will get (e.g. '0,2'), when set."""
+    if wanted <= 1 and not torch.cuda.is_available():
+        return  # one process: the CPU runs it
+    if not torch.cuda.is_available():
+        raise no_gpu_error(f"{flag} {wanted}", f"{flag} 1 (one process on the CPU)")
+    visible = torch.cuda.device_count()
+    if cuda_visible:
+        visible = min(visible, len([g for g in cuda_visible.split(",") if g.strip()]))
+    if wanted > visible:
+        raise UserError(f"{flag} {wanted}: only {visible} GPU(s) are visible; pass {flag} {visible} or fewer")
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -128,7 +149,9 @@ def run_cli(parser: argparse.ArgumentParser, check_args, main, argv: list[str] |
     """Parse, check (argparse errors, exit 2), run; a UserError prints its message and exits 1."""
     if not parser.add_help:  # the reference's parsers are parents without -h
         parser = argparse.ArgumentParser(description=parser.prog, parents=[parser])
+    add_local_rank_arg(parser)  # every command that takes ranks starts under torchrun or torch.distributed.launch
     argv = normalise_flag_spelling(parser, sys.argv[1:] if argv is None else list(argv))
+    check_habits(parser, argv)
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
     resolve_compile_flags(args)

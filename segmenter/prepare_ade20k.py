@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from run.files import file_digest  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 ADE20K_SHA1 = "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     p.add_argument("--zip", default=None, metavar="PATH", help="unpack this local copy of the archive (no download)")
     p.add_argument("--folder", default=None, metavar="PATH",
                    help="use this already unpacked ADEChallengeData2016 folder (linked from --out)")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     prepare(args.out, args.url, args.sha1 or None, args.keep_zip, zip_path=args.zip, folder=args.folder)
 
 

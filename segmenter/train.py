@@ -196,7 +196,7 @@ def build_model(args, run: Runtime, resumed: Resumed | None, pretrained: dict | 
     if pretrained is not None:
         method, _, _ = load_pretrained_encoder(model.encoder, args.mae_chp, args.mask_method,
                                                fold_mask_channel=args.channels == 3, checkpoint=pretrained,
-                                               mask_channel=args.mask_channel)
+                                               mask_channel=args.mask_channel, flag="--backbone")
         args.mask_method = method
     elif resumed is None:
         print("WARNING: no --mae-chp: the encoder starts from random weights")

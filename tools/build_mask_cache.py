@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.cache import build_mask_cache  # noqa: E402
 from sam.listing import MASK_FORMATS  # noqa: E402
@@ -33,7 +34,7 @@ def main(argv=None) -> list[str]:
                    help="processes that read mask files in parallel (default: min(8, CPUs))")
     p.add_argument("--progress_every", type=float, default=30.0,
                    help="seconds between progress lines when stderr is not a terminal")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if args.workers < 1:
         p.error(f"--workers must be at least 1, got {args.workers}")
     written = []

@@ -25,7 +25,7 @@ from inputs.folders import relative_paths, scan_image_folder  # noqa: E402
 from inputs.images import DataError, image_error  # noqa: E402
 from inputs.pretrain import freeze_heap  # noqa: E402
 from inputs.roots import image_folder_of  # noqa: E402
-from run.flags import coverage_ratio_type  # noqa: E402
+from run.flags import coverage_ratio_type, parse_flags  # noqa: E402
 from sam.cache import MaskCache  # noqa: E402
 from sam.files import MaskFileError, check_rle, duplicate_stems  # noqa: E402
 from sam.geometry import IMAGE_ERRORS  # noqa: E402
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--mask_format", default="auto", choices=("auto",) + tuple(SOURCES),
                    help="layout of masks/ (default: detected)")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     report = check(args.data_path, args.coverage_ratio, args.tolerance, args.workers, args.mask_format)
     n = max(report["images"], 1)
     print(f"{report['images']} images under {args.data_path}/train" +

@@ -22,6 +22,7 @@ from multiprocessing import Pool
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import list_images  # noqa: E402
 from run.files import remove_stale_temp_files  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.cache import build_mask_cache  # noqa: E402
 from sam.files import MASK_SUFFIX, MaskFileError, encode_segmentation, write_mask_file  # noqa: E402
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="json: output folder (default: <data_path>/masks_json)")
     p.add_argument("--coverage_ratio", type=float, default=50.0, help="--to cache: the coverage it is built for")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     summary = convert(args.data_path, args.out, args.mask_format, args.workers, args.to, args.coverage_ratio)
     if args.to == "json":
         print(f"{summary['images']} images ({summary['format']} layout): {summary['converted']} converted, "

@@ -39,7 +39,7 @@ from models_vit import describe_encoder, load_encoder, timm_name  # noqa: E402
 from run.checkpoint import checkpoint_config, load_checkpoint  # noqa: E402
 from run.files import (StorageError, atomic_torch_save, first_missing_folder, free_space,  # noqa: E402
                        remove_failed_start, writable_dir)
-from run.flags import add_mask_channel_arg  # noqa: E402
+from run.flags import add_mask_channel_arg, parse_flags  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
@@ -272,7 +272,7 @@ def main(argv=None) -> list[str]:
     p.add_argument("--timm_zero_head", action="store_true",
                    help="--to timm: write a zero 1000-class head (default: no head; load with num_classes=0)")
     add_mask_channel_arg(p)
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     return export(args.checkpoint, args.to, args.out, args.mask_channel, args.timm_zero_head)
 
 

@@ -37,6 +37,7 @@ from inputs.folders import list_images  # noqa: E402 (its earlier home was this 
 from inputs.images import load_rgb  # noqa: E402
 from inputs.pretrain import freeze_heap  # noqa: E402
 from run.files import file_digest  # noqa: E402
+from run.flags import add_local_rank_arg, parse_flags  # noqa: E402
 from sam.files import annotation_coverage, duplicate_stems, encode_segmentation, mask_path_for, write_mask_file
 from sam.layouts import RANDOM_WEIGHTS  # noqa: E402
 
@@ -451,7 +452,8 @@ def main(argv=None) -> dict:
     p.add_argument("--keep_other_generators", action="store_true",
                    help="keep mask files made by another backend or other settings (default: make them again)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU processes (superpixels; default: the CPU count)")
-    args = p.parse_args(argv)
+    add_local_rank_arg(p)  # torch.distributed.launch gives each rank one; the rank is read from RANK
+    args = parse_flags(p, argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     backend = args.backend
     if backend is None:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from run.flags import parse_flags  # noqa: E402
 from sam.files import encode_segmentation, write_mask_file  # noqa: E402
 
 CLASSES = ("discs", "boxes", "triangles", "stripes")
@@ -249,7 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lmdb_out", default=None,
                         help="also write a toy text-line LMDB (32 x 128 JPEGs, Union14M-U's layout) to this folder")
     parser.add_argument("--lmdb_images", type=int, default=64)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     if args.out:
         make_toy_dataset(args.out, args.train_per_class, args.val_per_class, args.size[0], args.size[1], args.seed,
                          image_format=args.image_format, mask_format=args.mask_format)

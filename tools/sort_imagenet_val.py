@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import is_image  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from util.misc import UserError  # noqa: E402
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--synsets", help="instead of --meta: wnids in ILSVRC2012_ID order, one per line")
     p.add_argument("--copy", action="store_true", help="copy instead of moving")
     p.add_argument("--dry_run", action="store_true", help="check the labels, move nothing")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     labels = read_labels(args.labels, args.meta, args.synsets)
     counts = sort_val(args.val_dir, labels, args.copy, args.dry_run)
     verb = "would sort" if args.dry_run else ("copied" if args.copy else "moved")

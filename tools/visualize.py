@@ -34,7 +34,7 @@ from mask_methods import COVERAGE_RATIO, MASK_METHODS, add_method_args, get_meth
 from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
 from run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, saved_args  # noqa: E402
 from run.files import atomic_write, writable_dir  # noqa: E402
-from run.flags import given_flags, positive_int  # noqa: E402
+from run.flags import given_flags, parse_flags, positive_int  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.geometry import exif_orientation, fit_mask  # noqa: E402
 from sam.layouts import SOURCES, ClosestSegment, open_mask_source  # noqa: E402
@@ -99,7 +99,7 @@ def with_given_flags(method, args, given: set[str]):
 def main(argv=None) -> list[str]:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     given = set(given_flags(parser, argv))
     torch.manual_seed(args.seed)
     if args.checkpoint:

@@ -30,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inputs.folders import scan_image_folder  # noqa: E402
-from inputs.roots import image_folder_of  # noqa: E402
 from inputs.images import DataError  # noqa: E402
+from inputs.roots import image_folder_of  # noqa: E402
 from inputs.shards import SHARD_INDEX, read_shard_index  # noqa: E402
 from run.files import atomic_write, atomic_write_json, remove_stale_temp_files, writable_dir  # noqa: E402
+from run.flags import parse_flags  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.layouts import MaskSource, open_mask_source  # noqa: E402
 from sam.listing import read_empty_list, stem_of  # noqa: E402
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="the order of the samples across shards")
     p.add_argument("--no_masks", dest="masks", action="store_false", help="leave masks/ out (for --mask_method patches)")
     p.add_argument("--mask_format", default="auto")
-    args = p.parse_args(argv)
+    args = parse_flags(p, argv)
     if args.samples_per_shard < 1:
         p.error(f"--samples_per_shard must be at least 1, got {args.samples_per_shard}")
     index = write_shards(args.data_path, args.out, args.samples_per_shard, args.seed, args.masks, args.mask_format)
