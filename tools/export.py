@@ -11,7 +11,9 @@ timm:    model.safetensors (no head: no classifier was trained) + config.json:
          timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path='export/timm/model.safetensors'),
          or pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0) (num_classes=N: a new head).
          --timm_zero_head writes a zero 1000-class head instead (the pretrained=True call without num_classes)
-hf:      a transformers ViTModel folder (save_pretrained): ViTModel.from_pretrained('export/hf')
+hf:      a transformers ViTModel folder (save_pretrained) that loads whole: ViTModel.from_pretrained('export/hf')
+         or AutoModel; pooler_output is the final [CLS] token (an identity pooler: MAE trains none), and
+         preprocessor_config.json for AutoImageProcessor (the size and normalisation it was pretrained with)
 hf-mae:  a transformers ViTMAEForPreTraining folder, decoder included (patches checkpoints)
 encoder: checkpoint.pth = {'model': encoder weights} in the official MAE layout, which the original
          facebookresearch/mae main_finetune.py --finetune (and this repo's) accepts.
@@ -23,7 +25,9 @@ config.json without its weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -139,23 +143,58 @@ def _load_exactly(model: torch.nn.Module, weights: dict) -> None:
         raise UserError(f"export mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def export_hf(sd: dict, shape: dict, size, out: str) -> list[str]:
-    from transformers import ViTConfig, ViTModel
+class _EnumRegistrationNotice(logging.Filter):
+    """torchao, which transformers imports when it is installed, registers its enums with torch's
+    pytree at import; recent torch logs a deprecation warning for each (nothing we can act on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_transformers_import():
+    pytree_log, notice = logging.getLogger("torch.utils._pytree"), _EnumRegistrationNotice()
+    pytree_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        pytree_log.removeFilter(notice)
+
+
+def identity_pooler(dim: int) -> dict:
+    """transformers' ViTModel always builds a pooler (dense + activation on the [CLS] token), which
+    MAE never trained: an identity dense with the 'linear' activation makes pooler_output exactly the
+    final [CLS] token (MAE's token pooling), so the folder loads whole, nothing newly initialised."""
+    return {"pooler.dense.weight": torch.eye(dim), "pooler.dense.bias": torch.zeros(dim)}
+
+
+def export_hf(sd: dict, shape: dict, size, out: str, normalization: str = "imagenet") -> list[str]:
+    with _quiet_transformers_import():
+        from transformers import ViTConfig, ViTImageProcessor, ViTModel
     h, w = as_hw(size)
     if h != w:
         raise UserError(f"transformers' ViT takes a square image_size; this encoder was trained at {h}x{w}")
     config = ViTConfig(hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"],
                        num_attention_heads=shape["heads"], intermediate_size=shape["mlp"], image_size=h,
                        patch_size=shape["patch"], num_channels=3, qkv_bias=True, hidden_act="gelu",
-                       layer_norm_eps=1e-6)  # MAE's LayerNorm eps (transformers' default 1e-12 moves outputs)
-    model = ViTModel(config, add_pooling_layer=False)
-    _load_exactly(model, encoder_to_hf(sd, "", set(model.state_dict())))
+                       layer_norm_eps=1e-6,  # MAE's LayerNorm eps (transformers' default 1e-12 moves outputs)
+                       pooler_act="linear")
+    model = ViTModel(config, add_pooling_layer=True)
+    weights = encoder_to_hf(sd, "", set(model.state_dict()))
+    weights.update(identity_pooler(shape["embed_dim"]))
+    _load_exactly(model, weights)
     model.save_pretrained(out, safe_serialization=True)
+    mean, std = NORMALIZATIONS[normalization]
+    # the evaluation transform of the recipe it was pretrained with: bicubic resize to its size, 0-1, normalised
+    ViTImageProcessor(do_resize=True, size={"height": h, "width": w}, resample=3, do_rescale=True,
+                      rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
+                      image_std=list(std)).save_pretrained(out)
     return sorted(os.path.join(out, f) for f in os.listdir(out))
 
 
 def export_hf_mae(full: dict, sd: dict, shape: dict, size, method: str, out: str) -> list[str]:
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    with _quiet_transformers_import():
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
     if not get_method(method).drops_tokens:
         raise UserError(f"hf-mae exports the whole MAE, which transformers implements for random patches only; this "
                         f"checkpoint is {method}: export the encoder with --to hf")
@@ -236,11 +275,11 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
     shutil.rmtree(staging, ignore_errors=True)
     try:
         os.makedirs(staging)
+        normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
         if to == "timm":
-            normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
             export_timm(sd, shape, size, staging, timm_zero_head, normalization)
         elif to == "hf":
-            export_hf(sd, shape, size, staging)
+            export_hf(sd, shape, size, staging, normalization)
         elif to == "hf-mae":
             export_hf_mae(full, sd, shape, size, method, staging)
         else:
