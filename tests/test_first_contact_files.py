@@ -1,6 +1,7 @@
 """First contact with files, exports and pictures: the tools say what they do with what a user
 brings (docs/RELIABILITY.md, "First contact: files, exports and pictures")."""
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from PIL import Image
 from test_export import features_of_ours
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
+import models_mae
 from conftest import REPO
 from run.checkpoint import atomic_torch_save, load_checkpoint, saved_args
 from tools import convert_masks, export
@@ -85,3 +87,54 @@ def test_hf_export_prints_no_torchao_deprecation(pretrained, tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert "Enum subclass" not in run.stderr and "deprecated" not in run.stderr, run.stderr
+
+
+# ---- export --to timm: the documented calls load every exported model -----------------------------------------
+
+def tiny_checkpoint_at(size: int, out) -> str:
+    """A patches checkpoint of mae_vit_tiny_patch8 (random weights) recorded as pretrained at size x size."""
+    torch.manual_seed(0)
+    model = models_mae.build_mae("mae_vit_tiny_patch8", img_size=(size, size), mask_method="patches")
+    args = argparse.Namespace(model="mae_vit_tiny_patch8", mask_method="patches", input_size=[size, size])
+    atomic_torch_save({"model": model.state_dict(), "epoch": 0, "args": args}, str(out))
+    return str(out)
+
+
+def test_timm_export_documented_calls_load_models_other_than_vit_b16(pretrained, tmp_path, capsys):
+    import timm
+    for size, ckpt in ((32, pretrained["patches"]), (64, tiny_checkpoint_at(64, tmp_path / "ck64.pth"))):
+        out = tmp_path / f"timm{size}"
+        export.main(["--checkpoint", ckpt, "--to", "timm", "--out", str(out)])
+        printed = capsys.readouterr().out.splitlines()
+        [at] = [i for i, line in enumerate(printed) if line.endswith("load it with timm (README.md there has the call "
+                                                                      "at another size):")]
+        call = printed[at + 1].strip()
+        readme = (out / "README.md").read_text()
+        at_size, other = [line[len("model = "):] for line in readme.splitlines() if line.startswith("model = ")]
+        assert call == at_size and "patch_size=8" in call and f"img_size={size}," in call
+        cfg = json.load(open(out / "config.json"))
+        file = str(out / "model.safetensors")
+        ours, _ = features_of_ours(ckpt)
+        x = torch.randn(2, 3, size, size)
+        loaded = {
+            "printed": eval(call, {"timm": timm}),
+            # the form docs/DOWNSTREAM.md documents for any export: name and model_args from config.json
+            "config": timm.create_model(cfg["architecture"], num_classes=0, checkpoint_path=file, **cfg["model_args"]),
+            "overlay": timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
+                                         pretrained_cfg_overlay=dict(file=file, num_classes=0), **cfg["model_args"]),
+            "local-dir": timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0),
+        }
+        with torch.no_grad():
+            for how, model in loaded.items():
+                assert (model.eval().forward_features(x) - ours.forward_features(x)).abs().max() <= 1e-5, (size, how)
+        # a 224 request: the README's second call, the config form with img_size=224, and local-dir
+        at224 = [eval(other, {"timm": timm}),
+                 timm.create_model(cfg["architecture"], pretrained=True, num_classes=0,
+                                   pretrained_cfg_overlay=dict(file=file, num_classes=0),
+                                   **{**cfg["model_args"], "img_size": 224}),
+                 timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0, img_size=224)]
+        for model in at224:
+            assert model.patch_embed.patch_size == (8, 8) and model.pos_embed.shape[1] == 1 + 28 * 28
+            with torch.no_grad():
+                assert model.eval().forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 1 + 28 * 28, 192)
+            assert torch.equal(model.cls_token, ours.cls_token)  # the exported weights, not a fresh init

@@ -7,10 +7,13 @@ folded into 3 channels (exact for a fully visible image), the pre-encoder and de
     python tools/export.py --checkpoint out/checkpoint-799.pth --to hf-mae --out export/hf-mae   # patches only
     python tools/export.py --checkpoint out/checkpoint-799.pth --to encoder --out export/encoder
 
-timm:    model.safetensors (no head: no classifier was trained) + config.json:
-         timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path='export/timm/model.safetensors'),
-         or pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0) (num_classes=N: a new head).
-         --timm_zero_head writes a zero 1000-class head instead (the pretrained=True call without num_classes)
+timm:    model.safetensors (no head: no classifier was trained) + config.json + README.md with the calls
+         that load it, values filled in (printed too); for a ViT-B/16 pretrained at 224:
+         timm.create_model('vit_base_patch16_224', patch_size=16, img_size=224, num_classes=0,
+                           checkpoint_path='export/timm/model.safetensors'),
+         at another img_size: pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0)
+         instead of checkpoint_path (num_classes=N: a new head). --timm_zero_head writes a zero
+         1000-class head instead (the calls without num_classes)
 hf:      a transformers ViTModel folder (save_pretrained) that loads whole: ViTModel.from_pretrained('export/hf')
          or AutoModel; pooler_output is the final [CLS] token (an identity pooler: MAE trains none), and
          preprocessor_config.json for AutoImageProcessor (the size and normalisation it was pretrained with)
@@ -56,12 +59,34 @@ def build_timm_encoder(sd: dict, shape: dict, size) -> torch.nn.Module:
     return model.eval()
 
 
+def timm_architecture(shape: dict) -> str:
+    """The installed registry's name of this width and depth: this patch size at 224 where timm has
+    it (vit_small_patch8_224), else its patch-16 model, patch and image size passed as model_args."""
+    import timm
+    ours = f"{timm_name(shape)}_224"
+    return ours if ours in timm.list_models() else ours.replace(f"patch{shape['patch']}_", "patch16_")
+
+
+def timm_calls(architecture: str, patch: int, size, file: str, zero_head: bool = False) -> dict[str, str]:
+    """The timm.create_model calls that load this export, with every value filled in: the name alone
+    carries neither the patch size nor the image size of a model other than ViT-X/16 at 224.
+    checkpoint_path loads strictly, so only at the pretraining size; pretrained=True goes through
+    timm's filter, which resizes the position embedding to any img_size."""
+    h, w = as_hw(size)
+    img = str(h) if h == w else f"({h}, {w})"
+    head = "" if zero_head else "num_classes=0, "
+    overlay = f"dict(file={file!r})" if zero_head else f"dict(file={file!r}, num_classes=0)"
+    return {"at its size": f"timm.create_model({architecture!r}, patch_size={patch}, img_size={img}, {head}"
+                           f"checkpoint_path={file!r})",
+            "at another size": f"timm.create_model({architecture!r}, patch_size={patch}, img_size=224, "
+                               f"pretrained=True, {head}pretrained_cfg_overlay={overlay})"}
+
+
 def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
-                normalization: str = "imagenet") -> list[str]:
-    """No head by default: timm.create_model(name, num_classes=0, checkpoint_path=FILE) loads it
-    strictly. zero_head: a zero 1000-class head (no classifier was trained), for
-    create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE)) with timm's
-    default num_classes."""
+                normalization: str = "imagenet", file: str | None = None) -> list[str]:
+    """No head by default: the calls of ``timm_calls`` load it strictly. zero_head: a zero
+    1000-class head (no classifier was trained), for timm's default num_classes. file: the path of
+    model.safetensors as the user will reach it (--out as given), for the calls in README.md."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in sd.items()}
@@ -71,9 +96,7 @@ def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
         tensors["head.bias"] = torch.zeros(1000)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     h, w = as_hw(size)
-    import timm  # the installed registry decides the name: patch 4 (text lines) is a patch-16 model with model_args
-    ours = f"{timm_name(shape)}_224"
-    architecture = ours if ours in timm.list_models() else ours.replace(f"patch{shape['patch']}_", "patch16_")
+    architecture = timm_architecture(shape)
     config = {"architecture": architecture, "model_args": {"patch_size": shape["patch"], "img_size": [h, w]},
               "num_classes": classes, "num_features": shape["embed_dim"],
               "global_pool": "token",
@@ -82,9 +105,18 @@ def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
                                  "mean": list(NORMALIZATIONS[normalization][0]),
                                  "std": list(NORMALIZATIONS[normalization][1]),
                                  "interpolation": "bicubic", "crop_pct": 0.875}}
+    calls = timm_calls(architecture, shape["patch"], (h, w), file or os.path.join(out, "model.safetensors"),
+                       zero_head)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(f"# MAE encoder for timm ({architecture} with patch {shape['patch']}, {h}x{w})\n\n"
+                f"At the size it was pretrained at (strict load):\n\n```python\nimport timm\n"
+                f"model = {calls['at its size']}\n```\n\nAt another size (timm resizes the position "
+                f"embedding; `num_classes=N` there: a new head):\n\n```python\n"
+                f"model = {calls['at another size']}\n```\n\nThe name alone does not carry the patch "
+                f"and image size: config.json's `model_args` holds them.\n")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    return [os.path.join(out, "model.safetensors"), os.path.join(out, "config.json")]
+    return [os.path.join(out, n) for n in ("model.safetensors", "README.md", "config.json")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,7 +309,8 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
         os.makedirs(staging)
         normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
         if to == "timm":
-            export_timm(sd, shape, size, staging, timm_zero_head, normalization)
+            export_timm(sd, shape, size, staging, timm_zero_head, normalization,
+                        file=os.path.join(out, "model.safetensors"))
         elif to == "hf":
             export_hf(sd, shape, size, staging, normalization)
         elif to == "hf-mae":
@@ -296,6 +329,10 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
         raise StorageError(f"could not write the {to} export into {out}: {reason}; nothing in {out} was changed. "
                            f"Free some space (or pass another --out) and run again") from None
     print("wrote " + ", ".join(files))
+    if to == "timm":
+        calls = timm_calls(timm_architecture(shape), shape["patch"], size, os.path.join(out, "model.safetensors"),
+                           timm_zero_head)
+        print(f"load it with timm (README.md there has the call at another size):\n  {calls['at its size']}")
     return files
 
 
