@@ -17,7 +17,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN
 import models_mae
 from conftest import REPO
 from run.checkpoint import atomic_torch_save, load_checkpoint, saved_args
-from tools import convert_masks, export
+from tools import convert_masks, export, visualize
+from util.misc import UserError
 
 WEIRD = "data $(touch pwned) it's"
 
@@ -138,3 +139,44 @@ def test_timm_export_documented_calls_load_models_other_than_vit_b16(pretrained,
             with torch.no_grad():
                 assert model.eval().forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 1 + 28 * 28, 192)
             assert torch.equal(model.cls_token, ours.cls_token)  # the exported weights, not a fresh init
+
+
+# ---- notebooks/visualize.ipynb with its defaults, after `make demo` -------------------------------------------
+
+def demo_checkout(tmp_path, toy_root, checkpoint: str):
+    """A checkout after `make demo`: the repository's files, data/toy and two benchmark runs in
+    output_demo/pretrain_output/<run id>/ (the older one written first)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in os.listdir(REPO):
+        if name not in ("output_demo", "data", ".git", "notebooks"):
+            os.symlink(os.path.join(REPO, name), repo / name)
+    shutil.copytree(os.path.join(REPO, "notebooks"), repo / "notebooks")  # a real folder: the kernel's cwd
+    shutil.copytree(toy_root, repo / "data" / "toy")
+    runs = repo / "output_demo" / "pretrain_output"
+    for run, epochs in (("segments-1a2b3c4d", (5,)), ("four_channels-5e6f7a8b", (5, 11))):
+        for epoch in epochs:
+            (runs / run).mkdir(parents=True, exist_ok=True)
+            shutil.copy(checkpoint, runs / run / f"checkpoint-{epoch}.pth")
+    old = runs / "segments-1a2b3c4d" / "checkpoint-5.pth"
+    os.utime(old, (os.path.getmtime(old) - 3600,) * 2)
+    return repo, runs / "four_channels-5e6f7a8b" / "checkpoint-11.pth"
+
+
+def test_notebook_with_its_defaults_runs_after_make_demo(pretrained, toy_root, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    from test_notebook import figures, printed
+    repo, newest = demo_checkout(tmp_path, toy_root, pretrained["four_channels"])
+    for key in ("SEGMAE_REPO", "SEGMAE_CHECKPOINT", "SEGMAE_MODEL", "SEGMAE_DATA_PATH", "SEGMAE_IMAGE"):
+        monkeypatch.delenv(key, raising=False)  # the notebook's own defaults, opened in notebooks/
+    nb = nbformat.read(str(repo / "notebooks" / "visualize.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
+    assert f"{newest}: four_channels, input 32x32" in printed(nb)
+    assert len(figures(nb)) == 2
+
+
+def test_newest_run_checkpoint_without_a_demo_says_what_to_do(tmp_path):
+    with pytest.raises(UserError, match="run 'make demo' first, or set CHECKPOINT"):
+        visualize.newest_run_checkpoint(str(tmp_path / "output_demo"))

@@ -32,13 +32,15 @@ from inputs.images import load_rgb  # noqa: E402
 from inputs.transforms import as_hw  # noqa: E402
 from mask_methods import COVERAGE_RATIO, MASK_METHODS, add_method_args, get_method, method_class  # noqa: E402
 from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
-from run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, saved_args  # noqa: E402
+from run.checkpoint import (CheckpointError, checkpoint_config, find_last_checkpoint, load_checkpoint,  # noqa: E402
+                            saved_args)
 from run.files import atomic_write, writable_dir  # noqa: E402
 from run.flags import given_flags, positive_int  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.geometry import exif_orientation, fit_mask  # noqa: E402
 from sam.layouts import SOURCES, ClosestSegment, open_mask_source  # noqa: E402
 from sam.listing import stem_of  # noqa: E402
+from util.misc import UserError  # noqa: E402
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
@@ -64,6 +66,19 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
         print(f"note: {len(missing)} weights not in the checkpoint (e.g. {missing[0]}): an encoder-only "
               f"checkpoint reconstructs with a random decoder")
     return mae.eval(), size, config.get("normalization") or "imagenet"
+
+
+def newest_run_checkpoint(output_dir: str) -> str:
+    """The most recently written of the last checkpoints of the runs in output_dir: the benchmark's
+    run folders (make demo: output_demo/pretrain_output/<run id>/checkpoint-N.pth) and output_dir
+    itself (a main_pretrain.py --output_dir)."""
+    runs = os.path.join(output_dir, "pretrain_output")
+    folders = [output_dir] + (sorted(os.path.join(runs, d) for d in os.listdir(runs)) if os.path.isdir(runs) else [])
+    last = [c for c in (find_last_checkpoint(d) for d in folders if os.path.isdir(d)) if c is not None]
+    if not last:
+        raise UserError(f"no checkpoint in {output_dir} or {os.path.join(runs, '<run id>')}: run 'make demo' "
+                        f"first, or set CHECKPOINT (or SEGMAE_CHECKPOINT) to a checkpoint")
+    return max(last, key=os.path.getmtime)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
