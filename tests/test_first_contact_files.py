@@ -12,15 +12,19 @@ import pytest
 import torch
 from PIL import Image
 from test_export import features_of_ours
+from test_mask_layouts import rect, segmae_root
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
 import models_mae
 from conftest import REPO
+from evals.visualize import FRAME_COLOUR, labelled_grid, legible_text, panel_titles
 from run.checkpoint import atomic_torch_save, load_checkpoint, saved_args
+from sam.layouts import describe_generator
 from tools import convert_masks, export, visualize
 from util.misc import UserError
 
 WEIRD = "data $(touch pwned) it's"
+CJK = "0 猫の写真"  # sorts first in its class
 
 
 # ---- convert_masks.py: nothing to convert, and commands that run as printed ---------------------------------
@@ -153,6 +157,9 @@ def demo_checkout(tmp_path, toy_root, checkpoint: str):
             os.symlink(os.path.join(REPO, name), repo / name)
     shutil.copytree(os.path.join(REPO, "notebooks"), repo / "notebooks")  # a real folder: the kernel's cwd
     shutil.copytree(toy_root, repo / "data" / "toy")
+    toy = repo / "data" / "toy"  # its first image gets a CJK name (a phone's, a Chinese photographer's)
+    os.rename(toy / "train" / "boxes" / "boxes_train_0000.png", toy / "train" / "boxes" / f"{CJK}.png")
+    os.rename(toy / "masks" / "boxes" / "boxes_train_0000.json", toy / "masks" / "boxes" / f"{CJK}.json")
     runs = repo / "output_demo" / "pretrain_output"
     for run, epochs in (("segments-1a2b3c4d", (5,)), ("four_channels-5e6f7a8b", (5, 11))):
         for epoch in epochs:
@@ -175,8 +182,54 @@ def test_notebook_with_its_defaults_runs_after_make_demo(pretrained, toy_root, t
                    resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
     assert f"{newest}: four_channels, input 32x32" in printed(nb)
     assert len(figures(nb)) == 2
+    assert "missing from font" not in printed(nb)  # the CJK file name is drawn escaped, not as boxes
 
 
 def test_newest_run_checkpoint_without_a_demo_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="run 'make demo' first, or set CHECKPOINT"):
         visualize.newest_run_checkpoint(str(tmp_path / "output_demo"))
+
+
+# ---- pictures and titles -------------------------------------------------------------------------------------
+
+def test_masks_converted_from_segmae_are_titled_sam(tmp_path, pretrained):
+    m = rect(32, 32, 0, 16, 0, 16)
+    root = segmae_root(tmp_path, {"a.png": (32, 32)}, {"a.png": [(25.0, m)]})
+    convert_masks.main(["--data_path", str(root), "--workers", "1"])
+    os.rename(root / "masks", root / "masks_segmae")
+    os.rename(root / "masks_json", root / "masks")
+    image = str(root / "train" / "c" / "a.png")
+    model, size, normalization = visualize.load_mae(pretrained["segments"])
+    _, segment, generator = visualize.image_and_segment(image, size, normalization,
+                                                        visualize.open_segments(str(root), [image]), str(root),
+                                                        model.method)
+    assert generator == "SAM (segmae layout)" and segment is not None
+    titles = panel_titles(model.method, generator, 50.0)
+    assert titles[2] == "white: visible, black: SAM (segmae layout) segment (closest to 50%)"
+    # a JSON file whose generator entry records no backend at all: SAM's, as one without the entry
+    assert describe_generator({"model": ""}) == "SAM" and describe_generator(None) == "SAM"
+
+
+def test_cjk_names_are_escaped_for_the_font():
+    assert legible_text(f"{CJK}.png") == "0 \\u732b\\u306e\\u5199\\u771f.png"
+    assert legible_text("café.png") == "café.png"  # what the font has stays as it is
+
+
+def test_every_panel_has_a_frame_white_on_white_shows():
+    panels = torch.ones(1, 3, 3, 8, 8)  # white panels, as the visibility of a method that hides nothing
+    grid = np.asarray(labelled_grid(panels, ["original", "encoder input", "white: visible"], ["x"], min_panel=32))
+    grey = np.all(grid == FRAME_COLOUR, axis=-1)
+    for j in range(3):  # each panel (32x32, 4 px apart, the last row at the bottom): a grey outline around it
+        x0, y0 = grid.shape[1] - (3 - j) * (32 + 4), grid.shape[0] - (32 + 4)
+        assert (grid[y0:y0 + 32, x0:x0 + 32] == 255).all()
+        assert grey[y0 - 1, x0 - 1:x0 + 33].all() and grey[y0 + 32, x0 - 1:x0 + 33].all()
+        assert grey[y0 - 1:y0 + 33, x0 - 1].all() and grey[y0 - 1:y0 + 33, x0 + 32].all()
+
+
+def test_visualize_num_spreads_over_the_classes(toy_root, tmp_path):
+    written = visualize.main(["--data_path", toy_root, "--num", "6", "--mask_method", "patches", "--input_size",
+                              "32", "--patch_size", "8", "--out", str(tmp_path)])
+    names = [os.path.basename(p) for p in written]
+    assert names == ["boxes_train_0000_patches_mask.png", "discs_train_0000_patches_mask.png",
+                     "stripes_train_0000_patches_mask.png", "triangles_train_0000_patches_mask.png",
+                     "boxes_train_0001_patches_mask.png", "discs_train_0001_patches_mask.png"]

@@ -93,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
     p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
-    p.add_argument("--num", type=positive_int, default=4, help="how many images of --data_path/train, when no --images")
+    p.add_argument("--num", type=positive_int, default=4,
+                   help="how many images of --data_path/train, spread over its classes, when no --images")
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="default: the checkpoint's (without one: 224)")
     p.add_argument("--seed", type=int, default=0)
@@ -132,7 +133,7 @@ def main(argv=None) -> list[str]:
     images = list(args.images)
     if not images and args.data_path:
         train = os.path.join(args.data_path, "train")
-        images = [os.path.join(train, rel) for rel in list_images(train)][:args.num]
+        images = [os.path.join(train, rel) for rel in spread_over_classes(list_images(train), args.num)]
     if not images:
         raise SystemExit("no images: give --images or --data_path")
     writable_dir(args.out, "--out")
@@ -167,6 +168,17 @@ def main(argv=None) -> list[str]:
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")
     return written
+
+
+def spread_over_classes(rels: list[str], num: int) -> list[str]:
+    """num of these paths (relative to train/, sorted), taken in turn from each class folder: the
+    first image of every class, then the second, ...; in class order."""
+    by_class: dict[str, list[str]] = {}
+    for rel in rels:
+        by_class.setdefault(rel.split(os.sep, 1)[0] if os.sep in rel else "", []).append(rel)
+    rounds = max((len(v) for v in by_class.values()), default=0)
+    taken = [files[i] for i in range(rounds) for files in by_class.values() if i < len(files)]
+    return taken[:num]
 
 
 def method_label(method) -> str:
