@@ -10,17 +10,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from test_export import features_of_ours
+from test_faults_data2 import ORIENTED, bright_segmenter, oriented_photos
 from test_mask_layouts import rect, segmae_root
+from test_pretrain_cli import common
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
+import main_pretrain
 import models_mae
 from conftest import REPO
 from evals.visualize import FRAME_COLOUR, labelled_grid, legible_text, panel_titles
 from run.checkpoint import atomic_torch_save, load_checkpoint, saved_args
+from sam.geometry import exif_orientation
 from sam.layouts import describe_generator
-from tools import convert_masks, export, visualize
+from tools import check_dataset, convert_masks, export, generate_masks, visualize
 from util.misc import UserError
 
 WEIRD = "data $(touch pwned) it's"
@@ -233,3 +237,45 @@ def test_visualize_num_spreads_over_the_classes(toy_root, tmp_path):
     assert names == ["boxes_train_0000_patches_mask.png", "discs_train_0000_patches_mask.png",
                      "stripes_train_0000_patches_mask.png", "triangles_train_0000_patches_mask.png",
                      "boxes_train_0001_patches_mask.png", "discs_train_0001_patches_mask.png"]
+
+
+# ---- EXIF-oriented photos: counted, said what it means, and how to train them upright ------------------------
+
+def oriented_root(tmp_path):
+    """train/c/ with the sixteen photos of every orientation (14 other than 1), masks by this repo's generator."""
+    root = tmp_path / "photos"
+    oriented_photos(root)
+    assert generate_masks.generate(str(root), lambda: bright_segmenter, log_every=0,
+                                   settings={"backend": "sam", "model": "vit_b"})["generated"] == len(ORIENTED)
+    return root
+
+
+def test_check_dataset_counts_exif_oriented_photos_and_its_command_bakes_them_upright(tmp_path, capsys):
+    root = oriented_root(tmp_path)
+    stored = {p.name: Image.open(p) for p in (root / "train" / "c").iterdir()}
+    displayed = {name: np.asarray(ImageOps.exif_transpose(im).convert("RGB"), np.float32) for name, im in stored.items()}
+    assert check_dataset.main(["--data_path", str(root), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "14 images have an EXIF orientation other than 1" in out
+    assert "training uses their stored pixels, as the reference MAE does" in out and "regenerate their masks" in out
+    [command] = [line.strip() for line in out.splitlines() if line.strip().startswith("python -c ")]
+    subprocess.run(["bash", "-c", sys.executable + command[len("python"):]], check=True)
+    for name, pixels in displayed.items():  # every photo now stored upright, its tag gone
+        with Image.open(root / "train" / "c" / name) as im:
+            assert exif_orientation(im) == 1
+            assert np.abs(np.asarray(im.convert("RGB"), np.float32) - pixels).mean() < 3, name
+    check_dataset.main(["--data_path", str(root), "--workers", "1"])
+    assert "EXIF orientation other than 1" not in capsys.readouterr().out
+
+
+def test_pretraining_counts_exif_oriented_photos_in_its_first_epoch(tmp_path, capsys):
+    root = oriented_root(tmp_path)
+    out = tmp_path / "out"
+    for method in ("patches", "segments"):
+        main_pretrain.cli(common(str(root), out / method, "--mask_method", method, "--batch_size", "16",
+                                 "--epochs", "2", "--warmup_epochs", "0"))
+        text = capsys.readouterr().out
+        assert text.count("NOTE: 14 image(s) read in this epoch have an EXIF orientation other than 1") == 1, method
+        assert "training uses their stored pixels, as the reference MAE does" in text
+    # segment methods open a sample of the images at start-up (the mask size check): said there too
+    assert "14 of the 16 images opened for the mask size check have an EXIF orientation other than 1" in text
