@@ -458,7 +458,7 @@ def test_export_on_a_full_disk_leaves_the_previous_export(tiny_checkpoint, fs_64
     err = capsys.readouterr().err
     assert f"could not write the timm export into {out}: " in err and "nothing in" in err and "Traceback" not in err
     assert {f: open(f, "rb").read() for f in first} == before  # the previous export, whole
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     os.remove(fs_64m / "filler")
     for to in ("timm", "encoder"):  # with room, every kind of export goes through the staging folder
         files = export.export(tiny_checkpoint, to, str(fs_64m / to))
