@@ -127,8 +127,10 @@ def test_convert_masks_mv_command_runs_as_printed(tmp_path, capsys):
     os.rename(segmae_root(tmp_path, {"a.png": (32, 32), "b.png": (32, 32)}, {"a.png": [(25.0, m)], "b.png": [(25.0, m)]}),
               root)
     convert_masks.main(["--data_path", str(root), "--workers", "1"])
-    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("To train on them: ")]
-    subprocess.run(["bash", "-c", line[len("To train on them: "):]], cwd=tmp_path, check=True)
+    # (after an in-process entry point, print may carry timestamps: the command is what follows the words)
+    [command] = [x.split("To train on them: ", 1)[1] for x in capsys.readouterr().out.splitlines()
+                 if "To train on them: " in x]
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
     assert not (tmp_path / "pwned").exists()  # nothing but the two moves ran
     # the converted masks are masks/, the old ones beside it (masks/ already SAM's JSON: nothing to convert,
     # tests/test_first_contact_files.py)

@@ -258,8 +258,8 @@ def test_check_dataset_counts_exif_oriented_photos_and_its_command_bakes_them_up
     out = capsys.readouterr().out
     assert "14 images have an EXIF orientation other than 1" in out
     assert "training uses their stored pixels, as the reference MAE does" in out and "regenerate their masks" in out
-    [command] = [line.strip() for line in out.splitlines() if line.strip().startswith("python -c ")]
-    subprocess.run(["bash", "-c", sys.executable + command[len("python"):]], check=True)
+    [command] = ["-c " + line.split("python -c ", 1)[1] for line in out.splitlines() if "python -c " in line]
+    subprocess.run(["bash", "-c", f"{sys.executable} {command}"], check=True)
     for name, pixels in displayed.items():  # every photo now stored upright, its tag gone
         with Image.open(root / "train" / "c" / name) as im:
             assert exif_orientation(im) == 1
