@@ -109,6 +109,7 @@ def tiny_checkpoint_at(size: int, out) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_timm_export_documented_calls_load_models_other_than_vit_b16(pretrained, tmp_path, capsys):
     import timm
     for size, ckpt in ((32, pretrained["patches"]), (64, tiny_checkpoint_at(64, tmp_path / "ck64.pth"))):
