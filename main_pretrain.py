@@ -155,7 +155,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
               f"never reaches its peak", file=sys.stderr)
 
 
-MASK_NOTES = {  # what the mask readers repaired, said once per run (counted over one epoch, every rank)
+MASK_NOTES = {  # what the readers met and repaired, said once per run (counted over one epoch, every rank)
+    "oriented": "image(s) read in this epoch have an EXIF orientation other than 1 (phone photos): training uses "
+                "their stored pixels, as the reference MAE does, so they train sideways or upside down. To train "
+                "them upright, bake the rotation in (python tools/check_dataset.py prints the command), then "
+                "regenerate their masks",
     "rotated": "mask(s) were made on the displayed picture of an image with an EXIF orientation (as SAM's amg.py "
                "makes them) and were mapped into the image's stored pixels",
     "thresholded": "mask PNG(s) were not strictly 0/255 (resampled or antialiased) and were thresholded at 128",
@@ -375,8 +379,7 @@ def main(args: argparse.Namespace) -> None:
                                       log_writer=log_writer, args=args,
                                       log_images=lambda x: log_reconstructions_mid_epoch(
                                           log_writer, model_without_ddp, dataset_train, run, args, x))
-        if dataset_train.with_masks:
-            tell_mask_notes(dataset_train, told)
+        tell_mask_notes(dataset_train, told)
         end_epoch(args, epoch, last_epoch, train_stats, model_without_ddp, optimizer, loss_scaler, dataset_train,
                   run, log_writer, config)
 

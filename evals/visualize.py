@@ -139,6 +139,16 @@ def legible(text: str, has_glyph=None) -> str:
     return "".join(out)
 
 
+def legible_text(text: str) -> str:
+    """``text`` as matplotlib's and the grids' font (DejaVu Sans) can draw it: a character it has no
+    glyph for (a CJK file name) written as its escape, not as a box."""
+    found = _unicode_font()
+    return legible(text, (lambda c: found[1].get_char_index(ord(c)) != 0) if found is not None else None)
+
+
+FRAME_COLOUR = (128, 128, 128)  # a panel's outline: white on the white page still shows where it ends
+
+
 def _wrap(text: str, width: int, width_of) -> list[str]:
     """Words of ``text`` in lines no wider than ``width`` (a longer word gets a line of its own)."""
     lines: list[str] = []
@@ -153,7 +163,8 @@ def _wrap(text: str, width: int, width_of) -> list[str]:
 def labelled_grid(panels: torch.Tensor, titles: list[str], row_labels: list[str], min_panel: int = 224,
                   pad: int = 4) -> Image.Image:
     """(N, P, 3, H, W) panels in [0, 1] -> a PIL image: a title above each column, a label left of
-    each row, every panel upscaled (nearest, so pixels stay visible) to at least min_panel px."""
+    each row, every panel upscaled (nearest, so pixels stay visible) to at least min_panel px and
+    framed in grey (a white visibility panel on the white page)."""
     n, p, _, h, w = panels.shape
     scale = max(1, -(-min_panel // min(h, w)))  # ceil
     ph, pw = h * scale, w * scale
@@ -189,5 +200,7 @@ def labelled_grid(panels: torch.Tensor, titles: list[str], row_labels: list[str]
         draw.text((pad, y + ph // 2 - text_h // 2), row_labels[i], fill="black", font=font)
         for j in range(p):
             arr = (panels[i, j].float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            grid.paste(Image.fromarray(arr).resize((pw, ph), Image.NEAREST), (label_w + j * (pw + pad), y))
+            x = label_w + j * (pw + pad)
+            grid.paste(Image.fromarray(arr).resize((pw, ph), Image.NEAREST), (x, y))
+            draw.rectangle((x - 1, y - 1, x + pw, y + ph), outline=FRAME_COLOUR)  # in the padding, around it
     return grid

@@ -18,6 +18,7 @@ the database uses, and stops with one line naming it otherwise.
 from __future__ import annotations
 
 import hashlib
+import io
 import multiprocessing
 import os
 
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset
 
 from inputs.images import DataError, EncodedImage, load_rgb, read_deadline
 from run.flags import DEFAULT_DATA_TIMEOUT_S
+from sam.geometry import exif_orientation
 
 COUNT_KEY = b"num-samples"
 IMAGE_KEY = "image-{:09d}"
@@ -120,6 +122,7 @@ class LmdbImages(Dataset):
         self.with_masks = False
         self.source = None
         self.rotated_masks = multiprocessing.Value("q", 0)  # as image folders count them (always 0 here)
+        self.oriented_images = multiprocessing.Value("q", 0)  # images with an EXIF orientation other than 1
 
     def __len__(self) -> int:
         return self.count
@@ -147,4 +150,7 @@ class LmdbImages(Dataset):
         if data is None:
             raise DataError(f"{where} is missing, though num-samples says {self.count}: the database is incomplete")
         img = load_rgb(where, data) if self.decode else EncodedImage(where, data)
+        if exif_orientation(img if self.decode else io.BytesIO(data)) != 1:
+            with self.oriented_images.get_lock():
+                self.oriented_images.value += 1
         return img, None, 0

@@ -236,6 +236,10 @@ class SegmentMaskImageFolder(ImageRoot, Dataset):
         path = os.path.join(self.image_root, rel)
         with read_deadline(path, self.read_timeout):
             img = load_rgb(path) if self.decode else EncodedImage(path)
+        # counted where the image is open anyway (the decoded image keeps its EXIF; the bytes: header only)
+        if exif_orientation(img if self.decode else io.BytesIO(img.data)) != 1:
+            with self.oriented_images.get_lock():
+                self.oriented_images.value += 1
         if not self.with_masks:
             return img, None, target
         if self.cache_rows is not None and self.cache_rows[index] >= 0:
@@ -294,12 +298,13 @@ class PretrainDataset(EpochAware, Dataset):
         return img_t, mask_t, target
 
     def mask_notes(self) -> dict[str, int]:
-        """What the mask readers had to repair so far (this process and its loader workers):
-        masks made on the displayed (EXIF-oriented) picture mapped into the stored pixels' frame,
+        """What the readers met and the mask readers had to repair so far (this process and its
+        loader workers): images with an EXIF orientation other than 1 (trained as stored), masks made on the displayed (EXIF-oriented) picture mapped into the stored pixels' frame,
         PNGs not strictly 0/255 that were thresholded at 128, segmae tables not sorted by coverage
         that were sorted."""
         sources = [f.source for f in self.folders if f.source is not None]
-        return {"rotated": sum(f.rotated_masks.value for f in self.folders),
+        return {"oriented": sum(f.oriented_images.value for f in self.folders),
+                "rotated": sum(f.rotated_masks.value for f in self.folders),
                 "thresholded": sum(s.thresholded.value for s in sources),
                 "unsorted": sum(s.unsorted.value for s in sources)}
 

@@ -117,6 +117,8 @@ class ImageRoot:
         self.source: MaskSource | None = None
         # masks turned into the image's frame for EXIF-rotated images, counted over the loader's workers
         self.rotated_masks = multiprocessing.Value("q", 0)
+        # reads of images with an EXIF orientation other than 1 (the scan opens no file: counted when read)
+        self.oriented_images = multiprocessing.Value("q", 0)
         if with_masks:
             self._leave_out_listed_empty()
             check = check_images(self.mask_root, self.samples, mask_format)  # one listing of masks/
@@ -182,7 +184,7 @@ class ImageRoot:
         candidates = self._uncached()
         if sample and len(candidates) > sample:
             candidates = [candidates[int(j)] for j in np.linspace(0, len(candidates) - 1, sample)]
-        bad = []
+        bad, oriented = [], 0
         counts = (self.source.thresholded.value, self.source.unsorted.value)  # training counts its reads only
         for i in candidates:
             rel, path = self.samples.rel(i), self.samples[i][0]
@@ -194,14 +196,20 @@ class ImageRoot:
                 if not sizes:
                     continue
                 with Image.open(path) as im:
+                    orientation = exif_orientation(im)
+                    oriented += orientation != 1
                     for size in sizes:  # whichever segment a method chooses
-                        mask_fit(size, im.size, exif_orientation(im), segments.frame)
+                        mask_fit(size, im.size, orientation, segments.frame)
             except ValueError as e:
                 bad.append(f"{self.source.location(rel)}: {e}")
             except (MaskFileError, DataError, *IMAGE_ERRORS) as e:
                 bad.append(str(e))
         self.source.thresholded.reset(counts[0])
         self.source.unsorted.reset(counts[1])
+        if oriented:
+            print(f"{oriented} of the {len(candidates)} images opened for the mask size check have an EXIF orientation "
+                  f"other than 1: trained as stored (sideways or upside down), as the reference does; every image is "
+                  f"counted in the first epoch")
         if not bad:
             return
         what = f"{len(bad)} of {len(candidates)} images checked at start-up"

@@ -370,6 +370,7 @@ class ShardDataset(IterableDataset):
         self.batches_per_rank = self.total // (world_size * batch_size)
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # shared with forked persistent workers
         self.rotated = multiprocessing.Value("q", 0)
+        self.oriented = multiprocessing.Value("q", 0)  # reads of images with an EXIF orientation other than 1
         self.unsorted = Counter()  # mask files converted from segmae tables that were not sorted
 
     def set_epoch(self, epoch: int) -> None:
@@ -450,6 +451,9 @@ class ShardDataset(IterableDataset):
         if isinstance(data, OversizedMember):
             raise data.error(sample["__url__"])
         img = load_rgb(f"{where}.{suffix}", data) if self.decode else EncodedImage(f"{where}.{suffix}", data)
+        if exif_orientation(img if self.decode else io.BytesIO(data)) != 1:
+            with self.oriented.get_lock():
+                self.oriented.value += 1
         label = sample_class(sample, where)
         if not self.with_masks:
             return img, None, label
@@ -482,7 +486,8 @@ class ShardDataset(IterableDataset):
         return [self.prepare(s, p, 0) for p, s in samples], [s["__key__"] for _, s in samples]
 
     def mask_notes(self) -> dict[str, int]:
-        return {"rotated": int(self.rotated.value), "thresholded": 0, "unsorted": self.unsorted.value}
+        return {"oriented": int(self.oriented.value), "rotated": int(self.rotated.value), "thresholded": 0,
+                "unsorted": self.unsorted.value}
 
     def digest(self) -> str:
         """Identifies the shard set (names and counts) for the ranks-agree check."""

@@ -204,6 +204,8 @@ class MaskSource:
 # json: masks/<class>/<stem>.json
 
 GENERATOR_NAMES = {"sam": "SAM", "sam2": "SAM 2", "superpixels": "superpixels"}
+# the folder layouts' masks, read there or converted to JSON by tools/convert_masks.py
+CONVERTED_NAMES = {"segmae": "SAM (segmae layout)", "amg": "SAM (amg.py)"}
 RANDOM_WEIGHTS = "random-weights"  # what a file made without a checkpoint records as its checkpoint
 
 
@@ -257,11 +259,14 @@ class JsonMasks(MaskSource):
 
 def describe_generator(entry: dict | None) -> str:
     """A mask file's "generator" entry in words: 'SAM vit_h', 'SAM 2 hiera_large (random weights)',
-    'superpixels'. A file that records none (SA-1B, SAM's own scripts) is SAM's."""
+    'superpixels'. A file that records none (SA-1B, SAM's own scripts) is SAM's, and so is one
+    converted from the segmae or amg.py layout (named as read there)."""
     if not isinstance(entry, dict):
         return "SAM"
     backend = str(entry.get("backend", ""))
-    words = [GENERATOR_NAMES.get(backend, backend or "unknown generator")]
+    if not backend:  # SAM's, as a file without the entry; tools/convert_masks.py records the layout it read
+        return CONVERTED_NAMES.get(str(entry.get("converted_from", "")), "SAM")
+    words = [GENERATOR_NAMES.get(backend, backend)]
     if entry.get("model"):
         words.append(str(entry["model"]))
     if entry.get("checkpoint") == RANDOM_WEIGHTS:
@@ -344,7 +349,7 @@ class SegmaeMasks(_FolderMasks):
     index_name = SEGMAE_TABLE
 
     def generator(self, rel: str) -> str:
-        return "SAM (segmae layout)"
+        return CONVERTED_NAMES[self.format]
 
     def segments(self, rel: str) -> ImageSegments:
         folder, path = self.location(rel), self.index_file(rel)
@@ -377,7 +382,7 @@ class AmgMasks(_FolderMasks):
     index_name = AMG_METADATA
 
     def generator(self, rel: str) -> str:
-        return "SAM (amg.py)"
+        return CONVERTED_NAMES[self.format]
 
     def segments(self, rel: str) -> ImageSegments:
         # only the id and area columns are read up front, and one PNG header (every mask of an

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_benchmark import bench_args
 from test_faults import mounted_tmpfs
+from test_mask_layouts import rect, segmae_root
 
 import benchmark
 import evals.knn
@@ -120,16 +121,22 @@ def test_sort_val_plans_every_move_before_the_first(toy_root, tmp_path):
 WEIRD = "data $(touch pwned) it's"
 
 
-def test_convert_masks_mv_command_runs_as_printed(toy_root, tmp_path, capsys):
+def test_convert_masks_mv_command_runs_as_printed(tmp_path, capsys):
+    m = rect(32, 32, 0, 16, 0, 16)
     root = tmp_path / WEIRD
-    shutil.copytree(toy_root, root)
+    os.rename(segmae_root(tmp_path, {"a.png": (32, 32), "b.png": (32, 32)}, {"a.png": [(25.0, m)], "b.png": [(25.0, m)]}),
+              root)
     convert_masks.main(["--data_path", str(root), "--workers", "1"])
-    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("To train on them: ")]
-    subprocess.run(["bash", "-c", line[len("To train on them: "):]], cwd=tmp_path, check=True)
+    # (after an in-process entry point, print may carry timestamps: the command is what follows the words)
+    [command] = [x.split("To train on them: ", 1)[1] for x in capsys.readouterr().out.splitlines()
+                 if "To train on them: " in x]
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
     assert not (tmp_path / "pwned").exists()  # nothing but the two moves ran
-    # the converted masks are masks/, the old ones beside it (the toy's are JSON: masks_json is the output)
-    assert sorted(os.listdir(root)) == ["masks", "masks_json_original", "train", "val"]
-    assert sorted(os.listdir(root / "masks")) == sorted(os.listdir(root / "masks_json_original"))
+    # the converted masks are masks/, the old ones beside it (masks/ already SAM's JSON: nothing to convert,
+    # tests/test_first_contact_files.py)
+    assert sorted(os.listdir(root)) == ["masks", "masks_segmae", "train"]
+    assert sorted(os.listdir(root / "masks" / "c")) == ["a.json", "b.json"]
+    assert sorted(os.listdir(root / "masks_segmae" / "c")) == ["a", "b"]
 
 
 def command_words(text: str, start: str, n: int) -> list[str]:
@@ -453,7 +460,7 @@ def test_export_on_a_full_disk_leaves_the_previous_export(tiny_checkpoint, fs_64
     err = capsys.readouterr().err
     assert f"could not write the timm export into {out}: " in err and "nothing in" in err and "Traceback" not in err
     assert {f: open(f, "rb").read() for f in first} == before  # the previous export, whole
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     os.remove(fs_64m / "filler")
     for to in ("timm", "encoder"):  # with room, every kind of export goes through the staging folder
         files = export.export(tiny_checkpoint, to, str(fs_64m / to))

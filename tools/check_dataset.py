@@ -7,6 +7,8 @@ how many images have a segment within +-5 points of a coverage ratio, and how ma
 (accepted: nothing is hidden). Prints a report; exits 1 if anything is wrong. Masks of an image
 with an EXIF orientation whose frame neither their layout nor their size tells (sam/geometry.py)
 are counted as "could not be checked", and the report then does not say "no problems found".
+Images with an EXIF orientation other than 1 are counted, with what that means for training and
+the command that bakes the rotation in.
 
     python tools/check_dataset.py --data_path /datasets/imagenet --coverage_ratio 50
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from multiprocessing import Pool
 
@@ -41,11 +44,12 @@ def check_one(job: tuple[str, str, str, str, float, float]) -> dict:
     rel, image_root, mask_root, mask_format, coverage, tolerance = job
     source = _sources.setdefault((mask_root, mask_format), SOURCES[mask_format](mask_root, shared_counters=False))
     result = {"image": rel, "problems": [], "near_coverage": False, "empty": False, "resize": False,
-              "rotate": False, "thresholded": False, "undetermined": False}
+              "rotate": False, "thresholded": False, "undetermined": False, "oriented": False}
     try:
         with Image.open(os.path.join(image_root, rel)) as im:
             im.load()
             size, orientation = im.size, exif_orientation(im)
+            result["oriented"] = orientation != 1
     except IMAGE_ERRORS as e:
         result["problems"].append(f"image does not decode: {image_error(os.path.join(image_root, rel), e)}")
         size = None
@@ -101,7 +105,7 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
     mask_root = os.path.join(data_path, "masks")
     report = {"images": 0, "problems": [], "near_coverage": 0, "empty": 0, "resized": 0, "rotated": 0,
               "thresholded": 0, "listed_empty": 0, "format": None, "hidden": 0, "val": None, "cache": None,
-              "undetermined": []}
+              "undetermined": [], "oriented": []}
     try:  # data_path/train, or class folders directly inside (as pretraining reads it)
         image_root, not_classes = image_folder_of(data_path)
     except DataError as e:
@@ -152,7 +156,25 @@ def check(data_path: str, coverage: float = 50.0, tolerance: float = 5.0, worker
         report["thresholded"] += r["thresholded"]
         if r["undetermined"]:
             report["undetermined"].append(r["image"])
+        if r["oriented"]:
+            report["oriented"].append(r["image"])
     return report
+
+
+def oriented_images_note(count: int, example: str, image_root: str) -> str:
+    """What images with an EXIF orientation other than 1 mean, and how to train them upright."""
+    return (f"{count} images have an EXIF orientation other than 1 (e.g. {example}; phone photos): training uses "
+            f"their stored pixels, as the reference MAE does, so they train as stored, sideways or upside down "
+            f"(their masks are matched to those pixels). To train them upright, bake the rotation into the files "
+            f"(JPEGs, re-encoded at quality 95), then regenerate their masks:\n  {EXIF_TRANSPOSE_COMMAND} "
+            f"{image_root}")
+
+
+# every JPEG under a folder with an EXIF orientation other than 1, rotated into its pixels (the tag removed)
+EXIF_TRANSPOSE_COMMAND = (
+    "python -c \"import glob, sys; from PIL import Image, ImageOps; "
+    "[ImageOps.exif_transpose(im).save(p, quality=95) for p in glob.glob(sys.argv[1] + '/**/*', recursive=True) "
+    "if p.lower().endswith(('.jpg', '.jpeg')) for im in [Image.open(p)] if im.getexif().get(0x0112, 1) != 1]\"")
 
 
 def tolerance_type(value: str) -> float:
@@ -199,6 +221,9 @@ def main(argv=None) -> int:
     if report["resized"] or report["rotated"]:
         print(f"{report['resized']} masks were made at another resolution (resized in training), {report['rotated']} "
               f"on the displayed, EXIF-oriented picture (mapped into the stored pixels' frame in training)")
+    if report["oriented"]:
+        print(oriented_images_note(len(report["oriented"]), report["oriented"][0],
+                                   shlex.quote(os.path.join(args.data_path, "train"))))
     undetermined = report["undetermined"]
     if undetermined:
         print(f"{len(undetermined)} images have an EXIF orientation and masks in a layout that does not record which "

@@ -8,7 +8,8 @@ from the segmae layout keep its recorded coverages and its tie rule).
 
 Resumable (a file newer than its source is kept), parallel over --workers processes, every file
 written atomically. Images listed in emptyfiles.txt are left out (the list keeps working with the
-JSON layout). Exits 1 if any image could not be converted.
+JSON layout). Masks already in SAM's JSON layout need nothing: it says so and writes nothing.
+Exits 1 if any image could not be converted.
 """
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def convert(data_path: str, out: str | None = None, mask_format: str = "auto", w
                "empty": 0, "error": 0, "errors": []}
     source = open_mask_source(mask_root, {stem_of(r) for r in kept}, mask_format, shared_counters=False)
     summary["format"] = source.format
+    if to == "json" and source.format == "json":  # training reads it as it is: a copy would only swap names
+        summary["nothing_to_convert"] = True
+        return summary
     if to == "cache":
         start = time.time()
         summary["cache"] = build_mask_cache(data_path, kept, coverage_ratio, source.format)
@@ -139,7 +143,10 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parse_flags(p, argv)
     summary = convert(args.data_path, args.out, args.mask_format, args.workers, args.to, args.coverage_ratio)
-    if args.to == "json":
+    if summary.get("nothing_to_convert"):
+        print(f"{summary['images']} images: {os.path.join(args.data_path, 'masks')} is already SAM's JSON layout, "
+              f"nothing to convert (training reads it as it is; --to cache builds the compact cache)")
+    elif args.to == "json":
         print(f"{summary['images']} images ({summary['format']} layout): {summary['converted']} converted, "
               f"{summary['done']} already done, {summary['empty']} without segments, {summary['error']} errors"
               + (f"; {summary['listed_empty']} listed in emptyfiles.txt left out" if summary["listed_empty"] else ""))
@@ -150,7 +157,7 @@ def main(argv=None) -> dict:
         masks = os.path.join(args.data_path, "masks")
         backup = f"{masks}_{summary['format']}"
         while os.path.exists(backup) or os.path.abspath(backup) == os.path.abspath(summary["out"]):
-            backup += "_original"  # not the converted folder itself (masks_json from a JSON layout)
+            backup += "_original"  # not the converted folder itself (an --out named like the backup)
         print(f"To train on them: {shlex.join(['mv', masks, backup])} && {shlex.join(['mv', summary['out'], masks])}")
     return summary
 

@@ -7,11 +7,16 @@ folded into 3 channels (exact for a fully visible image), the pre-encoder and de
     python tools/export.py --checkpoint out/checkpoint-799.pth --to hf-mae --out export/hf-mae   # patches only
     python tools/export.py --checkpoint out/checkpoint-799.pth --to encoder --out export/encoder
 
-timm:    model.safetensors (no head: no classifier was trained) + config.json:
-         timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path='export/timm/model.safetensors'),
-         or pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0) (num_classes=N: a new head).
-         --timm_zero_head writes a zero 1000-class head instead (the pretrained=True call without num_classes)
-hf:      a transformers ViTModel folder (save_pretrained): ViTModel.from_pretrained('export/hf')
+timm:    model.safetensors (no head: no classifier was trained) + config.json + README.md with the calls
+         that load it, values filled in (printed too); for a ViT-B/16 pretrained at 224:
+         timm.create_model('vit_base_patch16_224', patch_size=16, img_size=224, num_classes=0,
+                           checkpoint_path='export/timm/model.safetensors'),
+         at another img_size: pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=0)
+         instead of checkpoint_path (num_classes=N: a new head). --timm_zero_head writes a zero
+         1000-class head instead (the calls without num_classes)
+hf:      a transformers ViTModel folder (save_pretrained) that loads whole: ViTModel.from_pretrained('export/hf')
+         or AutoModel; pooler_output is the final [CLS] token (an identity pooler: MAE trains none), and
+         preprocessor_config.json for AutoImageProcessor (the size and normalisation it was pretrained with)
 hf-mae:  a transformers ViTMAEForPreTraining folder, decoder included (patches checkpoints)
 encoder: checkpoint.pth = {'model': encoder weights} in the official MAE layout, which the original
          facebookresearch/mae main_finetune.py --finetune (and this repo's) accepts.
@@ -23,7 +28,9 @@ config.json without its weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -53,12 +60,34 @@ def build_timm_encoder(sd: dict, shape: dict, size) -> torch.nn.Module:
     return model.eval()
 
 
+def timm_architecture(shape: dict) -> str:
+    """The installed registry's name of this width and depth: this patch size at 224 where timm has
+    it (vit_small_patch8_224), else its patch-16 model, patch and image size passed as model_args."""
+    import timm
+    ours = f"{timm_name(shape)}_224"
+    return ours if ours in timm.list_models() else ours.replace(f"patch{shape['patch']}_", "patch16_")
+
+
+def timm_calls(architecture: str, patch: int, size, file: str, zero_head: bool = False) -> dict[str, str]:
+    """The timm.create_model calls that load this export, with every value filled in: the name alone
+    carries neither the patch size nor the image size of a model other than ViT-X/16 at 224.
+    checkpoint_path loads strictly, so only at the pretraining size; pretrained=True goes through
+    timm's filter, which resizes the position embedding to any img_size."""
+    h, w = as_hw(size)
+    img = str(h) if h == w else f"({h}, {w})"
+    head = "" if zero_head else "num_classes=0, "
+    overlay = f"dict(file={file!r})" if zero_head else f"dict(file={file!r}, num_classes=0)"
+    return {"at its size": f"timm.create_model({architecture!r}, patch_size={patch}, img_size={img}, {head}"
+                           f"checkpoint_path={file!r})",
+            "at another size": f"timm.create_model({architecture!r}, patch_size={patch}, img_size=224, "
+                               f"pretrained=True, {head}pretrained_cfg_overlay={overlay})"}
+
+
 def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
-                normalization: str = "imagenet") -> list[str]:
-    """No head by default: timm.create_model(name, num_classes=0, checkpoint_path=FILE) loads it
-    strictly. zero_head: a zero 1000-class head (no classifier was trained), for
-    create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE)) with timm's
-    default num_classes."""
+                normalization: str = "imagenet", file: str | None = None) -> list[str]:
+    """No head by default: the calls of ``timm_calls`` load it strictly. zero_head: a zero
+    1000-class head (no classifier was trained), for timm's default num_classes. file: the path of
+    model.safetensors as the user will reach it (--out as given), for the calls in README.md."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in sd.items()}
@@ -68,9 +97,7 @@ def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
         tensors["head.bias"] = torch.zeros(1000)
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     h, w = as_hw(size)
-    import timm  # the installed registry decides the name: patch 4 (text lines) is a patch-16 model with model_args
-    ours = f"{timm_name(shape)}_224"
-    architecture = ours if ours in timm.list_models() else ours.replace(f"patch{shape['patch']}_", "patch16_")
+    architecture = timm_architecture(shape)
     config = {"architecture": architecture, "model_args": {"patch_size": shape["patch"], "img_size": [h, w]},
               "num_classes": classes, "num_features": shape["embed_dim"],
               "global_pool": "token",
@@ -79,9 +106,18 @@ def export_timm(sd: dict, shape: dict, size, out: str, zero_head: bool = False,
                                  "mean": list(NORMALIZATIONS[normalization][0]),
                                  "std": list(NORMALIZATIONS[normalization][1]),
                                  "interpolation": "bicubic", "crop_pct": 0.875}}
+    calls = timm_calls(architecture, shape["patch"], (h, w), file or os.path.join(out, "model.safetensors"),
+                       zero_head)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(f"# MAE encoder for timm ({architecture} with patch {shape['patch']}, {h}x{w})\n\n"
+                f"At the size it was pretrained at (strict load):\n\n```python\nimport timm\n"
+                f"model = {calls['at its size']}\n```\n\nAt another size (timm resizes the position "
+                f"embedding; `num_classes=N` there: a new head):\n\n```python\n"
+                f"model = {calls['at another size']}\n```\n\nThe name alone does not carry the patch "
+                f"and image size: config.json's `model_args` holds them.\n")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    return [os.path.join(out, "model.safetensors"), os.path.join(out, "config.json")]
+    return [os.path.join(out, n) for n in ("model.safetensors", "README.md", "config.json")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,23 +176,58 @@ def _load_exactly(model: torch.nn.Module, weights: dict) -> None:
         raise UserError(f"export mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def export_hf(sd: dict, shape: dict, size, out: str) -> list[str]:
-    from transformers import ViTConfig, ViTModel
+class _EnumRegistrationNotice(logging.Filter):
+    """torchao, which transformers imports when it is installed, registers its enums with torch's
+    pytree at import; recent torch logs a deprecation warning for each (nothing we can act on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_transformers_import():
+    pytree_log, notice = logging.getLogger("torch.utils._pytree"), _EnumRegistrationNotice()
+    pytree_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        pytree_log.removeFilter(notice)
+
+
+def identity_pooler(dim: int) -> dict:
+    """transformers' ViTModel always builds a pooler (dense + activation on the [CLS] token), which
+    MAE never trained: an identity dense with the 'linear' activation makes pooler_output exactly the
+    final [CLS] token (MAE's token pooling), so the folder loads whole, nothing newly initialised."""
+    return {"pooler.dense.weight": torch.eye(dim), "pooler.dense.bias": torch.zeros(dim)}
+
+
+def export_hf(sd: dict, shape: dict, size, out: str, normalization: str = "imagenet") -> list[str]:
+    with _quiet_transformers_import():
+        from transformers import ViTConfig, ViTImageProcessor, ViTModel
     h, w = as_hw(size)
     if h != w:
         raise UserError(f"transformers' ViT takes a square image_size; this encoder was trained at {h}x{w}")
     config = ViTConfig(hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"],
                        num_attention_heads=shape["heads"], intermediate_size=shape["mlp"], image_size=h,
                        patch_size=shape["patch"], num_channels=3, qkv_bias=True, hidden_act="gelu",
-                       layer_norm_eps=1e-6)  # MAE's LayerNorm eps (transformers' default 1e-12 moves outputs)
-    model = ViTModel(config, add_pooling_layer=False)
-    _load_exactly(model, encoder_to_hf(sd, "", set(model.state_dict())))
+                       layer_norm_eps=1e-6,  # MAE's LayerNorm eps (transformers' default 1e-12 moves outputs)
+                       pooler_act="linear")
+    model = ViTModel(config, add_pooling_layer=True)
+    weights = encoder_to_hf(sd, "", set(model.state_dict()))
+    weights.update(identity_pooler(shape["embed_dim"]))
+    _load_exactly(model, weights)
     model.save_pretrained(out, safe_serialization=True)
+    mean, std = NORMALIZATIONS[normalization]
+    # the evaluation transform of the recipe it was pretrained with: bicubic resize to its size, 0-1, normalised
+    ViTImageProcessor(do_resize=True, size={"height": h, "width": w}, resample=3, do_rescale=True,
+                      rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
+                      image_std=list(std)).save_pretrained(out)
     return sorted(os.path.join(out, f) for f in os.listdir(out))
 
 
 def export_hf_mae(full: dict, sd: dict, shape: dict, size, method: str, out: str) -> list[str]:
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    with _quiet_transformers_import():
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
     if not get_method(method).drops_tokens:
         raise UserError(f"hf-mae exports the whole MAE, which transformers implements for random patches only; this "
                         f"checkpoint is {method}: export the encoder with --to hf")
@@ -238,11 +309,12 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
     shutil.rmtree(staging, ignore_errors=True)
     try:
         os.makedirs(staging)
+        normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
         if to == "timm":
-            normalization = checkpoint_config(ckpt).get("normalization") or "imagenet"  # as it was pretrained
-            export_timm(sd, shape, size, staging, timm_zero_head, normalization)
+            export_timm(sd, shape, size, staging, timm_zero_head, normalization,
+                        file=os.path.join(out, "model.safetensors"))
         elif to == "hf":
-            export_hf(sd, shape, size, staging)
+            export_hf(sd, shape, size, staging, normalization)
         elif to == "hf-mae":
             export_hf_mae(full, sd, shape, size, method, staging)
         else:
@@ -261,6 +333,10 @@ def export(checkpoint: str, to: str, out: str, mask_channel: str = "auto", timm_
         raise StorageError(f"could not write the {to} export into {out}: {reason}; nothing in {out} was changed. "
                            f"Free some space (or pass another --out) and run again") from None
     print("wrote " + ", ".join(files))
+    if to == "timm":
+        calls = timm_calls(timm_architecture(shape), shape["patch"], size, os.path.join(out, "model.safetensors"),
+                           timm_zero_head)
+        print(f"load it with timm (README.md there has the call at another size):\n  {calls['at its size']}")
     return files
 
 

@@ -32,13 +32,15 @@ from inputs.images import load_rgb  # noqa: E402
 from inputs.transforms import as_hw  # noqa: E402
 from mask_methods import COVERAGE_RATIO, MASK_METHODS, add_method_args, get_method, method_class  # noqa: E402
 from models_vit import mae_state_dict, pretrain_mask_method  # noqa: E402
-from run.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, saved_args  # noqa: E402
+from run.checkpoint import (CheckpointError, checkpoint_config, find_last_checkpoint, load_checkpoint,  # noqa: E402
+                            saved_args)
 from run.files import atomic_write, writable_dir  # noqa: E402
 from run.flags import given_flags, parse_flags, positive_int  # noqa: E402
 from run.setup import run_tool  # noqa: E402
 from sam.geometry import exif_orientation, fit_mask  # noqa: E402
 from sam.layouts import SOURCES, ClosestSegment, open_mask_source  # noqa: E402
 from sam.listing import stem_of  # noqa: E402
+from util.misc import UserError  # noqa: E402
 
 
 def load_mae(path: str, model: str | None = None, input_size=None, mask_channel: str = "auto"):
@@ -66,6 +68,19 @@ def load_mae(path: str, model: str | None = None, input_size=None, mask_channel:
     return mae.eval(), size, config.get("normalization") or "imagenet"
 
 
+def newest_run_checkpoint(output_dir: str) -> str:
+    """The most recently written of the last checkpoints of the runs in output_dir: the benchmark's
+    run folders (make demo: output_demo/pretrain_output/<run id>/checkpoint-N.pth) and output_dir
+    itself (a main_pretrain.py --output_dir)."""
+    runs = os.path.join(output_dir, "pretrain_output")
+    folders = [output_dir] + (sorted(os.path.join(runs, d) for d in os.listdir(runs)) if os.path.isdir(runs) else [])
+    last = [c for c in (find_last_checkpoint(d) for d in folders if os.path.isdir(d)) if c is not None]
+    if not last:
+        raise UserError(f"no checkpoint in {output_dir} or {os.path.join(runs, '<run id>')}: run 'make demo' "
+                        f"first, or set CHECKPOINT (or SEGMAE_CHECKPOINT) to a checkpoint")
+    return max(last, key=os.path.getmtime)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
@@ -78,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="MAE model name if the checkpoint does not record it")
     p.add_argument("--images", nargs="*", default=[], help="image files (segment methods: masks from --data_path)")
     p.add_argument("--data_path", default=None, help="take --num images from <data_path>/train (with masks/)")
-    p.add_argument("--num", type=positive_int, default=4, help="how many images of --data_path/train, when no --images")
+    p.add_argument("--num", type=positive_int, default=4,
+                   help="how many images of --data_path/train, spread over its classes, when no --images")
     p.add_argument("--input_size", type=int, nargs="+", default=None,
                    help="default: the checkpoint's (without one: 224)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +133,7 @@ def main(argv=None) -> list[str]:
     images = list(args.images)
     if not images and args.data_path:
         train = os.path.join(args.data_path, "train")
-        images = [os.path.join(train, rel) for rel in list_images(train)][:args.num]
+        images = [os.path.join(train, rel) for rel in spread_over_classes(list_images(train), args.num)]
     if not images:
         raise SystemExit("no images: give --images or --data_path")
     writable_dir(args.out, "--out")
@@ -152,6 +168,17 @@ def main(argv=None) -> list[str]:
         written.append(out)
     print(f"wrote {len(written)} grids to {args.out}")
     return written
+
+
+def spread_over_classes(rels: list[str], num: int) -> list[str]:
+    """num of these paths (relative to train/, sorted), taken in turn from each class folder: the
+    first image of every class, then the second, ...; in class order."""
+    by_class: dict[str, list[str]] = {}
+    for rel in rels:
+        by_class.setdefault(rel.split(os.sep, 1)[0] if os.sep in rel else "", []).append(rel)
+    rounds = max((len(v) for v in by_class.values()), default=0)
+    taken = [files[i] for i in range(rounds) for files in by_class.values() if i < len(files)]
+    return taken[:num]
 
 
 def method_label(method) -> str:
