@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from sam.geometry import IMAGE_ERRORS, image_error_message
+from sam.geometry import EXIF_ORIENTATION_TAG, IMAGE_ERRORS, image_error_message
 from util.misc import UserError
 
 
@@ -178,6 +178,7 @@ class EncodedImage:
             with Image.open(io.BytesIO(self.data)) as img:
                 self.width, self.height = img.size
                 self.is_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+                self.orientation = image_orientation(img)  # with the header already read: no second open
         except IMAGE_ERRORS as e:
             raise image_error(path, e) from None
 
@@ -188,6 +189,19 @@ class EncodedImage:
     def decode(self) -> Image.Image:
         """The RGB pixels (for formats the GPU decoder does not read)."""
         return load_rgb(self.path, self.data)
+
+
+def image_orientation(img: "Image.Image | EncodedImage") -> int:
+    """The EXIF orientation (1-8; 1 when absent, unreadable or another value) of a sample's image as
+    a reader returns it: a decoded image's own EXIF, or the one an EncodedImage read with its
+    header. (sam.geometry.exif_orientation also opens files; a sample's image is open already.)"""
+    if isinstance(img, EncodedImage):
+        return img.orientation
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+    except (*IMAGE_ERRORS, TypeError):
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 _reading: list[tuple[str, float]] = []  # the file being read under a deadline, in this process

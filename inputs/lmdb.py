@@ -18,15 +18,13 @@ the database uses, and stops with one line naming it otherwise.
 from __future__ import annotations
 
 import hashlib
-import io
 import multiprocessing
 import os
 
 from torch.utils.data import Dataset
 
-from inputs.images import DataError, EncodedImage, load_rgb, read_deadline
+from inputs.images import DataError, EncodedImage, image_orientation, load_rgb, read_deadline
 from run.flags import DEFAULT_DATA_TIMEOUT_S
-from sam.geometry import exif_orientation
 
 COUNT_KEY = b"num-samples"
 IMAGE_KEY = "image-{:09d}"
@@ -150,7 +148,7 @@ class LmdbImages(Dataset):
         if data is None:
             raise DataError(f"{where} is missing, though num-samples says {self.count}: the database is incomplete")
         img = load_rgb(where, data) if self.decode else EncodedImage(where, data)
-        if exif_orientation(img if self.decode else io.BytesIO(data)) != 1:
+        if image_orientation(img) != 1:
             with self.oriented_images.get_lock():
                 self.oriented_images.value += 1
         return img, None, 0

@@ -24,7 +24,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, default_collate
 
 from inputs.gpu_decode import PendingBatch, PendingImage
-from inputs.images import DataError, EncodedImage, load_rgb, read_deadline
+from inputs.images import DataError, EncodedImage, image_orientation, load_rgb, read_deadline
 from inputs.lmdb import LmdbImages
 from inputs.roots import DEFAULT_MASK_SIZE_CHECK, LMDB, ImageRoot, root_kind
 from inputs.transforms import DATA_BACKENDS, NORMALIZATIONS, as_hw
@@ -236,8 +236,8 @@ class SegmentMaskImageFolder(ImageRoot, Dataset):
         path = os.path.join(self.image_root, rel)
         with read_deadline(path, self.read_timeout):
             img = load_rgb(path) if self.decode else EncodedImage(path)
-        # counted where the image is open anyway (the decoded image keeps its EXIF; the bytes: header only)
-        if exif_orientation(img if self.decode else io.BytesIO(img.data)) != 1:
+        # counted where the image is open anyway (a decoded image keeps its EXIF; bytes: read with the header)
+        if image_orientation(img) != 1:
             with self.oriented_images.get_lock():
                 self.oriented_images.value += 1
         if not self.with_masks:

@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from inputs.images import DataError, EncodedImage, load_rgb
+from inputs.images import DataError, EncodedImage, image_orientation, load_rgb
 from inputs.pretrain import BadSample, sample_generator
 from run.files import atomic_write_json
 from sam.files import DISPLAYED, MaskFileError, parse_mask_json
@@ -451,7 +451,7 @@ class ShardDataset(IterableDataset):
         if isinstance(data, OversizedMember):
             raise data.error(sample["__url__"])
         img = load_rgb(f"{where}.{suffix}", data) if self.decode else EncodedImage(f"{where}.{suffix}", data)
-        if exif_orientation(img if self.decode else io.BytesIO(data)) != 1:
+        if image_orientation(img) != 1:
             with self.oriented.get_lock():
                 self.oriented.value += 1
         label = sample_class(sample, where)
