@@ -40,6 +40,7 @@ import shlex
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 from PIL import Image
@@ -466,22 +467,25 @@ def build_mask_cache(root: str, image_rel_paths: list[str], coverage_ratio: floa
         progress = Progress(len(keys), f"mask cache {os.path.basename(bin_path)}", progress_every)
         thresholded = unsorted = 0
         workers = max(1, min(workers, n_parts))
+        pool = None
         try:
             if workers == 1:
                 results = map(_build_part, range(n_parts))
-                pool = None
             else:  # fork: the workers inherit _job (key list, mask reader) instead of unpickling it; each
-                # freezes what it inherited at once, so that its collections never copy the parent's heap
-                pool = multiprocessing.get_context("fork").Pool(workers, initializer=gc.freeze)
-                results = pool.imap_unordered(_build_part, range(n_parts))
+                # freezes what it inherited at once, so that its collections never copy the parent's heap.
+                # An executor, not a Pool: stopping a Pool whose idle workers wait on its task queue can
+                # hang in terminate(); here a failure cancels the parts not started, and the parts being
+                # built finish (each is written atomically)
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                           initializer=gc.freeze)
+                results = (f.result() for f in as_completed([pool.submit(_build_part, i) for i in range(n_parts)]))
             for _, images, t, u, was_kept in results:
                 thresholded, unsorted = thresholded + t, unsorted + u
                 progress.update(images, not was_kept)
         finally:
             if pool is not None:
-                pool.terminate()  # SIGTERM: a worker stopped mid-write leaves its temporary part
-                pool.join()
-                remove_stale_temp_files(parts_dir)
+                pool.shutdown(wait=True, cancel_futures=True)
+                remove_stale_temp_files(parts_dir)  # a worker killed mid-write (OOM, SIGKILL)
             _job = None
             progress.close()
         if thresholded or unsorted:
