@@ -49,7 +49,8 @@ from evals.runs import (add_stage_time, ade20k_record, append_result, check_eval
 from evals.stages import run_stage  # noqa: E402
 from mask_methods import MASK_METHODS, build_method, uses_segments  # noqa: E402
 from models_mae import model_patch_size, own_model_name  # noqa: E402
-from run.checkpoint import find_last_checkpoint, load_checkpoint, saved_args, stored_epoch  # noqa: E402
+from run.checkpoint import (checkpoint_epochs, find_last_checkpoint, load_checkpoint, saved_args,  # noqa: E402
+                            stored_epoch)
 from run.files import atomic_write_json, writable_dir  # noqa: E402
 from run.flags import (add_tracking_args, check_habits, coverage_ratio_type, given_flags, parse_flags,  # noqa: E402
                        positive_int, show_defaults)
@@ -262,12 +263,26 @@ def latest_checkpoint(pretrain_dir: str) -> tuple[str | None, int]:
     return (path, stored_epoch(path) + 1) if path else (None, 0)
 
 
+RESUME_SAVE_FREQ = 20  # epochs between a chunk's resume points: main_pretrain.py's default
+
+
+def drop_resume_checkpoints(folder: str, done: int, chunk_ends: list[int]) -> None:
+    """Once ``done`` epochs are pretrained, removes the checkpoints written inside finished chunks
+    only to resume them: the evaluations need the chunks' own (checkpoint-<chunk end>.pth), and a
+    resume the newest, which is one of those."""
+    for number, path in checkpoint_epochs(folder):
+        if number < done and number not in chunk_ends:
+            os.remove(path)
+
+
 def pretrain_argv(args, epochs: int, out: str) -> list[str]:
     """main_pretrain.py's flags for the chunk that ends after `epochs` epochs, written into out. It
-    saves the chunk's checkpoint only (--save_freq 0): the evaluations and resume need no other."""
+    saves every RESUME_SAVE_FREQ epochs, so that a stop inside a long chunk loses little, and after the
+    chunk; the in-between files go once the chunk is done (drop_resume_checkpoints)."""
     return ["--data_path", args.in1k_dir, "--model", args.model, "--mask_method", args.mask_method,
             "--coverage_ratio", str(args.coverage_ratio), "--epochs", str(args.pretrain_epochs),
-            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done", "--save_freq", "0",
+            "--stop_epoch", str(epochs), "--checkpoint_name", "epochs_done",
+            "--save_freq", str(RESUME_SAVE_FREQ),
             "--seed", str(args.seed), "--output_dir", out, "--log_dir", out, *wandb_argv(args, "_"),
             *shlex.split(args.pretrain_args)]
 
@@ -319,6 +334,7 @@ def pretrain_until(epochs: int, args, stack: str) -> dict:
     total = timed_stage(p["pretrain"], stage, "main_pretrain", argv, args, main_pretrain.cli)
     if not os.path.exists(p["checkpoint"]):
         raise UserError(f"pretraining stopped without writing {p['checkpoint']}")
+    drop_resume_checkpoints(p["pretrain"], epochs, eval_points(args))
     return total
 
 
