@@ -316,3 +316,19 @@ def test_progress_counts_every_ranks_work(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "all ranks (2/2 reporting): 45/100 done" in line and "images/s, ETA" in line
     assert os.path.isdir(tmp_path / ".progress")  # hidden: mask listings skip it
+
+
+def test_a_slurm_array_splits_the_file_list_between_its_tasks(tmp_path, capsys):
+    import submitit_masks
+    submitit_masks.main(["--dry_run", "--array", "4", "--array_parallelism", "2", "--ngpus", "8",
+                         "--job_dir", str(tmp_path / "jobs"), "--data_path", str(tmp_path), "--backend", "sam"])
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3%2" in out and "#SBATCH --ntasks-per-node=8" in out
+    with pytest.raises(SystemExit):
+        submitit_masks.parse_args(["--data_path", "x", "--shard", "1"])
+    # each array task (submitit's debug executor runs them here) makes its share; together, all
+    root = small_tree(tmp_path / "data", 6)
+    jobs = submitit_masks.main(["--cluster", "debug", "--array", "2", "--job_dir", str(tmp_path / "jobs"),
+                                "--data_path", str(root), "--backend", "superpixels", "--workers", "0"])
+    summaries = [job.result() for job in jobs]
+    assert [s["generated"] for s in summaries] == [3, 3] and len(mask_files(root)) == 6

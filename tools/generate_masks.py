@@ -433,8 +433,9 @@ def default_workers() -> int:
     return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=add_help)
     p.add_argument("--data_path", required=True, help="the dataset root: masks go to <data_path>/masks/")
     p.add_argument("--split", default="train", help="the folder under --data_path to make masks for (default: train)")
     p.add_argument("--backend", default=None, choices=["sam", "sam2", "superpixels"],
@@ -485,7 +486,12 @@ def main(argv=None) -> dict:
                    help="how many jobs share the file list (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     p.add_argument("--log_every", type=float, default=10.0,
                    help="seconds between progress lines (and, with several ranks, shared progress files)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None, args: argparse.Namespace | None = None) -> dict:
+    """Runs the tool on ``argv`` (or on already parsed ``args``: the SLURM job's)."""
+    args = args if args is not None else get_args_parser().parse_args(argv)
     if args.estimate < 0 or args.workers < 0 or args.max_side < 0:
         raise SystemExit("--estimate, --workers and --max_side take a number >= 0")
     rank, world = shard_of_this_process(args.shard, args.shards)
