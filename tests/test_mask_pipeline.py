@@ -188,6 +188,7 @@ def mask_files(root):
     return sorted(glob.glob(str(root / "masks" / "c" / "*.json")))
 
 
+@pytest.mark.slow  # two fresh interpreters each (about 20 s on a busy 2-core machine)
 @pytest.mark.parametrize("target, sig, in_main", [
     ("main", signal.SIGKILL, True), ("main", signal.SIGTERM, True),
     ("worker", signal.SIGKILL, True), ("worker", signal.SIGTERM, True), ("worker", signal.SIGKILL, False)])
@@ -221,6 +222,36 @@ def test_a_kill_loses_nothing_and_the_rerun_makes_exactly_the_missing_files(tmp_
     for p, st in before.items():  # the files made before the kill were not made again
         assert (os.stat(p).st_ino, os.stat(p).st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     assert not [n for n in os.listdir(root / "masks" / "c") if n.startswith(".")]  # no claim or temp file left
+
+
+class SleepyStandIn:
+    runs_in_main = True
+
+    def __call__(self, img):
+        time.sleep(0.2)
+        return [{"segmentation": np.ones(img.shape[:2], np.uint8), "area": int(img.shape[0] * img.shape[1])}]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_worker_stops_the_run_and_the_rerun_makes_exactly_the_rest(tmp_path, sig):
+    """The in-process version of the kill test above (a worker only): quick enough for every run."""
+    import threading
+    root = small_tree(tmp_path / "data")
+
+    def kill_a_worker():
+        while len(mask_files(root)) < 3:
+            time.sleep(0.01)
+        os.kill(psutil.Process().children()[-1].pid, sig)
+
+    threading.Thread(target=kill_a_worker, daemon=True).start()
+    first = generate_masks.generate(str(root), SleepyStandIn, workers=2, log_every=0, settings={"backend": "x"})
+    assert first["failed"] and all("a worker process ended" in f for f in first["failed"])
+    before = {p: os.stat(p).st_mtime_ns for p in mask_files(root)}
+    assert len(before) == first["generated"] < 12 and all(mask_pipeline.mask_file_state(p) == "ok" for p in before)
+    again = generate_masks.generate(str(root), SleepyStandIn, workers=2, log_every=0, settings={"backend": "x"})
+    assert again["generated"] == 12 - len(before) and not again["failed"] and len(mask_files(root)) == 12
+    assert all(os.stat(p).st_mtime_ns == t for p, t in before.items())
+    assert not [n for n in os.listdir(root / "masks" / "c") if n.startswith(".")]
 
 
 class QuickStandIn:

@@ -5,19 +5,27 @@ r"""Writes SAM-style mask files for an ImageFolder tree: <data_path>/masks/<clas
         --sam_checkpoint sam_vit_h_4b8939.pth --sam_model vit_h
     # SAM 2 (pip install sam2; a checkpoint such as sam2.1_hiera_large.pt)
     python tools/generate_masks.py --data_path DATA --backend sam2 --sam_checkpoint sam2.1_hiera_large.pt \
-        --sam_model hiera_large --amp bf16
+        --sam_model hiera_large
     torchrun --nproc_per_node 8 tools/generate_masks.py ... --backend sam     # shards the file list
+    python submitit_masks.py --array 32 --ngpus 8 ... --backend sam2 ...     # a SLURM array of such nodes
+    python tools/generate_masks.py ... --estimate 20   # seconds per image and the dataset's wall-clock
     # without SAM: superpixels (scikit-image), overlapping segments at several scales
-    python tools/generate_masks.py --data_path data/mydataset --backend superpixels --workers 16
+    python tools/generate_masks.py --data_path data/mydataset --backend superpixels --max_side 1024
 
 Images are read as training reads them (Pillow, EXIF orientation not applied, 16-bit scaled to 8
-bit), so every mask is on its image's pixel grid. Resumable: images whose mask file exists and
-parses and records this run's generator and settings are skipped (--redo_empty also redoes files
-in which nothing was found; files of another generator are made again unless --keep_other_generators). Every file is
+bit), so every mask is on its image's pixel grid (or, with --max_side, on a downscaled copy of the
+same aspect ratio, which training scales back). SAM runs in the main process on its GPU with all
+of a crop's point prompts in one batch; --workers processes decode images ahead of it and encode
+and write the files behind it (tools/mask_pipeline.py); superpixels run whole images in the
+workers. Resumable: images whose mask file exists and parses and records this run's generator and
+settings are skipped (--redo_empty also redoes files in which nothing was found; files of another
+generator are made again unless --keep_other_generators). Every file is
 written atomically in SA-1B's layout ({"image": {image_id, width, height, file_name},
 "annotations": [{bbox, area, segmentation, predicted_iou, point_coords, crop_box, id,
-stability_score}]}, COCO RLE) plus a "generator" entry with the backend and every setting used,
-so a mask set can be reproduced. Ends with a summary; the exit status is 1 if any image failed.
+stability_score}]}, COCO RLE) plus a "generator" entry with the backend and every setting that
+shapes the masks, so a mask set can be reproduced. A kill (SIGTERM, SIGKILL, of the main process
+or a worker) loses no written file, and a rerun makes exactly the missing ones. Ends with a
+summary; the exit status is 1 if any image failed, 128 + the signal's number if stopped.
 """
 from __future__ import annotations
 

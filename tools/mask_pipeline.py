@@ -406,6 +406,16 @@ def _stop_pools(*pools: ProcessPoolExecutor) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _submit(pool: ProcessPoolExecutor, job: Job, tally: Tally, task: Callable, *args):
+    """pool.submit; on a pool broken by a dead worker the claimed job is released and counted."""
+    try:
+        return pool.submit(task, *args)
+    except BrokenProcessPool:
+        release(job)
+        tally.add(Outcome(job.rel, 0, [], WORKER_DIED))
+        raise
+
+
 def _run_pool(jobs: list[Job], backend_factory: Callable, workers: int, tally: Tally, report: Callable) -> None:
     pool = _executor(workers, backend_factory)
     running: dict = {}  # future -> job
@@ -419,7 +429,7 @@ def _run_pool(jobs: list[Job], backend_factory: Callable, workers: int, tally: T
                 if not claim(job):
                     tally.add(Outcome(job.rel, 0, [], CLAIMED_ELSEWHERE))
                     continue
-                running[pool.submit(_whole_task, job)] = job
+                running[_submit(pool, job, tally, _whole_task, job)] = job
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -449,6 +459,7 @@ def _run_pipeline(jobs: list[Job], backend: Callable, workers: int, tally: Tally
     ahead: deque = deque()  # (job, future) in decode, in order
     writing: dict = {}  # future -> (job, its outcome so far)
     todo = iter(jobs)
+    in_hand = None
 
     def harvest(block: bool) -> None:
         if not writing:
@@ -476,19 +487,22 @@ def _run_pipeline(jobs: list[Job], backend: Callable, workers: int, tally: Tally
                 if not claim(job):
                     tally.add(Outcome(job.rel, 0, [], CLAIMED_ELSEWHERE))
                     continue
-                ahead.append((job, decoders.submit(_decode_task, job)))
+                ahead.append((job, _submit(decoders, job, tally, _decode_task, job)))
             if not ahead:
                 break
             job, future = ahead.popleft()
+            in_hand = job  # claimed, in no queue: released if the run stops here
             waited = time.perf_counter()
             try:
                 img, size, error, decode_s = future.result()
             except BrokenProcessPool:
                 ahead.appendleft((job, future))
+                in_hand = None
                 raise
             tally.model_wait_s += time.perf_counter() - waited
             if error:
                 release(job)
+                in_hand = None
                 tally.add(Outcome(job.rel, 0, [], error, decode_s=decode_s))
                 report()
                 continue
@@ -497,13 +511,15 @@ def _run_pipeline(jobs: list[Job], backend: Callable, workers: int, tally: Tally
                 anns = backend(img)
             except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
                 release(job)
+                in_hand = None
                 tally.add(Outcome(job.rel, 0, [], f"{type(e).__name__}: {e}", decode_s=decode_s))
                 report()
                 continue
             so_far = Outcome(job.rel, 0, [], None, decode_s=decode_s, model_s=time.perf_counter() - started)
             while len(writing) >= 2 * n_write + 1:  # the bounded queue behind the model
                 harvest(block=True)
-            writing[writers.submit(_write_task, job, anns, size)] = (job, so_far)
+            in_hand = None  # from here on the write queue (or _submit, if the pool is broken) owns the claim
+            writing[_submit(writers, job, tally, _write_task, job, anns, size)] = (job, so_far)
             harvest(block=False)
         while writing:
             harvest(block=True)
@@ -515,6 +531,8 @@ def _run_pipeline(jobs: list[Job], backend: Callable, workers: int, tally: Tally
         for job, future in ahead:
             future.cancel()
             release(job)
+        if in_hand is not None:
+            release(in_hand)
         _stop_pools(decoders)
         while writing:  # written files are kept (each write is atomic); then the claims go
             try:
