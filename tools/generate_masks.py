@@ -408,15 +408,24 @@ def estimate_cost(work: Plan, image_root: str, split: str, backend_factory: Call
     print(f"  encode+write  {per['write']:.3f} s/image ({where} {n_write} process(es))")
     print(f"  wall-clock    {wall:.3f} s/image ({1 / max(wall, 1e-9):.2f} images/s); the model stage idle "
           f"{100 * done['model_idle_share']:.0f} % of the time")
-    print(f"  all {work.total:,} images of {split}/: {hours:.1f} h on this rank alone, {hours / gpus:.1f} h on "
-          f"{gpus} GPUs (or ranks) of this kind; {left:,} of them still to make: {left * wall / 3600:.1f} h, "
-          f"{left * wall / 3600 / gpus:.1f} h")
+    print(f"  all {work.total:,} images of {split}/: {duration(hours * 3600)} on this rank alone, "
+          f"{duration(hours * 3600 / gpus)} on {gpus} GPUs (or ranks) of this kind; {left:,} of them still to make: "
+          f"{duration(left * wall)}, {duration(left * wall / gpus)}")
     if done["errors"]:
         print(f"  {len(done['errors'])} image(s) failed, e.g. {done['errors'][0]}", file=sys.stderr)
     return {"estimate_images": timed, "warmup": warm, "mode": mode,
             "s_per_image": {"decode": per["decode"], "model": per["model"], "write": per["write"], "wall": wall},
             "model_idle_share": done["model_idle_share"], "images": work.total, "left": left,
             "hours": hours, "gpus": gpus, "hours_on_gpus": hours / gpus, "failed": done["errors"]}
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min', '7.2 h' or '12.3 days'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 3 * 86400 else f"{seconds / 86400:.1f} days"
 
 
 def shard_of_this_process(shard: int | None = None, shards: int | None = None) -> tuple[int, int]:
