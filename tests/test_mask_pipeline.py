@@ -363,3 +363,22 @@ def test_a_slurm_array_splits_the_file_list_between_its_tasks(tmp_path, capsys):
                                 "--data_path", str(root), "--backend", "superpixels", "--workers", "0"])
     summaries = [job.result() for job in jobs]
     assert [s["generated"] for s in summaries] == [3, 3] and len(mask_files(root)) == 6
+
+
+def test_out_of_memory_halves_the_prompts_per_batch_and_keeps_the_masks(capsys):
+    import torch
+
+    class Generator:
+        points_per_batch = 64
+        output_mode = "coco_rle"
+
+        def generate(self, img):
+            if self.points_per_batch > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return [{"segmentation": np.ones(img.shape[:2], np.uint8), "area": 12}]
+
+    backend = generate_masks.SamBackend(generator=Generator(), device="cpu")
+    assert backend(np.zeros((3, 4, 3), np.uint8))[0]["area"] == 12
+    assert backend.generator.points_per_batch == 16
+    assert "64 point prompts per batch on a 4x3 image: 32 from now on" in capsys.readouterr().err
+    assert "points_per_batch" not in backend.settings  # the same masks: the files stay valid

@@ -249,9 +249,23 @@ class SamBackend:
         import torch
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         device_type = str(self.device).split(":")[0]
-        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None and device_type == "cuda"):
-            records = self.generator.generate(img)
+        while True:
+            try:
+                with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32,
+                                                            enabled=dtype is not None and device_type == "cuda"):
+                    records = self.generator.generate(img)
+                break
+            except torch.OutOfMemoryError:
+                # all of a crop's prompts at once need memory in proportion to the image's pixels:
+                # fewer per batch give the same masks
+                batch = getattr(self.generator, "points_per_batch", 1)
+                if batch <= 1:
+                    raise
+                self.generator.points_per_batch = batch // 2
+                if device_type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"\nout of GPU memory with {batch} point prompts per batch on a {img.shape[1]}x{img.shape[0]} "
+                      f"image: {batch // 2} from now on (the same masks)", file=sys.stderr)
         anns = []
         for r in records:
             ann = dict(r)

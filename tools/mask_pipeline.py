@@ -262,7 +262,8 @@ class Progress:
         if self.world > 1 and not self.quiet:
             line += "; " + self.all_ranks(i, jobs, speed, now)
         if not self.quiet:
-            print("\r" + line, end="\n" if final else "", flush=True)
+            # one line rewritten in place on a terminal; a line each in a log file (SLURM's)
+            print("\r" + line, end="\n" if final or not sys.stdout.isatty() else "", flush=True)
 
     def all_ranks(self, i: int, jobs: int, speed: float, now: float) -> str:
         mine = {"done": self.done_before + i, "share": self.share, "images_per_s": speed,
