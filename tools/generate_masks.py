@@ -379,7 +379,8 @@ def generate(data_path: str, backend_factory: Callable, split: str = "train", wo
                "coverage_histogram": {f"{edges[k]:g}-{min(edges[k + 1], 100):g}%": int(hist[k]) for k in range(len(hist))},
                "seconds": round(seconds, 1), "mode": done["mode"],
                "s_per_image": {stage: round(done[f"{stage}_s"] / measured, 4) for stage in ("decode", "model", "write")},
-               "model_idle_share": round(done["model_idle_share"], 3)}
+               "model_idle_share": round(done["model_idle_share"], 3),
+               "model_waits_for_input_share": round(done["model_wait_s"] / max(seconds, 1e-9), 3)}
     print(json.dumps(summary, indent=1))
     if done["errors"]:
         print(f"{len(done['errors'])} image(s) failed, e.g. {done['errors'][0]}; rerun the same command to retry them",

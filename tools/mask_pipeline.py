@@ -380,10 +380,12 @@ def run_jobs(jobs: list[Job], backend_factory: Callable, workers: int, progress:
             report()
         model_stages = 1
     elif mode == "pool":
-        _run_pool(jobs, backend_factory, workers, tally, report)
+        if jobs:  # no processes to start for nothing
+            _run_pool(jobs, backend_factory, workers, tally, report)
         model_stages = workers
     else:
-        _run_pipeline(jobs, backend, workers, tally, report)
+        if jobs:
+            _run_pipeline(jobs, backend, workers, tally, report)
         model_stages = 1
     report(final=True)
     seconds = time.perf_counter() - start
