@@ -29,7 +29,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -419,19 +419,23 @@ def _submit(pool: ProcessPoolExecutor, job: Job, tally: Tally, task: Callable, *
         raise
 
 
+def _next_claimed(todo: Iterator[Job], tally: Tally) -> Job | None:
+    """The next job whose mask file this process could claim (None: no more); the ones another
+    process holds are counted as such."""
+    for job in todo:
+        if claim(job):
+            return job
+        tally.add(Outcome(job.rel, 0, [], CLAIMED_ELSEWHERE))
+    return None
+
+
 def _run_pool(jobs: list[Job], backend_factory: Callable, workers: int, tally: Tally, report: Callable) -> None:
     pool = _executor(workers, backend_factory)
     running: dict = {}  # future -> job
     todo = iter(jobs)
     try:
         while True:
-            while len(running) < 2 * workers:
-                job = next(todo, None)
-                if job is None:
-                    break
-                if not claim(job):
-                    tally.add(Outcome(job.rel, 0, [], CLAIMED_ELSEWHERE))
-                    continue
+            while len(running) < 2 * workers and (job := _next_claimed(todo, tally)) is not None:
                 running[_submit(pool, job, tally, _whole_task, job)] = job
             if not running:
                 break
@@ -483,13 +487,8 @@ def _run_pipeline(jobs: list[Job], backend: Callable, workers: int, tally: Tally
 
     try:
         while True:
-            while len(ahead) < 2 * n_decode + 1:  # the bounded queue ahead of the model
-                job = next(todo, None)
-                if job is None:
-                    break
-                if not claim(job):
-                    tally.add(Outcome(job.rel, 0, [], CLAIMED_ELSEWHERE))
-                    continue
+            # the bounded queue ahead of the model
+            while len(ahead) < 2 * n_decode + 1 and (job := _next_claimed(todo, tally)) is not None:
                 ahead.append((job, _submit(decoders, job, tally, _decode_task, job)))
             if not ahead:
                 break
